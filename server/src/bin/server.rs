@@ -1,0 +1,247 @@
+//! `server`: one pinned glommio executor (shard) per core, each with its own
+//! SO_REUSEPORT listener, slab of connections and timing wheel.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
+use c1m::conn::Limits;
+use c1m::shard::{Shard, ShardConfig};
+use c1m::stats::{self, Counters, Snapshot};
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// A WebSocket server for IoT fleets: devices connect to /ws?id=<device-id>,
+/// any frame they send is a heartbeat (pings are answered with pongs), and
+/// devices silent for longer than --timeout are deleted.
+///
+/// Expired devices are reset (SO_LINGER 0) by default: a device that stopped
+/// heartbeating is presumed dead or unreachable, so a graceful FIN would only
+/// leave an orphaned socket retransmitting to nobody; a reset frees the
+/// kernel's memory at once. Use --graceful-expiry to send Close 1001 instead.
+#[derive(argh::FromArgs)]
+struct Args {
+    /// address to listen on (default 127.0.0.1:9000)
+    #[argh(option, default = "\"127.0.0.1:9000\".parse().unwrap()")]
+    listen: SocketAddr,
+    /// CPUs to run one shard each on, e.g. 0-1 or 0,2 (default: all this process may use)
+    #[argh(option, from_str_fn(parse_cpus))]
+    cores: Option<Vec<usize>>,
+    /// silence after which a device is deleted (default 90s)
+    #[argh(option, default = "Duration::from_secs(90)", from_str_fn(parse_duration))]
+    timeout: Duration,
+    /// timing wheel resolution: devices are deleted within timeout + tick of their last frame (default 1s)
+    #[argh(option, default = "Duration::from_secs(1)", from_str_fn(parse_duration))]
+    tick: Duration,
+    /// upgraded connections per shard; more are answered 503 (default 1000000)
+    #[argh(option, default = "1_000_000")]
+    max_conns: usize,
+    /// largest frame or message, e.g. 64KiB; larger closes with 1009 (default 64KiB)
+    #[argh(option, default = "64 * 1024", from_str_fn(parse_bytes))]
+    max_message: usize,
+    /// largest upgrade request head; larger is answered 431 (default 8KiB)
+    #[argh(option, default = "8 * 1024", from_str_fn(parse_bytes))]
+    max_head: usize,
+    /// time a connection has to complete its upgrade (default 10s)
+    #[argh(option, default = "Duration::from_secs(10)", from_str_fn(parse_duration))]
+    handshake_timeout: Duration,
+    /// listen backlog per shard (default: net.core.somaxconn)
+    #[argh(option)]
+    backlog: Option<i32>,
+    /// echo data messages back (for conformance suites)
+    #[argh(switch)]
+    echo: bool,
+    /// send Close 1001 to expired devices instead of resetting the connection
+    #[argh(switch)]
+    graceful_expiry: bool,
+    /// interval of the stats line on stdout; 0 turns it off (default 1s)
+    #[argh(option, default = "Duration::from_secs(1)", from_str_fn(parse_duration))]
+    stats_interval: Duration,
+    /// on SIGINT/SIGTERM, how long to wait for devices to answer Close 1001 (default 5s)
+    #[argh(option, default = "Duration::from_secs(5)", from_str_fn(parse_duration))]
+    drain_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let cores = args.cores.clone().unwrap_or_else(allowed_cpus);
+    let print_stats = !args.stats_interval.is_zero();
+    let cfg = ShardConfig {
+        limits: Limits {
+            max_head: args.max_head,
+            max_message: args.max_message,
+            echo: args.echo,
+        },
+        timeout: args.timeout,
+        tick: args.tick,
+        handshake_timeout: args.handshake_timeout,
+        max_conns: args.max_conns,
+        graceful_expiry: args.graceful_expiry,
+        drain_timeout: args.drain_timeout,
+        stats_interval: if print_stats { args.stats_interval } else { Duration::from_secs(3600) },
+    };
+    cfg.validate()?;
+
+    let nofile = raise_nofile();
+    let wanted = (cores.len() as u64).saturating_mul(args.max_conns as u64);
+    if nofile < wanted + 64 {
+        eprintln!(
+            "server: this process may open {nofile} files (RLIMIT_NOFILE), so it holds at most about {} connections, not the {wanted} that --max-conns allows; raise the limit (see kernel-tuning/) for more",
+            nofile.saturating_sub(64)
+        );
+    }
+    let backlog = args
+        .backlog
+        .or_else(c1m::listener::somaxconn)
+        .unwrap_or(4096);
+
+    // Bind every listener before starting any shard, so a taken port is one
+    // clear error rather than a half-started server.
+    let mut listeners = Vec::new();
+    for _ in &cores {
+        listeners.push(c1m::listener::bind(args.listen, backlog).map_err(|e| {
+            format!("cannot listen on {}: {e}; is another server running there?", args.listen)
+        })?);
+    }
+
+    // SIGINT and SIGTERM are taken by this thread only (sigtimedwait below);
+    // the shard threads inherit the blocked mask.
+    let signals = block_signals();
+
+    let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
+    let mut wakers = Vec::new();
+    let mut handles = Vec::new();
+    for (id, (&cpu, listener)) in cores.iter().zip(listeners).enumerate() {
+        // SAFETY: eventfd returns a new fd that the OwnedFd then owns.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+        }
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let shard_efd = efd.try_clone().map_err(|e| format!("dup eventfd: {e}"))?;
+        wakers.push(efd);
+        let cfg = cfg.clone();
+        let tx = report_tx.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard{id}"))
+            .preempt_timer(Duration::from_millis(10))
+            .spawn(move || async move {
+                let result = match Shard::new(id, cfg, listener, shard_efd, tx) {
+                    Ok(shard) => shard.run().await,
+                    Err(e) => Err(e),
+                };
+                // Said at once: the other shards keep serving their devices.
+                result.map_err(|e| {
+                    let msg = format!("shard {id} on CPU {cpu} stopped: {e}");
+                    eprintln!("server: {msg}");
+                    msg
+                })
+            })
+            .map_err(|e| format!("cannot start a shard on CPU {cpu}: {e}; check --cores against the CPUs this process may use"))?;
+        handles.push(handle);
+    }
+    drop(report_tx);
+    eprintln!(
+        "server: listening on {} with {} shards on CPUs {:?} (backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile})",
+        args.listen,
+        cores.len(),
+        cores,
+        args.timeout,
+        args.tick
+    );
+
+    let start = Instant::now();
+    let mut latest = vec![Snapshot::default(); cores.len()];
+    let mut prev = Counters::default();
+    let mut prev_at = start;
+    let mut next_print = start + args.stats_interval;
+    let mut stopping = false;
+    // Every shard holds a sender: the channel disconnects once all have
+    // ended, whether they drained, failed or panicked.
+    let mut running = true;
+    while running {
+        // Wait for a signal, at most until the next stats line.
+        let wait = next_print.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        if !stopping && wait_signal(&signals, wait) {
+            stopping = true;
+            eprintln!("server: stopping: no new connections, sending Close 1001 to every device (drain up to {:?})", args.drain_timeout);
+            for w in &wakers {
+                let one: u64 = 1;
+                // SAFETY: 8-byte write to an eventfd we own.
+                unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(w), (&one as *const u64).cast(), 8) };
+            }
+        } else if stopping {
+            std::thread::sleep(wait);
+        }
+        loop {
+            match report_rx.try_recv() {
+                Ok(s) => latest[s.shard] = s,
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    running = false;
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        if print_stats && now >= next_print {
+            let mut sum = Counters::default();
+            latest.iter().for_each(|s| sum.add(&s.totals));
+            let secs = now.duration_since(prev_at).as_secs_f64();
+            println!("{}", stats::line(now.duration_since(start).as_secs_f64(), &latest, &prev, &sum, secs));
+            prev = sum;
+            prev_at = now;
+            next_print = now + args.stats_interval;
+        }
+    }
+    let mut failed = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failed.push(e),
+            Err(e) => failed.push(format!("a shard panicked: {e:?}")),
+        }
+    }
+    let mut sum = Counters::default();
+    latest.iter().for_each(|s| sum.add(&s.totals));
+    println!("final {}", stats::totals(&sum));
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set, then masking this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `wait` for SIGINT or SIGTERM; true if one came.
+fn wait_signal(set: &libc::sigset_t, wait: Duration) -> bool {
+    let ts = libc::timespec {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_nsec: wait.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: set and ts are valid for the call.
+    unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) > 0 }
+}

@@ -1,0 +1,434 @@
+//! One device connection's protocol state (sans-IO): bytes in, bytes out, and
+//! whether to close. The shard feeds it whatever a read returned; the split of
+//! the bytes never changes the outcome.
+//!
+//! An idle open connection holds no buffer: `carry` is empty (and unallocated)
+//! unless a request head or a frame straddles two reads, and `message` exists
+//! only while a fragmented message is in progress.
+
+use crate::frame::{self, code, Opcode, Utf8Stream};
+use crate::handshake::{self, Parsed, Reject};
+
+/// Protocol limits, the same for every connection of a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest request head; longer is answered with 431.
+    pub max_head: usize,
+    /// Largest frame payload and largest reassembled message; over it: 1009.
+    pub max_message: usize,
+    /// Echo data messages back (for conformance suites).
+    pub echo: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_head: 8192,
+            max_message: 64 * 1024,
+            echo: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the upgrade request.
+    Handshake,
+    /// Upgraded: frames flow.
+    Open,
+    /// We sent a Close (shutdown) and wait for the peer's.
+    Closing,
+    /// Nothing more to read: close the socket once the output is sent.
+    Done,
+}
+
+/// Why a connection ends, as the stats count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The device sent a Close frame (or answered ours).
+    ClientClose,
+    /// A protocol violation; we sent a Close with this code.
+    ProtocolError(u16),
+    /// The upgrade was refused with this HTTP status.
+    Rejected(u16),
+}
+
+/// What one call to [`Conn::receive`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The upgrade completed in this call.
+    pub upgraded: bool,
+    /// Complete frames decoded (each is a heartbeat).
+    pub frames: u32,
+    /// Set when the connection must close after its output is sent.
+    pub end: Option<End>,
+}
+
+#[derive(Debug)]
+struct Message {
+    text: bool,
+    len: usize,
+    utf8: Utf8Stream,
+    /// The message so far, kept only with `Limits::echo`.
+    echo: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    phase: Phase,
+    carry: Vec<u8>,
+    message: Option<Box<Message>>,
+}
+
+impl Default for Conn {
+    fn default() -> Conn {
+        Conn::new()
+    }
+}
+
+impl Conn {
+    pub fn new() -> Conn {
+        Conn {
+            phase: Phase::Handshake,
+            carry: Vec::new(),
+            message: None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Bytes held between reads (a partial head or frame, a fragmented message).
+    pub fn buffered(&self) -> usize {
+        self.carry.capacity() + self.message.as_ref().map_or(0, |m| m.echo.capacity())
+    }
+
+    /// Processes bytes just read. Answers (101, pongs, closes, echoes) are
+    /// appended to `out`. `full`: the shard has no room for another upgraded
+    /// connection (the upgrade is then refused with 503).
+    pub fn receive(
+        &mut self,
+        data: &mut [u8],
+        limits: &Limits,
+        full: bool,
+        out: &mut Vec<u8>,
+    ) -> Received {
+        let mut r = Received::default();
+        if self.carry.is_empty() {
+            let used = self.process(data, limits, full, out, &mut r);
+            if self.phase != Phase::Done && used < data.len() {
+                self.carry.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut carry = std::mem::take(&mut self.carry);
+            carry.extend_from_slice(data);
+            let used = self.process(&mut carry, limits, full, out, &mut r);
+            if self.phase != Phase::Done && used < carry.len() {
+                carry.drain(..used);
+                self.carry = carry;
+            }
+        }
+        r
+    }
+
+    /// Starts a server-side close (shutdown): sends Close 1001 and waits for
+    /// the peer's Close. A connection still in its handshake just ends.
+    pub fn start_close(&mut self, out: &mut Vec<u8>) {
+        match self.phase {
+            Phase::Open => {
+                frame::write_close(out, code::GOING_AWAY);
+                self.phase = Phase::Closing;
+            }
+            Phase::Handshake => self.phase = Phase::Done,
+            Phase::Closing | Phase::Done => {}
+        }
+    }
+
+    fn finish(&mut self, r: &mut Received, end: End) {
+        self.phase = Phase::Done;
+        self.carry = Vec::new();
+        self.message = None;
+        r.end = Some(end);
+    }
+
+    fn fail(&mut self, r: &mut Received, out: &mut Vec<u8>, close_code: u16) {
+        frame::write_close(out, close_code);
+        self.finish(r, End::ProtocolError(close_code));
+    }
+
+    /// Consumes complete units (the head, then frames) from `buf`; returns
+    /// how many bytes were used.
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        limits: &Limits,
+        full: bool,
+        out: &mut Vec<u8>,
+        r: &mut Received,
+    ) -> usize {
+        let mut pos = 0;
+        loop {
+            match self.phase {
+                Phase::Handshake => match handshake::parse(&buf[pos..], limits.max_head) {
+                    Parsed::Partial => return pos,
+                    Parsed::Reject(reject) => {
+                        reject.write(out);
+                        self.finish(r, End::Rejected(reject.status()));
+                        return buf.len();
+                    }
+                    Parsed::Upgrade(_) if full => {
+                        Reject::Full.write(out);
+                        self.finish(r, End::Rejected(Reject::Full.status()));
+                        return buf.len();
+                    }
+                    Parsed::Upgrade(u) => {
+                        handshake::write_accept(&u.key, out);
+                        pos += u.head_len;
+                        self.phase = Phase::Open;
+                        r.upgraded = true;
+                    }
+                },
+                Phase::Open | Phase::Closing => {
+                    let f = match frame::decode(&mut buf[pos..], limits.max_message) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => return pos,
+                        Err(close_code) => {
+                            self.fail(r, out, close_code);
+                            return buf.len();
+                        }
+                    };
+                    let payload = &buf[pos + f.payload_start..pos + f.len];
+                    pos += f.len;
+                    r.frames += 1;
+                    if let Err(close_code) = self.on_frame(f, payload, limits, out, r) {
+                        self.fail(r, out, close_code);
+                        return buf.len();
+                    }
+                }
+                Phase::Done => return buf.len(),
+            }
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        f: frame::Frame,
+        payload: &[u8],
+        limits: &Limits,
+        out: &mut Vec<u8>,
+        r: &mut Received,
+    ) -> Result<(), u16> {
+        let open = self.phase == Phase::Open;
+        match f.opcode {
+            Opcode::Ping => {
+                if open {
+                    frame::write_frame(out, Opcode::Pong, payload);
+                }
+            }
+            Opcode::Pong => {}
+            Opcode::Close => {
+                let reply = close_reply(payload)?;
+                if open {
+                    frame::write_frame(out, Opcode::Close, reply);
+                }
+                self.finish(r, End::ClientClose);
+            }
+            Opcode::Text | Opcode::Binary => {
+                if self.message.is_some() {
+                    return Err(code::PROTOCOL_ERROR); // a new message inside a fragmented one
+                }
+                let text = f.opcode == Opcode::Text;
+                let mut utf8 = Utf8Stream::default();
+                if text {
+                    utf8.feed(payload).map_err(|_| code::INVALID_PAYLOAD)?;
+                }
+                if f.fin {
+                    if text && !utf8.is_complete() {
+                        return Err(code::INVALID_PAYLOAD);
+                    }
+                    if limits.echo && open {
+                        frame::write_frame(out, f.opcode, payload);
+                    }
+                } else {
+                    self.message = Some(Box::new(Message {
+                        text,
+                        len: payload.len(),
+                        utf8,
+                        echo: if limits.echo { payload.to_vec() } else { Vec::new() },
+                    }));
+                }
+            }
+            Opcode::Continuation => {
+                let Some(m) = self.message.as_mut() else {
+                    return Err(code::PROTOCOL_ERROR); // nothing to continue
+                };
+                m.len += payload.len();
+                if m.len > limits.max_message {
+                    return Err(code::TOO_BIG);
+                }
+                if m.text {
+                    m.utf8.feed(payload).map_err(|_| code::INVALID_PAYLOAD)?;
+                }
+                if limits.echo {
+                    m.echo.extend_from_slice(payload);
+                }
+                if f.fin {
+                    if m.text && !m.utf8.is_complete() {
+                        return Err(code::INVALID_PAYLOAD);
+                    }
+                    if limits.echo && open {
+                        let opcode = if m.text { Opcode::Text } else { Opcode::Binary };
+                        frame::write_frame(out, opcode, &m.echo);
+                    }
+                    self.message = None;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload of our answer to a peer's Close: its code echoed (RFC 6455
+/// 5.5.1), or an error code when the Close itself is malformed.
+fn close_reply(payload: &[u8]) -> Result<&[u8], u16> {
+    match payload {
+        [] => Ok(&[]),
+        [_] => Err(code::PROTOCOL_ERROR),
+        [hi, lo, reason @ ..] => {
+            if !frame::valid_close_code(u16::from_be_bytes([*hi, *lo])) {
+                return Err(code::PROTOCOL_ERROR);
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(code::INVALID_PAYLOAD);
+            }
+            Ok(&payload[..2])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const UPGRADE: &[u8] = b"GET /ws?id=aa:bb HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    fn masked(opcode: Opcode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        frame::write_masked_frame(&mut v, opcode, fin, payload, [9, 8, 7, 6]);
+        v
+    }
+
+    fn run(input: &[u8], limits: &Limits) -> (Received, Vec<u8>, Conn) {
+        let mut c = Conn::new();
+        let mut out = Vec::new();
+        let mut data = input.to_vec();
+        let r = c.receive(&mut data, limits, false, &mut out);
+        (r, out, c)
+    }
+
+    #[test]
+    fn upgrade_then_ping_gets_pong() {
+        let mut input = UPGRADE.to_vec();
+        input.extend(masked(Opcode::Ping, true, b"hb"));
+        let (r, out, c) = run(&input, &Limits::default());
+        assert!(r.upgraded);
+        assert_eq!(r.frames, 1);
+        assert!(out.starts_with(b"HTTP/1.1 101 "));
+        assert!(out.ends_with(&[0x8a, 2, b'h', b'b']));
+        assert_eq!(c.phase(), Phase::Open);
+        assert_eq!(c.buffered(), 0);
+    }
+
+    #[test]
+    fn full_shard_answers_503() {
+        let mut c = Conn::new();
+        let mut out = Vec::new();
+        let r = c.receive(&mut UPGRADE.to_vec(), &Limits::default(), true, &mut out);
+        assert_eq!(r.end, Some(End::Rejected(503)));
+        assert!(out.starts_with(b"HTTP/1.1 503 "));
+    }
+
+    #[test]
+    fn close_is_echoed_and_ends() {
+        let mut input = UPGRADE.to_vec();
+        input.extend(masked(Opcode::Close, true, &[0x03, 0xe8, b'b', b'y', b'e']));
+        let (r, out, c) = run(&input, &Limits::default());
+        assert_eq!(r.end, Some(End::ClientClose));
+        assert!(out.ends_with(&[0x88, 2, 0x03, 0xe8]));
+        assert_eq!(c.phase(), Phase::Done);
+    }
+
+    #[test]
+    fn violations_close_with_1002_1007_1009() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (masked(Opcode::Continuation, true, b"x"), 1002),
+            (masked(Opcode::Text, true, &[0xff, 0xfe]), 1007),
+            (masked(Opcode::Binary, true, &vec![0; 70_000]), 1009),
+            (masked(Opcode::Close, true, &[3]), 1002),
+            (masked(Opcode::Close, true, &[0x03, 0xed]), 1002), // 1005 may not be sent
+            (
+                [masked(Opcode::Text, false, b"a"), masked(Opcode::Text, true, b"b")].concat(),
+                1002,
+            ),
+            (
+                [
+                    masked(Opcode::Binary, false, &vec![0; 40_000]),
+                    masked(Opcode::Continuation, true, &vec![0; 40_000]),
+                ]
+                .concat(),
+                1009,
+            ),
+        ];
+        for (frames, close_code) in cases {
+            let input = [UPGRADE.to_vec(), frames].concat();
+            let (r, out, _) = run(&input, &Limits::default());
+            assert_eq!(r.end, Some(End::ProtocolError(close_code)));
+            let mut expect = Vec::new();
+            frame::write_close(&mut expect, close_code);
+            assert!(out.ends_with(&expect), "code {close_code}");
+        }
+    }
+
+    #[test]
+    fn fragmented_text_is_reassembled_for_echo() {
+        let limits = Limits {
+            echo: true,
+            ..Limits::default()
+        };
+        let snow = "☃".as_bytes();
+        let input = [
+            UPGRADE.to_vec(),
+            masked(Opcode::Text, false, &snow[..1]),
+            masked(Opcode::Ping, true, b""),
+            masked(Opcode::Continuation, true, &snow[1..]),
+        ]
+        .concat();
+        let (r, out, c) = run(&input, &limits);
+        assert_eq!(r.frames, 3);
+        assert_eq!(r.end, None);
+        let mut expect = Vec::new();
+        frame::write_frame(&mut expect, Opcode::Pong, b"");
+        frame::write_frame(&mut expect, Opcode::Text, snow);
+        assert!(out.ends_with(&expect));
+        assert_eq!(c.buffered(), 0);
+    }
+
+    #[test]
+    fn shutdown_close_waits_for_the_peer() {
+        let (_, _, mut c) = run(UPGRADE, &Limits::default());
+        let mut out = Vec::new();
+        c.start_close(&mut out);
+        assert_eq!(out, [0x88, 2, 0x03, 0xe9]);
+        assert_eq!(c.phase(), Phase::Closing);
+        out.clear();
+        let r = c.receive(
+            &mut masked(Opcode::Close, true, &[0x03, 0xe9]),
+            &Limits::default(),
+            false,
+            &mut out,
+        );
+        assert_eq!(r.end, Some(End::ClientClose));
+        assert!(out.is_empty(), "no second Close after ours");
+    }
+}

@@ -1,0 +1,365 @@
+//! The upgrade request (sans-IO): parse a `GET /ws?id=<device-id>` head and
+//! answer either `101 Switching Protocols` or a real HTTP error.
+
+use std::fmt::Write as _;
+
+/// Most headers one request head may carry; more is answered with 431.
+pub const MAX_HEADERS: usize = 32;
+
+/// The longest device id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// What a (possibly incomplete) request head amounts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// The head has not ended yet: read more.
+    Partial,
+    /// A valid upgrade; `head_len` bytes of the buffer were the head, and
+    /// anything after them is already WebSocket data.
+    Upgrade(Upgrade<'a>),
+    /// Answer with this status, then close.
+    Reject(Reject),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade<'a> {
+    pub id: &'a str,
+    /// The Sec-WebSocket-Key, 24 base64 characters.
+    pub key: [u8; 24],
+    pub head_len: usize,
+}
+
+/// An HTTP error answer: each carries its status and a one-line reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    BadRequest(&'static str),
+    NotFound,
+    MethodNotAllowed,
+    UpgradeRequired,
+    HeadTooLarge,
+    Full,
+}
+
+impl Reject {
+    pub fn status(self) -> u16 {
+        match self {
+            Reject::BadRequest(_) => 400,
+            Reject::NotFound => 404,
+            Reject::MethodNotAllowed => 405,
+            Reject::UpgradeRequired => 426,
+            Reject::HeadTooLarge => 431,
+            Reject::Full => 503,
+        }
+    }
+
+    fn reason_phrase(self) -> &'static str {
+        match self {
+            Reject::BadRequest(_) => "Bad Request",
+            Reject::NotFound => "Not Found",
+            Reject::MethodNotAllowed => "Method Not Allowed",
+            Reject::UpgradeRequired => "Upgrade Required",
+            Reject::HeadTooLarge => "Request Header Fields Too Large",
+            Reject::Full => "Service Unavailable",
+        }
+    }
+
+    /// The one-line body: what was wrong and what to send instead.
+    pub fn body(self) -> &'static str {
+        match self {
+            Reject::BadRequest(why) => why,
+            Reject::NotFound => "unknown path: connect to /ws?id=<device-id>",
+            Reject::MethodNotAllowed => "only GET /ws?id=<device-id> upgrades are served",
+            Reject::UpgradeRequired => "this endpoint only speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
+            Reject::HeadTooLarge => "request head too large",
+            Reject::Full => "server full: retry later",
+        }
+    }
+
+    fn extra_headers(self) -> &'static str {
+        match self {
+            Reject::MethodNotAllowed => "Allow: GET\r\n",
+            Reject::UpgradeRequired => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            Reject::BadRequest(BAD_VERSION) => "Sec-WebSocket-Version: 13\r\n",
+            Reject::Full => "Retry-After: 5\r\n",
+            _ => "",
+        }
+    }
+
+    /// Appends the full HTTP response (status line, headers, body) to `out`.
+    pub fn write(self, out: &mut Vec<u8>) {
+        let body = self.body();
+        let mut head = String::with_capacity(160 + body.len());
+        // Writing to a String cannot fail.
+        let _ = write!(
+            head,
+            "HTTP/1.1 {} {}\r\n{}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}\n",
+            self.status(),
+            self.reason_phrase(),
+            self.extra_headers(),
+            body.len() + 1,
+            body
+        );
+        out.extend_from_slice(head.as_bytes());
+    }
+}
+
+const BAD_VERSION: &str = "unsupported Sec-WebSocket-Version: only 13 is served";
+const BAD_KEY: &str = "missing or invalid Sec-WebSocket-Key: expected 24 base64 characters";
+const BAD_ID: &str = "missing or invalid id: expected ?id= with 1-64 of [0-9A-Za-z:._-]";
+const BAD_HTTP: &str = "malformed HTTP request";
+const BAD_HTTP_VERSION: &str = "HTTP/1.1 is required for a WebSocket upgrade";
+
+/// Parses the request head at the start of `buf`. `max_head` bounds the head:
+/// a longer one, complete or not, is answered with 431.
+pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_head => n,
+        Ok(httparse::Status::Complete(_)) => return Parsed::Reject(Reject::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Parsed::Reject(Reject::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Reject(Reject::HeadTooLarge),
+        Err(_) => return Parsed::Reject(Reject::BadRequest(BAD_HTTP)),
+    };
+    // httparse fills method, path and version on Complete.
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Reject(Reject::BadRequest(BAD_HTTP));
+    };
+    if method != "GET" {
+        return Parsed::Reject(Reject::MethodNotAllowed);
+    }
+    if version != 1 {
+        return Parsed::Reject(Reject::BadRequest(BAD_HTTP_VERSION));
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path != "/ws" {
+        return Parsed::Reject(Reject::NotFound);
+    }
+
+    let mut connection_upgrade = false;
+    let mut upgrade_websocket = false;
+    let mut version_13 = None;
+    let mut key = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= has_token(h.value, b"upgrade");
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_websocket |= has_token(h.value, b"websocket");
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            version_13 = Some(trim(h.value) == b"13");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            if key.is_some() {
+                return Parsed::Reject(Reject::BadRequest(BAD_KEY));
+            }
+            key = Some(trim(h.value));
+        }
+    }
+    if !connection_upgrade || !upgrade_websocket {
+        return Parsed::Reject(Reject::UpgradeRequired);
+    }
+    if version_13 != Some(true) {
+        return Parsed::Reject(Reject::BadRequest(BAD_VERSION));
+    }
+    let Some(key) = key.and_then(valid_key) else {
+        return Parsed::Reject(Reject::BadRequest(BAD_KEY));
+    };
+    let Some(id) = device_id(query) else {
+        return Parsed::Reject(Reject::BadRequest(BAD_ID));
+    };
+    Parsed::Upgrade(Upgrade { id, key, head_len })
+}
+
+/// The `id` query parameter, if present and valid.
+pub fn device_id(query: &str) -> Option<&str> {
+    let value = query.split('&').find_map(|pair| pair.strip_prefix("id="))?;
+    valid_id(value).then_some(value)
+}
+
+/// 1 to 64 bytes of `[0-9A-Za-z:._-]`.
+pub fn valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'_' | b'-'))
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+/// Whether a comma-separated header value holds `token` (ASCII case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim(t).eq_ignore_ascii_case(token))
+}
+
+/// A Sec-WebSocket-Key is the base64 of 16 bytes: 22 characters and `==`.
+fn valid_key(key: &[u8]) -> Option<[u8; 24]> {
+    let key: [u8; 24] = key.try_into().ok()?;
+    let b64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    (key[..22].iter().all(b64) && &key[22..] == b"==").then_some(key)
+}
+
+/// Appends the `101 Switching Protocols` answer for `key` to `out`.
+pub fn write_accept(key: &[u8; 24], out: &mut Vec<u8>) {
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(&accept_key(key));
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Sec-WebSocket-Accept: base64(SHA-1(key + GUID)), computed without allocating.
+pub fn accept_key(key: &[u8]) -> [u8; 28] {
+    use sha1::Digest;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(GUID);
+    base64_20(&sha.finalize().into())
+}
+
+fn base64_20(input: &[u8; 20]) -> [u8; 28] {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = [b'='; 28];
+    // 20 bytes: six full 3-byte groups, then 2 bytes -> 3 characters and one '='.
+    for (i, chunk) in input.chunks(3).enumerate() {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (j, &b)| n | (b as u32) << (16 - 8 * j));
+        for j in 0..=chunk.len() {
+            out[i * 4 + j] = ALPHABET[(n >> (18 - 6 * j) & 63) as usize];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(target: &str, extra: &str) -> String {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn accepts_a_valid_upgrade() {
+        let req = request("/ws?id=aa:bb:cc:dd:ee:ff", "");
+        match parse(req.as_bytes(), 8192) {
+            Parsed::Upgrade(u) => {
+                assert_eq!(u.id, "aa:bb:cc:dd:ee:ff");
+                assert_eq!(u.head_len, req.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_and_tungstenite() {
+        assert_eq!(&accept_key(KEY.as_bytes()), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        for key in ["AQIDBAUGBwgJCgsMDQ4PEC==", "x3JJHMbDL1EzLkh9GBhXDw=="] {
+            let ours = accept_key(key.as_bytes());
+            let theirs = tungstenite::handshake::derive_accept_key(key.as_bytes());
+            assert_eq!(std::str::from_utf8(&ours).unwrap(), theirs);
+        }
+    }
+
+    #[test]
+    fn rejects_each_case_with_its_status() {
+        let cases: Vec<(String, u16)> = vec![
+            (request("/ws", ""), 400),
+            (request("/ws?id=", ""), 400),
+            (request("/ws?id=bad%20id", ""), 400),
+            (request(&format!("/ws?id={}", "a".repeat(65)), ""), 400),
+            (request("/other?id=a", ""), 404),
+            ("POST /ws?id=a HTTP/1.1\r\nHost: x\r\n\r\n".into(), 405),
+            ("GET /ws?id=a HTTP/1.1\r\nHost: x\r\n\r\n".into(), 426),
+            (
+                "GET /ws?id=a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".into(),
+                400,
+            ),
+            (
+                "GET /ws?id=a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n".into(),
+                400,
+            ),
+            (request("/ws?id=a", &format!("X-Big: {}\r\n", "b".repeat(9000))), 431),
+            ("GARBAGE\r\n\r\n".into(), 400),
+        ];
+        for (req, status) in cases {
+            match parse(req.as_bytes(), 8192) {
+                Parsed::Reject(r) => assert_eq!(r.status(), status, "{req:?}"),
+                other => panic!("{req:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn partial_head_over_the_limit_is_431() {
+        let partial = format!("GET /ws?id=a HTTP/1.1\r\nX: {}", "y".repeat(9000));
+        assert_eq!(
+            parse(partial.as_bytes(), 8192),
+            Parsed::Reject(Reject::HeadTooLarge)
+        );
+        assert_eq!(parse(b"GET /ws?id=a HTTP/1.1\r\n", 8192), Parsed::Partial);
+    }
+
+    #[test]
+    fn too_many_headers_is_431() {
+        let extra: String = (0..40).map(|i| format!("X-{i}: v\r\n")).collect();
+        let req = request("/ws?id=a", &extra);
+        assert_eq!(
+            parse(req.as_bytes(), 8192),
+            Parsed::Reject(Reject::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn error_responses_are_well_formed_http() {
+        for r in [
+            Reject::BadRequest(BAD_ID),
+            Reject::NotFound,
+            Reject::UpgradeRequired,
+            Reject::HeadTooLarge,
+            Reject::Full,
+        ] {
+            let mut out = Vec::new();
+            r.write(&mut out);
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut resp = httparse::Response::new(&mut headers);
+            let n = match resp.parse(&out).unwrap() {
+                httparse::Status::Complete(n) => n,
+                httparse::Status::Partial => panic!("incomplete"),
+            };
+            assert_eq!(resp.code, Some(r.status()));
+            let len: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name == "Content-Length")
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                .unwrap();
+            assert_eq!(out.len() - n, len);
+            assert!(out.ends_with(b"\n") && !out[n..out.len() - 1].contains(&b'\n'));
+        }
+    }
+
+    #[test]
+    fn ids_follow_the_alphabet() {
+        assert!(valid_id("02:00:5e:10:00:01"));
+        assert!(valid_id("dev_1.a-B"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id("a b"));
+        assert_eq!(device_id("x=1&id=abc&y=2"), Some("abc"));
+        assert_eq!(device_id("xid=abc"), None);
+    }
+}

@@ -1,0 +1,160 @@
+//! Per-shard counters and the one-line stats report built from their
+//! snapshots. Shards never share counters: each sends a copy of its own, by
+//! message, and the reporter sums them.
+
+use std::fmt::Write as _;
+
+/// Cumulative totals of one shard (or of the sum of all shards).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub accepted: u64,
+    pub upgraded: u64,
+    /// Frames received from devices (heartbeats and data alike).
+    pub frames: u64,
+    /// Silent past the timeout and deleted.
+    pub expired: u64,
+    /// Ended by a Close frame from the device.
+    pub client_close: u64,
+    /// Ended by EOF or reset without a Close frame.
+    pub peer_gone: u64,
+    /// Ended by a protocol violation (1002/1007/1009).
+    pub protocol_error: u64,
+    /// No complete upgrade within the handshake timeout.
+    pub handshake_timeout: u64,
+    /// Upgrade refused with an HTTP error (4xx, 503).
+    pub rejected: u64,
+    /// Closed because the device did not read its pending output.
+    pub slow_reader: u64,
+    /// Closed by server shutdown (drain timeout or still handshaking).
+    pub shutdown: u64,
+    /// Accept failed for lack of descriptors or memory.
+    pub accept_exhausted: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.accepted += o.accepted;
+        self.upgraded += o.upgraded;
+        self.frames += o.frames;
+        self.expired += o.expired;
+        self.client_close += o.client_close;
+        self.peer_gone += o.peer_gone;
+        self.protocol_error += o.protocol_error;
+        self.handshake_timeout += o.handshake_timeout;
+        self.rejected += o.rejected;
+        self.slow_reader += o.slow_reader;
+        self.shutdown += o.shutdown;
+        self.accept_exhausted += o.accept_exhausted;
+    }
+
+    /// Every connection that ended, for any reason.
+    pub fn closed(&self) -> u64 {
+        self.expired
+            + self.client_close
+            + self.peer_gone
+            + self.protocol_error
+            + self.handshake_timeout
+            + self.rejected
+            + self.slow_reader
+            + self.shutdown
+    }
+}
+
+/// What a shard sends the reporter: its counters and what it holds now.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub shard: usize,
+    /// Upgraded connections held.
+    pub open: u64,
+    /// Sockets held, upgraded or not.
+    pub sockets: u64,
+    pub totals: Counters,
+    /// The shard has finished (after shutdown).
+    pub done: bool,
+}
+
+/// Formats one stats line: rates over `secs` from `prev` to `now`, then totals.
+/// `t=` is seconds since start; keys are stable for grep and awk.
+pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: f64) -> String {
+    let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs.max(1e-9);
+    let open: u64 = shards.iter().map(|s| s.open).sum();
+    let mut s = String::with_capacity(400);
+    let _ = write!(s, "t={t:.1} conns={open} shards=[");
+    for (i, sh) in shards.iter().enumerate() {
+        let _ = write!(s, "{}{}", if i > 0 { "," } else { "" }, sh.open);
+    }
+    let _ = write!(
+        s,
+        "] accepted/s={:.0} upgraded/s={:.0} frames/s={:.0} expired/s={:.0} closed/s: client={:.0} gone={:.0} protocol={:.0} handshake_timeout={:.0} rejected={:.0} slow={:.0}",
+        rate(now.accepted, prev.accepted),
+        rate(now.upgraded, prev.upgraded),
+        rate(now.frames, prev.frames),
+        rate(now.expired, prev.expired),
+        rate(now.client_close, prev.client_close),
+        rate(now.peer_gone, prev.peer_gone),
+        rate(now.protocol_error, prev.protocol_error),
+        rate(now.handshake_timeout, prev.handshake_timeout),
+        rate(now.rejected, prev.rejected),
+        rate(now.slow_reader, prev.slow_reader),
+    );
+    let _ = write!(s, " | {}", totals(now));
+    s
+}
+
+/// The cumulative totals as `key=value` pairs.
+pub fn totals(c: &Counters) -> String {
+    format!(
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={}",
+        c.accepted,
+        c.upgraded,
+        c.frames,
+        c.expired,
+        c.client_close,
+        c.peer_gone,
+        c.protocol_error,
+        c.handshake_timeout,
+        c.rejected,
+        c.slow_reader,
+        c.shutdown,
+        c.accept_exhausted
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_reports_rates_per_shard_and_totals() {
+        let a = Counters {
+            accepted: 10,
+            upgraded: 10,
+            expired: 4,
+            ..Counters::default()
+        };
+        let shards = [
+            Snapshot {
+                shard: 0,
+                open: 3,
+                sockets: 3,
+                totals: a,
+                done: false,
+            },
+            Snapshot {
+                shard: 1,
+                open: 3,
+                sockets: 3,
+                totals: a,
+                done: false,
+            },
+        ];
+        let mut sum = Counters::default();
+        sum.add(&a);
+        sum.add(&a);
+        let l = line(2.0, &shards, &Counters::default(), &sum, 2.0);
+        assert!(l.starts_with("t=2.0 conns=6 shards=[3,3] accepted/s=10 upgraded/s=10"), "{l}");
+        assert!(l.contains("expired/s=4 "), "{l}");
+        assert!(l.contains("total accepted=20 upgraded=20 frames=0 expired=8"), "{l}");
+        assert_eq!(sum.closed(), 8);
+    }
+}
