@@ -10,16 +10,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 90s or 250ms"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid duration {s:?}: expected a number and a unit, e.g. 90s or 250ms")
+    })?;
     let scale = match unit.trim() {
         "" | "s" => 1.0,
         "ms" => 1e-3,
         "us" => 1e-6,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use us, ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: use us, ms, s, m or h"
+            ))
+        }
     };
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
@@ -37,7 +41,11 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}: use KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {s:?}: use KiB, MiB or GiB"
+            ))
+        }
     };
     value
         .checked_mul(scale)
@@ -50,7 +58,10 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("invalid CPU list {s:?}: expected e.g. 0-3 or 0,2,4-5");
         let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?),
+            Some((a, b)) => (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            ),
             None => {
                 let n: usize = part.parse().map_err(|_| bad())?;
                 (n, n)

@@ -101,7 +101,7 @@ impl Conn {
 
     /// Bytes held between reads (a partial head or frame, a fragmented message).
     pub fn buffered(&self) -> usize {
-        self.carry.capacity() + self.message.as_ref().map_or(0, |m| m.echo.capacity())
+        self.carry.len() + self.message.as_ref().map_or(0, |m| m.echo.len())
     }
 
     /// Processes bytes just read. Answers (101, pongs, closes, echoes) are
@@ -255,7 +255,11 @@ impl Conn {
                         text,
                         len: payload.len(),
                         utf8,
-                        echo: if limits.echo { payload.to_vec() } else { Vec::new() },
+                        echo: if limits.echo {
+                            payload.to_vec()
+                        } else {
+                            Vec::new()
+                        },
                     }));
                 }
             }
@@ -368,7 +372,11 @@ mod tests {
             (masked(Opcode::Close, true, &[3]), 1002),
             (masked(Opcode::Close, true, &[0x03, 0xed]), 1002), // 1005 may not be sent
             (
-                [masked(Opcode::Text, false, b"a"), masked(Opcode::Text, true, b"b")].concat(),
+                [
+                    masked(Opcode::Text, false, b"a"),
+                    masked(Opcode::Text, true, b"b"),
+                ]
+                .concat(),
                 1002,
             ),
             (

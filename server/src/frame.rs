@@ -170,6 +170,10 @@ pub fn valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// Text that is not UTF-8 (closes with 1007).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidUtf8;
+
 /// Validates UTF-8 that arrives in pieces (fragments of one text message),
 /// failing as soon as a byte makes the text invalid.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -180,7 +184,7 @@ pub struct Utf8Stream {
 
 impl Utf8Stream {
     /// Feeds the next piece; `Err` when the text can no longer be valid.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), ()> {
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), InvalidUtf8> {
         if self.pending_len > 0 {
             let have = self.pending_len as usize;
             let want = char_width(self.pending[0]);
@@ -193,7 +197,7 @@ impl Utf8Stream {
                     self.pending_len = now as u8;
                     return Ok(());
                 }
-                Err(_) => return Err(()),
+                Err(_) => return Err(InvalidUtf8),
             }
             data = &data[take..];
         }
@@ -205,7 +209,7 @@ impl Utf8Stream {
                 self.pending_len = rest.len() as u8;
                 Ok(())
             }
-            Err(_) => Err(()),
+            Err(_) => Err(InvalidUtf8),
         }
     }
 
@@ -246,7 +250,11 @@ mod tests {
             // Every strict prefix is incomplete.
             let mut again = client(Opcode::Binary, true, &payload);
             for cut in [0, 1, 2, f.payload_start - 1, f.len - 1] {
-                assert_eq!(decode(&mut again[..cut], 1 << 20), Ok(None), "len {len} cut {cut}");
+                assert_eq!(
+                    decode(&mut again[..cut], 1 << 20),
+                    Ok(None),
+                    "len {len} cut {cut}"
+                );
             }
         }
     }

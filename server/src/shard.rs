@@ -49,7 +49,10 @@ impl ShardConfig {
             ("--handshake-timeout", self.handshake_timeout),
         ] {
             if d < self.tick {
-                return Err(format!("{name} ({d:?}) must be at least --tick ({:?})", self.tick));
+                return Err(format!(
+                    "{name} ({d:?}) must be at least --tick ({:?})",
+                    self.tick
+                ));
             }
             if ticks(d, self.tick) + 1 > MAX_HORIZON {
                 return Err(format!(
@@ -214,7 +217,9 @@ impl Shard {
     /// Sleeps until the epoll set is readable or the next timed job is due.
     async fn sleep(&self, now: Instant) -> io::Result<()> {
         let next_tick = self.start
-            + Duration::from_nanos((self.cfg.tick.as_nanos() * (self.tick_at(now) as u128 + 1)) as u64);
+            + Duration::from_nanos(
+                (self.cfg.tick.as_nanos() * (self.tick_at(now) as u128 + 1)) as u64,
+            );
         let wake = [
             Some(next_tick),
             Some(self.next_report),
@@ -276,7 +281,9 @@ impl Shard {
 
     fn accept_batch(&mut self) {
         for _ in 0..ACCEPT_BATCH {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener::accept(listener) {
                 Accepted::Socket(fd) => self.admit(fd),
                 Accepted::Empty => return,
@@ -308,8 +315,14 @@ impl Shard {
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let key = self.slab.vacant_key();
         let token = (gen as u64) << 32 | key as u64;
-        if let Err(err) = self.epoll.add(fd, epoll::IN | epoll::RDHUP | epoll::ET, token) {
-            eprintln!("shard {}: epoll_ctl(ADD) failed ({err}): dropping a new connection", self.id);
+        if let Err(err) = self
+            .epoll
+            .add(fd, epoll::IN | epoll::RDHUP | epoll::ET, token)
+        {
+            eprintln!(
+                "shard {}: epoll_ctl(ADD) failed ({err}): dropping a new connection",
+                self.id
+            );
             // SAFETY: fd came from accept4 and is ours.
             unsafe { libc::close(fd) };
             return;
@@ -379,9 +392,12 @@ impl Shard {
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
-        let r = slot
-            .conn
-            .receive(&mut self.scratch[..n], &self.cfg.limits, full, &mut self.out);
+        let r = slot.conn.receive(
+            &mut self.scratch[..n],
+            &self.cfg.limits,
+            full,
+            &mut self.out,
+        );
         if r.frames > 0 || r.upgraded {
             slot.last_seen = now;
             self.counters.frames += r.frames as u64;
@@ -489,9 +505,13 @@ impl Shard {
     /// Handles up to one batch of due wheel entries; true if more are due.
     fn expire_due(&mut self, now: u64) -> bool {
         for _ in 0..EXPIRY_BATCH {
-            let Some(e) = self.wheel.pop_due(now) else { return false };
+            let Some(e) = self.wheel.pop_due(now) else {
+                return false;
+            };
             let key = e.key as usize;
-            let Some(slot) = self.slab.get_mut(key) else { continue };
+            let Some(slot) = self.slab.get_mut(key) else {
+                continue;
+            };
             if slot.gen != e.gen || slot.armed != e.deadline {
                 continue; // closed and reused, or superseded by a later entry
             }

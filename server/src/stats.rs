@@ -74,7 +74,8 @@ pub struct Snapshot {
 }
 
 /// Formats one stats line: rates over `secs` from `prev` to `now`, then totals.
-/// `t=` is seconds since start; keys are stable for grep and awk.
+/// `t=` is seconds since start; every key appears once (rates end in `/s`,
+/// totals follow `|`), stable for grep and awk.
 pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: f64) -> String {
     let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs.max(1e-9);
     let open: u64 = shards.iter().map(|s| s.open).sum();
@@ -85,7 +86,7 @@ pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: 
     }
     let _ = write!(
         s,
-        "] accepted/s={:.0} upgraded/s={:.0} frames/s={:.0} expired/s={:.0} closed/s: client={:.0} gone={:.0} protocol={:.0} handshake_timeout={:.0} rejected={:.0} slow={:.0}",
+        "] accepted/s={:.0} upgraded/s={:.0} frames/s={:.0} expired/s={:.0} client_close/s={:.0} peer_gone/s={:.0} protocol_error/s={:.0} handshake_timeout/s={:.0} rejected/s={:.0} slow_reader/s={:.0}",
         rate(now.accepted, prev.accepted),
         rate(now.upgraded, prev.upgraded),
         rate(now.frames, prev.frames),
@@ -152,9 +153,15 @@ mod tests {
         sum.add(&a);
         sum.add(&a);
         let l = line(2.0, &shards, &Counters::default(), &sum, 2.0);
-        assert!(l.starts_with("t=2.0 conns=6 shards=[3,3] accepted/s=10 upgraded/s=10"), "{l}");
+        assert!(
+            l.starts_with("t=2.0 conns=6 shards=[3,3] accepted/s=10 upgraded/s=10"),
+            "{l}"
+        );
         assert!(l.contains("expired/s=4 "), "{l}");
-        assert!(l.contains("total accepted=20 upgraded=20 frames=0 expired=8"), "{l}");
+        assert!(
+            l.contains("total accepted=20 upgraded=20 frames=0 expired=8"),
+            "{l}"
+        );
         assert_eq!(sum.closed(), 8);
     }
 }

@@ -30,10 +30,18 @@ struct Args {
     #[argh(option, from_str_fn(parse_cpus))]
     cores: Option<Vec<usize>>,
     /// silence after which a device is deleted (default 90s)
-    #[argh(option, default = "Duration::from_secs(90)", from_str_fn(parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::from_secs(90)",
+        from_str_fn(parse_duration)
+    )]
     timeout: Duration,
     /// timing wheel resolution: devices are deleted within timeout + tick of their last frame (default 1s)
-    #[argh(option, default = "Duration::from_secs(1)", from_str_fn(parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::from_secs(1)",
+        from_str_fn(parse_duration)
+    )]
     tick: Duration,
     /// upgraded connections per shard; more are answered 503 (default 1000000)
     #[argh(option, default = "1_000_000")]
@@ -45,7 +53,11 @@ struct Args {
     #[argh(option, default = "8 * 1024", from_str_fn(parse_bytes))]
     max_head: usize,
     /// time a connection has to complete its upgrade (default 10s)
-    #[argh(option, default = "Duration::from_secs(10)", from_str_fn(parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
     handshake_timeout: Duration,
     /// listen backlog per shard (default: net.core.somaxconn)
     #[argh(option)]
@@ -57,10 +69,18 @@ struct Args {
     #[argh(switch)]
     graceful_expiry: bool,
     /// interval of the stats line on stdout; 0 turns it off (default 1s)
-    #[argh(option, default = "Duration::from_secs(1)", from_str_fn(parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::from_secs(1)",
+        from_str_fn(parse_duration)
+    )]
     stats_interval: Duration,
     /// on SIGINT/SIGTERM, how long to wait for devices to answer Close 1001 (default 5s)
-    #[argh(option, default = "Duration::from_secs(5)", from_str_fn(parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::from_secs(5)",
+        from_str_fn(parse_duration)
+    )]
     drain_timeout: Duration,
 }
 
@@ -90,7 +110,11 @@ fn run(args: Args) -> Result<(), String> {
         max_conns: args.max_conns,
         graceful_expiry: args.graceful_expiry,
         drain_timeout: args.drain_timeout,
-        stats_interval: if print_stats { args.stats_interval } else { Duration::from_secs(3600) },
+        stats_interval: if print_stats {
+            args.stats_interval
+        } else {
+            Duration::from_secs(3600)
+        },
     };
     cfg.validate()?;
 
@@ -112,7 +136,10 @@ fn run(args: Args) -> Result<(), String> {
     let mut listeners = Vec::new();
     for _ in &cores {
         listeners.push(c1m::listener::bind(args.listen, backlog).map_err(|e| {
-            format!("cannot listen on {}: {e}; is another server running there?", args.listen)
+            format!(
+                "cannot listen on {}: {e}; is another server running there?",
+                args.listen
+            )
         })?);
     }
 
@@ -173,14 +200,22 @@ fn run(args: Args) -> Result<(), String> {
     let mut running = true;
     while running {
         // Wait for a signal, at most until the next stats line.
-        let wait = next_print.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        let wait = next_print
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(200));
         if !stopping && wait_signal(&signals, wait) {
             stopping = true;
             eprintln!("server: stopping: no new connections, sending Close 1001 to every device (drain up to {:?})", args.drain_timeout);
             for w in &wakers {
                 let one: u64 = 1;
                 // SAFETY: 8-byte write to an eventfd we own.
-                unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(w), (&one as *const u64).cast(), 8) };
+                unsafe {
+                    libc::write(
+                        std::os::fd::AsRawFd::as_raw_fd(w),
+                        (&one as *const u64).cast(),
+                        8,
+                    )
+                };
             }
         } else if stopping {
             std::thread::sleep(wait);
@@ -200,7 +235,16 @@ fn run(args: Args) -> Result<(), String> {
             let mut sum = Counters::default();
             latest.iter().for_each(|s| sum.add(&s.totals));
             let secs = now.duration_since(prev_at).as_secs_f64();
-            println!("{}", stats::line(now.duration_since(start).as_secs_f64(), &latest, &prev, &sum, secs));
+            println!(
+                "{}",
+                stats::line(
+                    now.duration_since(start).as_secs_f64(),
+                    &latest,
+                    &prev,
+                    &sum,
+                    secs
+                )
+            );
             prev = sum;
             prev_at = now;
             next_print = now + args.stats_interval;

@@ -1,0 +1,207 @@
+//! Property tests of the sans-IO core: any split of the same bytes gives the
+//! same result; the wheel never expires early, never misses, never touches a
+//! closed connection.
+
+use c1m::conn::{Conn, Limits, Received};
+use c1m::frame::{self, Opcode};
+use c1m::wheel::{Entry, Wheel};
+use proptest::prelude::*;
+
+const UPGRADE: &[u8] = b"GET /ws?id=02:00:00:00:00:01 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// Feeds `input` in the given pieces; returns all output and the summed result.
+fn feed(input: &[u8], cuts: &[usize], limits: &Limits) -> (Vec<u8>, Received, usize) {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+    points.push(0);
+    points.push(input.len());
+    points.sort_unstable();
+    let mut conn = Conn::new();
+    let mut out = Vec::new();
+    let mut total = Received::default();
+    for w in points.windows(2) {
+        let mut piece = input[w[0]..w[1]].to_vec();
+        let r = conn.receive(&mut piece, limits, false, &mut out);
+        total.upgraded |= r.upgraded;
+        total.frames += r.frames;
+        if r.end.is_some() {
+            total.end = r.end;
+        }
+    }
+    (out, total, conn.buffered())
+}
+
+fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
+    let opcode = prop_oneof![
+        Just(Opcode::Text),
+        Just(Opcode::Binary),
+        Just(Opcode::Continuation),
+        Just(Opcode::Ping),
+        Just(Opcode::Pong),
+        Just(Opcode::Close),
+    ];
+    (
+        opcode,
+        any::<bool>(),
+        prop::collection::vec(any::<u8>(), 0..300),
+        any::<[u8; 4]>(),
+        any::<bool>(),
+    )
+        .prop_map(|(op, fin, payload, mask, text_ok)| {
+            let payload = if text_ok && op == Opcode::Text {
+                String::from_utf8_lossy(&payload).into_owned().into_bytes()
+            } else {
+                payload
+            };
+            let mut out = Vec::new();
+            frame::write_masked_frame(&mut out, op, fin, &payload, mask);
+            out
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_split_of_frames_gives_the_same_result(
+        frames in prop::collection::vec(arb_frame(), 0..12),
+        cuts in prop::collection::vec(any::<usize>(), 0..20),
+        echo in any::<bool>(),
+    ) {
+        let limits = Limits { max_message: 1000, echo, ..Limits::default() };
+        let input = [UPGRADE.to_vec(), frames.concat()].concat();
+        let whole = feed(&input, &[], &limits);
+        let split = feed(&input, &cuts, &limits);
+        prop_assert_eq!(&whole, &split);
+        prop_assert!(whole.1.upgraded);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_split_the_same(
+        prefix in prop::sample::select(vec![&b""[..], UPGRADE]),
+        junk in prop::collection::vec(any::<u8>(), 0..2000),
+        cuts in prop::collection::vec(any::<usize>(), 0..20),
+    ) {
+        let limits = Limits { max_head: 512, max_message: 256, echo: true };
+        let input = [prefix.to_vec(), junk].concat();
+        let whole = feed(&input, &[], &limits);
+        let split = feed(&input, &cuts, &limits);
+        prop_assert_eq!(&whole, &split);
+        // Nothing buffered beyond one head or one frame.
+        prop_assert!(whole.2 <= 4096);
+    }
+
+    #[test]
+    fn head_split_byte_by_byte_parses_as_one_read(cut in 0..UPGRADE.len()) {
+        let every: Vec<usize> = (0..UPGRADE.len()).collect();
+        let one = feed(UPGRADE, &[], &Limits::default());
+        prop_assert_eq!(&one, &feed(UPGRADE, &every, &Limits::default()));
+        prop_assert_eq!(&one, &feed(UPGRADE, &[cut], &Limits::default()));
+        prop_assert!(one.1.upgraded);
+    }
+}
+
+/// What a test does to the fleet between ticks.
+#[derive(Debug, Clone)]
+enum Op {
+    Connect,
+    Heartbeat(usize),
+    Close(usize),
+    Advance(u64),
+    /// The owner was busy: one pop at `now + step`, as after a stall.
+    Stall(u64),
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => Just(Op::Connect),
+        6 => any::<usize>().prop_map(Op::Heartbeat),
+        1 => any::<usize>().prop_map(Op::Close),
+        4 => (1u64..8).prop_map(Op::Advance),
+        1 => (1u64..100).prop_map(Op::Stall),
+    ]
+}
+
+struct Device {
+    gen: u32,
+    last_seen: u64,
+    armed: u64,
+    open: bool,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// The owner logic of the shard, driven against a model: a device is
+    /// deleted exactly when `now >= last_seen + timeout + 1`, i.e. never
+    /// early, never late by more than the step, never after it closed.
+    #[test]
+    fn wheel_expires_exactly_the_silent(
+        timeout in 1u64..20,
+        ops in prop::collection::vec(arb_op(), 1..300),
+    ) {
+        let mut wheel = Wheel::new(timeout + 1, 0);
+        // Slab-like: keys are reused after close, with a new generation.
+        let mut devices: Vec<Device> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut next_gen = 1;
+        let mut now = 0u64;
+        for op in ops {
+            match op {
+                Op::Connect => {
+                    let key = free.pop().unwrap_or_else(|| { devices.push(Device { gen: 0, last_seen: 0, armed: 0, open: false }); devices.len() - 1 });
+                    let deadline = now + timeout + 1;
+                    devices[key] = Device { gen: next_gen, last_seen: now, armed: deadline, open: true };
+                    wheel.insert(Entry { key: key as u32, gen: next_gen, deadline });
+                    next_gen += 1;
+                }
+                Op::Heartbeat(i) => {
+                    let n = devices.len().max(1);
+                    if let Some(d) = devices.iter_mut().filter(|d| d.open).nth(i % n) {
+                        d.last_seen = now;
+                    }
+                }
+                Op::Close(i) => {
+                    let open: Vec<usize> = (0..devices.len()).filter(|&k| devices[k].open).collect();
+                    if !open.is_empty() {
+                        let key = open[i % open.len()];
+                        devices[key].open = false;
+                        free.push(key);
+                    }
+                }
+                Op::Advance(_) | Op::Stall(_) => {
+                    let (step, stalled) = match op {
+                        Op::Advance(s) => (s, false),
+                        Op::Stall(s) => (s, true),
+                        _ => unreachable!(),
+                    };
+                    let ticks: Vec<u64> = if stalled { vec![now + step] } else { (now + 1..=now + step).collect() };
+                    for t in ticks {
+                        while let Some(e) = wheel.pop_due(t) {
+                            prop_assert!(e.deadline <= t, "popped early");
+                            let d = &mut devices[e.key as usize];
+                            if !d.open || d.gen != e.gen || d.armed != e.deadline {
+                                continue; // stale: closed, reused or superseded
+                            }
+                            let due = d.last_seen + timeout + 1;
+                            if due <= t {
+                                if !stalled {
+                                    prop_assert_eq!(due, t, "expired late");
+                                }
+                                d.open = false;
+                                free.push(e.key as usize);
+                            } else {
+                                d.armed = due;
+                                wheel.insert(Entry { deadline: due, ..e });
+                            }
+                        }
+                        // Nobody silent for the whole timeout is still open.
+                        for d in devices.iter().filter(|d| d.open) {
+                            prop_assert!(d.last_seen + timeout + 1 > t, "missed expiry");
+                        }
+                    }
+                    now += step;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The real `server` binary on 127.0.0.1, driven by real sockets and
+//! tungstenite's client. Small scale, seconds.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use c1m::frame::{self, Opcode};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    lines: Receiver<String>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        // Find a free port; the server binds it with SO_REUSEADDR.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(["--stats-interval", "100ms"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "server did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, addr, lines }
+    }
+
+    fn ws(&self, id: &str) -> WebSocket<TcpStream> {
+        let stream = TcpStream::connect(self.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let url = format!("ws://{}/ws?id={id}", self.addr);
+        let (ws, resp) = tungstenite::client(url, stream).expect("upgrade");
+        assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    /// Waits for a stats line matching `pred`; returns it.
+    fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no stats line with {what}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=` in a stats line.
+fn field(line: &str, key: &str) -> u64 {
+    let pat = format!(" {key}=");
+    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+fn upgrade_request(target: &str, extra: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n").into_bytes()
+}
+
+/// A raw upgraded socket, for frames tungstenite's client refuses to send.
+fn raw_ws(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&upgrade_request("/ws?id=raw", "")).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    s
+}
+
+/// Reads one server frame: (opcode bits, payload).
+fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0; len];
+    s.read_exact(&mut payload).unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+fn close_code(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+#[test]
+fn upgrade_with_id_then_ping_gets_pong_with_same_payload() {
+    let server = Server::start(&["--cores", "0"]);
+    let mut ws = server.ws("02:00:5e:00:00:01");
+    ws.send(Message::Ping(b"hb-42".to_vec())).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::Pong(b"hb-42".to_vec()));
+    let l = server.wait_line("an upgraded connection", |l| field(l, "conns") == 1);
+    assert_eq!(field(&l, "upgraded"), 1);
+    ws.close(None).unwrap();
+    server.wait_line("a client close", |l| field(l, "client_close") == 1);
+}
+
+#[test]
+fn bad_requests_get_their_http_status() {
+    let server = Server::start(&["--cores", "0"]);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (upgrade_request("/ws", ""), "HTTP/1.1 400 "),
+        (upgrade_request("/ws?id=not/valid", ""), "HTTP/1.1 400 "),
+        (upgrade_request("/nowhere?id=a", ""), "HTTP/1.1 404 "),
+        (
+            b"GET /ws?id=a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "HTTP/1.1 426 ",
+        ),
+        (
+            upgrade_request("/ws?id=a", &format!("X-Pad: {}\r\n", "p".repeat(9000))),
+            "HTTP/1.1 431 ",
+        ),
+    ];
+    for (req, status) in &cases {
+        let resp = raw_request(server.addr, req);
+        assert!(resp.starts_with(status), "expected {status}, got {resp:?}");
+        let body = resp.split("\r\n\r\n").nth(1).unwrap();
+        assert!(
+            body.ends_with('\n') && body.trim_end().lines().count() == 1,
+            "{body:?}"
+        );
+    }
+    server.wait_line("the rejections", |l| {
+        field(l, "rejected") == cases.len() as u64
+    });
+}
+
+#[test]
+fn full_shard_answers_503() {
+    let server = Server::start(&["--cores", "0", "--max-conns", "1"]);
+    let _held = server.ws("first");
+    let resp = raw_request(server.addr, &upgrade_request("/ws?id=second", ""));
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp:?}");
+}
+
+#[test]
+fn silent_device_is_deleted_within_timeout_plus_tick() {
+    let timeout = Duration::from_millis(500);
+    let tick = Duration::from_millis(50);
+    let server = Server::start(&["--cores", "0", "--timeout", "500ms", "--tick", "50ms"]);
+    let mut s = raw_ws(server.addr);
+    // The last frame: a ping, answered.
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"x", [1, 2, 3, 4]);
+    s.write_all(&ping).unwrap();
+    assert_eq!(read_frame(&mut s), (10, b"x".to_vec()));
+    let last = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf); // blocks until the server deletes us
+    let silent = last.elapsed();
+    assert!(
+        matches!(r, Ok(0))
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected reset or EOF, got {r:?}"
+    );
+    let slack = Duration::from_millis(150);
+    assert!(silent >= timeout, "deleted early after {silent:?}");
+    assert!(
+        silent <= timeout + tick + slack,
+        "deleted late after {silent:?}"
+    );
+    server.wait_line("the expiry", |l| field(l, "expired") == 1);
+}
+
+#[test]
+fn heartbeating_device_is_never_expired() {
+    let server = Server::start(&["--cores", "0", "--timeout", "300ms", "--tick", "50ms"]);
+    let mut ws = server.ws("busy");
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        ws.send(Message::Text("hb".into())).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ws.send(Message::Ping(b"still here".to_vec())).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::Pong(b"still here".to_vec()));
+    let l = server.wait_line("a fresh line", |_| true);
+    assert_eq!(field(&l, "expired"), 0, "{l}");
+}
+
+#[test]
+fn protocol_errors_close_with_1002_1007_1009() {
+    let server = Server::start(&["--cores", "0", "--max-message", "1KiB"]);
+    let mut cases: Vec<(Vec<u8>, u16)> = Vec::new();
+    let mut unmasked = Vec::new();
+    frame::write_frame(&mut unmasked, Opcode::Binary, b"no mask");
+    cases.push((unmasked, 1002));
+    let mut bad_utf8 = Vec::new();
+    frame::write_masked_frame(
+        &mut bad_utf8,
+        Opcode::Text,
+        true,
+        &[0xc3, 0x28],
+        [1, 2, 3, 4],
+    );
+    cases.push((bad_utf8, 1007));
+    let mut big = Vec::new();
+    frame::write_masked_frame(&mut big, Opcode::Binary, true, &[0; 2000], [1, 2, 3, 4]);
+    cases.push((big, 1009));
+    for (bytes, expected) in &cases {
+        let mut s = raw_ws(server.addr);
+        s.write_all(bytes).unwrap();
+        let (op, payload) = read_frame(&mut s);
+        assert_eq!(op, 8, "a Close frame");
+        assert_eq!(close_code(&payload), *expected);
+    }
+    server.wait_line("the protocol errors", |l| field(l, "protocol_error") == 3);
+}
+
+#[test]
+fn both_shards_take_connections() {
+    let server = Server::start(&["--cores", "0-1"]);
+    let sockets: Vec<_> = (0..64).map(|i| server.ws(&format!("dev{i}"))).collect();
+    let l = server.wait_line("64 connections", |l| field(l, "conns") == 64);
+    let shards = l
+        .split("shards=[")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    let per: Vec<u64> = shards.split(',').map(|n| n.parse().unwrap()).collect();
+    assert_eq!(per.len(), 2, "{l}");
+    assert!(per.iter().all(|&n| n > 0), "SO_REUSEPORT spread: {l}");
+    drop(sockets);
+}
+
+#[test]
+fn sigterm_sends_1001_and_exits_zero() {
+    let mut server = Server::start(&["--cores", "0", "--drain-timeout", "2s"]);
+    let mut ws = server.ws("stay");
+    server.wait_line("the connection", |l| field(l, "conns") == 1);
+    server.signal(libc::SIGTERM);
+    match ws.read().unwrap() {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected Close 1001, got {other:?}"),
+    }
+    // tungstenite answers the Close; the server then finishes.
+    let _ = ws.flush();
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let final_line = server.wait_line("the final totals", |l| l.starts_with("final "));
+    assert_eq!(field(&final_line, "client_close"), 1, "{final_line}");
+}
+
+#[test]
+fn handshake_timeout_closes_half_a_request() {
+    let server = Server::start(&[
+        "--cores",
+        "0",
+        "--handshake-timeout",
+        "300ms",
+        "--tick",
+        "50ms",
+    ]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /ws?id=slow HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let sent = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    assert!(matches!(r, Ok(0)) || r.is_err(), "closed, got {r:?}");
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "closed early after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "closed late after {waited:?}"
+    );
+    server.wait_line("the handshake timeout", |l| {
+        field(l, "handshake_timeout") == 1
+    });
+}
