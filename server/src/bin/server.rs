@@ -200,9 +200,12 @@ fn run(args: Args) -> Result<(), String> {
     let mut running = true;
     while running {
         // Wait for a signal, at most until the next stats line.
-        let wait = next_print
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(200));
+        let until_print = if print_stats {
+            next_print.saturating_duration_since(Instant::now())
+        } else {
+            Duration::MAX
+        };
+        let wait = until_print.min(Duration::from_millis(200));
         if !stopping && wait_signal(&signals, wait) {
             stopping = true;
             eprintln!("server: stopping: no new connections, sending Close 1001 to every device (drain up to {:?})", args.drain_timeout);

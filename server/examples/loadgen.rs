@@ -1,0 +1,512 @@
+//! loadgen: the server-core benchmark's load generator (until the client
+//! crate exists). Opens `--conns` WebSockets as fast as `--concurrency`
+//! allows, holds them while each pings every `--ping-interval`, and, given
+//! `--server-pid`, measures the server's CPU per connection and per heartbeat
+//! (from /proc/PID/task/*/schedstat, nanoseconds) and its RSS per connection.
+//! Prints one JSON object on stdout; progress goes to stderr.
+//!
+//! Bounded: the ramp stops after `--ramp-timeout`, the hold after `--hold`.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use c1m::config::{parse_duration, raise_nofile};
+use c1m::epoll::{self, Epoll};
+use hdrhistogram::Histogram;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Opens WebSocket connections, holds them with pings, reports server cost.
+#[derive(argh::FromArgs)]
+struct Args {
+    /// server address (default 127.0.0.1:9000)
+    #[argh(option, default = "\"127.0.0.1:9000\".parse().unwrap()")]
+    server: SocketAddr,
+    /// connections to open (default 15000)
+    #[argh(option, default = "15000")]
+    conns: usize,
+    /// worker threads (default 2)
+    #[argh(option, default = "2")]
+    threads: usize,
+    /// handshakes in flight per thread (default 512)
+    #[argh(option, default = "512")]
+    concurrency: usize,
+    /// source addresses first-last, e.g. 127.0.0.2-127.0.0.11 (default: the kernel's choice)
+    #[argh(option)]
+    ips: Option<String>,
+    /// how long to hold the fleet while it pings (default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    hold: Duration,
+    /// each connection pings once per interval during the hold (default 1s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(1)",
+        from_str_fn(parse_duration)
+    )]
+    ping_interval: Duration,
+    /// give up the ramp after this long (default 60s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(60)",
+        from_str_fn(parse_duration)
+    )]
+    ramp_timeout: Duration,
+    /// pid of the server, to measure its CPU and memory
+    #[argh(option)]
+    server_pid: Option<u32>,
+}
+
+/// Server CPU (ns, all threads) and RSS (bytes) at one moment.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    cpu_ns: u64,
+    rss: u64,
+}
+
+fn sample(pid: Option<u32>) -> Sample {
+    let Some(pid) = pid else {
+        return Sample::default();
+    };
+    let mut cpu_ns = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                cpu_ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    Sample { cpu_ns, rss }
+}
+
+fn parse_ips(s: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: Ipv4Addr = a.trim().parse().map_err(|_| format!("bad IP {a:?}"))?;
+    let b: Ipv4Addr = b.trim().parse().map_err(|_| format!("bad IP {b:?}"))?;
+    let (a, b) = (u32::from(a), u32::from(b));
+    if a > b {
+        return Err(format!("empty IP range {s:?}"));
+    }
+    Ok((a..=b).map(Ipv4Addr::from).collect())
+}
+
+const REQUEST_TAIL: &str = " HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+/// A masked, empty Ping; its Pong is the two bytes 0x8a 0x00.
+const PING: [u8; 6] = [0x89, 0x80, 1, 2, 3, 4];
+
+#[derive(PartialEq)]
+enum State {
+    Connecting,
+    Upgrading,
+    Open,
+    Failed,
+}
+
+struct Conn {
+    fd: RawFd,
+    state: State,
+    started: Instant,
+    got: usize,
+}
+
+#[derive(Default)]
+struct Totals {
+    established: AtomicU64,
+    failed: AtomicU64,
+    pongs: AtomicU64,
+    pings: AtomicU64,
+}
+
+fn main() {
+    let args: Args = argh::from_env();
+    if let Err(e) = run(args) {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let nofile = raise_nofile();
+    if args.conns as u64 + 64 > nofile {
+        return Err(format!(
+            "this process may open {nofile} files (RLIMIT_NOFILE): {} connections do not fit; lower --conns",
+            args.conns
+        ));
+    }
+    let ips = match &args.ips {
+        Some(s) => parse_ips(s)?,
+        None => Vec::new(),
+    };
+    let threads = args.threads.max(1);
+    let totals = Arc::new(Totals::default());
+    // Phases: ramp | measure | hold | close, separated by barriers.
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let share = args.conns / threads + usize::from(t < args.conns % threads);
+        let my_ips: Vec<Ipv4Addr> = ips.iter().copied().skip(t).step_by(threads).collect();
+        let (totals, barrier) = (totals.clone(), barrier.clone());
+        let (server, conc, hold, interval, ramp_timeout) = (
+            args.server,
+            args.concurrency,
+            args.hold,
+            args.ping_interval,
+            args.ramp_timeout,
+        );
+        handles.push(std::thread::spawn(move || {
+            worker(
+                t,
+                share,
+                server,
+                my_ips,
+                conc,
+                ramp_timeout,
+                hold,
+                interval,
+                &totals,
+                &barrier,
+            )
+        }));
+    }
+
+    let pid = args.server_pid;
+    let before = sample(pid);
+    let ramp_start = Instant::now();
+    barrier.wait(); // ramp done
+    let ramp = ramp_start.elapsed();
+    let after_ramp = sample(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let settled = sample(pid);
+    barrier.wait(); // hold starts
+    let hold_start = Instant::now();
+    barrier.wait(); // hold done
+    let held = hold_start.elapsed();
+    let after_hold = sample(pid);
+    barrier.wait(); // close
+    let mut connect = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    for h in handles {
+        let hist = h.join().map_err(|_| "a worker panicked".to_string())??;
+        connect
+            .add(&hist)
+            .map_err(|e| format!("merge histograms: {e}"))?;
+    }
+
+    let established = totals.established.load(Relaxed);
+    let pongs = totals.pongs.load(Relaxed);
+    let per = |num: u64, den: u64| {
+        if den == 0 {
+            0.0
+        } else {
+            num as f64 / den as f64
+        }
+    };
+    let json = format!(
+        concat!(
+            "{{\"conns\":{},\"established\":{},\"failed\":{},\"ramp_s\":{:.3},\"conn_per_s\":{:.0},",
+            "\"connect_p50_us\":{},\"connect_p99_us\":{},\"connect_max_us\":{},",
+            "\"server_cpu_per_conn_us\":{:.2},\"server_rss_before\":{},\"server_rss_held\":{},",
+            "\"server_rss_per_conn_bytes\":{:.0},\"hold_s\":{:.3},\"pings\":{},\"pongs\":{},",
+            "\"server_cpu_per_heartbeat_us\":{:.2},\"server_cpu_hold_pct\":{:.1}}}"
+        ),
+        args.conns,
+        established,
+        totals.failed.load(Relaxed),
+        ramp.as_secs_f64(),
+        per(established, 1) / ramp.as_secs_f64(),
+        connect.value_at_quantile(0.5),
+        connect.value_at_quantile(0.99),
+        connect.max(),
+        per(after_ramp.cpu_ns - before.cpu_ns, established) / 1e3,
+        before.rss,
+        settled.rss,
+        per(settled.rss.saturating_sub(before.rss), established),
+        held.as_secs_f64(),
+        totals.pings.load(Relaxed),
+        pongs,
+        per(after_hold.cpu_ns - settled.cpu_ns, pongs) / 1e3,
+        (after_hold.cpu_ns - settled.cpu_ns) as f64 / held.as_nanos() as f64 * 100.0,
+    );
+    println!("{json}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    id: usize,
+    target: usize,
+    server: SocketAddr,
+    ips: Vec<Ipv4Addr>,
+    concurrency: usize,
+    ramp_timeout: Duration,
+    hold: Duration,
+    interval: Duration,
+    totals: &Totals,
+    barrier: &Barrier,
+) -> Result<Histogram<u64>, String> {
+    let ep = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+    let mut conns: Vec<Conn> = Vec::with_capacity(target);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut buf = [0u8; 4096];
+    let (mut inflight, mut done) = (0usize, 0usize);
+    let deadline = Instant::now() + ramp_timeout;
+    let mut last_report = Instant::now();
+
+    // Ramp.
+    while done < target && Instant::now() < deadline {
+        while inflight < concurrency && conns.len() < target {
+            let i = conns.len();
+            let ip = ips.get(i % ips.len().max(1)).copied();
+            match start_connect(server, ip) {
+                Ok(fd) => {
+                    ep.add(
+                        fd,
+                        epoll::IN | epoll::OUT | epoll::RDHUP | epoll::ET,
+                        i as u64,
+                    )
+                    .map_err(|e| format!("epoll add: {e}"))?;
+                    conns.push(Conn {
+                        fd,
+                        state: State::Connecting,
+                        started: Instant::now(),
+                        got: 0,
+                    });
+                    inflight += 1;
+                }
+                Err(e) => {
+                    return Err(format!("connect #{i}: {e}; add source IPs with --ips or widen net.ipv4.ip_local_port_range"));
+                }
+            }
+        }
+        let n = wait(&ep, &mut events, 50)?;
+        for ev in &events[..n] {
+            let i = ev.u64 as usize;
+            let c = &mut conns[i];
+            let was_in_flight = matches!(c.state, State::Connecting | State::Upgrading);
+            if c.state == State::Connecting && ev.events & epoll::OUT != 0 {
+                // A locally administered MAC per device: thread, then index.
+                let req = format!(
+                    "GET /ws?id=02:00:{id:02x}:{:02x}:{:02x}:{:02x}{REQUEST_TAIL}",
+                    i >> 16 & 0xff,
+                    i >> 8 & 0xff,
+                    i & 0xff
+                );
+                if so_error(c.fd) != 0 || send_all(c.fd, req.as_bytes()).is_err() {
+                    c.state = State::Failed;
+                } else {
+                    c.state = State::Upgrading;
+                }
+            }
+            if c.state == State::Upgrading && ev.events & epoll::IN != 0 {
+                // SAFETY: buf is valid for writes of its length.
+                let r = unsafe {
+                    libc::recv(c.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                };
+                if r > 0 {
+                    let got = &buf[..r as usize];
+                    if c.got == 0 && !got.starts_with(b"HTTP/1.1 101 ") {
+                        c.state = State::Failed;
+                    } else {
+                        c.got += got.len();
+                        if got.ends_with(b"\r\n\r\n") {
+                            c.state = State::Open;
+                            let us = c.started.elapsed().as_micros() as u64;
+                            let _ = hist.record(us.max(1));
+                        }
+                    }
+                } else if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                    c.state = State::Failed;
+                }
+            }
+            if was_in_flight && matches!(c.state, State::Open | State::Failed) {
+                inflight -= 1;
+                done += 1;
+                let counter = if c.state == State::Open {
+                    &totals.established
+                } else {
+                    &totals.failed
+                };
+                counter.fetch_add(1, Relaxed);
+            }
+        }
+        if id == 0 && last_report.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "loadgen: established {} failed {}",
+                totals.established.load(Relaxed),
+                totals.failed.load(Relaxed)
+            );
+            last_report = Instant::now();
+        }
+    }
+    barrier.wait(); // ramp done
+    barrier.wait(); // hold starts
+
+    // Hold: every connection pings once per interval, spread over 10 ms slots.
+    let open: Vec<RawFd> = conns
+        .iter()
+        .filter(|c| c.state == State::Open)
+        .map(|c| c.fd)
+        .collect();
+    let slot = Duration::from_millis(10);
+    let per_slot = (open.len() as f64 * slot.as_secs_f64() / interval.as_secs_f64()).max(0.0);
+    let (mut owed, mut next) = (0.0f64, 0usize);
+    let start = Instant::now();
+    let mut next_slot = start;
+    let (mut pings, mut pong_bytes) = (0u64, 0u64);
+    while start.elapsed() < hold {
+        let now = Instant::now();
+        if now >= next_slot && !open.is_empty() {
+            owed += per_slot;
+            while owed >= 1.0 {
+                let _ = send_all(open[next], &PING);
+                pings += 1;
+                next = (next + 1) % open.len();
+                owed -= 1.0;
+            }
+            next_slot += slot;
+        }
+        let timeout = next_slot
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i32;
+        let n = wait(&ep, &mut events, timeout.max(0))?;
+        for ev in &events[..n] {
+            let fd = conns[ev.u64 as usize].fd;
+            loop {
+                // SAFETY: buf is valid for writes of its length.
+                let r = unsafe {
+                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                };
+                if r <= 0 {
+                    break;
+                }
+                pong_bytes += r as u64;
+            }
+        }
+    }
+    totals.pings.fetch_add(pings, Relaxed);
+    totals.pongs.fetch_add(pong_bytes / 2, Relaxed);
+    barrier.wait(); // hold done
+    barrier.wait(); // close
+    for c in &conns {
+        close_reset(c.fd);
+    }
+    Ok(hist)
+}
+
+fn wait(ep: &Epoll, events: &mut [libc::epoll_event], timeout_ms: i32) -> Result<usize, String> {
+    // SAFETY: the kernel writes at most events.len() entries.
+    let n = unsafe {
+        libc::epoll_wait(
+            ep.as_raw_fd(),
+            events.as_mut_ptr(),
+            events.len() as i32,
+            timeout_ms,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(format!("epoll_wait: {e}"))
+        };
+    }
+    Ok(n as usize)
+}
+
+fn start_connect(server: SocketAddr, ip: Option<Ipv4Addr>) -> io::Result<RawFd> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    if let Some(ip) = ip {
+        // Let connect() pick the port per 4-tuple, not bind() per address.
+        let one: libc::c_int = 1;
+        // SAFETY: valid option value for IP_BIND_ADDRESS_NO_PORT.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        s.bind(&SockAddr::from(SocketAddrV4::new(ip, 0)))?;
+    }
+    match s.connect(&SockAddr::from(server)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into_raw_fd())
+}
+
+fn so_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = 4u32;
+    // SAFETY: err/len are valid for getsockopt.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    err
+}
+
+fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    // SAFETY: buf is valid for reads of its length.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n == buf.len() as isize {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WouldBlock, "short send"))
+    }
+}
+
+fn close_reset(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: fd is ours; closing with SO_LINGER 0 leaves no TIME_WAIT behind.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            8,
+        );
+        libc::close(fd);
+    }
+}
