@@ -221,13 +221,14 @@ fn run(args: Args) -> Result<(), String> {
     };
     let json = format!(
         concat!(
-            "{{\"conns\":{},\"established\":{},\"failed\":{},\"ramp_s\":{:.3},\"conn_per_s\":{:.0},",
+            "{{\"conns\":{},\"ping_interval_s\":{},\"established\":{},\"failed\":{},\"ramp_s\":{:.3},\"conn_per_s\":{:.0},",
             "\"connect_p50_us\":{},\"connect_p99_us\":{},\"connect_max_us\":{},",
             "\"server_cpu_per_conn_us\":{:.2},\"server_rss_before\":{},\"server_rss_held\":{},",
             "\"server_rss_per_conn_bytes\":{:.0},\"hold_s\":{:.3},\"pings\":{},\"pongs\":{},",
             "\"server_cpu_per_heartbeat_us\":{:.2},\"server_cpu_hold_pct\":{:.1}}}"
         ),
         args.conns,
+        args.ping_interval.as_secs_f64(),
         established,
         totals.failed.load(Relaxed),
         ramp.as_secs_f64(),

@@ -28,7 +28,11 @@ struct Args {
     #[argh(option, default = "128")]
     ring_depth: usize,
     /// exit after this long (default 10m)
-    #[argh(option, default = "Duration::from_secs(600)", from_str_fn(c1m::config::parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::from_secs(600)",
+        from_str_fn(c1m::config::parse_duration)
+    )]
     lifetime: Duration,
 }
 

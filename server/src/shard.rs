@@ -88,6 +88,16 @@ const SCRATCH: usize = 64 * 1024;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What one pass of the loop left.
+enum Step {
+    /// More work is ready: run again soon.
+    Busy,
+    /// Nothing to do until the epoll set is readable or this instant.
+    Idle(Instant),
+    /// Shutdown has drained.
+    Finished,
+}
+
 /// One connection as the shard holds it.
 struct Slot {
     fd: RawFd,
@@ -186,36 +196,64 @@ impl Shard {
     /// Runs until shutdown has drained every connection (or timed out).
     pub async fn run(mut self) -> io::Result<Counters> {
         loop {
-            let mut busy = self.poll_io()?;
-            let now = Instant::now();
-            busy |= self.expire_due(self.tick_at(now));
-            if now >= self.next_report {
-                self.send_report(false);
-                self.next_report = now + self.cfg.stats_interval;
-            }
-            if self.accept_resume.is_some_and(|t| now >= t) {
-                self.accept_resume = None;
-                if let Some(l) = &self.listener {
-                    self.epoll.add(l.as_raw_fd(), epoll::IN, LISTENER)?;
-                }
-            }
-            if let Some(deadline) = self.drain_deadline {
-                if self.slab.is_empty() || now >= deadline {
-                    self.close_all();
-                    self.send_report(true);
-                    return Ok(self.counters);
-                }
-            }
-            if busy || !self.again.is_empty() {
-                glommio::yield_if_needed().await;
-            } else {
-                self.sleep(now).await?;
+            match self.step()? {
+                Step::Busy => glommio::yield_if_needed().await,
+                Step::Idle(wake) => self.sleep(wake).await?,
+                Step::Finished => return Ok(self.counters),
             }
         }
     }
 
-    /// Sleeps until the epoll set is readable or the next timed job is due.
-    async fn sleep(&self, now: Instant) -> io::Result<()> {
+    /// The same loop without glommio: blocks in poll(2) on the epoll set.
+    /// Only for the benchmark's baseline (what the I/O costs without the
+    /// executor around it); the server runs [`Shard::run`].
+    pub fn run_blocking(mut self) -> io::Result<Counters> {
+        loop {
+            match self.step()? {
+                Step::Busy => {}
+                Step::Idle(wake) => {
+                    let ms = wake
+                        .saturating_duration_since(Instant::now())
+                        .as_micros()
+                        .div_ceil(1000);
+                    let mut pfd = libc::pollfd {
+                        fd: self.epoll.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, ms.min(i32::MAX as u128) as i32) };
+                }
+                Step::Finished => return Ok(self.counters),
+            }
+        }
+    }
+
+    /// One pass: ready I/O, one batch of due expiries, stats, shutdown.
+    fn step(&mut self) -> io::Result<Step> {
+        let mut busy = self.poll_io()?;
+        let now = Instant::now();
+        busy |= self.expire_due(self.tick_at(now));
+        if now >= self.next_report {
+            self.send_report(false);
+            self.next_report = now + self.cfg.stats_interval;
+        }
+        if self.accept_resume.is_some_and(|t| now >= t) {
+            self.accept_resume = None;
+            if let Some(l) = &self.listener {
+                self.epoll.add(l.as_raw_fd(), epoll::IN, LISTENER)?;
+            }
+        }
+        if let Some(deadline) = self.drain_deadline {
+            if self.slab.is_empty() || now >= deadline {
+                self.close_all();
+                self.send_report(true);
+                return Ok(Step::Finished);
+            }
+        }
+        if busy || !self.again.is_empty() {
+            return Ok(Step::Busy);
+        }
         let next_tick = self.start
             + Duration::from_nanos(
                 (self.cfg.tick.as_nanos() * (self.tick_at(now) as u128 + 1)) as u64,
@@ -230,9 +268,14 @@ impl Shard {
         .flatten()
         .min()
         .unwrap_or(next_tick);
+        Ok(Step::Idle(wake))
+    }
+
+    /// Sleeps on glommio's ring until the epoll set is readable or `wake`.
+    async fn sleep(&self, wake: Instant) -> io::Result<()> {
         let ready = crate::readiness::readable(self.epoll.as_raw_fd());
         let timer = async {
-            glommio::timer::sleep(wake.saturating_duration_since(now)).await;
+            glommio::timer::sleep(wake.saturating_duration_since(Instant::now())).await;
             Ok(())
         };
         futures_lite::future::or(ready, timer).await

@@ -1,0 +1,64 @@
+//! epoll_baseline: the c1m shard loop on plain threads, blocking in poll(2)
+//! instead of sleeping on glommio's ring. A benchmark fixture: it tells how
+//! much of the shard's CPU is glommio's executor around the same I/O.
+//! (No signals, no stats line: it runs for --lifetime, then exits.)
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use c1m::conn::Limits;
+use c1m::shard::{Shard, ShardConfig};
+
+/// Baseline: the shard loop without glommio.
+#[derive(argh::FromArgs)]
+struct Args {
+    /// address to listen on (default 127.0.0.1:9000)
+    #[argh(option, default = "\"127.0.0.1:9000\".parse().unwrap()")]
+    listen: SocketAddr,
+    /// CPUs, one thread each (default 0-1)
+    #[argh(option, default = "\"0-1\".into()")]
+    cores: String,
+    /// exit after this long (default 10m)
+    #[argh(
+        option,
+        default = "Duration::from_secs(600)",
+        from_str_fn(c1m::config::parse_duration)
+    )]
+    lifetime: Duration,
+}
+
+fn main() {
+    let args: Args = argh::from_env();
+    c1m::config::raise_nofile();
+    let cores = c1m::config::parse_cpus(&args.cores).expect("--cores");
+    let backlog = c1m::listener::somaxconn().unwrap_or(4096);
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let cfg = ShardConfig {
+        limits: Limits::default(),
+        timeout: Duration::from_secs(90),
+        tick: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(10),
+        max_conns: 1_000_000,
+        graceful_expiry: false,
+        drain_timeout: Duration::from_secs(1),
+        stats_interval: Duration::from_secs(3600),
+    };
+    for (id, &cpu) in cores.iter().enumerate() {
+        let listener = c1m::listener::bind(args.listen, backlog).expect("bind");
+        // SAFETY: a new eventfd, owned from here on.
+        let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK)) };
+        let (cfg, tx) = (cfg.clone(), tx.clone());
+        std::thread::spawn(move || {
+            // SAFETY: cpu_set_t is plain data; pin this thread like glommio would.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            let shard = Shard::new(id, cfg, listener, efd, tx).expect("shard");
+            let _ = shard.run_blocking();
+        });
+    }
+    std::thread::sleep(args.lifetime);
+}
