@@ -75,7 +75,7 @@ for round in $(seq "$ROUNDS"); do
     interval=${case#*:}
     for impl in $IMPLS; do
       start_server "$impl"
-      sleep 0.3
+      sleep 1 # shards finish starting after the listeners are bound
       nstat -n >/dev/null 2>&1 || true
       json=$(timeout 180 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$n" \
         --hold "$HOLD" --ping-interval "$interval" --ips "$IPS" --server-pid "$server_pid" 2>/dev/null)

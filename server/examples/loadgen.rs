@@ -51,6 +51,10 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     ping_interval: Duration,
+    /// this fraction of connections never pings during the hold, so the server
+    /// expires them if the hold outlasts its --timeout (default 0)
+    #[argh(option, default = "0.0")]
+    silent: f64,
     /// give up the ramp after this long (default 60s)
     #[argh(
         option,
@@ -134,6 +138,10 @@ struct Totals {
     failed: AtomicU64,
     pongs: AtomicU64,
     pings: AtomicU64,
+    /// Heartbeating connections the server closed during the hold.
+    closed_live: AtomicU64,
+    /// Silent connections the server closed during the hold.
+    closed_silent: AtomicU64,
 }
 
 fn main() {
@@ -165,26 +173,16 @@ fn run(args: Args) -> Result<(), String> {
         let share = args.conns / threads + usize::from(t < args.conns % threads);
         let my_ips: Vec<Ipv4Addr> = ips.iter().copied().skip(t).step_by(threads).collect();
         let (totals, barrier) = (totals.clone(), barrier.clone());
-        let (server, conc, hold, interval, ramp_timeout) = (
-            args.server,
-            args.concurrency,
-            args.hold,
-            args.ping_interval,
-            args.ramp_timeout,
-        );
+        let load = Load {
+            server: args.server,
+            concurrency: args.concurrency,
+            ramp_timeout: args.ramp_timeout,
+            hold: args.hold,
+            interval: args.ping_interval,
+            silent: args.silent.clamp(0.0, 1.0),
+        };
         handles.push(std::thread::spawn(move || {
-            worker(
-                t,
-                share,
-                server,
-                my_ips,
-                conc,
-                ramp_timeout,
-                hold,
-                interval,
-                &totals,
-                &barrier,
-            )
+            worker(t, share, my_ips, &load, &totals, &barrier)
         }));
     }
 
@@ -225,7 +223,8 @@ fn run(args: Args) -> Result<(), String> {
             "\"connect_p50_us\":{},\"connect_p99_us\":{},\"connect_max_us\":{},",
             "\"server_cpu_per_conn_us\":{:.2},\"server_rss_before\":{},\"server_rss_held\":{},",
             "\"server_rss_per_conn_bytes\":{:.0},\"hold_s\":{:.3},\"pings\":{},\"pongs\":{},",
-            "\"server_cpu_per_heartbeat_us\":{:.2},\"server_cpu_hold_pct\":{:.1}}}"
+            "\"server_cpu_per_heartbeat_us\":{:.2},\"server_cpu_hold_pct\":{:.1},",
+            "\"silent_fraction\":{},\"server_closed_silent\":{},\"server_closed_heartbeating\":{}}}"
         ),
         args.conns,
         args.ping_interval.as_secs_f64(),
@@ -245,24 +244,41 @@ fn run(args: Args) -> Result<(), String> {
         pongs,
         per(after_hold.cpu_ns - settled.cpu_ns, pongs) / 1e3,
         (after_hold.cpu_ns - settled.cpu_ns) as f64 / held.as_nanos() as f64 * 100.0,
+        args.silent,
+        totals.closed_silent.load(Relaxed),
+        totals.closed_live.load(Relaxed),
     );
     println!("{json}");
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    id: usize,
-    target: usize,
+/// What every worker does.
+#[derive(Clone, Copy)]
+struct Load {
     server: SocketAddr,
-    ips: Vec<Ipv4Addr>,
     concurrency: usize,
     ramp_timeout: Duration,
     hold: Duration,
     interval: Duration,
+    silent: f64,
+}
+
+fn worker(
+    id: usize,
+    target: usize,
+    ips: Vec<Ipv4Addr>,
+    load: &Load,
     totals: &Totals,
     barrier: &Barrier,
 ) -> Result<Histogram<u64>, String> {
+    let Load {
+        server,
+        concurrency,
+        ramp_timeout,
+        hold,
+        interval,
+        silent,
+    } = *load;
     let ep = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut conns: Vec<Conn> = Vec::with_capacity(target);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
@@ -361,11 +377,19 @@ fn worker(
     barrier.wait(); // ramp done
     barrier.wait(); // hold starts
 
-    // Hold: every connection pings once per interval, spread over 10 ms slots.
+    // Hold: every heartbeating connection pings once per interval, spread
+    // over 10 ms slots; the silent ones (every k-th) never do.
+    let every = if silent > 0.0 {
+        (1.0 / silent).round().max(1.0) as usize
+    } else {
+        usize::MAX
+    };
+    let is_silent = |i: usize| every != usize::MAX && i.is_multiple_of(every);
     let open: Vec<RawFd> = conns
         .iter()
-        .filter(|c| c.state == State::Open)
-        .map(|c| c.fd)
+        .enumerate()
+        .filter(|(i, c)| c.state == State::Open && !is_silent(*i))
+        .map(|(_, c)| c.fd)
         .collect();
     let slot = Duration::from_millis(10);
     let per_slot = (open.len() as f64 * slot.as_secs_f64() / interval.as_secs_f64()).max(0.0);
@@ -390,16 +414,32 @@ fn worker(
             .as_millis() as i32;
         let n = wait(&ep, &mut events, timeout.max(0))?;
         for ev in &events[..n] {
-            let fd = conns[ev.u64 as usize].fd;
+            let i = ev.u64 as usize;
+            let c = &mut conns[i];
+            if c.state != State::Open {
+                continue;
+            }
             loop {
                 // SAFETY: buf is valid for writes of its length.
                 let r = unsafe {
-                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                    libc::recv(c.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
                 };
-                if r <= 0 {
-                    break;
+                if r > 0 {
+                    pong_bytes += r as u64;
+                    continue;
                 }
-                pong_bytes += r as u64;
+                if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                    // The server closed it: expected only for silent ones.
+                    c.state = State::Failed;
+                    let counter = if is_silent(i) {
+                        &totals.closed_silent
+                    } else {
+                        &totals.closed_live
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    let _ = ep.delete(c.fd);
+                }
+                break;
             }
         }
     }

@@ -22,6 +22,16 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Fails if something already listens on `addr`. SO_REUSEPORT would
+/// otherwise let a second server join the first one's group silently and
+/// take half of its new connections. The probe binds without SO_REUSEPORT:
+/// that fails with EADDRINUSE exactly when a listener holds the address.
+pub fn ensure_free(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&SockAddr::from(addr))
+}
+
 /// net.core.somaxconn: the kernel caps any listen backlog at it.
 pub fn somaxconn() -> Option<i32> {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")

@@ -345,3 +345,20 @@ fn handshake_timeout_closes_half_a_request() {
         field(l, "handshake_timeout") == 1
     });
 }
+
+#[test]
+fn a_second_server_on_the_same_port_is_refused() {
+    let first = Server::start(&["--cores", "0"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["--cores", "0", "--listen", &first.addr.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot listen on") && err.contains("another server"),
+        "{err}"
+    );
+    // The first one still serves.
+    let _ = first.ws("still-served");
+}

@@ -43,9 +43,10 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     tick: Duration,
-    /// upgraded connections per shard; more are answered 503 (default 1000000)
-    #[argh(option, default = "1_000_000")]
-    max_conns: usize,
+    /// upgraded connections per shard; more are answered 503 (default: what
+    /// RLIMIT_NOFILE allows, shared by the shards)
+    #[argh(option)]
+    max_conns: Option<usize>,
     /// largest frame or message, e.g. 64KiB; larger closes with 1009 (default 64KiB)
     #[argh(option, default = "64 * 1024", from_str_fn(parse_bytes))]
     max_message: usize,
@@ -84,6 +85,9 @@ struct Args {
     drain_timeout: Duration,
 }
 
+/// Descriptors kept for listeners, epoll sets, eventfds, io_uring and stdio.
+const RESERVED_FDS: u64 = 64;
+
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     match run(args) {
@@ -98,6 +102,12 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), String> {
     let cores = args.cores.clone().unwrap_or_else(allowed_cpus);
     let print_stats = !args.stats_interval.is_zero();
+    // Every connection is a descriptor: past RLIMIT_NOFILE accept fails with
+    // EMFILE, so by default the shards stop at their share of it (and answer
+    // 503) with a little room kept for the listeners and the executors.
+    let nofile = raise_nofile();
+    let fd_share = (nofile.saturating_sub(RESERVED_FDS) / cores.len() as u64).max(1) as usize;
+    let max_conns = args.max_conns.unwrap_or(fd_share);
     let cfg = ShardConfig {
         limits: Limits {
             max_head: args.max_head,
@@ -107,7 +117,7 @@ fn run(args: Args) -> Result<(), String> {
         timeout: args.timeout,
         tick: args.tick,
         handshake_timeout: args.handshake_timeout,
-        max_conns: args.max_conns,
+        max_conns,
         graceful_expiry: args.graceful_expiry,
         drain_timeout: args.drain_timeout,
         stats_interval: if print_stats {
@@ -118,12 +128,11 @@ fn run(args: Args) -> Result<(), String> {
     };
     cfg.validate()?;
 
-    let nofile = raise_nofile();
-    let wanted = (cores.len() as u64).saturating_mul(args.max_conns as u64);
-    if nofile < wanted + 64 {
+    let wanted = (cores.len() as u64).saturating_mul(max_conns as u64);
+    if nofile < wanted + RESERVED_FDS {
         eprintln!(
             "server: this process may open {nofile} files (RLIMIT_NOFILE), so it holds at most about {} connections, not the {wanted} that --max-conns allows; raise the limit (see kernel-tuning/) for more",
-            nofile.saturating_sub(64)
+            nofile.saturating_sub(RESERVED_FDS)
         );
     }
     let backlog = args
@@ -133,6 +142,12 @@ fn run(args: Args) -> Result<(), String> {
 
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
+    c1m::listener::ensure_free(args.listen).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e}; is another server running there?",
+            args.listen
+        )
+    })?;
     let mut listeners = Vec::new();
     for _ in &cores {
         listeners.push(c1m::listener::bind(args.listen, backlog).map_err(|e| {
@@ -163,7 +178,6 @@ fn run(args: Args) -> Result<(), String> {
         let tx = report_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{id}"))
-            .preempt_timer(Duration::from_millis(10))
             .spawn(move || async move {
                 let result = match Shard::new(id, cfg, listener, shard_efd, tx) {
                     Ok(shard) => shard.run().await,
@@ -181,7 +195,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     drop(report_tx);
     eprintln!(
-        "server: listening on {} with {} shards on CPUs {:?} (backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile})",
+        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile})",
         args.listen,
         cores.len(),
         cores,
