@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use c1m::config::{parse_duration, raise_nofile};
 use c1m::epoll::{self, Epoll};
+use c1m::socket;
 use hdrhistogram::Histogram;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -334,12 +335,9 @@ fn worker(
                 }
             }
             if c.state == State::Upgrading && ev.events & epoll::IN != 0 {
-                // SAFETY: buf is valid for writes of its length.
-                let r = unsafe {
-                    libc::recv(c.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-                };
-                if r > 0 {
-                    let got = &buf[..r as usize];
+                let r = socket::recv(c.fd, &mut buf);
+                if let Ok(n @ 1..) = r {
+                    let got = &buf[..n];
                     if c.got == 0 && !got.starts_with(b"HTTP/1.1 101 ") {
                         c.state = State::Failed;
                     } else {
@@ -350,7 +348,7 @@ fn worker(
                             let _ = hist.record(us.max(1));
                         }
                     }
-                } else if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                } else if !r.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
                     c.state = State::Failed;
                 }
             }
@@ -420,15 +418,12 @@ fn worker(
                 continue;
             }
             loop {
-                // SAFETY: buf is valid for writes of its length.
-                let r = unsafe {
-                    libc::recv(c.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-                };
-                if r > 0 {
-                    pong_bytes += r as u64;
+                let r = socket::recv(c.fd, &mut buf);
+                if let Ok(n @ 1..) = r {
+                    pong_bytes += n as u64;
                     continue;
                 }
-                if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                if !r.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
                     // The server closed it: expected only for silent ones.
                     c.state = State::Failed;
                     let counter = if is_silent(i) {
@@ -448,7 +443,7 @@ fn worker(
     barrier.wait(); // hold done
     barrier.wait(); // close
     for c in &conns {
-        close_reset(c.fd);
+        socket::close(c.fd, true); // no TIME_WAIT left behind
     }
     Ok(hist)
 }
@@ -517,37 +512,10 @@ fn so_error(fd: RawFd) -> i32 {
     err
 }
 
+/// Sends all of a small buffer or fails (the loadgen never queues output).
 fn send_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
-    // SAFETY: buf is valid for reads of its length.
-    let n = unsafe {
-        libc::send(
-            fd,
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n == buf.len() as isize {
-        Ok(())
-    } else {
-        Err(io::Error::new(io::ErrorKind::WouldBlock, "short send"))
-    }
-}
-
-fn close_reset(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: fd is ours; closing with SO_LINGER 0 leaves no TIME_WAIT behind.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            8,
-        );
-        libc::close(fd);
+    match socket::send(fd, buf)? {
+        n if n == buf.len() => Ok(()),
+        _ => Err(io::Error::new(io::ErrorKind::WouldBlock, "short send")),
     }
 }

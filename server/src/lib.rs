@@ -13,5 +13,6 @@ pub mod handshake;
 pub mod listener;
 pub mod readiness;
 pub mod shard;
+pub mod socket;
 pub mod stats;
 pub mod wheel;

@@ -19,6 +19,7 @@ use crate::conn::{Conn, End, Limits, Phase};
 use crate::epoll::{self, Epoll};
 use crate::frame::{self, code};
 use crate::listener::{self, Accepted};
+use crate::socket::{self, send};
 use crate::stats::{Counters, Snapshot};
 use crate::wheel::{Entry, Wheel, MAX_HORIZON};
 
@@ -366,8 +367,7 @@ impl Shard {
                 "shard {}: epoll_ctl(ADD) failed ({err}): dropping a new connection",
                 self.id
             );
-            // SAFETY: fd came from accept4 and is ours.
-            unsafe { libc::close(fd) };
+            socket::close(fd, true);
             return;
         }
         let now = self.now_tick();
@@ -395,30 +395,12 @@ impl Shard {
     fn on_readable(&mut self, token: u64) {
         let Some(key) = self.live(token) else { return };
         for _ in 0..READS_PER_EVENT {
-            let fd = self.slab[key].fd;
-            // SAFETY: scratch is valid for writes of its length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.scratch.as_mut_ptr().cast(),
-                    self.scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match socket::recv(self.slab[key].fd, &mut self.scratch) {
+                Ok(0) => return self.peer_gone(key),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return self.peer_gone(key),
             };
-            if n == 0 {
-                return self.peer_gone(key);
-            }
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::WouldBlock {
-                    return;
-                }
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return self.peer_gone(key);
-            }
-            let n = n as usize;
             if !self.on_bytes(key, n) || n < self.scratch.len() {
                 // Closed, or the socket is drained: a short read means the
                 // receive queue was empty, and edge-triggered epoll reports
@@ -602,24 +584,8 @@ impl Shard {
         if slot.upgraded {
             self.open -= 1;
         }
-        if how == Close::Abortive {
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: fd is ours; linger is a valid option value.
-            unsafe {
-                libc::setsockopt(
-                    slot.fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as u32,
-                );
-            }
-        }
-        // SAFETY: the slot owned the fd; closing it also drops it from epoll.
-        unsafe { libc::close(slot.fd) };
+        // Closing the fd also drops it from the epoll set.
+        socket::close(slot.fd, how == Close::Abortive);
     }
 
     /// Stops accepting and sends Close 1001 to every device.
@@ -664,29 +630,5 @@ impl Shard {
             totals: self.counters,
             done,
         });
-    }
-}
-
-/// One non-blocking send; Ok(0) when the socket buffer is full.
-fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: buf is valid for reads of its length.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::WouldBlock => return Ok(0),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(err),
-        }
     }
 }

@@ -225,7 +225,7 @@ fn silent_device_is_deleted_within_timeout_plus_tick() {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "expected reset or EOF, got {r:?}"
     );
-    let slack = Duration::from_millis(150);
+    let slack = Duration::from_millis(300); // scheduling noise on a busy CI machine
     assert!(silent >= timeout, "deleted early after {silent:?}");
     assert!(
         silent <= timeout + tick + slack,
