@@ -178,6 +178,10 @@ fn run(args: Args) -> Result<(), String> {
         let tx = report_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{id}"))
+            // glommio pins 10 MiB per executor for DMA file I/O by default;
+            // shards do no file I/O, and at 60 worker processes that would be
+            // gigabytes. 64 KiB is glommio's minimum.
+            .io_memory(64 << 10)
             .spawn(move || async move {
                 let result = match Shard::new(id, cfg, listener, shard_efd, tx) {
                     Ok(shard) => shard.run().await,
