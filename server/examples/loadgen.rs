@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use c1m::client_handshake::{self, key_for, Answer};
 use c1m::config::{parse_duration, raise_nofile};
 use c1m::epoll::{self, Epoll};
 use c1m::socket;
@@ -114,7 +115,6 @@ fn parse_ips(s: &str) -> Result<Vec<Ipv4Addr>, String> {
     Ok((a..=b).map(Ipv4Addr::from).collect())
 }
 
-const REQUEST_TAIL: &str = " HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 /// A masked, empty Ping; its Pong is the two bytes 0x8a 0x00.
 const PING: [u8; 6] = [0x89, 0x80, 1, 2, 3, 4];
 
@@ -130,7 +130,8 @@ struct Conn {
     fd: RawFd,
     state: State,
     started: Instant,
-    got: usize,
+    /// The server's answer so far (only while upgrading).
+    answer: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -306,7 +307,7 @@ fn worker(
                         fd,
                         state: State::Connecting,
                         started: Instant::now(),
-                        got: 0,
+                        answer: Vec::new(),
                     });
                     inflight += 1;
                 }
@@ -322,13 +323,20 @@ fn worker(
             let was_in_flight = matches!(c.state, State::Connecting | State::Upgrading);
             if c.state == State::Connecting && ev.events & epoll::OUT != 0 {
                 // A locally administered MAC per device: thread, then index.
-                let req = format!(
-                    "GET /ws?id=02:00:{id:02x}:{:02x}:{:02x}:{:02x}{REQUEST_TAIL}",
+                let device = format!(
+                    "02:00:{id:02x}:{:02x}:{:02x}:{:02x}",
                     i >> 16 & 0xff,
                     i >> 8 & 0xff,
                     i & 0xff
                 );
-                if so_error(c.fd) != 0 || send_all(c.fd, req.as_bytes()).is_err() {
+                let mut req = Vec::with_capacity(256);
+                client_handshake::write_request(
+                    &mut req,
+                    "bench",
+                    &device,
+                    &key_for(i as u64, id as u64),
+                );
+                if so_error(c.fd) != 0 || send_all(c.fd, &req).is_err() {
                     c.state = State::Failed;
                 } else {
                     c.state = State::Upgrading;
@@ -337,16 +345,16 @@ fn worker(
             if c.state == State::Upgrading && ev.events & epoll::IN != 0 {
                 let r = socket::recv(c.fd, &mut buf);
                 if let Ok(n @ 1..) = r {
-                    let got = &buf[..n];
-                    if c.got == 0 && !got.starts_with(b"HTTP/1.1 101 ") {
-                        c.state = State::Failed;
-                    } else {
-                        c.got += got.len();
-                        if got.ends_with(b"\r\n\r\n") {
+                    c.answer.extend_from_slice(&buf[..n]);
+                    match client_handshake::parse_answer(&c.answer, &key_for(i as u64, id as u64)) {
+                        Answer::Partial => {}
+                        Answer::Accepted { .. } => {
                             c.state = State::Open;
+                            c.answer = Vec::new();
                             let us = c.started.elapsed().as_micros() as u64;
                             let _ = hist.record(us.max(1));
                         }
+                        Answer::Refused { .. } | Answer::Invalid(_) => c.state = State::Failed,
                     }
                 } else if !r.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
                     c.state = State::Failed;

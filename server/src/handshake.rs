@@ -225,9 +225,17 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
 }
 
 fn base64_20(input: &[u8; 20]) -> [u8; 28] {
+    let mut out = [0; 28];
+    base64(input, &mut out);
+    out
+}
+
+/// Standard base64 with padding of `input` into `out`, which must be
+/// exactly `4 * ceil(len / 3)` bytes long.
+pub(crate) fn base64(input: &[u8], out: &mut [u8]) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = [b'='; 28];
-    // 20 bytes: six full 3-byte groups, then 2 bytes -> 3 characters and one '='.
+    assert_eq!(out.len(), input.len().div_ceil(3) * 4, "base64 output size");
+    out.fill(b'=');
     for (i, chunk) in input.chunks(3).enumerate() {
         let n = chunk
             .iter()
@@ -237,7 +245,6 @@ fn base64_20(input: &[u8; 20]) -> [u8; 28] {
             out[i * 4 + j] = ALPHABET[(n >> (18 - 6 * j) & 63) as usize];
         }
     }
-    out
 }
 
 #[cfg(test)]

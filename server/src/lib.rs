@@ -5,6 +5,7 @@
 //! machine, [`wheel`] is the hashed timing wheel of heartbeat deadlines.
 //! [`shard`] is the thin I/O shell around them: one per core, sharing nothing.
 
+pub mod client_handshake;
 pub mod config;
 pub mod conn;
 pub mod epoll;
