@@ -362,3 +362,31 @@ fn a_second_server_on_the_same_port_is_refused() {
     // The first one still serves.
     let _ = first.ws("still-served");
 }
+
+#[test]
+fn join_shares_the_port_on_purpose() {
+    let first = Server::start(&["--cores", "0"]);
+    let port = first.addr.to_string();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_server"))
+        .args([
+            "--cores",
+            "0",
+            "--join",
+            "--listen",
+            &port,
+            "--stats-interval",
+            "0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "the joining server runs"
+    );
+    let _ = first.ws("either-one");
+    let _ = second.kill();
+    let _ = second.wait();
+}

@@ -76,6 +76,11 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     stats_interval: Duration,
+    /// join servers already listening on --listen (one SO_REUSEPORT group,
+    /// e.g. one server per NUMA node on one port); without it a taken address
+    /// is an error, so a second server cannot silently take half the traffic
+    #[argh(switch)]
+    join: bool,
     /// on SIGINT/SIGTERM, how long to wait for devices to answer Close 1001 (default 5s)
     #[argh(
         option,
@@ -142,12 +147,14 @@ fn run(args: Args) -> Result<(), String> {
 
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
-    c1m::listener::ensure_free(args.listen).map_err(|e| {
-        format!(
-            "cannot listen on {}: {e}; is another server running there?",
-            args.listen
-        )
-    })?;
+    if !args.join {
+        c1m::listener::ensure_free(args.listen).map_err(|e| {
+            format!(
+                "cannot listen on {}: {e}; is another server running there? (--join shares the port with it on purpose)",
+                args.listen
+            )
+        })?;
+    }
     let mut listeners = Vec::new();
     for _ in &cores {
         listeners.push(c1m::listener::bind(args.listen, backlog).map_err(|e| {

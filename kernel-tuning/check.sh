@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Compares this host with kernel-tuning/sysctl.d/90-c1m.conf and the fd limit.
+# Usage: kernel-tuning/check.sh [CONNECTIONS]   (default 1000000)
+# Prints one line per setting (current, recommended, ok/MUST/should) and exits 1
+# when a must is unmet: what the server needs to hold CONNECTIONS at all.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+conns=${1:-1000000}
+fds=$((conns + conns / 20 + 1000))
+fail=0
+
+row() { printf '%-34s %-26s %-26s %s\n' "$1" "$2" "$3" "$4"; }
+row setting current recommended verdict
+
+# Musts, scaled to CONNECTIONS.
+must_ge() {
+  local name=$1 cur=$2 want=$3
+  if [ -z "$cur" ]; then row "$name" "(unavailable)" ">= $want" "MUST"; fail=1
+  elif [ "$cur" -ge "$want" ] 2>/dev/null; then row "$name" "$cur" ">= $want" "ok"
+  else row "$name" "$cur" ">= $want" "MUST"; fail=1; fi
+}
+must_ge "RLIMIT_NOFILE (ulimit -Hn)" "$(ulimit -Hn | sed 's/unlimited/999999999999/')" "$fds"
+must_ge fs.nr_open "$(cat /proc/sys/fs/nr_open 2>/dev/null)" "$fds"
+must_ge fs.file-max "$(cat /proc/sys/fs/file-max 2>/dev/null)" "$fds"
+
+# Shoulds: the values of the sysctl file.
+while IFS='=' read -r key value; do
+  key=$(echo "$key" | xargs); value=$(echo "$value" | xargs)
+  case $key in ''|'#'*|fs.file-max|fs.nr_open) continue ;; esac
+  path=/proc/sys/${key//.//}
+  if [ ! -r "$path" ]; then row "$key" "(not present)" "$value" "skip"; continue; fi
+  cur=$(tr -s '[:space:]' ' ' < "$path" | xargs)
+  if [ "$cur" = "$value" ]; then verdict=ok
+  else
+    # Single numbers: larger than recommended is fine, except for timeouts.
+    verdict=should
+    if [[ $cur =~ ^[0-9]+$ && $value =~ ^[0-9]+$ ]]; then
+      case $key in
+        *timeout*) [ "$cur" -le "$value" ] && verdict=ok ;;
+        *) [ "$cur" -ge "$value" ] && verdict=ok ;;
+      esac
+    fi
+  fi
+  row "$key" "$cur" "$value" "$verdict"
+done < <(sed -e 's/#.*//' "$here/sysctl.d/90-c1m.conf" | grep =)
+
+free_kb=$(awk '/MemAvailable/{print $2}' /proc/meminfo)
+need_kb=$((conns * 5))   # ~5 KiB of kernel memory per idle server socket (DESIGN.md)
+if [ "$free_kb" -ge "$need_kb" ]; then v=ok; else v=should; fi
+row "MemAvailable (KiB)" "$free_kb" ">= $need_kb" "$v"
+
+if [ $fail -ne 0 ]; then
+  echo "check: this host cannot hold $conns connections in one process: raise the MUST lines (kernel-tuning/apply.sh, limits.d), or run several worker processes" >&2
+fi
+exit $fail
