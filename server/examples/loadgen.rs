@@ -57,6 +57,13 @@ struct Args {
     /// expires them if the hold outlasts its --timeout (default 0)
     #[argh(option, default = "0.0")]
     silent: f64,
+    /// the server's --timeout, to measure how late silent devices are deleted (default 90s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(90)",
+        from_str_fn(parse_duration)
+    )]
+    server_timeout: Duration,
     /// give up the ramp after this long (default 60s)
     #[argh(
         option,
@@ -129,7 +136,11 @@ enum State {
 struct Conn {
     fd: RawFd,
     state: State,
+    /// When the connect began.
     started: Instant,
+    /// When this device last sent anything (for the silent ones: the
+    /// upgrade request), the start of the silence the server times.
+    last_sent: Instant,
     /// The server's answer so far (only while upgrading).
     answer: Vec<u8>,
 }
@@ -144,6 +155,8 @@ struct Totals {
     closed_live: AtomicU64,
     /// Silent connections the server closed during the hold.
     closed_silent: AtomicU64,
+    /// Silent connections the server closed before its timeout (must be 0).
+    expired_early: AtomicU64,
 }
 
 fn main() {
@@ -182,6 +195,7 @@ fn run(args: Args) -> Result<(), String> {
             hold: args.hold,
             interval: args.ping_interval,
             silent: args.silent.clamp(0.0, 1.0),
+            server_timeout: args.server_timeout,
         };
         handles.push(std::thread::spawn(move || {
             worker(t, share, my_ips, &load, &totals, &barrier)
@@ -203,10 +217,12 @@ fn run(args: Args) -> Result<(), String> {
     let after_hold = sample(pid);
     barrier.wait(); // close
     let mut connect = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut expiry_lag = connect.clone();
     for h in handles {
-        let hist = h.join().map_err(|_| "a worker panicked".to_string())??;
+        let m = h.join().map_err(|_| "a worker panicked".to_string())??;
         connect
-            .add(&hist)
+            .add(&m.connect)
+            .and_then(|_| expiry_lag.add(&m.expiry_lag))
             .map_err(|e| format!("merge histograms: {e}"))?;
     }
 
@@ -226,7 +242,8 @@ fn run(args: Args) -> Result<(), String> {
             "\"server_cpu_per_conn_us\":{:.2},\"server_rss_before\":{},\"server_rss_held\":{},",
             "\"server_rss_per_conn_bytes\":{:.0},\"hold_s\":{:.3},\"pings\":{},\"pongs\":{},",
             "\"server_cpu_per_heartbeat_us\":{:.2},\"server_cpu_hold_pct\":{:.1},",
-            "\"silent_fraction\":{},\"server_closed_silent\":{},\"server_closed_heartbeating\":{}}}"
+            "\"silent_fraction\":{},\"server_closed_silent\":{},\"server_closed_heartbeating\":{},",
+            "\"expiry_lag_p50_ms\":{:.1},\"expiry_lag_p99_ms\":{:.1},\"expiry_lag_max_ms\":{:.1},\"expired_early\":{}}}"
         ),
         args.conns,
         args.ping_interval.as_secs_f64(),
@@ -249,6 +266,10 @@ fn run(args: Args) -> Result<(), String> {
         args.silent,
         totals.closed_silent.load(Relaxed),
         totals.closed_live.load(Relaxed),
+        expiry_lag.value_at_quantile(0.5) as f64 / 1e3,
+        expiry_lag.value_at_quantile(0.99) as f64 / 1e3,
+        expiry_lag.max() as f64 / 1e3,
+        totals.expired_early.load(Relaxed),
     );
     println!("{json}");
     Ok(())
@@ -263,6 +284,7 @@ struct Load {
     hold: Duration,
     interval: Duration,
     silent: f64,
+    server_timeout: Duration,
 }
 
 fn worker(
@@ -272,7 +294,7 @@ fn worker(
     load: &Load,
     totals: &Totals,
     barrier: &Barrier,
-) -> Result<Histogram<u64>, String> {
+) -> Result<Measured, String> {
     let Load {
         server,
         concurrency,
@@ -280,10 +302,12 @@ fn worker(
         hold,
         interval,
         silent,
+        server_timeout,
     } = *load;
     let ep = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut conns: Vec<Conn> = Vec::with_capacity(target);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut connect = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut expiry_lag = connect.clone();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut buf = [0u8; 4096];
     let (mut inflight, mut done) = (0usize, 0usize);
@@ -307,6 +331,7 @@ fn worker(
                         fd,
                         state: State::Connecting,
                         started: Instant::now(),
+                        last_sent: Instant::now(),
                         answer: Vec::new(),
                     });
                     inflight += 1;
@@ -340,6 +365,7 @@ fn worker(
                     c.state = State::Failed;
                 } else {
                     c.state = State::Upgrading;
+                    c.last_sent = Instant::now();
                 }
             }
             if c.state == State::Upgrading && ev.events & epoll::IN != 0 {
@@ -352,7 +378,7 @@ fn worker(
                             c.state = State::Open;
                             c.answer = Vec::new();
                             let us = c.started.elapsed().as_micros() as u64;
-                            let _ = hist.record(us.max(1));
+                            let _ = connect.record(us.max(1));
                         }
                         Answer::Refused { .. } | Answer::Invalid(_) => c.state = State::Failed,
                     }
@@ -434,12 +460,20 @@ fn worker(
                 if !r.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
                     // The server closed it: expected only for silent ones.
                     c.state = State::Failed;
-                    let counter = if is_silent(i) {
-                        &totals.closed_silent
+                    if is_silent(i) {
+                        totals.closed_silent.fetch_add(1, Relaxed);
+                        // Silent since it opened: deleted this long after the timeout.
+                        match c.last_sent.elapsed().checked_sub(server_timeout) {
+                            Some(lag) => {
+                                let _ = expiry_lag.record((lag.as_micros() as u64).max(1));
+                            }
+                            None => {
+                                totals.expired_early.fetch_add(1, Relaxed);
+                            }
+                        }
                     } else {
-                        &totals.closed_live
-                    };
-                    counter.fetch_add(1, Relaxed);
+                        totals.closed_live.fetch_add(1, Relaxed);
+                    }
                     let _ = ep.delete(c.fd);
                 }
                 break;
@@ -453,7 +487,16 @@ fn worker(
     for c in &conns {
         socket::close(c.fd, true); // no TIME_WAIT left behind
     }
-    Ok(hist)
+    Ok(Measured {
+        connect,
+        expiry_lag,
+    })
+}
+
+/// One worker's histograms (microseconds).
+struct Measured {
+    connect: Histogram<u64>,
+    expiry_lag: Histogram<u64>,
 }
 
 fn wait(ep: &Epoll, events: &mut [libc::epoll_event], timeout_ms: i32) -> Result<usize, String> {

@@ -82,7 +82,7 @@ const EVENT_BATCH: usize = 256;
 const ACCEPT_BATCH: usize = 128;
 /// Wheel entries handled per loop iteration: a mass expiry is spread over
 /// iterations so accepts and heartbeats keep flowing.
-const EXPIRY_BATCH: usize = 2048;
+const EXPIRY_BATCH: usize = 256;
 /// Reads from one socket per event before others get their turn.
 const READS_PER_EVENT: usize = 8;
 const SCRATCH: usize = 64 * 1024;
