@@ -15,7 +15,7 @@ cargo build --release --quiet --bin server --example loadgen
 out="results/$(date -u +%Y%m%dT%H%M%SZ)-expiry"
 mkdir -p "$out"
 echo "CONNS=$CONNS bench/expiry.sh" > "$out/command.txt"
-git rev-parse --short HEAD > "$out/git.txt" 2>/dev/null || true
+echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)" > "$out/git.txt"
 
 ./target/release/server --listen 127.0.0.1:$PORT --timeout 5s --tick 100ms --stats-interval 100ms \
   > "$out/server-stats.txt" 2> "$out/server.err" &
