@@ -17,7 +17,7 @@ sleep 1 # the listeners are bound before the shards finish starting: let RSS set
 
 echo "demo: $CONNS devices connect, ping every second, 10% go silent for 15 s" >&2
 result=$(timeout 120 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$CONNS" \
-  --ips 127.0.0.2-127.0.0.11 --hold 15s --silent 0.1 --server-pid $server)
+  --ips 127.0.0.2-127.0.0.11 --hold 15s --silent 0.1 --server-timeout 5s --server-pid $server)
 kill -TERM $server
 wait $server || true
 trap - EXIT
@@ -33,6 +33,7 @@ rows = [
     ("server CPU per heartbeat", "{server_cpu_per_heartbeat_us:.1f} us over {pongs} pings"),
     ("server RSS per connection", "{server_rss_per_conn_bytes:.0f} B"),
     ("silent devices deleted", "{server_closed_silent} (heartbeating devices deleted: {server_closed_heartbeating})"),
+    ("expiry lag after 5 s", "p50 {expiry_lag_p50_ms:.0f} ms, p99 {expiry_lag_p99_ms:.0f} ms, max {expiry_lag_max_ms:.0f} ms ({expired_early} early)"),
 ]
 d["p50"], d["p99"] = d["connect_p50_us"] / 1000, d["connect_p99_us"] / 1000
 for k, v in rows:
