@@ -219,11 +219,11 @@ fn silent_device_is_deleted_within_timeout_plus_tick() {
     let mut buf = [0u8; 16];
     let r = s.read(&mut buf); // blocks until the server deletes us
     let silent = last.elapsed();
+    // Abortive by default: a reset, not a FIN.
     assert!(
-        matches!(r, Ok(0))
-            || r.as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-        "expected reset or EOF, got {r:?}"
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected a reset, got {r:?}"
     );
     let slack = Duration::from_millis(300); // scheduling noise on a busy CI machine
     assert!(silent >= timeout, "deleted early after {silent:?}");
@@ -389,4 +389,45 @@ fn join_shares_the_port_on_purpose() {
     let _ = first.ws("either-one");
     let _ = second.kill();
     let _ = second.wait();
+}
+
+#[test]
+fn graceful_expiry_sends_1001_then_fin() {
+    let server = Server::start(&[
+        "--cores",
+        "0",
+        "--timeout",
+        "300ms",
+        "--tick",
+        "50ms",
+        "--graceful-expiry",
+    ]);
+    let mut s = raw_ws(server.addr);
+    let (op, payload) = read_frame(&mut s);
+    assert_eq!((op, close_code(&payload)), (8, 1001));
+    let mut rest = [0u8; 8];
+    assert_eq!(s.read(&mut rest).unwrap(), 0, "then a FIN");
+    server.wait_line("the expiry", |l| field(l, "expired") == 1);
+}
+
+#[test]
+fn drain_ends_at_the_timeout_when_devices_never_answer() {
+    let mut server = Server::start(&["--cores", "0", "--drain-timeout", "500ms"]);
+    let mut s = raw_ws(server.addr);
+    server.wait_line("the connection", |l| field(l, "conns") == 1);
+    let sent = Instant::now();
+    server.signal(libc::SIGTERM);
+    let (op, payload) = read_frame(&mut s);
+    assert_eq!((op, close_code(&payload)), (8, 1001));
+    // We never answer the Close: the server waits out the drain, then exits 0.
+    let status = server.child.wait().unwrap();
+    let waited = sent.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "exited after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(3), "exited after {waited:?}");
+    let final_line = server.wait_line("the final totals", |l| l.starts_with("final "));
+    assert_eq!(field(&final_line, "shutdown"), 1, "{final_line}");
 }
