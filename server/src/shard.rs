@@ -86,6 +86,8 @@ const EXPIRY_BATCH: usize = 256;
 /// Reads from one socket per event before others get their turn.
 const READS_PER_EVENT: usize = 8;
 const SCRATCH: usize = 64 * 1024;
+/// How often the set is polled while no descriptor is left to wait on it.
+const OUT_OF_FDS_POLL: Duration = Duration::from_millis(5);
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -279,7 +281,17 @@ impl Shard {
             glommio::timer::sleep(wake.saturating_duration_since(Instant::now())).await;
             Ok(())
         };
-        futures_lite::future::or(ready, timer).await
+        match futures_lite::future::or(ready, timer).await {
+            // The wait needs a descriptor (a dup of the epoll fd); when the
+            // process has none left, poll the set every few ms instead of
+            // failing: accepts are paused, the devices held are still served.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                let left = wake.saturating_duration_since(Instant::now());
+                glommio::timer::sleep(left.min(OUT_OF_FDS_POLL)).await;
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     fn tick_at(&self, t: Instant) -> u64 {

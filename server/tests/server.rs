@@ -19,12 +19,35 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_with_fd_limit(extra, None)
+    }
+
+    /// Starts the server; `fd_limit` caps its RLIMIT_NOFILE (soft and hard).
+    fn start_with_fd_limit(extra: &[&str], fd_limit: Option<u64>) -> Server {
         // Find a free port; the server binds it with SO_REUSEADDR.
         let addr = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
+        if let Some(limit) = fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--stats-interval", "100ms"])
@@ -430,4 +453,49 @@ fn drain_ends_at_the_timeout_when_devices_never_answer() {
     assert!(waited < Duration::from_secs(3), "exited after {waited:?}");
     let final_line = server.wait_line("the final totals", |l| l.starts_with("final "));
     assert_eq!(field(&final_line, "shutdown"), 1, "{final_line}");
+}
+
+#[test]
+fn out_of_descriptors_the_server_backs_off_keeps_serving_and_recovers() {
+    let server = Server::start_with_fd_limit(&["--cores", "0", "--max-conns", "1000"], Some(48));
+    let mut device = server.ws("keeps-its-connection");
+    // Flood with plain TCP connections until accept fails with EMFILE.
+    let flood: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let l = server.wait_line("exhaustion", |l| field(l, "accept_exhausted") > 0);
+    let first = field(&l, "accept_exhausted");
+    // The connection it has is still served.
+    device.send(Message::Ping(b"alive".to_vec())).unwrap();
+    assert_eq!(device.read().unwrap(), Message::Pong(b"alive".to_vec()));
+    // No busy loop: one failed accept per 100 ms back-off, not thousands.
+    std::thread::sleep(Duration::from_secs(1));
+    let l = server.wait_line("a later line", |_| true);
+    let per_second = field(&l, "accept_exhausted") - first;
+    assert!(
+        per_second <= 20,
+        "{per_second} failed accepts in about a second: {l}"
+    );
+    // Free descriptors: the server accepts again.
+    drop(flood);
+    let mut again = server.ws("after-the-flood");
+    again.send(Message::Ping(b"x".to_vec())).unwrap();
+    assert_eq!(again.read().unwrap(), Message::Pong(b"x".to_vec()));
+}
+
+#[test]
+fn a_device_that_never_reads_is_closed_not_buffered() {
+    let server = Server::start(&["--cores", "0", "--max-message", "64KiB"]);
+    let mut s = raw_ws(server.addr);
+    // Pings with 125-byte payloads, never reading a pong: the socket buffers
+    // fill, then the server's bounded pending output, then it closes us.
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, &[7; 125], [1, 2, 3, 4]);
+    let burst = ping.repeat(1000);
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.write_all(&burst).is_ok() {
+        assert!(Instant::now() < deadline, "never closed");
+    }
+    server.wait_line("the slow reader", |l| field(l, "slow_reader") == 1);
 }
