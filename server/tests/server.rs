@@ -499,3 +499,39 @@ fn a_device_that_never_reads_is_closed_not_buffered() {
     }
     server.wait_line("the slow reader", |l| field(l, "slow_reader") == 1);
 }
+
+#[test]
+fn a_killed_client_process_leaves_nothing_behind() {
+    let server = Server::start(&["--cores", "0-1"]);
+    // A separate process holds 300 upgraded devices, then dies by SIGKILL.
+    let script = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+socks = []
+for i in range(300):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(("GET /ws?id=k%d HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % i).encode())
+    assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    socks.append(s)
+print("ready", flush=True)
+time.sleep(60)
+"#;
+    let mut client = Command::new("python3")
+        .args(["-c", script, &server.addr.port().to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut ready = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    server.wait_line("300 devices", |l| field(l, "conns") == 300);
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // The kernel closes the dead process's sockets; the server frees them all.
+    let l = server.wait_line("all freed", |l| field(l, "conns") == 0);
+    // Everything accepted (the 300, and Server::start's probe) is gone.
+    assert_eq!(field(&l, "upgraded"), 300, "{l}");
+    assert_eq!(field(&l, "peer_gone"), field(&l, "accepted"), "{l}");
+}

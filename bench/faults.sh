@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Faults under load, with 10,000 devices held by the load generator:
+#  1. kill -9 of the load generator: how long until the server has freed
+#     every connection (its stats lines, every 100 ms, show conns=0);
+#  2. SIGTERM of the server under load: it drains (the load generator never
+#     answers Close 1001, so the drain runs to --drain-timeout 2s) and must
+#     exit 0 with every connection accounted for.
+# Usage: bench/faults.sh   (about 30 s). Writes results/<UTC time>-faults/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNS=${CONNS:-10000}
+PORT=${PORT:-9408}
+cargo build --release --quiet --bin server --example loadgen
+out="results/$(date -u +%Y%m%dT%H%M%SZ)-faults"
+mkdir -p "$out"
+echo "CONNS=$CONNS bench/faults.sh" > "$out/command.txt"
+echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)" > "$out/git.txt"
+
+start_server() { # $1: stats file
+  ./target/release/server --listen 127.0.0.1:$PORT --stats-interval 100ms --drain-timeout 2s > "$1" 2>> "$out/server.err" &
+  server=$!
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+}
+hold_fleet() {
+  ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$CONNS" --hold 60s \
+    --ips 127.0.0.2-127.0.0.11 > /dev/null 2>&1 &
+  loadgen=$!
+  for _ in $(seq 300); do
+    tail -n 1 "$1" | grep -q "conns=$CONNS " && return 0
+    sleep 0.1
+  done
+  echo "faults: the fleet did not connect" >&2; exit 1
+}
+now_ms() { date +%s%3N; }
+trap 'kill -9 ${server:-} ${loadgen:-} 2>/dev/null || true' EXIT
+
+# 1. kill -9 of the client
+start_server "$out/kill-client-stats.txt"
+hold_fleet "$out/kill-client-stats.txt"
+t0=$(now_ms)
+kill -9 $loadgen; wait $loadgen 2>/dev/null || true
+until tail -n 1 "$out/kill-client-stats.txt" | grep -q "conns=0 "; do sleep 0.02; done
+t1=$(now_ms)
+kill -TERM $server; wait $server || true
+freed_line=$(grep "^final" "$out/kill-client-stats.txt")
+
+# 2. SIGTERM of the server under load
+start_server "$out/sigterm-stats.txt"
+hold_fleet "$out/sigterm-stats.txt"
+t2=$(now_ms)
+kill -TERM $server
+set +e; wait $server; rc=$?; set -e
+t3=$(now_ms)
+kill -9 $loadgen 2>/dev/null || true
+trap - EXIT
+final=$(grep "^final" "$out/sigterm-stats.txt")
+
+{
+  echo "# Faults under load ($CONNS devices)"
+  echo
+  echo "| figure | value |"
+  echo "|---|---|"
+  echo "| kill -9 of the client: all connections freed after | $((t1 - t0)) ms (stats every 100 ms) |"
+  echo "| ... server totals then | \`${freed_line#final }\` |"
+  echo "| SIGTERM under load: server exit code | $rc |"
+  echo "| ... time to exit (drain timeout 2 s; the load generator never answers Close) | $((t3 - t2)) ms |"
+  echo "| ... server totals | \`${final#final }\` |"
+  echo "| panics in server stderr | $(grep -c panick "$out/server.err" || true) |"
+} | tee "$out/summary.md"
+echo "bench: wrote $out" >&2
