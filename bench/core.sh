@@ -16,6 +16,7 @@
 # Writes: results/<UTC time>-core/{runs.jsonl,summary.md,machine.txt,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 ROUNDS=${ROUNDS:-3}
 HOLD=${HOLD:-5s}
@@ -25,9 +26,7 @@ PORT=${PORT:-9400}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
 
 cargo build --release --quiet --bin server --examples
-out="results/$(date -u +%Y%m%dT%H%M%SZ)-core"
-mkdir -p "$out"
-echo "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS' bench/core.sh" > "$out/command.txt"
+out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS' bench/core.sh")
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "kernel: $(uname -r)"
@@ -36,7 +35,6 @@ echo "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS' bench/core.sh" > "
   echo "RLIMIT_NOFILE: $(ulimit -n)"
   echo "net.core.somaxconn: $(cat /proc/sys/net/core/somaxconn)"
   echo "net.ipv4.ip_local_port_range: $(cat /proc/sys/net/ipv4/ip_local_port_range)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet 2>/dev/null || echo -dirty)"
 } > "$out/machine.txt"
 
 server_pid=""
@@ -53,12 +51,7 @@ start_server() {
     *) echo "unknown impl $impl" >&2; exit 2 ;;
   esac
   server_pid=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench: $impl did not start listening on $PORT" >&2
-  exit 1
+  wait_port $PORT || { echo "bench: $impl did not start" >&2; exit 1; }
 }
 
 stop_server() {

@@ -5,6 +5,7 @@
 # generator's figures; stops by itself in about 30 seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 CONNS=${CONNS:-10000}
 PORT=${PORT:-9000}
 
@@ -12,7 +13,7 @@ cargo build --release --quiet --bin server --example loadgen
 ./target/release/server --listen 127.0.0.1:$PORT --timeout 5s --tick 100ms --stats-interval 2s &
 server=$!
 trap 'kill -9 $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+wait_port $PORT
 sleep 1 # the listeners are bound before the shards finish starting: let RSS settle
 
 echo "demo: $CONNS devices connect, ping every second, 10% go silent for 15 s" >&2

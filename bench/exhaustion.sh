@@ -6,17 +6,15 @@
 # Usage: bench/exhaustion.sh   (about 10 s). Writes results/<UTC time>-exhaustion/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 PORT=${PORT:-9407}
 cargo build --release --quiet --bin server
-out="results/$(date -u +%Y%m%dT%H%M%SZ)-exhaustion"
-mkdir -p "$out"
-echo "bench/exhaustion.sh" > "$out/command.txt"
-echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)" > "$out/git.txt"
+out=$(new_results exhaustion "bench/exhaustion.sh")
 prlimit --nofile=64:64 ./target/release/server --listen 127.0.0.1:$PORT --cores 0 --max-conns 1000 \
   --stats-interval 1s > "$out/server-stats.txt" 2> "$out/server.err" &
 server=$!
 trap 'kill -9 $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+wait_port $PORT
 sleep 0.5
 python3 - "$PORT" "$server" <<'PY' | tee "$out/summary.md"
 import os, socket, sys, time

@@ -9,19 +9,17 @@
 # Writes: results/<UTC time>-expiry/{summary.md,fleet.json,connect-*.json,server-stats.txt,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 CONNS=${CONNS:-15000}
 PORT=${PORT:-9406}
 cargo build --release --quiet --bin server --example loadgen
-out="results/$(date -u +%Y%m%dT%H%M%SZ)-expiry"
-mkdir -p "$out"
-echo "CONNS=$CONNS bench/expiry.sh" > "$out/command.txt"
-echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)" > "$out/git.txt"
+out=$(new_results expiry "CONNS=$CONNS bench/expiry.sh")
 
 ./target/release/server --listen 127.0.0.1:$PORT --timeout 5s --tick 100ms --stats-interval 100ms \
   > "$out/server-stats.txt" 2> "$out/server.err" &
 server=$!
 trap 'kill -9 $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+wait_port $PORT
 sleep 1
 
 probe() { # 3,000 connects at a gentle pace (8 in flight), then close

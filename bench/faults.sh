@@ -8,18 +8,16 @@
 # Usage: bench/faults.sh   (about 30 s). Writes results/<UTC time>-faults/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 CONNS=${CONNS:-10000}
 PORT=${PORT:-9408}
 cargo build --release --quiet --bin server --example loadgen
-out="results/$(date -u +%Y%m%dT%H%M%SZ)-faults"
-mkdir -p "$out"
-echo "CONNS=$CONNS bench/faults.sh" > "$out/command.txt"
-echo "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)" > "$out/git.txt"
+out=$(new_results faults "CONNS=$CONNS bench/faults.sh")
 
 start_server() { # $1: stats file
   ./target/release/server --listen 127.0.0.1:$PORT --stats-interval 100ms --drain-timeout 2s > "$1" 2>> "$out/server.err" &
   server=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+  wait_port $PORT
 }
 hold_fleet() {
   ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$CONNS" --hold 60s \

@@ -4,17 +4,16 @@
 # Writes results/<UTC time>-profile/{report.txt,command.txt}. Needs perf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 CONNS=${CONNS:-2000}
 PORT=${PORT:-9401}
 command -v perf >/dev/null || { echo "profile: perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 cargo build --release --quiet --bin server --example loadgen
-out="results/$(date -u +%Y%m%dT%H%M%SZ)-profile"
-mkdir -p "$out"
-echo "CONNS=$CONNS bench/profile.sh" > "$out/command.txt"
+out=$(new_results profile "CONNS=$CONNS bench/profile.sh")
 ./target/release/server --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 2>/dev/null &
 server=$!
 trap 'kill -9 $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+wait_port $PORT
 sleep 1
 timeout 60 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$CONNS" --hold 8s \
   --ips 127.0.0.2-127.0.0.11 --server-pid $server > "$out/loadgen.json" 2>/dev/null &

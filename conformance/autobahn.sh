@@ -6,24 +6,23 @@
 # on any FAILED case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 CASES=${1:-"1.*,2.*,3.*,4.*,5.*,6.*,7.*,10.*"}
 PORT=${PORT:-9402}
 AB=${AB:-../shared/tools/autobahn}
 [ -x "$AB/run.sh" ] || { echo "autobahn: $AB/run.sh not found; set AB= to the shared autobahn tools" >&2; exit 1; }
 cargo build --release --quiet --bin server
-out="results/$(date -u +%Y%m%dT%H%M%SZ)-autobahn"
-mkdir -p "$out"
+out=$(new_results autobahn "CASES='$CASES' conformance/autobahn.sh")
 # Cases 9.* send messages up to 16 MiB in up to 65,536 fragments.
 ./target/release/server --listen 127.0.0.1:$PORT --echo --max-message 16MiB --stats-interval 0 2>"$out/server.err" &
 server=$!
 trap 'kill -9 $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+wait_port $PORT
 work=$(mktemp -d)
 set +e
 bash "$AB/run.sh" "ws://127.0.0.1:$PORT/ws?id=autobahn" "$work" "$CASES" | tee "$out/summary.txt"
 rc=${PIPESTATUS[0]}
 set -e
-echo "CASES='$CASES' conformance/autobahn.sh" > "$out/command.txt"
 cp "$work/index.json" "$out/" 2>/dev/null || true
 python3 - "$work/index.json" >> "$out/summary.txt" <<'PY' || true
 import json, sys

@@ -7,6 +7,7 @@
 # Usage: conformance/interop.sh   (SKIP_WEBSOCAT=1 skips its ~3 min build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 PORT=${PORT:-9409}
 dir=target/interop
 mkdir -p "$dir"
@@ -14,8 +15,10 @@ cargo build --release --quiet --bin server || exit 1
 ./target/release/server --listen 127.0.0.1:$PORT --echo --stats-interval 0 2>/dev/null &
 server=$!
 trap 'kill -9 $server 2>/dev/null' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+wait_port $PORT
 url="ws://127.0.0.1:$PORT/ws?id=interop"
+results=$(new_results interop "conformance/interop.sh")
+exec > >(tee "$results/summary.txt") 2>&1
 pass=0 fail=0 skip=0
 result() { # name status detail
   echo "interop: $1: $2${3:+ ($3)}"
@@ -78,4 +81,5 @@ else
 fi
 
 echo "interop: $pass passed, $fail failed, $skip skipped"
+echo "interop: wrote $results" >&2
 [ $fail -eq 0 ]
