@@ -112,6 +112,10 @@ const BAD_HTTP_VERSION: &str = "HTTP/1.1 is required for a WebSocket upgrade";
 /// Parses the request head at the start of `buf`. `max_head` bounds the head:
 /// a longer one, complete or not, is answered with 431.
 pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
+    // Look at no more than the limit allows (plus one byte to see it
+    // exceeded): the verdict on a long head must not depend on how much of
+    // it has arrived, e.g. on a bad byte past the limit (found by fuzz/).
+    let buf = &buf[..buf.len().min(max_head.saturating_add(1))];
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -318,6 +322,20 @@ mod tests {
             Parsed::Reject(Reject::HeadTooLarge)
         );
         assert_eq!(parse(b"GET /ws?id=a HTTP/1.1\r\n", 8192), Parsed::Partial);
+    }
+
+    #[test]
+    fn a_bad_byte_past_the_limit_does_not_change_the_answer() {
+        // A long, still-valid prefix, then a byte httparse rejects.
+        let mut req = b"GET /".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 100));
+        req.push(0x01);
+        assert_eq!(parse(&req, 50), Parsed::Reject(Reject::HeadTooLarge));
+        assert_eq!(parse(&req[..40], 50), Parsed::Partial);
+        assert_eq!(
+            parse(&req, 500),
+            Parsed::Reject(Reject::BadRequest(BAD_HTTP))
+        );
     }
 
     #[test]

@@ -90,6 +90,22 @@ proptest! {
         prop_assert!(whole.2 <= 4096);
     }
 
+    /// Long heads that stay valid for a while, then break (found by fuzz/:
+    /// the verdict must not depend on whether the bad byte has arrived).
+    #[test]
+    fn long_heads_split_the_same(
+        path_len in 0usize..1500,
+        bad in any::<u8>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..10),
+    ) {
+        let limits = Limits { max_head: 512, max_message: 256, echo: false };
+        let mut input = b"GET /".to_vec();
+        input.extend(std::iter::repeat_n(b'p', path_len));
+        input.push(bad);
+        input.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+        prop_assert_eq!(feed(&input, &[], &limits), feed(&input, &cuts, &limits));
+    }
+
     #[test]
     fn head_split_byte_by_byte_parses_as_one_read(cut in 0..UPGRADE.len()) {
         let every: Vec<usize> = (0..UPGRADE.len()).collect();
