@@ -39,6 +39,7 @@ fn main() {
         timeout: Duration::from_secs(90),
         tick: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(10),
+        frame_timeout: Duration::from_secs(10),
         max_conns: 1_000_000,
         graceful_expiry: false,
         drain_timeout: Duration::from_secs(1),

@@ -99,6 +99,11 @@ impl Conn {
         self.phase
     }
 
+    /// An upgraded connection is in the middle of a frame (part of it read).
+    pub fn has_partial_frame(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Closing) && !self.carry.is_empty()
+    }
+
     /// Bytes held between reads (a partial head or frame, a fragmented message).
     pub fn buffered(&self) -> usize {
         self.carry.len() + self.message.as_ref().map_or(0, |m| m.echo.len())

@@ -31,6 +31,9 @@ pub struct ShardConfig {
     /// Wheel resolution: deletion happens within `timeout + tick` of the last frame.
     pub tick: Duration,
     pub handshake_timeout: Duration,
+    /// Time an upgraded device has to finish a frame it began (a device that
+    /// trickles a frame header holds a buffer, so it gets less than --timeout).
+    pub frame_timeout: Duration,
     /// Upgraded connections this shard holds at most (more get 503).
     pub max_conns: usize,
     /// Send Close 1001 to expired devices instead of resetting them.
@@ -48,6 +51,7 @@ impl ShardConfig {
         for (name, d) in [
             ("--timeout", self.timeout),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--frame-timeout", self.frame_timeout),
         ] {
             if d < self.tick {
                 return Err(format!(
@@ -111,6 +115,8 @@ struct Slot {
     /// Deadline of this connection's live wheel entry; entries with another
     /// deadline are stale duplicates.
     armed: u64,
+    /// Tick by which the frame in progress must be complete; 0: none.
+    frame_deadline: u64,
     conn: Conn,
     /// Output the socket did not take yet; empty (unallocated) when idle.
     pending: Vec<u8>,
@@ -139,6 +145,7 @@ pub struct Shard {
     start: Instant,
     timeout_ticks: u64,
     handshake_ticks: u64,
+    frame_ticks: u64,
     max_pending: usize,
     scratch: Box<[u8]>,
     out: Vec<u8>,
@@ -168,6 +175,7 @@ impl Shard {
         epoll.add(shutdown.as_raw_fd(), epoll::IN, SHUTDOWN)?;
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
+        let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
         let start = Instant::now();
         Ok(Shard {
             id,
@@ -175,13 +183,14 @@ impl Shard {
             listener: Some(listener),
             shutdown,
             slab: Slab::new(),
-            wheel: Wheel::new(timeout_ticks.max(handshake_ticks) + 1, 0),
+            wheel: Wheel::new(timeout_ticks.max(handshake_ticks).max(frame_ticks) + 1, 0),
             next_gen: 1,
             open: 0,
             counters: Counters::default(),
             start,
             timeout_ticks,
             handshake_ticks,
+            frame_ticks,
             max_pending: (2 * cfg.limits.max_message).max(64 * 1024),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             out: Vec::with_capacity(4096),
@@ -390,6 +399,7 @@ impl Shard {
             upgraded: false,
             last_seen: now,
             armed: deadline,
+            frame_deadline: 0,
             conn: Conn::new(),
             pending: Vec::new(),
         });
@@ -454,6 +464,22 @@ impl Shard {
                         deadline,
                     });
                 }
+            }
+        }
+        if !slot.conn.has_partial_frame() {
+            slot.frame_deadline = 0;
+        } else if slot.frame_deadline == 0 {
+            // A frame has begun: it must end within the frame timeout.
+            let deadline = now + self.frame_ticks + 1;
+            slot.frame_deadline = deadline;
+            if deadline < slot.armed {
+                slot.armed = deadline;
+                let gen = slot.gen;
+                self.wheel.insert(Entry {
+                    key: key as u32,
+                    gen,
+                    deadline,
+                });
             }
         }
         if !self.out.is_empty() && !self.write(key) {
@@ -564,11 +590,19 @@ impl Shard {
                     self.close(key, Close::Abortive);
                 }
                 Phase::Open | Phase::Closing => {
-                    let due = slot.last_seen + self.timeout_ticks + 1;
-                    if due <= now {
+                    let silent_due = slot.last_seen + self.timeout_ticks + 1;
+                    let frame_due = match slot.frame_deadline {
+                        0 => u64::MAX,
+                        d => d,
+                    };
+                    if frame_due <= now {
+                        self.counters.frame_timeout += 1;
+                        self.close(key, Close::Abortive);
+                    } else if silent_due <= now {
                         self.counters.expired += 1;
                         self.expire(key);
                     } else {
+                        let due = silent_due.min(frame_due);
                         slot.armed = due;
                         self.wheel.insert(Entry { deadline: due, ..e });
                     }

@@ -21,6 +21,8 @@ pub struct Counters {
     pub protocol_error: u64,
     /// No complete upgrade within the handshake timeout.
     pub handshake_timeout: u64,
+    /// A frame begun but not completed within the frame timeout.
+    pub frame_timeout: u64,
     /// Upgrade refused with an HTTP error (4xx, 503).
     pub rejected: u64,
     /// Closed because the device did not read its pending output.
@@ -41,6 +43,7 @@ impl Counters {
         self.peer_gone += o.peer_gone;
         self.protocol_error += o.protocol_error;
         self.handshake_timeout += o.handshake_timeout;
+        self.frame_timeout += o.frame_timeout;
         self.rejected += o.rejected;
         self.slow_reader += o.slow_reader;
         self.shutdown += o.shutdown;
@@ -54,6 +57,7 @@ impl Counters {
             + self.peer_gone
             + self.protocol_error
             + self.handshake_timeout
+            + self.frame_timeout
             + self.rejected
             + self.slow_reader
             + self.shutdown
@@ -86,7 +90,7 @@ pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: 
     }
     let _ = write!(
         s,
-        "] accepted/s={:.0} upgraded/s={:.0} frames/s={:.0} expired/s={:.0} client_close/s={:.0} peer_gone/s={:.0} protocol_error/s={:.0} handshake_timeout/s={:.0} rejected/s={:.0} slow_reader/s={:.0}",
+        "] accepted/s={:.0} upgraded/s={:.0} frames/s={:.0} expired/s={:.0} client_close/s={:.0} peer_gone/s={:.0} protocol_error/s={:.0} handshake_timeout/s={:.0} frame_timeout/s={:.0} rejected/s={:.0} slow_reader/s={:.0}",
         rate(now.accepted, prev.accepted),
         rate(now.upgraded, prev.upgraded),
         rate(now.frames, prev.frames),
@@ -95,6 +99,7 @@ pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: 
         rate(now.peer_gone, prev.peer_gone),
         rate(now.protocol_error, prev.protocol_error),
         rate(now.handshake_timeout, prev.handshake_timeout),
+        rate(now.frame_timeout, prev.frame_timeout),
         rate(now.rejected, prev.rejected),
         rate(now.slow_reader, prev.slow_reader),
     );
@@ -105,7 +110,7 @@ pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: 
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -114,6 +119,7 @@ pub fn totals(c: &Counters) -> String {
         c.peer_gone,
         c.protocol_error,
         c.handshake_timeout,
+        c.frame_timeout,
         c.rejected,
         c.slow_reader,
         c.shutdown,

@@ -535,3 +535,26 @@ time.sleep(60)
     assert_eq!(field(&l, "upgraded"), 300, "{l}");
     assert_eq!(field(&l, "peer_gone"), field(&l, "accepted"), "{l}");
 }
+
+#[test]
+fn a_frame_trickled_too_slowly_is_closed_by_the_frame_timeout() {
+    let server = Server::start(&["--cores", "0", "--frame-timeout", "300ms", "--tick", "50ms"]);
+    let mut s = raw_ws(server.addr);
+    // Half a frame header, then nothing: well within --timeout (90 s), but
+    // the frame must be complete within --frame-timeout.
+    s.write_all(&[0x89]).unwrap();
+    let began = Instant::now();
+    let mut buf = [0u8; 8];
+    let r = s.read(&mut buf);
+    let waited = began.elapsed();
+    assert!(r.is_err() || matches!(r, Ok(0)), "closed, got {r:?}");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "closed early after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed late after {waited:?}"
+    );
+    server.wait_line("the frame timeout", |l| field(l, "frame_timeout") == 1);
+}

@@ -60,6 +60,13 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     handshake_timeout: Duration,
+    /// time an upgraded device has to finish a frame it began (default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    frame_timeout: Duration,
     /// listen backlog per shard (default: net.core.somaxconn)
     #[argh(option)]
     backlog: Option<i32>,
@@ -122,6 +129,7 @@ fn run(args: Args) -> Result<(), String> {
         timeout: args.timeout,
         tick: args.tick,
         handshake_timeout: args.handshake_timeout,
+        frame_timeout: args.frame_timeout,
         max_conns,
         graceful_expiry: args.graceful_expiry,
         drain_timeout: args.drain_timeout,
