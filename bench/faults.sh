@@ -4,7 +4,9 @@
 #     every connection (its stats lines, every 100 ms, show conns=0);
 #  2. SIGTERM of the server under load: it drains (the load generator never
 #     answers Close 1001, so the drain runs to --drain-timeout 2s) and must
-#     exit 0 with every connection accounted for.
+#     exit 0 with every connection accounted for;
+#  3. 10,000 connections that send nothing: the handshake timeout (2 s here)
+#     must free every one of them.
 # Usage: bench/faults.sh   (about 30 s). Writes results/<UTC time>-faults/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +55,32 @@ kill -9 $loadgen 2>/dev/null || true
 trap - EXIT
 final=$(grep "^final" "$out/sigterm-stats.txt")
 
+# 3. connections that never send a request
+./target/release/server --listen 127.0.0.1:$PORT --stats-interval 100ms --handshake-timeout 2s \
+  > "$out/idle-stats.txt" 2>> "$out/server.err" &
+server=$!
+trap 'kill -9 ${server:-} ${idle:-} 2>/dev/null || true' EXIT
+wait_port $PORT
+python3 -c '
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+print("open", flush=True)
+time.sleep(30)
+' $PORT "$CONNS" > "$out/idle-client.txt" &
+idle=$!
+until grep -q open "$out/idle-client.txt" 2>/dev/null; do sleep 0.05; done
+t4=$(now_ms)
+until tail -n 1 "$out/idle-stats.txt" | grep -q " handshake_timeout=$((CONNS)) "; do
+  [ $(($(now_ms) - t4)) -lt 20000 ] || { echo "faults: idle connections not freed" >&2; break; }
+  sleep 0.05
+done
+t5=$(now_ms)
+kill -9 $idle 2>/dev/null || true
+kill -TERM $server; wait $server || true
+trap - EXIT
+idle_final=$(grep "^final" "$out/idle-stats.txt")
+
 {
   echo "# Faults under load ($CONNS devices)"
   echo
@@ -63,6 +91,8 @@ final=$(grep "^final" "$out/sigterm-stats.txt")
   echo "| SIGTERM under load: server exit code | $rc |"
   echo "| ... time to exit (drain timeout 2 s; the load generator never answers Close) | $((t3 - t2)) ms |"
   echo "| ... server totals | \`${final#final }\` |"
+  echo "| $CONNS connections that send nothing: all freed after (handshake timeout 2 s) | $((t5 - t4)) ms |"
+  echo "| ... server totals | \`${idle_final#final }\` |"
   echo "| panics in server stderr | $(grep -c panick "$out/server.err" || true) |"
 } | tee "$out/summary.md"
 echo "bench: wrote $out" >&2
