@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 CASES=${1:-"1.*,2.*,3.*,4.*,5.*,6.*,7.*,10.*"}
 PORT=${PORT:-9402}
 AB=${AB:-../shared/tools/autobahn}
-[ -x "$AB/run.sh" ] || { echo "autobahn: $AB/run.sh not found; set AB= to the shared autobahn tools" >&2; exit 1; }
+[ -f "$AB/run.sh" ] || { echo "autobahn: $AB/run.sh not found; set AB= to the shared autobahn tools" >&2; exit 1; }
 cargo build --release --quiet --bin server
 out=$(new_results autobahn "CASES='$CASES' conformance/autobahn.sh")
 # Cases 9.* send messages up to 16 MiB in up to 65,536 fragments.
