@@ -8,7 +8,7 @@
 //! ring until the epoll set is readable or the next tick is due.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -107,7 +107,9 @@ enum Step {
 
 /// One connection as the shard holds it.
 struct Slot {
-    fd: RawFd,
+    /// Owned, so that a shard that fails or panics still closes its sockets
+    /// as it unwinds: its devices see the close and reconnect to the others.
+    fd: OwnedFd,
     gen: u32,
     upgraded: bool,
     /// Tick of the last complete frame (or of the upgrade).
@@ -394,7 +396,8 @@ impl Shard {
         let now = self.now_tick();
         let deadline = now + self.handshake_ticks + 1;
         self.slab.insert(Slot {
-            fd,
+            // SAFETY: fd came from accept4 and nothing else owns it.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
             gen,
             upgraded: false,
             last_seen: now,
@@ -418,7 +421,7 @@ impl Shard {
     fn on_readable(&mut self, token: u64) {
         let Some(key) = self.live(token) else { return };
         for _ in 0..READS_PER_EVENT {
-            let n = match socket::recv(self.slab[key].fd, &mut self.scratch) {
+            let n = match socket::recv(self.slab[key].fd.as_raw_fd(), &mut self.scratch) {
                 Ok(0) => return self.peer_gone(key),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -516,13 +519,17 @@ impl Shard {
             slot.pending.extend_from_slice(&self.out);
             return true;
         }
-        match send(slot.fd, &self.out) {
+        match send(slot.fd.as_raw_fd(), &self.out) {
             Ok(n) if n == self.out.len() => true,
             Ok(n) => {
                 slot.pending.extend_from_slice(&self.out[n..]);
                 let token = (slot.gen as u64) << 32 | key as u64;
                 let events = epoll::IN | epoll::OUT | epoll::RDHUP | epoll::ET;
-                if self.epoll.modify(slot.fd, events, token).is_err() {
+                if self
+                    .epoll
+                    .modify(slot.fd.as_raw_fd(), events, token)
+                    .is_err()
+                {
                     self.peer_gone(key);
                     return false;
                 }
@@ -538,14 +545,18 @@ impl Shard {
     fn on_writable(&mut self, token: u64) {
         let Some(key) = self.live(token) else { return };
         let slot = &mut self.slab[key];
-        match send(slot.fd, &slot.pending) {
+        match send(slot.fd.as_raw_fd(), &slot.pending) {
             Ok(n) if n == slot.pending.len() => {
                 slot.pending = Vec::new();
                 if slot.conn.phase() == Phase::Done {
                     return self.close(key, Close::Graceful);
                 }
                 let events = epoll::IN | epoll::RDHUP | epoll::ET;
-                if self.epoll.modify(slot.fd, events, token).is_err() {
+                if self
+                    .epoll
+                    .modify(slot.fd.as_raw_fd(), events, token)
+                    .is_err()
+                {
                     self.peer_gone(key);
                 }
             }
@@ -619,7 +630,7 @@ impl Shard {
         if self.cfg.graceful_expiry {
             let mut close = Vec::with_capacity(4);
             frame::write_close(&mut close, code::GOING_AWAY);
-            let _ = send(self.slab[key].fd, &close);
+            let _ = send(self.slab[key].fd.as_raw_fd(), &close);
             self.close(key, Close::Graceful);
         } else {
             self.close(key, Close::Abortive);
@@ -632,7 +643,7 @@ impl Shard {
             self.open -= 1;
         }
         // Closing the fd also drops it from the epoll set.
-        socket::close(slot.fd, how == Close::Abortive);
+        socket::close(slot.fd.into_raw_fd(), how == Close::Abortive);
     }
 
     /// Stops accepting and sends Close 1001 to every device.

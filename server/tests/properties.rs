@@ -116,6 +116,30 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// What the encoder writes, the decoder reads back unchanged.
+    #[test]
+    fn frames_round_trip_through_the_encoder(
+        data in any::<bool>(),
+        fin in any::<bool>(),
+        payload in prop::collection::vec(any::<u8>(), 0..70_000),
+        mask in any::<[u8; 4]>(),
+    ) {
+        let (opcode, fin, payload) = if data {
+            (Opcode::Binary, fin, &payload[..])
+        } else {
+            (Opcode::Ping, true, &payload[..payload.len().min(125)])
+        };
+        let mut buf = Vec::new();
+        frame::write_masked_frame(&mut buf, opcode, fin, payload, mask);
+        let f = frame::decode(&mut buf, 1 << 20).unwrap().unwrap();
+        prop_assert_eq!((f.opcode, f.fin, f.len), (opcode, fin, buf.len()));
+        prop_assert_eq!(&buf[f.payload_start..f.len], payload);
+    }
+}
+
 /// What a test does to the fleet between ticks.
 #[derive(Debug, Clone)]
 enum Op {
