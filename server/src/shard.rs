@@ -124,6 +124,21 @@ struct Slot {
     pending: Vec<u8>,
 }
 
+impl Slot {
+    /// Makes sure the connection's wheel entry comes due by `deadline`: a
+    /// new entry if the live one is later (which then goes stale).
+    fn bring_forward(&mut self, key: usize, deadline: u64, wheel: &mut Wheel) {
+        if deadline < self.armed {
+            self.armed = deadline;
+            wheel.insert(Entry {
+                key: key as u32,
+                gen: self.gen,
+                deadline,
+            });
+        }
+    }
+}
+
 /// How a socket is closed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Close {
@@ -456,34 +471,16 @@ impl Shard {
                 slot.upgraded = true;
                 self.open += 1;
                 self.counters.upgraded += 1;
-                let deadline = now + self.timeout_ticks + 1;
-                if deadline < slot.armed {
-                    // The handshake deadline is later than the first expiry.
-                    slot.armed = deadline;
-                    let gen = slot.gen;
-                    self.wheel.insert(Entry {
-                        key: key as u32,
-                        gen,
-                        deadline,
-                    });
-                }
+                // The handshake deadline may be later than the first expiry.
+                slot.bring_forward(key, now + self.timeout_ticks + 1, &mut self.wheel);
             }
         }
         if !slot.conn.has_partial_frame() {
             slot.frame_deadline = 0;
         } else if slot.frame_deadline == 0 {
             // A frame has begun: it must end within the frame timeout.
-            let deadline = now + self.frame_ticks + 1;
-            slot.frame_deadline = deadline;
-            if deadline < slot.armed {
-                slot.armed = deadline;
-                let gen = slot.gen;
-                self.wheel.insert(Entry {
-                    key: key as u32,
-                    gen,
-                    deadline,
-                });
-            }
+            slot.frame_deadline = now + self.frame_ticks + 1;
+            slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
         }
         if !self.out.is_empty() && !self.write(key) {
             return false;
