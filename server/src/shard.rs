@@ -171,7 +171,7 @@ pub struct Shard {
     again: Vec<u64>,
     drain_deadline: Option<Instant>,
     accept_resume: Option<Instant>,
-    exhausted_logged: Option<Instant>,
+    warned_at: Option<Instant>,
     report: Sender<Snapshot>,
     next_report: Instant,
 }
@@ -215,7 +215,7 @@ impl Shard {
             again: Vec::new(),
             drain_deadline: None,
             accept_resume: None,
-            exhausted_logged: None,
+            warned_at: None,
             report,
             next_report: start + cfg.stats_interval,
             cfg,
@@ -372,23 +372,28 @@ impl Shard {
                 Accepted::Skipped => continue,
                 Accepted::Exhausted(err) => {
                     self.counters.accept_exhausted += 1;
-                    let now = Instant::now();
-                    if self
-                        .exhausted_logged
-                        .is_none_or(|t| now >= t + self.cfg.stats_interval)
-                    {
-                        eprintln!(
-                            "shard {}: accept failed ({err}) while holding {} sockets: pausing accepts for {ACCEPT_BACKOFF:?}; raise RLIMIT_NOFILE or lower the load (see kernel-tuning/)",
-                            self.id,
-                            self.slab.len()
-                        );
-                        self.exhausted_logged = Some(now);
-                    }
                     let _ = self.epoll.delete(listener.as_raw_fd());
-                    self.accept_resume = Some(now + ACCEPT_BACKOFF);
+                    self.accept_resume = Some(Instant::now() + ACCEPT_BACKOFF);
+                    let held = self.slab.len();
+                    self.warn(format_args!(
+                        "accept failed ({err}) while holding {held} sockets: pausing accepts for {ACCEPT_BACKOFF:?}; raise RLIMIT_NOFILE or lower the load (see kernel-tuning/)"
+                    ));
                     return;
                 }
             }
+        }
+    }
+
+    /// Logs a resource problem at most once per stats interval: under load
+    /// it repeats for every connection, and one line says it all.
+    fn warn(&mut self, msg: std::fmt::Arguments) {
+        let now = Instant::now();
+        if self
+            .warned_at
+            .is_none_or(|t| now >= t + self.cfg.stats_interval)
+        {
+            eprintln!("shard {}: {msg}", self.id);
+            self.warned_at = Some(now);
         }
     }
 
@@ -401,10 +406,9 @@ impl Shard {
             .epoll
             .add(fd, epoll::IN | epoll::RDHUP | epoll::ET, token)
         {
-            eprintln!(
-                "shard {}: epoll_ctl(ADD) failed ({err}): dropping a new connection",
-                self.id
-            );
+            self.warn(format_args!(
+                "epoll_ctl(ADD) failed ({err}): dropping new connections; check fs.epoll.max_user_watches (see kernel-tuning/)"
+            ));
             socket::close(fd, true);
             return;
         }
