@@ -28,3 +28,40 @@ pub async fn readable(fd: RawFd) -> io::Result<()> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Guards the glommio behaviour this module relies on: the wait resolves
+    /// when the fd becomes readable, not before.
+    #[test]
+    fn resolves_when_the_fd_becomes_readable_not_before() {
+        // SAFETY: a new eventfd, closed at the end of the test.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write to the eventfd.
+            unsafe { libc::write(efd, (&one as *const u64).cast(), 8) };
+        });
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("a glommio executor");
+        let waited = ex.run(async move {
+            let start = Instant::now();
+            readable(efd).await.expect("readable");
+            start.elapsed()
+        });
+        writer.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(90),
+            "resolved early: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(5), "resolved late: {waited:?}");
+        // SAFETY: closing the eventfd made above.
+        unsafe { libc::close(efd) };
+    }
+}
