@@ -11,6 +11,7 @@ pub mod conn;
 pub mod epoll;
 pub mod frame;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
 pub mod readiness;
 pub mod shard;

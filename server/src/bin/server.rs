@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
 use c1m::conn::Limits;
+use c1m::limits::Host;
 use c1m::shard::{Shard, ShardConfig};
 use c1m::stats::{self, Counters, Snapshot};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -44,7 +45,7 @@ struct Args {
     )]
     tick: Duration,
     /// upgraded connections per shard; more are answered 503 (default: what
-    /// RLIMIT_NOFILE allows, shared by the shards)
+    /// RLIMIT_NOFILE, fs.file-max and memory allow, shared by the shards)
     #[argh(option)]
     max_conns: Option<usize>,
     /// largest frame or message, e.g. 64KiB; larger closes with 1009 (default 64KiB)
@@ -97,9 +98,6 @@ struct Args {
     drain_timeout: Duration,
 }
 
-/// Descriptors kept for listeners, epoll sets, eventfds, io_uring and stdio.
-const RESERVED_FDS: u64 = 64;
-
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     match run(args) {
@@ -118,8 +116,9 @@ fn run(args: Args) -> Result<(), String> {
     // EMFILE, so by default the shards stop at their share of it (and answer
     // 503) with a little room kept for the listeners and the executors.
     let nofile = raise_nofile();
-    let fd_share = (nofile.saturating_sub(RESERVED_FDS) / cores.len() as u64).max(1) as usize;
-    let max_conns = args.max_conns.unwrap_or(fd_share);
+    let host = Host::read(nofile);
+    let share = (host.capacity().0 / cores.len() as u64).max(1) as usize;
+    let max_conns = args.max_conns.unwrap_or(share);
     let cfg = ShardConfig {
         limits: Limits {
             max_head: args.max_head,
@@ -141,12 +140,8 @@ fn run(args: Args) -> Result<(), String> {
     };
     cfg.validate()?;
 
-    let wanted = (cores.len() as u64).saturating_mul(max_conns as u64);
-    if nofile < wanted + RESERVED_FDS {
-        eprintln!(
-            "server: this process may open {nofile} files (RLIMIT_NOFILE), so it holds at most about {} connections, not the {wanted} that --max-conns allows; raise the limit (see kernel-tuning/) for more",
-            nofile.saturating_sub(RESERVED_FDS)
-        );
+    if let Some(said) = host.advice((cores.len() as u64).saturating_mul(max_conns as u64)) {
+        eprintln!("server: --max-conns asks for more than fits: {said}");
     }
     let backlog = args
         .backlog

@@ -1,0 +1,166 @@
+//! What this host lets one process hold, and one sentence when a request
+//! exceeds it. The arithmetic is plain functions over [`Host`]; only
+//! [`Host::read`] looks at the system.
+
+/// Descriptors kept for listeners, epoll sets, eventfds, io_uring and stdio.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Kernel memory per idle server socket (socket, inode, dentry, epoll item,
+/// TCP state), measured on the development machines (DESIGN.md: ~9.6 KiB
+/// per loopback client+server pair).
+pub const KERNEL_BYTES_PER_CONN: u64 = 5 * 1024;
+
+/// User-space memory per idle connection (README: 117-126 B measured; a
+/// round figure with room for the wheel's stale entries).
+pub const USER_BYTES_PER_CONN: u64 = 256;
+
+/// The limits that bound how many connections one process can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
+    pub nofile: u64,
+    /// fs.file-max minus the files open now, system-wide.
+    pub files_free: u64,
+    /// MemAvailable, bytes.
+    pub mem_available: u64,
+}
+
+/// What binds a process's connections first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Nofile,
+    FileMax,
+    Memory,
+}
+
+impl Host {
+    /// Reads the limits of this process and host (`nofile` as given).
+    pub fn read(nofile: u64) -> Host {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        // file-nr: allocated, unused (always 0 now), max.
+        let nums: Vec<u64> = read("/proc/sys/fs/file-nr")
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let files_free = match nums[..] {
+            [used, _, max] => max.saturating_sub(used),
+            _ => u64::MAX,
+        };
+        let mem_available = read("/proc/meminfo")
+            .lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(u64::MAX, |kib| kib * 1024);
+        Host {
+            nofile,
+            files_free,
+            mem_available,
+        }
+    }
+
+    /// Connections this process can hold, and what binds them.
+    pub fn capacity(&self) -> (u64, Bound) {
+        [
+            (self.nofile.saturating_sub(RESERVED_FDS), Bound::Nofile),
+            (self.files_free.saturating_sub(RESERVED_FDS), Bound::FileMax),
+            (
+                self.mem_available / (KERNEL_BYTES_PER_CONN + USER_BYTES_PER_CONN),
+                Bound::Memory,
+            ),
+        ]
+        .into_iter()
+        .min_by_key(|&(n, _)| n)
+        .expect("three candidates")
+    }
+
+    /// One sentence for the operator when `wanted` connections do not fit.
+    pub fn advice(&self, wanted: u64) -> Option<String> {
+        let (can, bound) = self.capacity();
+        if wanted <= can {
+            return None;
+        }
+        Some(match bound {
+            Bound::Nofile => format!(
+                "this process may open {} files (RLIMIT_NOFILE), so it holds about {can} connections, not {wanted}: raise the limit (kernel-tuning/limits.d, LimitNOFILE=) or run {} server processes with --join",
+                self.nofile,
+                wanted.div_ceil(can.max(1))
+            ),
+            Bound::FileMax => format!(
+                "the host has room for {} more open files (fs.file-max), so this process holds about {can} connections, not {wanted}: raise fs.file-max (kernel-tuning/sysctl.d)",
+                self.files_free
+            ),
+            Bound::Memory => format!(
+                "{} MiB of memory is available, about {} KiB per connection, so this host holds about {can} connections, not {wanted}: free memory or use a bigger host",
+                self.mem_available >> 20,
+                (KERNEL_BYTES_PER_CONN + USER_BYTES_PER_CONN) / 1024
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BIG: u64 = 1 << 50;
+
+    #[test]
+    fn the_tightest_limit_binds() {
+        let host = Host {
+            nofile: 20_000,
+            files_free: BIG,
+            mem_available: BIG,
+        };
+        assert_eq!(host.capacity(), (19_936, Bound::Nofile));
+        let host = Host {
+            nofile: BIG,
+            files_free: 100_064,
+            mem_available: BIG,
+        };
+        assert_eq!(host.capacity(), (100_000, Bound::FileMax));
+        let host = Host {
+            nofile: BIG,
+            files_free: BIG,
+            mem_available: 1 << 30,
+        };
+        assert_eq!(
+            host.capacity(),
+            ((1 << 30) / (5 * 1024 + 256), Bound::Memory)
+        );
+    }
+
+    #[test]
+    fn advice_says_what_allows_and_what_to_change() {
+        let host = Host {
+            nofile: 20_000,
+            files_free: BIG,
+            mem_available: BIG,
+        };
+        assert_eq!(host.advice(19_936), None);
+        let said = host.advice(1_000_000).unwrap();
+        assert!(said.contains("20000 files (RLIMIT_NOFILE)"), "{said}");
+        assert!(
+            said.contains("about 19936 connections, not 1000000"),
+            "{said}"
+        );
+        assert!(
+            said.contains("run 51 server processes with --join"),
+            "{said}"
+        );
+        let host = Host {
+            nofile: BIG,
+            files_free: BIG,
+            mem_available: 1 << 30,
+        };
+        assert!(host
+            .advice(1_000_000)
+            .unwrap()
+            .contains("1024 MiB of memory"));
+    }
+
+    #[test]
+    fn this_host_can_be_read() {
+        let host = Host::read(20_000);
+        assert!(host.files_free > 0 && host.mem_available > 0);
+    }
+}
