@@ -95,6 +95,17 @@ const OUT_OF_FDS_POLL: Duration = Duration::from_millis(5);
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Runs `f`, turning a panic into its message.
+fn contain<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|cause| {
+        cause
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| cause.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
 /// What one pass of the loop left.
 enum Step {
     /// More work is ready: run again soon.
@@ -446,7 +457,16 @@ impl Shard {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => return self.peer_gone(key),
             };
-            if !self.on_bytes(key, n) || n < self.scratch.len() {
+            // A bug that one device's bytes trigger costs that device its
+            // connection, not the shard its devices.
+            let open = match contain(|| self.on_bytes(key, n)) {
+                Ok(open) => open,
+                Err(cause) => {
+                    self.internal_error(key, &cause);
+                    false
+                }
+            };
+            if !open || n < self.scratch.len() {
                 // Closed, or the socket is drained: a short read means the
                 // receive queue was empty, and edge-triggered epoll reports
                 // any byte that arrives after it.
@@ -565,6 +585,19 @@ impl Shard {
                 slot.pending.drain(..n);
             }
             Err(_) => self.peer_gone(key),
+        }
+    }
+
+    /// A panic while handling one connection: log it, count it, drop that
+    /// connection (its state may be half-updated); the shard goes on.
+    fn internal_error(&mut self, key: usize, cause: &str) {
+        self.counters.internal_error += 1;
+        eprintln!(
+            "shard {}: internal error on one connection ({cause}): closed it, the others are unaffected; please report this",
+            self.id
+        );
+        if self.slab.contains(key) {
+            self.close(key, Close::Abortive);
         }
     }
 
@@ -689,5 +722,24 @@ impl Shard {
             totals: self.counters,
             done,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contain;
+
+    #[test]
+    fn a_panic_is_contained_with_its_message() {
+        assert_eq!(contain(|| 7), Ok(7));
+        assert_eq!(
+            contain(|| -> u8 { panic!("bad bytes") }),
+            Err("bad bytes".into())
+        );
+        let n = 3;
+        assert_eq!(
+            contain(|| -> u8 { panic!("frame {n}") }),
+            Err("frame 3".into())
+        );
     }
 }

@@ -31,6 +31,8 @@ pub struct Counters {
     pub shutdown: u64,
     /// Accept failed for lack of descriptors or memory.
     pub accept_exhausted: u64,
+    /// Connections closed because handling them hit a bug (a panic, contained).
+    pub internal_error: u64,
 }
 
 impl Counters {
@@ -48,6 +50,7 @@ impl Counters {
         self.slow_reader += o.slow_reader;
         self.shutdown += o.shutdown;
         self.accept_exhausted += o.accept_exhausted;
+        self.internal_error += o.internal_error;
     }
 
     /// Every connection that ended, for any reason.
@@ -61,6 +64,7 @@ impl Counters {
             + self.rejected
             + self.slow_reader
             + self.shutdown
+            + self.internal_error
     }
 }
 
@@ -110,7 +114,7 @@ pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: 
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -123,7 +127,8 @@ pub fn totals(c: &Counters) -> String {
         c.rejected,
         c.slow_reader,
         c.shutdown,
-        c.accept_exhausted
+        c.accept_exhausted,
+        c.internal_error
     )
 }
 
