@@ -275,7 +275,7 @@ impl Shard {
         let now = Instant::now();
         busy |= self.expire_due(self.tick_at(now));
         if now >= self.next_report {
-            self.send_report(false);
+            self.send_report();
             self.next_report = now + self.cfg.stats_interval;
         }
         if self.accept_resume.is_some_and(|t| now >= t) {
@@ -287,7 +287,7 @@ impl Shard {
         if let Some(deadline) = self.drain_deadline {
             if self.slab.is_empty() || now >= deadline {
                 self.close_all();
-                self.send_report(true);
+                self.send_report();
                 return Ok(Step::Finished);
             }
         }
@@ -714,13 +714,12 @@ impl Shard {
         }
     }
 
-    fn send_report(&self, done: bool) {
+    fn send_report(&self) {
         let _ = self.report.send(Snapshot {
             shard: self.id,
             open: self.open,
             sockets: self.slab.len() as u64,
             totals: self.counters,
-            done,
         });
     }
 }

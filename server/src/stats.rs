@@ -74,11 +74,9 @@ pub struct Snapshot {
     pub shard: usize,
     /// Upgraded connections held.
     pub open: u64,
-    /// Sockets held, upgraded or not.
+    /// Sockets held, upgraded or not (those still in their handshake too).
     pub sockets: u64,
     pub totals: Counters,
-    /// The shard has finished (after shutdown).
-    pub done: bool,
 }
 
 /// Formats one stats line: rates over `secs` from `prev` to `now`, then totals.
@@ -87,8 +85,9 @@ pub struct Snapshot {
 pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: f64) -> String {
     let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs.max(1e-9);
     let open: u64 = shards.iter().map(|s| s.open).sum();
+    let sockets: u64 = shards.iter().map(|s| s.sockets).sum();
     let mut s = String::with_capacity(400);
-    let _ = write!(s, "t={t:.1} conns={open} shards=[");
+    let _ = write!(s, "t={t:.1} conns={open} sockets={sockets} shards=[");
     for (i, sh) in shards.iter().enumerate() {
         let _ = write!(s, "{}{}", if i > 0 { "," } else { "" }, sh.open);
     }
@@ -150,14 +149,12 @@ mod tests {
                 open: 3,
                 sockets: 3,
                 totals: a,
-                done: false,
             },
             Snapshot {
                 shard: 1,
                 open: 3,
                 sockets: 3,
                 totals: a,
-                done: false,
             },
         ];
         let mut sum = Counters::default();
@@ -165,7 +162,7 @@ mod tests {
         sum.add(&a);
         let l = line(2.0, &shards, &Counters::default(), &sum, 2.0);
         assert!(
-            l.starts_with("t=2.0 conns=6 shards=[3,3] accepted/s=10 upgraded/s=10"),
+            l.starts_with("t=2.0 conns=6 sockets=6 shards=[3,3] accepted/s=10 upgraded/s=10"),
             "{l}"
         );
         assert!(l.contains("expired/s=4 "), "{l}");
