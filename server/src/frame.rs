@@ -56,14 +56,24 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 /// the connection must fail with. A frame longer than `max_payload` fails as
 /// soon as its header is seen, so no caller ever buffers more than that.
 pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<Frame>, u16> {
+    decode_from(buf, max_payload, true)
+}
+
+/// Decodes the server frame at the start of `buf` (the device side): as
+/// [`decode`], but a server frame must not be masked (RFC 6455 5.1).
+pub fn decode_server(buf: &mut [u8], max_payload: usize) -> Result<Option<Frame>, u16> {
+    decode_from(buf, max_payload, false)
+}
+
+fn decode_from(buf: &mut [u8], max_payload: usize, masked: bool) -> Result<Option<Frame>, u16> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
     let fin = b0 & 0x80 != 0;
     if b0 & 0x70 != 0 {
         return Err(code::PROTOCOL_ERROR); // RSV bits without a negotiated extension
     }
     let opcode = Opcode::from_bits(b0 & 0x0f).ok_or(code::PROTOCOL_ERROR)?;
-    if b1 & 0x80 == 0 {
-        return Err(code::PROTOCOL_ERROR); // clients must mask
+    if (b1 & 0x80 != 0) != masked {
+        return Err(code::PROTOCOL_ERROR); // clients must mask, servers must not
     }
     let len7 = (b1 & 0x7f) as usize;
     if opcode.is_control() && (!fin || len7 > MAX_CONTROL_PAYLOAD) {
@@ -91,16 +101,21 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<Frame>, u16> 
         return Err(code::TOO_BIG);
     }
     let payload_len = payload_len as usize;
-    let Some(mask) = buf.get(pos..pos + 4) else {
-        return Ok(None);
-    };
-    let mask = [mask[0], mask[1], mask[2], mask[3]];
-    pos += 4;
+    let mut mask = None;
+    if masked {
+        let Some(m) = buf.get(pos..pos + 4) else {
+            return Ok(None);
+        };
+        mask = Some([m[0], m[1], m[2], m[3]]);
+        pos += 4;
+    }
     let end = pos + payload_len;
     let Some(payload) = buf.get_mut(pos..end) else {
         return Ok(None);
     };
-    apply_mask(payload, mask);
+    if let Some(mask) = mask {
+        apply_mask(payload, mask);
+    }
     Ok(Some(Frame {
         fin,
         opcode,
@@ -257,6 +272,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_device_side_decodes_server_frames_and_refuses_masked_ones() {
+        for len in [0, 2, 125, 126, 70000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut buf = Vec::new();
+            write_frame(&mut buf, Opcode::Pong, &payload[..len.min(125)]);
+            let f = decode_server(&mut buf, 1 << 20).unwrap().unwrap();
+            assert_eq!((f.opcode, f.len), (Opcode::Pong, buf.len()));
+            assert_eq!(&buf[f.payload_start..], &payload[..len.min(125)]);
+            let mut text = Vec::new();
+            write_frame(&mut text, Opcode::Text, &payload);
+            let f = decode_server(&mut text, 1 << 20).unwrap().unwrap();
+            assert_eq!(&text[f.payload_start..f.len], &payload[..]);
+            assert_eq!(decode_server(&mut text[..f.len - 1], 1 << 20), Ok(None));
+        }
+        let mut masked = client(Opcode::Pong, true, b"x");
+        assert_eq!(decode_server(&mut masked, 100), Err(code::PROTOCOL_ERROR));
     }
 
     #[test]

@@ -1,0 +1,319 @@
+//! client: a fleet of WebSocket devices against a c1m server (or several),
+//! spread over local source addresses, heartbeating on a timing wheel, a
+//! fraction of them silent on purpose; writes histograms, a timeline, a
+//! summary and plots to a results directory.
+//!
+//! Exit status: 0 the run completed; 2 it completed and the server
+//! misbehaved (false, early or missed expiries); 1 it could not run.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use c1m::config::{parse_cpus, parse_duration, raise_nofile};
+use c1m_client::fleet::{HeartbeatKind, Plan};
+use c1m_client::run::{self, Options};
+use c1m_client::spawn::{self, SpawnedServer};
+use c1m_client::{device, host, ips, output, summary};
+use serde_json::json;
+
+/// A fleet of WebSocket devices for load-testing a c1m server.
+#[derive(argh::FromArgs, Debug)]
+struct Args {
+    /// server address:port; repeat or comma-separate to spread the fleet
+    /// over several (default 127.0.0.1:9000)
+    #[argh(option)]
+    server: Vec<String>,
+    /// source addresses, e.g. 127.0.0.2-127.0.0.41 or 10.0.0.2,10.0.0.3
+    /// (default: the kernel's choice, one address)
+    #[argh(option)]
+    ips: Option<String>,
+    /// devices to connect (default 10000)
+    #[argh(option, default = "10_000")]
+    conns: u64,
+    /// connections per second for the whole client; 0 = as fast as the
+    /// concurrency allows (default 0)
+    #[argh(option, default = "0.0")]
+    rate: f64,
+    /// connect the whole fleet over this long instead of --rate, e.g. 30s
+    #[argh(option, from_str_fn(parse_duration))]
+    ramp: Option<Duration>,
+    /// upgrades in flight per core (default 256)
+    #[argh(option, default = "256")]
+    concurrency: usize,
+    /// heartbeat interval of each device, +-10% jitter (default 30s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(30)",
+        from_str_fn(parse_duration)
+    )]
+    heartbeat: Duration,
+    /// ping (the Pong gives the round trip), text or binary (default ping)
+    #[argh(option, default = "HeartbeatKind::Ping")]
+    heartbeat_kind: HeartbeatKind,
+    /// fraction of devices that never heartbeat after connecting, so the
+    /// server must expire them (default 0)
+    #[argh(option, default = "0.0")]
+    silent: f64,
+    /// the server's --timeout, to measure expiry lag (default 90s, or the
+    /// --timeout in --server-flags)
+    #[argh(option, from_str_fn(parse_duration))]
+    server_timeout: Option<Duration>,
+    /// how long to keep the fleet once it is up (default 60s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(60)",
+        from_str_fn(parse_duration)
+    )]
+    hold: Duration,
+    /// how long past --server-timeout to wait for silent devices to be
+    /// expired before calling them missed (default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    expiry_window: Duration,
+    /// give up on a connection not upgraded within this (default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    connect_timeout: Duration,
+    /// text before each device id (ids are locally administered MACs)
+    #[argh(option, default = "String::new()")]
+    id_prefix: String,
+    /// CPUs to run on, one executor each, e.g. 0-1 (default: all allowed)
+    #[argh(option, from_str_fn(parse_cpus))]
+    cores: Option<Vec<usize>>,
+    /// results directory (default results/<UTC timestamp>-<conns>/)
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// start the server binary on the first --server address for this run
+    #[argh(switch)]
+    spawn_server: bool,
+    /// flags for the spawned server, e.g. "--timeout 10s --tick 100ms"
+    #[argh(option, default = "String::new()")]
+    server_flags: String,
+    /// server binary for --spawn-server (default: `server` beside this binary)
+    #[argh(option)]
+    server_bin: Option<PathBuf>,
+    /// pid of a server started elsewhere on this machine, to measure its
+    /// CPU and memory
+    #[argh(option)]
+    server_pid: Option<u32>,
+    /// no progress line
+    #[argh(switch)]
+    quiet: bool,
+}
+
+fn main() {
+    let args: Args = argh::from_env();
+    match run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("client: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: Args) -> Result<i32, String> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let default_server = ["127.0.0.1:9000".to_string()];
+    let servers = ips::parse_servers(if args.server.is_empty() {
+        &default_server
+    } else {
+        &args.server
+    })?;
+    let sources = match &args.ips {
+        Some(s) => ips::parse_ips(s)?,
+        None => Vec::new(),
+    };
+    if let Some(bad) = sources
+        .iter()
+        .find(|ip| servers.iter().any(|s| s.is_ipv4() != ip.is_ipv4()))
+    {
+        return Err(format!(
+            "--ips {bad} and the --server addresses are not all of one family (IPv4 or IPv6)"
+        ));
+    }
+    if !(0.0..=1.0).contains(&args.silent) {
+        return Err(format!(
+            "--silent {} is not a fraction between 0 and 1",
+            args.silent
+        ));
+    }
+    if args.conns == 0 || args.conns > device::MAX_DEVICES {
+        return Err(format!(
+            "--conns {} is not between 1 and {}",
+            args.conns,
+            device::MAX_DEVICES
+        ));
+    }
+    if args.heartbeat < Duration::from_millis(10) {
+        return Err("--heartbeat must be at least 10ms".into());
+    }
+    if args.concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    let rate = match args.ramp {
+        Some(r) if r.is_zero() => return Err("--ramp must be longer than 0s".into()),
+        Some(r) => args.conns as f64 / r.as_secs_f64(),
+        None if args.rate < 0.0 || !args.rate.is_finite() => {
+            return Err(format!(
+                "--rate {} must be 0 (unlimited) or more",
+                args.rate
+            ))
+        }
+        None => args.rate,
+    };
+
+    let nofile = raise_nofile();
+    let cpus = args.cores.clone().unwrap_or_else(c1m::config::allowed_cpus);
+    // Per core: its epoll set, a wakeup dup and glommio's rings.
+    let spare = 32 + 8 * cpus.len() as u64;
+    if args.conns + spare > nofile {
+        return Err(format!(
+            "this process may open {nofile} files (RLIMIT_NOFILE); {} connections need {}: lower --conns or raise the limit (see kernel-tuning/)",
+            args.conns,
+            args.conns + spare
+        ));
+    }
+    ips::check_capacity(args.conns, sources.len(), &servers, ips::local_port_range())?;
+
+    let flags: Vec<String> = args
+        .server_flags
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let server_timeout = match (args.server_timeout, spawn::timeout_in(&flags)) {
+        (Some(t), _) => t,
+        (None, Some(t)) if args.spawn_server => parse_duration(&t)?,
+        _ => Duration::from_secs(90),
+    };
+    if args.spawn_server && servers.len() != 1 {
+        return Err("--spawn-server starts one server: give one --server address".into());
+    }
+
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| output::default_dir(args.conns));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create the results directory {}: {e}", dir.display()))?;
+    std::fs::write(dir.join("command.txt"), format!("{command}\n"))
+        .map_err(|e| format!("cannot write into {}: {e}", dir.display()))?;
+
+    let spawned = if args.spawn_server {
+        let bin = match &args.server_bin {
+            Some(b) => b.clone(),
+            None => spawn::default_binary()?,
+        };
+        let s = SpawnedServer::start(&bin, servers[0], &flags, &dir)?;
+        eprintln!(
+            "client: started {} (pid {}) on {}",
+            bin.display(),
+            s.pid(),
+            servers[0]
+        );
+        Some(s)
+    } else {
+        None
+    };
+    let server_pid = spawned.as_ref().map(SpawnedServer::pid).or(args.server_pid);
+
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let run_tag = (now as u64 ^ u64::from(std::process::id()).rotate_left(17)) as u16;
+    let plan = Plan {
+        servers: servers.clone(),
+        sources: sources.clone(),
+        first_device: 0,
+        devices: args.conns,
+        cores: cpus.len(),
+        rate_per_core: rate / cpus.len() as f64,
+        concurrency: args.concurrency,
+        heartbeat: args.heartbeat,
+        kind: args.heartbeat_kind,
+        silent: args.silent,
+        server_timeout,
+        hold: args.hold,
+        expiry_window: args.expiry_window,
+        connect_timeout: args.connect_timeout,
+        id_prefix: args.id_prefix.clone(),
+        run_tag,
+        origin: Instant::now(),
+    };
+    let sockstat_before = host::sockstat();
+    let outcome = run::run(Options {
+        plan,
+        cpus: cpus.clone(),
+        server_pid,
+        progress: !args.quiet,
+    });
+    let sockstat_end = host::sockstat();
+    let server = spawned.map(|s| s.stop(Duration::from_secs(15)));
+    let outcome = outcome?;
+
+    let config = json!({
+        "servers": servers.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "ips": sources.iter().map(IpAddr::to_string).collect::<Vec<_>>(),
+        "conns": args.conns,
+        "rate": rate,
+        "ramp_s": args.ramp.map(|r| r.as_secs_f64()),
+        "concurrency_per_core": args.concurrency,
+        "cores": cpus,
+        "heartbeat_s": args.heartbeat.as_secs_f64(),
+        "heartbeat_kind": format!("{:?}", args.heartbeat_kind).to_lowercase(),
+        "silent": args.silent,
+        "server_timeout_s": server_timeout.as_secs_f64(),
+        "hold_s": args.hold.as_secs_f64(),
+        "expiry_window_s": args.expiry_window.as_secs_f64(),
+        "connect_timeout_s": args.connect_timeout.as_secs_f64(),
+        "id_prefix": args.id_prefix,
+        "run_tag": format!("{run_tag:04x}"),
+        "spawn_server": args.spawn_server,
+        "server_flags": flags,
+        "local_port_range": ips::local_port_range(),
+    });
+    let mut doc = serde_json::Map::new();
+    doc.insert("command".into(), json!(command));
+    doc.insert("config".into(), config);
+    doc.insert("machine".into(), host::facts(nofile));
+    doc.insert(
+        "kernel_tcp".into(),
+        json!({"sockets_before": sockstat_before.0, "mem_pages_before": sockstat_before.1,
+               "sockets_at_end": sockstat_end.0, "mem_pages_at_end": sockstat_end.1}),
+    );
+    if let Some((status, last)) = &server {
+        doc.insert("server".into(), json!({"exit": status, "final": last}));
+    }
+    let (figures, md) = output::write(
+        &dir,
+        &outcome,
+        doc,
+        &command,
+        args.conns,
+        server_pid.is_some(),
+    )?;
+    println!("{md}");
+    if let Some((status, last)) = &server {
+        println!(
+            "Spawned server: {status}; {}",
+            last.as_deref().unwrap_or("no final line")
+        );
+    }
+    println!("results: {}", dir.display());
+    let faults = summary::faults(&figures);
+    for f in &faults {
+        eprintln!("client: {f}");
+    }
+    Ok(if faults.is_empty() && outcome.errors.is_empty() {
+        0
+    } else {
+        2
+    })
+}

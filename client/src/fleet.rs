@@ -1,0 +1,783 @@
+//! One core's share of the fleet: its devices in a slab, their readiness in
+//! one epoll set (armed once per connection, as in the server's shard), and
+//! every timer (connect deadlines, heartbeats) on one hashed timing wheel.
+//!
+//! A device goes Connecting -> Upgrading -> Open. An Open heartbeating device
+//! has exactly one wheel entry, its next heartbeat; a silent one has none and
+//! waits for the server to expire it. Idle devices hold no buffers.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use c1m::client_handshake::{self, key_for, Answer};
+use c1m::epoll::{self, Epoll};
+use c1m::frame::{self, Opcode};
+use c1m::socket;
+use c1m::wheel::{self, Entry, Wheel};
+use slab::Slab;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::device::{self, Rng};
+use crate::hgrm;
+use crate::ips::route;
+use crate::metrics::{Counters, Failure, Measured, Phase, Report};
+use crate::rate::RateLimiter;
+
+/// The wheel's tick: heartbeat jitter is +-10% of seconds, so 10 ms is fine
+/// enough and keeps the wheel small.
+pub const TICK: Duration = Duration::from_millis(10);
+const TICK_US: u64 = 10_000;
+/// Largest server frame a device accepts (servers send pongs, closes and,
+/// with --echo, the device's own messages back).
+const MAX_SERVER_FRAME: usize = 1 << 20;
+/// Work done per step before yielding to glommio, so no phase starves another.
+const BUDGET: usize = 512;
+/// Longest sleep, so that a stop request is seen quickly.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// When the epoll fd cannot be duplicated (EMFILE), poll this often instead.
+const OUT_OF_FDS_POLL: Duration = Duration::from_millis(5);
+
+/// What a device sends as its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatKind {
+    /// A Ping; the Pong gives the round trip.
+    Ping,
+    /// A small Text message (round trip only if the server echoes).
+    Text,
+    /// A small Binary message (round trip only if the server echoes).
+    Binary,
+}
+
+impl std::str::FromStr for HeartbeatKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ping" => Ok(HeartbeatKind::Ping),
+            "text" => Ok(HeartbeatKind::Text),
+            "binary" => Ok(HeartbeatKind::Binary),
+            _ => Err(format!(
+                "{s:?} is not a heartbeat kind: ping, text or binary"
+            )),
+        }
+    }
+}
+
+/// What every core of one client process does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub servers: Vec<SocketAddr>,
+    /// Source addresses; empty: the kernel picks.
+    pub sources: Vec<IpAddr>,
+    /// This process's devices are numbers first_device..first_device+devices.
+    pub first_device: u64,
+    pub devices: u64,
+    pub cores: usize,
+    /// Connections per second for each core; 0 = as fast as possible.
+    pub rate_per_core: f64,
+    /// Upgrades in flight per core.
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    pub kind: HeartbeatKind,
+    pub silent: f64,
+    pub server_timeout: Duration,
+    pub hold: Duration,
+    /// How long past `server_timeout` a silent device may wait to be expired.
+    pub expiry_window: Duration,
+    pub connect_timeout: Duration,
+    pub id_prefix: String,
+    /// Tag in every device id, unique per run.
+    pub run_tag: u16,
+    /// Time zero of the run, shared by every core.
+    pub origin: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Upgrading,
+    Open,
+}
+
+struct Device {
+    fd: OwnedFd,
+    gen: u32,
+    /// Device number (its id and handshake key derive from it).
+    n: u64,
+    state: State,
+    silent: bool,
+    /// Tick of this device's live wheel entry; others are stale.
+    due: u64,
+    /// Microseconds since the origin: connect began, last message sent
+    /// (upgrade request or heartbeat), unanswered ping sent (0: none).
+    started_us: u64,
+    last_sent_us: u64,
+    ping_sent_us: u64,
+    /// Bytes of an unfinished answer or frame (empty, unallocated, when idle).
+    carry: Vec<u8>,
+}
+
+pub enum Step {
+    Busy,
+    Idle(Instant),
+    Finished,
+}
+
+pub struct Fleet {
+    core: usize,
+    plan: Arc<Plan>,
+    hosts: Vec<String>,
+    epoll: Epoll,
+    devices: Slab<Device>,
+    wheel: Wheel,
+    gen: u32,
+    counters: Counters,
+    measured: Box<Measured>,
+    rng: Rng,
+    limiter: RateLimiter,
+    /// Devices of this core: numbers first_device + core + k * cores.
+    next_k: u64,
+    mine: u64,
+    inflight: usize,
+    phase: Phase,
+    hold_end: Option<Instant>,
+    /// When this core had tried every device and heard back from each.
+    ramp_done_us: Option<u64>,
+    silent_open: u64,
+    last_silent_sent_us: u64,
+    heartbeat_ticks: u64,
+    connect_ticks: u64,
+    server_timeout_us: u64,
+    stop: Arc<AtomicBool>,
+    reports: Sender<Report>,
+    next_progress: Instant,
+    events: Vec<libc::epoll_event>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    id: String,
+}
+
+impl Fleet {
+    pub fn new(
+        core: usize,
+        plan: Arc<Plan>,
+        stop: Arc<AtomicBool>,
+        reports: Sender<Report>,
+    ) -> io::Result<Fleet> {
+        let cores = plan.cores.max(1) as u64;
+        let mine = plan.devices / cores + u64::from((core as u64) < plan.devices % cores);
+        let heartbeat_ticks = (plan.heartbeat.as_micros() as u64 / TICK_US).max(1);
+        let connect_ticks = (plan.connect_timeout.as_micros() as u64 / TICK_US).max(1);
+        let horizon = (heartbeat_ticks * 11 / 10 + 1)
+            .max(connect_ticks + 1)
+            .min(wheel::MAX_HORIZON);
+        let now = Instant::now();
+        let seed = (plan.run_tag as u64) << 32 ^ core as u64 ^ now.elapsed().as_nanos() as u64;
+        Ok(Fleet {
+            core,
+            hosts: plan.servers.iter().map(|s| s.to_string()).collect(),
+            epoll: Epoll::new()?,
+            devices: Slab::with_capacity(mine.min(1 << 20) as usize),
+            wheel: Wheel::new(horizon, tick_of(&plan, now)),
+            gen: 0,
+            counters: Counters::default(),
+            measured: Box::default(),
+            rng: Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15),
+            limiter: RateLimiter::new(plan.rate_per_core, now),
+            next_k: 0,
+            mine,
+            inflight: 0,
+            phase: Phase::Ramp,
+            hold_end: None,
+            ramp_done_us: None,
+            silent_open: 0,
+            last_silent_sent_us: 0,
+            heartbeat_ticks,
+            connect_ticks,
+            server_timeout_us: plan.server_timeout.as_micros() as u64,
+            stop,
+            reports,
+            next_progress: plan.origin + Duration::from_secs(1),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            buf: vec![0; 64 * 1024],
+            out: Vec::with_capacity(512),
+            id: String::with_capacity(64),
+            plan,
+        })
+    }
+
+    /// Runs to the end of the plan (or a stop request) on a glommio executor,
+    /// then sends the final [`Report::Done`].
+    pub async fn run(mut self) {
+        let error = loop {
+            match self.step() {
+                Ok(Step::Busy) => glommio::yield_if_needed().await,
+                Ok(Step::Idle(wake)) => {
+                    if let Err(e) = self.sleep(wake).await {
+                        break Some(format!("core {}: waiting for sockets: {e}", self.core));
+                    }
+                }
+                Ok(Step::Finished) => break None,
+                Err(e) => break Some(format!("core {}: {e}", self.core)),
+            }
+        };
+        if self.phase != Phase::Done {
+            self.finish();
+        }
+        let _ = self.reports.send(Report::Done {
+            core: self.core,
+            counters: self.counters,
+            measured: std::mem::take(&mut self.measured),
+            ramp_done_us: self.ramp_done_us,
+            error,
+        });
+    }
+
+    async fn sleep(&self, wake: Instant) -> io::Result<()> {
+        let left = wake.saturating_duration_since(Instant::now());
+        let ready = c1m::readiness::readable(self.epoll.as_raw_fd());
+        let timer = async {
+            glommio::timer::sleep(left).await;
+            Ok(())
+        };
+        match futures_lite::future::or(ready, timer).await {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                glommio::timer::sleep(left.min(OUT_OF_FDS_POLL)).await;
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// One pass: ready sockets, due timers, new connections, phase changes.
+    pub fn step(&mut self) -> io::Result<Step> {
+        if self.stop.load(Relaxed) {
+            self.finish();
+            return Ok(Step::Finished);
+        }
+        let mut busy = false;
+
+        let mut events = std::mem::take(&mut self.events);
+        let n = self.epoll.poll_now(&mut events);
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                self.events = events;
+                return Err(e);
+            }
+        };
+        for ev in &events[..n] {
+            self.on_event(ev.u64, ev.events);
+        }
+        busy |= n == events.len();
+        self.events = events;
+
+        let now = Instant::now();
+        let tick = tick_of(&self.plan, now);
+        let mut budget = BUDGET;
+        while budget > 0 {
+            let Some(e) = self.wheel.pop_due(tick) else {
+                break;
+            };
+            self.on_due(e);
+            budget -= 1;
+        }
+        busy |= budget == 0;
+
+        if self.phase == Phase::Ramp {
+            let mut started = 0;
+            while self.next_k < self.mine
+                && self.inflight < self.plan.concurrency
+                && started < BUDGET
+                && self.limiter.try_take(now)
+            {
+                self.connect_next();
+                started += 1;
+            }
+            busy |= started == BUDGET;
+        }
+
+        self.advance(now);
+        if now >= self.next_progress {
+            let _ = self.reports.send(Report::Progress {
+                core: self.core,
+                phase: self.phase,
+                counters: self.counters,
+            });
+            while self.next_progress <= now {
+                self.next_progress += Duration::from_secs(1);
+            }
+        }
+        if self.phase == Phase::Done {
+            return Ok(Step::Finished);
+        }
+        if busy {
+            return Ok(Step::Busy);
+        }
+        let mut wake = (now + MAX_SLEEP).min(self.next_progress);
+        if !self.wheel.is_empty() {
+            wake = wake.min(self.plan.origin + TICK * (self.wheel.cursor().max(tick + 1)) as u32);
+        }
+        if self.phase == Phase::Ramp
+            && self.next_k < self.mine
+            && self.inflight < self.plan.concurrency
+        {
+            wake = wake.min(self.limiter.next_token(now));
+        }
+        if let Some(end) = self.hold_end {
+            if self.phase == Phase::Hold {
+                wake = wake.min(end);
+            }
+        }
+        Ok(Step::Idle(wake))
+    }
+
+    /// Ramp -> Hold once every device of this core was tried; Hold ->
+    /// Expiry after --hold; Expiry -> Done once the server expired every
+    /// silent device or the expiry window closed.
+    fn advance(&mut self, now: Instant) {
+        if self.phase == Phase::Ramp && self.next_k == self.mine && self.inflight == 0 {
+            self.phase = Phase::Hold;
+            self.hold_end = Some(now + self.plan.hold);
+            self.ramp_done_us = Some(now_us(&self.plan, now));
+        }
+        if self.phase == Phase::Hold && self.hold_end.is_some_and(|end| now >= end) {
+            self.phase = Phase::Expiry;
+        }
+        if self.phase == Phase::Expiry {
+            let window_end = self.last_silent_sent_us
+                + self.server_timeout_us
+                + self.plan.expiry_window.as_micros() as u64;
+            if self.silent_open == 0 || now_us(&self.plan, now) >= window_end {
+                self.finish();
+            }
+        }
+    }
+
+    /// Closes every device (with a reset: no TIME_WAIT left behind).
+    fn finish(&mut self) {
+        self.counters.unexpired = self.silent_open;
+        for d in self.devices.drain() {
+            socket::close(d.fd.into_raw_fd(), true);
+        }
+        self.phase = Phase::Done;
+    }
+
+    fn connect_next(&mut self) {
+        let plan = &self.plan;
+        let n = plan.first_device + self.core as u64 + self.next_k * plan.cores.max(1) as u64;
+        self.next_k += 1;
+        self.counters.attempted += 1;
+        let (src, dst) = route(n, plan.sources.len(), plan.servers.len());
+        let fd = match start_connect(plan.servers[dst], plan.sources.get(src).copied()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.counters.fail(Failure::from_errno(e.raw_os_error()));
+                return;
+            }
+        };
+        self.gen = self.gen.wrapping_add(1);
+        let key = self.devices.vacant_key();
+        let token = key as u64 | (self.gen as u64) << 32;
+        if let Err(e) = self.epoll.add(
+            fd.as_raw_fd(),
+            epoll::IN | epoll::OUT | epoll::RDHUP | epoll::ET,
+            token,
+        ) {
+            self.counters.fail(Failure::from_errno(e.raw_os_error()));
+            return;
+        }
+        let now = Instant::now();
+        let due = tick_of(plan, now) + self.connect_ticks;
+        self.wheel.insert(Entry {
+            key: key as u32,
+            gen: self.gen,
+            deadline: due,
+        });
+        self.devices.insert(Device {
+            fd,
+            gen: self.gen,
+            n,
+            state: State::Connecting,
+            silent: device::is_silent(n, plan.silent),
+            due,
+            started_us: now_us(plan, now),
+            last_sent_us: 0,
+            ping_sent_us: 0,
+            carry: Vec::new(),
+        });
+        self.inflight += 1;
+    }
+
+    fn on_event(&mut self, token: u64, events: u32) {
+        let key = (token & 0xffff_ffff) as usize;
+        match self.devices.get(key) {
+            Some(d) if d.gen == (token >> 32) as u32 => {}
+            _ => return, // closed earlier in this pass
+        }
+        if self.devices[key].state == State::Connecting {
+            if events & (epoll::OUT | libc::EPOLLERR as u32 | libc::EPOLLHUP as u32) == 0 {
+                return;
+            }
+            if let Err(why) = self.send_upgrade(key) {
+                self.fail(key, why);
+                return;
+            }
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        loop {
+            let fd = self.devices[key].fd.as_raw_fd();
+            match socket::recv(fd, &mut buf) {
+                Ok(0) => {
+                    self.server_closed(key);
+                    break;
+                }
+                Ok(n) => {
+                    if !self.on_bytes(key, &mut buf[..n]) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.server_closed(key);
+                    break;
+                }
+            }
+        }
+        self.buf = buf;
+    }
+
+    fn send_upgrade(&mut self, key: usize) -> Result<(), Failure> {
+        let d = &mut self.devices[key];
+        let err = so_error(d.fd.as_raw_fd());
+        if err != 0 {
+            return Err(Failure::from_errno(Some(err)));
+        }
+        device::write_id(
+            &mut self.id,
+            &self.plan.id_prefix,
+            self.plan.run_tag,
+            d.n as u32,
+        );
+        self.out.clear();
+        let (_, dst) = route(d.n, self.plan.sources.len(), self.plan.servers.len());
+        client_handshake::write_request(
+            &mut self.out,
+            &self.hosts[dst],
+            &self.id,
+            &key_for(d.n, self.plan.run_tag as u64),
+        );
+        match socket::send(d.fd.as_raw_fd(), &self.out) {
+            Ok(n) if n == self.out.len() => {}
+            Ok(_) => return Err(Failure::Other), // a fresh socket takes 200 bytes
+            Err(e) => return Err(Failure::from_errno(e.raw_os_error())),
+        }
+        d.state = State::Upgrading;
+        d.last_sent_us = now_us(&self.plan, Instant::now());
+        Ok(())
+    }
+
+    /// Handles bytes from the server; false once the device is closed.
+    fn on_bytes(&mut self, key: usize, data: &mut [u8]) -> bool {
+        match self.devices[key].state {
+            State::Connecting => true, // cannot happen: the upgrade was sent first
+            State::Upgrading => self.on_answer(key, data),
+            State::Open => self.on_frames(key, data),
+        }
+    }
+
+    fn on_answer(&mut self, key: usize, data: &mut [u8]) -> bool {
+        let d = &mut self.devices[key];
+        let k = key_for(d.n, self.plan.run_tag as u64);
+        let answer = if d.carry.is_empty() {
+            client_handshake::parse_answer(data, &k)
+        } else {
+            d.carry.extend_from_slice(data);
+            client_handshake::parse_answer(&d.carry, &k)
+        };
+        match answer {
+            Answer::Partial => {
+                if d.carry.is_empty() {
+                    d.carry.extend_from_slice(data);
+                }
+                true
+            }
+            Answer::Accepted { head_len } => {
+                let mut rest = if d.carry.is_empty() {
+                    data[head_len..].to_vec()
+                } else {
+                    d.carry.split_off(head_len)
+                };
+                d.carry = Vec::new();
+                self.on_open(key);
+                // Frames may follow the head in the same read (rare).
+                rest.is_empty() || self.on_frames(key, &mut rest)
+            }
+            Answer::Refused { status } => {
+                self.fail(key, Failure::HttpStatus(status));
+                false
+            }
+            Answer::Invalid(_) => {
+                self.fail(key, Failure::Other);
+                false
+            }
+        }
+    }
+
+    fn on_open(&mut self, key: usize) {
+        let now = Instant::now();
+        let at = now_us(&self.plan, now);
+        let d = &mut self.devices[key];
+        d.state = State::Open;
+        hgrm::record(&mut self.measured.connect, at - d.started_us);
+        self.counters.established += 1;
+        self.counters.open += 1;
+        self.inflight -= 1;
+        if d.silent {
+            self.silent_open += 1;
+            self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
+            d.due = u64::MAX; // no entry: it waits for the server
+        } else {
+            // First heartbeat at a random phase, so the fleet's heartbeats
+            // spread evenly over the interval.
+            d.due = tick_of(&self.plan, now) + self.rng.between(1, self.heartbeat_ticks);
+            self.wheel.insert(Entry {
+                key: key as u32,
+                gen: d.gen,
+                deadline: d.due,
+            });
+        }
+    }
+
+    fn on_frames(&mut self, key: usize, data: &mut [u8]) -> bool {
+        let mut carry = std::mem::take(&mut self.devices[key].carry);
+        if carry.is_empty() {
+            let (alive, used) = self.decode_frames(key, data);
+            if alive && used < data.len() {
+                self.devices[key].carry = data[used..].to_vec();
+            }
+            alive
+        } else {
+            carry.extend_from_slice(data);
+            let (alive, used) = self.decode_frames(key, &mut carry);
+            if alive && used < carry.len() {
+                carry.drain(..used);
+                self.devices[key].carry = carry;
+            }
+            alive
+        }
+    }
+
+    /// Handles the whole frames at the start of `bytes`: (whether the device
+    /// is still open, bytes used).
+    fn decode_frames(&mut self, key: usize, bytes: &mut [u8]) -> (bool, usize) {
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let f = match frame::decode_server(&mut bytes[pos..], MAX_SERVER_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    self.counters.bad_frames += 1;
+                    self.counters.open -= 1;
+                    if self.devices[key].silent {
+                        self.silent_open -= 1;
+                    }
+                    self.close(key);
+                    return (false, pos);
+                }
+            };
+            let payload = &bytes[pos + f.payload_start..pos + f.len];
+            if !self.on_frame(key, f.opcode, payload) {
+                return (false, pos);
+            }
+            pos += f.len;
+        }
+        (true, pos)
+    }
+
+    fn on_frame(&mut self, key: usize, opcode: Opcode, payload: &[u8]) -> bool {
+        let now = now_us(&self.plan, Instant::now());
+        let d = &mut self.devices[key];
+        match opcode {
+            Opcode::Pong | Opcode::Text | Opcode::Binary => {
+                if d.ping_sent_us != 0 {
+                    hgrm::record(&mut self.measured.heartbeat_rtt, now - d.ping_sent_us);
+                    d.ping_sent_us = 0;
+                    self.counters.replies += 1;
+                }
+                true
+            }
+            Opcode::Ping => {
+                self.out.clear();
+                let mask = (self.rng.next_u64() as u32).to_ne_bytes();
+                frame::write_masked_frame(&mut self.out, Opcode::Pong, true, payload, mask);
+                let _ = socket::send(d.fd.as_raw_fd(), &self.out);
+                true
+            }
+            Opcode::Close => {
+                self.server_closed(key);
+                false
+            }
+            Opcode::Continuation => true,
+        }
+    }
+
+    fn on_due(&mut self, e: Entry) {
+        let Some(d) = self.devices.get_mut(e.key as usize) else {
+            return;
+        };
+        if d.gen != e.gen || d.due != e.deadline {
+            return; // a stale entry of a closed or rescheduled device
+        }
+        let key = e.key as usize;
+        match d.state {
+            State::Connecting | State::Upgrading => self.fail(key, Failure::Timeout),
+            State::Open => self.heartbeat(key),
+        }
+    }
+
+    fn heartbeat(&mut self, key: usize) {
+        let now = Instant::now();
+        let at = now_us(&self.plan, now);
+        let mask = (self.rng.next_u64() as u32).to_ne_bytes();
+        self.out.clear();
+        let (opcode, payload): (Opcode, &[u8]) = match self.plan.kind {
+            HeartbeatKind::Ping => (Opcode::Ping, b""),
+            HeartbeatKind::Text => (Opcode::Text, b"hb"),
+            HeartbeatKind::Binary => (Opcode::Binary, &[1]),
+        };
+        frame::write_masked_frame(&mut self.out, opcode, true, payload, mask);
+        let d = &mut self.devices[key];
+        match socket::send(d.fd.as_raw_fd(), &self.out) {
+            Ok(n) if n == self.out.len() => {
+                self.counters.heartbeats += 1;
+                d.last_sent_us = at;
+                if d.ping_sent_us == 0 {
+                    d.ping_sent_us = at;
+                }
+            }
+            Ok(0) => self.counters.send_blocked += 1, // try again next beat
+            Ok(_) => {
+                // Part of a frame went out: the stream is broken.
+                self.counters.send_blocked += 1;
+                self.counters.open -= 1;
+                self.counters.other += 1;
+                self.close(key);
+                return;
+            }
+            Err(_) => {
+                self.server_closed(key);
+                return;
+            }
+        }
+        let d = &mut self.devices[key];
+        d.due = tick_of(&self.plan, now) + device::jittered(&mut self.rng, self.heartbeat_ticks);
+        self.wheel.insert(Entry {
+            key: key as u32,
+            gen: d.gen,
+            deadline: d.due,
+        });
+    }
+
+    /// The server ended the connection (EOF, reset or Close frame).
+    fn server_closed(&mut self, key: usize) {
+        let d = &self.devices[key];
+        if d.state != State::Open {
+            self.fail(key, Failure::Reset);
+            return;
+        }
+        self.counters.open -= 1;
+        if d.silent {
+            self.silent_open -= 1;
+            self.counters.expired += 1;
+            let now = now_us(&self.plan, Instant::now());
+            match (now - d.last_sent_us).checked_sub(self.server_timeout_us) {
+                Some(lag) => hgrm::record(&mut self.measured.expiry_lag, lag),
+                None => self.counters.expired_early += 1,
+            }
+        } else {
+            self.counters.false_expiries += 1;
+        }
+        self.close(key);
+    }
+
+    /// An attempt failed before the upgrade.
+    fn fail(&mut self, key: usize, why: Failure) {
+        self.counters.fail(why);
+        self.inflight -= 1;
+        self.close(key);
+    }
+
+    fn close(&mut self, key: usize) {
+        let d = self.devices.remove(key);
+        socket::close(d.fd.into_raw_fd(), true);
+    }
+}
+
+fn now_us(plan: &Plan, now: Instant) -> u64 {
+    now.saturating_duration_since(plan.origin).as_micros() as u64
+}
+
+fn tick_of(plan: &Plan, now: Instant) -> u64 {
+    now_us(plan, now) / TICK_US
+}
+
+/// Opens a non-blocking socket and begins connecting it.
+fn start_connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<OwnedFd> {
+    let s = Socket::new(
+        Domain::for_address(server),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    if let Some(ip) = source {
+        // Let connect() choose the port per 4-tuple rather than bind() per
+        // address: each source IP then serves a full port range per server.
+        let one: libc::c_int = 1;
+        // SAFETY: a valid int option on a socket this function owns.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        epoll::cvt(r)?;
+        s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    }
+    match s.connect(&SockAddr::from(server)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}
+
+fn so_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = 4u32;
+    // SAFETY: err and len are valid for getsockopt(SO_ERROR).
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        err
+    }
+}

@@ -1,0 +1,100 @@
+//! Facts about processes and the machine, read from /proc.
+
+use serde_json::{json, Value};
+
+/// CPU time of every thread of `pid` so far, in nanoseconds (schedstat).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Resident set size of `pid` in bytes (0 if it is gone).
+pub fn rss(pid: u32) -> u64 {
+    status_kib(&format!("/proc/{pid}/status"), "VmRSS:") * 1024
+}
+
+fn status_kib(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Kernel socket memory in use: (TCP sockets, TCP memory pages) from
+/// /proc/net/sockstat.
+pub fn sockstat() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap_or("");
+    let field = |name: &str| {
+        let mut it = line.split_whitespace();
+        it.position(|w| w == name)
+            .and_then(|_| it.next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("inuse"), field("mem"))
+}
+
+/// The machine a run happened on: what its figures depend on.
+pub fn facts(nofile: u64) -> Value {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let sys = |name: &str| read(&format!("/proc/sys/{}", name.replace('.', "/")));
+    json!({
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu_model": cpu_model,
+        "kernel": read("/proc/sys/kernel/osrelease"),
+        "mem_total_bytes": status_kib("/proc/meminfo", "MemTotal:") * 1024,
+        "mem_available_bytes": status_kib("/proc/meminfo", "MemAvailable:") * 1024,
+        "rlimit_nofile": nofile,
+        "sysctl": {
+            "fs.file-max": sys("fs.file-max"),
+            "fs.nr_open": sys("fs.nr_open"),
+            "net.core.somaxconn": sys("net.core.somaxconn"),
+            "net.ipv4.tcp_max_syn_backlog": sys("net.ipv4.tcp_max_syn_backlog"),
+            "net.ipv4.ip_local_port_range": sys("net.ipv4.ip_local_port_range"),
+            "net.ipv4.tcp_mem": sys("net.ipv4.tcp_mem"),
+            "net.ipv4.tcp_rmem": sys("net.ipv4.tcp_rmem"),
+            "net.ipv4.tcp_wmem": sys("net.ipv4.tcp_wmem"),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(rss(me) > 0);
+        let spin: u64 = (0..5_000_000u64).fold(0, |a, b| a ^ b.wrapping_mul(31));
+        assert!(cpu_ns(me) > 0, "{spin}");
+        assert_eq!((rss(u32::MAX), cpu_ns(u32::MAX)), (0, 0));
+        let f = facts(1024);
+        assert!(f["cores"].as_u64().unwrap() >= 1);
+        assert!(!f["kernel"].as_str().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,234 @@
+//! What a core counts and measures, and what it tells the main thread.
+
+use hdrhistogram::Histogram;
+
+/// Why a connection attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// ECONNREFUSED: nothing listens, or the listen queue overflowed.
+    Refused,
+    /// No upgrade within --connect-timeout.
+    Timeout,
+    /// ECONNRESET, EPIPE or end of stream before the upgrade.
+    Reset,
+    /// The server answered with an HTTP status other than 101.
+    HttpStatus(u16),
+    /// EADDRNOTAVAIL: no free port for this (source IP, server) pair.
+    AddrNotAvail,
+    /// EMFILE/ENFILE: out of file descriptors.
+    OutOfFiles,
+    /// Anything else (an answer that is not a valid upgrade, other errnos).
+    Other,
+}
+
+impl Failure {
+    pub fn from_errno(errno: Option<i32>) -> Failure {
+        match errno {
+            Some(libc::ECONNREFUSED) => Failure::Refused,
+            Some(libc::ETIMEDOUT) => Failure::Timeout,
+            Some(libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED) => Failure::Reset,
+            Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE) => Failure::AddrNotAvail,
+            Some(libc::EMFILE | libc::ENFILE) => Failure::OutOfFiles,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// Cumulative counts of one core (or, summed, of the run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connection attempts begun.
+    pub attempted: u64,
+    /// Upgrades completed (each attempt at most once).
+    pub established: u64,
+    /// Upgraded connections open now.
+    pub open: u64,
+    pub failed: u64,
+    pub refused: u64,
+    pub timeout: u64,
+    pub reset: u64,
+    pub http_status: u64,
+    /// The last non-101 status seen (0 if none).
+    pub last_http_status: u64,
+    pub addr_not_avail: u64,
+    pub out_of_files: u64,
+    pub other: u64,
+    pub heartbeats: u64,
+    /// Pongs (or echoes) received for heartbeats.
+    pub replies: u64,
+    /// Heartbeats the socket could not take (the server is not reading).
+    pub send_blocked: u64,
+    /// Silent connections the server closed: its expiries.
+    pub expired: u64,
+    /// ... of which before --server-timeout had passed since their last
+    /// message (a server bug if the timeout given is right).
+    pub expired_early: u64,
+    /// Heartbeating connections the server closed (must be 0).
+    pub false_expiries: u64,
+    /// Silent connections still open when the run ended: the server did not
+    /// expire them within --server-timeout + --expiry-window.
+    pub unexpired: u64,
+    /// Frames from the server that break RFC 6455.
+    pub bad_frames: u64,
+}
+
+impl Counters {
+    pub fn fail(&mut self, why: Failure) {
+        self.failed += 1;
+        match why {
+            Failure::Refused => self.refused += 1,
+            Failure::Timeout => self.timeout += 1,
+            Failure::Reset => self.reset += 1,
+            Failure::HttpStatus(s) => {
+                self.http_status += 1;
+                self.last_http_status = u64::from(s);
+            }
+            Failure::AddrNotAvail => self.addr_not_avail += 1,
+            Failure::OutOfFiles => self.out_of_files += 1,
+            Failure::Other => self.other += 1,
+        }
+    }
+
+    /// Field-wise sum (`last_http_status`: the larger).
+    pub fn add(&mut self, o: &Counters) {
+        self.attempted += o.attempted;
+        self.established += o.established;
+        self.open += o.open;
+        self.failed += o.failed;
+        self.refused += o.refused;
+        self.timeout += o.timeout;
+        self.reset += o.reset;
+        self.http_status += o.http_status;
+        self.last_http_status = self.last_http_status.max(o.last_http_status);
+        self.addr_not_avail += o.addr_not_avail;
+        self.out_of_files += o.out_of_files;
+        self.other += o.other;
+        self.heartbeats += o.heartbeats;
+        self.replies += o.replies;
+        self.send_blocked += o.send_blocked;
+        self.expired += o.expired;
+        self.expired_early += o.expired_early;
+        self.false_expiries += o.false_expiries;
+        self.unexpired += o.unexpired;
+        self.bad_frames += o.bad_frames;
+    }
+
+    /// (name, value) of every field, for summaries and merging.
+    pub fn fields(&self) -> [(&'static str, u64); 20] {
+        [
+            ("attempted", self.attempted),
+            ("established", self.established),
+            ("open", self.open),
+            ("failed", self.failed),
+            ("failed_refused", self.refused),
+            ("failed_timeout", self.timeout),
+            ("failed_reset", self.reset),
+            ("failed_http_status", self.http_status),
+            ("last_http_status", self.last_http_status),
+            ("failed_eaddrnotavail", self.addr_not_avail),
+            ("failed_emfile", self.out_of_files),
+            ("failed_other", self.other),
+            ("heartbeats", self.heartbeats),
+            ("heartbeat_replies", self.replies),
+            ("heartbeats_blocked", self.send_blocked),
+            ("expired", self.expired),
+            ("expired_early", self.expired_early),
+            ("false_expiries", self.false_expiries),
+            ("unexpired", self.unexpired),
+            ("bad_server_frames", self.bad_frames),
+        ]
+    }
+}
+
+/// Where a core is in the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Opening connections.
+    Ramp,
+    /// Holding the fleet with heartbeats.
+    Hold,
+    /// Hold over; waiting for the server to expire the silent devices.
+    Expiry,
+    /// Closed everything.
+    Done,
+}
+
+/// A core's histograms, in microseconds.
+pub struct Measured {
+    pub connect: Histogram<u64>,
+    pub heartbeat_rtt: Histogram<u64>,
+    pub expiry_lag: Histogram<u64>,
+}
+
+impl Measured {
+    pub fn new() -> Measured {
+        Measured {
+            connect: crate::hgrm::new_histogram(),
+            heartbeat_rtt: crate::hgrm::new_histogram(),
+            expiry_lag: crate::hgrm::new_histogram(),
+        }
+    }
+
+    pub fn add(&mut self, o: &Measured) -> Result<(), String> {
+        for (a, b) in [
+            (&mut self.connect, &o.connect),
+            (&mut self.heartbeat_rtt, &o.heartbeat_rtt),
+            (&mut self.expiry_lag, &o.expiry_lag),
+        ] {
+            a.add(b).map_err(|e| format!("merging histograms: {e:?}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for Measured {
+    fn default() -> Self {
+        Measured::new()
+    }
+}
+
+/// A core's message to the main thread.
+pub enum Report {
+    /// Once a second: the counts so far.
+    Progress {
+        core: usize,
+        phase: Phase,
+        counters: Counters,
+    },
+    /// At the end (or when the core fails, with `error`).
+    Done {
+        core: usize,
+        counters: Counters,
+        measured: Box<Measured>,
+        /// When the core's ramp ended (microseconds since the origin).
+        ramp_done_us: Option<u64>,
+        error: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_count_by_reason_and_sum() {
+        let mut a = Counters::default();
+        a.fail(Failure::from_errno(Some(libc::ECONNREFUSED)));
+        a.fail(Failure::from_errno(Some(libc::EADDRNOTAVAIL)));
+        a.fail(Failure::HttpStatus(503));
+        a.fail(Failure::from_errno(Some(libc::EMFILE)));
+        a.fail(Failure::from_errno(None));
+        assert_eq!(
+            (a.failed, a.refused, a.addr_not_avail, a.http_status),
+            (5, 1, 1, 1)
+        );
+        assert_eq!((a.out_of_files, a.other, a.last_http_status), (1, 1, 503));
+        let mut b = Counters {
+            established: 3,
+            ..a
+        };
+        b.add(&a);
+        assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
+        assert_eq!(b.fields().len(), 20);
+    }
+}

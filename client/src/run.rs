@@ -1,0 +1,272 @@
+//! One client process's run: a pinned glommio executor per core, each running
+//! its [`Fleet`]; the main thread turns their once-a-second reports into the
+//! timeline and the progress line, handles SIGINT/SIGTERM, and gathers the
+//! final counts and histograms. Cores share nothing but the stop flag and
+//! the report channel.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::fleet::{Fleet, Plan};
+use crate::host;
+use crate::metrics::{Counters, Measured, Phase, Report};
+use crate::progress::{self, Progress};
+use crate::timeline::Row;
+
+pub struct Options {
+    pub plan: Plan,
+    /// One executor per CPU listed.
+    pub cpus: Vec<usize>,
+    /// The server's pid, to measure its CPU and memory.
+    pub server_pid: Option<u32>,
+    /// Print the progress line.
+    pub progress: bool,
+}
+
+/// Server (or client) CPU and memory at a moment of the run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mark {
+    pub t_s: f64,
+    pub counters: Counters,
+    pub client_cpu_ns: u64,
+    pub client_rss: u64,
+    pub server_cpu_ns: u64,
+    pub server_rss: u64,
+}
+
+pub struct Outcome {
+    pub counters: Counters,
+    pub measured: Measured,
+    pub rows: Vec<Row>,
+    /// At the start, when every core had finished its ramp, and when the
+    /// first core ended its hold (the main thread's 1 s ticks).
+    pub start: Mark,
+    pub ramp_end: Option<Mark>,
+    pub hold_end: Option<Mark>,
+    /// Start to the end of the slowest core's ramp (every device tried and
+    /// answered or timed out), in seconds; None if a core never finished it.
+    pub ramp_s: Option<f64>,
+    pub errors: Vec<String>,
+    /// Stopped early by SIGINT/SIGTERM.
+    pub interrupted: bool,
+    pub elapsed_s: f64,
+}
+
+/// Runs the plan to its end (or a signal) and returns what was measured.
+pub fn run(opts: Options) -> Result<Outcome, String> {
+    let signals = block_signals()?;
+    let plan = Arc::new(opts.plan);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let me = std::process::id();
+    let mark = |t_s: f64, counters: Counters| Mark {
+        t_s,
+        counters,
+        client_cpu_ns: host::cpu_ns(me),
+        client_rss: host::rss(me),
+        server_cpu_ns: opts.server_pid.map_or(0, host::cpu_ns),
+        server_rss: opts.server_pid.map_or(0, host::rss),
+    };
+    let start = mark(0.0, Counters::default());
+
+    let mut handles = Vec::new();
+    for (core, &cpu) in opts.cpus.iter().enumerate() {
+        let (plan, stop, tx) = (plan.clone(), stop.clone(), tx.clone());
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("client-{core}"))
+            // The fleet's sockets live in epoll, not in glommio's buffers.
+            .io_memory(64 << 10)
+            .spawn(move || async move {
+                match Fleet::new(core, plan, stop, tx.clone()) {
+                    Ok(fleet) => fleet.run().await,
+                    Err(e) => {
+                        let _ = tx.send(Report::Done {
+                            core,
+                            counters: Counters::default(),
+                            measured: Box::default(),
+                            ramp_done_us: None,
+                            error: Some(format!("core {core}: cannot start: {e}")),
+                        });
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start an executor on CPU {cpu}: {e}"))?;
+        handles.push(h);
+    }
+    drop(tx);
+
+    let cores = opts.cpus.len();
+    let mut latest = vec![(Phase::Ramp, Counters::default()); cores];
+    let mut measured = Measured::new();
+    let mut errors = Vec::new();
+    let mut done = 0;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut prev = start;
+    let (mut ramp_end, mut hold_end) = (None, None);
+    let mut interrupted = false;
+    let (mut ramp_us, mut ramp_missing) = (None, false);
+    let progress = Progress::new();
+    // Cores report on whole seconds of the run; read them a little later.
+    const READ_AFTER: Duration = Duration::from_millis(100);
+    let mut second = 1u64;
+    let mut next = plan.origin + Duration::from_secs(1) + READ_AFTER;
+    while done < cores {
+        if let Some(sig) = wait_signal(&signals, next.saturating_duration_since(Instant::now())) {
+            if interrupted {
+                progress.finish();
+                eprintln!("client: second signal {sig}: exiting without writing results");
+                std::process::exit(130);
+            }
+            interrupted = true;
+            stop.store(true, Relaxed);
+            progress.finish();
+            eprintln!("client: signal {sig}: closing connections and writing what was measured");
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Report::Progress {
+                    core,
+                    phase,
+                    counters,
+                }) => latest[core] = (phase, counters),
+                Ok(Report::Done {
+                    core,
+                    counters,
+                    measured: m,
+                    ramp_done_us,
+                    error,
+                }) => {
+                    ramp_us = ramp_us.max(ramp_done_us);
+                    ramp_missing |= ramp_done_us.is_none();
+                    latest[core] = (Phase::Done, counters);
+                    if let Err(e) = measured.add(&m) {
+                        errors.push(e);
+                    }
+                    errors.extend(error);
+                    done += 1;
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if done < cores {
+                        errors.push(format!("{} core(s) ended without a report", cores - done));
+                        done = cores;
+                    }
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        if now < next && done < cores {
+            continue;
+        }
+        let t_s = if done < cores {
+            second as f64
+        } else {
+            now.duration_since(plan.origin).as_secs_f64()
+        };
+        while next <= now {
+            next += Duration::from_secs(1);
+            second += 1;
+        }
+        let mut sum = Counters::default();
+        for (_, c) in &latest {
+            sum.add(c);
+        }
+        let min_phase = latest.iter().map(|l| l.0).min().unwrap_or(Phase::Done);
+        let max_phase = latest.iter().map(|l| l.0).max().unwrap_or(Phase::Done);
+        let m = mark(t_s, sum);
+        let dt_ns = ((m.t_s - prev.t_s) * 1e9).max(1.0);
+        let row = Row {
+            t_s,
+            established: sum.open,
+            connects_per_s: sum.established - prev.counters.established,
+            failures_per_s: sum.failed - prev.counters.failed,
+            heartbeats_per_s: sum.heartbeats - prev.counters.heartbeats,
+            expiries_per_s: sum.expired - prev.counters.expired,
+            false_expiries_per_s: sum.false_expiries - prev.counters.false_expiries,
+            client_cpu_pct: (m.client_cpu_ns - prev.client_cpu_ns) as f64 / dt_ns * 100.0,
+            client_rss_bytes: m.client_rss,
+            server_cpu_pct: m.server_cpu_ns.saturating_sub(prev.server_cpu_ns) as f64 / dt_ns
+                * 100.0,
+            server_rss_bytes: m.server_rss,
+        };
+        if ramp_end.is_none() && min_phase >= Phase::Hold {
+            ramp_end = Some(m);
+        }
+        if hold_end.is_none() && max_phase >= Phase::Expiry {
+            hold_end = Some(m);
+        }
+        if opts.progress {
+            let eta = match min_phase {
+                Phase::Ramp if plan.rate_per_core > 0.0 => Some(
+                    (plan.devices.saturating_sub(sum.attempted)) as f64
+                        / (plan.rate_per_core * cores as f64),
+                ),
+                Phase::Hold => ramp_end.map(|r| (r.t_s + plan.hold.as_secs_f64() - t_s).max(0.0)),
+                _ => None,
+            };
+            progress.show(&progress::line(&row, &sum, plan.devices, min_phase, eta));
+        }
+        rows.push(row);
+        prev = m;
+    }
+    if opts.progress {
+        progress.finish();
+    }
+    for h in handles {
+        if h.join().is_err() {
+            errors.push("a core's executor panicked".into());
+        }
+    }
+    let mut counters = Counters::default();
+    for (_, c) in &latest {
+        counters.add(c);
+    }
+    Ok(Outcome {
+        counters,
+        measured,
+        rows,
+        start,
+        ramp_end,
+        hold_end,
+        ramp_s: ramp_us
+            .filter(|_| !ramp_missing)
+            .map(|us: u64| us as f64 / 1e6),
+        errors,
+        interrupted,
+        elapsed_s: plan.origin.elapsed().as_secs_f64(),
+    })
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the executors it starts),
+/// so that only [`wait_signal`] sees them.
+fn block_signals() -> Result<libc::sigset_t, String> {
+    // SAFETY: sigset operations on a local set; pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err("cannot block SIGINT/SIGTERM".into());
+        }
+        Ok(set)
+    }
+}
+
+/// Waits up to `timeout` for a blocked signal; returns its name.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<&'static str> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: set and ts are valid; no siginfo is asked for.
+    match unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) } {
+        libc::SIGINT => Some("SIGINT"),
+        libc::SIGTERM => Some("SIGTERM"),
+        _ => None,
+    }
+}

@@ -1,0 +1,279 @@
+//! The headline figures of a run, from its counters, histograms, timeline
+//! and CPU/memory marks: `summary.json` and the human table `summary.md`.
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+
+use crate::progress::thousands;
+use crate::run::Outcome;
+
+fn ms(h: &Histogram<u64>, q: f64) -> Value {
+    if h.is_empty() {
+        Value::Null
+    } else {
+        json!((h.value_at_quantile(q) as f64 / 1e3 * 1000.0).round() / 1000.0)
+    }
+}
+
+fn max_ms(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        Value::Null
+    } else {
+        json!(h.max() as f64 / 1e3)
+    }
+}
+
+fn ratio(num: f64, den: f64) -> Value {
+    if den > 0.0 && num.is_finite() {
+        json!((num / den * 100.0).round() / 100.0)
+    } else {
+        Value::Null
+    }
+}
+
+/// Median of the per-second connection rate over the whole seconds of the
+/// ramp (the first and last, partial, seconds left out when there are more).
+pub fn median_conn_rate(o: &Outcome) -> Option<f64> {
+    let end = o.ramp_s?;
+    let mut v: Vec<u64> = o
+        .rows
+        .iter()
+        .filter(|r| r.t_s <= end + 1.0)
+        .map(|r| r.connects_per_s)
+        .collect();
+    if v.len() > 2 {
+        v.remove(0);
+        v.pop();
+    }
+    if v.len() < 2 {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[v.len() / 2] as f64)
+}
+
+/// Every headline figure of the run, as JSON.
+pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
+    let c = &o.counters;
+    let m = &o.measured;
+    let mut f = Map::new();
+    f.insert("target_connections".into(), json!(target));
+    for (k, v) in c.fields() {
+        f.insert(k.into(), json!(v));
+    }
+    f.insert(
+        "time_to_fleet_s".into(),
+        json!(o.ramp_s.map(|s| (s * 1000.0).round() / 1000.0)),
+    );
+    f.insert(
+        "conn_per_s_mean".into(),
+        o.ramp_s
+            .map_or(Value::Null, |s| ratio(c.established as f64, s)),
+    );
+    f.insert("conn_per_s_median".into(), json!(median_conn_rate(o)));
+    f.insert("connect_p50_ms".into(), ms(&m.connect, 0.5));
+    f.insert("connect_p90_ms".into(), ms(&m.connect, 0.9));
+    f.insert("connect_p99_ms".into(), ms(&m.connect, 0.99));
+    f.insert("connect_p999_ms".into(), ms(&m.connect, 0.999));
+    f.insert("connect_max_ms".into(), max_ms(&m.connect));
+    f.insert("heartbeat_rtt_p50_ms".into(), ms(&m.heartbeat_rtt, 0.5));
+    f.insert("heartbeat_rtt_p99_ms".into(), ms(&m.heartbeat_rtt, 0.99));
+    f.insert("heartbeat_rtt_max_ms".into(), max_ms(&m.heartbeat_rtt));
+    f.insert("expiry_lag_p50_ms".into(), ms(&m.expiry_lag, 0.5));
+    f.insert("expiry_lag_p99_ms".into(), ms(&m.expiry_lag, 0.99));
+    f.insert("expiry_lag_max_ms".into(), max_ms(&m.expiry_lag));
+    let peak = o.rows.iter().map(|r| r.expiries_per_s).max().unwrap_or(0);
+    f.insert("expired_per_s_peak".into(), json!(peak));
+    if let Some(r) = &o.ramp_end {
+        let est = r.counters.established as f64;
+        f.insert(
+            "client_rss_per_conn_bytes".into(),
+            ratio(r.client_rss as f64 - o.start.client_rss as f64, est),
+        );
+        f.insert(
+            "client_cpu_per_conn_us".into(),
+            ratio(
+                (r.client_cpu_ns - o.start.client_cpu_ns) as f64 / 1e3,
+                r.counters.attempted as f64,
+            ),
+        );
+        if server_measured {
+            f.insert(
+                "server_rss_per_conn_bytes".into(),
+                ratio(r.server_rss as f64 - o.start.server_rss as f64, est),
+            );
+            f.insert(
+                "server_cpu_per_conn_us".into(),
+                ratio(
+                    (r.server_cpu_ns.saturating_sub(o.start.server_cpu_ns)) as f64 / 1e3,
+                    est,
+                ),
+            );
+            if let Some(h) = &o.hold_end {
+                let beats = h.counters.heartbeats.saturating_sub(r.counters.heartbeats);
+                f.insert(
+                    "server_cpu_per_heartbeat_us".into(),
+                    ratio(
+                        h.server_cpu_ns.saturating_sub(r.server_cpu_ns) as f64 / 1e3,
+                        beats as f64,
+                    ),
+                );
+                f.insert(
+                    "hold_measured_s".into(),
+                    json!(((h.t_s - r.t_s) * 1000.0).round() / 1000.0),
+                );
+            }
+        }
+    }
+    f.insert(
+        "elapsed_s".into(),
+        json!((o.elapsed_s * 1000.0).round() / 1000.0),
+    );
+    f.insert("interrupted".into(), json!(o.interrupted));
+    f.insert("errors".into(), json!(o.errors));
+    Value::Object(f)
+}
+
+/// What went wrong on the server's side, loudly: false, early or missed expiries.
+pub fn faults(f: &Value) -> Vec<String> {
+    let n = |k: &str| f[k].as_u64().unwrap_or(0);
+    let mut out = Vec::new();
+    if n("false_expiries") > 0 {
+        out.push(format!(
+            "FALSE EXPIRIES: the server closed {} heartbeating devices",
+            n("false_expiries")
+        ));
+    }
+    if n("expired_early") > 0 {
+        out.push(format!(
+            "EARLY EXPIRIES: {} silent devices were closed before --server-timeout had passed",
+            n("expired_early")
+        ));
+    }
+    if n("unexpired") > 0 {
+        out.push(format!(
+            "MISSED EXPIRIES: {} silent devices were still open at the end of the expiry window",
+            n("unexpired")
+        ));
+    }
+    out
+}
+
+/// The human table of a summary's figures.
+pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
+    let num = |k: &str| match &f[k] {
+        Value::Null => "-".to_string(),
+        Value::Number(n) if n.is_u64() => thousands(n.as_u64().unwrap_or(0)),
+        Value::Number(n) => format!("{}", n.as_f64().unwrap_or(0.0)),
+        v => v.to_string(),
+    };
+    let failures = [
+        ("refused", "failed_refused"),
+        ("timeout", "failed_timeout"),
+        ("reset", "failed_reset"),
+        ("HTTP status", "failed_http_status"),
+        ("EADDRNOTAVAIL", "failed_eaddrnotavail"),
+        ("EMFILE", "failed_emfile"),
+        ("other", "failed_other"),
+    ]
+    .iter()
+    .filter(|(_, k)| f[*k].as_u64().unwrap_or(0) > 0)
+    .map(|(name, k)| format!("{name} {}", num(k)))
+    .collect::<Vec<_>>();
+    let failures = if failures.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", failures.join(", "))
+    };
+    let rows = [
+        (
+            "Connections established / target",
+            format!("{} / {}", num("established"), num("target_connections")),
+        ),
+        ("Failed attempts", format!("{}{failures}", num("failed"))),
+        ("Time to the whole fleet (s)", num("time_to_fleet_s")),
+        (
+            "Connections/s: mean, median of seconds",
+            format!("{}, {}", num("conn_per_s_mean"), num("conn_per_s_median")),
+        ),
+        (
+            "Connect latency p50 / p99 / max (ms)",
+            format!(
+                "{} / {} / {}",
+                num("connect_p50_ms"),
+                num("connect_p99_ms"),
+                num("connect_max_ms")
+            ),
+        ),
+        (
+            "Heartbeats sent / replies",
+            format!("{} / {}", num("heartbeats"), num("heartbeat_replies")),
+        ),
+        (
+            "Heartbeat RTT p50 / p99 / max (ms)",
+            format!(
+                "{} / {} / {}",
+                num("heartbeat_rtt_p50_ms"),
+                num("heartbeat_rtt_p99_ms"),
+                num("heartbeat_rtt_max_ms")
+            ),
+        ),
+        ("Silent devices expired by the server", num("expired")),
+        (
+            "Expiry lag p50 / p99 / max (ms)",
+            format!(
+                "{} / {} / {}",
+                num("expiry_lag_p50_ms"),
+                num("expiry_lag_p99_ms"),
+                num("expiry_lag_max_ms")
+            ),
+        ),
+        ("Peak expiries/s", num("expired_per_s_peak")),
+        (
+            "False / early / missed expiries",
+            format!(
+                "{} / {} / {}",
+                num("false_expiries"),
+                num("expired_early"),
+                num("unexpired")
+            ),
+        ),
+        (
+            "Client CPU per connection (us), RSS per connection (B)",
+            format!(
+                "{}, {}",
+                num("client_cpu_per_conn_us"),
+                num("client_rss_per_conn_bytes")
+            ),
+        ),
+        (
+            "Server CPU per connection / per heartbeat (us)",
+            format!(
+                "{} / {}",
+                num("server_cpu_per_conn_us"),
+                num("server_cpu_per_heartbeat_us")
+            ),
+        ),
+        (
+            "Server RSS per connection (B)",
+            num("server_rss_per_conn_bytes"),
+        ),
+        ("Elapsed (s)", num("elapsed_s")),
+    ];
+    let mut s = format!(
+        "# c1m client run\n\n`{command}`\n\nResults: `{dir}`\n\n| Figure | Value |\n|---|---|\n"
+    );
+    for (k, v) in rows {
+        s.push_str(&format!("| {k} | {v} |\n"));
+    }
+    for fault in faults(f) {
+        s.push_str(&format!("\n**{fault}**\n"));
+    }
+    if f["interrupted"].as_bool() == Some(true) {
+        s.push_str("\nInterrupted by a signal: the figures cover the run until then.\n");
+    }
+    for e in f["errors"].as_array().into_iter().flatten() {
+        s.push_str(&format!("\nError: {}\n", e.as_str().unwrap_or("")));
+    }
+    s
+}

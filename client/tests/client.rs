@@ -1,0 +1,209 @@
+//! The client binary end to end against a real server (spawned by the client
+//! itself), at small scale: expiry bounds, no false expiries, files that parse.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use c1m_client::{hgrm, timeline};
+use serde_json::Value;
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+
+/// The server binary beside the client's, built if this test run did not
+/// build it (e.g. `cargo test -p c1m-client`).
+fn server_bin() -> PathBuf {
+    let bin = Path::new(CLIENT).with_file_name("server");
+    if !bin.exists() {
+        let release = Path::new(CLIENT)
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|p| p == "release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "c1m-server", "--bin", "server"]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("cargo build").success(),
+            "building the server failed"
+        );
+    }
+    bin
+}
+
+/// A port per test, away from the server tests' ports.
+fn port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    19_500 + (std::process::id() % 200) as u16 * 10 + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("c1m-client-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn summary(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary.json parses")
+}
+
+fn hist(dir: &Path, name: &str) -> hdrhistogram::Histogram<u64> {
+    let f = std::fs::File::open(dir.join(format!("{name}.v2.hdr"))).expect("V2 histogram");
+    hgrm::read_v2(f).expect("V2 histogram parses")
+}
+
+#[test]
+fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never() {
+    let dir = out_dir("expiry");
+    let addr = format!("127.0.0.1:{}", port());
+    let started = Instant::now();
+    let out = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .args(["--server-flags", "--timeout 1s --tick 100ms --cores 0"])
+        .args(["--conns", "400", "--silent", "0.5", "--heartbeat", "250ms"])
+        .args([
+            "--hold",
+            "3s",
+            "--expiry-window",
+            "3s",
+            "--cores",
+            "0-1",
+            "--quiet",
+        ])
+        .args(["--ips", "127.0.0.2-127.0.0.5", "--id-prefix", "test-"])
+        .arg("--out")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("client runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "client failed: {stdout}\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(stdout.contains("results: "), "{stdout}");
+
+    let s = summary(&dir);
+    let f = &s["figures"];
+    let n = |k: &str| f[k].as_u64().unwrap_or_else(|| panic!("{k} in {f}"));
+    assert_eq!(n("established"), 400, "{f}");
+    assert_eq!(n("failed"), 0, "{f}");
+    assert_eq!(n("expired"), 200, "every silent device expired: {f}");
+    assert_eq!(n("false_expiries"), 0, "{f}");
+    assert_eq!(n("expired_early"), 0, "{f}");
+    assert_eq!(n("unexpired"), 0, "{f}");
+    assert!(n("heartbeats") >= 200 * 8, "heartbeats went out: {f}");
+    assert!(n("heartbeat_replies") * 10 >= n("heartbeats") * 9, "{f}");
+    // Expired within the server's timeout + one tick + 2 s of slack.
+    let max_lag_ms = f["expiry_lag_max_ms"].as_f64().unwrap();
+    assert!(
+        max_lag_ms <= 100.0 + 2000.0,
+        "expiry lag {max_lag_ms} ms: {f}"
+    );
+    assert_eq!(s["config"]["server_timeout_s"].as_f64(), Some(1.0));
+    assert!(s["machine"]["kernel"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert!(
+        s["server"]["exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("exit status: 0")),
+        "{s}"
+    );
+
+    // Histogram counts are the connection counts.
+    assert_eq!(hist(&dir, "connect").len(), 400);
+    assert_eq!(hist(&dir, "expiry_lag").len(), 200);
+    assert_eq!(hist(&dir, "heartbeat_rtt").len(), n("heartbeat_replies"));
+    let text = std::fs::read_to_string(dir.join("connect.hgrm")).unwrap();
+    let (rows, total) = hgrm::read_percentiles(&text).expect("connect.hgrm parses");
+    assert_eq!(total, 400);
+    assert_eq!(rows.last().map(|r| r.2), Some(400));
+
+    // The timeline saw the fleet up and the expiries.
+    let rows = timeline::read_csv(&std::fs::read_to_string(dir.join("timeline.csv")).unwrap())
+        .expect("timeline.csv parses");
+    assert!(rows.iter().any(|r| r.established == 400), "{rows:?}");
+    assert_eq!(rows.iter().map(|r| r.connects_per_s).sum::<u64>(), 400);
+    assert_eq!(rows.iter().map(|r| r.expiries_per_s).sum::<u64>(), 200);
+    for svg in ["connect_rate.svg", "connect_latency.svg", "expiry.svg"] {
+        let text = std::fs::read_to_string(dir.join(svg)).unwrap();
+        assert!(text.starts_with("<svg"), "{svg}");
+    }
+    assert!(std::fs::read_to_string(dir.join("summary.md"))
+        .unwrap()
+        .contains("| Silent devices expired by the server | 200 |"));
+    assert!(std::fs::read_to_string(dir.join("server.log"))
+        .unwrap()
+        .contains("final"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigint_closes_the_fleet_and_writes_what_it_has() {
+    let dir = out_dir("sigint");
+    let addr = format!("127.0.0.1:{}", port());
+    let mut child = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .args([
+            "--conns",
+            "200",
+            "--heartbeat",
+            "1s",
+            "--hold",
+            "10m",
+            "--quiet",
+        ])
+        .arg("--out")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client starts");
+    // The server starts and 200 devices connect well within this.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "client ignored SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let s = summary(&dir);
+    assert_eq!(s["figures"]["interrupted"], Value::Bool(true));
+    assert_eq!(s["figures"]["established"].as_u64(), Some(200), "{s}");
+    assert!(s["server"]["exit"]
+        .as_str()
+        .is_some_and(|e| e.contains("exit status: 0")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence() {
+    let out = Command::new(CLIENT)
+        .args(["--conns", "5000000", "--server", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // RLIMIT_NOFILE here; the port range on a host with the limit raised.
+    let why = err.contains("RLIMIT_NOFILE") || err.contains("do not fit");
+    assert!(why && err.lines().count() == 1, "{err}");
+    let out = Command::new(CLIENT)
+        .args(["--ips", "127.0.0.9-127.0.0.2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+}
