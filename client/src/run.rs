@@ -103,7 +103,11 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let mut measured = Measured::new();
     let mut errors = Vec::new();
     let mut done = 0;
-    let mut rows: Vec<Row> = Vec::new();
+    let mut rows = vec![Row {
+        client_rss_bytes: start.client_rss,
+        server_rss_bytes: start.server_rss,
+        ..Row::default()
+    }];
     let mut prev = start;
     let (mut ramp_end, mut hold_end) = (None, None);
     let mut interrupted = false;

@@ -31,20 +31,16 @@ fn ratio(num: f64, den: f64) -> Value {
     }
 }
 
-/// Median of the per-second connection rate over the whole seconds of the
-/// ramp (the first and last, partial, seconds left out when there are more).
+/// Median of the per-second connection rate over the seconds that lay
+/// wholly within the ramp; None when the ramp was shorter than two of them.
 pub fn median_conn_rate(o: &Outcome) -> Option<f64> {
-    let end = o.ramp_s?;
+    let end = o.ramp_s?.floor();
     let mut v: Vec<u64> = o
         .rows
         .iter()
-        .filter(|r| r.t_s <= end + 1.0)
+        .filter(|r| r.t_s > 0.0 && r.t_s <= end)
         .map(|r| r.connects_per_s)
         .collect();
-    if v.len() > 2 {
-        v.remove(0);
-        v.pop();
-    }
     if v.len() < 2 {
         return None;
     }
