@@ -17,4 +17,6 @@ pub mod readiness;
 pub mod shard;
 pub mod socket;
 pub mod stats;
+pub mod supervisor;
 pub mod wheel;
+pub mod workers;

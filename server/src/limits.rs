@@ -81,7 +81,7 @@ impl Host {
         }
         Some(match bound {
             Bound::Nofile => format!(
-                "this process may open {} files (RLIMIT_NOFILE), so it holds about {can} connections, not {wanted}: raise the limit (kernel-tuning/limits.d, LimitNOFILE=) or run {} server processes with --join",
+                "this process may open {} files (RLIMIT_NOFILE), so it holds about {can} connections, not {wanted}: raise the limit (kernel-tuning/limits.d, LimitNOFILE=) or run --procs {}",
                 self.nofile,
                 wanted.div_ceil(can.max(1))
             ),
@@ -143,10 +143,7 @@ mod tests {
             said.contains("about 19936 connections, not 1000000"),
             "{said}"
         );
-        assert!(
-            said.contains("run 51 server processes with --join"),
-            "{said}"
-        );
+        assert!(said.contains("run --procs 51"), "{said}");
         let host = Host {
             nofile: BIG,
             files_free: BIG,

@@ -83,11 +83,24 @@ pub struct Snapshot {
 /// `t=` is seconds since start; every key appears once (rates end in `/s`,
 /// totals follow `|`), stable for grep and awk.
 pub fn line(t: f64, shards: &[Snapshot], prev: &Counters, now: &Counters, secs: f64) -> String {
+    grouped_line("shards", t, shards, prev, now, secs)
+}
+
+/// [`line`] with the per-group list named `group` (`workers` for a
+/// `--procs` parent, whose snapshots are its workers').
+pub fn grouped_line(
+    group: &str,
+    t: f64,
+    shards: &[Snapshot],
+    prev: &Counters,
+    now: &Counters,
+    secs: f64,
+) -> String {
     let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs.max(1e-9);
     let open: u64 = shards.iter().map(|s| s.open).sum();
     let sockets: u64 = shards.iter().map(|s| s.sockets).sum();
     let mut s = String::with_capacity(400);
-    let _ = write!(s, "t={t:.1} conns={open} sockets={sockets} shards=[");
+    let _ = write!(s, "t={t:.1} conns={open} sockets={sockets} {group}=[");
     for (i, sh) in shards.iter().enumerate() {
         let _ = write!(s, "{}{}", if i > 0 { "," } else { "" }, sh.open);
     }
@@ -131,6 +144,38 @@ pub fn totals(c: &Counters) -> String {
     )
 }
 
+/// Reads a stats line or a `final` line back: (conns, sockets, totals);
+/// conns and sockets are 0 in a `final` line. None if it is neither.
+pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
+    let (head, totals) = line.split_once("total ")?;
+    let field = |text: &str, key: &str| -> Option<u64> {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    let t = |key: &str| field(totals, key);
+    let c = Counters {
+        accepted: t("accepted")?,
+        upgraded: t("upgraded")?,
+        frames: t("frames")?,
+        expired: t("expired")?,
+        client_close: t("client_close")?,
+        peer_gone: t("peer_gone")?,
+        protocol_error: t("protocol_error")?,
+        handshake_timeout: t("handshake_timeout")?,
+        frame_timeout: t("frame_timeout")?,
+        rejected: t("rejected")?,
+        slow_reader: t("slow_reader")?,
+        shutdown: t("shutdown")?,
+        accept_exhausted: t("accept_exhausted")?,
+        internal_error: t("internal_error")?,
+    };
+    Some((
+        field(head, "conns").unwrap_or(0),
+        field(head, "sockets").unwrap_or(0),
+        c,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +216,25 @@ mod tests {
             "{l}"
         );
         assert_eq!(sum.closed(), 8);
+        assert_eq!(parse(&l), Some((6, 6, sum)));
+        let all = Counters {
+            accepted: 1,
+            upgraded: 2,
+            frames: 3,
+            expired: 4,
+            client_close: 5,
+            peer_gone: 6,
+            protocol_error: 7,
+            handshake_timeout: 8,
+            frame_timeout: 9,
+            rejected: 10,
+            slow_reader: 11,
+            shutdown: 12,
+            accept_exhausted: 13,
+            internal_error: 14,
+        };
+        assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
+        assert_eq!(parse("server: listening"), None);
+        assert_eq!(parse("final total accepted=1"), None);
     }
 }

@@ -96,6 +96,14 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     drain_timeout: Duration,
+    /// run this many worker processes, each with its share of --cores and
+    /// of the connections, in one SO_REUSEPORT group; for hosts where
+    /// RLIMIT_NOFILE cannot be raised (default 1: no workers)
+    #[argh(option, default = "1")]
+    procs: usize,
+    /// with --procs, also print each worker's stats lines (prefixed)
+    #[argh(switch)]
+    worker_stats: bool,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +119,22 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), String> {
     let cores = args.cores.clone().unwrap_or_else(allowed_cpus);
+    if args.procs == 0 {
+        return Err("--procs must be at least 1".into());
+    }
+    if args.procs > 1 {
+        let signals = block_signals();
+        return c1m::supervisor::Supervisor {
+            procs: args.procs,
+            cpus: cores,
+            listen: args.listen,
+            join: args.join,
+            args: std::env::args().skip(1).collect(),
+            stats_interval: args.stats_interval,
+            worker_stats: args.worker_stats,
+        }
+        .run(|wait| wait_signal(&signals, wait));
+    }
     let print_stats = !args.stats_interval.is_zero();
     // Every connection is a descriptor: past RLIMIT_NOFILE accept fails with
     // EMFILE, so by default the shards stop at their share of it (and answer

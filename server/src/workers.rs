@@ -1,0 +1,144 @@
+//! Worker processes past the file-descriptor limit (`--procs N`): the parent
+//! re-executes its own binary N times with its own arguments, minus the
+//! ones only the parent acts on, plus each worker's share (CPUs, devices).
+//! Both binaries use this; what a parent does with its workers' output
+//! (aggregate stats, merge histograms) is theirs.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Sender;
+
+/// The CPUs worker `i` of `procs` runs on: with at least as many workers as
+/// CPUs, one CPU each, round-robin; with fewer, every `procs`-th CPU.
+pub fn cpus_for(i: usize, procs: usize, cpus: &[usize]) -> Vec<usize> {
+    if cpus.is_empty() {
+        return Vec::new();
+    }
+    if procs >= cpus.len() {
+        vec![cpus[i % cpus.len()]]
+    } else {
+        cpus.iter().copied().skip(i).step_by(procs).collect()
+    }
+}
+
+/// `0,2,4`: a CPU list for `--cores`.
+pub fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `args` without the options in `drop` (`(name, takes a value)`), in
+/// either `--name value` or `--name=value` form.
+pub fn without(args: &[String], drop: &[(&str, bool)]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
+        match drop.iter().find(|(d, _)| *d == name) {
+            Some((_, true)) if !a.contains('=') => {
+                it.next();
+            }
+            Some(_) => {}
+            None => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// One line a worker printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub worker: usize,
+    pub stderr: bool,
+    pub text: String,
+}
+
+/// Starts this binary as worker `worker` with `args`; its stdout and stderr
+/// lines arrive on `lines` (a reader thread per stream, ending at EOF).
+pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut cmd = Command::new(&exe);
+    // SAFETY: prctl in the forked child before exec touches no shared state.
+    // A worker whose parent dies (even by SIGKILL) gets SIGTERM and drains,
+    // rather than living on unsupervised.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start worker {worker} ({}): {e}", exe.display()))?;
+    // Infallible: both streams were asked for as pipes just above.
+    let out = child.stdout.take().expect("piped stdout");
+    let err = child.stderr.take().expect("piped stderr");
+    for (stream, stderr) in [
+        (Box::new(out) as Box<dyn std::io::Read + Send>, false),
+        (Box::new(err), true),
+    ] {
+        let tx = lines.clone();
+        std::thread::Builder::new()
+            .name(format!(
+                "worker{worker}-{}",
+                if stderr { "err" } else { "out" }
+            ))
+            .spawn(move || {
+                for text in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx
+                        .send(Line {
+                            worker,
+                            stderr,
+                            text,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start a reader for worker {worker}: {e}"))?;
+    }
+    Ok(child)
+}
+
+/// Sends `signal` to the process `pid` (ignoring one that is gone).
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a pid this process started.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_go_round_robin() {
+        assert_eq!(cpus_for(0, 60, &[0, 1]), vec![0]);
+        assert_eq!(cpus_for(59, 60, &[0, 1]), vec![1]);
+        assert_eq!(cpus_for(1, 2, &[0, 1, 2, 3]), vec![1, 3]);
+        assert_eq!(cpus_for(0, 3, &[4, 5, 6, 7]), vec![4, 7]);
+        assert_eq!(cpu_list(&[0, 2, 4]), "0,2,4");
+    }
+
+    #[test]
+    fn parent_only_options_are_dropped_in_both_forms() {
+        let args: Vec<String> =
+            "--listen 127.0.0.1:9 --procs 3 --cores=0-1 --join --echo --timeout 5s"
+                .split(' ')
+                .map(String::from)
+                .collect();
+        let kept = without(
+            &args,
+            &[("--procs", true), ("--cores", true), ("--join", false)],
+        );
+        assert_eq!(kept.join(" "), "--listen 127.0.0.1:9 --echo --timeout 5s");
+    }
+}
