@@ -89,6 +89,9 @@ pub struct Plan {
     /// How long past `server_timeout` a silent device may wait to be expired.
     pub expiry_window: Duration,
     pub connect_timeout: Duration,
+    /// After the hold, every device stops heartbeating (each after its last
+    /// beat), so that the server deletes the whole fleet.
+    pub go_silent: bool,
     pub id_prefix: String,
     /// Tag in every device id, unique per run.
     pub run_tag: u16,
@@ -147,6 +150,8 @@ pub struct Fleet {
     hold_end: Option<Instant>,
     /// When this core had tried every device and heard back from each.
     ramp_done_us: Option<u64>,
+    /// With `go_silent`: when the fleet began falling silent.
+    silence_us: Option<u64>,
     silent_open: u64,
     last_silent_sent_us: u64,
     heartbeat_ticks: u64,
@@ -194,6 +199,7 @@ impl Fleet {
             phase: Phase::Ramp,
             hold_end: None,
             ramp_done_us: None,
+            silence_us: None,
             silent_open: 0,
             last_silent_sent_us: 0,
             heartbeat_ticks,
@@ -347,8 +353,21 @@ impl Fleet {
         }
         if self.phase == Phase::Hold && self.hold_end.is_some_and(|end| now >= end) {
             self.phase = Phase::Expiry;
+            if self.plan.go_silent {
+                self.silence_us = Some(now_us(&self.plan, now));
+            }
         }
-        if self.phase == Phase::Expiry {
+        if let (Phase::Expiry, Some(silence)) = (self.phase, self.silence_us) {
+            // Each device falls silent at its next beat, so the last one does
+            // within 1.1 heartbeats of the start of the silence.
+            let window_end = silence
+                + self.heartbeat_ticks * TICK_US * 11 / 10
+                + self.server_timeout_us
+                + self.plan.expiry_window.as_micros() as u64;
+            if self.counters.open == 0 || now_us(&self.plan, now) >= window_end {
+                self.finish();
+            }
+        } else if self.phase == Phase::Expiry {
             let window_end = self.last_silent_sent_us
                 + self.server_timeout_us
                 + self.plan.expiry_window.as_micros() as u64;
@@ -360,7 +379,11 @@ impl Fleet {
 
     /// Closes every device (with a reset: no TIME_WAIT left behind).
     fn finish(&mut self) {
-        self.counters.unexpired = self.silent_open;
+        self.counters.unexpired = if self.silence_us.is_some() {
+            self.counters.open
+        } else {
+            self.silent_open
+        };
         for d in self.devices.drain() {
             socket::close(d.fd.into_raw_fd(), true);
         }
@@ -636,6 +659,13 @@ impl Fleet {
         let key = e.key as usize;
         match d.state {
             State::Connecting | State::Upgrading => self.fail(key, Failure::Timeout),
+            State::Open if self.silence_us.is_some() => {
+                // The fleet is falling silent: this device's last beat was its last.
+                d.silent = true;
+                d.due = u64::MAX;
+                self.silent_open += 1;
+                self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
+            }
             State::Open => self.heartbeat(key),
         }
     }

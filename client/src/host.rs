@@ -14,6 +14,25 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// `pid` and its children (a `--procs` parent and its workers).
+pub fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            pids.extend(kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
+        }
+    }
+    pids
+}
+
+/// CPU time (ns) and RSS (bytes) of `pid` and its children together.
+pub fn tree_usage(pid: u32) -> (u64, u64) {
+    with_children(pid)
+        .into_iter()
+        .fold((0, 0), |(c, r), p| (c + cpu_ns(p), r + rss(p)))
+}
+
 /// Resident set size of `pid` in bytes (0 if it is gone).
 pub fn rss(pid: u32) -> u64 {
     status_kib(&format!("/proc/{pid}/status"), "VmRSS:") * 1024
@@ -93,6 +112,11 @@ mod tests {
         let spin: u64 = (0..5_000_000u64).fold(0, |a, b| a ^ b.wrapping_mul(31));
         assert!(cpu_ns(me) > 0, "{spin}");
         assert_eq!((rss(u32::MAX), cpu_ns(u32::MAX)), (0, 0));
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert!(with_children(me).contains(&child.id()));
+        assert!(tree_usage(me).1 > rss(me));
+        child.kill().unwrap();
+        child.wait().unwrap();
         let f = facts(1024);
         assert!(f["cores"].as_u64().unwrap() >= 1);
         assert!(!f["kernel"].as_str().unwrap().is_empty());

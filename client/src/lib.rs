@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod hgrm;
 pub mod host;
 pub mod ips;
+pub mod limits;
 pub mod metrics;
 pub mod output;
 pub mod plots;

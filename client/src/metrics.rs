@@ -140,6 +140,57 @@ impl Counters {
     }
 }
 
+impl Counters {
+    /// Sets the field named as in [`Counters::fields`]; false if none is.
+    pub fn set(&mut self, name: &str, v: u64) -> bool {
+        let f = match name {
+            "attempted" => &mut self.attempted,
+            "established" => &mut self.established,
+            "open" => &mut self.open,
+            "failed" => &mut self.failed,
+            "failed_refused" => &mut self.refused,
+            "failed_timeout" => &mut self.timeout,
+            "failed_reset" => &mut self.reset,
+            "failed_http_status" => &mut self.http_status,
+            "last_http_status" => &mut self.last_http_status,
+            "failed_eaddrnotavail" => &mut self.addr_not_avail,
+            "failed_emfile" => &mut self.out_of_files,
+            "failed_other" => &mut self.other,
+            "heartbeats" => &mut self.heartbeats,
+            "heartbeat_replies" => &mut self.replies,
+            "heartbeats_blocked" => &mut self.send_blocked,
+            "expired" => &mut self.expired,
+            "expired_early" => &mut self.expired_early,
+            "false_expiries" => &mut self.false_expiries,
+            "unexpired" => &mut self.unexpired,
+            "bad_server_frames" => &mut self.bad_frames,
+            _ => return false,
+        };
+        *f = v;
+        true
+    }
+
+    /// `name=value ...` of every field: how a worker process reports.
+    pub fn to_words(&self) -> String {
+        self.fields()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Reads [`Counters::to_words`] back (other words are skipped).
+    pub fn from_words(text: &str) -> Counters {
+        let mut c = Counters::default();
+        for (k, v) in text.split_whitespace().filter_map(|w| w.split_once('=')) {
+            if let Ok(v) = v.parse() {
+                c.set(k, v);
+            }
+        }
+        c
+    }
+}
+
 /// Where a core is in the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
@@ -151,6 +202,23 @@ pub enum Phase {
     Expiry,
     /// Closed everything.
     Done,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Ramp => "ramp",
+            Phase::Hold => "hold",
+            Phase::Expiry => "expiry",
+            Phase::Done => "done",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Phase> {
+        [Phase::Ramp, Phase::Hold, Phase::Expiry, Phase::Done]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
 }
 
 /// A core's histograms, in microseconds.
@@ -230,5 +298,12 @@ mod tests {
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
         assert_eq!(b.fields().len(), 20);
+        // Every field survives a worker's report line.
+        let mut all = Counters::default();
+        for (i, (k, _)) in Counters::default().fields().iter().enumerate() {
+            assert!(all.set(k, i as u64 + 1), "{k}");
+        }
+        assert_eq!(Counters::from_words(&format!("c1m-progress phase=hold {}", all.to_words())), all);
+        assert!(!all.set("nonsense", 1));
     }
 }

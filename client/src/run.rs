@@ -4,6 +4,8 @@
 //! final counts and histograms. Cores share nothing but the stop flag and
 //! the report channel.
 
+use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -11,15 +13,28 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::fleet::{Fleet, Plan};
+use crate::hgrm;
 use crate::host;
 use crate::metrics::{Counters, Measured, Phase, Report};
 use crate::progress::{self, Progress};
 use crate::timeline::Row;
 
+/// One worker process of a `--procs` parent.
+pub struct WorkerLaunch {
+    /// Its arguments (its share of the devices, its CPUs, `dir`).
+    pub args: Vec<String>,
+    /// Its results directory, where its histograms are read from.
+    pub dir: PathBuf,
+}
+
 pub struct Options {
     pub plan: Plan,
-    /// One executor per CPU listed.
+    /// One executor per CPU listed (when `workers` is empty).
     pub cpus: Vec<usize>,
+    /// Worker processes instead of executors in this process (`--procs`).
+    pub workers: Vec<WorkerLaunch>,
+    /// This process is a worker: report on stdout in `c1m-progress` lines.
+    pub report_lines: bool,
     /// The server's pid, to measure its CPU and memory.
     pub server_pid: Option<u32>,
     /// Print the progress line.
@@ -62,18 +77,47 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let me = std::process::id();
-    let mark = |t_s: f64, counters: Counters| Mark {
-        t_s,
-        counters,
-        client_cpu_ns: host::cpu_ns(me),
-        client_rss: host::rss(me),
-        server_cpu_ns: opts.server_pid.map_or(0, host::cpu_ns),
-        server_rss: opts.server_pid.map_or(0, host::rss),
+    let server_pid = opts.server_pid;
+    let mark = |t_s: f64, counters: Counters| {
+        let (client_cpu_ns, client_rss) = host::tree_usage(me);
+        let (server_cpu_ns, server_rss) = server_pid.map_or((0, 0), host::tree_usage);
+        Mark {
+            t_s,
+            counters,
+            client_cpu_ns,
+            client_rss,
+            server_cpu_ns,
+            server_rss,
+        }
     };
     let start = mark(0.0, Counters::default());
 
     let mut handles = Vec::new();
-    for (core, &cpu) in opts.cpus.iter().enumerate() {
+    let mut children: Vec<Child> = Vec::new();
+    if !opts.workers.is_empty() {
+        let (ltx, lrx) = mpsc::channel();
+        for (i, w) in opts.workers.iter().enumerate() {
+            match c1m::workers::spawn(i, &w.args, &ltx) {
+                Ok(c) => children.push(c),
+                Err(e) => {
+                    for c in &mut children {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        drop(ltx);
+        let dirs: Vec<PathBuf> = opts.workers.iter().map(|w| w.dir.clone()).collect();
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("worker-reports".into())
+            .spawn(move || translate(lrx, &dirs, &tx))
+            .map_err(|e| format!("cannot start the worker report reader: {e}"))?;
+    }
+    let cpus: &[usize] = if opts.workers.is_empty() { &opts.cpus } else { &[] };
+    for (core, &cpu) in cpus.iter().enumerate() {
         let (plan, stop, tx) = (plan.clone(), stop.clone(), tx.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("client-{core}"))
@@ -98,7 +142,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     }
     drop(tx);
 
-    let cores = opts.cpus.len();
+    let cores = cpus.len() + children.len();
     let mut latest = vec![(Phase::Ramp, Counters::default()); cores];
     let mut measured = Measured::new();
     let mut errors = Vec::new();
@@ -118,16 +162,23 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let mut second = 1u64;
     let mut next = plan.origin + Duration::from_secs(1) + READ_AFTER;
     while done < cores {
-        if let Some(sig) = wait_signal(&signals, next.saturating_duration_since(Instant::now())) {
-            if interrupted {
+        let signal = wait_signal(&signals, next.saturating_duration_since(Instant::now()));
+        if let Some(sig) = signal {
+            if !interrupted {
+                interrupted = true;
+                stop.store(true, Relaxed);
+                for c in &children {
+                    c1m::workers::signal(c.id(), libc::SIGTERM);
+                }
+                progress.finish();
+                eprintln!("client: signal {sig}: closing connections and writing what was measured");
+            } else if !opts.report_lines {
+                // (A worker gets both the terminal's SIGINT and its parent's
+                // SIGTERM: the first already stopped it.)
                 progress.finish();
                 eprintln!("client: second signal {sig}: exiting without writing results");
                 std::process::exit(130);
             }
-            interrupted = true;
-            stop.store(true, Relaxed);
-            progress.finish();
-            eprintln!("client: signal {sig}: closing connections and writing what was measured");
         }
         loop {
             match rx.try_recv() {
@@ -203,7 +254,9 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         if hold_end.is_none() && max_phase >= Phase::Expiry {
             hold_end = Some(m);
         }
-        if opts.progress {
+        if opts.report_lines {
+            println!("c1m-progress phase={} {}", min_phase.name(), sum.to_words());
+        } else if opts.progress {
             let eta = match min_phase {
                 Phase::Ramp if plan.rate_per_core > 0.0 => Some(
                     (plan.devices.saturating_sub(sum.attempted)) as f64
@@ -225,6 +278,13 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             errors.push("a core's executor panicked".into());
         }
     }
+    for (i, mut c) in children.into_iter().enumerate() {
+        match c.wait() {
+            Ok(s) if s.success() || s.code() == Some(2) => {}
+            Ok(s) => errors.push(format!("worker {i} exited {s}")),
+            Err(e) => errors.push(format!("worker {i}: {e}")),
+        }
+    }
     let mut counters = Counters::default();
     for (_, c) in &latest {
         counters.add(c);
@@ -242,6 +302,79 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         errors,
         interrupted,
         elapsed_s: plan.origin.elapsed().as_secs_f64(),
+    })
+}
+
+/// Turns worker processes' lines into the reports their executors would
+/// have sent: `c1m-progress` each second, `c1m-done` at the end (then their
+/// histograms are read from their directories); stderr is passed on.
+fn translate(lines: mpsc::Receiver<c1m::workers::Line>, dirs: &[PathBuf], tx: &mpsc::Sender<Report>) {
+    let mut last = vec![Counters::default(); dirs.len()];
+    let mut done = vec![false; dirs.len()];
+    for line in lines {
+        let w = line.worker;
+        if line.stderr {
+            if !line.eof {
+                let text = line.text.strip_prefix("client: ").unwrap_or(&line.text);
+                eprintln!("client: worker {w}: {text}");
+            }
+            continue;
+        }
+        let word = |key: &str| {
+            line.text
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        if line.eof {
+            if !done[w] {
+                done[w] = true;
+                let _ = tx.send(Report::Done {
+                    core: w,
+                    counters: last[w],
+                    measured: Box::default(),
+                    ramp_done_us: None,
+                    error: Some(format!(
+                        "worker {w} ended without its final report (its messages are above)"
+                    )),
+                });
+            }
+        } else if line.text.starts_with("c1m-progress ") {
+            last[w] = Counters::from_words(&line.text);
+            let phase = word("phase").and_then(|p| Phase::from_name(&p)).unwrap_or(Phase::Ramp);
+            let _ = tx.send(Report::Progress {
+                core: w,
+                phase,
+                counters: last[w],
+            });
+        } else if line.text.starts_with("c1m-done ") {
+            done[w] = true;
+            let (measured, error) = match load_measured(&dirs[w]) {
+                Ok(m) => (m, None),
+                Err(e) => (Measured::new(), Some(format!("worker {w}: {e}"))),
+            };
+            let _ = tx.send(Report::Done {
+                core: w,
+                counters: Counters::from_words(&line.text),
+                measured: Box::new(measured),
+                ramp_done_us: word("ramp_us").and_then(|v| v.parse().ok()),
+                error,
+            });
+        }
+    }
+}
+
+/// A worker's histograms, from its V2 files.
+pub fn load_measured(dir: &Path) -> Result<Measured, String> {
+    let read = |name: &str| {
+        let p = dir.join(format!("{name}.v2.hdr"));
+        let f = std::fs::File::open(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        hgrm::read_v2(f).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    Ok(Measured {
+        connect: read("connect")?,
+        heartbeat_rtt: read("heartbeat_rtt")?,
+        expiry_lag: read("expiry_lag")?,
     })
 }
 

@@ -239,6 +239,9 @@ impl Supervisor {
 
     fn on_line(&self, ws: &mut [Worker], line: Line) {
         let w = &mut ws[line.worker];
+        if line.eof {
+            return;
+        }
         if line.stderr {
             let text = line.text.strip_prefix("server: ").unwrap_or(&line.text);
             eprintln!("server: worker {}: {text}", line.worker);

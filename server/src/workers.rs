@@ -54,6 +54,8 @@ pub struct Line {
     pub worker: usize,
     pub stderr: bool,
     pub text: String,
+    /// The stream ended (the worker exited or closed it); `text` is empty.
+    pub eof: bool,
 }
 
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
@@ -91,18 +93,21 @@ pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Chi
                 if stderr { "err" } else { "out" }
             ))
             .spawn(move || {
+                let send = |text: String, eof: bool| {
+                    let line = Line {
+                        worker,
+                        stderr,
+                        text,
+                        eof,
+                    };
+                    tx.send(line).is_ok()
+                };
                 for text in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if tx
-                        .send(Line {
-                            worker,
-                            stderr,
-                            text,
-                        })
-                        .is_err()
-                    {
-                        break;
+                    if !send(text, false) {
+                        return;
                     }
                 }
+                send(String::new(), true);
             })
             .map_err(|e| format!("cannot start a reader for worker {worker}: {e}"))?;
     }

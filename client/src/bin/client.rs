@@ -14,7 +14,8 @@ use c1m::config::{parse_cpus, parse_duration, raise_nofile};
 use c1m_client::fleet::{HeartbeatKind, Plan};
 use c1m_client::run::{self, Options};
 use c1m_client::spawn::{self, SpawnedServer};
-use c1m_client::{device, host, ips, output, summary};
+use c1m_client::run::WorkerLaunch;
+use c1m_client::{device, host, ips, limits, output, summary};
 use serde_json::json;
 
 /// A fleet of WebSocket devices for load-testing a c1m server.
@@ -106,6 +107,18 @@ struct Args {
     /// no progress line
     #[argh(switch)]
     quiet: bool,
+    /// after the hold, every device stops heartbeating (each after its
+    /// last beat) and the run waits for the server to delete the whole fleet
+    #[argh(switch)]
+    go_silent: bool,
+    /// run this many worker processes, each with its share of the devices
+    /// and of --cores, for hosts where RLIMIT_NOFILE cannot be raised; one
+    /// merged results directory, each worker's own in worker-N/ (default 1)
+    #[argh(option, default = "1")]
+    procs: u64,
+    /// internal: set by a --procs parent, this process is its worker N
+    #[argh(option)]
+    worker: Option<u64>,
 }
 
 fn main() {
@@ -117,6 +130,48 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// The command lines of a `--procs` parent's workers: its own arguments
+/// minus what only the parent does, plus each worker's index, CPUs and
+/// results directory.
+fn worker_launches(args: &Args, dir: &std::path::Path, cpus: &[usize], server_timeout: Duration) -> Vec<WorkerLaunch> {
+    let own: Vec<String> = std::env::args().skip(1).collect();
+    let kept = c1m::workers::without(
+        &own,
+        &[
+            ("--procs", true),
+            ("--worker", true),
+            ("--cores", true),
+            ("--out", true),
+            ("--spawn-server", false),
+            ("--server-flags", true),
+            ("--server-bin", true),
+            ("--server-pid", true),
+            ("--server-timeout", true),
+            ("--quiet", false),
+        ],
+    );
+    (0..args.procs)
+        .map(|i| {
+            let wdir = dir.join(format!("worker-{i}"));
+            let mut a = kept.clone();
+            a.extend([
+                "--procs".to_string(),
+                args.procs.to_string(),
+                "--worker".into(),
+                i.to_string(),
+                "--cores".into(),
+                c1m::workers::cpu_list(&c1m::workers::cpus_for(i as usize, args.procs as usize, cpus)),
+                "--server-timeout".into(),
+                format!("{}ms", server_timeout.as_millis()),
+                "--quiet".into(),
+                "--out".into(),
+                wdir.display().to_string(),
+            ]);
+            WorkerLaunch { args: a, dir: wdir }
+        })
+        .collect()
 }
 
 fn run(args: Args) -> Result<i32, String> {
@@ -170,16 +225,23 @@ fn run(args: Args) -> Result<i32, String> {
         None => args.rate,
     };
 
+    if args.procs == 0 || args.procs > args.conns {
+        return Err(format!("--procs {} must be between 1 and --conns", args.procs));
+    }
+    if args.worker.is_some_and(|w| w >= args.procs) {
+        return Err("--worker is set by a --procs parent, below --procs".into());
+    }
     let nofile = raise_nofile();
     let cpus = args.cores.clone().unwrap_or_else(c1m::config::allowed_cpus);
-    // Per core: its epoll set, a wakeup dup and glommio's rings.
-    let spare = 32 + 8 * cpus.len() as u64;
-    if args.conns + spare > nofile {
-        return Err(format!(
-            "this process may open {nofile} files (RLIMIT_NOFILE); {} connections need {}: lower --conns or raise the limit (see kernel-tuning/)",
-            args.conns,
-            args.conns + spare
-        ));
+    let parent = args.procs > 1 && args.worker.is_none();
+    if args.worker.is_none() {
+        let per_proc = if parent {
+            c1m::workers::cpus_for(0, args.procs as usize, &cpus).len()
+        } else {
+            cpus.len()
+        };
+        let host = c1m::limits::Host::read(nofile);
+        limits::check(&host, args.conns, args.procs, per_proc, args.spawn_server)?;
     }
     ips::check_capacity(args.conns, sources.len(), &servers, ips::local_port_range())?;
 
@@ -228,13 +290,21 @@ fn run(args: Args) -> Result<i32, String> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let run_tag = (now as u64 ^ u64::from(std::process::id()).rotate_left(17)) as u16;
+    // A worker takes its share of the devices and of the rate; a parent
+    // plans for all of them, spread over its workers.
+    let (first_device, devices) = match args.worker {
+        Some(w) => limits::share(args.conns, args.procs, w),
+        None => (0, args.conns),
+    };
+    let units = if parent { args.procs as usize } else { cpus.len() };
+    let rate = rate * devices as f64 / args.conns as f64;
     let plan = Plan {
         servers: servers.clone(),
         sources: sources.clone(),
-        first_device: 0,
-        devices: args.conns,
-        cores: cpus.len(),
-        rate_per_core: rate / cpus.len() as f64,
+        first_device,
+        devices,
+        cores: units,
+        rate_per_core: rate / units as f64,
         concurrency: args.concurrency,
         heartbeat: args.heartbeat,
         kind: args.heartbeat_kind,
@@ -243,14 +313,22 @@ fn run(args: Args) -> Result<i32, String> {
         hold: args.hold,
         expiry_window: args.expiry_window,
         connect_timeout: args.connect_timeout,
+        go_silent: args.go_silent,
         id_prefix: args.id_prefix.clone(),
         run_tag,
         origin: Instant::now(),
     };
     let sockstat_before = host::sockstat();
+    let workers = if parent {
+        worker_launches(&args, &dir, &cpus, server_timeout)
+    } else {
+        Vec::new()
+    };
     let outcome = run::run(Options {
         plan,
         cpus: cpus.clone(),
+        workers,
+        report_lines: args.worker.is_some(),
         server_pid,
         progress: !args.quiet,
     });
@@ -273,6 +351,11 @@ fn run(args: Args) -> Result<i32, String> {
         "hold_s": args.hold.as_secs_f64(),
         "expiry_window_s": args.expiry_window.as_secs_f64(),
         "connect_timeout_s": args.connect_timeout.as_secs_f64(),
+        "go_silent": args.go_silent,
+        "procs": args.procs,
+        "worker": args.worker,
+        "first_device": first_device,
+        "devices": devices,
         "id_prefix": args.id_prefix,
         "run_tag": format!("{run_tag:04x}"),
         "spawn_server": args.spawn_server,
@@ -296,9 +379,19 @@ fn run(args: Args) -> Result<i32, String> {
         &outcome,
         doc,
         &command,
-        args.conns,
+        devices,
         server_pid.is_some(),
     )?;
+    if args.worker.is_some() {
+        // The parent reads this line, then the histograms in `dir`.
+        let ramp = outcome.ramp_s.map(|s| format!("ramp_us={:.0} ", s * 1e6));
+        println!(
+            "c1m-done {}{}",
+            ramp.unwrap_or_default(),
+            outcome.counters.to_words()
+        );
+        return Ok(0);
+    }
     println!("{md}");
     if let Some((status, last)) = &server {
         println!(
