@@ -20,7 +20,10 @@ pub fn with_children(pid: u32) -> Vec<u32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            pids.extend(kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
+            pids.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<u32>().ok()),
+            );
         }
     }
     pids
@@ -112,7 +115,10 @@ mod tests {
         let spin: u64 = (0..5_000_000u64).fold(0, |a, b| a ^ b.wrapping_mul(31));
         assert!(cpu_ns(me) > 0, "{spin}");
         assert_eq!((rss(u32::MAX), cpu_ns(u32::MAX)), (0, 0));
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         assert!(with_children(me).contains(&child.id()));
         assert!(tree_usage(me).1 > rss(me));
         child.kill().unwrap();

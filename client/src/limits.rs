@@ -80,7 +80,10 @@ mod tests {
     fn the_fd_limit_says_how_many_procs() {
         assert!(check(&host(20_000), 19_900, 1, 2, false).is_ok());
         let e = check(&host(20_000), 1_000_000, 1, 1, true).unwrap_err();
-        assert!(e.contains("--procs 51 here") && e.contains("RLIMIT_NOFILE"), "{e}");
+        assert!(
+            e.contains("--procs 51 here") && e.contains("RLIMIT_NOFILE"),
+            "{e}"
+        );
         assert!(check(&host(20_000), 1_000_000, 51, 1, true).is_ok());
         assert!(check(&host(20_000), 1_000_000, 50, 1, true).is_err());
         assert_eq!(procs_needed(1_000_000, 20_000, 40), 51);
@@ -94,7 +97,9 @@ mod tests {
             mem_available: BIG,
         };
         assert!(check(&h, 700_000, 1, 2, true).is_ok());
-        assert!(check(&h, 800_000, 1, 2, true).unwrap_err().contains("fs.file-max"));
+        assert!(check(&h, 800_000, 1, 2, true)
+            .unwrap_err()
+            .contains("fs.file-max"));
         let h = Host {
             nofile: BIG,
             files_free: BIG,

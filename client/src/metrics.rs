@@ -303,7 +303,10 @@ mod tests {
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {
             assert!(all.set(k, i as u64 + 1), "{k}");
         }
-        assert_eq!(Counters::from_words(&format!("c1m-progress phase=hold {}", all.to_words())), all);
+        assert_eq!(
+            Counters::from_words(&format!("c1m-progress phase=hold {}", all.to_words())),
+            all
+        );
         assert!(!all.set("nonsense", 1));
     }
 }

@@ -116,7 +116,11 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             .spawn(move || translate(lrx, &dirs, &tx))
             .map_err(|e| format!("cannot start the worker report reader: {e}"))?;
     }
-    let cpus: &[usize] = if opts.workers.is_empty() { &opts.cpus } else { &[] };
+    let cpus: &[usize] = if opts.workers.is_empty() {
+        &opts.cpus
+    } else {
+        &[]
+    };
     for (core, &cpu) in cpus.iter().enumerate() {
         let (plan, stop, tx) = (plan.clone(), stop.clone(), tx.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -171,7 +175,9 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                     c1m::workers::signal(c.id(), libc::SIGTERM);
                 }
                 progress.finish();
-                eprintln!("client: signal {sig}: closing connections and writing what was measured");
+                eprintln!(
+                    "client: signal {sig}: closing connections and writing what was measured"
+                );
             } else if !opts.report_lines {
                 // (A worker gets both the terminal's SIGINT and its parent's
                 // SIGTERM: the first already stopped it.)
@@ -308,7 +314,11 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
 /// Turns worker processes' lines into the reports their executors would
 /// have sent: `c1m-progress` each second, `c1m-done` at the end (then their
 /// histograms are read from their directories); stderr is passed on.
-fn translate(lines: mpsc::Receiver<c1m::workers::Line>, dirs: &[PathBuf], tx: &mpsc::Sender<Report>) {
+fn translate(
+    lines: mpsc::Receiver<c1m::workers::Line>,
+    dirs: &[PathBuf],
+    tx: &mpsc::Sender<Report>,
+) {
     let mut last = vec![Counters::default(); dirs.len()];
     let mut done = vec![false; dirs.len()];
     for line in lines {
@@ -341,7 +351,9 @@ fn translate(lines: mpsc::Receiver<c1m::workers::Line>, dirs: &[PathBuf], tx: &m
             }
         } else if line.text.starts_with("c1m-progress ") {
             last[w] = Counters::from_words(&line.text);
-            let phase = word("phase").and_then(|p| Phase::from_name(&p)).unwrap_or(Phase::Ramp);
+            let phase = word("phase")
+                .and_then(|p| Phase::from_name(&p))
+                .unwrap_or(Phase::Ramp);
             let _ = tx.send(Report::Progress {
                 core: w,
                 phase,

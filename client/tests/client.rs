@@ -207,3 +207,100 @@ fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
 }
+
+#[test]
+fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
+    let dir = out_dir("procs");
+    let addr = format!("127.0.0.1:{}", port());
+    let out = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .args(["--server-flags", "--procs 3 --timeout 1s --tick 100ms"])
+        .args(["--procs", "3", "--conns", "600", "--silent", "0.5"])
+        .args(["--heartbeat", "250ms", "--hold", "2s", "--quiet"])
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .expect("client runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let s = summary(&dir);
+    let f = &s["figures"];
+    let mut sum = [0u64; 4];
+    for w in 0..3 {
+        let wd = dir.join(format!("worker-{w}"));
+        let ws = summary(&wd);
+        for (i, k) in ["established", "expired", "heartbeats", "false_expiries"]
+            .iter()
+            .enumerate()
+        {
+            sum[i] += ws["figures"][k].as_u64().unwrap();
+        }
+        assert_eq!(ws["config"]["devices"].as_u64(), Some(200), "{ws}");
+        assert_eq!(hist(&wd, "connect").len(), 200);
+    }
+    let n = |k: &str| f[k].as_u64().unwrap();
+    assert_eq!(
+        [
+            n("established"),
+            n("expired"),
+            n("heartbeats"),
+            n("false_expiries")
+        ],
+        sum
+    );
+    assert_eq!(
+        (n("established"), n("expired"), n("false_expiries")),
+        (600, 300, 0),
+        "{f}"
+    );
+    assert_eq!(hist(&dir, "connect").len(), 600);
+    assert_eq!(hist(&dir, "expiry_lag").len(), 300);
+    // The server's workers, counted by its parent: every device upgraded.
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(fin.contains("upgraded=600 "), "{fin}");
+
+    // SIGTERM to a --procs client: every worker closes, writes, exits.
+    let dir2 = out_dir("procs-term");
+    let mut child = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .args(["--procs", "3", "--conns", "300", "--hold", "10m", "--quiet"])
+        .arg("--out")
+        .arg(&dir2)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let workers = c1m_client::host::with_children(child.id());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        workers.len() >= 4,
+        "parent, 3 workers and the server: {workers:?}"
+    );
+    for pid in &workers[1..] {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid} outlived the client"
+        );
+    }
+    let s = summary(&dir2);
+    assert_eq!(s["figures"]["interrupted"], Value::Bool(true));
+    assert_eq!(s["figures"]["established"].as_u64(), Some(300), "{s}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}

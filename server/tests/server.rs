@@ -558,3 +558,65 @@ fn a_frame_trickled_too_slowly_is_closed_by_the_frame_timeout() {
     );
     server.wait_line("the frame timeout", |l| field(l, "frame_timeout") == 1);
 }
+
+/// The children of `pid` (its worker processes).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(kids.split_whitespace().map(|k| k.parse::<u32>().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn procs_workers_add_up_restart_and_stop_together() {
+    let server = Server::start(&["--procs", "3", "--drain-timeout", "1s"]);
+    let workers = children(server.child.id());
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    let _held: Vec<_> = (0..30).map(|i| server.ws(&format!("p{i}"))).collect();
+    // One line for the whole server: its conns are the sum of the workers'.
+    let line = server.wait_line("30 conns", |l| l.contains(" conns=30 "));
+    let list = line
+        .split("workers=[")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    let per: Vec<u64> = list.split(',').map(|n| n.parse().unwrap()).collect();
+    assert_eq!((per.len(), per.iter().sum::<u64>()), (3, 30), "{line}");
+    assert_eq!(field(&line, "upgraded"), 30);
+
+    // A worker that dies is replaced; its devices are gone, its counts stay.
+    // SAFETY: kill on a grandchild this test started.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replaced = loop {
+        let now = children(server.child.id());
+        if now.len() == 3 && !now.contains(&workers[0]) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "worker not restarted: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let line = server.wait_line("after the restart", |l| l.contains("workers=[0,"));
+    assert_eq!(field(&line, "upgraded"), 30, "{line}");
+
+    // SIGTERM reaches every worker; all exit, then the parent, with 0.
+    server.signal(libc::SIGTERM);
+    let fin = server.wait_line("the final line", |l| l.starts_with("final "));
+    assert_eq!(field(&fin, "upgraded"), 30, "{fin}");
+    let mut server = server;
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in workers.iter().chain(&replaced) {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} outlived the server"
+        );
+    }
+}

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use c1m::config::{parse_cpus, parse_duration, raise_nofile};
 use c1m_client::fleet::{HeartbeatKind, Plan};
+use c1m_client::run::WorkerLaunch;
 use c1m_client::run::{self, Options};
 use c1m_client::spawn::{self, SpawnedServer};
-use c1m_client::run::WorkerLaunch;
 use c1m_client::{device, host, ips, limits, output, summary};
 use serde_json::json;
 
@@ -135,7 +135,12 @@ fn main() {
 /// The command lines of a `--procs` parent's workers: its own arguments
 /// minus what only the parent does, plus each worker's index, CPUs and
 /// results directory.
-fn worker_launches(args: &Args, dir: &std::path::Path, cpus: &[usize], server_timeout: Duration) -> Vec<WorkerLaunch> {
+fn worker_launches(
+    args: &Args,
+    dir: &std::path::Path,
+    cpus: &[usize],
+    server_timeout: Duration,
+) -> Vec<WorkerLaunch> {
     let own: Vec<String> = std::env::args().skip(1).collect();
     let kept = c1m::workers::without(
         &own,
@@ -162,7 +167,11 @@ fn worker_launches(args: &Args, dir: &std::path::Path, cpus: &[usize], server_ti
                 "--worker".into(),
                 i.to_string(),
                 "--cores".into(),
-                c1m::workers::cpu_list(&c1m::workers::cpus_for(i as usize, args.procs as usize, cpus)),
+                c1m::workers::cpu_list(&c1m::workers::cpus_for(
+                    i as usize,
+                    args.procs as usize,
+                    cpus,
+                )),
                 "--server-timeout".into(),
                 format!("{}ms", server_timeout.as_millis()),
                 "--quiet".into(),
@@ -226,7 +235,10 @@ fn run(args: Args) -> Result<i32, String> {
     };
 
     if args.procs == 0 || args.procs > args.conns {
-        return Err(format!("--procs {} must be between 1 and --conns", args.procs));
+        return Err(format!(
+            "--procs {} must be between 1 and --conns",
+            args.procs
+        ));
     }
     if args.worker.is_some_and(|w| w >= args.procs) {
         return Err("--worker is set by a --procs parent, below --procs".into());
@@ -296,7 +308,11 @@ fn run(args: Args) -> Result<i32, String> {
         Some(w) => limits::share(args.conns, args.procs, w),
         None => (0, args.conns),
     };
-    let units = if parent { args.procs as usize } else { cpus.len() };
+    let units = if parent {
+        args.procs as usize
+    } else {
+        cpus.len()
+    };
     let rate = rate * devices as f64 / args.conns as f64;
     let plan = Plan {
         servers: servers.clone(),
@@ -374,14 +390,8 @@ fn run(args: Args) -> Result<i32, String> {
     if let Some((status, last)) = &server {
         doc.insert("server".into(), json!({"exit": status, "final": last}));
     }
-    let (figures, md) = output::write(
-        &dir,
-        &outcome,
-        doc,
-        &command,
-        devices,
-        server_pid.is_some(),
-    )?;
+    let (figures, md) =
+        output::write(&dir, &outcome, doc, &command, devices, server_pid.is_some())?;
     if args.worker.is_some() {
         // The parent reads this line, then the histograms in `dir`.
         let ramp = outcome.ramp_s.map(|s| format!("ramp_us={:.0} ", s * 1e6));
