@@ -29,7 +29,12 @@ while IFS='=' read -r key value; do
   case $key in ''|'#'*) continue ;; esac
   path=/proc/sys/${key//.//}
   if [ ! -w "$path" ]; then echo "apply: skipping $key (not present on this kernel)" >&2; continue; fi
-  echo "$key = $(tr -s '[:space:]' ' ' < "$path" | xargs)" >> "$backup"
+  cur=$(tr -s '[:space:]' ' ' < "$path" | xargs)
+  # Never lower a single-number limit the host already has higher (timeouts aside).
+  if [[ $cur =~ ^[0-9]+$ && $value =~ ^[0-9]+$ && $key != *timeout* ]] && [ "$cur" -ge "$value" ]; then
+    echo "apply: keeping $key = $cur (>= $value)" >&2; continue
+  fi
+  echo "$key = $cur" >> "$backup"
   if sysctl -q -w "$key=$value"; then applied=$((applied + 1)); else echo "apply: could not set $key" >&2; fi
 done < <(sed -e 's/#.*//' "$here/sysctl.d/90-c1m.conf" | grep =)
 echo "apply: set $applied settings; to undo: $0 --restore $backup"

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Compares this host with kernel-tuning/sysctl.d/90-c1m.conf and the fd limit.
-# Usage: kernel-tuning/check.sh [CONNECTIONS]   (default 1000000)
+# Usage: kernel-tuning/check.sh [CONNECTIONS [PROCS]]   (default 1000000 1)
+# PROCS: server worker processes (--procs), which share the connections, so
+# each needs RLIMIT_NOFILE for its share only.
 # Prints one line per setting (current, recommended, ok/MUST/should) and exits 1
 # when a must is unmet: what the server needs to hold CONNECTIONS at all.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 conns=${1:-1000000}
+procs=${2:-1}
 fds=$((conns + conns / 20 + 1000))
+per_proc=$(( (conns + procs - 1) / procs + (conns / procs) / 20 + 100 ))
 fail=0
 
 row() { printf '%-34s %-26s %-26s %s\n' "$1" "$2" "$3" "$4"; }
@@ -19,8 +23,8 @@ must_ge() {
   elif [ "$cur" -ge "$want" ] 2>/dev/null; then row "$name" "$cur" ">= $want" "ok"
   else row "$name" "$cur" ">= $want" "MUST"; fail=1; fi
 }
-must_ge "RLIMIT_NOFILE (ulimit -Hn)" "$(ulimit -Hn | sed 's/unlimited/999999999999/')" "$fds"
-must_ge fs.nr_open "$(cat /proc/sys/fs/nr_open 2>/dev/null)" "$fds"
+must_ge "RLIMIT_NOFILE (ulimit -Hn)" "$(ulimit -Hn | sed 's/unlimited/999999999999/')" "$per_proc"
+must_ge fs.nr_open "$(cat /proc/sys/fs/nr_open 2>/dev/null)" "$per_proc"
 must_ge fs.file-max "$(cat /proc/sys/fs/file-max 2>/dev/null)" "$fds"
 
 # Shoulds: the values of the sysctl file.

@@ -52,6 +52,11 @@ fn status_kib(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A /proc/meminfo field in bytes (e.g. "Slab:", "MemAvailable:").
+pub fn meminfo(key: &str) -> u64 {
+    status_kib("/proc/meminfo", key) * 1024
+}
+
 fn read(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))

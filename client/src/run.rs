@@ -50,6 +50,12 @@ pub struct Mark {
     pub client_rss: u64,
     pub server_cpu_ns: u64,
     pub server_rss: u64,
+    /// Host-wide: kernel slab memory, memory available, TCP sockets in use
+    /// and TCP buffer pages (/proc/meminfo, /proc/net/sockstat).
+    pub slab: u64,
+    pub mem_available: u64,
+    pub tcp_inuse: u64,
+    pub tcp_mem_pages: u64,
 }
 
 pub struct Outcome {
@@ -81,6 +87,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let mark = |t_s: f64, counters: Counters| {
         let (client_cpu_ns, client_rss) = host::tree_usage(me);
         let (server_cpu_ns, server_rss) = server_pid.map_or((0, 0), host::tree_usage);
+        let (tcp_inuse, tcp_mem_pages) = host::sockstat();
         Mark {
             t_s,
             counters,
@@ -88,6 +95,10 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             client_rss,
             server_cpu_ns,
             server_rss,
+            slab: host::meminfo("Slab:"),
+            mem_available: host::meminfo("MemAvailable:"),
+            tcp_inuse,
+            tcp_mem_pages,
         }
     };
     let start = mark(0.0, Counters::default());

@@ -93,6 +93,20 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
                 r.counters.attempted as f64,
             ),
         );
+        // Host-wide, so both ends when client and server share the host.
+        f.insert(
+            "kernel_slab_per_conn_bytes".into(),
+            ratio(r.slab as f64 - o.start.slab as f64, est),
+        );
+        f.insert(
+            "host_memory_per_conn_bytes".into(),
+            ratio(o.start.mem_available as f64 - r.mem_available as f64, est),
+        );
+        f.insert("tcp_sockets_at_fleet".into(), json!(r.tcp_inuse));
+        f.insert(
+            "tcp_buffer_pages_per_conn".into(),
+            ratio(r.tcp_mem_pages as f64 - o.start.tcp_mem_pages as f64, est),
+        );
         if server_measured {
             f.insert(
                 "server_rss_per_conn_bytes".into(),

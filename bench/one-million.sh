@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The headline run: 1,000,000 WebSocket devices held by one server on this
+# host, the client on the same host (loopback, 40 source aliases), both past
+# RLIMIT_NOFILE with --procs. Checks and applies kernel-tuning/ first (with a
+# backup) and restores every sysctl at the end, whatever happens.
+#
+#   ramp: CONNS devices connect (RATE/s, 0 = as fast as they can)
+#   hold: HOLD with a heartbeat every 30 s (+-10%); 10% of the devices are
+#         silent from the start, so the server (timeout 90 s, tick 1 s)
+#         expires them during the hold
+#   storm: then every device stops heartbeating and the server deletes the
+#         whole fleet; meanwhile a second client connects PROBE new devices
+#         to measure connect latency during the deletion storm
+#
+# Writes results/1m-<UTC time>/ (results/<UTC time>-scale-<CONNS>/ for other
+# sizes): fleet/ (merged histograms, timeline, summary, plots, worker-N/,
+# server.log), storm-probe/, kernel-*.txt, meminfo and sockstat snapshots.
+# Bounded: about ramp + HOLD + 3 minutes; every process is stopped by pid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+CONNS=${CONNS:-1000000}
+PROCS=${PROCS:-60}     # worker processes per side: RLIMIT_NOFILE is 20,000 here
+HOLD=${HOLD:-300}      # seconds
+RATE=${RATE:-0}
+PROBE=${PROBE:-10000}
+PORT=${PORT:-9600}
+[ "$(id -u)" -eq 0 ] || { echo "one-million: needs root to apply (and restore) sysctls" >&2; exit 1; }
+
+cargo build --release --quiet --bin server --bin client
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+if [ "$CONNS" = 1000000 ]; then name="1m-$stamp"; else name="$stamp-scale-$CONNS"; fi
+out="results/$name"
+mkdir -p "$out"
+echo "CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE bash $0 $*" > "$out/command.txt"
+echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/git.txt"
+
+if ! bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-before.txt"; then
+  cat "$out/kernel-check-before.txt" >&2
+  echo "one-million: a MUST in kernel-tuning/check.sh is unmet (above); see kernel-tuning/README.md" >&2
+  exit 1
+fi
+C1M_BACKUP="$PWD/$out/sysctl-backup.conf" bash kernel-tuning/apply.sh 2> "$out/kernel-apply.txt"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  bash kernel-tuning/apply.sh --restore "$PWD/$out/sysctl-backup.conf" >> "$out/kernel-apply.txt" 2>&1
+  bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-after.txt" || true
+}
+trap cleanup EXIT
+bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-applied.txt" || true
+cat /proc/meminfo > "$out/meminfo-before.txt"
+cat /proc/net/sockstat > "$out/sockstat-before.txt"
+
+timeout $((HOLD + 1200)) ./target/release/client --out "$out/fleet" \
+  --spawn-server --server 127.0.0.1:$PORT \
+  --server-flags "--procs $PROCS --timeout 90s --tick 1s --stats-interval 5s" \
+  --procs "$PROCS" --conns "$CONNS" --rate "$RATE" --concurrency 64 \
+  --ips 127.0.0.2-127.0.0.41 --heartbeat 30s --silent 0.1 --server-timeout 90s \
+  --hold "${HOLD}s" --go-silent --expiry-window 30s \
+  > "$out/fleet.stdout" 2> "$out/fleet.progress" &
+client=$!
+pids+=("$client")
+
+# Snapshots once the whole fleet is up, then the storm probe: the fleet
+# falls silent when the hold ends, each device after its last beat (which
+# was within the 33 s before), so deletions run from about 57 s to 91 s
+# after the hold ends.
+until grep -q "holding" "$out/fleet.progress" 2>/dev/null; do
+  kill -0 "$client" 2>/dev/null || { echo "one-million: the client ended during the ramp" >&2; tail -5 "$out/fleet.progress" >&2; exit 1; }
+  sleep 1
+done
+sleep 10
+cat /proc/meminfo > "$out/meminfo-fleet.txt"
+cat /proc/net/sockstat > "$out/sockstat-fleet.txt"
+until grep -q "awaiting expiries" "$out/fleet.progress" 2>/dev/null; do
+  kill -0 "$client" 2>/dev/null || break
+  sleep 1
+done
+sleep 55
+timeout 300 ./target/release/client --out "$out/storm-probe" --server 127.0.0.1:$PORT \
+  --conns "$PROBE" --rate 250 --ips 127.0.1.2-127.0.1.5 --heartbeat 30s \
+  --server-timeout 90s --hold 1s --quiet --id-prefix probe- \
+  > "$out/storm-probe.stdout" 2>&1 || echo "one-million: the storm probe failed (see storm-probe.stdout)" >&2
+wait "$client" || echo "one-million: the client exited $?" >&2
+pids=()
+cat /proc/meminfo > "$out/meminfo-after.txt"
+cat /proc/net/sockstat > "$out/sockstat-after.txt"
+cat "$out/fleet.stdout"
+echo "storm probe:"; grep -E "Connect latency|established" "$out/storm-probe.stdout" || true
+echo "results: $out"
