@@ -8,8 +8,9 @@
 #   hold: HOLD with a heartbeat every 30 s (+-10%); 10% of the devices are
 #         silent from the start, so the server (timeout 90 s, tick 1 s)
 #         expires them during the hold
-#   storm: then every device stops heartbeating and the server deletes the
-#         whole fleet; meanwhile a second client connects PROBE new devices
+#   storm: then every device sends a last heartbeat at once and falls
+#         silent (--go-silent), and the server deletes the whole fleet
+#         together 90 s later; meanwhile a second client connects PROBE new devices
 #         to measure connect latency during the deletion storm
 #
 # Writes results/1m-<UTC time>/ (results/<UTC time>-scale-<CONNS>/ for other
@@ -64,10 +65,9 @@ timeout $((HOLD + 1200)) ./target/release/client --out "$out/fleet" \
 client=$!
 pids+=("$client")
 
-# Snapshots once the whole fleet is up, then the storm probe: the fleet
-# falls silent when the hold ends, each device after its last beat (which
-# was within the 33 s before), so deletions run from about 57 s to 91 s
-# after the hold ends.
+# Snapshots once the whole fleet is up, then the storm probe: when the hold
+# ends every device sends one last heartbeat at once and falls silent, so
+# the server's deadlines for the whole fleet come due together 90-91 s later.
 until grep -q "holding" "$out/fleet.progress" 2>/dev/null; do
   kill -0 "$client" 2>/dev/null || { echo "one-million: the client ended during the ramp" >&2; tail -5 "$out/fleet.progress" >&2; exit 1; }
   sleep 1
@@ -79,7 +79,7 @@ until grep -q "awaiting expiries" "$out/fleet.progress" 2>/dev/null; do
   kill -0 "$client" 2>/dev/null || break
   sleep 1
 done
-sleep 55
+sleep 80
 timeout 300 ./target/release/client --out "$out/storm-probe" --server 127.0.0.1:$PORT \
   --conns "$PROBE" --rate 250 --ips 127.0.1.2-127.0.1.5 --heartbeat 30s \
   --server-timeout 90s --hold 1s --quiet --id-prefix probe- \

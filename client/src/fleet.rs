@@ -354,16 +354,12 @@ impl Fleet {
         if self.phase == Phase::Hold && self.hold_end.is_some_and(|end| now >= end) {
             self.phase = Phase::Expiry;
             if self.plan.go_silent {
-                self.silence_us = Some(now_us(&self.plan, now));
+                self.silence_all(now);
             }
         }
         if let (Phase::Expiry, Some(silence)) = (self.phase, self.silence_us) {
-            // Each device falls silent at its next beat, so the last one does
-            // within 1.1 heartbeats of the start of the silence.
-            let window_end = silence
-                + self.heartbeat_ticks * TICK_US * 11 / 10
-                + self.server_timeout_us
-                + self.plan.expiry_window.as_micros() as u64;
+            let window_end =
+                silence + self.server_timeout_us + self.plan.expiry_window.as_micros() as u64;
             if self.counters.open == 0 || now_us(&self.plan, now) >= window_end {
                 self.finish();
             }
@@ -373,6 +369,29 @@ impl Fleet {
                 + self.plan.expiry_window.as_micros() as u64;
             if self.silent_open == 0 || now_us(&self.plan, now) >= window_end {
                 self.finish();
+            }
+        }
+    }
+
+    /// `--go-silent`: every heartbeating device sends one last heartbeat now
+    /// and then nothing, so the server's deadlines for the whole fleet fall
+    /// within the time this pass takes: its deletion storm. One pass over
+    /// the slab, once per run; their wheel entries go stale.
+    fn silence_all(&mut self, now: Instant) {
+        self.silence_us = Some(now_us(&self.plan, now));
+        let keys: Vec<usize> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.state == State::Open && !d.silent)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            if self.heartbeat(key) {
+                let d = &mut self.devices[key];
+                d.silent = true;
+                d.due = u64::MAX;
+                self.silent_open += 1;
+                self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
             }
         }
     }
@@ -659,18 +678,15 @@ impl Fleet {
         let key = e.key as usize;
         match d.state {
             State::Connecting | State::Upgrading => self.fail(key, Failure::Timeout),
-            State::Open if self.silence_us.is_some() => {
-                // The fleet is falling silent: this device's last beat was its last.
-                d.silent = true;
-                d.due = u64::MAX;
-                self.silent_open += 1;
-                self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
+            State::Open => {
+                self.heartbeat(key);
             }
-            State::Open => self.heartbeat(key),
         }
     }
 
-    fn heartbeat(&mut self, key: usize) {
+    /// Sends device `key`'s heartbeat and schedules the next; false if the
+    /// device is gone (closed here).
+    fn heartbeat(&mut self, key: usize) -> bool {
         let now = Instant::now();
         let at = now_us(&self.plan, now);
         let mask = (self.rng.next_u64() as u32).to_ne_bytes();
@@ -697,11 +713,11 @@ impl Fleet {
                 self.counters.open -= 1;
                 self.counters.other += 1;
                 self.close(key);
-                return;
+                return false;
             }
             Err(_) => {
                 self.server_closed(key);
-                return;
+                return false;
             }
         }
         let d = &mut self.devices[key];
@@ -711,6 +727,7 @@ impl Fleet {
             gen: d.gen,
             deadline: d.due,
         });
+        true
     }
 
     /// The server ended the connection (EOF, reset or Close frame).
