@@ -39,8 +39,6 @@ const MAX_SERVER_FRAME: usize = 1 << 20;
 const BUDGET: usize = 512;
 /// Longest sleep, so that a stop request is seen quickly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// When the epoll fd cannot be duplicated (EMFILE), poll this often instead.
-const OUT_OF_FDS_POLL: Duration = Duration::from_millis(5);
 
 /// What a device sends as its heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,13 +215,15 @@ impl Fleet {
     }
 
     /// Runs to the end of the plan (or a stop request) on a glommio executor,
-    /// then sends the final [`Report::Done`].
+    /// then sends the final [`Report::Done`]. Idle, it blocks in
+    /// [`Epoll::wait`] (which says why not in glommio's park).
     pub async fn run(mut self) {
         let error = loop {
             match self.step() {
                 Ok(Step::Busy) => glommio::yield_if_needed().await,
                 Ok(Step::Idle(wake)) => {
-                    if let Err(e) = self.sleep(wake).await {
+                    let left = wake.saturating_duration_since(Instant::now());
+                    if let Err(e) = self.epoll.wait(left) {
                         break Some(format!("core {}: waiting for sockets: {e}", self.core));
                     }
                 }
@@ -241,22 +241,6 @@ impl Fleet {
             ramp_done_us: self.ramp_done_us,
             error,
         });
-    }
-
-    async fn sleep(&self, wake: Instant) -> io::Result<()> {
-        let left = wake.saturating_duration_since(Instant::now());
-        let ready = c1m::readiness::readable(self.epoll.as_raw_fd());
-        let timer = async {
-            glommio::timer::sleep(left).await;
-            Ok(())
-        };
-        match futures_lite::future::or(ready, timer).await {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                glommio::timer::sleep(left.min(OUT_OF_FDS_POLL)).await;
-                Ok(())
-            }
-            r => r,
-        }
     }
 
     /// One pass: ready sockets, due timers, new connections, phase changes.

@@ -7,7 +7,7 @@
 use c1m::limits::{Host, KERNEL_BYTES_PER_CONN};
 
 /// Descriptors a client process keeps besides its sockets: per core an
-/// epoll set, a readiness dup and glommio's rings; stdio and pipes.
+/// epoll set and glommio's rings; stdio and pipes.
 pub fn spare_fds(cores: usize) -> u64 {
     32 + 8 * cores as u64
 }

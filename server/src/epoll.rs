@@ -5,9 +5,9 @@
 //! IORING_OP_POLL_ADD in the executor's ring, and every reactor loop cancels
 //! the previous preemption timer with IORING_OP_ASYNC_CANCEL, which walks one
 //! bucket of the ring's poll hash table (8 buckets at the default depth). The
-//! cost of every loop then grows with the number of idle connections. Here the
-//! ring holds one poll (this set's fd, see [`crate::readiness`]) and epoll
-//! hands back only the sockets that are ready.
+//! cost of every loop then grows with the number of idle connections. Here
+//! epoll hands back only the sockets that are ready, and an idle shard
+//! blocks in [`Epoll::wait`] rather than in glommio's park (see there why).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -59,6 +59,33 @@ impl Epoll {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+impl Epoll {
+    /// Blocks the calling thread until the set has ready entries or
+    /// `timeout` passes (rounded up to whole milliseconds).
+    ///
+    /// Why the executor thread blocks here instead of parking in glommio
+    /// (awaiting the set's fd on glommio's ring, racing a glommio timer):
+    /// with 120 processes on 2 cores, glommio 0.9's park lost its wakeup in
+    /// 9 of 60 server shards and 2 of 60 client executors, which then slept
+    /// in io_cqring_wait for good (results/1m-20261126T080203Z/HANG.txt). A
+    /// shard runs one task, so nothing else on its executor is kept waiting,
+    /// and the blocking wait measured cheaper too (the `epoll` rows of
+    /// bench/core.sh).
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<()> {
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+            _ => Ok(()),
         }
     }
 }

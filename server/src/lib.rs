@@ -13,7 +13,6 @@ pub mod frame;
 pub mod handshake;
 pub mod limits;
 pub mod listener;
-pub mod readiness;
 pub mod shard;
 pub mod socket;
 pub mod stats;

@@ -4,8 +4,9 @@
 //!
 //! One task runs the shard's loop: take ready events from the epoll set
 //! (accepts, reads, pending writes), expire a bounded batch of due wheel
-//! entries, report stats, and when there is nothing to do, sleep on glommio's
-//! ring until the epoll set is readable or the next tick is due.
+//! entries, report stats, and when there is nothing to do, block in poll(2)
+//! on the epoll set until it is readable or the next tick is due
+//! ([`crate::epoll::Epoll::wait`] says why not in glommio's park).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -90,8 +91,6 @@ const EXPIRY_BATCH: usize = 256;
 /// Reads from one socket per event before others get their turn.
 const READS_PER_EVENT: usize = 8;
 const SCRATCH: usize = 64 * 1024;
-/// How often the set is polled while no descriptor is left to wait on it.
-const OUT_OF_FDS_POLL: Duration = Duration::from_millis(5);
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -234,36 +233,27 @@ impl Shard {
     }
 
     /// Runs until shutdown has drained every connection (or timed out).
+    /// Runs the shard on its glommio executor until it finishes.
     pub async fn run(mut self) -> io::Result<Counters> {
         loop {
             match self.step()? {
                 Step::Busy => glommio::yield_if_needed().await,
-                Step::Idle(wake) => self.sleep(wake).await?,
+                Step::Idle(wake) => self
+                    .epoll
+                    .wait(wake.saturating_duration_since(Instant::now()))?,
                 Step::Finished => return Ok(self.counters),
             }
         }
     }
 
-    /// The same loop without glommio: blocks in poll(2) on the epoll set.
-    /// Only for the benchmark's baseline (what the I/O costs without the
-    /// executor around it); the server runs [`Shard::run`].
+    /// The same loop on a plain thread (the benchmark's no-glommio baseline).
     pub fn run_blocking(mut self) -> io::Result<Counters> {
         loop {
             match self.step()? {
                 Step::Busy => {}
-                Step::Idle(wake) => {
-                    let ms = wake
-                        .saturating_duration_since(Instant::now())
-                        .as_micros()
-                        .div_ceil(1000);
-                    let mut pfd = libc::pollfd {
-                        fd: self.epoll.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut pfd, 1, ms.min(i32::MAX as u128) as i32) };
-                }
+                Step::Idle(wake) => self
+                    .epoll
+                    .wait(wake.saturating_duration_since(Instant::now()))?,
                 Step::Finished => return Ok(self.counters),
             }
         }
@@ -309,26 +299,6 @@ impl Shard {
         .min()
         .unwrap_or(next_tick);
         Ok(Step::Idle(wake))
-    }
-
-    /// Sleeps on glommio's ring until the epoll set is readable or `wake`.
-    async fn sleep(&self, wake: Instant) -> io::Result<()> {
-        let ready = crate::readiness::readable(self.epoll.as_raw_fd());
-        let timer = async {
-            glommio::timer::sleep(wake.saturating_duration_since(Instant::now())).await;
-            Ok(())
-        };
-        match futures_lite::future::or(ready, timer).await {
-            // The wait needs a descriptor (a dup of the epoll fd); when the
-            // process has none left, poll the set every few ms instead of
-            // failing: accepts are paused, the devices held are still served.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                let left = wake.saturating_duration_since(Instant::now());
-                glommio::timer::sleep(left.min(OUT_OF_FDS_POLL)).await;
-                Ok(())
-            }
-            other => other,
-        }
     }
 
     fn tick_at(&self, t: Instant) -> u64 {
