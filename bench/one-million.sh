@@ -5,9 +5,9 @@
 # backup) and restores every sysctl at the end, whatever happens.
 #
 #   ramp: CONNS devices connect (RATE/s, 0 = as fast as they can)
-#   hold: HOLD with a heartbeat every 30 s (+-10%); 10% of the devices are
-#         silent from the start, so the server (timeout 90 s, tick 1 s)
-#         expires them during the hold
+#   hold: HOLD with a heartbeat every 30 s (+-10%); 60 s into it, 10% of
+#         the devices stop heartbeating, so the server (timeout 90 s, tick
+#         1 s) expires them during the hold (HOLD must exceed about 200 s)
 #   storm: then every device sends a last heartbeat at once and falls
 #         silent (--go-silent), and the server deletes the whole fleet
 #         together 90 s later; meanwhile a second client connects PROBE new devices
@@ -59,7 +59,7 @@ timeout $((HOLD + 1200)) ./target/release/client --out "$out/fleet" \
   --spawn-server --server 127.0.0.1:$PORT \
   --server-flags "--procs $PROCS --timeout 90s --tick 1s --stats-interval 5s" \
   --procs "$PROCS" --conns "$CONNS" --rate "$RATE" --concurrency 64 \
-  --ips 127.0.0.2-127.0.0.41 --heartbeat 30s --silent 0.1 --server-timeout 90s \
+  --ips 127.0.0.2-127.0.0.41 --heartbeat 30s --silent 0.1 --silent-after 60s --server-timeout 90s \
   --hold "${HOLD}s" --go-silent --expiry-window 30s \
   > "$out/fleet.stdout" 2> "$out/fleet.progress" &
 client=$!

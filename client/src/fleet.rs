@@ -87,9 +87,12 @@ pub struct Plan {
     /// How long past `server_timeout` a silent device may wait to be expired.
     pub expiry_window: Duration,
     pub connect_timeout: Duration,
-    /// After the hold, every device stops heartbeating (each after its last
-    /// beat), so that the server deletes the whole fleet.
+    /// After the hold, every device sends one last heartbeat and stops, so
+    /// that the server deletes the whole fleet.
     pub go_silent: bool,
+    /// The silent fraction heartbeats until this long into the hold, then
+    /// stops (each after its last beat); None: silent from its upgrade.
+    pub silent_after: Option<Duration>,
     pub id_prefix: String,
     /// Tag in every device id, unique per run.
     pub run_tag: u16,
@@ -110,6 +113,9 @@ struct Device {
     /// Device number (its id and handshake key derive from it).
     n: u64,
     state: State,
+    /// One of the `--silent` fraction.
+    chosen: bool,
+    /// Has stopped heartbeating: only the server ends it now.
     silent: bool,
     /// Tick of this device's live wheel entry; others are stale.
     due: u64,
@@ -151,6 +157,10 @@ pub struct Fleet {
     /// With `go_silent`: when the fleet began falling silent.
     silence_us: Option<u64>,
     silent_open: u64,
+    /// Chosen devices open and still heartbeating (before `mute_at`).
+    chosen_beating: u64,
+    /// With `silent_after`: when the chosen devices stop heartbeating.
+    mute_at: Option<Instant>,
     last_silent_sent_us: u64,
     heartbeat_ticks: u64,
     connect_ticks: u64,
@@ -199,6 +209,8 @@ impl Fleet {
             ramp_done_us: None,
             silence_us: None,
             silent_open: 0,
+            chosen_beating: 0,
+            mute_at: None,
             last_silent_sent_us: 0,
             heartbeat_ticks,
             connect_ticks,
@@ -220,7 +232,7 @@ impl Fleet {
     pub async fn run(mut self) {
         let error = loop {
             match self.step() {
-                Ok(Step::Busy) => glommio::yield_if_needed().await,
+                Ok(Step::Busy) => {}
                 Ok(Step::Idle(wake)) => {
                     let left = wake.saturating_duration_since(Instant::now());
                     if let Err(e) = self.epoll.wait(left) {
@@ -334,6 +346,7 @@ impl Fleet {
             self.phase = Phase::Hold;
             self.hold_end = Some(now + self.plan.hold);
             self.ramp_done_us = Some(now_us(&self.plan, now));
+            self.mute_at = self.plan.silent_after.map(|d| now + d);
         }
         if self.phase == Phase::Hold && self.hold_end.is_some_and(|end| now >= end) {
             self.phase = Phase::Expiry;
@@ -348,10 +361,16 @@ impl Fleet {
                 self.finish();
             }
         } else if self.phase == Phase::Expiry {
-            let window_end = self.last_silent_sent_us
-                + self.server_timeout_us
-                + self.plan.expiry_window.as_micros() as u64;
-            if self.silent_open == 0 || now_us(&self.plan, now) >= window_end {
+            // Chosen devices still beating fall silent within 1.1 beats.
+            let mut last_silent = self.last_silent_sent_us;
+            if let (Some(mute), true) = (self.mute_at, self.chosen_beating > 0) {
+                let latest = mute.max(now) + self.plan.heartbeat.mul_f64(1.1);
+                last_silent = last_silent.max(now_us(&self.plan, latest));
+            }
+            let window_end =
+                last_silent + self.server_timeout_us + self.plan.expiry_window.as_micros() as u64;
+            let all_gone = self.silent_open == 0 && self.chosen_beating == 0;
+            if all_gone || now_us(&self.plan, now) >= window_end {
                 self.finish();
             }
         }
@@ -371,12 +390,32 @@ impl Fleet {
             .collect();
         for key in keys {
             if self.heartbeat(key) {
-                let d = &mut self.devices[key];
-                d.silent = true;
-                d.due = u64::MAX;
-                self.silent_open += 1;
-                self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
+                self.mute(key);
             }
+        }
+    }
+
+    /// Device `key` (open, heartbeating) stops: from now on only the server
+    /// ends it, `--server-timeout` after its last message.
+    fn mute(&mut self, key: usize) {
+        let d = &mut self.devices[key];
+        if d.chosen && !d.silent {
+            self.chosen_beating -= 1;
+        }
+        d.silent = true;
+        d.due = u64::MAX; // its wheel entry, if any, is stale now
+        self.silent_open += 1;
+        self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
+    }
+
+    /// Forgets the counts of an open device about to be closed.
+    fn forget_open(&mut self, key: usize) {
+        let d = &self.devices[key];
+        self.counters.open -= 1;
+        if d.silent {
+            self.silent_open -= 1;
+        } else if d.chosen {
+            self.chosen_beating -= 1;
         }
     }
 
@@ -429,7 +468,8 @@ impl Fleet {
             gen: self.gen,
             n,
             state: State::Connecting,
-            silent: device::is_silent(n, plan.silent),
+            chosen: device::is_silent(n, plan.silent),
+            silent: false,
             due,
             started_us: now_us(plan, now),
             last_sent_us: 0,
@@ -563,11 +603,13 @@ impl Fleet {
         self.counters.established += 1;
         self.counters.open += 1;
         self.inflight -= 1;
-        if d.silent {
-            self.silent_open += 1;
-            self.last_silent_sent_us = self.last_silent_sent_us.max(d.last_sent_us);
-            d.due = u64::MAX; // no entry: it waits for the server
+        if d.chosen && self.plan.silent_after.is_none() {
+            self.chosen_beating += 1;
+            self.mute(key); // silent from its upgrade: no wheel entry
         } else {
+            if d.chosen {
+                self.chosen_beating += 1;
+            }
             // First heartbeat at a random phase, so the fleet's heartbeats
             // spread evenly over the interval.
             d.due = tick_of(&self.plan, now) + self.rng.between(1, self.heartbeat_ticks);
@@ -608,10 +650,7 @@ impl Fleet {
                 Ok(None) => break,
                 Err(_) => {
                     self.counters.bad_frames += 1;
-                    self.counters.open -= 1;
-                    if self.devices[key].silent {
-                        self.silent_open -= 1;
-                    }
+                    self.forget_open(key);
                     self.close(key);
                     return (false, pos);
                 }
@@ -662,6 +701,9 @@ impl Fleet {
         let key = e.key as usize;
         match d.state {
             State::Connecting | State::Upgrading => self.fail(key, Failure::Timeout),
+            State::Open if d.chosen && self.mute_at.is_some_and(|t| Instant::now() >= t) => {
+                self.mute(key);
+            }
             State::Open => {
                 self.heartbeat(key);
             }
@@ -694,8 +736,8 @@ impl Fleet {
             Ok(_) => {
                 // Part of a frame went out: the stream is broken.
                 self.counters.send_blocked += 1;
-                self.counters.open -= 1;
                 self.counters.other += 1;
+                self.forget_open(key);
                 self.close(key);
                 return false;
             }
@@ -721,9 +763,7 @@ impl Fleet {
             self.fail(key, Failure::Reset);
             return;
         }
-        self.counters.open -= 1;
         if d.silent {
-            self.silent_open -= 1;
             self.counters.expired += 1;
             let now = now_us(&self.plan, Instant::now());
             match (now - d.last_sent_us).checked_sub(self.server_timeout_us) {
@@ -733,6 +773,7 @@ impl Fleet {
         } else {
             self.counters.false_expiries += 1;
         }
+        self.forget_open(key);
         self.close(key);
     }
 

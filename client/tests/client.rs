@@ -304,3 +304,54 @@ fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
 }
+
+#[test]
+fn silent_after_lets_the_fraction_beat_first_then_expire() {
+    let dir = out_dir("silent-after");
+    let addr = format!("127.0.0.1:{}", port());
+    let out = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .args(["--server-flags", "--timeout 1s --tick 100ms"])
+        .args([
+            "--conns",
+            "200",
+            "--silent",
+            "0.5",
+            "--silent-after",
+            "1500ms",
+        ])
+        .args(["--heartbeat", "250ms", "--hold", "4s", "--quiet"])
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .expect("client runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&dir);
+    let f = &s["figures"];
+    let n = |k: &str| f[k].as_u64().unwrap();
+    assert_eq!(
+        (n("established"), n("expired"), n("false_expiries")),
+        (200, 100, 0),
+        "{f}"
+    );
+    assert_eq!((n("expired_early"), n("unexpired")), (0, 0), "{f}");
+    // The other half beats about 16 times each over the 4 s hold; the chosen
+    // ones beat too, about 6 times each in the first 1.5 s.
+    assert!(n("heartbeats") > 100 * 16 + 100 * 4, "{f}");
+    // None expired before the hold's first 1.5 s + the 1 s timeout.
+    let rows =
+        timeline::read_csv(&std::fs::read_to_string(dir.join("timeline.csv")).unwrap()).unwrap();
+    assert!(
+        rows.iter()
+            .filter(|r| r.t_s < 2.0)
+            .all(|r| r.expiries_per_s == 0),
+        "{rows:?}"
+    );
+    assert!(f["expiry_lag_max_ms"].as_f64().unwrap() <= 2100.0, "{f}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

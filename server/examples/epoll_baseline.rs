@@ -44,6 +44,7 @@ fn main() {
         graceful_expiry: false,
         drain_timeout: Duration::from_secs(1),
         stats_interval: Duration::from_secs(3600),
+        inject_panic: false,
     };
     for (id, &cpu) in cores.iter().enumerate() {
         let listener = c1m::listener::bind(args.listen, backlog).expect("bind");

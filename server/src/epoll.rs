@@ -69,12 +69,16 @@ impl Epoll {
     ///
     /// Why the executor thread blocks here instead of parking in glommio
     /// (awaiting the set's fd on glommio's ring, racing a glommio timer):
-    /// with 120 processes on 2 cores, glommio 0.9's park lost its wakeup in
-    /// 9 of 60 server shards and 2 of 60 client executors, which then slept
-    /// in io_cqring_wait for good (results/1m-20261126T080203Z/HANG.txt). A
-    /// shard runs one task, so nothing else on its executor is kept waiting,
-    /// and the blocking wait measured cheaper too (the `epoll` rows of
-    /// bench/core.sh).
+    /// with 120 processes on 2 cores, glommio 0.9's reactor lost its wakeup
+    /// and left the executor asleep in io_cqring_wait for good, in 9 of 60
+    /// server and 2 of 60 client workers (results/1m-20261126T080203Z); and
+    /// after the shards stopped parking there, yielding to glommio when busy
+    /// did the same to 7 of 60 (results/1m-20261126T081605Z). So a shard
+    /// never hands its thread back to glommio's reactor: glommio provides
+    /// the pinned executor thread, the shard's loop runs on it until the end,
+    /// blocking here when idle. A shard is the only task on its executor, so
+    /// nothing waits behind it; and the blocking wait measured cheaper (the
+    /// `epoll` rows of bench/core.sh).
     pub fn wait(&self, timeout: std::time::Duration) -> io::Result<()> {
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         let mut pfd = libc::pollfd {

@@ -41,7 +41,15 @@ pub struct ShardConfig {
     pub graceful_expiry: bool,
     pub drain_timeout: Duration,
     pub stats_interval: Duration,
+    /// Test hook (C1M_INJECT_PANIC=1 in the server's environment): bytes
+    /// holding [`INJECT_PANIC`] in the clear make the shard panic while
+    /// handling them, as a bug would. Only a frame masked with a zero key
+    /// carries them in the clear; off in production.
+    pub inject_panic: bool,
 }
+
+/// See [`ShardConfig::inject_panic`].
+pub const INJECT_PANIC: &[u8] = b"c1m-inject-panic";
 
 impl ShardConfig {
     /// Checks what the wheel needs; the error is one sentence for the operator.
@@ -237,7 +245,7 @@ impl Shard {
     pub async fn run(mut self) -> io::Result<Counters> {
         loop {
             match self.step()? {
-                Step::Busy => glommio::yield_if_needed().await,
+                Step::Busy => {}
                 Step::Idle(wake) => self
                     .epoll
                     .wait(wake.saturating_duration_since(Instant::now()))?,
@@ -429,7 +437,16 @@ impl Shard {
             };
             // A bug that one device's bytes trigger costs that device its
             // connection, not the shard its devices.
-            let open = match contain(|| self.on_bytes(key, n)) {
+            let open = match contain(|| {
+                if self.cfg.inject_panic
+                    && self.scratch[..n]
+                        .windows(INJECT_PANIC.len())
+                        .any(|w| w == INJECT_PANIC)
+                {
+                    panic!("injected fault (C1M_INJECT_PANIC)");
+                }
+                self.on_bytes(key, n)
+            }) {
                 Ok(open) => open,
                 Err(cause) => {
                     self.internal_error(key, &cause);

@@ -22,14 +22,19 @@ impl Server {
         Server::start_with_fd_limit(extra, None)
     }
 
-    /// Starts the server; `fd_limit` caps its RLIMIT_NOFILE (soft and hard).
     fn start_with_fd_limit(extra: &[&str], fd_limit: Option<u64>) -> Server {
+        Server::start_with(extra, fd_limit, &[])
+    }
+
+    /// Starts the server; `fd_limit` caps its RLIMIT_NOFILE (soft and hard).
+    fn start_with(extra: &[&str], fd_limit: Option<u64>, env: &[(&str, &str)]) -> Server {
         // Find a free port; the server binds it with SO_REUSEADDR.
         let addr = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
+        command.envs(env.iter().copied());
         if let Some(limit) = fd_limit {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; it runs in the child
@@ -618,5 +623,32 @@ fn procs_workers_add_up_restart_and_stop_together() {
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "worker {pid} outlived the server"
         );
+    }
+}
+
+#[test]
+fn a_panic_while_handling_one_device_closes_only_that_device() {
+    let server = Server::start_with(&["--cores", "0"], None, &[("C1M_INJECT_PANIC", "1")]);
+    let mut others: Vec<_> = (0..3).map(|i| server.ws(&format!("ok{i}"))).collect();
+    let mut victim = raw_ws(server.addr);
+    // A text frame masked with a zero key: the marker travels in the clear.
+    let mut frame = Vec::new();
+    frame::write_masked_frame(
+        &mut frame,
+        Opcode::Text,
+        true,
+        c1m::shard::INJECT_PANIC,
+        [0; 4],
+    );
+    victim.write_all(&frame).unwrap();
+    let mut rest = Vec::new();
+    // Closed (reset or end of stream), not answered.
+    let _ = victim.read_to_end(&mut rest);
+    let line = server.wait_line("the internal error", |l| field(l, "internal_error") == 1);
+    assert_eq!(field(&line, "conns"), 3, "{line}");
+    // The shard goes on: every other device still gets its pong.
+    for ws in &mut others {
+        ws.send(Message::Ping(b"still".to_vec())).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::Pong(b"still".to_vec()));
     }
 }

@@ -56,6 +56,10 @@ struct Args {
     /// server must expire them (default 0)
     #[argh(option, default = "0.0")]
     silent: f64,
+    /// the silent fraction heartbeats until this long into the hold, then
+    /// stops (default: silent from its upgrade on)
+    #[argh(option, from_str_fn(parse_duration))]
+    silent_after: Option<Duration>,
     /// the server's --timeout, to measure expiry lag (default 90s, or the
     /// --timeout in --server-flags)
     #[argh(option, from_str_fn(parse_duration))]
@@ -330,6 +334,7 @@ fn run(args: Args) -> Result<i32, String> {
         expiry_window: args.expiry_window,
         connect_timeout: args.connect_timeout,
         go_silent: args.go_silent,
+        silent_after: args.silent_after,
         id_prefix: args.id_prefix.clone(),
         run_tag,
         origin: Instant::now(),
@@ -368,6 +373,7 @@ fn run(args: Args) -> Result<i32, String> {
         "expiry_window_s": args.expiry_window.as_secs_f64(),
         "connect_timeout_s": args.connect_timeout.as_secs_f64(),
         "go_silent": args.go_silent,
+        "silent_after_s": args.silent_after.map(|d| d.as_secs_f64()),
         "procs": args.procs,
         "worker": args.worker,
         "first_device": first_device,

@@ -161,6 +161,7 @@ fn run(args: Args) -> Result<(), String> {
         } else {
             Duration::from_secs(3600)
         },
+        inject_panic: std::env::var_os("C1M_INJECT_PANIC").is_some_and(|v| v == "1"),
     };
     cfg.validate()?;
 
