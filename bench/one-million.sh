@@ -16,6 +16,8 @@
 # Writes results/1m-<UTC time>/ (results/<UTC time>-scale-<CONNS>/ for other
 # sizes): fleet/ (merged histograms, timeline, summary, plots, worker-N/,
 # server.log), storm-probe/, kernel-*.txt, meminfo and sockstat snapshots.
+# The storm probe starts 70 s after the fleet falls silent and connects
+# PROBE devices at 400/s, across the deletion storm 75-100 s after it.
 # Bounded: about ramp + HOLD + 3 minutes; every process is stopped by pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,9 @@ HOLD=${HOLD:-300}      # seconds
 RATE=${RATE:-0}
 PROBE=${PROBE:-10000}
 PORT=${PORT:-9600}
+TIMEOUT=${TIMEOUT:-90}  # the server's --timeout, seconds
+SILENT_AFTER=${SILENT_AFTER:-60}
+HEARTBEAT=${HEARTBEAT:-30}
 [ "$(id -u)" -eq 0 ] || { echo "one-million: needs root to apply (and restore) sysctls" >&2; exit 1; }
 
 cargo build --release --quiet --bin server --bin client
@@ -33,7 +38,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "$CONNS" = 1000000 ]; then name="1m-$stamp"; else name="$stamp-scale-$CONNS"; fi
 out="results/$name"
 mkdir -p "$out"
-echo "CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE bash $0 $*" > "$out/command.txt"
+echo "CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
 echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/git.txt"
 
 if ! bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-before.txt"; then
@@ -55,11 +60,17 @@ bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-applied.txt" 
 cat /proc/meminfo > "$out/meminfo-before.txt"
 cat /proc/net/sockstat > "$out/sockstat-before.txt"
 
+# The server runs on its own (not --spawn-server), so that it outlives the
+# fleet client for the storm probe; the client measures it by pid.
+./target/release/server --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
+  --stats-interval 5s > "$out/server.log" 2>&1 &
+server=$!
+pids+=("$server")
+wait_port "$PORT"
 timeout $((HOLD + 1200)) ./target/release/client --out "$out/fleet" \
-  --spawn-server --server 127.0.0.1:$PORT \
-  --server-flags "--procs $PROCS --timeout 90s --tick 1s --stats-interval 5s" \
+  --server 127.0.0.1:$PORT --server-pid "$server" \
   --procs "$PROCS" --conns "$CONNS" --rate "$RATE" --concurrency 64 \
-  --ips 127.0.0.2-127.0.0.41 --heartbeat 30s --silent 0.1 --silent-after 60s --server-timeout 90s \
+  --ips 127.0.0.2-127.0.0.41 --heartbeat "${HEARTBEAT}s" --silent 0.1 --silent-after "${SILENT_AFTER}s" --server-timeout "${TIMEOUT}s" \
   --hold "${HOLD}s" --go-silent --expiry-window 30s \
   > "$out/fleet.stdout" 2> "$out/fleet.progress" &
 client=$!
@@ -79,12 +90,14 @@ until grep -q "awaiting expiries" "$out/fleet.progress" 2>/dev/null; do
   kill -0 "$client" 2>/dev/null || break
   sleep 1
 done
-sleep 80
+sleep $((TIMEOUT * 7 / 9))
 timeout 300 ./target/release/client --out "$out/storm-probe" --server 127.0.0.1:$PORT \
-  --conns "$PROBE" --rate 250 --ips 127.0.1.2-127.0.1.5 --heartbeat 30s \
-  --server-timeout 90s --hold 1s --quiet --id-prefix probe- \
+  --conns "$PROBE" --rate 400 --ips 127.0.1.2-127.0.1.5 --heartbeat 30s \
+  --server-timeout "${TIMEOUT}s" --hold 5s --quiet --id-prefix probe- \
   > "$out/storm-probe.stdout" 2>&1 || echo "one-million: the storm probe failed (see storm-probe.stdout)" >&2
 wait "$client" || echo "one-million: the client exited $?" >&2
+kill -TERM "$server"
+wait "$server" || echo "one-million: the server exited $?" >&2
 pids=()
 cat /proc/meminfo > "$out/meminfo-after.txt"
 cat /proc/net/sockstat > "$out/sockstat-after.txt"

@@ -390,6 +390,13 @@ impl Fleet {
             .collect();
         for key in keys {
             if self.heartbeat(key) {
+                self.counters.heartbeats -= 1;
+                self.counters.last_beats += 1;
+                // A reply to an earlier beat still counts; this one's doesn't.
+                let d = &mut self.devices[key];
+                if d.ping_sent_us == d.last_sent_us {
+                    d.ping_sent_us = 0;
+                }
                 self.mute(key);
             }
         }

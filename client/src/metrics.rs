@@ -56,6 +56,10 @@ pub struct Counters {
     pub heartbeats: u64,
     /// Pongs (or echoes) received for heartbeats.
     pub replies: u64,
+    /// `--go-silent`'s last heartbeats, all sent at once (not in
+    /// `heartbeats`, and their round trips not in the RTT histogram: they
+    /// measure a burst, not the fleet's steady state).
+    pub last_beats: u64,
     /// Heartbeats the socket could not take (the server is not reading).
     pub send_blocked: u64,
     /// Silent connections the server closed: its expiries.
@@ -105,6 +109,7 @@ impl Counters {
         self.other += o.other;
         self.heartbeats += o.heartbeats;
         self.replies += o.replies;
+        self.last_beats += o.last_beats;
         self.send_blocked += o.send_blocked;
         self.expired += o.expired;
         self.expired_early += o.expired_early;
@@ -114,7 +119,7 @@ impl Counters {
     }
 
     /// (name, value) of every field, for summaries and merging.
-    pub fn fields(&self) -> [(&'static str, u64); 20] {
+    pub fn fields(&self) -> [(&'static str, u64); 21] {
         [
             ("attempted", self.attempted),
             ("established", self.established),
@@ -130,6 +135,7 @@ impl Counters {
             ("failed_other", self.other),
             ("heartbeats", self.heartbeats),
             ("heartbeat_replies", self.replies),
+            ("last_heartbeats", self.last_beats),
             ("heartbeats_blocked", self.send_blocked),
             ("expired", self.expired),
             ("expired_early", self.expired_early),
@@ -158,6 +164,7 @@ impl Counters {
             "failed_other" => &mut self.other,
             "heartbeats" => &mut self.heartbeats,
             "heartbeat_replies" => &mut self.replies,
+            "last_heartbeats" => &mut self.last_beats,
             "heartbeats_blocked" => &mut self.send_blocked,
             "expired" => &mut self.expired,
             "expired_early" => &mut self.expired_early,
@@ -297,7 +304,7 @@ mod tests {
         };
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
-        assert_eq!(b.fields().len(), 20);
+        assert_eq!(b.fields().len(), 21);
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {

@@ -259,7 +259,9 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             heartbeats_per_s: sum.heartbeats - prev.counters.heartbeats,
             expiries_per_s: sum.expired - prev.counters.expired,
             false_expiries_per_s: sum.false_expiries - prev.counters.false_expiries,
-            client_cpu_pct: (m.client_cpu_ns - prev.client_cpu_ns) as f64 / dt_ns * 100.0,
+            // (Saturating: the tree loses the CPU time of workers that exit.)
+            client_cpu_pct: m.client_cpu_ns.saturating_sub(prev.client_cpu_ns) as f64 / dt_ns
+                * 100.0,
             client_rss_bytes: m.client_rss,
             server_cpu_pct: m.server_cpu_ns.saturating_sub(prev.server_cpu_ns) as f64 / dt_ns
                 * 100.0,

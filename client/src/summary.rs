@@ -217,7 +217,16 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
         ),
         (
             "Heartbeats sent / replies",
-            format!("{} / {}", num("heartbeats"), num("heartbeat_replies")),
+            format!(
+                "{} / {}{}",
+                num("heartbeats"),
+                num("heartbeat_replies"),
+                match f["last_heartbeats"].as_u64() {
+                    Some(n) if n > 0 =>
+                        format!(" (and {} last ones at once, --go-silent)", thousands(n)),
+                    _ => String::new(),
+                }
+            ),
         ),
         (
             "Heartbeat RTT p50 / p99 / max (ms)",
