@@ -92,7 +92,7 @@ until grep -q "awaiting expiries" "$out/fleet.progress" 2>/dev/null; do
 done
 sleep $((TIMEOUT * 7 / 9))
 timeout 300 ./target/release/client --out "$out/storm-probe" --server 127.0.0.1:$PORT \
-  --conns "$PROBE" --rate 400 --ips 127.0.1.2-127.0.1.5 --heartbeat 30s \
+  --conns "$PROBE" --rate 400 --ips 127.0.1.2-127.0.1.5 --heartbeat "${HEARTBEAT}s" \
   --server-timeout "${TIMEOUT}s" --hold 5s --quiet --id-prefix probe- \
   > "$out/storm-probe.stdout" 2>&1 || echo "one-million: the storm probe failed (see storm-probe.stdout)" >&2
 wait "$client" || echo "one-million: the client exited $?" >&2

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -20,7 +20,6 @@ use c1m::frame::{self, Opcode};
 use c1m::socket;
 use c1m::wheel::{self, Entry, Wheel};
 use slab::Slab;
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::device::{self, Rng};
 use crate::hgrm;
@@ -445,7 +444,7 @@ impl Fleet {
         self.next_k += 1;
         self.counters.attempted += 1;
         let (src, dst) = route(n, plan.sources.len(), plan.servers.len());
-        let fd = match start_connect(plan.servers[dst], plan.sources.get(src).copied()) {
+        let fd = match socket::connect_from(plan.servers[dst], plan.sources.get(src).copied()) {
             Ok(fd) => fd,
             Err(e) => {
                 self.counters.fail(Failure::from_errno(e.raw_os_error()));
@@ -526,7 +525,7 @@ impl Fleet {
 
     fn send_upgrade(&mut self, key: usize) -> Result<(), Failure> {
         let d = &mut self.devices[key];
-        let err = so_error(d.fd.as_raw_fd());
+        let err = socket::so_error(d.fd.as_raw_fd());
         if err != 0 {
             return Err(Failure::from_errno(Some(err)));
         }
@@ -773,8 +772,16 @@ impl Fleet {
         if d.silent {
             self.counters.expired += 1;
             let now = now_us(&self.plan, Instant::now());
+            // Devices whose last message was --go-silent's burst are the
+            // deletion storm's; their lag is kept apart.
+            let storm = self.silence_us.is_some_and(|t| d.last_sent_us >= t);
+            let lags = if storm {
+                &mut self.measured.storm_lag
+            } else {
+                &mut self.measured.expiry_lag
+            };
             match (now - d.last_sent_us).checked_sub(self.server_timeout_us) {
-                Some(lag) => hgrm::record(&mut self.measured.expiry_lag, lag),
+                Some(lag) => hgrm::record(lags, lag),
                 None => self.counters.expired_early += 1,
             }
         } else {
@@ -803,60 +810,4 @@ fn now_us(plan: &Plan, now: Instant) -> u64 {
 
 fn tick_of(plan: &Plan, now: Instant) -> u64 {
     now_us(plan, now) / TICK_US
-}
-
-/// Opens a non-blocking socket and begins connecting it.
-fn start_connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<OwnedFd> {
-    let s = Socket::new(
-        Domain::for_address(server),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    s.set_nonblocking(true)?;
-    s.set_nodelay(true)?;
-    if let Some(ip) = source {
-        // Let connect() choose the port per 4-tuple rather than bind() per
-        // address: each source IP then serves a full port range per server.
-        let one: libc::c_int = 1;
-        // SAFETY: a valid int option on a socket this function owns.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                4,
-            )
-        };
-        epoll::cvt(r)?;
-        s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
-    }
-    match s.connect(&SockAddr::from(server)) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(s.into())
-}
-
-fn so_error(fd: RawFd) -> i32 {
-    let mut err: libc::c_int = 0;
-    let mut len = 4u32;
-    // SAFETY: err and len are valid for getsockopt(SO_ERROR).
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        err
-    }
 }

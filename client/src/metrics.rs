@@ -232,7 +232,10 @@ impl Phase {
 pub struct Measured {
     pub connect: Histogram<u64>,
     pub heartbeat_rtt: Histogram<u64>,
+    /// Devices that fell silent on their own (`--silent`).
     pub expiry_lag: Histogram<u64>,
+    /// Devices silenced together by `--go-silent`: the deletion storm.
+    pub storm_lag: Histogram<u64>,
 }
 
 impl Measured {
@@ -241,6 +244,7 @@ impl Measured {
             connect: crate::hgrm::new_histogram(),
             heartbeat_rtt: crate::hgrm::new_histogram(),
             expiry_lag: crate::hgrm::new_histogram(),
+            storm_lag: crate::hgrm::new_histogram(),
         }
     }
 
@@ -249,6 +253,7 @@ impl Measured {
             (&mut self.connect, &o.connect),
             (&mut self.heartbeat_rtt, &o.heartbeat_rtt),
             (&mut self.expiry_lag, &o.expiry_lag),
+            (&mut self.storm_lag, &o.storm_lag),
         ] {
             a.add(b).map_err(|e| format!("merging histograms: {e:?}"))?;
         }

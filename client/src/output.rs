@@ -64,6 +64,7 @@ pub fn write(
     write_histogram(dir, "connect", &o.measured.connect)?;
     write_histogram(dir, "heartbeat_rtt", &o.measured.heartbeat_rtt)?;
     write_histogram(dir, "expiry_lag", &o.measured.expiry_lag)?;
+    write_histogram(dir, "storm_lag", &o.measured.storm_lag)?;
     let tl = dir.join("timeline.csv");
     timeline::write_csv(create(&tl)?, &o.rows)
         .map_err(|e| format!("cannot write {}: {e}", tl.display()))?;

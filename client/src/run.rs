@@ -400,6 +400,7 @@ pub fn load_measured(dir: &Path) -> Result<Measured, String> {
         connect: read("connect")?,
         heartbeat_rtt: read("heartbeat_rtt")?,
         expiry_lag: read("expiry_lag")?,
+        storm_lag: read("storm_lag")?,
     })
 }
 

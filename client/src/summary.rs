@@ -80,6 +80,34 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
     f.insert("expiry_lag_max_ms".into(), max_ms(&m.expiry_lag));
     let peak = o.rows.iter().map(|r| r.expiries_per_s).max().unwrap_or(0);
     f.insert("expired_per_s_peak".into(), json!(peak));
+    // The --go-silent storm: deletions after the hold, by the timeline.
+    if !m.storm_lag.is_empty() {
+        f.insert("storm_deleted".into(), json!(m.storm_lag.len()));
+        f.insert("storm_lag_p50_ms".into(), ms(&m.storm_lag, 0.5));
+        f.insert("storm_lag_p99_ms".into(), ms(&m.storm_lag, 0.99));
+        f.insert("storm_lag_max_ms".into(), max_ms(&m.storm_lag));
+        let after = o.hold_end.map_or(0.0, |h| h.t_s);
+        let storm: Vec<_> = o
+            .rows
+            .iter()
+            .filter(|r| r.t_s > after && r.expiries_per_s > 0)
+            .collect();
+        if let (Some(first), Some(last)) = (storm.first(), storm.last()) {
+            // Rows close whole seconds: the first one's second began 1 s earlier.
+            let secs = last.t_s - first.t_s + 1.0;
+            let deleted: u64 = storm.iter().map(|r| r.expiries_per_s).sum();
+            f.insert(
+                "storm_duration_s".into(),
+                json!((secs * 10.0).round() / 10.0),
+            );
+            f.insert(
+                "storm_deleted_per_s_mean".into(),
+                ratio(deleted as f64, secs),
+            );
+            let peak = storm.iter().map(|r| r.expiries_per_s).max().unwrap_or(0);
+            f.insert("storm_deleted_per_s_peak".into(), json!(peak));
+        }
+    }
     if let Some(r) = &o.ramp_end {
         let est = r.counters.established as f64;
         f.insert(
@@ -239,7 +267,7 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
         ),
         ("Silent devices expired by the server", num("expired")),
         (
-            "Expiry lag p50 / p99 / max (ms)",
+            "Expiry lag p50 / p99 / max (ms), devices silent on their own",
             format!(
                 "{} / {} / {}",
                 num("expiry_lag_p50_ms"),
@@ -248,6 +276,25 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
             ),
         ),
         ("Peak expiries/s", num("expired_per_s_peak")),
+        (
+            "Deletion storm (--go-silent): deleted, seconds, mean/s, peak/s",
+            format!(
+                "{}, {}, {}, {}",
+                num("storm_deleted"),
+                num("storm_duration_s"),
+                num("storm_deleted_per_s_mean"),
+                num("storm_deleted_per_s_peak")
+            ),
+        ),
+        (
+            "Storm lag p50 / p99 / max (ms)",
+            format!(
+                "{} / {} / {}",
+                num("storm_lag_p50_ms"),
+                num("storm_lag_p99_ms"),
+                num("storm_lag_max_ms")
+            ),
+        ),
         (
             "False / early / missed expiries",
             format!(

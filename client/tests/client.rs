@@ -50,6 +50,23 @@ fn summary(dir: &Path) -> Value {
     serde_json::from_str(&text).expect("summary.json parses")
 }
 
+/// Sends `sig` to the child and waits (up to 20 s) for it to exit.
+fn signal_and_wait(child: &mut std::process::Child, sig: i32) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let stopped = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "signal {sig} ignored"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn hist(dir: &Path, name: &str) -> hdrhistogram::Histogram<u64> {
     let f = std::fs::File::open(dir.join(format!("{name}.v2.hdr"))).expect("V2 histogram");
     hgrm::read_v2(f).expect("V2 histogram parses")
@@ -166,19 +183,7 @@ fn sigint_closes_the_fleet_and_writes_what_it_has() {
         .expect("client starts");
     // The server starts and 200 devices connect well within this.
     std::thread::sleep(Duration::from_secs(3));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(20),
-            "client ignored SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = signal_and_wait(&mut child, libc::SIGINT);
     assert!(status.success(), "{status}");
     let s = summary(&dir);
     assert_eq!(s["figures"]["interrupted"], Value::Bool(true));
@@ -274,19 +279,7 @@ fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let workers = c1m_client::host::with_children(child.id());
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(20),
-            "ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = signal_and_wait(&mut child, libc::SIGTERM);
     assert!(status.success(), "{status}");
     assert!(
         workers.len() >= 4,

@@ -8,7 +8,7 @@
 //! Bounded: the ramp stops after `--ramp-timeout`, the hold after `--hold`.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Barrier};
@@ -19,7 +19,6 @@ use c1m::config::{parse_duration, raise_nofile};
 use c1m::epoll::{self, Epoll};
 use c1m::socket;
 use hdrhistogram::Histogram;
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Opens WebSocket connections, holds them with pings, reports server cost.
 #[derive(argh::FromArgs)]
@@ -319,7 +318,7 @@ fn worker(
         while inflight < concurrency && conns.len() < target {
             let i = conns.len();
             let ip = ips.get(i % ips.len().max(1)).copied();
-            match start_connect(server, ip) {
+            match socket::connect_from(server, ip.map(IpAddr::V4)).map(IntoRawFd::into_raw_fd) {
                 Ok(fd) => {
                     ep.add(
                         fd,
@@ -361,7 +360,7 @@ fn worker(
                     &device,
                     &key_for(i as u64, id as u64),
                 );
-                if so_error(c.fd) != 0 || send_all(c.fd, &req).is_err() {
+                if socket::so_error(c.fd) != 0 || send_all(c.fd, &req).is_err() {
                     c.state = State::Failed;
                 } else {
                     c.state = State::Upgrading;
@@ -518,49 +517,6 @@ fn wait(ep: &Epoll, events: &mut [libc::epoll_event], timeout_ms: i32) -> Result
         };
     }
     Ok(n as usize)
-}
-
-fn start_connect(server: SocketAddr, ip: Option<Ipv4Addr>) -> io::Result<RawFd> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_nonblocking(true)?;
-    s.set_nodelay(true)?;
-    if let Some(ip) = ip {
-        // Let connect() pick the port per 4-tuple, not bind() per address.
-        let one: libc::c_int = 1;
-        // SAFETY: valid option value for IP_BIND_ADDRESS_NO_PORT.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                4,
-            )
-        };
-        s.bind(&SockAddr::from(SocketAddrV4::new(ip, 0)))?;
-    }
-    match s.connect(&SockAddr::from(server)) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(s.into_raw_fd())
-}
-
-fn so_error(fd: RawFd) -> i32 {
-    let mut err: libc::c_int = 0;
-    let mut len = 4u32;
-    // SAFETY: err/len are valid for getsockopt.
-    unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    err
 }
 
 /// Sends all of a small buffer or fails (the loadgen never queues output).

@@ -1,8 +1,11 @@
-//! Non-blocking socket calls on raw descriptors, shared by the shard and the
-//! load generator.
+//! Non-blocking socket calls on raw descriptors, shared by the shard, the
+//! client and the load generator.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// One non-blocking send; `Ok(0)` when the socket buffer is full.
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
@@ -65,4 +68,62 @@ pub fn close(fd: RawFd, abortive: bool) {
     }
     // SAFETY: the caller owns fd and gives it up here.
     unsafe { libc::close(fd) };
+}
+
+/// Opens a non-blocking TCP socket (no Nagle) from `source` (any port) and
+/// begins connecting it to `server`.
+pub fn connect_from(server: SocketAddr, source: Option<IpAddr>) -> io::Result<OwnedFd> {
+    let s = Socket::new(
+        Domain::for_address(server),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    if let Some(ip) = source {
+        // Let connect() choose the port per 4-tuple rather than bind() per
+        // address: each source IP then serves a full port range per server.
+        let one: libc::c_int = 1;
+        // SAFETY: a valid int option on a socket this function owns.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        crate::epoll::cvt(r)?;
+        s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    }
+    match s.connect(&SockAddr::from(server)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}
+
+/// The socket's pending error (SO_ERROR): 0 once a connect succeeded.
+pub fn so_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = 4u32;
+    // SAFETY: err and len are valid for getsockopt(SO_ERROR).
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        err
+    }
 }
