@@ -329,8 +329,12 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
     let mut s = format!(
         "# c1m client run\n\n`{command}`\n\nResults: `{dir}`\n\n| Figure | Value |\n|---|---|\n"
     );
+    // The storm rows only for a --go-silent run.
+    let storm = !f["storm_deleted"].is_null();
     for (k, v) in rows {
-        s.push_str(&format!("| {k} | {v} |\n"));
+        if storm || !(k.starts_with("Deletion storm") || k.starts_with("Storm lag")) {
+            s.push_str(&format!("| {k} | {v} |\n"));
+        }
     }
     for fault in faults(f) {
         s.push_str(&format!("\n**{fault}**\n"));
