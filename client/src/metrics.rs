@@ -321,4 +321,32 @@ mod tests {
         );
         assert!(!all.set("nonsense", 1));
     }
+
+    #[test]
+    fn worker_histograms_merge_through_their_v2_files() {
+        let mut parts = Vec::new();
+        for w in 0..3u64 {
+            let mut m = Measured::new();
+            for i in 1..=100 {
+                crate::hgrm::record(&mut m.connect, i * 1000 * (w + 1));
+                crate::hgrm::record(&mut m.storm_lag, 5_000 + w);
+            }
+            // As a --procs parent gets them: written, read back, added.
+            let mut bytes = Vec::new();
+            crate::hgrm::write_v2(&mut bytes, &m.connect).unwrap();
+            m.connect = crate::hgrm::read_v2(&bytes[..]).unwrap();
+            parts.push(m);
+        }
+        let mut all = Measured::new();
+        for p in &parts {
+            all.add(p).unwrap();
+        }
+        assert_eq!((all.connect.len(), all.storm_lag.len()), (300, 300));
+        assert!(all.expiry_lag.is_empty());
+        // The merged max is the largest worker's; the median lies between.
+        assert_eq!(all.connect.max(), parts[2].connect.max());
+        let p50 = all.connect.value_at_quantile(0.5);
+        assert!(p50 > parts[0].connect.value_at_quantile(0.5));
+        assert!(p50 < parts[2].connect.value_at_quantile(0.5));
+    }
 }
