@@ -34,7 +34,7 @@ const TICK_US: u64 = 10_000;
 /// Largest server frame a device accepts (servers send pongs, closes and,
 /// with --echo, the device's own messages back).
 const MAX_SERVER_FRAME: usize = 1 << 20;
-/// Work done per step before yielding to glommio, so no phase starves another.
+/// Work done per phase of a step, so that no phase starves another.
 const BUDGET: usize = 512;
 /// Longest sleep, so that a stop request is seen quickly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
@@ -228,7 +228,7 @@ impl Fleet {
     /// Runs to the end of the plan (or a stop request) on a glommio executor,
     /// then sends the final [`Report::Done`]. Idle, it blocks in
     /// [`Epoll::wait`] (which says why not in glommio's park).
-    pub async fn run(mut self) {
+    pub fn run(mut self) {
         let error = loop {
             match self.step() {
                 Ok(Step::Busy) => {}

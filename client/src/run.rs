@@ -140,7 +140,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             .io_memory(64 << 10)
             .spawn(move || async move {
                 match Fleet::new(core, plan, stop, tx.clone()) {
-                    Ok(fleet) => fleet.run().await,
+                    Ok(fleet) => fleet.run(),
                     Err(e) => {
                         let _ = tx.send(Report::Done {
                             core,

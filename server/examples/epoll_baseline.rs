@@ -59,7 +59,7 @@ fn main() {
                 libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             }
             let shard = Shard::new(id, cfg, listener, efd, tx).expect("shard");
-            let _ = shard.run_blocking();
+            let _ = shard.run();
         });
     }
     std::thread::sleep(args.lifetime);

@@ -240,22 +240,11 @@ impl Shard {
         })
     }
 
-    /// Runs until shutdown has drained every connection (or timed out).
-    /// Runs the shard on its glommio executor until it finishes.
-    pub async fn run(mut self) -> io::Result<Counters> {
-        loop {
-            match self.step()? {
-                Step::Busy => {}
-                Step::Idle(wake) => self
-                    .epoll
-                    .wait(wake.saturating_duration_since(Instant::now()))?,
-                Step::Finished => return Ok(self.counters),
-            }
-        }
-    }
-
-    /// The same loop on a plain thread (the benchmark's no-glommio baseline).
-    pub fn run_blocking(mut self) -> io::Result<Counters> {
+    /// Runs until shutdown has drained every connection (or timed out), on
+    /// the calling thread: a glommio executor's in the server, a plain
+    /// thread in the benchmark's no-glommio baseline. It never yields to
+    /// glommio ([`crate::epoll::Epoll::wait`] says why).
+    pub fn run(mut self) -> io::Result<Counters> {
         loop {
             match self.step()? {
                 Step::Busy => {}

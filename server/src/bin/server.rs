@@ -219,7 +219,7 @@ fn run(args: Args) -> Result<(), String> {
             .io_memory(64 << 10)
             .spawn(move || async move {
                 let result = match Shard::new(id, cfg, listener, shard_efd, tx) {
-                    Ok(shard) => shard.run().await,
+                    Ok(shard) => shard.run(),
                     Err(e) => Err(e),
                 };
                 // Said at once: the other shards keep serving their devices.
