@@ -258,6 +258,11 @@ fn run(args: Args) -> Result<i32, String> {
         };
         let host = c1m::limits::Host::read(nofile);
         limits::check(&host, args.conns, args.procs, per_proc, args.spawn_server)?;
+        let in_flight = args.concurrency as u64 * cpus.len().max(args.procs as usize) as u64;
+        let sockets = args.conns * if args.spawn_server { 2 } else { 1 };
+        for w in limits::Queues::read().warnings(in_flight, sockets) {
+            eprintln!("client: warning: {w}");
+        }
     }
     ips::check_capacity(args.conns, sources.len(), &servers, ips::local_port_range())?;
 
