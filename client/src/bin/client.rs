@@ -52,8 +52,8 @@ struct Args {
     /// ping (the Pong gives the round trip), text or binary (default ping)
     #[argh(option, default = "HeartbeatKind::Ping")]
     heartbeat_kind: HeartbeatKind,
-    /// fraction of devices that never heartbeat after connecting, so the
-    /// server must expire them (default 0)
+    /// fraction of devices that stop heartbeating (from their upgrade, or
+    /// from --silent-after), so the server must expire them (default 0)
     #[argh(option, default = "0.0")]
     silent: f64,
     /// the silent fraction heartbeats until this long into the hold, then
@@ -111,8 +111,8 @@ struct Args {
     /// no progress line
     #[argh(switch)]
     quiet: bool,
-    /// after the hold, every device stops heartbeating (each after its
-    /// last beat) and the run waits for the server to delete the whole fleet
+    /// after the hold, every device sends one last heartbeat at once, then
+    /// nothing; the run waits for the server to delete the whole fleet
     #[argh(switch)]
     go_silent: bool,
     /// run this many worker processes, each with its share of the devices
