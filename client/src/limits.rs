@@ -4,6 +4,7 @@
 //! per source address are [`crate::ips::check_capacity`]. Each failure is
 //! one sentence saying what the host allows and what to change.
 
+pub use c1m::limits::Queues;
 use c1m::limits::{Host, KERNEL_BYTES_PER_CONN};
 
 /// Descriptors a client process keeps besides its sockets: per core an
@@ -54,49 +55,6 @@ pub fn check(
         ));
     }
     Ok(())
-}
-
-/// The queue and memory sysctls that do not stop a run but shape it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Queues {
-    pub somaxconn: u64,
-    pub syn_backlog: u64,
-    /// net.ipv4.tcp_mem's third value: pages of TCP buffers host-wide.
-    pub tcp_mem_max_pages: u64,
-}
-
-impl Queues {
-    pub fn read() -> Queues {
-        let num = |name: &str, i: usize| {
-            std::fs::read_to_string(format!("/proc/sys/net/{name}"))
-                .ok()
-                .and_then(|s| s.split_whitespace().nth(i)?.parse().ok())
-                .unwrap_or(u64::MAX)
-        };
-        Queues {
-            somaxconn: num("core/somaxconn", 0),
-            syn_backlog: num("ipv4/tcp_max_syn_backlog", 0),
-            tcp_mem_max_pages: num("ipv4/tcp_mem", 2),
-        }
-    }
-
-    /// One sentence per setting that will slow or hurt this run.
-    pub fn warnings(&self, in_flight: u64, sockets: u64) -> Vec<String> {
-        let mut w = Vec::new();
-        if in_flight > self.somaxconn.min(self.syn_backlog) {
-            w.push(format!(
-                "{in_flight} upgrades in flight can overflow a listen queue (net.core.somaxconn {}, net.ipv4.tcp_max_syn_backlog {}): expect retransmitted SYNs and slower connects, or raise them (kernel-tuning/)",
-                self.somaxconn, self.syn_backlog
-            ));
-        }
-        if sockets > self.tcp_mem_max_pages {
-            w.push(format!(
-                "net.ipv4.tcp_mem allows {} pages of TCP buffers for {sockets} sockets: a burst that gives each a page (a push, a reconnect storm) hits memory pressure; raise it (kernel-tuning/)",
-                self.tcp_mem_max_pages
-            ));
-        }
-        w
-    }
 }
 
 /// Device numbers of worker `i` of `procs`: (first, count).
@@ -151,20 +109,6 @@ mod tests {
         assert!(check(&h, 100_000, 1, 2, true).is_ok());
         let e = check(&h, 200_000, 1, 2, true).unwrap_err();
         assert!(e.contains("kernel memory"), "{e}");
-    }
-
-    #[test]
-    fn queue_warnings_name_the_setting() {
-        let q = Queues {
-            somaxconn: 4096,
-            syn_backlog: 2048,
-            tcp_mem_max_pages: 575_796,
-        };
-        assert!(q.warnings(512, 20_000).is_empty());
-        let w = q.warnings(3_840, 2_000_000);
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("tcp_max_syn_backlog 2048"), "{}", w[0]);
-        assert!(w[1].contains("575796 pages"), "{}", w[1]);
     }
 
     #[test]

@@ -98,6 +98,60 @@ impl Host {
     }
 }
 
+/// The queue and memory sysctls that do not stop a run but shape it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queues {
+    pub somaxconn: u64,
+    pub syn_backlog: u64,
+    /// net.ipv4.tcp_mem's third value: pages of TCP buffers host-wide.
+    pub tcp_mem_max_pages: u64,
+}
+
+impl Queues {
+    pub fn read() -> Queues {
+        let num = |name: &str, i: usize| {
+            std::fs::read_to_string(format!("/proc/sys/net/{name}"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(i)?.parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        Queues {
+            somaxconn: num("core/somaxconn", 0),
+            syn_backlog: num("ipv4/tcp_max_syn_backlog", 0),
+            tcp_mem_max_pages: num("ipv4/tcp_mem", 2),
+        }
+    }
+
+    /// One sentence per setting that will slow or hurt a client run.
+    pub fn warnings(&self, in_flight: u64, sockets: u64) -> Vec<String> {
+        let mut w = Vec::new();
+        if in_flight > self.somaxconn.min(self.syn_backlog) {
+            w.push(format!(
+                "{in_flight} upgrades in flight can overflow a listen queue (net.core.somaxconn {}, net.ipv4.tcp_max_syn_backlog {}): expect retransmitted SYNs and slower connects, or raise them (kernel-tuning/)",
+                self.somaxconn, self.syn_backlog
+            ));
+        }
+        w.extend(self.memory_warning(sockets));
+        w
+    }
+
+    /// When `sockets` could not each get a page of TCP buffer at once.
+    pub fn memory_warning(&self, sockets: u64) -> Option<String> {
+        (sockets > self.tcp_mem_max_pages).then(|| format!(
+            "net.ipv4.tcp_mem allows {} pages of TCP buffers for {sockets} sockets: a burst that gives each a page (a push, a reconnect storm) hits memory pressure; raise it (kernel-tuning/)",
+            self.tcp_mem_max_pages
+        ))
+    }
+
+    /// When the kernel will cut a requested listen backlog short.
+    pub fn backlog_warning(&self, backlog: u64) -> Option<String> {
+        (backlog > self.somaxconn).then(|| format!(
+            "--backlog {backlog} is more than net.core.somaxconn {}, which the kernel caps it at: raise somaxconn (kernel-tuning/)",
+            self.somaxconn
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +213,22 @@ mod tests {
     fn this_host_can_be_read() {
         let host = Host::read(20_000);
         assert!(host.files_free > 0 && host.mem_available > 0);
+    }
+
+    #[test]
+    fn queue_warnings_name_the_setting() {
+        let q = Queues {
+            somaxconn: 4096,
+            syn_backlog: 2048,
+            tcp_mem_max_pages: 575_796,
+        };
+        assert!(q.warnings(512, 20_000).is_empty());
+        let w = q.warnings(3_840, 2_000_000);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("tcp_max_syn_backlog 2048"), "{}", w[0]);
+        assert!(w[1].contains("575796 pages"), "{}", w[1]);
+        assert!(q.backlog_warning(4096).is_none());
+        assert!(q.backlog_warning(65535).unwrap().contains("somaxconn 4096"));
+        assert!(q.memory_warning(100_000).is_none());
     }
 }

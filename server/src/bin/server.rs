@@ -172,6 +172,17 @@ fn run(args: Args) -> Result<(), String> {
         .backlog
         .or_else(c1m::listener::somaxconn)
         .unwrap_or(4096);
+    // What does not stop the server but shapes it: a listen queue shorter
+    // than the backlog asked for, TCP buffer memory short of the sockets.
+    let sockets = (cores.len() as u64).saturating_mul(max_conns as u64);
+    let queues = c1m::limits::Queues::read();
+    let said = [
+        queues.backlog_warning(backlog.max(0) as u64),
+        queues.memory_warning(sockets),
+    ];
+    for w in said.into_iter().flatten() {
+        eprintln!("server: warning: {w}");
+    }
 
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
