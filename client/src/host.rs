@@ -125,7 +125,22 @@ mod tests {
             .spawn()
             .unwrap();
         assert!(with_children(me).contains(&child.id()));
-        assert!(tree_usage(me).1 > rss(me));
+        // Compare only figures that cannot move between two reads: this
+        // process's RSS changes while other tests run beside it, a sleeping
+        // child's does not. Wait until the child is asleep in `sleep`.
+        let kid = child.id();
+        let asleep = || {
+            std::fs::read_to_string(format!("/proc/{kid}/stat"))
+                .is_ok_and(|s| s.contains("(sleep) S"))
+        };
+        let started = std::time::Instant::now();
+        while !asleep() && started.elapsed() < std::time::Duration::from_secs(4) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(asleep(), "the child never went to sleep");
+        assert!(rss(kid) > 0);
+        assert_eq!(tree_usage(kid), (cpu_ns(kid), rss(kid)));
+        assert!(tree_usage(me).1 > rss(kid));
         child.kill().unwrap();
         child.wait().unwrap();
         let f = facts(1024);
