@@ -348,3 +348,45 @@ fn silent_after_lets_the_fraction_beat_first_then_expire() {
     assert!(f["expiry_lag_max_ms"].as_f64().unwrap() <= 2100.0, "{f}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn ipv6_sources_and_echoed_text_heartbeats() {
+    // A host with IPv6 turned off cannot run this; say so rather than fail.
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this host has no IPv6 loopback (::1)");
+        return;
+    }
+    let dir = out_dir("ipv6");
+    let addr = format!("[::1]:{}", port());
+    let out = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .args(["--server-flags", "--echo --timeout 1s --tick 100ms"])
+        .args(["--ips", "::1", "--conns", "200", "--silent", "0.5"])
+        .args(["--heartbeat", "250ms", "--heartbeat-kind", "text"])
+        .args(["--hold", "2s", "--quiet"])
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .expect("client runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&dir);
+    let f = &s["figures"];
+    let n = |k: &str| f[k].as_u64().unwrap();
+    assert_eq!(
+        (n("established"), n("expired"), n("false_expiries")),
+        (200, 100, 0),
+        "{f}"
+    );
+    // With --echo every text heartbeat comes back and gives a round trip.
+    assert!(n("heartbeats") >= 100 * 4, "{f}");
+    assert!(n("heartbeat_replies") * 10 >= n("heartbeats") * 9, "{f}");
+    assert_eq!(hist(&dir, "heartbeat_rtt").len(), n("heartbeat_replies"));
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(fin.contains("upgraded=200 "), "{fin}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
