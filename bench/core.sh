@@ -10,7 +10,9 @@
 # Servers: c1m (the shard), epoll (the same shard loop on plain threads, no
 # glommio), stock128/stock4096 (a glommio TcpStream task per connection, ring
 # depth 128 / 4096). Rounds are interleaved so machine noise hits every
-# variant alike; the summary quotes medians.
+# variant alike; the summary quotes medians. To measure a change before and
+# after in one run, build the old server, copy it aside and add `base`:
+#   BASE_SERVER=/tmp/old/server IMPLS="c1m base" bash bench/core.sh
 #
 # Usage: bench/core.sh      (about 6 minutes; ROUNDS, HOLD, CASES, IMPLS override)
 # Writes: results/<UTC time>-core/{runs.jsonl,summary.md,machine.txt,command.txt}
@@ -26,7 +28,11 @@ PORT=${PORT:-9400}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
 
 cargo build --release --quiet --bin server --examples
-out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS' bench/core.sh")
+BASE_SERVER=${BASE_SERVER:-}
+case " $IMPLS " in
+  *" base "*) [ -x "$BASE_SERVER" ] || { echo "bench: IMPLS has base but BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; } ;;
+esac
+out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/core.sh")
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "kernel: $(uname -r)"
@@ -45,6 +51,7 @@ start_server() {
   local impl=$1
   case $impl in
     c1m) ./target/release/server --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
+    base) "$BASE_SERVER" --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     epoll) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock128) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 128 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock4096) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 4096 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;

@@ -22,7 +22,7 @@ print(f"Medians of {len(runs)} runs ({max(r['round'] for r in runs)} rounds, int
 print("| server | conns | ping every | heartbeats/s | " + " | ".join(c[1] for c in cols) + " | failed | listen overflows+drops |")
 print("|---" * (len(cols) + 6) + "|")
 med = {}
-order = {"c1m": 0, "epoll": 1, "stock128": 2, "stock4096": 3}
+order = {"c1m": 0, "base": 1, "epoll": 2, "stock128": 3, "stock4096": 4}
 for (impl, n, iv), rs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], -kv[0][2])):
     cells = []
     for c in cols:

@@ -168,6 +168,8 @@ pub struct Fleet {
     reports: Sender<Report>,
     next_progress: Instant,
     events: Vec<libc::epoll_event>,
+    /// Ready entries [`Epoll::wait`] left in `events` while the core slept.
+    fetched: Option<usize>,
     buf: Vec<u8>,
     out: Vec<u8>,
     id: String,
@@ -218,6 +220,7 @@ impl Fleet {
             reports,
             next_progress: plan.origin + Duration::from_secs(1),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            fetched: None,
             buf: vec![0; 64 * 1024],
             out: Vec::with_capacity(512),
             id: String::with_capacity(64),
@@ -234,8 +237,11 @@ impl Fleet {
                 Ok(Step::Busy) => {}
                 Ok(Step::Idle(wake)) => {
                     let left = wake.saturating_duration_since(Instant::now());
-                    if let Err(e) = self.epoll.wait(left) {
-                        break Some(format!("core {}: waiting for sockets: {e}", self.core));
+                    match self.epoll.wait(&mut self.events, left) {
+                        Ok(n) => self.fetched = Some(n),
+                        Err(e) => {
+                            break Some(format!("core {}: waiting for sockets: {e}", self.core))
+                        }
                     }
                 }
                 Ok(Step::Finished) => break None,
@@ -263,7 +269,11 @@ impl Fleet {
         let mut busy = false;
 
         let mut events = std::mem::take(&mut self.events);
-        let n = self.epoll.poll_now(&mut events);
+        // The events the blocking wait fetched, or what is ready now.
+        let n = match self.fetched.take() {
+            Some(n) => Ok(n),
+            None => self.epoll.poll_now(&mut events),
+        };
         let n = match n {
             Ok(n) => n,
             Err(e) => {

@@ -50,22 +50,16 @@ impl Epoll {
 
     /// Fills `events` with ready entries without blocking; returns how many.
     pub fn poll_now(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
-        let max = events.len().min(i32::MAX as usize) as i32;
-        loop {
-            // SAFETY: the kernel writes at most `max` entries into `events`.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, 0) };
-            match cvt(n) {
-                Ok(n) => return Ok(n as usize),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        self.wait(events, std::time::Duration::ZERO)
     }
-}
 
-impl Epoll {
-    /// Blocks the calling thread until the set has ready entries or
-    /// `timeout` passes (rounded up to whole milliseconds).
+    /// Fills `events` with ready entries, blocking the calling thread up to
+    /// `timeout` (rounded up to whole milliseconds) while there are none;
+    /// returns how many (0 at the timeout or on a signal).
+    ///
+    /// One call both sleeps and fetches: blocking in poll(2) on the set and
+    /// then fetching with a second epoll_wait cost two system calls per
+    /// wake-up, and the kernel polled every ready socket twice.
     ///
     /// Why the executor thread blocks here instead of parking in glommio
     /// (awaiting the set's fd on glommio's ring, racing a glommio timer):
@@ -79,17 +73,19 @@ impl Epoll {
     /// blocking here when idle. A shard is the only task on its executor, so
     /// nothing waits behind it; and the blocking wait measured cheaper (the
     /// `epoll` rows of bench/core.sh).
-    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<()> {
+    pub fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout: std::time::Duration,
+    ) -> io::Result<usize> {
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
-            _ => Ok(()),
+        let max = events.len().min(i32::MAX as usize) as i32;
+        // SAFETY: the kernel writes at most `max` entries into `events`.
+        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, ms) };
+        match cvt(n) {
+            Ok(n) => Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(e),
         }
     }
 }

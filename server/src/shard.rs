@@ -185,6 +185,8 @@ pub struct Shard {
     scratch: Box<[u8]>,
     out: Vec<u8>,
     events: Vec<libc::epoll_event>,
+    /// Ready entries [`Epoll::wait`] left in `events` while the shard slept.
+    fetched: Option<usize>,
     /// Sockets whose reads were cut short to be fair; read them again.
     again: Vec<u64>,
     drain_deadline: Option<Instant>,
@@ -230,6 +232,7 @@ impl Shard {
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             out: Vec::with_capacity(4096),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BATCH],
+            fetched: None,
             again: Vec::new(),
             drain_deadline: None,
             accept_resume: None,
@@ -248,9 +251,10 @@ impl Shard {
         loop {
             match self.step()? {
                 Step::Busy => {}
-                Step::Idle(wake) => self
-                    .epoll
-                    .wait(wake.saturating_duration_since(Instant::now()))?,
+                Step::Idle(wake) => {
+                    let left = wake.saturating_duration_since(Instant::now());
+                    self.fetched = Some(self.epoll.wait(&mut self.events, left)?);
+                }
                 Step::Finished => return Ok(self.counters),
             }
         }
@@ -313,7 +317,11 @@ impl Shard {
             busy = true;
             self.on_readable(token);
         }
-        let n = self.epoll.poll_now(&mut self.events)?;
+        // The events the blocking wait fetched, or what is ready now.
+        let n = match self.fetched.take() {
+            Some(n) => n,
+            None => self.epoll.poll_now(&mut self.events)?,
+        };
         for i in 0..n {
             let libc::epoll_event { events, u64: token } = self.events[i];
             match token {

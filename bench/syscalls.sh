@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# System calls per heartbeat: a count that machine noise does not blur. For
+# each case (N:interval) the server holds N devices pinging once per interval
+# (loadgen) and `perf stat -e raw_syscalls:sys_enter` counts the server's
+# system calls over 4 s of the hold. A heartbeat needs at least a recv and a
+# send; what is above 2 is wake-ups (epoll_wait) and timers.
+# Set BASE_SERVER to an older server binary to count it too, interleaved.
+#
+# Usage: bench/syscalls.sh   (about 1 minute; CASES, BASE_SERVER override)
+# Writes: results/<UTC time>-syscalls/{runs.csv,summary.md,command.txt}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+CASES=${CASES:-"2000:1s 15000:1s 15000:7500ms"}
+BASE_SERVER=${BASE_SERVER:-}
+PORT=${PORT:-9402}
+command -v perf >/dev/null || { echo "syscalls: perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
+[ -z "$BASE_SERVER" ] || [ -x "$BASE_SERVER" ] || { echo "syscalls: BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; }
+cargo build --release --quiet --bin server --example loadgen
+out=$(new_results syscalls "CASES='$CASES'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/syscalls.sh")
+server_pid=""
+trap '[ -n "$server_pid" ] && kill -9 $server_pid 2>/dev/null || true' EXIT
+
+echo "server,conns,interval,heartbeats_per_s,syscalls_per_s,syscalls_per_heartbeat,cpu_per_heartbeat_us" > "$out/runs.csv"
+for case in $CASES; do
+  n=${case%%:*}
+  interval=${case#*:}
+  for impl in c1m ${BASE_SERVER:+base}; do
+    bin=./target/release/server
+    [ "$impl" = base ] && bin=$BASE_SERVER
+    "$bin" --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" &
+    server_pid=$!
+    wait_port $PORT
+    sleep 1
+    timeout 60 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$n" --hold 8s \
+      --ping-interval "$interval" --ips 127.0.0.2-127.0.0.11 --server-pid $server_pid > "$out/loadgen.json" 2>/dev/null &
+    loadgen=$!
+    sleep 3.5 # the ramp and the first pings; then count the middle of the hold
+    perf stat -e raw_syscalls:sys_enter -x, -o "$out/perf.txt" -p $server_pid -- sleep 4 >/dev/null 2>&1
+    wait $loadgen
+    kill -TERM $server_pid; wait $server_pid 2>/dev/null || true
+    server_pid=""
+    python3 - "$impl" "$n" "$interval" "$out" >> "$out/runs.csv" <<'PY'
+import json, sys
+impl, n, interval, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+secs = float(interval[:-2]) / 1000 if interval.endswith("ms") else float(interval[:-1])
+count = next(int(l.split(",")[0]) for l in open(f"{out}/perf.txt") if "sys_enter" in l)
+lg = json.load(open(f"{out}/loadgen.json"))
+hb = n / secs
+print(f"{impl},{n},{interval},{hb:.0f},{count / 4:.0f},{count / 4 / hb:.2f},{lg['server_cpu_per_heartbeat_us']}")
+PY
+    sleep 1
+  done
+done
+rm -f "$out/perf.txt" "$out/loadgen.json"
+{
+  echo "Server system calls over 4 s of the hold (perf stat raw_syscalls:sys_enter)."
+  echo
+  echo "| server | conns | ping every | heartbeats/s | syscalls/s | syscalls/heartbeat | CPU/heartbeat us |"
+  echo "|---|---|---|---|---|---|---|"
+  tail -n +2 "$out/runs.csv" | tr ',' '|' | sed 's/^/| /; s/$/ |/; s/|/ | /g; s/  */ /g'
+} > "$out/summary.md"
+cat "$out/summary.md"
+echo "syscalls: wrote $out" >&2
