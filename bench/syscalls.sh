@@ -58,7 +58,7 @@ rm -f "$out/perf.txt" "$out/loadgen.json"
   echo
   echo "| server | conns | ping every | heartbeats/s | syscalls/s | syscalls/heartbeat | CPU/heartbeat us |"
   echo "|---|---|---|---|---|---|---|"
-  tail -n +2 "$out/runs.csv" | tr ',' '|' | sed 's/^/| /; s/$/ |/; s/|/ | /g; s/  */ /g'
+  tail -n +2 "$out/runs.csv" | awk -F, '{ printf "| %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7 }'
 } > "$out/summary.md"
 cat "$out/summary.md"
 echo "syscalls: wrote $out" >&2

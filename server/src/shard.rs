@@ -310,11 +310,12 @@ impl Shard {
         self.tick_at(Instant::now())
     }
 
-    /// Handles ready events; true when there were any.
+    /// Handles ready events; true when the batch was full, so that more may
+    /// be ready now. Otherwise the shard goes straight back to
+    /// [`Epoll::wait`], which returns at once if anything became ready
+    /// meanwhile: one system call per wake-up, not a second to find nothing.
     fn poll_io(&mut self) -> io::Result<bool> {
-        let mut busy = false;
         for token in std::mem::take(&mut self.again) {
-            busy = true;
             self.on_readable(token);
         }
         // The events the blocking wait fetched, or what is ready now.
@@ -337,7 +338,7 @@ impl Shard {
                 }
             }
         }
-        Ok(busy || n > 0)
+        Ok(n == self.events.len())
     }
 
     /// The slot a token names, if that connection still lives.
