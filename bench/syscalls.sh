@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # System calls per heartbeat: a count that machine noise does not blur. For
 # each case (N:interval) the server holds N devices pinging once per interval
-# (loadgen) and `perf stat -e raw_syscalls:sys_enter` counts the server's
-# system calls over 4 s of the hold. A heartbeat needs at least a recv and a
-# send; what is above 2 is wake-ups (epoll_wait) and timers.
+# (loadgen) and `perf stat` counts the server's system calls over 4 s of the
+# hold, in all and by kind. A heartbeat needs at least a recv and a send;
+# the rest is waiting for sockets (epoll_wait, poll) and anything else.
 # Set BASE_SERVER to an older server binary to count it too, interleaved.
 #
 # Usage: bench/syscalls.sh   (about 1 minute; CASES, BASE_SERVER override)
@@ -21,7 +21,8 @@ out=$(new_results syscalls "CASES='$CASES'${BASE_SERVER:+ BASE_SERVER=$BASE_SERV
 server_pid=""
 trap '[ -n "$server_pid" ] && kill -9 $server_pid 2>/dev/null || true' EXIT
 
-echo "server,conns,interval,heartbeats_per_s,syscalls_per_s,syscalls_per_heartbeat,cpu_per_heartbeat_us" > "$out/runs.csv"
+echo "server,conns,interval,heartbeats_per_s,syscalls_per_s,syscalls_per_heartbeat,recv_per_heartbeat,send_per_heartbeat,wait_per_heartbeat,cpu_per_heartbeat_us" > "$out/runs.csv"
+events=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_poll
 for case in $CASES; do
   n=${case%%:*}
   interval=${case#*:}
@@ -36,7 +37,7 @@ for case in $CASES; do
       --ping-interval "$interval" --ips 127.0.0.2-127.0.0.11 --server-pid $server_pid > "$out/loadgen.json" 2>/dev/null &
     loadgen=$!
     sleep 3.5 # the ramp and the first pings; then count the middle of the hold
-    perf stat -e raw_syscalls:sys_enter -x, -o "$out/perf.txt" -p $server_pid -- sleep 4 >/dev/null 2>&1
+    perf stat -e $events -x, -o "$out/perf.txt" -p $server_pid -- sleep 4 >/dev/null 2>&1
     wait $loadgen
     kill -TERM $server_pid; wait $server_pid 2>/dev/null || true
     server_pid=""
@@ -44,21 +45,33 @@ for case in $CASES; do
 import json, sys
 impl, n, interval, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 secs = float(interval[:-2]) / 1000 if interval.endswith("ms") else float(interval[:-1])
-count = next(int(l.split(",")[0]) for l in open(f"{out}/perf.txt") if "sys_enter" in l)
+counts = {}
+for line in open(f"{out}/perf.txt"):
+    f = line.strip().split(",")
+    if len(f) > 2 and "sys_enter" in f[2]:
+        counts[f[2]] = int(f[0])
 lg = json.load(open(f"{out}/loadgen.json"))
-hb = n / secs
-print(f"{impl},{n},{interval},{hb:.0f},{count / 4:.0f},{count / 4 / hb:.2f},{lg['server_cpu_per_heartbeat_us']}")
+hb = n / secs * 4  # heartbeats in the 4 s counted
+per = lambda *ks: sum(counts[k] for k in ks) / hb
+print(
+    f"{impl},{n},{interval},{hb / 4:.0f},{counts['raw_syscalls:sys_enter'] / 4:.0f},"
+    f"{per('raw_syscalls:sys_enter'):.2f},{per('syscalls:sys_enter_recvfrom'):.2f},"
+    f"{per('syscalls:sys_enter_sendto'):.2f},"
+    f"{per('syscalls:sys_enter_epoll_wait', 'syscalls:sys_enter_poll'):.2f},"
+    f"{lg['server_cpu_per_heartbeat_us']}"
+)
 PY
     sleep 1
   done
 done
 rm -f "$out/perf.txt" "$out/loadgen.json"
 {
-  echo "Server system calls over 4 s of the hold (perf stat raw_syscalls:sys_enter)."
+  echo "Server system calls over 4 s of the hold (perf stat), per heartbeat:"
+  echo "in all, recv, send, and waiting for sockets (epoll_wait + poll)."
   echo
-  echo "| server | conns | ping every | heartbeats/s | syscalls/s | syscalls/heartbeat | CPU/heartbeat us |"
-  echo "|---|---|---|---|---|---|---|"
-  tail -n +2 "$out/runs.csv" | awk -F, '{ printf "| %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7 }'
+  echo "| server | conns | ping every | heartbeats/s | syscalls/s | all | recv | send | wait | CPU/heartbeat us |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  tail -n +2 "$out/runs.csv" | awk -F, '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
 } > "$out/summary.md"
 cat "$out/summary.md"
 echo "syscalls: wrote $out" >&2
