@@ -1,4 +1,4 @@
-//! epoll_baseline: the c1m shard loop on plain threads, blocking in poll(2)
+//! epoll_baseline: the c1m shard loop on plain threads, blocking in epoll_wait
 //! instead of sleeping on glommio's ring. A benchmark fixture: it tells how
 //! much of the shard's CPU is glommio's executor around the same I/O.
 //! (No signals, no stats line: it runs for --lifetime, then exits.)

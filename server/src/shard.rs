@@ -4,8 +4,8 @@
 //!
 //! One task runs the shard's loop: take ready events from the epoll set
 //! (accepts, reads, pending writes), expire a bounded batch of due wheel
-//! entries, report stats, and when there is nothing to do, block in poll(2)
-//! on the epoll set until it is readable or the next tick is due
+//! entries, report stats, and when there is nothing to do, block in
+//! epoll_wait until sockets are ready or the next tick is due
 //! ([`crate::epoll::Epoll::wait`] says why not in glommio's park).
 
 use std::io;
