@@ -72,6 +72,26 @@ fn hist(dir: &Path, name: &str) -> hdrhistogram::Histogram<u64> {
     hgrm::read_v2(f).expect("V2 histogram parses")
 }
 
+/// Runs the client against a server it spawns on `addr` with
+/// `server_flags`, writing to `dir`; returns its summary once it succeeded.
+fn run_fleet(addr: &str, server_flags: &str, args: &[&str], dir: &Path) -> Value {
+    let out = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", addr, "--server-bin"])
+        .arg(server_bin())
+        .args(["--server-flags", server_flags, "--quiet"])
+        .args(args)
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .expect("client runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    summary(dir)
+}
+
 #[test]
 fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never() {
     let dir = out_dir("expiry");
@@ -217,19 +237,23 @@ fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence() {
 fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
     let dir = out_dir("procs");
     let addr = format!("127.0.0.1:{}", port());
-    let out = Command::new(CLIENT)
-        .args(["--spawn-server", "--server", &addr, "--server-bin"])
-        .arg(server_bin())
-        .args(["--server-flags", "--procs 3 --timeout 1s --tick 100ms"])
-        .args(["--procs", "3", "--conns", "600", "--silent", "0.5"])
-        .args(["--heartbeat", "250ms", "--hold", "2s", "--quiet"])
-        .arg("--out")
-        .arg(&dir)
-        .output()
-        .expect("client runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let s = summary(&dir);
+    let s = run_fleet(
+        &addr,
+        "--procs 3 --timeout 1s --tick 100ms",
+        &[
+            "--procs",
+            "3",
+            "--conns",
+            "600",
+            "--silent",
+            "0.5",
+            "--heartbeat",
+            "250ms",
+            "--hold",
+            "2s",
+        ],
+        &dir,
+    );
     let f = &s["figures"];
     let mut sum = [0u64; 4];
     for w in 0..3 {
@@ -302,29 +326,23 @@ fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
 fn silent_after_lets_the_fraction_beat_first_then_expire() {
     let dir = out_dir("silent-after");
     let addr = format!("127.0.0.1:{}", port());
-    let out = Command::new(CLIENT)
-        .args(["--spawn-server", "--server", &addr, "--server-bin"])
-        .arg(server_bin())
-        .args(["--server-flags", "--timeout 1s --tick 100ms"])
-        .args([
+    let s = run_fleet(
+        &addr,
+        "--timeout 1s --tick 100ms",
+        &[
             "--conns",
             "200",
             "--silent",
             "0.5",
             "--silent-after",
             "1500ms",
-        ])
-        .args(["--heartbeat", "250ms", "--hold", "4s", "--quiet"])
-        .arg("--out")
-        .arg(&dir)
-        .output()
-        .expect("client runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--heartbeat",
+            "250ms",
+            "--hold",
+            "4s",
+        ],
+        &dir,
     );
-    let s = summary(&dir);
     let f = &s["figures"];
     let n = |k: &str| f[k].as_u64().unwrap();
     assert_eq!(
@@ -358,23 +376,25 @@ fn ipv6_sources_and_echoed_text_heartbeats() {
     }
     let dir = out_dir("ipv6");
     let addr = format!("[::1]:{}", port());
-    let out = Command::new(CLIENT)
-        .args(["--spawn-server", "--server", &addr, "--server-bin"])
-        .arg(server_bin())
-        .args(["--server-flags", "--echo --timeout 1s --tick 100ms"])
-        .args(["--ips", "::1", "--conns", "200", "--silent", "0.5"])
-        .args(["--heartbeat", "250ms", "--heartbeat-kind", "text"])
-        .args(["--hold", "2s", "--quiet"])
-        .arg("--out")
-        .arg(&dir)
-        .output()
-        .expect("client runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let s = run_fleet(
+        &addr,
+        "--echo --timeout 1s --tick 100ms",
+        &[
+            "--ips",
+            "::1",
+            "--conns",
+            "200",
+            "--silent",
+            "0.5",
+            "--heartbeat",
+            "250ms",
+            "--heartbeat-kind",
+            "text",
+            "--hold",
+            "2s",
+        ],
+        &dir,
     );
-    let s = summary(&dir);
     let f = &s["figures"];
     let n = |k: &str| f[k].as_u64().unwrap();
     assert_eq!(
