@@ -73,13 +73,14 @@ fn hist(dir: &Path, name: &str) -> hdrhistogram::Histogram<u64> {
 }
 
 /// Runs the client against a server it spawns on `addr` with
-/// `server_flags`, writing to `dir`; returns its summary once it succeeded.
-fn run_fleet(addr: &str, server_flags: &str, args: &[&str], dir: &Path) -> Value {
+/// `server_flags`, with the client flags `args` (split at spaces), writing
+/// to `dir`; returns its summary once it succeeded.
+fn run_fleet(addr: &str, server_flags: &str, args: &str, dir: &Path) -> Value {
     let out = Command::new(CLIENT)
         .args(["--spawn-server", "--server", addr, "--server-bin"])
         .arg(server_bin())
         .args(["--server-flags", server_flags, "--quiet"])
-        .args(args)
+        .args(args.split_whitespace())
         .arg("--out")
         .arg(dir)
         .output()
@@ -240,18 +241,7 @@ fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
     let s = run_fleet(
         &addr,
         "--procs 3 --timeout 1s --tick 100ms",
-        &[
-            "--procs",
-            "3",
-            "--conns",
-            "600",
-            "--silent",
-            "0.5",
-            "--heartbeat",
-            "250ms",
-            "--hold",
-            "2s",
-        ],
+        "--procs 3 --conns 600 --silent 0.5 --heartbeat 250ms --hold 2s",
         &dir,
     );
     let f = &s["figures"];
@@ -329,18 +319,7 @@ fn silent_after_lets_the_fraction_beat_first_then_expire() {
     let s = run_fleet(
         &addr,
         "--timeout 1s --tick 100ms",
-        &[
-            "--conns",
-            "200",
-            "--silent",
-            "0.5",
-            "--silent-after",
-            "1500ms",
-            "--heartbeat",
-            "250ms",
-            "--hold",
-            "4s",
-        ],
+        "--conns 200 --silent 0.5 --silent-after 1500ms --heartbeat 250ms --hold 4s",
         &dir,
     );
     let f = &s["figures"];
@@ -379,20 +358,7 @@ fn ipv6_sources_and_echoed_text_heartbeats() {
     let s = run_fleet(
         &addr,
         "--echo --timeout 1s --tick 100ms",
-        &[
-            "--ips",
-            "::1",
-            "--conns",
-            "200",
-            "--silent",
-            "0.5",
-            "--heartbeat",
-            "250ms",
-            "--heartbeat-kind",
-            "text",
-            "--hold",
-            "2s",
-        ],
+        "--ips ::1 --conns 200 --silent 0.5 --heartbeat 250ms --heartbeat-kind text --hold 2s",
         &dir,
     );
     let f = &s["figures"];
