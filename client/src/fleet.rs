@@ -14,11 +14,11 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use c1m::client_handshake::{self, key_for, Answer};
-use c1m::epoll::{self, Epoll};
-use c1m::frame::{self, Opcode};
-use c1m::socket;
-use c1m::wheel::{self, Entry, Wheel};
+use c1m::io::epoll::{self, Epoll};
+use c1m::io::socket;
+use c1m::proto::client_handshake::{self, key_for, Answer};
+use c1m::proto::frame::{self, Opcode};
+use c1m::proto::wheel::{self, Entry, Wheel};
 use slab::Slab;
 
 use crate::device::{self, Rng};

@@ -2,7 +2,7 @@
 //! points the input chooses: never panics, buffers at most one head or frame,
 //! and gives exactly the result of one unsplit read.
 #![no_main]
-use c1m::conn::{Conn, Limits, Received};
+use c1m::proto::conn::{Conn, Limits, Received};
 use libfuzzer_sys::fuzz_target;
 
 const UPGRADE: &[u8] = b"GET /ws?id=fuzz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use c1m::conn::Limits;
+use c1m::proto::conn::Limits;
 use c1m::shard::{Shard, ShardConfig};
 
 /// Baseline: the shard loop without glommio.
@@ -32,7 +32,7 @@ fn main() {
     let args: Args = argh::from_env();
     c1m::config::raise_nofile();
     let cores = c1m::config::parse_cpus(&args.cores).expect("--cores");
-    let backlog = c1m::listener::somaxconn().unwrap_or(4096);
+    let backlog = c1m::io::listener::somaxconn().unwrap_or(4096);
     let (tx, _rx) = std::sync::mpsc::channel();
     let cfg = ShardConfig {
         limits: Limits::default(),
@@ -47,7 +47,7 @@ fn main() {
         inject_panic: false,
     };
     for (id, &cpu) in cores.iter().enumerate() {
-        let listener = c1m::listener::bind(args.listen, backlog).expect("bind");
+        let listener = c1m::io::listener::bind(args.listen, backlog).expect("bind");
         // SAFETY: a new eventfd, owned from here on.
         let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK)) };
         let (cfg, tx) = (cfg.clone(), tx.clone());

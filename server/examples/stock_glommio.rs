@@ -1,5 +1,5 @@
 //! stock_glommio: the baseline the shard is measured against. The same
-//! protocol code (c1m::conn) and the same socket2 listener, but I/O the stock
+//! protocol code (c1m::proto::conn) and the same socket2 listener, but I/O the stock
 //! glommio way: an accept loop and one task per connection reading its
 //! glommio `TcpStream`. Every idle read parks an IORING_OP_POLL_ADD in the
 //! executor's ring. `--ring-depth` sets the ring (glommio's default is 128).
@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::time::Duration;
 
-use c1m::conn::{Conn, Limits};
+use c1m::proto::conn::{Conn, Limits};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -43,11 +43,11 @@ fn main() {
         eprintln!("stock_glommio: {e}");
         std::process::exit(2)
     });
-    let backlog = c1m::listener::somaxconn().unwrap_or(4096);
+    let backlog = c1m::io::listener::somaxconn().unwrap_or(4096);
     let handles: Vec<_> = cores
         .iter()
         .map(|&cpu| {
-            let listener = c1m::listener::bind(args.listen, backlog).expect("bind");
+            let listener = c1m::io::listener::bind(args.listen, backlog).expect("bind");
             let (depth, lifetime) = (args.ring_depth, args.lifetime);
             LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .ring_depth(depth)

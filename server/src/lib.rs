@@ -1,21 +1,15 @@
 //! c1m: a thread-per-core WebSocket server for IoT fleets.
 //!
-//! The protocol core is sans-IO: [`handshake`] parses the upgrade request,
-//! [`frame`] decodes and encodes frames, [`conn`] is one connection's state
-//! machine, [`wheel`] is the hashed timing wheel of heartbeat deadlines.
-//! [`shard`] is the thin I/O shell around them: one per core, sharing nothing.
+//! - [`proto`]: the sans-IO core: the upgrade parser, the frame codec, one
+//!   connection's state machine and the hashed timing wheel of deadlines.
+//! - [`io`]: the I/O driver (epoll or io_uring) that owns the sockets and
+//!   the system calls; the server's shards and the client's fleets share it.
+//! - [`shard`]: one per core, sharing nothing: the decisions around the core.
+//! - [`procs`]: worker processes past the descriptor limit, and the limits.
 
-pub mod client_handshake;
 pub mod config;
-pub mod conn;
-pub mod epoll;
-pub mod frame;
-pub mod handshake;
-pub mod limits;
-pub mod listener;
+pub mod io;
+pub mod procs;
+pub mod proto;
 pub mod shard;
-pub mod socket;
 pub mod stats;
-pub mod supervisor;
-pub mod wheel;
-pub mod workers;

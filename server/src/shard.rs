@@ -6,7 +6,7 @@
 //! (accepts, reads, pending writes), expire a bounded batch of due wheel
 //! entries, report stats, and when there is nothing to do, block in
 //! epoll_wait until sockets are ready or the next tick is due
-//! ([`crate::epoll::Epoll::wait`] says why not in glommio's park).
+//! ([`crate::io::epoll::Epoll::wait`] says why not in glommio's park).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
-use crate::conn::{Conn, End, Limits, Phase};
-use crate::epoll::{self, Epoll};
-use crate::frame::{self, code};
-use crate::listener::{self, Accepted};
-use crate::socket::{self, send};
+use crate::io::epoll::{self, Epoll};
+use crate::io::listener::{self, Accepted};
+use crate::io::socket::{self, send};
+use crate::proto::conn::{Conn, End, Limits, Phase};
+use crate::proto::frame::{self, code};
+use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
 use crate::stats::{Counters, Snapshot};
-use crate::wheel::{Entry, Wheel, MAX_HORIZON};
 
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -246,7 +246,7 @@ impl Shard {
     /// Runs until shutdown has drained every connection (or timed out), on
     /// the calling thread: a glommio executor's in the server, a plain
     /// thread in the benchmark's no-glommio baseline. It never yields to
-    /// glommio ([`crate::epoll::Epoll::wait`] says why).
+    /// glommio ([`crate::io::epoll::Epoll::wait`] says why).
     pub fn run(mut self) -> io::Result<Counters> {
         loop {
             match self.step()? {

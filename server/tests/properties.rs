@@ -2,9 +2,9 @@
 //! same result; the wheel never expires early, never misses, never touches a
 //! closed connection.
 
-use c1m::conn::{Conn, Limits, Received};
-use c1m::frame::{self, Opcode};
-use c1m::wheel::{Entry, Wheel};
+use c1m::proto::conn::{Conn, Limits, Received};
+use c1m::proto::frame::{self, Opcode};
+use c1m::proto::wheel::{Entry, Wheel};
 use proptest::prelude::*;
 
 const UPGRADE: &[u8] = b"GET /ws?id=02:00:00:00:00:01 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";

@@ -146,7 +146,7 @@ fn worker_launches(
     server_timeout: Duration,
 ) -> Vec<WorkerLaunch> {
     let own: Vec<String> = std::env::args().skip(1).collect();
-    let kept = c1m::workers::without(
+    let kept = c1m::procs::workers::without(
         &own,
         &[
             ("--procs", true),
@@ -171,7 +171,7 @@ fn worker_launches(
                 "--worker".into(),
                 i.to_string(),
                 "--cores".into(),
-                c1m::workers::cpu_list(&c1m::workers::cpus_for(
+                c1m::procs::workers::cpu_list(&c1m::procs::workers::cpus_for(
                     i as usize,
                     args.procs as usize,
                     cpus,
@@ -252,11 +252,11 @@ fn run(args: Args) -> Result<i32, String> {
     let parent = args.procs > 1 && args.worker.is_none();
     if args.worker.is_none() {
         let per_proc = if parent {
-            c1m::workers::cpus_for(0, args.procs as usize, &cpus).len()
+            c1m::procs::workers::cpus_for(0, args.procs as usize, &cpus).len()
         } else {
             cpus.len()
         };
-        let host = c1m::limits::Host::read(nofile);
+        let host = c1m::procs::limits::Host::read(nofile);
         limits::check(&host, args.conns, args.procs, per_proc, args.spawn_server)?;
         let in_flight = args.concurrency as u64 * cpus.len().max(args.procs as usize) as u64;
         let sockets = args.conns * if args.spawn_server { 2 } else { 1 };

@@ -8,8 +8,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
-use c1m::conn::Limits;
-use c1m::limits::Host;
+use c1m::procs::limits::Host;
+use c1m::proto::conn::Limits;
 use c1m::shard::{Shard, ShardConfig};
 use c1m::stats::{self, Counters, Snapshot};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -124,7 +124,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     if args.procs > 1 {
         let signals = block_signals();
-        return c1m::supervisor::Supervisor {
+        return c1m::procs::supervisor::Supervisor {
             procs: args.procs,
             cpus: cores,
             listen: args.listen,
@@ -170,12 +170,12 @@ fn run(args: Args) -> Result<(), String> {
     }
     let backlog = args
         .backlog
-        .or_else(c1m::listener::somaxconn)
+        .or_else(c1m::io::listener::somaxconn)
         .unwrap_or(4096);
     // What does not stop the server but shapes it: a listen queue shorter
     // than the backlog asked for, TCP buffer memory short of the sockets.
     let sockets = (cores.len() as u64).saturating_mul(max_conns as u64);
-    let queues = c1m::limits::Queues::read();
+    let queues = c1m::procs::limits::Queues::read();
     let said = [
         queues.backlog_warning(backlog.max(0) as u64),
         queues.memory_warning(sockets),
@@ -187,7 +187,7 @@ fn run(args: Args) -> Result<(), String> {
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
     if !args.join {
-        c1m::listener::ensure_free(args.listen).map_err(|e| {
+        c1m::io::listener::ensure_free(args.listen).map_err(|e| {
             format!(
                 "cannot listen on {}: {e}; is another server running there? (--join shares the port with it on purpose)",
                 args.listen
@@ -196,7 +196,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let mut listeners = Vec::new();
     for _ in &cores {
-        listeners.push(c1m::listener::bind(args.listen, backlog).map_err(|e| {
+        listeners.push(c1m::io::listener::bind(args.listen, backlog).map_err(|e| {
             format!(
                 "cannot listen on {}: {e}; is another server running there?",
                 args.listen

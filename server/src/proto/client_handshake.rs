@@ -2,7 +2,7 @@
 //! answer. Used by the load generator and the client, so that both speak
 //! exactly what the server parses.
 
-use crate::handshake::{accept_key, base64};
+use crate::proto::handshake::{accept_key, base64};
 
 /// A Sec-WebSocket-Key: base64 of 16 bytes. Load tests derive it from the
 /// connection's number (the server only checks its form); `salt` keeps runs apart.
@@ -77,7 +77,7 @@ pub fn parse_answer(buf: &[u8], key: &[u8; 24]) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handshake::{self, Parsed, Reject};
+    use crate::proto::handshake::{self, Parsed, Reject};
 
     #[test]
     fn our_request_upgrades_on_our_server_and_its_answer_checks_out() {

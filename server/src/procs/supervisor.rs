@@ -10,8 +10,8 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::procs::workers::{self, Line};
 use crate::stats::{self, Counters, Snapshot};
-use crate::workers::{self, Line};
 
 pub struct Supervisor {
     pub procs: usize,
@@ -92,7 +92,7 @@ impl Supervisor {
     /// Runs the workers until a signal (from `wait_signal`) and their exit.
     pub fn run(self, wait_signal: impl Fn(Duration) -> bool) -> Result<(), String> {
         if !self.join {
-            crate::listener::ensure_free(self.listen).map_err(|e| {
+            crate::io::listener::ensure_free(self.listen).map_err(|e| {
                 format!(
                     "cannot listen on {}: {e}; is another server running there? (--join shares the port with it on purpose)",
                     self.listen

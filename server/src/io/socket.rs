@@ -94,7 +94,7 @@ pub fn connect_from(server: SocketAddr, source: Option<IpAddr>) -> io::Result<Ow
                 4,
             )
         };
-        crate::epoll::cvt(r)?;
+        crate::io::epoll::cvt(r)?;
         s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
     match s.connect(&SockAddr::from(server)) {

@@ -6,8 +6,8 @@
 //! unless a request head or a frame straddles two reads, and `message` exists
 //! only while a fragmented message is in progress.
 
-use crate::frame::{self, code, Opcode, Utf8Stream};
-use crate::handshake::{self, Parsed, Reject};
+use crate::proto::frame::{self, code, Opcode, Utf8Stream};
+use crate::proto::handshake::{self, Parsed, Reject};
 
 /// Protocol limits, the same for every connection of a shard.
 #[derive(Debug, Clone, Copy)]

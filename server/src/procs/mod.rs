@@ -1,0 +1,6 @@
+//! Past one process's descriptor limit: the supervisor, its workers and the
+//! host's limits they are sized by.
+
+pub mod limits;
+pub mod supervisor;
+pub mod workers;

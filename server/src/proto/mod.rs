@@ -1,0 +1,7 @@
+//! The sans-IO protocol core: plain data, no sockets, tested exhaustively.
+
+pub mod client_handshake;
+pub mod conn;
+pub mod frame;
+pub mod handshake;
+pub mod wheel;
