@@ -252,13 +252,6 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         let m = mark(t_s, sum);
         let dt_ns = ((m.t_s - prev.t_s) * 1e9).max(1.0);
         let row = Row {
-            t_s,
-            established: sum.open,
-            connects_per_s: sum.established - prev.counters.established,
-            failures_per_s: sum.failed - prev.counters.failed,
-            heartbeats_per_s: sum.heartbeats - prev.counters.heartbeats,
-            expiries_per_s: sum.expired - prev.counters.expired,
-            false_expiries_per_s: sum.false_expiries - prev.counters.false_expiries,
             // (Saturating: the tree loses the CPU time of workers that exit.)
             client_cpu_pct: m.client_cpu_ns.saturating_sub(prev.client_cpu_ns) as f64 / dt_ns
                 * 100.0,
@@ -266,6 +259,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             server_cpu_pct: m.server_cpu_ns.saturating_sub(prev.server_cpu_ns) as f64 / dt_ns
                 * 100.0,
             server_rss_bytes: m.server_rss,
+            ..counts_row(t_s, &sum, &prev.counters)
         };
         if ramp_end.is_none() && min_phase >= Phase::Hold {
             ramp_end = Some(m);
@@ -322,6 +316,23 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         interrupted,
         elapsed_s: plan.origin.elapsed().as_secs_f64(),
     })
+}
+
+/// A timeline row's counts: the fleet open at `t_s` and what happened since
+/// `prev`. Saturating: a sum can go down (a worker's line cut short as it
+/// died reads as zeros, a bad line likewise), and a second with less than
+/// nothing is a second with nothing, not a wrap to 2^64 or a panic.
+fn counts_row(t_s: f64, now: &Counters, prev: &Counters) -> Row {
+    Row {
+        t_s,
+        established: now.open,
+        connects_per_s: now.established.saturating_sub(prev.established),
+        failures_per_s: now.failed.saturating_sub(prev.failed),
+        heartbeats_per_s: now.heartbeats.saturating_sub(prev.heartbeats),
+        expiries_per_s: now.expired.saturating_sub(prev.expired),
+        false_expiries_per_s: now.false_expiries.saturating_sub(prev.false_expiries),
+        ..Row::default()
+    }
 }
 
 /// Turns worker processes' lines into the reports their executors would
@@ -431,5 +442,41 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<&'static str> 
         libc::SIGINT => Some("SIGINT"),
         libc::SIGTERM => Some("SIGTERM"),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_that_go_down_give_zero_not_a_wrap() {
+        let before = Counters::from_words(
+            "c1m-progress phase=hold established=10 open=9 failed=2 heartbeats=50 expired=3 false_expiries=1",
+        );
+        // The same worker's next line, cut short as it died: the rest reads as 0.
+        let cut = Counters::from_words("c1m-progress phase=hold established=12 open=");
+        let row = counts_row(2.0, &cut, &before);
+        assert_eq!(row.connects_per_s, 2);
+        assert_eq!(row.established, 0);
+        assert_eq!(
+            (
+                row.failures_per_s,
+                row.heartbeats_per_s,
+                row.expiries_per_s,
+                row.false_expiries_per_s
+            ),
+            (0, 0, 0, 0)
+        );
+        let row = counts_row(3.0, &before, &Counters::default());
+        assert_eq!(
+            (
+                row.t_s,
+                row.established,
+                row.connects_per_s,
+                row.heartbeats_per_s
+            ),
+            (3.0, 9, 10, 50)
+        );
     }
 }

@@ -1,26 +1,27 @@
-//! The shard: one per core, the thin I/O shell around the sans-IO core. It
-//! owns its listener, its epoll set, its slab of connections, its timing
-//! wheel and its counters; nothing is shared with other shards.
+//! The shard: one per core, the decisions around the sans-IO core. It owns
+//! its I/O driver (and through it its listener and sockets), its slab of
+//! connections, its timing wheel and its counters; nothing is shared with
+//! other shards.
 //!
-//! One task runs the shard's loop: take ready events from the epoll set
-//! (accepts, reads, pending writes), expire a bounded batch of due wheel
-//! entries, report stats, and when there is nothing to do, block in
-//! epoll_wait until sockets are ready or the next tick is due
-//! ([`crate::io::epoll::Epoll::wait`] says why not in glommio's park).
+//! One loop runs the shard: take the driver's events (accepts, bytes,
+//! hang-ups, flushed output, the shutdown wake-up), expire a bounded batch
+//! of due wheel entries, report stats, and wait in the driver until events
+//! come or the next deadline is due: the wheel's next occupied slot, the
+//! next report, the accept backoff or the drain ([`Shard::next_deadline`]).
+//! It never yields to glommio ([`crate::io::epoll::Epoll::wait`] says why).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 use socket2::Socket;
 
-use crate::io::epoll::{self, Epoll};
-use crate::io::listener::{self, Accepted};
-use crate::io::socket::{self, send};
+use crate::io::epoll::EpollDriver;
+use crate::io::uring::UringDriver;
+use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
 use crate::proto::conn::{Conn, End, Limits, Phase};
-use crate::proto::frame::{self, code};
 use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
 use crate::stats::{Counters, Snapshot};
 
@@ -87,18 +88,9 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
     d.as_nanos().div_ceil(tick.as_nanos()) as u64
 }
 
-const LISTENER: u64 = u64::MAX;
-const SHUTDOWN: u64 = u64::MAX - 1;
-/// Events taken from epoll per call.
-const EVENT_BATCH: usize = 256;
-/// Connections accepted per listener event before other work runs.
-const ACCEPT_BATCH: usize = 128;
 /// Wheel entries handled per loop iteration: a mass expiry is spread over
 /// iterations so accepts and heartbeats keep flowing.
 const EXPIRY_BATCH: usize = 256;
-/// Reads from one socket per event before others get their turn.
-const READS_PER_EVENT: usize = 8;
-const SCRATCH: usize = 64 * 1024;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -113,23 +105,43 @@ fn contain<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     })
 }
 
-/// What one pass of the loop left.
-enum Step {
-    /// More work is ready: run again soon.
-    Busy,
-    /// Nothing to do until the epoll set is readable or this instant.
-    Idle(Instant),
-    /// Shutdown has drained.
-    Finished,
+/// Runs one shard on the calling thread with the driver of `backend` (built
+/// here: an io_uring ring belongs to the thread that creates it) until
+/// shutdown has drained; returns its totals.
+pub fn run(
+    backend: Backend,
+    id: usize,
+    cfg: ShardConfig,
+    listener: Socket,
+    shutdown: OwnedFd,
+    report: Sender<Snapshot>,
+) -> io::Result<Counters> {
+    let dcfg = DriverConfig {
+        max_pending: max_pending(&cfg.limits),
+    };
+    match backend {
+        Backend::Epoll => {
+            Shard::new(id, cfg, EpollDriver::new(dcfg)?, listener, shutdown, report)?.run()
+        }
+        Backend::Uring => {
+            Shard::new(id, cfg, UringDriver::new(dcfg)?, listener, shutdown, report)?.run()
+        }
+    }
 }
 
-/// One connection as the shard holds it.
+/// Output held for one connection at most: two largest messages (an echo
+/// and its close), at least 64 KiB.
+fn max_pending(limits: &Limits) -> usize {
+    (2 * limits.max_message).max(64 * 1024)
+}
+
+/// One connection as the shard holds it (the socket is the driver's).
 struct Slot {
-    /// Owned, so that a shard that fails or panics still closes its sockets
-    /// as it unwinds: its devices see the close and reconnect to the others.
-    fd: OwnedFd,
+    io: Handle,
     gen: u32,
     upgraded: bool,
+    /// Its end is counted; it waits only for its output to flush.
+    ended: bool,
     /// Tick of the last complete frame (or of the upgrade).
     last_seen: u64,
     /// Deadline of this connection's live wheel entry; entries with another
@@ -138,8 +150,6 @@ struct Slot {
     /// Tick by which the frame in progress must be complete; 0: none.
     frame_deadline: u64,
     conn: Conn,
-    /// Output the socket did not take yet; empty (unallocated) when idle.
-    pending: Vec<u8>,
 }
 
 impl Slot {
@@ -157,21 +167,15 @@ impl Slot {
     }
 }
 
-/// How a socket is closed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Close {
-    /// FIN after whatever output was queued.
-    Graceful,
-    /// SO_LINGER 0: RST, the kernel frees the socket at once.
-    Abortive,
+pub struct Shard<D: Driver> {
+    io: D,
+    st: State,
 }
 
-pub struct Shard {
+/// Everything of a shard but its driver: the decisions.
+struct State {
     id: usize,
     cfg: ShardConfig,
-    epoll: Epoll,
-    listener: Option<Socket>,
-    shutdown: OwnedFd,
     slab: Slab<Slot>,
     wheel: Wheel,
     next_gen: u32,
@@ -181,127 +185,133 @@ pub struct Shard {
     timeout_ticks: u64,
     handshake_ticks: u64,
     frame_ticks: u64,
-    max_pending: usize,
-    scratch: Box<[u8]>,
     out: Vec<u8>,
-    events: Vec<libc::epoll_event>,
-    /// Ready entries [`Epoll::wait`] left in `events` while the shard slept.
-    fetched: Option<usize>,
-    /// Sockets whose reads were cut short to be fair; read them again.
-    again: Vec<u64>,
     drain_deadline: Option<Instant>,
     accept_resume: Option<Instant>,
     warned_at: Option<Instant>,
     report: Sender<Snapshot>,
     next_report: Instant,
+    finished: bool,
 }
 
-impl Shard {
-    /// A shard serving `listener`; it stops when `shutdown` (an eventfd) is
-    /// written, and sends a [`Snapshot`] to `report` every stats interval.
+impl<D: Driver> Shard<D> {
+    /// A shard serving `listener` through `io`; it stops when `shutdown`
+    /// (an eventfd) is written, and sends a [`Snapshot`] to `report` every
+    /// stats interval.
     pub fn new(
         id: usize,
         cfg: ShardConfig,
+        mut io: D,
         listener: Socket,
         shutdown: OwnedFd,
         report: Sender<Snapshot>,
-    ) -> io::Result<Shard> {
+    ) -> io::Result<Shard<D>> {
         cfg.validate().map_err(io::Error::other)?;
-        let epoll = Epoll::new()?;
-        epoll.add(listener.as_raw_fd(), epoll::IN, LISTENER)?;
-        epoll.add(shutdown.as_raw_fd(), epoll::IN, SHUTDOWN)?;
+        io.listen(listener)?;
+        io.watch_wake(shutdown)?;
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
         let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
         let start = Instant::now();
         Ok(Shard {
-            id,
-            epoll,
-            listener: Some(listener),
-            shutdown,
-            slab: Slab::new(),
-            wheel: Wheel::new(timeout_ticks.max(handshake_ticks).max(frame_ticks) + 1, 0),
-            next_gen: 1,
-            open: 0,
-            counters: Counters::default(),
-            start,
-            timeout_ticks,
-            handshake_ticks,
-            frame_ticks,
-            max_pending: (2 * cfg.limits.max_message).max(64 * 1024),
-            scratch: vec![0; SCRATCH].into_boxed_slice(),
-            out: Vec::with_capacity(4096),
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BATCH],
-            fetched: None,
-            again: Vec::new(),
-            drain_deadline: None,
-            accept_resume: None,
-            warned_at: None,
-            report,
-            next_report: start + cfg.stats_interval,
-            cfg,
+            io,
+            st: State {
+                id,
+                slab: Slab::new(),
+                wheel: Wheel::new(timeout_ticks.max(handshake_ticks).max(frame_ticks) + 1, 0),
+                next_gen: 1,
+                open: 0,
+                counters: Counters::default(),
+                start,
+                timeout_ticks,
+                handshake_ticks,
+                frame_ticks,
+                out: Vec::with_capacity(4096),
+                drain_deadline: None,
+                accept_resume: None,
+                warned_at: None,
+                report,
+                next_report: start + cfg.stats_interval,
+                finished: false,
+                cfg,
+            },
         })
     }
 
     /// Runs until shutdown has drained every connection (or timed out), on
-    /// the calling thread: a glommio executor's in the server, a plain
-    /// thread in the benchmark's no-glommio baseline. It never yields to
-    /// glommio ([`crate::io::epoll::Epoll::wait`] says why).
+    /// the calling thread: a glommio executor's in the server. It never
+    /// yields to glommio ([`crate::io::epoll::Epoll::wait`] says why).
     pub fn run(mut self) -> io::Result<Counters> {
+        let mut wait = Duration::ZERO;
         loop {
-            match self.step()? {
-                Step::Busy => {}
-                Step::Idle(wake) => {
-                    let left = wake.saturating_duration_since(Instant::now());
-                    self.fetched = Some(self.epoll.wait(&mut self.events, left)?);
+            self.io.wait(wait)?;
+            self.pump();
+            let now = Instant::now();
+            let busy = self.st.expire_due(&mut self.io, self.st.tick_at(now));
+            self.st.housekeeping(&mut self.io, now);
+            if self.st.finished {
+                return Ok(self.st.counters);
+            }
+            wait = if busy {
+                Duration::ZERO
+            } else {
+                self.st.next_deadline(now).saturating_duration_since(now)
+            };
+        }
+    }
+
+    /// Acts on every event the driver has ready.
+    fn pump(&mut self) {
+        let Shard { io, st } = self;
+        while let Some(ev) = io.next() {
+            match ev {
+                Event::Accepted(fd) => st.admit(io, fd),
+                Event::AcceptFailed(err) => st.accept_failed(err),
+                Event::Data(token, bytes) => {
+                    let Some(key) = st.live(token) else { continue };
+                    // A bug that one device's bytes trigger costs that device
+                    // its connection, not the shard its devices.
+                    let fed = contain(|| {
+                        if st.cfg.inject_panic
+                            && bytes
+                                .windows(INJECT_PANIC.len())
+                                .any(|w| w == INJECT_PANIC)
+                        {
+                            panic!("injected fault (C1M_INJECT_PANIC)");
+                        }
+                        st.on_bytes(key, bytes)
+                    });
+                    match fed {
+                        Ok(end) => st.answer(io, key, end),
+                        Err(cause) => st.internal_error(io, key, &cause),
+                    }
                 }
-                Step::Finished => return Ok(self.counters),
+                Event::Hangup(token) => {
+                    if let Some(key) = st.live(token) {
+                        st.peer_gone(io, key);
+                    }
+                }
+                Event::Flushed(token) => {
+                    if let Some(key) = st.live(token) {
+                        if st.slab[key].conn.phase() == Phase::Done {
+                            st.close(io, key, Close::Graceful);
+                        }
+                    }
+                }
+                // A shard connects to nothing.
+                Event::Connected(_) => {}
+                Event::Wake => st.begin_shutdown(io),
             }
         }
     }
 
-    /// One pass: ready I/O, one batch of due expiries, stats, shutdown.
-    fn step(&mut self) -> io::Result<Step> {
-        let mut busy = self.poll_io()?;
-        let now = Instant::now();
-        busy |= self.expire_due(self.tick_at(now));
-        if now >= self.next_report {
-            self.send_report();
-            self.next_report = now + self.cfg.stats_interval;
-        }
-        if self.accept_resume.is_some_and(|t| now >= t) {
-            self.accept_resume = None;
-            if let Some(l) = &self.listener {
-                self.epoll.add(l.as_raw_fd(), epoll::IN, LISTENER)?;
-            }
-        }
-        if let Some(deadline) = self.drain_deadline {
-            if self.slab.is_empty() || now >= deadline {
-                self.close_all();
-                self.send_report();
-                return Ok(Step::Finished);
-            }
-        }
-        if busy || !self.again.is_empty() {
-            return Ok(Step::Busy);
-        }
-        let next_tick = self.start
-            + Duration::from_nanos(
-                (self.cfg.tick.as_nanos() * (self.tick_at(now) as u128 + 1)) as u64,
-            );
-        let wake = [
-            Some(next_tick),
-            Some(self.next_report),
-            self.drain_deadline,
-            self.accept_resume,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(next_tick);
-        Ok(Step::Idle(wake))
+    /// The driver's counters (for tests and the stats line).
+    pub fn io_stats(&self) -> IoStats {
+        self.io.stats()
     }
+}
 
+impl State {
     fn tick_at(&self, t: Instant) -> u64 {
         (t.duration_since(self.start).as_nanos() / self.cfg.tick.as_nanos()) as u64
     }
@@ -310,65 +320,71 @@ impl Shard {
         self.tick_at(Instant::now())
     }
 
-    /// Handles ready events; true when the batch was full, so that more may
-    /// be ready now. Otherwise the shard goes straight back to
-    /// [`Epoll::wait`], which returns at once if anything became ready
-    /// meanwhile: one system call per wake-up, not a second to find nothing.
-    fn poll_io(&mut self) -> io::Result<bool> {
-        for token in std::mem::take(&mut self.again) {
-            self.on_readable(token);
+    /// The instant tick `t` begins.
+    fn instant_of(&self, t: u64) -> Instant {
+        self.start + Duration::from_nanos((self.cfg.tick.as_nanos() * t as u128) as u64)
+    }
+
+    /// When the shard next has something to do without any event (as
+    /// quinn-proto's `poll_timeout`): the wheel's next occupied slot, the
+    /// next report, the end of the accept backoff, the drain's deadline.
+    /// An idle shard sleeps until then, not every tick.
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let wheel = self
+            .wheel
+            .next_due()
+            .map(|t| self.instant_of(t.max(self.tick_at(now) + 1)));
+        [
+            wheel,
+            Some(self.next_report),
+            self.drain_deadline,
+            self.accept_resume,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next_report)
+    }
+
+    /// Stats, the end of the accept backoff, the end of the drain.
+    fn housekeeping(&mut self, io: &mut impl Driver, now: Instant) {
+        if now >= self.next_report {
+            self.send_report(io.stats());
+            self.next_report = now + self.cfg.stats_interval;
         }
-        // The events the blocking wait fetched, or what is ready now.
-        let n = match self.fetched.take() {
-            Some(n) => n,
-            None => self.epoll.poll_now(&mut self.events)?,
-        };
-        for i in 0..n {
-            let libc::epoll_event { events, u64: token } = self.events[i];
-            match token {
-                LISTENER => self.accept_batch(),
-                SHUTDOWN => self.begin_shutdown(),
-                _ => {
-                    if events & epoll::OUT != 0 {
-                        self.on_writable(token);
-                    }
-                    if events & !epoll::OUT != 0 {
-                        self.on_readable(token);
-                    }
-                }
+        if self.accept_resume.is_some_and(|t| now >= t) {
+            self.accept_resume = None;
+            if let Err(err) = io.resume_accepting() {
+                // Not fatal: the devices held keep being served; try again.
+                self.accept_resume = Some(now + ACCEPT_BACKOFF);
+                self.warn(format_args!(
+                    "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
+                ));
             }
         }
-        Ok(n == self.events.len())
+        if let Some(deadline) = self.drain_deadline {
+            if self.slab.is_empty() || now >= deadline {
+                self.close_all(io);
+                self.send_report(io.stats());
+                self.finished = true;
+            }
+        }
     }
 
     /// The slot a token names, if that connection still lives.
-    fn live(&self, token: u64) -> Option<usize> {
-        let key = (token & 0xffff_ffff) as usize;
-        let gen = (token >> 32) as u32;
+    fn live(&self, token: Token) -> Option<usize> {
+        let key = (token.0 & 0xffff_ffff) as usize;
+        let gen = (token.0 >> 32) as u32;
         self.slab.get(key).filter(|s| s.gen == gen).map(|_| key)
     }
 
-    fn accept_batch(&mut self) {
-        for _ in 0..ACCEPT_BATCH {
-            let Some(listener) = &self.listener else {
-                return;
-            };
-            match listener::accept(listener) {
-                Accepted::Socket(fd) => self.admit(fd),
-                Accepted::Empty => return,
-                Accepted::Skipped => continue,
-                Accepted::Exhausted(err) => {
-                    self.counters.accept_exhausted += 1;
-                    let _ = self.epoll.delete(listener.as_raw_fd());
-                    self.accept_resume = Some(Instant::now() + ACCEPT_BACKOFF);
-                    let held = self.slab.len();
-                    self.warn(format_args!(
-                        "accept failed ({err}) while holding {held} sockets: pausing accepts for {ACCEPT_BACKOFF:?}; raise RLIMIT_NOFILE or lower the load (see kernel-tuning/)"
-                    ));
-                    return;
-                }
-            }
-        }
+    fn accept_failed(&mut self, err: io::Error) {
+        self.counters.accept_exhausted += 1;
+        self.accept_resume = Some(Instant::now() + ACCEPT_BACKOFF);
+        let held = self.slab.len();
+        self.warn(format_args!(
+            "accept failed ({err}) while holding {held} sockets: pausing accepts for {ACCEPT_BACKOFF:?}; raise RLIMIT_NOFILE or lower the load (see kernel-tuning/)"
+        ));
     }
 
     /// Logs a resource problem at most once per stats interval: under load
@@ -384,33 +400,35 @@ impl Shard {
         }
     }
 
-    fn admit(&mut self, fd: RawFd) {
+    fn admit(&mut self, io: &mut impl Driver, fd: OwnedFd) {
+        if self.drain_deadline.is_some() {
+            return; // accepted as shutdown began: dropping it closes it
+        }
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let key = self.slab.vacant_key();
-        let token = (gen as u64) << 32 | key as u64;
-        if let Err(err) = self
-            .epoll
-            .add(fd, epoll::IN | epoll::RDHUP | epoll::ET, token)
-        {
-            self.warn(format_args!(
-                "epoll_ctl(ADD) failed ({err}): dropping new connections; check fs.epoll.max_user_watches (see kernel-tuning/)"
-            ));
-            socket::close(fd, true);
-            return;
-        }
+        // The driver reads the request at once if it came with the
+        // connection (under a burst, 9 accepts in 10 find it queued).
+        let h = match io.register(fd, Token((gen as u64) << 32 | key as u64), false) {
+            Ok(h) => h,
+            Err(err) => {
+                self.warn(format_args!(
+                    "cannot watch a new connection ({err}): dropping new connections; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
+                ));
+                return;
+            }
+        };
         let now = self.now_tick();
         let deadline = now + self.handshake_ticks + 1;
         self.slab.insert(Slot {
-            // SAFETY: fd came from accept4 and nothing else owns it.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            io: h,
             gen,
             upgraded: false,
+            ended: false,
             last_seen: now,
             armed: deadline,
             frame_deadline: 0,
             conn: Conn::new(),
-            pending: Vec::new(),
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -418,61 +436,16 @@ impl Shard {
             deadline,
         });
         self.counters.accepted += 1;
-        // The request usually arrives with the connection (under a burst, 9
-        // accepts in 10 found it queued already): read it now rather than
-        // after another trip through epoll.
-        self.on_readable(token);
     }
 
-    fn on_readable(&mut self, token: u64) {
-        let Some(key) = self.live(token) else { return };
-        for _ in 0..READS_PER_EVENT {
-            let n = match socket::recv(self.slab[key].fd.as_raw_fd(), &mut self.scratch) {
-                Ok(0) => return self.peer_gone(key),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return self.peer_gone(key),
-            };
-            // A bug that one device's bytes trigger costs that device its
-            // connection, not the shard its devices.
-            let open = match contain(|| {
-                if self.cfg.inject_panic
-                    && self.scratch[..n]
-                        .windows(INJECT_PANIC.len())
-                        .any(|w| w == INJECT_PANIC)
-                {
-                    panic!("injected fault (C1M_INJECT_PANIC)");
-                }
-                self.on_bytes(key, n)
-            }) {
-                Ok(open) => open,
-                Err(cause) => {
-                    self.internal_error(key, &cause);
-                    false
-                }
-            };
-            if !open || n < self.scratch.len() {
-                // Closed, or the socket is drained: a short read means the
-                // receive queue was empty, and edge-triggered epoll reports
-                // any byte that arrives after it.
-                return;
-            }
-        }
-        self.again.push(token);
-    }
-
-    /// Feeds `n` bytes of scratch to the connection; false when it closed.
-    fn on_bytes(&mut self, key: usize, n: usize) -> bool {
+    /// Feeds bytes to the connection; its answers are left in `self.out`.
+    /// Returns how it ends, if it does.
+    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> Option<End> {
         let full = self.open >= self.cfg.max_conns as u64;
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
-        let r = slot.conn.receive(
-            &mut self.scratch[..n],
-            &self.cfg.limits,
-            full,
-            &mut self.out,
-        );
+        let r = slot.conn.receive(bytes, &self.cfg.limits, full, &mut self.out);
         if r.frames > 0 || r.upgraded {
             slot.last_seen = now;
             self.counters.frames += r.frames as u64;
@@ -491,113 +464,81 @@ impl Shard {
             slot.frame_deadline = now + self.frame_ticks + 1;
             slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
         }
-        if !self.out.is_empty() && !self.write(key) {
-            return false;
+        r.end
+    }
+
+    /// Sends what [`State::on_bytes`] left in `self.out`, and ends the
+    /// connection if it ended.
+    fn answer(&mut self, io: &mut impl Driver, key: usize, end: Option<End>) {
+        if !self.out.is_empty() && !self.write(io, key) {
+            return;
         }
-        match r.end {
-            None => true,
-            Some(end) => {
-                match end {
-                    End::ClientClose => self.counters.client_close += 1,
-                    End::ProtocolError(_) => self.counters.protocol_error += 1,
-                    End::Rejected(_) => self.counters.rejected += 1,
-                }
-                if self.slab[key].pending.is_empty() {
-                    self.close(key, Close::Graceful);
-                }
-                // else: closed once the output is flushed (or when its wheel
-                // entry comes due, if the peer never reads it).
-                false
-            }
+        let Some(end) = end else { return };
+        match end {
+            End::ClientClose => self.counters.client_close += 1,
+            End::ProtocolError(_) => self.counters.protocol_error += 1,
+            End::Rejected(_) => self.counters.rejected += 1,
+        }
+        self.finish(io, key);
+    }
+
+    /// The connection's end is counted: close it once its output is out.
+    /// A peer that does not read it gets the frame timeout, then a reset.
+    fn finish(&mut self, io: &mut impl Driver, key: usize) {
+        let due = self.now_tick() + self.frame_ticks + 1;
+        let slot = &mut self.slab[key];
+        slot.ended = true;
+        if io.is_flushed(slot.io) {
+            self.close(io, key, Close::Graceful);
+        } else {
+            slot.bring_forward(key, due, &mut self.wheel);
         }
     }
 
-    /// Sends `self.out` on the connection, queueing what the socket does not
-    /// take. False when the connection had to be closed.
-    fn write(&mut self, key: usize) -> bool {
-        let slot = &mut self.slab[key];
-        if !slot.pending.is_empty() {
-            if slot.pending.len() + self.out.len() > self.max_pending {
+    /// Sends `self.out` on the connection. False when it had to be closed.
+    fn write(&mut self, io: &mut impl Driver, key: usize) -> bool {
+        match io.send(self.slab[key].io, &self.out) {
+            Sent::Done | Sent::Queued => true,
+            Sent::Overflow => {
                 self.counters.slow_reader += 1;
-                self.close(key, Close::Abortive);
-                return false;
-            }
-            slot.pending.extend_from_slice(&self.out);
-            return true;
-        }
-        match send(slot.fd.as_raw_fd(), &self.out) {
-            Ok(n) if n == self.out.len() => true,
-            Ok(n) => {
-                slot.pending.extend_from_slice(&self.out[n..]);
-                let token = (slot.gen as u64) << 32 | key as u64;
-                let events = epoll::IN | epoll::OUT | epoll::RDHUP | epoll::ET;
-                if self
-                    .epoll
-                    .modify(slot.fd.as_raw_fd(), events, token)
-                    .is_err()
-                {
-                    self.peer_gone(key);
-                    return false;
-                }
-                true
-            }
-            Err(_) => {
-                self.peer_gone(key);
+                self.close(io, key, Close::Abortive);
                 false
             }
-        }
-    }
-
-    fn on_writable(&mut self, token: u64) {
-        let Some(key) = self.live(token) else { return };
-        let slot = &mut self.slab[key];
-        match send(slot.fd.as_raw_fd(), &slot.pending) {
-            Ok(n) if n == slot.pending.len() => {
-                slot.pending = Vec::new();
-                if slot.conn.phase() == Phase::Done {
-                    return self.close(key, Close::Graceful);
-                }
-                let events = epoll::IN | epoll::RDHUP | epoll::ET;
-                if self
-                    .epoll
-                    .modify(slot.fd.as_raw_fd(), events, token)
-                    .is_err()
-                {
-                    self.peer_gone(key);
-                }
+            Sent::Failed => {
+                self.peer_gone(io, key);
+                false
             }
-            Ok(n) => {
-                slot.pending.drain(..n);
-            }
-            Err(_) => self.peer_gone(key),
         }
     }
 
     /// A panic while handling one connection: log it, count it, drop that
     /// connection (its state may be half-updated); the shard goes on.
-    fn internal_error(&mut self, key: usize, cause: &str) {
+    fn internal_error(&mut self, io: &mut impl Driver, key: usize, cause: &str) {
         self.counters.internal_error += 1;
         eprintln!(
             "shard {}: internal error on one connection ({cause}): closed it, the others are unaffected; please report this",
             self.id
         );
         if self.slab.contains(key) {
-            self.close(key, Close::Abortive);
+            self.close(io, key, Close::Abortive);
         }
     }
 
     /// EOF or a socket error: the device went away without a Close frame.
-    fn peer_gone(&mut self, key: usize) {
-        if self.slab[key].conn.phase() == Phase::Closing {
+    fn peer_gone(&mut self, io: &mut impl Driver, key: usize) {
+        let slot = &self.slab[key];
+        if slot.ended {
+            // Counted already; it only waited for its output.
+        } else if slot.conn.phase() == Phase::Closing {
             self.counters.shutdown += 1;
         } else {
             self.counters.peer_gone += 1;
         }
-        self.close(key, Close::Abortive);
+        self.close(io, key, Close::Abortive);
     }
 
     /// Handles up to one batch of due wheel entries; true if more are due.
-    fn expire_due(&mut self, now: u64) -> bool {
+    fn expire_due(&mut self, io: &mut impl Driver, now: u64) -> bool {
         for _ in 0..EXPIRY_BATCH {
             let Some(e) = self.wheel.pop_due(now) else {
                 return false;
@@ -609,15 +550,20 @@ impl Shard {
             if slot.gen != e.gen || slot.armed != e.deadline {
                 continue; // closed and reused, or superseded by a later entry
             }
+            if slot.ended {
+                // Its final output was never read: counted already.
+                self.close(io, key, Close::Abortive);
+                continue;
+            }
             match slot.conn.phase() {
                 Phase::Handshake => {
                     self.counters.handshake_timeout += 1;
-                    self.close(key, Close::Abortive);
+                    self.close(io, key, Close::Abortive);
                 }
                 Phase::Done => {
-                    // Its final output was never read.
+                    // Not reached: a Done connection has ended (above).
                     self.counters.slow_reader += 1;
-                    self.close(key, Close::Abortive);
+                    self.close(io, key, Close::Abortive);
                 }
                 Phase::Open | Phase::Closing => {
                     let silent_due = slot.last_seen + self.timeout_ticks + 1;
@@ -627,10 +573,10 @@ impl Shard {
                     };
                     if frame_due <= now {
                         self.counters.frame_timeout += 1;
-                        self.close(key, Close::Abortive);
+                        self.close(io, key, Close::Abortive);
                     } else if silent_due <= now {
                         self.counters.expired += 1;
-                        self.expire(key);
+                        self.expire(io, key);
                     } else {
                         let due = silent_due.min(frame_due);
                         slot.armed = due;
@@ -644,67 +590,73 @@ impl Shard {
 
     /// Deletes a silent device: a reset by default (the peer is presumed
     /// dead, so a FIN would only leave an orphan retransmitting into the
-    /// void), or Close 1001 and FIN with `--graceful-expiry`.
-    fn expire(&mut self, key: usize) {
-        if self.cfg.graceful_expiry {
-            let mut close = Vec::with_capacity(4);
-            frame::write_close(&mut close, code::GOING_AWAY);
-            let _ = send(self.slab[key].fd.as_raw_fd(), &close);
-            self.close(key, Close::Graceful);
-        } else {
-            self.close(key, Close::Abortive);
+    /// void), or Close 1001 and FIN with `--graceful-expiry`. The Close goes
+    /// out after any output still pending (which may hold part of a frame),
+    /// never in the middle of it.
+    fn expire(&mut self, io: &mut impl Driver, key: usize) {
+        if !self.cfg.graceful_expiry {
+            return self.close(io, key, Close::Abortive);
+        }
+        self.out.clear();
+        self.slab[key].conn.expire(&mut self.out);
+        if self.write(io, key) {
+            self.finish(io, key);
         }
     }
 
-    fn close(&mut self, key: usize, how: Close) {
+    fn close(&mut self, io: &mut impl Driver, key: usize, how: Close) {
         let slot = self.slab.remove(key);
         if slot.upgraded {
             self.open -= 1;
         }
-        // Closing the fd also drops it from the epoll set.
-        socket::close(slot.fd.into_raw_fd(), how == Close::Abortive);
+        io.close(slot.io, how);
     }
 
     /// Stops accepting and sends Close 1001 to every device.
-    fn begin_shutdown(&mut self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: eventfd reads are 8 bytes.
-        unsafe { libc::read(self.shutdown.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    fn begin_shutdown(&mut self, io: &mut impl Driver) {
         if self.drain_deadline.is_some() {
             return;
         }
         self.drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
-        self.listener = None;
+        io.unlisten();
         self.accept_resume = None;
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.out.clear();
             let slot = &mut self.slab[key];
+            if slot.ended {
+                continue; // already on its way out
+            }
+            self.out.clear();
             slot.conn.start_close(&mut self.out);
             if slot.conn.phase() == Phase::Done {
                 self.counters.shutdown += 1;
-                self.close(key, Close::Abortive);
+                self.close(io, key, Close::Abortive);
             } else {
-                self.write(key);
+                self.write(io, key);
             }
         }
     }
 
     /// The drain timed out (or finished): close whatever is left.
-    fn close_all(&mut self) {
+    fn close_all(&mut self, io: &mut impl Driver) {
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.counters.shutdown += 1;
-            self.close(key, Close::Abortive);
+            if !self.slab[key].ended {
+                self.counters.shutdown += 1;
+            }
+            self.close(io, key, Close::Abortive);
         }
     }
 
-    fn send_report(&self) {
+    fn send_report(&self, io: IoStats) {
+        let mut totals = self.counters;
+        totals.io_cq_overflows = io.cq_overflows;
+        totals.io_cancels = io.cancels;
         let _ = self.report.send(Snapshot {
             shard: self.id,
             open: self.open,
             sockets: self.slab.len() as u64,
-            totals: self.counters,
+            totals,
         });
     }
 }

@@ -33,6 +33,10 @@ pub struct Counters {
     pub accept_exhausted: u64,
     /// Connections closed because handling them hit a bug (a panic, contained).
     pub internal_error: u64,
+    /// io_uring: waits that found completions held back by a full CQ.
+    pub io_cq_overflows: u64,
+    /// io_uring: cancel requests submitted (the design submits none).
+    pub io_cancels: u64,
 }
 
 impl Counters {
@@ -51,6 +55,8 @@ impl Counters {
         self.shutdown += o.shutdown;
         self.accept_exhausted += o.accept_exhausted;
         self.internal_error += o.internal_error;
+        self.io_cq_overflows += o.io_cq_overflows;
+        self.io_cancels += o.io_cancels;
     }
 
     /// Every connection that ended, for any reason.
@@ -126,7 +132,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} cq_overflows={} cancels={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -140,7 +146,9 @@ pub fn totals(c: &Counters) -> String {
         c.slow_reader,
         c.shutdown,
         c.accept_exhausted,
-        c.internal_error
+        c.internal_error,
+        c.io_cq_overflows,
+        c.io_cancels
     )
 }
 
@@ -168,6 +176,8 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         shutdown: t("shutdown")?,
         accept_exhausted: t("accept_exhausted")?,
         internal_error: t("internal_error")?,
+        io_cq_overflows: t("cq_overflows").unwrap_or(0),
+        io_cancels: t("cancels").unwrap_or(0),
     };
     Some((
         field(head, "conns").unwrap_or(0),

@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use c1m::io::Backend;
 use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
 use c1m::procs::limits::Host;
 use c1m::proto::conn::Limits;
-use c1m::shard::{Shard, ShardConfig};
+use c1m::shard::{self, ShardConfig};
 use c1m::stats::{self, Counters, Snapshot};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -104,6 +105,10 @@ struct Args {
     /// with --procs, also print each worker's stats lines (prefixed)
     #[argh(switch)]
     worker_stats: bool,
+    /// the I/O backend, uring (each shard's own io_uring) or epoll; where
+    /// io_uring is unusable the server says why and runs on epoll (default uring)
+    #[argh(option, default = "Backend::Uring")]
+    io: Backend,
 }
 
 fn main() -> ExitCode {
@@ -184,6 +189,11 @@ fn run(args: Args) -> Result<(), String> {
         eprintln!("server: warning: {w}");
     }
 
+    let (backend, fallback) = Backend::usable(args.io);
+    if let Some(why) = fallback {
+        eprintln!("server: {why}");
+    }
+
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
     if !args.join {
@@ -229,10 +239,7 @@ fn run(args: Args) -> Result<(), String> {
             // gigabytes. 64 KiB is glommio's minimum.
             .io_memory(64 << 10)
             .spawn(move || async move {
-                let result = match Shard::new(id, cfg, listener, shard_efd, tx) {
-                    Ok(shard) => shard.run(),
-                    Err(e) => Err(e),
-                };
+                let result = shard::run(backend, id, cfg, listener, shard_efd, tx);
                 // Said at once: the other shards keep serving their devices.
                 result.map_err(|e| {
                     let msg = format!("shard {id} on CPU {cpu} stopped: {e}");
@@ -245,7 +252,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     drop(report_tx);
     eprintln!(
-        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile})",
+        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile})",
         args.listen,
         cores.len(),
         cores,

@@ -1,22 +1,30 @@
-//! A per-shard epoll set: every connection's readiness is armed here once, at
-//! accept, and never re-armed or cancelled while the connection lives.
+//! The epoll backend: every connection is armed once, edge-triggered, when
+//! it is registered and never re-armed or cancelled while it lives; reads
+//! and sends are non-blocking system calls into one driver-owned buffer.
 //!
 //! Why not a glommio stream per connection: each idle glommio read parks an
 //! IORING_OP_POLL_ADD in the executor's ring, and every reactor loop cancels
 //! the previous preemption timer with IORING_OP_ASYNC_CANCEL, which walks one
 //! bucket of the ring's poll hash table (8 buckets at the default depth). The
 //! cost of every loop then grows with the number of idle connections. Here
-//! epoll hands back only the sockets that are ready, and an idle shard
-//! blocks in [`Epoll::wait`] rather than in glommio's park (see there why).
+//! epoll hands back only the sockets that are ready, and an idle loop blocks
+//! in [`Epoll::wait`] rather than in glommio's park (see there why).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use slab::Slab;
+
+use super::listener::{self, Accepted};
+use super::{cvt, socket, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
 
 pub const IN: u32 = libc::EPOLLIN as u32;
 pub const OUT: u32 = libc::EPOLLOUT as u32;
 pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
 pub const ET: u32 = libc::EPOLLET as u32;
 
+/// An epoll set.
 pub struct Epoll {
     fd: OwnedFd,
 }
@@ -48,11 +56,6 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
     }
 
-    /// Fills `events` with ready entries without blocking; returns how many.
-    pub fn poll_now(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
-        self.wait(events, std::time::Duration::ZERO)
-    }
-
     /// Fills `events` with ready entries, blocking the calling thread up to
     /// `timeout` (rounded up to whole milliseconds) while there are none;
     /// returns how many (0 at the timeout or on a signal).
@@ -67,17 +70,11 @@ impl Epoll {
     /// and left the executor asleep in io_cqring_wait for good, in 9 of 60
     /// server and 2 of 60 client workers (results/1m-20261126T080203Z); and
     /// after the shards stopped parking there, yielding to glommio when busy
-    /// did the same to 7 of 60 (results/1m-20261126T081605Z). So a shard
+    /// did the same to 7 of 60 (results/1m-20261126T081605Z). So a loop
     /// never hands its thread back to glommio's reactor: glommio provides
-    /// the pinned executor thread, the shard's loop runs on it until the end,
-    /// blocking here when idle. A shard is the only task on its executor, so
-    /// nothing waits behind it; and the blocking wait measured cheaper (the
-    /// `epoll` rows of bench/core.sh).
-    pub fn wait(
-        &self,
-        events: &mut [libc::epoll_event],
-        timeout: std::time::Duration,
-    ) -> io::Result<usize> {
+    /// the pinned executor thread, the loop runs on it until the end,
+    /// blocking in its driver when idle.
+    pub fn wait(&self, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         let max = events.len().min(i32::MAX as usize) as i32;
         // SAFETY: the kernel writes at most `max` entries into `events`.
@@ -96,10 +93,363 @@ impl AsRawFd for Epoll {
     }
 }
 
-pub fn cvt(r: i32) -> io::Result<i32> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
+const LISTENER: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
+/// Events taken from epoll per call.
+const EVENT_BATCH: usize = 256;
+/// Connections accepted per listener event before other work runs.
+const ACCEPT_BATCH: usize = 128;
+/// Reads from one socket per event before others get their turn.
+const READS_PER_EVENT: u32 = 8;
+const SCRATCH: usize = 64 * 1024;
+
+/// The peer is gone: no more events for this connection.
+const HUNG: u8 = 1;
+/// The user waits for an [`Event::Flushed`].
+const NOTIFY: u8 = 2;
+/// Registered while connecting: the first writable event is the connect's.
+const CONNECTING: u8 = 4;
+
+struct Conn {
+    /// Owned, so that a loop that fails or panics still closes its sockets
+    /// as it unwinds: their peers see the close.
+    fd: OwnedFd,
+    gen: u32,
+    token: Token,
+    /// Output the socket did not take yet; empty (unallocated) when idle.
+    pending: Vec<u8>,
+    flags: u8,
+}
+
+/// A connection being read: its key, generation and reads so far.
+#[derive(Clone, Copy)]
+struct Reading {
+    key: usize,
+    gen: u32,
+    reads: u32,
+}
+
+pub struct EpollDriver {
+    epoll: Epoll,
+    conns: Slab<Conn>,
+    next_gen: u32,
+    listener: Option<socket2::Socket>,
+    wake: Option<OwnedFd>,
+    events: Vec<libc::epoll_event>,
+    ready: usize,
+    cursor: usize,
+    /// Accepts still to try in this pass.
+    accept_left: usize,
+    reading: Option<Reading>,
+    /// Just registered: read now, their bytes are usually there already.
+    fresh: Vec<Reading>,
+    /// Reads cut short to be fair; read again next pass.
+    again: Vec<Reading>,
+    retry: Vec<Reading>,
+    scratch: Box<[u8]>,
+    max_pending: usize,
+    stats: IoStats,
+}
+
+impl EpollDriver {
+    pub fn new(cfg: DriverConfig) -> io::Result<EpollDriver> {
+        Ok(EpollDriver {
+            epoll: Epoll::new()?,
+            conns: Slab::new(),
+            next_gen: 1,
+            listener: None,
+            wake: None,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BATCH],
+            ready: 0,
+            cursor: 0,
+            accept_left: 0,
+            reading: None,
+            fresh: Vec::new(),
+            again: Vec::new(),
+            retry: Vec::new(),
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            max_pending: cfg.max_pending,
+            stats: IoStats::default(),
+        })
+    }
+
+    fn live(&self, key: usize, gen: u32) -> bool {
+        self.conns.get(key).is_some_and(|c| c.gen == gen)
+    }
+
+    fn hang_up(&mut self, key: usize) -> Event<'static> {
+        let c = &mut self.conns[key];
+        c.flags |= HUNG;
+        Event::Hangup(c.token)
+    }
+
+    /// Sends what `key` holds; Some(event) when that finished something.
+    fn flush(&mut self, key: usize) -> Option<Event<'static>> {
+        let c = &mut self.conns[key];
+        if c.pending.is_empty() || c.flags & HUNG != 0 {
+            return None;
+        }
+        match socket::send(c.fd.as_raw_fd(), &c.pending) {
+            Ok(n) if n == c.pending.len() => {
+                c.pending = Vec::new();
+                let token = c.gen as u64 | (key as u64) << 32;
+                if self
+                    .epoll
+                    .modify(c.fd.as_raw_fd(), IN | RDHUP | ET, token)
+                    .is_err()
+                {
+                    return Some(self.hang_up(key));
+                }
+                if c.flags & NOTIFY != 0 {
+                    c.flags &= !NOTIFY;
+                    return Some(Event::Flushed(c.token));
+                }
+                None
+            }
+            Ok(n) => {
+                c.pending.drain(..n);
+                None
+            }
+            Err(_) => Some(self.hang_up(key)),
+        }
+    }
+}
+
+/// Epoll's data for a connection: generation low, key high (listener and
+/// wake tokens are the top values, which no key reaches).
+fn split(token: u64) -> (usize, u32) {
+    ((token >> 32) as usize, token as u32)
+}
+
+impl Driver for EpollDriver {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    fn listen(&mut self, listener: socket2::Socket) -> io::Result<()> {
+        self.epoll.add(listener.as_raw_fd(), IN, LISTENER)?;
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    fn unlisten(&mut self) {
+        self.listener = None;
+        self.accept_left = 0;
+    }
+
+    fn resume_accepting(&mut self) -> io::Result<()> {
+        match &self.listener {
+            Some(l) => match self.epoll.add(l.as_raw_fd(), IN, LISTENER) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+                r => r,
+            },
+            None => Ok(()),
+        }
+    }
+
+    fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()> {
+        self.epoll.add(eventfd.as_raw_fd(), IN, WAKE)?;
+        self.wake = Some(eventfd);
+        Ok(())
+    }
+
+    fn register(&mut self, fd: OwnedFd, token: Token, connecting: bool) -> io::Result<Handle> {
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let key = self.conns.vacant_key();
+        if key >= u32::MAX as usize {
+            return Err(io::Error::other("more than 2^32 connections in one loop"));
+        }
+        let events = if connecting {
+            IN | OUT | RDHUP | ET
+        } else {
+            IN | RDHUP | ET
+        };
+        self.epoll
+            .add(fd.as_raw_fd(), events, gen as u64 | (key as u64) << 32)?;
+        self.conns.insert(Conn {
+            fd,
+            gen,
+            token,
+            pending: Vec::new(),
+            flags: if connecting { CONNECTING } else { 0 },
+        });
+        if !connecting {
+            self.fresh.push(Reading { key, gen, reads: 0 });
+        }
+        Ok(Handle(key as u32))
+    }
+
+    fn send(&mut self, h: Handle, bytes: &[u8]) -> Sent {
+        let key = h.index();
+        let c = &mut self.conns[key];
+        if c.flags & HUNG != 0 {
+            return Sent::Failed;
+        }
+        if !c.pending.is_empty() {
+            if c.pending.len() + bytes.len() > self.max_pending {
+                return Sent::Overflow;
+            }
+            c.pending.extend_from_slice(bytes);
+            c.flags |= NOTIFY;
+            return Sent::Queued;
+        }
+        match socket::send(c.fd.as_raw_fd(), bytes) {
+            Ok(n) if n == bytes.len() => Sent::Done,
+            Ok(n) => {
+                if bytes.len() - n > self.max_pending {
+                    return Sent::Overflow;
+                }
+                c.pending.extend_from_slice(&bytes[n..]);
+                c.flags |= NOTIFY;
+                let token = c.gen as u64 | (key as u64) << 32;
+                match self
+                    .epoll
+                    .modify(c.fd.as_raw_fd(), IN | OUT | RDHUP | ET, token)
+                {
+                    Ok(()) => Sent::Queued,
+                    Err(_) => Sent::Failed,
+                }
+            }
+            Err(_) => Sent::Failed,
+        }
+    }
+
+    fn is_flushed(&mut self, h: Handle) -> bool {
+        let c = &mut self.conns[h.index()];
+        if c.pending.is_empty() {
+            return true;
+        }
+        c.flags |= NOTIFY;
+        false
+    }
+
+    fn close(&mut self, h: Handle, how: Close) {
+        let c = self.conns.remove(h.index());
+        // Closing the fd also drops it from the epoll set.
+        socket::close(c.fd.into_raw_fd(), how == Close::Abortive);
+    }
+
+    fn socket_error(&self, h: Handle) -> i32 {
+        socket::so_error(self.conns[h.index()].fd.as_raw_fd())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        if self.cursor < self.ready || self.reading.is_some() || !self.fresh.is_empty() {
+            return Ok(()); // events not taken yet
+        }
+        // Reads cut short, or a full batch: more is ready now.
+        let busy = !self.again.is_empty() || self.ready == self.events.len();
+        std::mem::swap(&mut self.again, &mut self.retry);
+        self.stats.waits += 1;
+        self.ready = self
+            .epoll
+            .wait(&mut self.events, if busy { Duration::ZERO } else { timeout })?;
+        self.cursor = 0;
+        Ok(())
+    }
+
+    fn next(&mut self) -> Option<Event<'_>> {
+        loop {
+            if let Some(r) = self.reading.take() {
+                if !self.live(r.key, r.gen) || self.conns[r.key].flags & HUNG != 0 {
+                    continue;
+                }
+                let fd = self.conns[r.key].fd.as_raw_fd();
+                match socket::recv(fd, &mut self.scratch) {
+                    Ok(0) => return Some(self.hang_up(r.key)),
+                    Ok(n) => {
+                        // A short read means the receive queue was empty, and
+                        // edge-triggered epoll reports any byte that arrives
+                        // after it; a full one may have left more.
+                        if n == self.scratch.len() {
+                            let r = Reading {
+                                reads: r.reads + 1,
+                                ..r
+                            };
+                            if r.reads < READS_PER_EVENT {
+                                self.reading = Some(r);
+                            } else {
+                                self.again.push(Reading { reads: 0, ..r });
+                            }
+                        }
+                        let token = self.conns[r.key].token;
+                        return Some(Event::Data(token, &mut self.scratch[..n]));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return Some(self.hang_up(r.key)),
+                }
+            }
+            if let Some(r) = self.fresh.pop().or_else(|| self.retry.pop()) {
+                self.reading = Some(r);
+                continue;
+            }
+            if self.accept_left > 0 {
+                let Some(l) = &self.listener else {
+                    self.accept_left = 0;
+                    continue;
+                };
+                match listener::accept(l) {
+                    Accepted::Socket(fd) => {
+                        self.accept_left -= 1;
+                        // SAFETY: accept4 returned it and nothing else owns it.
+                        return Some(Event::Accepted(unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                    Accepted::Empty => self.accept_left = 0,
+                    Accepted::Skipped => self.accept_left -= 1,
+                    Accepted::Exhausted(err) => {
+                        self.accept_left = 0;
+                        let _ = self.epoll.delete(l.as_raw_fd());
+                        return Some(Event::AcceptFailed(err));
+                    }
+                }
+                continue;
+            }
+            if self.cursor == self.ready {
+                return None;
+            }
+            let libc::epoll_event { events, u64: data } = self.events[self.cursor];
+            self.cursor += 1;
+            match data {
+                LISTENER => self.accept_left = ACCEPT_BATCH,
+                WAKE => {
+                    if let Some(fd) = &self.wake {
+                        let mut buf = [0u8; 8];
+                        // SAFETY: eventfd reads are 8 bytes into a valid buffer.
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                    }
+                    return Some(Event::Wake);
+                }
+                _ => {
+                    let (key, gen) = split(data);
+                    if !self.live(key, gen) || self.conns[key].flags & HUNG != 0 {
+                        continue; // closed earlier in this pass
+                    }
+                    let c = &mut self.conns[key];
+                    if c.flags & CONNECTING != 0 {
+                        let done = OUT | libc::EPOLLERR as u32 | libc::EPOLLHUP as u32;
+                        if events & done == 0 {
+                            continue;
+                        }
+                        c.flags &= !CONNECTING;
+                        // Read after the user has answered the connect.
+                        self.reading = Some(Reading { key, gen, reads: 0 });
+                        return Some(Event::Connected(c.token));
+                    }
+                    if events & !OUT != 0 {
+                        self.reading = Some(Reading { key, gen, reads: 0 });
+                    }
+                    if events & OUT != 0 {
+                        if let Some(ev) = self.flush(key) {
+                            return Some(ev);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> IoStats {
+        self.stats
     }
 }

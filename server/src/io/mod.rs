@@ -1,5 +1,230 @@
-//! The I/O driver.
+//! The I/O driver: one event loop under the server's shards and the
+//! client's fleets, as mio is under its users.
+//!
+//! The driver owns the sockets and makes every system call: the listener's
+//! accepts, each connection's reads into driver-owned buffers, bounded
+//! pending output and its sends, close and reset, wake-ups from other
+//! threads, and the wait until the next deadline. Its user keeps only its
+//! decisions (the protocol state, the wheel, the policies) and talks to it
+//! in [`Token`]s (the user's name for a connection, carried by every
+//! [`Event`]) and [`Handle`]s (the driver's name, used to act on one).
+//!
+//! Two backends behind [`Driver`]:
+//! - [`epoll::EpollDriver`]: readiness; every connection armed once,
+//!   edge-triggered, and read and written with non-blocking system calls.
+//! - [`uring::UringDriver`]: completions on the shard's own io_uring: a
+//!   multishot accept, one multishot recv per connection into a provided
+//!   buffer ring, sends and closes as SQEs, one `io_uring_enter` per loop,
+//!   and never a cancel.
 
 pub mod epoll;
 pub mod listener;
 pub mod socket;
+pub mod uring;
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+/// The user's name for a connection: any 64 bits, handed back in events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(pub u64);
+
+/// The driver's name for a connection it holds. Valid from
+/// [`Driver::register`] until the user calls [`Driver::close`] on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handle(u32);
+
+impl Handle {
+    /// A placeholder for a connection that holds no socket yet.
+    pub const NONE: Handle = Handle(u32::MAX);
+
+    fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// How a connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// FIN after what the kernel already holds.
+    Graceful,
+    /// SO_LINGER 0: a reset, and the kernel frees the socket at once.
+    Abortive,
+}
+
+/// What [`Driver::send`] did with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Handed to the kernel (or to a send the kernel is running).
+    Done,
+    /// Held back behind earlier output; an [`Event::Flushed`] follows when
+    /// it is all out.
+    Queued,
+    /// Taking them would put more than the bound on pending output: nothing
+    /// was taken. The peer is not reading; close it.
+    Overflow,
+    /// The socket failed: the peer is gone. Close it.
+    Failed,
+}
+
+/// What happened, as [`Driver::next`] reports it.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A new connection from the listener (not yet registered).
+    Accepted(OwnedFd),
+    /// Accepting failed for lack of descriptors or memory (EMFILE, ENFILE,
+    /// ENOBUFS, ENOMEM). The driver stopped accepting; call
+    /// [`Driver::resume_accepting`] after a pause.
+    AcceptFailed(io::Error),
+    /// Bytes from a connection. They are the driver's: valid until the next
+    /// call to [`Driver::next`], which gives the buffer back.
+    Data(Token, &'a mut [u8]),
+    /// End of stream, a reset or a socket error: no more events come for
+    /// this connection; close it.
+    Hangup(Token),
+    /// Output that was [`Sent::Queued`] (or reported by
+    /// [`Driver::is_flushed`]) is all out.
+    Flushed(Token),
+    /// A socket registered while connecting finished connecting: check
+    /// [`Driver::socket_error`].
+    Connected(Token),
+    /// The wake-up descriptor ([`Driver::watch_wake`]) was written.
+    Wake,
+}
+
+/// Counters of what the driver did, for the stats line and the tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoStats {
+    /// Times the loop blocked (or would have) waiting for events.
+    pub waits: u64,
+    /// io_uring: CQEs the kernel had to hold back because the completion
+    /// queue was full (FEAT_NODROP keeps them), counted per wait that saw it.
+    pub cq_overflows: u64,
+    /// io_uring: multishot receives re-armed because they ended (ENOBUFS:
+    /// every provided buffer was in use).
+    pub recv_rearms: u64,
+    /// io_uring: IORING_OP_ASYNC_CANCEL requests submitted. The design
+    /// submits none; this counter proves it.
+    pub cancels: u64,
+}
+
+/// One event loop's I/O. The user drives it: [`Driver::wait`], then
+/// [`Driver::next`] until it returns None, acting on each event.
+pub trait Driver {
+    /// Which backend this is ("epoll" or "io_uring").
+    fn name(&self) -> &'static str;
+
+    /// Starts accepting on `listener` (a non-blocking listening socket).
+    fn listen(&mut self, listener: socket2::Socket) -> io::Result<()>;
+
+    /// Stops accepting for good and closes the listener.
+    fn unlisten(&mut self);
+
+    /// Accepts again after an [`Event::AcceptFailed`] pause.
+    fn resume_accepting(&mut self) -> io::Result<()>;
+
+    /// Reports [`Event::Wake`] whenever `eventfd` is written.
+    fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()>;
+
+    /// Takes a connected socket (or, with `connecting`, one whose connect is
+    /// in progress: [`Event::Connected`] comes first) and starts reading it.
+    /// A socket whose bytes are already there is read in the same pass.
+    fn register(&mut self, fd: OwnedFd, token: Token, connecting: bool) -> io::Result<Handle>;
+
+    /// Sends `bytes` on `h` after whatever it already holds for it.
+    fn send(&mut self, h: Handle, bytes: &[u8]) -> Sent;
+
+    /// True when nothing of `h`'s output is held or in flight; otherwise
+    /// false, and an [`Event::Flushed`] follows once it is all out.
+    fn is_flushed(&mut self, h: Handle) -> bool;
+
+    /// Closes `h`; no event for it follows, and `h` is not to be used again.
+    fn close(&mut self, h: Handle, how: Close);
+
+    /// SO_ERROR of `h`'s socket: 0 once a connect succeeded.
+    fn socket_error(&self, h: Handle) -> i32;
+
+    /// Submits what is queued and blocks until an event is ready or
+    /// `timeout` passes (returns at once if events are ready).
+    fn wait(&mut self, timeout: Duration) -> io::Result<()>;
+
+    /// The next ready event, or None when there is none left.
+    fn next(&mut self) -> Option<Event<'_>>;
+
+    fn stats(&self) -> IoStats;
+}
+
+/// Which backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Epoll,
+    Uring,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "epoll" => Ok(Backend::Epoll),
+            "uring" | "io_uring" => Ok(Backend::Uring),
+            _ => Err(format!("{s:?} is not an I/O backend: uring or epoll")),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Epoll => "epoll",
+            Backend::Uring => "uring",
+        })
+    }
+}
+
+impl Backend {
+    /// The backend that can run here: `wanted`, or epoll with the one
+    /// sentence that says why when io_uring cannot (old kernel,
+    /// kernel.io_uring_disabled, a seccomp filter, a missing feature).
+    pub fn usable(wanted: Backend) -> (Backend, Option<String>) {
+        match wanted {
+            Backend::Epoll => (Backend::Epoll, None),
+            Backend::Uring => match uring::probe() {
+                Ok(()) => (Backend::Uring, None),
+                Err(why) => (
+                    Backend::Epoll,
+                    Some(format!(
+                        "io_uring is not usable here ({why}): running on epoll instead"
+                    )),
+                ),
+            },
+        }
+    }
+}
+
+/// Sizes of a driver.
+#[derive(Debug, Clone, Copy)]
+pub struct DriverConfig {
+    /// Most output bytes held for one connection (a peer that does not read
+    /// is closed past it, by the user on [`Sent::Overflow`]).
+    pub max_pending: usize,
+}
+
+/// Turns a negative system call result into the error it stands for.
+pub fn cvt(r: i32) -> io::Result<i32> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Whether an accept error means the process is out of resources (pause)
+/// rather than one connection's trouble (skip it).
+fn is_exhaustion(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}

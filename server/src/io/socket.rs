@@ -47,24 +47,40 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Closes `fd`; `abortive` sets SO_LINGER 0 first, so the kernel resets the
-/// connection and frees the socket at once (no FIN_WAIT, no TIME_WAIT).
+/// Sets SO_LINGER 0: closing the socket then resets the connection and
+/// frees the socket at once (no FIN_WAIT, no TIME_WAIT).
+pub fn set_linger_zero(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: fd is the caller's; linger is a valid option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+}
+
+/// Clears O_NONBLOCK (io_uring waits for such sockets itself).
+pub fn set_blocking(fd: RawFd) {
+    // SAFETY: fcntl on the caller's descriptor with plain integer flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// Closes `fd`; `abortive` sets SO_LINGER 0 first ([`set_linger_zero`]).
 pub fn close(fd: RawFd, abortive: bool) {
     if abortive {
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: fd is the caller's; linger is a valid option value.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
-            );
-        }
+        set_linger_zero(fd);
     }
     // SAFETY: the caller owns fd and gives it up here.
     unsafe { libc::close(fd) };
@@ -94,7 +110,7 @@ pub fn connect_from(server: SocketAddr, source: Option<IpAddr>) -> io::Result<Ow
                 4,
             )
         };
-        crate::io::epoll::cvt(r)?;
+        super::cvt(r)?;
         s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
     match s.connect(&SockAddr::from(server)) {

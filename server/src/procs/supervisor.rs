@@ -34,15 +34,120 @@ struct Worker {
     child: Child,
     cpus: Vec<usize>,
     started: Instant,
-    /// The latest stats of the running incarnation.
+    /// Its counts and its dead predecessors'.
+    tally: Tally,
+    quick_deaths: u32,
+    exited: Option<std::process::ExitStatus>,
+}
+
+/// What one worker slot has counted, over all its incarnations. Pure
+/// bookkeeping, kept apart from the processes so that it can be tested.
+///
+/// A death is seen (by `try_wait`) before its last lines have been read:
+/// they may still be in the pipe or in the reader thread when the
+/// replacement starts. So a dead incarnation's count stays open to its own
+/// late lines until its stdout ends, and only then is banked.
+#[derive(Debug, Default)]
+struct Tally {
+    /// The running incarnation's number: 0 for the first start, +1 per
+    /// restart; its lines carry it.
+    generation: u64,
+    /// Its latest stats.
     latest: Snapshot,
     /// Its `final` totals, once printed.
     last: Option<Counters>,
-    /// Totals of incarnations that died (their connections are gone, their
-    /// counts still happened).
+    /// Its stdout ended: no more lines of it can come.
+    ended: bool,
+    /// Dead incarnations whose stdout has not ended yet: (generation, what
+    /// it counted so far). Their counts are cumulative, so a late line
+    /// replaces the entry rather than adding to it.
+    dying: Vec<(u64, Counters)>,
+    /// Totals of dead incarnations whose output has all been read (their
+    /// connections are gone, their counts still happened).
     banked: Counters,
-    quick_deaths: u32,
-    exited: Option<std::process::ExitStatus>,
+}
+
+impl Tally {
+    fn new(worker: usize) -> Tally {
+        Tally {
+            latest: Snapshot {
+                shard: worker,
+                ..Snapshot::default()
+            },
+            ..Tally::default()
+        }
+    }
+
+    /// What the running incarnation has counted.
+    fn counted(&self) -> Counters {
+        self.last.unwrap_or(self.latest.totals)
+    }
+
+    /// The running incarnation died; `generation` is its replacement.
+    fn restart(&mut self, generation: u64) {
+        let counted = self.counted();
+        if self.ended {
+            self.banked.add(&counted);
+        } else {
+            self.dying.push((self.generation, counted));
+        }
+        self.generation = generation;
+        self.latest = Snapshot {
+            shard: self.latest.shard,
+            ..Snapshot::default()
+        };
+        self.last = None;
+        self.ended = false;
+    }
+
+    /// A stats line (`final` or not) printed by incarnation `generation`.
+    fn stats(
+        &mut self,
+        generation: u64,
+        is_final: bool,
+        open: u64,
+        sockets: u64,
+        totals: Counters,
+    ) {
+        if generation != self.generation {
+            // A dead one's: it updates that one's count, nothing current.
+            if let Some((_, counted)) = self.dying.iter_mut().find(|(g, _)| *g == generation) {
+                *counted = totals;
+            }
+            return;
+        }
+        if is_final {
+            self.last = Some(totals);
+            self.latest.open = 0;
+            self.latest.sockets = 0;
+        } else {
+            self.latest = Snapshot {
+                shard: self.latest.shard,
+                open,
+                sockets,
+                totals,
+            };
+        }
+    }
+
+    /// Incarnation `generation`'s stdout ended: no more of its lines.
+    fn stdout_ended(&mut self, generation: u64) {
+        if generation == self.generation {
+            self.ended = true;
+        } else if let Some(k) = self.dying.iter().position(|(g, _)| *g == generation) {
+            let (_, counted) = self.dying.swap_remove(k);
+            self.banked.add(&counted);
+        }
+    }
+
+    fn total(&self) -> Counters {
+        let mut sum = self.banked;
+        for (_, counted) in &self.dying {
+            sum.add(counted);
+        }
+        sum.add(&self.counted());
+        sum
+    }
 }
 
 impl Supervisor {
@@ -71,19 +176,14 @@ impl Supervisor {
         args
     }
 
-    fn start(&self, i: usize, tx: &mpsc::Sender<Line>) -> Result<Worker, String> {
+    fn start(&self, i: usize, generation: u64, tx: &mpsc::Sender<Line>) -> Result<Worker, String> {
         let cpus = workers::cpus_for(i, self.procs, &self.cpus);
-        let child = workers::spawn(i, &self.worker_args(&cpus), tx)?;
+        let child = workers::spawn_generation(i, generation, &self.worker_args(&cpus), tx)?;
         Ok(Worker {
             child,
             cpus,
             started: Instant::now(),
-            latest: Snapshot {
-                shard: i,
-                ..Snapshot::default()
-            },
-            last: None,
-            banked: Counters::default(),
+            tally: Tally::new(i),
             quick_deaths: 0,
             exited: None,
         })
@@ -102,7 +202,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel::<Line>();
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
-            match self.start(i, &tx) {
+            match self.start(i, 0, &tx) {
                 Ok(w) => ws.push(w),
                 Err(e) => {
                     stop_all(&mut ws);
@@ -150,17 +250,15 @@ impl Supervisor {
                     ws[i].exited = Some(status);
                     continue;
                 }
-                // Died on its own: bank what it counted and start it again.
+                // Died on its own: start it again (its counts are kept).
                 let w = &mut ws[i];
-                let counted = w.last.unwrap_or(w.latest.totals);
-                w.banked.add(&counted);
                 let quick = w.started.elapsed() < QUICK_DEATH;
                 let deaths = if quick { w.quick_deaths + 1 } else { 0 };
                 eprintln!(
                     "server: worker {i} (pid {}, CPUs {:?}) exited ({status}) with {} devices; {}",
                     w.child.id(),
                     w.cpus,
-                    w.latest.open,
+                    w.tally.latest.open,
                     if deaths >= QUICK_DEATHS_TOLERATED {
                         "it keeps dying at start, so the server stops"
                     } else {
@@ -178,10 +276,11 @@ impl Supervisor {
                     }
                     continue;
                 }
-                let banked = w.banked;
-                match self.start(i, &tx) {
+                let generation = w.tally.generation + 1;
+                match self.start(i, generation, &tx) {
                     Ok(mut fresh) => {
-                        fresh.banked = banked;
+                        fresh.tally = std::mem::take(&mut w.tally);
+                        fresh.tally.restart(generation);
                         fresh.quick_deaths = deaths;
                         ws[i] = fresh;
                     }
@@ -193,7 +292,7 @@ impl Supervisor {
             }
             let now = Instant::now();
             if print_stats && now >= next_print && !stopping {
-                let snaps: Vec<Snapshot> = ws.iter().map(|w| w.latest).collect();
+                let snaps: Vec<Snapshot> = ws.iter().map(|w| w.tally.latest).collect();
                 let sum = total(&ws);
                 println!(
                     "{}",
@@ -238,8 +337,12 @@ impl Supervisor {
     }
 
     fn on_line(&self, ws: &mut [Worker], line: Line) {
-        let w = &mut ws[line.worker];
+        let tally = &mut ws[line.worker].tally;
         if line.eof {
+            // Stats come on stdout only: its end is the last word on them.
+            if !line.stderr {
+                tally.stdout_ended(line.generation);
+            }
             return;
         }
         if line.stderr {
@@ -250,20 +353,10 @@ impl Supervisor {
         let Some((open, sockets, totals)) = stats::parse(&line.text) else {
             return;
         };
-        if line.text.starts_with("final ") {
-            w.last = Some(totals);
-            w.latest.open = 0;
-            w.latest.sockets = 0;
-        } else {
-            w.latest = Snapshot {
-                shard: line.worker,
-                open,
-                sockets,
-                totals,
-            };
-            if self.worker_stats {
-                println!("worker {}: {}", line.worker, line.text);
-            }
+        let is_final = line.text.starts_with("final ");
+        tally.stats(line.generation, is_final, open, sockets, totals);
+        if !is_final && self.worker_stats {
+            println!("worker {}: {}", line.worker, line.text);
         }
     }
 }
@@ -271,8 +364,7 @@ impl Supervisor {
 fn total(ws: &[Worker]) -> Counters {
     let mut sum = Counters::default();
     for w in ws {
-        sum.add(&w.banked);
-        sum.add(&w.last.unwrap_or(w.latest.totals));
+        sum.add(&w.tally.total());
     }
     sum
 }
@@ -281,5 +373,75 @@ fn stop_all(ws: &mut [Worker]) {
     for w in ws.iter_mut() {
         let _ = w.child.kill();
         let _ = w.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepted(n: u64) -> Counters {
+        Counters {
+            accepted: n,
+            ..Counters::default()
+        }
+    }
+
+    #[test]
+    fn a_dead_incarnations_late_stats_are_not_its_replacements() {
+        let mut t = Tally::new(3);
+        t.stats(0, false, 7, 8, accepted(10));
+        t.restart(1);
+        // Generation 0's last line, still in its reader when it was restarted.
+        t.stats(0, false, 9, 9, accepted(12));
+        assert_eq!(t.latest.open, 0, "the replacement holds nothing yet");
+        assert_eq!(t.total().accepted, 12);
+        t.stats(1, false, 2, 2, accepted(3));
+        assert_eq!((t.latest.shard, t.latest.open), (3, 2));
+        assert_eq!(t.latest.totals.accepted, 3);
+        assert_eq!(t.total().accepted, 15);
+        t.stdout_ended(0);
+        assert_eq!(t.total().accepted, 15, "banked once, at its last count");
+        t.stats(1, false, 4, 4, accepted(5));
+        assert_eq!(t.total().accepted, 17);
+    }
+
+    #[test]
+    fn a_dead_incarnations_late_final_does_not_pin_its_replacement() {
+        let mut t = Tally::new(0);
+        t.stats(0, false, 7, 7, accepted(10));
+        t.restart(1);
+        t.stats(0, true, 0, 0, accepted(12));
+        assert_eq!(t.last, None, "the replacement has not ended");
+        t.stats(1, false, 1, 1, accepted(3));
+        assert_eq!(t.total().accepted, 15);
+        t.stats(1, false, 1, 1, accepted(5));
+        assert_eq!(t.total().accepted, 17);
+        t.stdout_ended(0);
+        t.stats(1, true, 0, 0, accepted(6));
+        assert_eq!(t.total().accepted, 18);
+    }
+
+    #[test]
+    fn every_incarnation_is_banked_exactly_once() {
+        let mut t = Tally::new(0);
+        // Generation 0 ended cleanly before its death was seen.
+        t.stats(0, false, 1, 1, accepted(4));
+        t.stats(0, true, 0, 0, accepted(5));
+        t.stdout_ended(0);
+        t.restart(1);
+        assert_eq!(t.total().accepted, 5);
+        // Generation 1 dies; its output ends only after generation 2 started.
+        t.stats(1, false, 1, 1, accepted(7));
+        t.restart(2);
+        t.stats(2, false, 1, 1, accepted(1));
+        t.stats(1, true, 0, 0, accepted(8));
+        t.stdout_ended(1);
+        t.stdout_ended(1); // (A repeated end changes nothing.)
+        assert_eq!(t.total().accepted, 5 + 8 + 1);
+        t.restart(3);
+        t.stdout_ended(2);
+        assert_eq!(t.total().accepted, 5 + 8 + 1);
+        assert_eq!(t.latest.totals, Counters::default());
     }
 }

@@ -52,6 +52,9 @@ pub fn without(args: &[String], drop: &[(&str, bool)]) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
     pub worker: usize,
+    /// Which start of `worker` printed it (see [`spawn_generation`]): a
+    /// restarted worker's late lines are not its replacement's.
+    pub generation: u64,
     pub stderr: bool,
     pub text: String,
     /// The stream ended (the worker exited or closed it); `text` is empty.
@@ -61,6 +64,18 @@ pub struct Line {
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
 /// lines arrive on `lines` (a reader thread per stream, ending at EOF).
 pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
+    spawn_generation(worker, 0, args, lines)
+}
+
+/// [`spawn`] for the `generation`-th start of worker `worker`, its lines so
+/// tagged: a parent that restarts workers can tell a dead incarnation's
+/// lines (still in its pipe or reader) from its replacement's.
+pub fn spawn_generation(
+    worker: usize,
+    generation: u64,
+    args: &[String],
+    lines: &Sender<Line>,
+) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = Command::new(&exe);
     // SAFETY: prctl in the forked child before exec touches no shared state.
@@ -96,6 +111,7 @@ pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Chi
                 let send = |text: String, eof: bool| {
                     let line = Line {
                         worker,
+                        generation,
                         stderr,
                         text,
                         eof,

@@ -150,6 +150,17 @@ impl Conn {
         }
     }
 
+    /// Ends a silent connection gracefully: Close 1001, and no wait for the
+    /// peer's answer (it is presumed gone).
+    pub fn expire(&mut self, out: &mut Vec<u8>) {
+        if matches!(self.phase, Phase::Open | Phase::Closing) {
+            frame::write_close(out, code::GOING_AWAY);
+        }
+        self.phase = Phase::Done;
+        self.carry = Vec::new();
+        self.message = None;
+    }
+
     fn finish(&mut self, r: &mut Received, end: End) {
         self.phase = Phase::Done;
         self.carry = Vec::new();

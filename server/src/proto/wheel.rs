@@ -27,6 +27,9 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Wheel {
     slots: Vec<Vec<Entry>>,
+    /// One bit per slot: set while the slot holds entries, so that the next
+    /// occupied slot is found a word (64 slots) at a time.
+    occupied: Vec<u64>,
     mask: u64,
     /// The next tick whose slot has not been fully drained.
     cursor: u64,
@@ -46,6 +49,7 @@ impl Wheel {
         let n = (horizon + 1).next_power_of_two();
         Wheel {
             slots: (0..n).map(|_| Vec::new()).collect(),
+            occupied: vec![0; n.div_ceil(64) as usize],
             mask: n - 1,
             cursor: now,
             len: 0,
@@ -61,7 +65,9 @@ impl Wheel {
 
     fn place(&mut self, entry: Entry, earliest: u64) {
         let tick = entry.deadline.clamp(earliest, self.cursor + self.mask);
-        self.slots[(tick & self.mask) as usize].push(entry);
+        let slot = (tick & self.mask) as usize;
+        self.slots[slot].push(entry);
+        self.occupied[slot / 64] |= 1 << (slot % 64);
     }
 
     /// Takes one entry whose deadline is at or before tick `now`, or `None`.
@@ -79,6 +85,7 @@ impl Wheel {
                 self.len -= 1;
                 return Some(e);
             }
+            self.occupied[slot / 64] &= !(1 << (slot % 64));
             self.cursor += 1;
         }
         None
@@ -96,6 +103,37 @@ impl Wheel {
     /// The next tick whose slot is not yet drained.
     pub fn cursor(&self) -> u64 {
         self.cursor
+    }
+
+    /// The first tick at or after the cursor whose slot holds an entry, or
+    /// None when the wheel is empty: the owner may sleep until then (never
+    /// past an entry's deadline; an entry parked beyond the horizon makes it
+    /// wake early, once per turn). O(slots / 64).
+    pub fn next_due(&self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        let n = self.mask + 1;
+        let start = self.cursor & self.mask;
+        let words = self.occupied.len();
+        let first = (start / 64) as usize;
+        // From the cursor's slot to the end of the turn, then the slots
+        // before it: words + 1 looks, the first and last ones masked.
+        for i in 0..=words {
+            let w = (first + i) % words;
+            let mut word = self.occupied[w];
+            if i == 0 {
+                word &= !0u64 << (start % 64);
+            }
+            if i == words {
+                word &= (1u64 << (start % 64)).wrapping_sub(1);
+            }
+            if word != 0 {
+                let slot = w as u64 * 64 + word.trailing_zeros() as u64;
+                return Some(self.cursor + ((slot + n - start) & self.mask));
+            }
+        }
+        None
     }
 }
 

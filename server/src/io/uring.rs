@@ -1,0 +1,715 @@
+//! The io_uring backend: one ring per loop, created on the loop's thread
+//! with SINGLE_ISSUER and DEFER_TASKRUN (COOP_TASKRUN where the kernel
+//! lacks it), its own fd registered.
+//!
+//! - One multishot accept on the loop's SO_REUSEPORT listener.
+//! - One multishot recv per connection into a provided buffer ring shared
+//!   by the loop's connections: a buffer goes back to the ring as soon as
+//!   the user has its bytes (the next call to [`Driver::next`]), so an idle
+//!   connection owns no buffer.
+//! - Sends are SQEs from loop-owned buffers (reused, not allocated per
+//!   send), one in flight per connection, the rest held and bounded.
+//! - One `io_uring_enter` per loop iteration submits everything queued and
+//!   waits for a completion or the next deadline (EXT_ARG's timeout: no
+//!   timeout SQE, so nothing to cancel).
+//! - Never IORING_OP_ASYNC_CANCEL: the kernel's cancel walks a hash bucket
+//!   holding every armed request, which made stock glommio's heartbeat
+//!   dearer with every idle connection. A connection's multishot recv is
+//!   ended by `shutdown(SHUT_RD)` (an SQE, which sends nothing to the peer);
+//!   after its last completion the socket is closed by an SQE, after
+//!   SO_LINGER 0 when the close is abortive. Deletions thus cost SQEs, and a
+//!   batch of them one enter.
+//! - The completion queue is sized for bursts; with FEAT_NODROP the kernel
+//!   holds what does not fit, and every wait that sees that is counted.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Submitter};
+use slab::Slab;
+
+use super::{cvt, is_exhaustion, socket, Close, Driver, DriverConfig, Event, Handle, IoStats};
+use super::{Sent, Token};
+
+const SQ_ENTRIES: u32 = 1024;
+/// Completions a loop can take at once: a burst of arrivals, accepts and
+/// deletions between two waits. More waits in the kernel (FEAT_NODROP).
+const CQ_ENTRIES: u32 = 16 * 1024;
+/// Provided buffers: enough for the arrivals of one wait at 15,000
+/// heartbeats/s; past it a recv ends with ENOBUFS and is re-armed.
+const BUFS: u16 = 512;
+const BUF_LEN: usize = 2048;
+const BGID: u16 = 7;
+/// A send buffer larger than this is freed, not kept for reuse.
+const KEEP_SEND_BUF: usize = 4096;
+const KEEP_SEND_BUFS: usize = 1024;
+
+/// What a completion is about: the top byte of its user_data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Accept = 1,
+    Recv,
+    Send,
+    Connect,
+    Wake,
+    Shutdown,
+    Close,
+}
+
+impl Op {
+    fn data(self, index: usize) -> u64 {
+        (self as u64) << 56 | index as u64
+    }
+
+    fn of(data: u64) -> Option<(Op, usize)> {
+        let index = (data & 0xffff_ffff) as usize;
+        let op = match data >> 56 {
+            1 => Op::Accept,
+            2 => Op::Recv,
+            3 => Op::Send,
+            4 => Op::Connect,
+            5 => Op::Wake,
+            6 => Op::Shutdown,
+            7 => Op::Close,
+            _ => return None,
+        };
+        Some((op, index))
+    }
+}
+
+// Connection flags.
+/// A multishot recv is armed (its last completion has not come).
+const RECV_ARMED: u16 = 1;
+/// The connect's writability poll is armed.
+const CONNECTING: u16 = 2;
+/// The user closed it: no more events; the driver finishes the close.
+const CLOSING: u16 = 4;
+/// Hangup reported: no more events.
+const HUNG: u16 = 8;
+/// The user waits for an [`Event::Flushed`].
+const NOTIFY: u16 = 16;
+/// shutdown(2) submitted.
+const SHUT: u16 = 32;
+/// Closing with a reset.
+const ABORTIVE: u16 = 64;
+
+const NO_SEND: u32 = u32::MAX;
+
+struct Conn {
+    /// Owned by the driver: closed by a Close SQE, or on drop.
+    fd: RawFd,
+    token: Token,
+    /// Output waiting for the send in flight; empty (unallocated) when idle.
+    pending: Vec<u8>,
+    /// Index of the send in flight in `sends`, or NO_SEND.
+    inflight: u32,
+    flags: u16,
+}
+
+/// The provided buffer ring: `BUFS` entries of {addr, len, bid} that the
+/// kernel takes buffers from, and the buffers themselves.
+struct BufRing {
+    ring: *mut libc::c_void,
+    ring_bytes: usize,
+    mem: Box<[u8]>,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new() -> io::Result<BufRing> {
+        let ring_bytes = BUFS as usize * 16;
+        // SAFETY: an anonymous private mapping; page-aligned as the kernel needs.
+        let ring = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ring_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+                -1,
+                0,
+            )
+        };
+        if ring == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut b = BufRing {
+            ring,
+            ring_bytes,
+            mem: vec![0u8; BUFS as usize * BUF_LEN].into_boxed_slice(),
+            tail: 0,
+        };
+        for bid in 0..BUFS {
+            b.put(bid);
+        }
+        b.publish();
+        Ok(b)
+    }
+
+    /// Writes buffer `bid` at the tail (not yet visible to the kernel).
+    fn put(&mut self, bid: u16) {
+        let slot = (self.tail & (BUFS - 1)) as usize;
+        let addr = self.mem.as_mut_ptr() as u64 + bid as u64 * BUF_LEN as u64;
+        // SAFETY: slot < BUFS, and the mapping holds BUFS entries of 16
+        // bytes: {u64 addr, u32 len, u16 bid, u16 resv}.
+        unsafe {
+            let e = (self.ring as *mut u8).add(slot * 16);
+            (e as *mut u64).write(addr);
+            (e.add(8) as *mut u32).write(BUF_LEN as u32);
+            (e.add(12) as *mut u16).write(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the buffers put so far visible: the tail is the u16 at byte 14.
+    fn publish(&self) {
+        // SAFETY: byte 14 of the mapping is the ring's tail, a u16 the
+        // kernel reads with acquire semantics.
+        let tail = unsafe { &*((self.ring as *mut u8).add(14) as *const AtomicU16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    fn give_back(&mut self, bid: u16) {
+        self.put(bid);
+        self.publish();
+    }
+
+    fn bytes(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let start = bid as usize * BUF_LEN;
+        &mut self.mem[start..start + len.min(BUF_LEN)]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new(); the ring was unregistered first.
+        unsafe { libc::munmap(self.ring, self.ring_bytes) };
+    }
+}
+
+pub struct UringDriver {
+    /// The ring, leaked so that `submitter` (which borrows it and alone
+    /// remembers the registered ring fd) can live beside it; freed in Drop.
+    ring: &'static IoUring,
+    submitter: Submitter<'static>,
+    conns: Slab<Conn>,
+    /// Buffers of the sends in flight, and spare ones for the next sends.
+    sends: Slab<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+    bufs: BufRing,
+    /// The buffer of the last [`Event::Data`], given back on the next call.
+    lent: Option<u16>,
+    listener: Option<socket2::Socket>,
+    accept_armed: bool,
+    accept_paused: bool,
+    wake: Option<OwnedFd>,
+    max_pending: usize,
+    stats: IoStats,
+}
+
+/// Whether io_uring has what this backend needs here: a ring with the
+/// features, a provided buffer ring, and a multishot recv that delivers.
+/// The error says what is missing.
+pub fn probe() -> Result<(), String> {
+    if std::env::var_os("C1M_IO_URING_PROBE_FAIL").is_some_and(|v| v == "1") {
+        return Err("C1M_IO_URING_PROBE_FAIL=1 is set".into());
+    }
+    let mut d = UringDriver::new(DriverConfig { max_pending: 1024 }).map_err(|e| e.to_string())?;
+    let mut fds = [0; 2];
+    // SAFETY: fds is valid for two descriptors.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })
+    .map_err(|e| format!("socketpair: {e}"))?;
+    // SAFETY: socketpair returned both and nothing else owns them.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let h = d
+        .register(a, Token(1), false)
+        .map_err(|e| format!("multishot recv: {e}"))?;
+    for round in 0..2 {
+        socket::send(b.as_raw_fd(), b"probe").map_err(|e| e.to_string())?;
+        d.wait(Duration::from_millis(500))
+            .map_err(|e| format!("io_uring_enter: {e}"))?;
+        match d.next() {
+            Some(Event::Data(Token(1), bytes)) if bytes == b"probe" => {}
+            other => {
+                return Err(format!(
+                    "multishot recv with provided buffers did not deliver (round {round}: {other:?})"
+                ))
+            }
+        }
+        while d.next().is_some() {}
+    }
+    d.close(h, Close::Abortive);
+    Ok(())
+}
+
+impl UringDriver {
+    pub fn new(cfg: DriverConfig) -> io::Result<UringDriver> {
+        let mut builder = IoUring::builder();
+        builder
+            .setup_cqsize(CQ_ENTRIES)
+            .setup_single_issuer()
+            .setup_defer_taskrun();
+        let ring = match builder.build(SQ_ENTRIES) {
+            Ok(r) => r,
+            // Before 6.1 there is no DEFER_TASKRUN; COOP_TASKRUN (5.19)
+            // still keeps task work from interrupting the loop.
+            Err(_) => IoUring::builder()
+                .setup_cqsize(CQ_ENTRIES)
+                .setup_coop_taskrun()
+                .build(SQ_ENTRIES)?,
+        };
+        let params = ring.params();
+        if !params.is_feature_nodrop() || !params.is_feature_ext_arg() {
+            return Err(io::Error::other(
+                "the kernel's io_uring lacks FEAT_NODROP or FEAT_EXT_ARG (Linux 5.11+)",
+            ));
+        }
+        let ring: &'static IoUring = Box::leak(Box::new(ring));
+        let mut submitter = ring.submitter();
+        // Saves a descriptor lookup on every enter; optional (5.18+).
+        let _ = submitter.register_ring_fd();
+        let bufs = BufRing::new()?;
+        // SAFETY: the ring memory lives in `bufs` until unregistered in Drop.
+        let registered = unsafe {
+            submitter.register_buf_ring_with_flags(bufs.ring as u64, BUFS, BGID, 0)
+        };
+        if let Err(e) = registered {
+            // SAFETY: leaked just above and not shared.
+            drop(unsafe { Box::from_raw(ring as *const IoUring as *mut IoUring) });
+            return Err(io::Error::new(
+                e.kind(),
+                format!("provided buffer ring (Linux 5.19+): {e}"),
+            ));
+        }
+        Ok(UringDriver {
+            ring,
+            submitter,
+            conns: Slab::new(),
+            sends: Slab::new(),
+            spare: Vec::new(),
+            bufs,
+            lent: None,
+            listener: None,
+            accept_armed: false,
+            accept_paused: false,
+            wake: None,
+            max_pending: cfg.max_pending,
+            stats: IoStats::default(),
+        })
+    }
+
+    /// Queues one SQE, submitting first if the queue is full.
+    fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: this is the only SubmissionQueue alive (single thread,
+            // dropped at the end of the block), and every buffer an SQE
+            // points to lives until its completion.
+            let pushed = unsafe { self.ring.submission_shared().push(&e).is_ok() };
+            if pushed {
+                return;
+            }
+            // Full: hand what is queued to the kernel (EBUSY: the CQ is
+            // backed up; the loop drains it before its next wait).
+            let _ = self.submitter.submit();
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        if self.accept_armed || self.accept_paused {
+            return;
+        }
+        let Some(l) = &self.listener else { return };
+        // Accepted sockets stay blocking: io_uring waits for them itself,
+        // and no system call of ours ever reads or writes them.
+        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(Op::Accept.data(0));
+        self.accept_armed = true;
+        self.push(e);
+    }
+
+    fn arm_recv(&mut self, index: usize) {
+        let c = &mut self.conns[index];
+        c.flags |= RECV_ARMED;
+        let e = opcode::RecvMulti::new(types::Fd(c.fd), BGID)
+            .build()
+            .user_data(Op::Recv.data(index));
+        self.push(e);
+    }
+
+    /// Starts a send of `buf` (which becomes the driver's until done).
+    fn start_send(&mut self, index: usize, buf: Vec<u8>) {
+        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+        let slot = self.sends.insert(buf);
+        let c = &mut self.conns[index];
+        c.inflight = slot as u32;
+        // MSG_WAITALL: the kernel sends all of it (retrying partial sends
+        // itself) or fails; one completion either way.
+        let e = opcode::Send::new(types::Fd(c.fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+            .build()
+            .user_data(Op::Send.data(index));
+        self.push(e);
+    }
+
+    fn recycle_send(&mut self, slot: u32) {
+        let mut buf = self.sends.remove(slot as usize);
+        if buf.capacity() <= KEEP_SEND_BUF && self.spare.len() < KEEP_SEND_BUFS {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Takes the close of `index` one step further: wait for the send in
+    /// flight (unless abortive), send what is held (graceful), end the recv
+    /// with shutdown(2), and once nothing is in flight, close the socket.
+    fn advance_close(&mut self, index: usize) {
+        let c = &mut self.conns[index];
+        let abortive = c.flags & ABORTIVE != 0;
+        if c.inflight != NO_SEND {
+            if abortive && c.flags & SHUT == 0 {
+                // A send stuck on a peer that does not read ends only when
+                // the socket's write side does.
+                c.flags |= SHUT;
+                let e = opcode::Shutdown::new(types::Fd(c.fd), libc::SHUT_RDWR)
+                    .build()
+                    .user_data(Op::Shutdown.data(index));
+                self.push(e);
+            }
+            return;
+        }
+        if !c.pending.is_empty() {
+            let buf = std::mem::take(&mut c.pending);
+            return self.start_send(index, buf);
+        }
+        if c.flags & (RECV_ARMED | CONNECTING) != 0 {
+            if c.flags & SHUT == 0 {
+                c.flags |= SHUT;
+                let e = opcode::Shutdown::new(types::Fd(c.fd), libc::SHUT_RD)
+                    .build()
+                    .user_data(Op::Shutdown.data(index));
+                self.push(e);
+            }
+            return;
+        }
+        let c = self.conns.remove(index);
+        let e = opcode::Close::new(types::Fd(c.fd))
+            .build()
+            .user_data(Op::Close.data(0));
+        self.push(e);
+    }
+
+    fn hang_up(&mut self, index: usize) -> Event<'static> {
+        let c = &mut self.conns[index];
+        c.flags |= HUNG;
+        c.pending = Vec::new();
+        Event::Hangup(c.token)
+    }
+
+    fn next_cqe(&mut self) -> Option<cqueue::Entry> {
+        // SAFETY: the only CompletionQueue alive; dropped (publishing the
+        // new head) at the end of this function.
+        unsafe { self.ring.completion_shared() }.next()
+    }
+}
+
+impl Drop for UringDriver {
+    fn drop(&mut self) {
+        // Close every socket, as an owned descriptor would: a loop that
+        // fails or panics still lets its peers see the close.
+        for (_, c) in self.conns.iter() {
+            socket::close(c.fd, true);
+        }
+        let _ = self.submitter.unregister_buf_ring(BGID);
+        // Sends the kernel may still hold point into these buffers: they
+        // go with the process, not before the ring.
+        std::mem::forget(std::mem::take(&mut self.sends));
+        // SAFETY: leaked in new(); nothing uses the ring after this, and
+        // `submitter` only holds references that are not used again.
+        drop(unsafe { Box::from_raw(self.ring as *const IoUring as *mut IoUring) });
+    }
+}
+
+impl Driver for UringDriver {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn listen(&mut self, listener: socket2::Socket) -> io::Result<()> {
+        self.listener = Some(listener);
+        self.accept_armed = false;
+        self.accept_paused = false;
+        self.arm_accept();
+        Ok(())
+    }
+
+    fn unlisten(&mut self) {
+        if let Some(l) = self.listener.take() {
+            // Ends the multishot accept without a cancel; the request holds
+            // the socket until its last completion.
+            // SAFETY: a valid descriptor owned by `l`.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RD) };
+        }
+    }
+
+    fn resume_accepting(&mut self) -> io::Result<()> {
+        self.accept_paused = false;
+        self.arm_accept();
+        Ok(())
+    }
+
+    fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(eventfd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(Op::Wake.data(0));
+        self.wake = Some(eventfd);
+        self.push(e);
+        Ok(())
+    }
+
+    fn register(&mut self, fd: OwnedFd, token: Token, connecting: bool) -> io::Result<Handle> {
+        if self.conns.vacant_key() >= u32::MAX as usize {
+            return Err(io::Error::other("more than 2^32 connections in one loop"));
+        }
+        let index = self.conns.insert(Conn {
+            fd: std::os::fd::IntoRawFd::into_raw_fd(fd),
+            token,
+            pending: Vec::new(),
+            inflight: NO_SEND,
+            flags: 0,
+        });
+        if connecting {
+            let c = &mut self.conns[index];
+            c.flags |= CONNECTING;
+            let e = opcode::PollAdd::new(types::Fd(c.fd), libc::POLLOUT as u32)
+                .build()
+                .user_data(Op::Connect.data(index));
+            self.push(e);
+        } else {
+            self.arm_recv(index);
+        }
+        Ok(Handle(index as u32))
+    }
+
+    fn send(&mut self, h: Handle, bytes: &[u8]) -> Sent {
+        let index = h.index();
+        let c = &mut self.conns[index];
+        if c.flags & HUNG != 0 {
+            return Sent::Failed;
+        }
+        if c.inflight != NO_SEND {
+            if c.pending.len() + bytes.len() > self.max_pending {
+                return Sent::Overflow;
+            }
+            c.pending.extend_from_slice(bytes);
+            c.flags |= NOTIFY;
+            return Sent::Queued;
+        }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.extend_from_slice(bytes);
+        self.start_send(index, buf);
+        Sent::Done
+    }
+
+    fn is_flushed(&mut self, h: Handle) -> bool {
+        let c = &mut self.conns[h.index()];
+        if c.inflight == NO_SEND && c.pending.is_empty() {
+            return true;
+        }
+        c.flags |= NOTIFY;
+        false
+    }
+
+    fn close(&mut self, h: Handle, how: Close) {
+        let index = h.index();
+        let c = &mut self.conns[index];
+        c.flags |= CLOSING;
+        if how == Close::Abortive {
+            c.flags |= ABORTIVE;
+            c.pending = Vec::new();
+            socket::set_linger_zero(c.fd);
+        }
+        self.advance_close(index);
+    }
+
+    fn socket_error(&self, h: Handle) -> i32 {
+        socket::so_error(self.conns[h.index()].fd)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        self.stats.waits += 1;
+        // SAFETY: short-lived views; no other queue view is alive.
+        let (ready, overflow) = unsafe {
+            let sq = self.ring.submission_shared();
+            let cq = self.ring.completion_shared();
+            (!cq.is_empty(), sq.cq_overflow())
+        };
+        if overflow {
+            self.stats.cq_overflows += 1;
+        }
+        let ts = types::Timespec::from(if ready { Duration::ZERO } else { timeout });
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self
+            .submitter
+            .submit_with_args(if ready { 0 } else { 1 }, &args)
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                // The timeout, a signal, or a backed-up CQ (drained next).
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => Ok(()),
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn next(&mut self) -> Option<Event<'_>> {
+        if let Some(bid) = self.lent.take() {
+            self.bufs.give_back(bid);
+        }
+        loop {
+            let cqe = self.next_cqe()?;
+            let (res, flags) = (cqe.result(), cqe.flags());
+            let Some((op, index)) = Op::of(cqe.user_data()) else {
+                continue;
+            };
+            let more = cqueue::more(flags);
+            match op {
+                Op::Accept => {
+                    if !more {
+                        self.accept_armed = false;
+                    }
+                    if res >= 0 {
+                        // SAFETY: the kernel installed this descriptor for us.
+                        let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                        if self.listener.is_none() {
+                            continue; // accepted as the listener stopped
+                        }
+                        self.arm_accept();
+                        return Some(Event::Accepted(fd));
+                    }
+                    if self.listener.is_none() {
+                        continue;
+                    }
+                    if is_exhaustion(-res) {
+                        self.accept_paused = true;
+                        return Some(Event::AcceptFailed(io::Error::from_raw_os_error(-res)));
+                    }
+                    self.arm_accept(); // one connection's trouble: go on
+                }
+                Op::Recv => {
+                    let bid = cqueue::buffer_select(flags);
+                    let c = &mut self.conns[index];
+                    if !more {
+                        c.flags &= !RECV_ARMED;
+                    }
+                    if c.flags & (CLOSING | HUNG) != 0 {
+                        if let Some(b) = bid {
+                            self.bufs.give_back(b);
+                        }
+                        if c.flags & CLOSING != 0 && !more {
+                            self.advance_close(index);
+                        }
+                        continue;
+                    }
+                    if res > 0 {
+                        let Some(b) = bid else {
+                            continue; // cannot happen: a recv with data names its buffer
+                        };
+                        let token = c.token;
+                        if !more {
+                            // Ended with data (the kernel's choice): re-arm.
+                            self.stats.recv_rearms += 1;
+                            self.arm_recv(index);
+                        }
+                        self.lent = Some(b);
+                        return Some(Event::Data(token, self.bufs.bytes(b, res as usize)));
+                    }
+                    if let Some(b) = bid {
+                        self.bufs.give_back(b);
+                    }
+                    if res == -libc::ENOBUFS {
+                        // Every buffer was taken by this wait's arrivals.
+                        self.stats.recv_rearms += 1;
+                        if !more {
+                            self.arm_recv(index);
+                        }
+                        continue;
+                    }
+                    return Some(self.hang_up(index)); // end of stream or an error
+                }
+                Op::Send => {
+                    let c = &mut self.conns[index];
+                    let slot = std::mem::replace(&mut c.inflight, NO_SEND);
+                    let failed = res < 0 || self.sends[slot as usize].len() != res as usize;
+                    self.recycle_send(slot);
+                    let c = &mut self.conns[index];
+                    if c.flags & CLOSING != 0 {
+                        if failed {
+                            c.pending = Vec::new();
+                        }
+                        self.advance_close(index);
+                        continue;
+                    }
+                    if c.flags & HUNG != 0 {
+                        continue;
+                    }
+                    if failed {
+                        return Some(self.hang_up(index));
+                    }
+                    if !c.pending.is_empty() {
+                        let buf = std::mem::take(&mut c.pending);
+                        self.start_send(index, buf);
+                        continue;
+                    }
+                    if c.flags & NOTIFY != 0 {
+                        c.flags &= !NOTIFY;
+                        return Some(Event::Flushed(c.token));
+                    }
+                }
+                Op::Connect => {
+                    let c = &mut self.conns[index];
+                    c.flags &= !CONNECTING;
+                    if c.flags & CLOSING != 0 {
+                        self.advance_close(index);
+                        continue;
+                    }
+                    let token = c.token;
+                    // From here io_uring waits for the socket itself.
+                    socket::set_blocking(c.fd);
+                    self.arm_recv(index);
+                    return Some(Event::Connected(token));
+                }
+                Op::Wake => {
+                    let Some(fd) = &self.wake else { continue };
+                    let mut buf = [0u8; 8];
+                    // SAFETY: eventfd reads are 8 bytes into a valid buffer.
+                    unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                    if !more {
+                        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                            .multi(true)
+                            .build()
+                            .user_data(Op::Wake.data(0));
+                        self.push(e);
+                    }
+                    return Some(Event::Wake);
+                }
+                Op::Shutdown | Op::Close => {}
+            }
+        }
+    }
+
+    fn stats(&self) -> IoStats {
+        self.stats
+    }
+}
