@@ -242,6 +242,8 @@ mod tests {
             shutdown: 12,
             accept_exhausted: 13,
             internal_error: 14,
+            io_cq_overflows: 15,
+            io_cancels: 16,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);
