@@ -273,9 +273,7 @@ impl<D: Driver> Shard<D> {
                     // its connection, not the shard its devices.
                     let fed = contain(|| {
                         if st.cfg.inject_panic
-                            && bytes
-                                .windows(INJECT_PANIC.len())
-                                .any(|w| w == INJECT_PANIC)
+                            && bytes.windows(INJECT_PANIC.len()).any(|w| w == INJECT_PANIC)
                         {
                             panic!("injected fault (C1M_INJECT_PANIC)");
                         }
@@ -445,7 +443,9 @@ impl State {
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
-        let r = slot.conn.receive(bytes, &self.cfg.limits, full, &mut self.out);
+        let r = slot
+            .conn
+            .receive(bytes, &self.cfg.limits, full, &mut self.out);
         if r.frames > 0 || r.upgraded {
             slot.last_seen = now;
             self.counters.frames += r.frames as u64;

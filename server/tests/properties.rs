@@ -244,4 +244,43 @@ proptest! {
             }
         }
     }
+
+    /// The wheel's `next_due` (how long an idle shard may sleep) is never
+    /// later than the earliest entry's deadline, and nothing is due before
+    /// it: sleeping until then neither misses nor delays an expiry.
+    #[test]
+    fn next_due_is_the_earliest_moment_anything_comes_due(
+        horizon in 1u64..300,
+        start in 0u64..1000,
+        deadlines in prop::collection::vec(0u64..2000, 0..40),
+        advance in 0u64..500,
+    ) {
+        let mut wheel = Wheel::new(horizon, start);
+        for (i, d) in deadlines.iter().enumerate() {
+            wheel.insert(Entry { key: i as u32, gen: 0, deadline: start + d % (horizon + 1) });
+        }
+        // Drain up to some tick, re-checking at the new cursor.
+        let mut left: Vec<u64> = Vec::new();
+        while let Some(e) = wheel.pop_due(start + advance) {
+            prop_assert!(e.deadline <= start + advance);
+        }
+        let cursor = wheel.cursor();
+        for d in &deadlines {
+            let deadline = start + d % (horizon + 1);
+            if deadline > start + advance {
+                left.push(deadline);
+            }
+        }
+        match wheel.next_due() {
+            None => prop_assert!(left.is_empty()),
+            Some(t) => {
+                let earliest = *left.iter().min().expect("an entry is left");
+                prop_assert!(t >= cursor);
+                prop_assert!(t <= earliest.max(cursor), "next_due {t} after the earliest deadline {earliest}");
+                if t > cursor {
+                    prop_assert_eq!(wheel.pop_due(t - 1), None, "something came due before next_due");
+                }
+            }
+        }
+    }
 }

@@ -672,7 +672,8 @@ fn without_io_uring_the_server_says_so_and_runs_on_epoll() {
     let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = err.next().unwrap().unwrap();
     assert!(
-        first.contains("io_uring is not usable here") && first.ends_with("running on epoll instead"),
+        first.contains("io_uring is not usable here")
+            && first.ends_with("running on epoll instead"),
         "{first}"
     );
     let second = err.next().unwrap().unwrap();

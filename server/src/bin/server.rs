@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use c1m::io::Backend;
 use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
+use c1m::io::Backend;
 use c1m::procs::limits::Host;
 use c1m::proto::conn::Limits;
 use c1m::shard::{self, ShardConfig};

@@ -342,9 +342,10 @@ impl Driver for EpollDriver {
         let busy = !self.again.is_empty() || self.ready == self.events.len();
         std::mem::swap(&mut self.again, &mut self.retry);
         self.stats.waits += 1;
-        self.ready = self
-            .epoll
-            .wait(&mut self.events, if busy { Duration::ZERO } else { timeout })?;
+        self.ready = self.epoll.wait(
+            &mut self.events,
+            if busy { Duration::ZERO } else { timeout },
+        )?;
         self.cursor = 0;
         Ok(())
     }

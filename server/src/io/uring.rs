@@ -239,11 +239,9 @@ pub fn probe() -> Result<(), String> {
             .map_err(|e| format!("io_uring_enter: {e}"))?;
         match d.next() {
             Some(Event::Data(Token(1), bytes)) if bytes == b"probe" => {}
-            other => {
-                return Err(format!(
-                    "multishot recv with provided buffers did not deliver (round {round}: {other:?})"
-                ))
-            }
+            other => return Err(format!(
+                "multishot recv with provided buffers did not deliver (round {round}: {other:?})"
+            )),
         }
         while d.next().is_some() {}
     }
@@ -279,9 +277,8 @@ impl UringDriver {
         let _ = submitter.register_ring_fd();
         let bufs = BufRing::new()?;
         // SAFETY: the ring memory lives in `bufs` until unregistered in Drop.
-        let registered = unsafe {
-            submitter.register_buf_ring_with_flags(bufs.ring as u64, BUFS, BGID, 0)
-        };
+        let registered =
+            unsafe { submitter.register_buf_ring_with_flags(bufs.ring as u64, BUFS, BGID, 0) };
         if let Err(e) = registered {
             // SAFETY: leaked just above and not shared.
             drop(unsafe { Box::from_raw(ring as *const IoUring as *mut IoUring) });
@@ -700,10 +697,11 @@ impl Driver for UringDriver {
                     // SAFETY: eventfd reads are 8 bytes into a valid buffer.
                     unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
                     if !more {
-                        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
-                            .multi(true)
-                            .build()
-                            .user_data(Op::Wake.data(0));
+                        let e =
+                            opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                                .multi(true)
+                                .build()
+                                .user_data(Op::Wake.data(0));
                         self.push(e);
                     }
                     return Some(Event::Wake);
@@ -724,7 +722,12 @@ mod tests {
 
     fn driver() -> Option<UringDriver> {
         match probe() {
-            Ok(()) => Some(UringDriver::new(DriverConfig { max_pending: 1 << 16 }).unwrap()),
+            Ok(()) => Some(
+                UringDriver::new(DriverConfig {
+                    max_pending: 1 << 16,
+                })
+                .unwrap(),
+            ),
             Err(why) => {
                 eprintln!("io_uring unusable here, test skipped: {why}");
                 None
