@@ -6,13 +6,17 @@
 # with 13,000 more idle connections: the clean test of whether a heartbeat
 # costs more when more connections sit idle. Measures, per run: upgraded
 # connections/s, listen overflows, server CPU per connection and per
-# heartbeat (schedstat ns, all threads), server RSS per idle connection.
-# Servers: c1m (the shard), epoll (the same shard loop on plain threads, no
-# glommio), stock128/stock4096 (a glommio TcpStream task per connection, ring
-# depth 128 / 4096). Rounds are interleaved so machine noise hits every
-# variant alike; the summary quotes medians. To measure a change before and
-# after in one run, build the old server, copy it aside and add `base`:
-#   BASE_SERVER=/tmp/old/server IMPLS="c1m base" bash bench/core.sh
+# heartbeat (schedstat ns, all threads), server RSS per idle connection, and
+# the host's kernel slab per connection (both loopback ends plus what the
+# server's I/O arms in the kernel: compare rows, the client is the same).
+# Servers: uring2/epoll2 (c1m on 2 shards, CPUs 0-1, with --io uring or
+# --io epoll), uring1/epoll1 (1 shard on CPU 0), threads (the shard loop on
+# plain threads, no glommio, epoll), stock128/stock4096 (a glommio TcpStream
+# task per connection, ring depth 128 / 4096). Rounds are interleaved so
+# machine noise hits every variant alike; the summary quotes medians. To
+# measure a change before and after in one run, build the old server, copy
+# it aside and add `base` (it runs with the same flags as uring2 less --io):
+#   BASE_SERVER=/tmp/old/server IMPLS="uring2 base" bash bench/core.sh
 #
 # Usage: bench/core.sh      (about 6 minutes; ROUNDS, HOLD, CASES, IMPLS override)
 # Writes: results/<UTC time>-core/{runs.jsonl,summary.md,machine.txt,command.txt}
@@ -23,7 +27,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 HOLD=${HOLD:-5s}
 CASES=${CASES:-"2000:1s 15000:1s 15000:7500ms"}
-IMPLS=${IMPLS:-"c1m epoll stock128 stock4096"}
+IMPLS=${IMPLS:-"uring2 epoll2 uring1 epoll1"}
 PORT=${PORT:-9400}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
 
@@ -50,9 +54,12 @@ trap cleanup EXIT
 start_server() {
   local impl=$1
   case $impl in
-    c1m) ./target/release/server --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
+    uring2|epoll2|uring1|epoll1)
+      local io=${impl%?} cores=0-1
+      [ "${impl: -1}" = 1 ] && cores=0
+      ./target/release/server --io "$io" --listen 127.0.0.1:$PORT --cores $cores --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     base) "$BASE_SERVER" --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
-    epoll) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
+    threads) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock128) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 128 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock4096) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 4096 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     *) echo "unknown impl $impl" >&2; exit 2 ;;

@@ -5,17 +5,23 @@
 # timeout) p50/p99/max as the devices see it, early deletions (must be 0),
 # the deletion rate from the server's 100 ms stats lines, and connect
 # latency of 3,000 new devices during the wave against the same with no wave.
-# Usage: bench/expiry.sh   (about 30 s; CONNS overrides the fleet size)
-# Writes: results/<UTC time>-expiry/{summary.md,fleet.json,connect-*.json,server-stats.txt,command.txt}
+# The wave runs once per backend in IOS (default "uring epoll"), one after
+# the other in the same run, each in its own subdirectory.
+# Usage: bench/expiry.sh   (about 30 s per backend; CONNS and IOS override)
+# Writes: results/<UTC time>-expiry/{summary.md,<io>/{summary.md,fleet.json,connect-*.json,server-stats.txt},command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 CONNS=${CONNS:-15000}
+IOS=${IOS:-"uring epoll"}
 PORT=${PORT:-9406}
 cargo build --release --quiet --bin server --example loadgen
-out=$(new_results expiry "CONNS=$CONNS bench/expiry.sh")
-
-./target/release/server --listen 127.0.0.1:$PORT --timeout 5s --tick 100ms --stats-interval 100ms \
+top=$(new_results expiry "CONNS=$CONNS IOS='$IOS' bench/expiry.sh")
+: > "$top/summary.md"
+for io in $IOS; do
+out=$top/$io
+mkdir -p "$out"
+./target/release/server --io "$io" --listen 127.0.0.1:$PORT --timeout 5s --tick 100ms --stats-interval 100ms \
   > "$out/server-stats.txt" 2> "$out/server.err" &
 server=$!
 trap 'kill -9 $server 2>/dev/null || true' EXIT
@@ -42,7 +48,7 @@ wait $fleet
 kill -TERM $server; wait $server || true
 trap - EXIT
 
-python3 - "$out" <<'PY' | tee "$out/summary.md"
+python3 - "$out" <<'PY' > "$out/summary.md"
 import json, sys, re
 out = sys.argv[1]
 fleet = json.load(open(f"{out}/fleet.json"))
@@ -56,7 +62,7 @@ for line in open(f"{out}/server-stats.txt"):
 active = [(t, r) for t, r in rows if r > 0]
 total = int(re.search(r"expired=(\d+)", open(f"{out}/server-stats.txt").read().split("final")[-1]).group(1))
 span = (active[-1][0] - active[0][0] + 0.1) if active else 0
-print(f"# Expiry wave: {fleet['established']} silent devices, server --timeout 5s --tick 100ms\n")
+print(f"# Expiry wave ({out.rsplit('/', 1)[-1]}): {fleet['established']} silent devices, server --timeout 5s --tick 100ms\n")
 print("| figure | value |\n|---|---|")
 print(f"| devices deleted (server) | {total} |")
 print(f"| deleted before the timeout (devices' view) | {fleet['expired_early']} |")
@@ -66,7 +72,14 @@ print(f"| deletion rate, peak 100 ms window | {max((r for _, r in rows), default
 print(f"| connect p50 / p99, 3,000 new devices, quiet | {quiet['connect_p50_us']/1000:.2f} / {quiet['connect_p99_us']/1000:.2f} ms |")
 print(f"| connect p50 / p99, 3,000 new devices, during the wave | {wave['connect_p50_us']/1000:.2f} / {wave['connect_p99_us']/1000:.2f} ms |")
 print(f"| connect failures quiet / during | {quiet['failed']} / {wave['failed']} |")
+fin = open(f"{out}/server-stats.txt").read().split("final")[-1]
+for key, what in (("cancels", "cancel SQEs submitted (io_uring; 0 by design)"), ("cq_overflows", "waits that found the CQ overflowed")):
+    m = re.search(key + r"=(\d+)", fin)
+    print(f"| {what} | {m.group(1) if m else 'n/a'} |")
 print("\nThe deletion rate here is bounded by how fast the fleet connected (its devices")
-print("fall silent in the order they opened), not by the server: see the wave span.")
+print("fall silent in the order they opened), not by the server: see the wave span.\n")
 PY
-echo "bench: wrote $out" >&2
+cat "$out/summary.md" >> "$top/summary.md"
+sleep 2
+done
+echo "bench: wrote $top" >&2

@@ -17,17 +17,23 @@ cols = [
     ("server_cpu_per_conn_us", "server CPU/conn us", "{:.1f}"),
     ("server_cpu_per_heartbeat_us", "server CPU/heartbeat us", "{:.1f}"),
     ("server_rss_per_conn_bytes", "server RSS/conn B", "{:.0f}"),
+    ("host_slab_per_conn_bytes", "host slab/conn B", "{:.0f}"),
 ]
 print(f"Medians of {len(runs)} runs ({max(r['round'] for r in runs)} rounds, interleaved).\n")
 print("| server | conns | ping every | heartbeats/s | " + " | ".join(c[1] for c in cols) + " | failed | listen overflows+drops |")
 print("|---" * (len(cols) + 6) + "|")
 med = {}
-order = {"c1m": 0, "base": 1, "epoll": 2, "stock128": 3, "stock4096": 4}
+order = {"uring2": 0, "epoll2": 1, "uring1": 2, "epoll1": 3, "base": 4, "threads": 5, "c1m": 6, "epoll": 7, "stock128": 8, "stock4096": 9}
 for (impl, n, iv), rs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], -kv[0][2])):
     cells = []
     for c in cols:
         scale = c[3] if len(c) > 3 else 1
-        m = statistics.median(r[c[0]] for r in rs) * scale
+        vals = [r[c[0]] for r in rs if c[0] in r]
+        if not vals:
+            med[(impl, n, iv, c[0])] = None
+            cells.append("n/a")
+            continue
+        m = statistics.median(vals) * scale
         med[(impl, n, iv, c[0])] = m
         cells.append(c[2].format(m))
     failed = sum(r["failed"] for r in rs)
@@ -49,3 +55,26 @@ for impl in sorted({i for i, _, _ in by}, key=lambda i: order.get(i, 9)):
         f" | {ratio(g(15000, 1.0, 'server_cpu_per_heartbeat_us'), g(2000, 1.0, 'server_cpu_per_heartbeat_us'))}"
         f" | {ratio(g(15000, 7.5, 'server_cpu_per_heartbeat_us'), g(2000, 1.0, 'server_cpu_per_heartbeat_us'))} |"
     )
+
+# Backends side by side, same run: uring / epoll at each shard count.
+pairs = [("uring2", "epoll2"), ("uring1", "epoll1")]
+if any((a, n, iv, "conn_per_s") in med and (b, n, iv, "conn_per_s") in med for a, b in pairs for (_, n, iv) in by):
+    print("\nio_uring / epoll, medians of the same run (CPU: lower is better; conn/s: higher is better):\n")
+    print("| shards | conns | heartbeats/s | CPU/conn | CPU/heartbeat | conn/s | connect p99 | RSS/conn | host slab/conn |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for a, b in pairs:
+        for (n, iv) in sorted({(n, iv) for (_, n, iv) in by}, key=lambda k: (k[0], -k[1])):
+            def r(k):
+                x, y = med.get((a, n, iv, k)), med.get((b, n, iv, k))
+                return f"{x / y:.2f}" if x and y else "n/a"
+            if (a, n, iv, "conn_per_s") not in med or (b, n, iv, "conn_per_s") not in med:
+                continue
+            print(f"| {a[-1]} | {n} | {n / iv:.0f} | {r('server_cpu_per_conn_us')} | {r('server_cpu_per_heartbeat_us')} | {r('conn_per_s')} | {r('connect_p99_us')} | {r('server_rss_per_conn_bytes')} | {r('host_slab_per_conn_bytes')} |")
+    print("\n2 shards / 1 shard, CPU per heartbeat (target: within 1.2):\n")
+    print("| backend | conns | heartbeats/s | ratio |")
+    print("|---|---|---|---|")
+    for two, one in [("uring2", "uring1"), ("epoll2", "epoll1")]:
+        for (n, iv) in sorted({(n, iv) for (_, n, iv) in by}, key=lambda k: (k[0], -k[1])):
+            x, y = med.get((two, n, iv, "server_cpu_per_heartbeat_us")), med.get((one, n, iv, "server_cpu_per_heartbeat_us"))
+            if x and y:
+                print(f"| {two[:-1]} | {n} | {n / iv:.0f} | {x / y:.2f} |")

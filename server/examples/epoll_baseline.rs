@@ -1,14 +1,16 @@
-//! epoll_baseline: the c1m shard loop on plain threads, blocking in epoll_wait
-//! instead of sleeping on glommio's ring. A benchmark fixture: it tells how
-//! much of the shard's CPU is glommio's executor around the same I/O.
+//! epoll_baseline: the c1m shard loop on plain pinned threads instead of
+//! glommio executors (with either I/O backend, `--io`). A benchmark
+//! fixture: it tells what glommio costs around the same loop (its rings,
+//! its memory), since the shard never hands its thread back to glommio.
 //! (No signals, no stats line: it runs for --lifetime, then exits.)
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
+use c1m::io::Backend;
 use c1m::proto::conn::Limits;
-use c1m::shard::{Shard, ShardConfig};
+use c1m::shard::{self, ShardConfig};
 
 /// Baseline: the shard loop without glommio.
 #[derive(argh::FromArgs)]
@@ -26,6 +28,9 @@ struct Args {
         from_str_fn(c1m::config::parse_duration)
     )]
     lifetime: Duration,
+    /// the I/O backend, uring or epoll (default epoll)
+    #[argh(option, default = "Backend::Epoll")]
+    io: Backend,
 }
 
 fn main() {
@@ -46,6 +51,11 @@ fn main() {
         stats_interval: Duration::from_secs(3600),
         inject_panic: false,
     };
+    let (io, fallback) = Backend::usable(args.io);
+    if let Some(why) = fallback {
+        eprintln!("epoll_baseline: {why}");
+    }
+    let args = Args { io, ..args };
     for (id, &cpu) in cores.iter().enumerate() {
         let listener = c1m::io::listener::bind(args.listen, backlog).expect("bind");
         // SAFETY: a new eventfd, owned from here on.
@@ -58,8 +68,7 @@ fn main() {
                 libc::CPU_SET(cpu, &mut set);
                 libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             }
-            let shard = Shard::new(id, cfg, listener, efd, tx).expect("shard");
-            let _ = shard.run();
+            let _ = shard::run(args.io, id, cfg, listener, efd, tx);
         });
     }
     std::thread::sleep(args.lifetime);

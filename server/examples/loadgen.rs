@@ -80,11 +80,29 @@ struct Args {
 struct Sample {
     cpu_ns: u64,
     rss: u64,
+    /// The host's kernel slab (bytes): both ends of every loopback
+    /// connection, and what the server's I/O arms in the kernel.
+    slab: u64,
+}
+
+fn host_slab() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Slab:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
 }
 
 fn sample(pid: Option<u32>) -> Sample {
     let Some(pid) = pid else {
-        return Sample::default();
+        return Sample {
+            slab: host_slab(),
+            ..Sample::default()
+        };
     };
     let mut cpu_ns = 0;
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -107,7 +125,11 @@ fn sample(pid: Option<u32>) -> Sample {
         })
         .unwrap_or(0)
         * 1024;
-    Sample { cpu_ns, rss }
+    Sample {
+        cpu_ns,
+        rss,
+        slab: host_slab(),
+    }
 }
 
 fn parse_ips(s: &str) -> Result<Vec<Ipv4Addr>, String> {
@@ -239,7 +261,7 @@ fn run(args: Args) -> Result<(), String> {
             "{{\"conns\":{},\"ping_interval_s\":{},\"established\":{},\"failed\":{},\"ramp_s\":{:.3},\"conn_per_s\":{:.0},",
             "\"connect_p50_us\":{},\"connect_p99_us\":{},\"connect_max_us\":{},",
             "\"server_cpu_per_conn_us\":{:.2},\"server_rss_before\":{},\"server_rss_held\":{},",
-            "\"server_rss_per_conn_bytes\":{:.0},\"hold_s\":{:.3},\"pings\":{},\"pongs\":{},",
+            "\"server_rss_per_conn_bytes\":{:.0},\"host_slab_per_conn_bytes\":{:.0},\"hold_s\":{:.3},\"pings\":{},\"pongs\":{},",
             "\"server_cpu_per_heartbeat_us\":{:.2},\"server_cpu_hold_pct\":{:.1},",
             "\"silent_fraction\":{},\"server_closed_silent\":{},\"server_closed_heartbeating\":{},",
             "\"expiry_lag_p50_ms\":{:.1},\"expiry_lag_p99_ms\":{:.1},\"expiry_lag_max_ms\":{:.1},\"expired_early\":{}}}"
@@ -257,6 +279,7 @@ fn run(args: Args) -> Result<(), String> {
         before.rss,
         settled.rss,
         per(settled.rss.saturating_sub(before.rss), established),
+        per(settled.slab.saturating_sub(before.slab), established),
         held.as_secs_f64(),
         totals.pings.load(Relaxed),
         pongs,

@@ -245,19 +245,29 @@ impl<D: Driver> Shard<D> {
         let mut wait = Duration::ZERO;
         loop {
             self.io.wait(wait)?;
-            self.pump();
-            let now = Instant::now();
-            let busy = self.st.expire_due(&mut self.io, self.st.tick_at(now));
-            self.st.housekeeping(&mut self.io, now);
-            if self.st.finished {
-                return Ok(self.st.counters);
+            match self.turn() {
+                Some(next) => wait = next,
+                None => return Ok(self.st.counters),
             }
-            wait = if busy {
-                Duration::ZERO
-            } else {
-                self.st.next_deadline(now).saturating_duration_since(now)
-            };
         }
+    }
+
+    /// One turn of the loop after a wait: the ready events, one batch of
+    /// due expiries, stats, the drain. Returns how long the driver may wait
+    /// for events before the next turn, or None once shutdown has drained.
+    fn turn(&mut self) -> Option<Duration> {
+        self.pump();
+        let now = Instant::now();
+        let busy = self.st.expire_due(&mut self.io, self.st.tick_at(now));
+        self.st.housekeeping(&mut self.io, now);
+        if self.st.finished {
+            return None;
+        }
+        Some(if busy {
+            Duration::ZERO
+        } else {
+            self.st.next_deadline(now).saturating_duration_since(now)
+        })
     }
 
     /// Acts on every event the driver has ready.
@@ -550,6 +560,8 @@ impl State {
             if slot.gen != e.gen || slot.armed != e.deadline {
                 continue; // closed and reused, or superseded by a later entry
             }
+            // Its live entry is spent: whatever follows arms a new one.
+            slot.armed = u64::MAX;
             if slot.ended {
                 // Its final output was never read: counted already.
                 self.close(io, key, Close::Abortive);
@@ -663,7 +675,11 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::contain;
+    use std::collections::VecDeque;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    use super::*;
+    use crate::proto::frame::{self, Opcode};
 
     #[test]
     fn a_panic_is_contained_with_its_message() {
@@ -677,5 +693,209 @@ mod tests {
             contain(|| -> u8 { panic!("frame {n}") }),
             Err("frame 3".into())
         );
+    }
+
+    /// What the fake driver reports next.
+    enum Fake {
+        Accept,
+        Data(Vec<u8>),
+        Flushed,
+        AcceptFailed(i32),
+    }
+
+    /// A driver with no sockets: events are scripted, and what the shard
+    /// asks of it is recorded. Everything is about one connection.
+    #[derive(Default)]
+    struct Script {
+        events: VecDeque<Fake>,
+        token: Option<Token>,
+        data: Vec<u8>,
+        /// Sends answer Queued from here on (output held, as for a device
+        /// that stopped reading).
+        hold_output: bool,
+        held: bool,
+        sent: Vec<Vec<u8>>,
+        closed: Vec<Close>,
+        /// resume_accepting fails this many more times.
+        resume_failures: u32,
+        resumes: u32,
+    }
+
+    impl Driver for Script {
+        fn name(&self) -> &'static str {
+            "script"
+        }
+        fn listen(&mut self, _: Socket) -> io::Result<()> {
+            Ok(())
+        }
+        fn unlisten(&mut self) {}
+        fn resume_accepting(&mut self) -> io::Result<()> {
+            self.resumes += 1;
+            if self.resume_failures > 0 {
+                self.resume_failures -= 1;
+                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+            }
+            Ok(())
+        }
+        fn watch_wake(&mut self, _: OwnedFd) -> io::Result<()> {
+            Ok(())
+        }
+        fn register(&mut self, _: OwnedFd, token: Token, _: bool) -> io::Result<Handle> {
+            self.token = Some(token);
+            Ok(Handle(0))
+        }
+        fn send(&mut self, _: Handle, bytes: &[u8]) -> Sent {
+            self.sent.push(bytes.to_vec());
+            if self.hold_output {
+                self.held = true;
+                return Sent::Queued;
+            }
+            Sent::Done
+        }
+        fn is_flushed(&mut self, _: Handle) -> bool {
+            !self.held
+        }
+        fn close(&mut self, _: Handle, how: Close) {
+            self.closed.push(how);
+        }
+        fn socket_error(&self, _: Handle) -> i32 {
+            0
+        }
+        fn wait(&mut self, _: Duration) -> io::Result<()> {
+            Ok(())
+        }
+        fn next(&mut self) -> Option<Event<'_>> {
+            Some(match self.events.pop_front()? {
+                // Any descriptor will do: the shard only hands it back.
+                // SAFETY: a new eventfd, owned by the OwnedFd.
+                Fake::Accept => {
+                    Event::Accepted(unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, 0)) })
+                }
+                Fake::Data(bytes) => {
+                    self.data = bytes;
+                    Event::Data(self.token?, &mut self.data)
+                }
+                Fake::Flushed => {
+                    self.held = false;
+                    Event::Flushed(self.token?)
+                }
+                Fake::AcceptFailed(errno) => {
+                    Event::AcceptFailed(io::Error::from_raw_os_error(errno))
+                }
+            })
+        }
+        fn stats(&self) -> IoStats {
+            IoStats::default()
+        }
+    }
+
+    fn shard(graceful_expiry: bool, script: Script) -> Shard<Script> {
+        let cfg = ShardConfig {
+            limits: Limits::default(),
+            timeout: Duration::from_millis(40),
+            tick: Duration::from_millis(10),
+            handshake_timeout: Duration::from_millis(500),
+            frame_timeout: Duration::from_millis(500),
+            max_conns: 10,
+            graceful_expiry,
+            drain_timeout: Duration::from_secs(1),
+            stats_interval: Duration::from_secs(3600),
+            inject_panic: false,
+        };
+        let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // SAFETY: a new eventfd, owned by the OwnedFd.
+        let wake = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, 0)) };
+        let (tx, _) = std::sync::mpsc::channel();
+        Shard::new(0, cfg, script, listener, wake, tx).unwrap()
+    }
+
+    const UPGRADE: &[u8] = b"GET /ws?id=aa:bb HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    /// Issue 10's read of the loop: `--graceful-expiry` sent its Close with
+    /// a direct send while pending output might hold part of a frame, so
+    /// the device could read the Close in the middle of a pong. Now the
+    /// Close goes after whatever the driver holds, and the socket closes
+    /// only once that is all out.
+    #[test]
+    fn graceful_expiry_queues_its_close_after_held_output_and_waits_for_it() {
+        let mut ping = Vec::new();
+        frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+        let mut s = shard(
+            true,
+            Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            },
+        );
+        s.turn();
+        assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+        // The device stops reading: its pong is held by the driver.
+        s.io.hold_output = true;
+        s.io.events.push_back(Fake::Data(ping));
+        s.turn();
+        assert_eq!(s.io.sent[1], [0x8a, 2, b'h', b'b']);
+        // Silent past the timeout: Close 1001 after the pong, no close yet.
+        std::thread::sleep(Duration::from_millis(80));
+        s.turn();
+        assert_eq!(s.st.counters.expired, 1);
+        assert_eq!(s.io.sent[2], [0x88, 2, 0x03, 0xe9]);
+        assert!(s.io.closed.is_empty(), "closed before its output was out");
+        // The output drains: now the FIN.
+        s.io.events.push_back(Fake::Flushed);
+        s.turn();
+        assert_eq!(s.io.closed, [Close::Graceful]);
+        assert_eq!(
+            s.st.counters.closed(),
+            1,
+            "counted once: {:?}",
+            s.st.counters
+        );
+    }
+
+    /// A held Close that never drains is reset after the frame timeout, and
+    /// the expiry is still counted once.
+    #[test]
+    fn an_expired_device_that_never_reads_its_close_is_reset_once() {
+        let mut s = shard(
+            true,
+            Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            },
+        );
+        s.turn();
+        s.io.hold_output = true;
+        std::thread::sleep(Duration::from_millis(80));
+        s.turn();
+        assert_eq!(s.st.counters.expired, 1);
+        assert!(s.io.closed.is_empty());
+        std::thread::sleep(Duration::from_millis(600));
+        s.turn();
+        assert_eq!(s.io.closed, [Close::Abortive]);
+        assert_eq!(s.st.counters.closed(), 1, "{:?}", s.st.counters);
+    }
+
+    /// Issue 10's read of the loop: re-adding the listener after the accept
+    /// backoff used `?`, so an ENOMEM there stopped the shard and dropped
+    /// every device it held. Now the shard warns and tries again later.
+    #[test]
+    fn a_failed_accept_resume_is_retried_not_fatal() {
+        let mut s = shard(
+            false,
+            Script {
+                events: [Fake::AcceptFailed(libc::EMFILE)].into(),
+                resume_failures: 1,
+                ..Script::default()
+            },
+        );
+        assert!(s.turn().is_some());
+        assert_eq!(s.st.counters.accept_exhausted, 1);
+        std::thread::sleep(ACCEPT_BACKOFF + Duration::from_millis(10));
+        assert!(s.turn().is_some(), "the shard goes on");
+        assert_eq!(s.io.resumes, 1);
+        std::thread::sleep(ACCEPT_BACKOFF + Duration::from_millis(10));
+        assert!(s.turn().is_some());
+        assert_eq!(s.io.resumes, 2, "tried again");
+        assert!(s.st.accept_resume.is_none(), "accepting again");
     }
 }

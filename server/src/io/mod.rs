@@ -34,7 +34,7 @@ pub struct Token(pub u64);
 /// The driver's name for a connection it holds. Valid from
 /// [`Driver::register`] until the user calls [`Driver::close`] on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Handle(u32);
+pub struct Handle(pub(crate) u32);
 
 impl Handle {
     /// A placeholder for a connection that holds no socket yet.

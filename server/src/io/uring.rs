@@ -239,9 +239,11 @@ pub fn probe() -> Result<(), String> {
             .map_err(|e| format!("io_uring_enter: {e}"))?;
         match d.next() {
             Some(Event::Data(Token(1), bytes)) if bytes == b"probe" => {}
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "multishot recv with provided buffers did not deliver (round {round}: {other:?})"
-            )),
+            ))
+            }
         }
         while d.next().is_some() {}
     }
