@@ -1,6 +1,8 @@
-//! One core's share of the fleet: its devices in a slab, their readiness in
-//! one epoll set (armed once per connection, as in the server's shard), and
-//! every timer (connect deadlines, heartbeats) on one hashed timing wheel.
+//! One core's share of the fleet: its devices in a slab, their sockets in
+//! the I/O driver the server's shards use ([`c1m::io`]: io_uring or epoll,
+//! [`Driver`]), and every timer (connect deadlines, heartbeats) on one
+//! hashed timing wheel. The driver makes the system calls; the fleet keeps
+//! the decisions and the measurements.
 //!
 //! A device goes Connecting -> Upgrading -> Open. An Open heartbeating device
 //! has exactly one wheel entry, its next heartbeat; a silent one has none and
@@ -8,14 +10,16 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use c1m::io::epoll::{self, Epoll};
+use c1m::io::epoll::EpollDriver;
 use c1m::io::socket;
+use c1m::io::uring::UringDriver;
+use c1m::io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
 use c1m::proto::client_handshake::{self, key_for, Answer};
 use c1m::proto::frame::{self, Opcode};
 use c1m::proto::wheel::{self, Entry, Wheel};
@@ -38,6 +42,10 @@ const MAX_SERVER_FRAME: usize = 1 << 20;
 const BUDGET: usize = 512;
 /// Longest sleep, so that a stop request is seen quickly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Output the driver holds for one device at most. A device sends a
+/// 200-byte upgrade request, heartbeats of a few bytes and pongs: a server
+/// that leaves this much of them unread is not reading.
+const MAX_PENDING: usize = 64 * 1024;
 
 /// What a device sends as its heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,21 +105,25 @@ pub struct Plan {
     pub run_tag: u16,
     /// Time zero of the run, shared by every core.
     pub origin: Instant,
+    /// The I/O driver each core runs (one that [`Backend::usable`] allowed).
+    pub io: Backend,
 }
 
+/// Where a device is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+enum Stage {
     Connecting,
     Upgrading,
     Open,
 }
 
 struct Device {
-    fd: OwnedFd,
+    /// Its socket, held by the driver.
+    io: Handle,
     gen: u32,
     /// Device number (its id and handshake key derive from it).
     n: u64,
-    state: State,
+    stage: Stage,
     /// One of the `--silent` fraction.
     chosen: bool,
     /// Has stopped heartbeating: only the server ends it now.
@@ -133,11 +145,38 @@ pub enum Step {
     Finished,
 }
 
-pub struct Fleet {
+/// Runs core `core`'s share of `plan` on the calling thread (a glommio
+/// executor's) with the driver of `plan.io`, built here: an io_uring ring
+/// belongs to the thread that creates it. Sends [`Report`]s to `reports`,
+/// the last one [`Report::Done`]; an error means the core could not start.
+pub fn run(
+    core: usize,
+    plan: Arc<Plan>,
+    stop: Arc<AtomicBool>,
+    reports: Sender<Report>,
+) -> io::Result<()> {
+    let cfg = DriverConfig {
+        max_pending: MAX_PENDING,
+    };
+    match plan.io {
+        Backend::Epoll => Fleet::new(core, plan, EpollDriver::new(cfg)?, stop, reports).run(),
+        Backend::Uring => Fleet::new(core, plan, UringDriver::new(cfg)?, stop, reports).run(),
+    }
+    Ok(())
+}
+
+pub struct Fleet<D: Driver> {
+    io: D,
+    st: State,
+}
+
+/// Everything of a fleet but its driver, so that the bytes of an
+/// [`Event::Data`] (which borrow the driver) can be handled while the rest
+/// changes.
+struct State {
     core: usize,
     plan: Arc<Plan>,
     hosts: Vec<String>,
-    epoll: Epoll,
     devices: Slab<Device>,
     wheel: Wheel,
     gen: u32,
@@ -167,21 +206,20 @@ pub struct Fleet {
     stop: Arc<AtomicBool>,
     reports: Sender<Report>,
     next_progress: Instant,
-    events: Vec<libc::epoll_event>,
-    /// Ready entries [`Epoll::wait`] left in `events` while the core slept.
-    fetched: Option<usize>,
-    buf: Vec<u8>,
+    /// What a device sends next: an upgrade request, a heartbeat, or the
+    /// pongs answering the pings of one read.
     out: Vec<u8>,
     id: String,
 }
 
-impl Fleet {
+impl<D: Driver> Fleet<D> {
     pub fn new(
         core: usize,
         plan: Arc<Plan>,
+        io: D,
         stop: Arc<AtomicBool>,
         reports: Sender<Report>,
-    ) -> io::Result<Fleet> {
+    ) -> Fleet<D> {
         let cores = plan.cores.max(1) as u64;
         let mine = plan.devices / cores + u64::from((core as u64) < plan.devices % cores);
         let heartbeat_ticks = (plan.heartbeat.as_micros() as u64 / TICK_US).max(1);
@@ -191,166 +229,195 @@ impl Fleet {
             .min(wheel::MAX_HORIZON);
         let now = Instant::now();
         let seed = (plan.run_tag as u64) << 32 ^ core as u64 ^ now.elapsed().as_nanos() as u64;
-        Ok(Fleet {
-            core,
-            hosts: plan.servers.iter().map(|s| s.to_string()).collect(),
-            epoll: Epoll::new()?,
-            devices: Slab::with_capacity(mine.min(1 << 20) as usize),
-            wheel: Wheel::new(horizon, tick_of(&plan, now)),
-            gen: 0,
-            counters: Counters::default(),
-            measured: Box::default(),
-            rng: Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15),
-            limiter: RateLimiter::new(plan.rate_per_core, now),
-            next_k: 0,
-            mine,
-            inflight: 0,
-            phase: Phase::Ramp,
-            hold_end: None,
-            ramp_done_us: None,
-            silence_us: None,
-            silent_open: 0,
-            chosen_beating: 0,
-            mute_at: None,
-            last_silent_sent_us: 0,
-            heartbeat_ticks,
-            connect_ticks,
-            server_timeout_us: plan.server_timeout.as_micros() as u64,
-            stop,
-            reports,
-            next_progress: plan.origin + Duration::from_secs(1),
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
-            fetched: None,
-            buf: vec![0; 64 * 1024],
-            out: Vec::with_capacity(512),
-            id: String::with_capacity(64),
-            plan,
-        })
+        Fleet {
+            io,
+            st: State {
+                core,
+                hosts: plan.servers.iter().map(|s| s.to_string()).collect(),
+                devices: Slab::with_capacity(mine.min(1 << 20) as usize),
+                wheel: Wheel::new(horizon, tick_of(&plan, now)),
+                gen: 0,
+                counters: Counters::default(),
+                measured: Box::default(),
+                rng: Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15),
+                limiter: RateLimiter::new(plan.rate_per_core, now),
+                next_k: 0,
+                mine,
+                inflight: 0,
+                phase: Phase::Ramp,
+                hold_end: None,
+                ramp_done_us: None,
+                silence_us: None,
+                silent_open: 0,
+                chosen_beating: 0,
+                mute_at: None,
+                last_silent_sent_us: 0,
+                heartbeat_ticks,
+                connect_ticks,
+                server_timeout_us: plan.server_timeout.as_micros() as u64,
+                stop,
+                reports,
+                next_progress: plan.origin + Duration::from_secs(1),
+                out: Vec::with_capacity(512),
+                id: String::with_capacity(64),
+                plan,
+            },
+        }
     }
 
-    /// Runs to the end of the plan (or a stop request) on a glommio executor,
-    /// then sends the final [`Report::Done`]. Idle, it blocks in
-    /// [`Epoll::wait`] (which says why not in glommio's park).
+    /// Runs to the end of the plan (or a stop request) on the calling
+    /// thread, then sends the final [`Report::Done`]. Each pass is one
+    /// [`Driver::wait`] (no wait when busy), the events it brought, then
+    /// [`Fleet::step`]. It never yields to glommio
+    /// ([`c1m::io::epoll::Epoll::wait`] says why).
     pub fn run(mut self) {
+        let mut wait = Duration::ZERO;
         let error = loop {
+            if let Err(e) = self.io.wait(wait) {
+                break Some(format!("core {}: waiting for sockets: {e}", self.st.core));
+            }
             match self.step() {
-                Ok(Step::Busy) => {}
-                Ok(Step::Idle(wake)) => {
-                    let left = wake.saturating_duration_since(Instant::now());
-                    match self.epoll.wait(&mut self.events, left) {
-                        Ok(n) => self.fetched = Some(n),
-                        Err(e) => {
-                            break Some(format!("core {}: waiting for sockets: {e}", self.core))
-                        }
-                    }
-                }
-                Ok(Step::Finished) => break None,
-                Err(e) => break Some(format!("core {}: {e}", self.core)),
+                Step::Busy => wait = Duration::ZERO,
+                Step::Idle(wake) => wait = wake.saturating_duration_since(Instant::now()),
+                Step::Finished => break None,
             }
         };
-        if self.phase != Phase::Done {
-            self.finish();
+        let Fleet { mut io, mut st } = self;
+        if st.phase != Phase::Done {
+            st.finish(&mut io);
         }
-        let _ = self.reports.send(Report::Done {
-            core: self.core,
-            counters: self.counters,
-            measured: std::mem::take(&mut self.measured),
-            ramp_done_us: self.ramp_done_us,
+        // Hand the driver's queued closes to the kernel (io_uring submits
+        // them on a wait), then drop it, which resets whatever sockets it
+        // still holds: the fleet is closed before its core reports done.
+        let _ = io.wait(Duration::ZERO);
+        drop(io);
+        let _ = st.reports.send(Report::Done {
+            core: st.core,
+            counters: st.counters,
+            measured: std::mem::take(&mut st.measured),
+            ramp_done_us: st.ramp_done_us,
             error,
         });
     }
 
-    /// One pass: ready sockets, due timers, new connections, phase changes.
-    pub fn step(&mut self) -> io::Result<Step> {
-        if self.stop.load(Relaxed) {
-            self.finish();
-            return Ok(Step::Finished);
+    /// One pass after a wait: the events it brought, due timers, new
+    /// connections, phase changes; says when the next pass is due.
+    pub fn step(&mut self) -> Step {
+        let Fleet { io, st } = self;
+        if st.stop.load(Relaxed) {
+            st.finish(io);
+            return Step::Finished;
         }
+        st.pump(io);
         let mut busy = false;
 
-        let mut events = std::mem::take(&mut self.events);
-        // The events the blocking wait fetched, or what is ready now.
-        let n = match self.fetched.take() {
-            Some(n) => Ok(n),
-            None => self.epoll.poll_now(&mut events),
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => {
-                self.events = events;
-                return Err(e);
-            }
-        };
-        for ev in &events[..n] {
-            self.on_event(ev.u64, ev.events);
-        }
-        busy |= n == events.len();
-        self.events = events;
-
         let now = Instant::now();
-        let tick = tick_of(&self.plan, now);
+        let tick = tick_of(&st.plan, now);
         let mut budget = BUDGET;
         while budget > 0 {
-            let Some(e) = self.wheel.pop_due(tick) else {
+            let Some(e) = st.wheel.pop_due(tick) else {
                 break;
             };
-            self.on_due(e);
+            st.on_due(io, e);
             budget -= 1;
         }
         busy |= budget == 0;
 
-        if self.phase == Phase::Ramp {
+        if st.phase == Phase::Ramp {
             let mut started = 0;
-            while self.next_k < self.mine
-                && self.inflight < self.plan.concurrency
+            while st.next_k < st.mine
+                && st.inflight < st.plan.concurrency
                 && started < BUDGET
-                && self.limiter.try_take(now)
+                && st.limiter.try_take(now)
             {
-                self.connect_next();
+                st.connect_next(io);
                 started += 1;
             }
             busy |= started == BUDGET;
         }
 
-        self.advance(now);
-        if now >= self.next_progress {
-            let _ = self.reports.send(Report::Progress {
-                core: self.core,
-                phase: self.phase,
-                counters: self.counters,
+        st.advance(io, now);
+        if now >= st.next_progress {
+            let _ = st.reports.send(Report::Progress {
+                core: st.core,
+                phase: st.phase,
+                counters: st.counters,
             });
-            while self.next_progress <= now {
-                self.next_progress += Duration::from_secs(1);
+            while st.next_progress <= now {
+                st.next_progress += Duration::from_secs(1);
             }
         }
-        if self.phase == Phase::Done {
-            return Ok(Step::Finished);
+        if st.phase == Phase::Done {
+            return Step::Finished;
         }
         if busy {
-            return Ok(Step::Busy);
+            return Step::Busy;
         }
-        let mut wake = (now + MAX_SLEEP).min(self.next_progress);
-        if !self.wheel.is_empty() {
-            wake = wake.min(self.plan.origin + TICK * (self.wheel.cursor().max(tick + 1)) as u32);
+        let mut wake = (now + MAX_SLEEP).min(st.next_progress);
+        if !st.wheel.is_empty() {
+            wake = wake.min(st.plan.origin + TICK * (st.wheel.cursor().max(tick + 1)) as u32);
         }
-        if self.phase == Phase::Ramp
-            && self.next_k < self.mine
-            && self.inflight < self.plan.concurrency
-        {
-            wake = wake.min(self.limiter.next_token(now));
+        if st.phase == Phase::Ramp && st.next_k < st.mine && st.inflight < st.plan.concurrency {
+            wake = wake.min(st.limiter.next_token(now));
         }
-        if let Some(end) = self.hold_end {
-            if self.phase == Phase::Hold {
+        if let Some(end) = st.hold_end {
+            if st.phase == Phase::Hold {
                 wake = wake.min(end);
             }
         }
-        Ok(Step::Idle(wake))
+        Step::Idle(wake)
+    }
+}
+
+impl State {
+    /// Acts on every event the driver has ready.
+    fn pump(&mut self, io: &mut impl Driver) {
+        while let Some(ev) = io.next() {
+            match ev {
+                Event::Connected(token) => {
+                    if let Some(key) = self.live(token) {
+                        self.connected(io, key);
+                    }
+                }
+                Event::Data(token, bytes) => {
+                    let Some(key) = self.live(token) else {
+                        continue;
+                    };
+                    // The bytes are the driver's: what they call for (pongs
+                    // in `out`, or the device's end) is done once they are
+                    // handled.
+                    match self.on_bytes(key, bytes) {
+                        Break(gone) => io.close(gone, Close::Abortive),
+                        Continue(()) if !self.out.is_empty() => {
+                            self.send_out(io, key);
+                        }
+                        Continue(()) => {}
+                    }
+                }
+                Event::Hangup(token) => {
+                    if let Some(key) = self.live(token) {
+                        let gone = self.server_closed(key);
+                        io.close(gone, Close::Abortive);
+                    }
+                }
+                // Only a listener accepts and only a watched eventfd wakes;
+                // a device never waits for its output to flush.
+                Event::Flushed(_) | Event::Accepted(_) | Event::AcceptFailed(_) | Event::Wake => {}
+            }
+        }
+    }
+
+    /// The device a token names, if it still lives.
+    fn live(&self, token: Token) -> Option<usize> {
+        let key = (token.0 & 0xffff_ffff) as usize;
+        let gen = (token.0 >> 32) as u32;
+        self.devices.get(key).filter(|d| d.gen == gen).map(|_| key)
     }
 
     /// Ramp -> Hold once every device of this core was tried; Hold ->
     /// Expiry after --hold; Expiry -> Done once the server expired every
     /// silent device or the expiry window closed.
-    fn advance(&mut self, now: Instant) {
+    fn advance(&mut self, io: &mut impl Driver, now: Instant) {
         if self.phase == Phase::Ramp && self.next_k == self.mine && self.inflight == 0 {
             self.phase = Phase::Hold;
             self.hold_end = Some(now + self.plan.hold);
@@ -360,14 +427,14 @@ impl Fleet {
         if self.phase == Phase::Hold && self.hold_end.is_some_and(|end| now >= end) {
             self.phase = Phase::Expiry;
             if self.plan.go_silent {
-                self.silence_all(now);
+                self.silence_all(io, now);
             }
         }
         if let (Phase::Expiry, Some(silence)) = (self.phase, self.silence_us) {
             let window_end =
                 silence + self.server_timeout_us + self.plan.expiry_window.as_micros() as u64;
             if self.counters.open == 0 || now_us(&self.plan, now) >= window_end {
-                self.finish();
+                self.finish(io);
             }
         } else if self.phase == Phase::Expiry {
             // Chosen devices still beating fall silent within 1.1 beats.
@@ -380,7 +447,7 @@ impl Fleet {
                 last_silent + self.server_timeout_us + self.plan.expiry_window.as_micros() as u64;
             let all_gone = self.silent_open == 0 && self.chosen_beating == 0;
             if all_gone || now_us(&self.plan, now) >= window_end {
-                self.finish();
+                self.finish(io);
             }
         }
     }
@@ -389,16 +456,16 @@ impl Fleet {
     /// and then nothing, so the server's deadlines for the whole fleet fall
     /// within the time this pass takes: its deletion storm. One pass over
     /// the slab, once per run; their wheel entries go stale.
-    fn silence_all(&mut self, now: Instant) {
+    fn silence_all(&mut self, io: &mut impl Driver, now: Instant) {
         self.silence_us = Some(now_us(&self.plan, now));
         let keys: Vec<usize> = self
             .devices
             .iter()
-            .filter(|(_, d)| d.state == State::Open && !d.silent)
+            .filter(|(_, d)| d.stage == Stage::Open && !d.silent)
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            if self.heartbeat(key) {
+            if self.heartbeat(io, key) {
                 self.counters.heartbeats -= 1;
                 self.counters.last_beats += 1;
                 // A reply to an earlier beat still counts; this one's doesn't.
@@ -436,19 +503,19 @@ impl Fleet {
     }
 
     /// Closes every device (with a reset: no TIME_WAIT left behind).
-    fn finish(&mut self) {
+    fn finish(&mut self, io: &mut impl Driver) {
         self.counters.unexpired = if self.silence_us.is_some() {
             self.counters.open
         } else {
             self.silent_open
         };
         for d in self.devices.drain() {
-            socket::close(d.fd.into_raw_fd(), true);
+            io.close(d.io, Close::Abortive);
         }
         self.phase = Phase::Done;
     }
 
-    fn connect_next(&mut self) {
+    fn connect_next(&mut self, io: &mut impl Driver) {
         let plan = &self.plan;
         let n = plan.first_device + self.core as u64 + self.next_k * plan.cores.max(1) as u64;
         self.next_k += 1;
@@ -463,15 +530,14 @@ impl Fleet {
         };
         self.gen = self.gen.wrapping_add(1);
         let key = self.devices.vacant_key();
-        let token = key as u64 | (self.gen as u64) << 32;
-        if let Err(e) = self.epoll.add(
-            fd.as_raw_fd(),
-            epoll::IN | epoll::OUT | epoll::RDHUP | epoll::ET,
-            token,
-        ) {
-            self.counters.fail(Failure::from_errno(e.raw_os_error()));
-            return;
-        }
+        let token = Token(key as u64 | (self.gen as u64) << 32);
+        let h = match io.register(fd, token, true) {
+            Ok(h) => h,
+            Err(e) => {
+                self.counters.fail(Failure::from_errno(e.raw_os_error()));
+                return;
+            }
+        };
         let now = Instant::now();
         let due = tick_of(plan, now) + self.connect_ticks;
         self.wheel.insert(Entry {
@@ -480,10 +546,10 @@ impl Fleet {
             deadline: due,
         });
         self.devices.insert(Device {
-            fd,
+            io: h,
             gen: self.gen,
             n,
-            state: State::Connecting,
+            stage: Stage::Connecting,
             chosen: device::is_silent(n, plan.silent),
             silent: false,
             due,
@@ -495,47 +561,18 @@ impl Fleet {
         self.inflight += 1;
     }
 
-    fn on_event(&mut self, token: u64, events: u32) {
-        let key = (token & 0xffff_ffff) as usize;
-        match self.devices.get(key) {
-            Some(d) if d.gen == (token >> 32) as u32 => {}
-            _ => return, // closed earlier in this pass
+    /// Device `key`'s connect finished: send the upgrade request, or count
+    /// the failure.
+    fn connected(&mut self, io: &mut impl Driver, key: usize) {
+        if let Err(why) = self.send_upgrade(io, key) {
+            let gone = self.fail(key, why);
+            io.close(gone, Close::Abortive);
         }
-        if self.devices[key].state == State::Connecting {
-            if events & (epoll::OUT | libc::EPOLLERR as u32 | libc::EPOLLHUP as u32) == 0 {
-                return;
-            }
-            if let Err(why) = self.send_upgrade(key) {
-                self.fail(key, why);
-                return;
-            }
-        }
-        let mut buf = std::mem::take(&mut self.buf);
-        loop {
-            let fd = self.devices[key].fd.as_raw_fd();
-            match socket::recv(fd, &mut buf) {
-                Ok(0) => {
-                    self.server_closed(key);
-                    break;
-                }
-                Ok(n) => {
-                    if !self.on_bytes(key, &mut buf[..n]) {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.server_closed(key);
-                    break;
-                }
-            }
-        }
-        self.buf = buf;
     }
 
-    fn send_upgrade(&mut self, key: usize) -> Result<(), Failure> {
+    fn send_upgrade(&mut self, io: &mut impl Driver, key: usize) -> Result<(), Failure> {
         let d = &mut self.devices[key];
-        let err = socket::so_error(d.fd.as_raw_fd());
+        let err = io.socket_error(d.io);
         if err != 0 {
             return Err(Failure::from_errno(Some(err)));
         }
@@ -553,26 +590,32 @@ impl Fleet {
             &self.id,
             &key_for(d.n, self.plan.run_tag as u64),
         );
-        match socket::send(d.fd.as_raw_fd(), &self.out) {
-            Ok(n) if n == self.out.len() => {}
-            Ok(_) => return Err(Failure::Other), // a fresh socket takes 200 bytes
-            Err(e) => return Err(Failure::from_errno(e.raw_os_error())),
+        match io.send(d.io, &self.out) {
+            Sent::Done | Sent::Queued => {}
+            // A fresh socket's output is empty: 200 bytes cannot overflow it.
+            Sent::Overflow => return Err(Failure::Other),
+            // The driver keeps no errno: a socket that fails as it opens was
+            // reset (refusals show in its SO_ERROR above).
+            Sent::Failed => return Err(Failure::Reset),
         }
-        d.state = State::Upgrading;
+        d.stage = Stage::Upgrading;
         d.last_sent_us = now_us(&self.plan, Instant::now());
         Ok(())
     }
 
-    /// Handles bytes from the server; false once the device is closed.
-    fn on_bytes(&mut self, key: usize, data: &mut [u8]) -> bool {
-        match self.devices[key].state {
-            State::Connecting => true, // cannot happen: the upgrade was sent first
-            State::Upgrading => self.on_answer(key, data),
-            State::Open => self.on_frames(key, data),
+    /// Handles bytes from the server, leaving what they call for in `out`
+    /// (pongs); `Break(handle)` when the device ended: it is forgotten here
+    /// and the caller closes its handle.
+    fn on_bytes(&mut self, key: usize, data: &mut [u8]) -> ControlFlow<Handle> {
+        self.out.clear();
+        match self.devices[key].stage {
+            Stage::Connecting => Continue(()), // cannot happen: the upgrade was sent first
+            Stage::Upgrading => self.on_answer(key, data),
+            Stage::Open => self.on_frames(key, data),
         }
     }
 
-    fn on_answer(&mut self, key: usize, data: &mut [u8]) -> bool {
+    fn on_answer(&mut self, key: usize, data: &mut [u8]) -> ControlFlow<Handle> {
         let d = &mut self.devices[key];
         let k = key_for(d.n, self.plan.run_tag as u64);
         let answer = if d.carry.is_empty() {
@@ -586,7 +629,7 @@ impl Fleet {
                 if d.carry.is_empty() {
                     d.carry.extend_from_slice(data);
                 }
-                true
+                Continue(())
             }
             Answer::Accepted { head_len } => {
                 let mut rest = if d.carry.is_empty() {
@@ -597,16 +640,14 @@ impl Fleet {
                 d.carry = Vec::new();
                 self.on_open(key);
                 // Frames may follow the head in the same read (rare).
-                rest.is_empty() || self.on_frames(key, &mut rest)
+                if rest.is_empty() {
+                    Continue(())
+                } else {
+                    self.on_frames(key, &mut rest)
+                }
             }
-            Answer::Refused { status } => {
-                self.fail(key, Failure::HttpStatus(status));
-                false
-            }
-            Answer::Invalid(_) => {
-                self.fail(key, Failure::Other);
-                false
-            }
+            Answer::Refused { status } => Break(self.fail(key, Failure::HttpStatus(status))),
+            Answer::Invalid(_) => Break(self.fail(key, Failure::Other)),
         }
     }
 
@@ -614,7 +655,7 @@ impl Fleet {
         let now = Instant::now();
         let at = now_us(&self.plan, now);
         let d = &mut self.devices[key];
-        d.state = State::Open;
+        d.stage = Stage::Open;
         hgrm::record(&mut self.measured.connect, at - d.started_us);
         self.counters.established += 1;
         self.counters.open += 1;
@@ -637,28 +678,27 @@ impl Fleet {
         }
     }
 
-    fn on_frames(&mut self, key: usize, data: &mut [u8]) -> bool {
+    fn on_frames(&mut self, key: usize, data: &mut [u8]) -> ControlFlow<Handle> {
         let mut carry = std::mem::take(&mut self.devices[key].carry);
         if carry.is_empty() {
-            let (alive, used) = self.decode_frames(key, data);
-            if alive && used < data.len() {
+            let used = self.decode_frames(key, data)?;
+            if used < data.len() {
                 self.devices[key].carry = data[used..].to_vec();
             }
-            alive
         } else {
             carry.extend_from_slice(data);
-            let (alive, used) = self.decode_frames(key, &mut carry);
-            if alive && used < carry.len() {
+            let used = self.decode_frames(key, &mut carry)?;
+            if used < carry.len() {
                 carry.drain(..used);
                 self.devices[key].carry = carry;
             }
-            alive
         }
+        Continue(())
     }
 
-    /// Handles the whole frames at the start of `bytes`: (whether the device
-    /// is still open, bytes used).
-    fn decode_frames(&mut self, key: usize, bytes: &mut [u8]) -> (bool, usize) {
+    /// Handles the whole frames at the start of `bytes`: the bytes used, or
+    /// `Break` if the device ended.
+    fn decode_frames(&mut self, key: usize, bytes: &mut [u8]) -> ControlFlow<Handle, usize> {
         let mut pos = 0;
         while pos < bytes.len() {
             let f = match frame::decode_server(&mut bytes[pos..], MAX_SERVER_FRAME) {
@@ -667,20 +707,17 @@ impl Fleet {
                 Err(_) => {
                     self.counters.bad_frames += 1;
                     self.forget_open(key);
-                    self.close(key);
-                    return (false, pos);
+                    return Break(self.forget(key));
                 }
             };
             let payload = &bytes[pos + f.payload_start..pos + f.len];
-            if !self.on_frame(key, f.opcode, payload) {
-                return (false, pos);
-            }
+            self.on_frame(key, f.opcode, payload)?;
             pos += f.len;
         }
-        (true, pos)
+        Continue(pos)
     }
 
-    fn on_frame(&mut self, key: usize, opcode: Opcode, payload: &[u8]) -> bool {
+    fn on_frame(&mut self, key: usize, opcode: Opcode, payload: &[u8]) -> ControlFlow<Handle> {
         let now = now_us(&self.plan, Instant::now());
         let d = &mut self.devices[key];
         match opcode {
@@ -690,24 +727,20 @@ impl Fleet {
                     d.ping_sent_us = 0;
                     self.counters.replies += 1;
                 }
-                true
+                Continue(())
             }
             Opcode::Ping => {
-                self.out.clear();
+                // Sent with the other pongs of this read once it is handled.
                 let mask = (self.rng.next_u64() as u32).to_ne_bytes();
                 frame::write_masked_frame(&mut self.out, Opcode::Pong, true, payload, mask);
-                let _ = socket::send(d.fd.as_raw_fd(), &self.out);
-                true
+                Continue(())
             }
-            Opcode::Close => {
-                self.server_closed(key);
-                false
-            }
-            Opcode::Continuation => true,
+            Opcode::Close => Break(self.server_closed(key)),
+            Opcode::Continuation => Continue(()),
         }
     }
 
-    fn on_due(&mut self, e: Entry) {
+    fn on_due(&mut self, io: &mut impl Driver, e: Entry) {
         let Some(d) = self.devices.get_mut(e.key as usize) else {
             return;
         };
@@ -715,20 +748,23 @@ impl Fleet {
             return; // a stale entry of a closed or rescheduled device
         }
         let key = e.key as usize;
-        match d.state {
-            State::Connecting | State::Upgrading => self.fail(key, Failure::Timeout),
-            State::Open if d.chosen && self.mute_at.is_some_and(|t| Instant::now() >= t) => {
+        match d.stage {
+            Stage::Connecting | Stage::Upgrading => {
+                let gone = self.fail(key, Failure::Timeout);
+                io.close(gone, Close::Abortive);
+            }
+            Stage::Open if d.chosen && self.mute_at.is_some_and(|t| Instant::now() >= t) => {
                 self.mute(key);
             }
-            State::Open => {
-                self.heartbeat(key);
+            Stage::Open => {
+                self.heartbeat(io, key);
             }
         }
     }
 
     /// Sends device `key`'s heartbeat and schedules the next; false if the
     /// device is gone (closed here).
-    fn heartbeat(&mut self, key: usize) -> bool {
+    fn heartbeat(&mut self, io: &mut impl Driver, key: usize) -> bool {
         let now = Instant::now();
         let at = now_us(&self.plan, now);
         let mask = (self.rng.next_u64() as u32).to_ne_bytes();
@@ -739,30 +775,15 @@ impl Fleet {
             HeartbeatKind::Binary => (Opcode::Binary, &[1]),
         };
         frame::write_masked_frame(&mut self.out, opcode, true, payload, mask);
-        let d = &mut self.devices[key];
-        match socket::send(d.fd.as_raw_fd(), &self.out) {
-            Ok(n) if n == self.out.len() => {
-                self.counters.heartbeats += 1;
-                d.last_sent_us = at;
-                if d.ping_sent_us == 0 {
-                    d.ping_sent_us = at;
-                }
-            }
-            Ok(0) => self.counters.send_blocked += 1, // try again next beat
-            Ok(_) => {
-                // Part of a frame went out: the stream is broken.
-                self.counters.send_blocked += 1;
-                self.counters.other += 1;
-                self.forget_open(key);
-                self.close(key);
-                return false;
-            }
-            Err(_) => {
-                self.server_closed(key);
-                return false;
-            }
+        if !self.send_out(io, key) {
+            return false;
         }
+        self.counters.heartbeats += 1;
         let d = &mut self.devices[key];
+        d.last_sent_us = at;
+        if d.ping_sent_us == 0 {
+            d.ping_sent_us = at;
+        }
         d.due = tick_of(&self.plan, now) + device::jittered(&mut self.rng, self.heartbeat_ticks);
         self.wheel.insert(Entry {
             key: key as u32,
@@ -772,12 +793,36 @@ impl Fleet {
         true
     }
 
-    /// The server ended the connection (EOF, reset or Close frame).
-    fn server_closed(&mut self, key: usize) {
+    /// Sends `out` on open device `key`; false when that ended the device
+    /// (closed here).
+    fn send_out(&mut self, io: &mut impl Driver, key: usize) -> bool {
+        match io.send(self.devices[key].io, &self.out) {
+            // Taken by the kernel, or held by the driver behind earlier output.
+            Sent::Done | Sent::Queued => true,
+            Sent::Overflow => {
+                // The server stopped reading: as a frame cut short by a full
+                // socket was, the device is counted and closed.
+                self.counters.send_blocked += 1;
+                self.counters.other += 1;
+                self.forget_open(key);
+                let gone = self.forget(key);
+                io.close(gone, Close::Abortive);
+                false
+            }
+            Sent::Failed => {
+                let gone = self.server_closed(key);
+                io.close(gone, Close::Abortive);
+                false
+            }
+        }
+    }
+
+    /// The server ended the connection (EOF, reset or Close frame). Returns
+    /// the device's handle for the caller to close.
+    fn server_closed(&mut self, key: usize) -> Handle {
         let d = &self.devices[key];
-        if d.state != State::Open {
-            self.fail(key, Failure::Reset);
-            return;
+        if d.stage != Stage::Open {
+            return self.fail(key, Failure::Reset);
         }
         if d.silent {
             self.counters.expired += 1;
@@ -798,19 +843,21 @@ impl Fleet {
             self.counters.false_expiries += 1;
         }
         self.forget_open(key);
-        self.close(key);
+        self.forget(key)
     }
 
-    /// An attempt failed before the upgrade.
-    fn fail(&mut self, key: usize, why: Failure) {
+    /// An attempt failed before the upgrade. Returns the device's handle for
+    /// the caller to close.
+    fn fail(&mut self, key: usize, why: Failure) -> Handle {
         self.counters.fail(why);
         self.inflight -= 1;
-        self.close(key);
+        self.forget(key)
     }
 
-    fn close(&mut self, key: usize) {
-        let d = self.devices.remove(key);
-        socket::close(d.fd.into_raw_fd(), true);
+    /// Drops device `key` and returns its handle, for the caller to close
+    /// (with a reset) once it holds the driver.
+    fn forget(&mut self, key: usize) -> Handle {
+        self.devices.remove(key).io
     }
 }
 

@@ -3,7 +3,8 @@
 //! Sans-IO parts: [`ips`] (source addresses, capacity), [`rate`] (token
 //! bucket), [`device`] (ids, silent selection, jitter), [`metrics`],
 //! [`timeline`], [`hgrm`] (histogram files). [`fleet`] is one core's share of
-//! the fleet: sockets, an epoll set and a timing wheel on a glommio executor.
+//! the fleet: sockets in the server's I/O driver (io_uring or epoll) and a
+//! timing wheel on a glommio executor.
 //! [`run`] starts the cores and gathers their reports; [`output`] writes the
 //! results directory.
 

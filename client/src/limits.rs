@@ -7,8 +7,9 @@
 pub use c1m::procs::limits::Queues;
 use c1m::procs::limits::{Host, KERNEL_BYTES_PER_CONN};
 
-/// Descriptors a client process keeps besides its sockets: per core an
-/// epoll set and glommio's rings; stdio and pipes.
+/// Descriptors a client process keeps besides its sockets: per core its
+/// I/O driver (an io_uring or an epoll set) and glommio's rings; stdio and
+/// pipes.
 pub fn spare_fds(cores: usize) -> u64 {
     32 + 8 * cores as u64
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::fleet::{Fleet, Plan};
+use crate::fleet::{self, Plan};
 use crate::hgrm;
 use crate::host;
 use crate::metrics::{Counters, Measured, Phase, Report};
@@ -136,20 +136,20 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         let (plan, stop, tx) = (plan.clone(), stop.clone(), tx.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("client-{core}"))
-            // The fleet's sockets live in epoll, not in glommio's buffers.
+            // The fleet's sockets live in its own I/O driver, not in
+            // glommio's buffers.
             .io_memory(64 << 10)
             .spawn(move || async move {
-                match Fleet::new(core, plan, stop, tx.clone()) {
-                    Ok(fleet) => fleet.run(),
-                    Err(e) => {
-                        let _ = tx.send(Report::Done {
-                            core,
-                            counters: Counters::default(),
-                            measured: Box::default(),
-                            ramp_done_us: None,
-                            error: Some(format!("core {core}: cannot start: {e}")),
-                        });
-                    }
+                // The fleet builds its driver on this thread, which alone
+                // may use an io_uring ring (SINGLE_ISSUER).
+                if let Err(e) = fleet::run(core, plan, stop, tx.clone()) {
+                    let _ = tx.send(Report::Done {
+                        core,
+                        counters: Counters::default(),
+                        measured: Box::default(),
+                        ramp_done_us: None,
+                        error: Some(format!("core {core}: cannot start: {e}")),
+                    });
                 }
             })
             .map_err(|e| format!("cannot start an executor on CPU {cpu}: {e}"))?;

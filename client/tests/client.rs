@@ -1,5 +1,7 @@
 //! The client binary end to end against a real server (spawned by the client
 //! itself), at small scale: expiry bounds, no false expiries, files that parse.
+//! Every test runs on both I/O backends (`--io`, for the client and the
+//! server alike): see [`on_both_backends`] at the end.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,14 +35,15 @@ fn server_bin() -> PathBuf {
     bin
 }
 
-/// A port per test, away from the server tests' ports.
+/// A port per test (20 per test process: each test runs once per backend),
+/// away from the server tests' ports.
 fn port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    19_500 + (std::process::id() % 200) as u16 * 10 + NEXT.fetch_add(1, Ordering::Relaxed)
+    19_500 + (std::process::id() % 100) as u16 * 20 + NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("c1m-client-{name}-{}", std::process::id()));
+fn out_dir(name: &str, io: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("c1m-client-{name}-{io}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
@@ -73,13 +76,18 @@ fn hist(dir: &Path, name: &str) -> hdrhistogram::Histogram<u64> {
 }
 
 /// Runs the client against a server it spawns on `addr` with
-/// `server_flags`, with the client flags `args` (split at spaces), writing
-/// to `dir`; returns its summary once it succeeded.
-fn run_fleet(addr: &str, server_flags: &str, args: &str, dir: &Path) -> Value {
+/// `server_flags`, with the client flags `args` (split at spaces), both on
+/// I/O backend `io`, writing to `dir`; returns its summary once it succeeded.
+fn run_fleet(io: &str, addr: &str, server_flags: &str, args: &str, dir: &Path) -> Value {
     let out = Command::new(CLIENT)
         .args(["--spawn-server", "--server", addr, "--server-bin"])
         .arg(server_bin())
-        .args(["--server-flags", server_flags, "--quiet"])
+        .args([
+            "--server-flags",
+            &format!("--io {io} {server_flags}"),
+            "--quiet",
+        ])
+        .args(["--io", io])
         .args(args.split_whitespace())
         .arg("--out")
         .arg(dir)
@@ -93,15 +101,18 @@ fn run_fleet(addr: &str, server_flags: &str, args: &str, dir: &Path) -> Value {
     summary(dir)
 }
 
-#[test]
-fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never() {
-    let dir = out_dir("expiry");
+fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never(io: &str) {
+    let dir = out_dir("expiry", io);
     let addr = format!("127.0.0.1:{}", port());
     let started = Instant::now();
     let out = Command::new(CLIENT)
         .args(["--spawn-server", "--server", &addr, "--server-bin"])
         .arg(server_bin())
-        .args(["--server-flags", "--timeout 1s --tick 100ms --cores 0"])
+        .args([
+            "--server-flags",
+            &format!("--io {io} --timeout 1s --tick 100ms --cores 0"),
+        ])
+        .args(["--io", io])
         .args(["--conns", "400", "--silent", "0.5", "--heartbeat", "250ms"])
         .args([
             "--hold",
@@ -142,6 +153,9 @@ fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never() {
         "expiry lag {max_lag_ms} ms: {f}"
     );
     assert_eq!(s["config"]["server_timeout_s"].as_f64(), Some(1.0));
+    // The backend asked for, or epoll where io_uring is unusable.
+    let ran = s["config"]["io"].as_str();
+    assert!(ran == Some(io) || ran == Some("epoll"), "{s}");
     assert!(s["machine"]["kernel"]
         .as_str()
         .is_some_and(|k| !k.is_empty()));
@@ -180,13 +194,13 @@ fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn sigint_closes_the_fleet_and_writes_what_it_has() {
-    let dir = out_dir("sigint");
+fn sigint_closes_the_fleet_and_writes_what_it_has(io: &str) {
+    let dir = out_dir("sigint", io);
     let addr = format!("127.0.0.1:{}", port());
     let mut child = Command::new(CLIENT)
         .args(["--spawn-server", "--server", &addr, "--server-bin"])
         .arg(server_bin())
+        .args(["--server-flags", &format!("--io {io}"), "--io", io])
         .args([
             "--conns",
             "200",
@@ -215,9 +229,9 @@ fn sigint_closes_the_fleet_and_writes_what_it_has() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence() {
+fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence(io: &str) {
     let out = Command::new(CLIENT)
+        .args(["--io", io])
         .args(["--conns", "5000000", "--server", "127.0.0.1:1"])
         .output()
         .unwrap();
@@ -227,6 +241,7 @@ fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence() {
     let why = err.contains("RLIMIT_NOFILE") || err.contains("do not fit");
     assert!(why && err.lines().count() == 1, "{err}");
     let out = Command::new(CLIENT)
+        .args(["--io", io])
         .args(["--ips", "127.0.0.9-127.0.0.2"])
         .output()
         .unwrap();
@@ -234,11 +249,11 @@ fn refuses_what_the_fd_limit_cannot_hold_in_one_sentence() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
 }
 
-#[test]
-fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
-    let dir = out_dir("procs");
+fn procs_workers_merge_into_one_run_and_stop_on_sigterm(io: &str) {
+    let dir = out_dir("procs", io);
     let addr = format!("127.0.0.1:{}", port());
     let s = run_fleet(
+        io,
         &addr,
         "--procs 3 --timeout 1s --tick 100ms",
         "--procs 3 --conns 600 --silent 0.5 --heartbeat 250ms --hold 2s",
@@ -280,10 +295,11 @@ fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
     assert!(fin.contains("upgraded=600 "), "{fin}");
 
     // SIGTERM to a --procs client: every worker closes, writes, exits.
-    let dir2 = out_dir("procs-term");
+    let dir2 = out_dir("procs-term", io);
     let mut child = Command::new(CLIENT)
         .args(["--spawn-server", "--server", &addr, "--server-bin"])
         .arg(server_bin())
+        .args(["--server-flags", &format!("--io {io}"), "--io", io])
         .args(["--procs", "3", "--conns", "300", "--hold", "10m", "--quiet"])
         .arg("--out")
         .arg(&dir2)
@@ -312,11 +328,11 @@ fn procs_workers_merge_into_one_run_and_stop_on_sigterm() {
     let _ = std::fs::remove_dir_all(&dir2);
 }
 
-#[test]
-fn silent_after_lets_the_fraction_beat_first_then_expire() {
-    let dir = out_dir("silent-after");
+fn silent_after_lets_the_fraction_beat_first_then_expire(io: &str) {
+    let dir = out_dir("silent-after", io);
     let addr = format!("127.0.0.1:{}", port());
     let s = run_fleet(
+        io,
         &addr,
         "--timeout 1s --tick 100ms",
         "--conns 200 --silent 0.5 --silent-after 1500ms --heartbeat 250ms --hold 4s",
@@ -346,16 +362,16 @@ fn silent_after_lets_the_fraction_beat_first_then_expire() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn ipv6_sources_and_echoed_text_heartbeats() {
+fn ipv6_sources_and_echoed_text_heartbeats(io: &str) {
     // A host with IPv6 turned off cannot run this; say so rather than fail.
     if std::net::TcpListener::bind("[::1]:0").is_err() {
         eprintln!("skipped: this host has no IPv6 loopback (::1)");
         return;
     }
-    let dir = out_dir("ipv6");
+    let dir = out_dir("ipv6", io);
     let addr = format!("[::1]:{}", port());
     let s = run_fleet(
+        io,
         &addr,
         "--echo --timeout 1s --tick 100ms",
         "--ips ::1 --conns 200 --silent 0.5 --heartbeat 250ms --heartbeat-kind text --hold 2s",
@@ -376,3 +392,31 @@ fn ipv6_sources_and_echoed_text_heartbeats() {
     assert!(fin.contains("upgraded=200 "), "{fin}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Makes each test above, a function of the backend, a test per backend:
+/// `epoll::name` and `uring::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(#[test]
+            fn $name() {
+                super::$name("epoll")
+            })*
+        }
+        mod uring {
+            $(#[test]
+            fn $name() {
+                super::$name("uring")
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    silent_devices_are_expired_in_bounds_and_heartbeating_ones_never,
+    sigint_closes_the_fleet_and_writes_what_it_has,
+    refuses_what_the_fd_limit_cannot_hold_in_one_sentence,
+    procs_workers_merge_into_one_run_and_stop_on_sigterm,
+    silent_after_lets_the_fraction_beat_first_then_expire,
+    ipv6_sources_and_echoed_text_heartbeats,
+);

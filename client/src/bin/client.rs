@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use c1m::config::{parse_cpus, parse_duration, raise_nofile};
+use c1m::io::Backend;
 use c1m_client::fleet::{HeartbeatKind, Plan};
 use c1m_client::run::WorkerLaunch;
 use c1m_client::run::{self, Options};
@@ -123,6 +124,11 @@ struct Args {
     /// internal: set by a --procs parent, this process is its worker N
     #[argh(option)]
     worker: Option<u64>,
+    /// the I/O backend, uring (each core's own io_uring) or epoll; where
+    /// io_uring is unusable the client says why and runs on epoll (default
+    /// uring)
+    #[argh(option, default = "Backend::Uring")]
+    io: Backend,
 }
 
 fn main() {
@@ -137,13 +143,14 @@ fn main() {
 }
 
 /// The command lines of a `--procs` parent's workers: its own arguments
-/// minus what only the parent does, plus each worker's index, CPUs and
-/// results directory.
+/// minus what only the parent does, plus each worker's index, CPUs, results
+/// directory and I/O backend.
 fn worker_launches(
     args: &Args,
     dir: &std::path::Path,
     cpus: &[usize],
     server_timeout: Duration,
+    io: Backend,
 ) -> Vec<WorkerLaunch> {
     let own: Vec<String> = std::env::args().skip(1).collect();
     let kept = c1m::procs::workers::without(
@@ -159,6 +166,7 @@ fn worker_launches(
             ("--server-pid", true),
             ("--server-timeout", true),
             ("--quiet", false),
+            ("--io", true),
         ],
     );
     (0..args.procs)
@@ -181,6 +189,10 @@ fn worker_launches(
                 "--quiet".into(),
                 "--out".into(),
                 wdir.display().to_string(),
+                // The backend this parent found usable: a worker that falls
+                // back does not say so again.
+                "--io".into(),
+                io.to_string(),
             ]);
             WorkerLaunch { args: a, dir: wdir }
         })
@@ -265,6 +277,10 @@ fn run(args: Args) -> Result<i32, String> {
         }
     }
     ips::check_capacity(args.conns, sources.len(), &servers, ips::local_port_range())?;
+    let (io, fallback) = Backend::usable(args.io);
+    if let Some(why) = fallback {
+        eprintln!("client: {why}");
+    }
 
     let flags: Vec<String> = args
         .server_flags
@@ -343,10 +359,11 @@ fn run(args: Args) -> Result<i32, String> {
         id_prefix: args.id_prefix.clone(),
         run_tag,
         origin: Instant::now(),
+        io,
     };
     let sockstat_before = host::sockstat();
     let workers = if parent {
-        worker_launches(&args, &dir, &cpus, server_timeout)
+        worker_launches(&args, &dir, &cpus, server_timeout, io)
     } else {
         Vec::new()
     };
@@ -381,6 +398,7 @@ fn run(args: Args) -> Result<i32, String> {
         "silent_after_s": args.silent_after.map(|d| d.as_secs_f64()),
         "procs": args.procs,
         "worker": args.worker,
+        "io": io.to_string(),
         "first_device": first_device,
         "devices": devices,
         "id_prefix": args.id_prefix,
