@@ -335,6 +335,65 @@ fn both_shards_take_connections() {
     drop(sockets);
 }
 
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; this pins only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// The shards' connection counts from a stats line's `shards=[a,b]`.
+fn per_shard(line: &str) -> Vec<u64> {
+    let list = line
+        .split("shards=[")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    list.split(',').map(|n| n.parse().unwrap()).collect()
+}
+
+/// On loopback a connection is received on the CPU that opened it: with
+/// --reuseport-cpu, devices opened from CPU 1 all land on shard 1, those
+/// from CPU 0 on shard 0.
+fn reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs 2 CPUs");
+        return;
+    }
+    let server = Server::start(&["--cores", "0-1", "--reuseport-cpu"]);
+    let addr = server.addr;
+    let open_from = |cpu: usize, n: usize| {
+        std::thread::spawn(move || {
+            pin(cpu);
+            (0..n)
+                .map(|i| {
+                    let s = TcpStream::connect(addr).unwrap();
+                    tungstenite::client(format!("ws://{addr}/ws?id=c{cpu}-{i}"), s)
+                        .unwrap()
+                        .0
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    };
+    let on_1 = open_from(1, 5);
+    let l = server.wait_line("5 connections", |l| field(l, "conns") == 5);
+    assert_eq!(per_shard(&l), [0, 5], "{l}");
+    let on_0 = open_from(0, 3);
+    let l = server.wait_line("8 connections", |l| field(l, "conns") == 8);
+    assert_eq!(per_shard(&l), [3, 5], "{l}");
+    drop((on_0, on_1));
+}
+
 fn sigterm_sends_1001_and_exits_zero() {
     let mut server = Server::start(&["--cores", "0", "--drain-timeout", "2s"]);
     let mut ws = server.ws("stay");
@@ -717,6 +776,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard,
     upgrade_with_id_then_ping_gets_pong_with_same_payload,
     bad_requests_get_their_http_status,
     full_shard_answers_503,

@@ -105,6 +105,11 @@ struct Args {
     /// with --procs, also print each worker's stats lines (prefixed)
     #[argh(switch)]
     worker_stats: bool,
+    /// steer each new connection to the shard on the CPU that received it
+    /// (SO_ATTACH_REUSEPORT_CBPF); needs --cores 0..N-1 in order, one
+    /// process, and devices whose traffic arrives spread over those CPUs
+    #[argh(switch)]
+    reuseport_cpu: bool,
     /// the I/O backend, uring (each shard's own io_uring) or epoll; where
     /// io_uring is unusable the server says why and runs on epoll (default uring)
     #[argh(option, default = "Backend::Uring")]
@@ -212,6 +217,21 @@ fn run(args: Args) -> Result<(), String> {
                 args.listen
             )
         })?);
+    }
+
+    if args.reuseport_cpu {
+        // The program returns CPU % N as an index into the group in bind
+        // order: right only when shard i is the i-th bound and runs on CPU i.
+        if args.join || cores.iter().enumerate().any(|(i, &c)| i != c) {
+            return Err(format!(
+                "--reuseport-cpu needs --cores 0-{} (shard i on CPU i) and no --join; got --cores {:?}",
+                cores.len() - 1,
+                cores
+            ));
+        }
+        c1m::io::listener::steer_by_cpu(&listeners[0], listeners.len() as u32).map_err(|e| {
+            format!("--reuseport-cpu: cannot attach the CPU program to the listeners: {e}")
+        })?;
     }
 
     // SIGINT and SIGTERM are taken by this thread only (sigtimedwait below);

@@ -22,6 +22,55 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Steers each new connection to the listener of the CPU that received it:
+/// a classic BPF program on the SO_REUSEPORT group returns the receiving
+/// CPU modulo `listeners`, an index into the group in bind order. With
+/// shard i bound i-th and pinned to CPU i, a device's packets and its shard
+/// then share a core (no cross-CPU wake-up per heartbeat). The kernel falls
+/// back to its hash if the index is out of range.
+pub fn steer_by_cpu(any_listener: &Socket, listeners: u32) -> io::Result<()> {
+    const SKF_AD_OFF: i32 = -0x1000;
+    const SKF_AD_CPU: i32 = 36;
+    let mut code = [
+        // A = the CPU this packet was received on
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: (SKF_AD_OFF + SKF_AD_CPU) as u32,
+        },
+        // A %= listeners
+        libc::sock_filter {
+            code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: listeners.max(1),
+        },
+        // return A
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_A) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: prog points at `code`, alive for the call; the kernel copies it.
+    let r = unsafe {
+        libc::setsockopt(
+            any_listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as u32,
+        )
+    };
+    super::cvt(r).map(drop)
+}
+
 /// Fails if something already listens on `addr`. SO_REUSEPORT would
 /// otherwise let a second server join the first one's group silently and
 /// take half of its new connections. The probe binds without SO_REUSEPORT:
