@@ -32,6 +32,10 @@ struct Args {
     /// worker threads (default 2)
     #[argh(option, default = "2")]
     threads: usize,
+    /// pin worker thread i to CPU i (so a connection is received on a known
+    /// CPU: the fixture for the server's --reuseport-cpu)
+    #[argh(switch)]
+    pin: bool,
     /// handshakes in flight per thread (default 512)
     #[argh(option, default = "512")]
     concurrency: usize,
@@ -218,7 +222,16 @@ fn run(args: Args) -> Result<(), String> {
             silent: args.silent.clamp(0.0, 1.0),
             server_timeout: args.server_timeout,
         };
+        let pin = args.pin;
         handles.push(std::thread::spawn(move || {
+            if pin {
+                // SAFETY: cpu_set_t is plain data; pins only this thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(t, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+            }
             worker(t, share, my_ips, &load, &totals, &barrier)
         }));
     }

@@ -15,10 +15,10 @@
 //! - Never IORING_OP_ASYNC_CANCEL: the kernel's cancel walks a hash bucket
 //!   holding every armed request, which made stock glommio's heartbeat
 //!   dearer with every idle connection. A connection's multishot recv is
-//!   ended by `shutdown(SHUT_RD)` (an SQE, which sends nothing to the peer);
-//!   after its last completion the socket is closed by an SQE, after
-//!   SO_LINGER 0 when the close is abortive. Deletions thus cost SQEs, and a
-//!   batch of them one enter.
+//!   ended by `shutdown(SHUT_RD)` (which sends nothing to the peer; a system
+//!   call, see [`shutdown`] why not an SQE); after its last completion the
+//!   socket is closed by a Close SQE, after SO_LINGER 0 when the close is
+//!   abortive, so a batch of deletions' closes costs one enter.
 //! - The completion queue is sized for bursts; with FEAT_NODROP the kernel
 //!   holds what does not fit, and every wait that sees that is counted.
 
@@ -36,11 +36,14 @@ use super::{Sent, Token};
 const SQ_ENTRIES: u32 = 1024;
 /// Completions a loop can take at once: a burst of arrivals, accepts and
 /// deletions between two waits. More waits in the kernel (FEAT_NODROP).
-const CQ_ENTRIES: u32 = 16 * 1024;
-/// Provided buffers: enough for the arrivals of one wait at 15,000
-/// heartbeats/s; past it a recv ends with ENOBUFS and is re-armed.
+/// 128 KiB of ring per shard.
+const CQ_ENTRIES: u32 = 8 * 1024;
+/// Provided buffers: the arrivals of one wait (with DEFER_TASKRUN the
+/// kernel fills them only while the loop is in io_uring_enter); past it a
+/// recv ends with ENOBUFS and is re-armed. 512 KiB per shard: a fixed cost
+/// that matters at 120 shards (1M devices under --procs 60), so small.
 const BUFS: u16 = 512;
-const BUF_LEN: usize = 2048;
+const BUF_LEN: usize = 1024;
 const BGID: u16 = 7;
 /// A send buffer larger than this is freed, not kept for reuse.
 const KEEP_SEND_BUF: usize = 4096;
@@ -55,7 +58,6 @@ enum Op {
     Send,
     Connect,
     Wake,
-    Shutdown,
     Close,
 }
 
@@ -72,8 +74,7 @@ impl Op {
             3 => Op::Send,
             4 => Op::Connect,
             5 => Op::Wake,
-            6 => Op::Shutdown,
-            7 => Op::Close,
+            6 => Op::Close,
             _ => return None,
         };
         Some((op, index))
@@ -384,10 +385,7 @@ impl UringDriver {
                 // A send stuck on a peer that does not read ends only when
                 // the socket's write side does.
                 c.flags |= SHUT;
-                let e = opcode::Shutdown::new(types::Fd(c.fd), libc::SHUT_RDWR)
-                    .build()
-                    .user_data(Op::Shutdown.data(index));
-                self.push(e);
+                shutdown(c.fd, libc::SHUT_RDWR);
             }
             return;
         }
@@ -398,10 +396,7 @@ impl UringDriver {
         if c.flags & (RECV_ARMED | CONNECTING) != 0 {
             if c.flags & SHUT == 0 {
                 c.flags |= SHUT;
-                let e = opcode::Shutdown::new(types::Fd(c.fd), libc::SHUT_RD)
-                    .build()
-                    .user_data(Op::Shutdown.data(index));
-                self.push(e);
+                shutdown(c.fd, libc::SHUT_RD);
             }
             return;
         }
@@ -426,14 +421,30 @@ impl UringDriver {
     }
 }
 
+/// shutdown(2) as a system call, not an SQE: IORING_OP_SHUTDOWN is always
+/// punted to an io-wq worker thread (REQ_F_FORCE_ASYNC), which costs a
+/// thread hop per deletion and resolves the descriptor only when the worker
+/// runs: by then the descriptor may have been closed and reused. (It was:
+/// the probe's deferred shutdown hit a freshly bound listener of the same
+/// number, and that shard's accepts failed with EINVAL forever after.)
+fn shutdown(fd: RawFd, how: i32) {
+    // SAFETY: a descriptor this driver owns; shutdown does not close it.
+    unsafe { libc::shutdown(fd, how) };
+}
+
 impl Drop for UringDriver {
     fn drop(&mut self) {
-        // Close every socket, as an owned descriptor would: a loop that
-        // fails or panics still lets its peers see the close.
+        // Hand the kernel what is queued (the Close SQEs of connections
+        // already gone from `conns`), then close every socket left, as an
+        // owned descriptor would: a loop that fails or panics still lets
+        // its peers see the close.
+        let _ = self.submitter.submit();
         for (_, c) in self.conns.iter() {
             socket::close(c.fd, true);
         }
         let _ = self.submitter.unregister_buf_ring(BGID);
+        // The registration holds the ring in this thread's table until then.
+        let _ = self.submitter.unregister_ring_fd();
         // Sends the kernel may still hold point into these buffers: they
         // go with the process, not before the ring.
         std::mem::forget(std::mem::take(&mut self.sends));
@@ -708,7 +719,7 @@ impl Driver for UringDriver {
                     }
                     return Some(Event::Wake);
                 }
-                Op::Shutdown | Op::Close => {}
+                Op::Close => {}
             }
         }
     }
