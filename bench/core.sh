@@ -10,7 +10,9 @@
 # the host's kernel slab per connection (both loopback ends plus what the
 # server's I/O arms in the kernel: compare rows, the client is the same).
 # Servers: uring2/epoll2 (c1m on 2 shards, CPUs 0-1, with --io uring or
-# --io epoll), uring1/epoll1 (1 shard on CPU 0), threads (the shard loop on
+# --io epoll), uring1/epoll1 (1 shard on CPU 0), uring2cpu/epoll2cpu (2
+# shards with --reuseport-cpu; pair them with LOADGEN_FLAGS=--pin so that
+# each load thread's connections are received on its own CPU), threads (the shard loop on
 # plain threads, no glommio, epoll), stock128/stock4096 (a glommio TcpStream
 # task per connection, ring depth 128 / 4096). Rounds are interleaved so
 # machine noise hits every variant alike; the summary quotes medians. To
@@ -30,13 +32,14 @@ CASES=${CASES:-"2000:1s 15000:1s 15000:7500ms"}
 IMPLS=${IMPLS:-"uring2 epoll2 uring1 epoll1"}
 PORT=${PORT:-9400}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
+LOADGEN_FLAGS=${LOADGEN_FLAGS:-}
 
 cargo build --release --quiet --bin server --examples
 BASE_SERVER=${BASE_SERVER:-}
 case " $IMPLS " in
   *" base "*) [ -x "$BASE_SERVER" ] || { echo "bench: IMPLS has base but BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; } ;;
 esac
-out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/core.sh")
+out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${LOADGEN_FLAGS:+ LOADGEN_FLAGS='$LOADGEN_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/core.sh")
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "kernel: $(uname -r)"
@@ -54,10 +57,11 @@ trap cleanup EXIT
 start_server() {
   local impl=$1
   case $impl in
-    uring2|epoll2|uring1|epoll1)
-      local io=${impl%?} cores=0-1
-      [ "${impl: -1}" = 1 ] && cores=0
-      ./target/release/server --io "$io" --listen 127.0.0.1:$PORT --cores $cores --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
+    uring2|epoll2|uring1|epoll1|uring2cpu|epoll2cpu)
+      local io=${impl:0:5} cores=0-1 steer=()
+      [ "${impl:5:1}" = 1 ] && cores=0
+      [ "${impl: -3}" = cpu ] && steer=(--reuseport-cpu)
+      ./target/release/server --io "$io" "${steer[@]}" --listen 127.0.0.1:$PORT --cores $cores --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     base) "$BASE_SERVER" --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     threads) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock128) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 128 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
@@ -84,7 +88,7 @@ for round in $(seq "$ROUNDS"); do
       start_server "$impl"
       sleep 1 # shards finish starting after the listeners are bound
       nstat -n >/dev/null 2>&1 || true
-      json=$(timeout 180 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$n" \
+      json=$(timeout 180 ./target/release/examples/loadgen $LOADGEN_FLAGS --server 127.0.0.1:$PORT --conns "$n" \
         --hold "$HOLD" --ping-interval "$interval" --ips "$IPS" --server-pid "$server_pid" 2>/dev/null)
       overflows=$(nstat -az TcpExtListenOverflows TcpExtListenDrops 2>/dev/null | awk 'NR>1{s+=$2} END{print s+0}')
       stop_server

@@ -23,7 +23,7 @@ print(f"Medians of {len(runs)} runs ({max(r['round'] for r in runs)} rounds, int
 print("| server | conns | ping every | heartbeats/s | " + " | ".join(c[1] for c in cols) + " | failed | listen overflows+drops |")
 print("|---" * (len(cols) + 6) + "|")
 med = {}
-order = {"uring2": 0, "epoll2": 1, "uring1": 2, "epoll1": 3, "base": 4, "threads": 5, "c1m": 6, "epoll": 7, "stock128": 8, "stock4096": 9}
+order = {"uring2": 0, "epoll2": 1, "uring1": 2, "epoll1": 3, "uring2cpu": 3.1, "epoll2cpu": 3.2, "base": 4, "threads": 5, "c1m": 6, "epoll": 7, "stock128": 8, "stock4096": 9}
 for (impl, n, iv), rs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], -kv[0][2])):
     cells = []
     for c in cols:
@@ -78,3 +78,16 @@ if any((a, n, iv, "conn_per_s") in med and (b, n, iv, "conn_per_s") in med for a
             x, y = med.get((two, n, iv, "server_cpu_per_heartbeat_us")), med.get((one, n, iv, "server_cpu_per_heartbeat_us"))
             if x and y:
                 print(f"| {two[:-1]} | {n} | {n / iv:.0f} | {x / y:.2f} |")
+
+steer = [("uring2cpu", "uring2"), ("epoll2cpu", "epoll2")]
+if any((a, n, iv, "conn_per_s") in med and (b, n, iv, "conn_per_s") in med for a, b in steer for (_, n, iv) in by):
+    print("\n--reuseport-cpu / hash placement, same run (CPU: lower is better; conn/s: higher is better):\n")
+    print("| backend | conns | heartbeats/s | CPU/conn | CPU/heartbeat | conn/s | connect p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for a, b in steer:
+        for (n, iv) in sorted({(n, iv) for (_, n, iv) in by}, key=lambda k: (k[0], -k[1])):
+            def r(k):
+                x, y = med.get((a, n, iv, k)), med.get((b, n, iv, k))
+                return f"{x / y:.2f}" if x and y else "n/a"
+            if (a, n, iv, "conn_per_s") in med and (b, n, iv, "conn_per_s") in med:
+                print(f"| {a[:5]} | {n} | {n / iv:.0f} | {r('server_cpu_per_conn_us')} | {r('server_cpu_per_heartbeat_us')} | {r('conn_per_s')} | {r('connect_p99_us')} |")

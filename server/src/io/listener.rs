@@ -95,7 +95,8 @@ pub enum Accepted {
     Socket(RawFd),
     /// Nothing is waiting.
     Empty,
-    /// Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    /// Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), or
+    /// a broken listener: pause.
     Exhausted(io::Error),
     /// The peer gave up before we took it (ECONNABORTED, EPERM...): try the next.
     Skipped,
@@ -118,9 +119,7 @@ pub fn accept(listener: &Socket) -> Accepted {
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::EAGAIN) => Accepted::Empty,
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-            Accepted::Exhausted(err)
-        }
-        _ => Accepted::Skipped,
+        Some(e) if super::is_one_connections(e) => Accepted::Skipped,
+        _ => Accepted::Exhausted(err),
     }
 }

@@ -75,8 +75,8 @@ pub enum Event<'a> {
     /// A new connection from the listener (not yet registered).
     Accepted(OwnedFd),
     /// Accepting failed for lack of descriptors or memory (EMFILE, ENFILE,
-    /// ENOBUFS, ENOMEM). The driver stopped accepting; call
-    /// [`Driver::resume_accepting`] after a pause.
+    /// ENOBUFS, ENOMEM) or because the listener is broken. The driver
+    /// stopped accepting; call [`Driver::resume_accepting`] after a pause.
     AcceptFailed(io::Error),
     /// Bytes from a connection. They are the driver's: valid until the next
     /// call to [`Driver::next`], which gives the buffer back.
@@ -220,11 +220,25 @@ pub fn cvt(r: i32) -> io::Result<i32> {
     }
 }
 
-/// Whether an accept error means the process is out of resources (pause)
-/// rather than one connection's trouble (skip it).
-fn is_exhaustion(errno: i32) -> bool {
+/// Whether an accept error is one connection's trouble (skip it and accept
+/// the next), as accept(2) lists them, rather than the process's or the
+/// listener's (out of descriptors or memory, or a broken listener: pause,
+/// say so, and try again later, never retry in a tight loop).
+fn is_one_connections(errno: i32) -> bool {
     matches!(
         errno,
-        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        libc::ECONNABORTED
+            | libc::EPERM
+            | libc::EINTR
+            | libc::EAGAIN
+            | libc::EPROTO
+            | libc::ETIMEDOUT
+            | libc::ENETDOWN
+            | libc::ENETUNREACH
+            | libc::EHOSTDOWN
+            | libc::EHOSTUNREACH
+            | libc::ENONET
+            | libc::ENOPROTOOPT
+            | libc::EOPNOTSUPP
     )
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Submitter};
 use slab::Slab;
 
-use super::{cvt, is_exhaustion, socket, Close, Driver, DriverConfig, Event, Handle, IoStats};
+use super::{cvt, is_one_connections, socket, Close, Driver, DriverConfig, Event, Handle, IoStats};
 use super::{Sent, Token};
 
 const SQ_ENTRIES: u32 = 1024;
@@ -615,11 +615,11 @@ impl Driver for UringDriver {
                     if self.listener.is_none() {
                         continue;
                     }
-                    if is_exhaustion(-res) {
+                    if !is_one_connections(-res) {
                         self.accept_paused = true;
                         return Some(Event::AcceptFailed(io::Error::from_raw_os_error(-res)));
                     }
-                    self.arm_accept(); // one connection's trouble: go on
+                    self.arm_accept();
                 }
                 Op::Recv => {
                     let bid = cqueue::buffer_select(flags);
