@@ -31,6 +31,7 @@ PORT=${PORT:-9600}
 TIMEOUT=${TIMEOUT:-90}  # the server's --timeout, seconds
 SILENT_AFTER=${SILENT_AFTER:-60}
 HEARTBEAT=${HEARTBEAT:-30}
+IO=${IO:-uring}         # the I/O backend of the server and of the clients
 [ "$(id -u)" -eq 0 ] || { echo "one-million: needs root to apply (and restore) sysctls" >&2; exit 1; }
 
 cargo build --release --quiet --bin server --bin client
@@ -38,7 +39,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "$CONNS" = 1000000 ]; then name="1m-$stamp"; else name="$stamp-scale-$CONNS"; fi
 out="results/$name"
 mkdir -p "$out"
-echo "CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
+echo "IO=$IO CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
 echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/git.txt"
 
 if ! bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-before.txt"; then
@@ -62,12 +63,12 @@ cat /proc/net/sockstat > "$out/sockstat-before.txt"
 
 # The server runs on its own (not --spawn-server), so that it outlives the
 # fleet client for the storm probe; the client measures it by pid.
-./target/release/server --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
+./target/release/server --io "$IO" --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
   --stats-interval 5s > "$out/server.log" 2>&1 &
 server=$!
 pids+=("$server")
 wait_port "$PORT"
-timeout $((HOLD + 1200)) ./target/release/client --out "$out/fleet" \
+timeout $((HOLD + 1200)) ./target/release/client --io "$IO" --out "$out/fleet" \
   --server 127.0.0.1:$PORT --server-pid "$server" \
   --procs "$PROCS" --conns "$CONNS" --rate "$RATE" --concurrency 64 \
   --ips 127.0.0.2-127.0.0.41 --heartbeat "${HEARTBEAT}s" --silent 0.1 --silent-after "${SILENT_AFTER}s" --server-timeout "${TIMEOUT}s" \
@@ -91,7 +92,7 @@ until grep -q "awaiting expiries" "$out/fleet.progress" 2>/dev/null; do
   sleep 1
 done
 sleep $((TIMEOUT * 7 / 9))
-timeout 300 ./target/release/client --out "$out/storm-probe" --server 127.0.0.1:$PORT \
+timeout 300 ./target/release/client --io "$IO" --out "$out/storm-probe" --server 127.0.0.1:$PORT \
   --conns "$PROBE" --rate 400 --ips 127.0.1.2-127.0.1.5 --heartbeat "${HEARTBEAT}s" \
   --server-timeout "${TIMEOUT}s" --hold 5s --quiet --id-prefix probe- \
   > "$out/storm-probe.stdout" 2>&1 || echo "one-million: the storm probe failed (see storm-probe.stdout)" >&2
