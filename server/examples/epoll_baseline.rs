@@ -5,7 +5,6 @@
 //! (No signals, no stats line: it runs for --lifetime, then exits.)
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use c1m::io::Backend;
@@ -56,10 +55,9 @@ fn main() {
         eprintln!("epoll_baseline: {why}");
     }
     let args = Args { io, ..args };
-    for (id, &cpu) in cores.iter().enumerate() {
+    let (mail, _outside) = c1m::mailbox::wire(cores.len()).expect("eventfd");
+    for ((id, &cpu), mail) in cores.iter().enumerate().zip(mail) {
         let listener = c1m::io::listener::bind(args.listen, backlog).expect("bind");
-        // SAFETY: a new eventfd, owned from here on.
-        let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK)) };
         let (cfg, tx) = (cfg.clone(), tx.clone());
         std::thread::spawn(move || {
             // SAFETY: cpu_set_t is plain data; pin this thread like glommio would.
@@ -68,7 +66,7 @@ fn main() {
                 libc::CPU_SET(cpu, &mut set);
                 libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             }
-            let _ = shard::run(args.io, id, cfg, listener, efd, tx);
+            let _ = shard::run(args.io, id, cfg, listener, mail, tx);
         });
     }
     std::thread::sleep(args.lifetime);

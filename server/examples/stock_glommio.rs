@@ -81,7 +81,12 @@ async fn serve(mut stream: TcpStream) {
             Ok(n) => n,
         };
         out.clear();
-        let r = conn.receive(&mut buf[..n], &limits, false, &mut out);
+        let r = conn.receive(
+            &mut buf[..n],
+            &limits,
+            &mut c1m::proto::conn::admit_all,
+            &mut out,
+        );
         if !out.is_empty() && stream.write_all(&out).await.is_err() {
             return;
         }

@@ -9,7 +9,9 @@
 
 pub mod config;
 pub mod io;
+pub mod mailbox;
 pub mod procs;
 pub mod proto;
+pub mod registry;
 pub mod shard;
 pub mod stats;

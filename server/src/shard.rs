@@ -21,8 +21,13 @@ use socket2::Socket;
 use crate::io::epoll::EpollDriver;
 use crate::io::uring::UringDriver;
 use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
+use crate::mailbox::{Inbox, Mail, Peers};
 use crate::proto::conn::{Conn, End, Limits, Phase};
+use crate::proto::device_id::DeviceId;
+use crate::proto::frame::code;
+use crate::proto::handshake::{Reject, Upgrade};
 use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
+use crate::registry::{self, Location, Msg, Table};
 use crate::stats::{Counters, Snapshot};
 
 #[derive(Debug, Clone)]
@@ -113,7 +118,7 @@ pub fn run(
     id: usize,
     cfg: ShardConfig,
     listener: Socket,
-    shutdown: OwnedFd,
+    mail: (Inbox, Peers),
     report: Sender<Snapshot>,
 ) -> io::Result<Counters> {
     let dcfg = DriverConfig {
@@ -121,12 +126,24 @@ pub fn run(
     };
     match backend {
         Backend::Epoll => {
-            Shard::new(id, cfg, EpollDriver::new(dcfg)?, listener, shutdown, report)?.run()
+            Shard::new(id, cfg, EpollDriver::new(dcfg)?, listener, mail, report)?.run()
         }
         Backend::Uring => {
-            Shard::new(id, cfg, UringDriver::new(dcfg)?, listener, shutdown, report)?.run()
+            Shard::new(id, cfg, UringDriver::new(dcfg)?, listener, mail, report)?.run()
         }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock for every shard and
+/// process of a host, so upgrade times compare across them.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for the call; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Output held for one connection at most: two largest messages (an echo
@@ -150,6 +167,8 @@ struct Slot {
     /// Tick by which the frame in progress must be complete; 0: none.
     frame_deadline: u64,
     conn: Conn,
+    /// The device's id, from its upgrade request (empty before it).
+    id: DeviceId,
 }
 
 impl Slot {
@@ -192,23 +211,29 @@ struct State {
     report: Sender<Snapshot>,
     next_report: Instant,
     finished: bool,
+    inbox: Inbox,
+    /// Every shard (this one included), for registry messages.
+    peers: Peers,
+    /// This shard's part of the device registry: the ids it owns.
+    devices: Table,
 }
 
 impl<D: Driver> Shard<D> {
-    /// A shard serving `listener` through `io`; it stops when `shutdown`
-    /// (an eventfd) is written, and sends a [`Snapshot`] to `report` every
-    /// stats interval.
+    /// Shard `id` (its index among all shards, as in `mail`) serving
+    /// `listener` through `io`. Other shards and threads reach it through
+    /// `mail` (registry messages, shutdown); it sends a [`Snapshot`] to
+    /// `report` every stats interval.
     pub fn new(
         id: usize,
         cfg: ShardConfig,
         mut io: D,
         listener: Socket,
-        shutdown: OwnedFd,
+        (inbox, peers): (Inbox, Peers),
         report: Sender<Snapshot>,
     ) -> io::Result<Shard<D>> {
         cfg.validate().map_err(io::Error::other)?;
         io.listen(listener)?;
-        io.watch_wake(shutdown)?;
+        io.watch_wake(inbox.wake_fd()?)?;
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
         let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
@@ -233,6 +258,9 @@ impl<D: Driver> Shard<D> {
                 report,
                 next_report: start + cfg.stats_interval,
                 finished: false,
+                inbox,
+                peers,
+                devices: Table::default(),
                 cfg,
             },
         })
@@ -260,6 +288,7 @@ impl<D: Driver> Shard<D> {
         let now = Instant::now();
         let busy = self.st.expire_due(&mut self.io, self.st.tick_at(now));
         self.st.housekeeping(&mut self.io, now);
+        self.st.peers.flush();
         if self.st.finished {
             return None;
         }
@@ -290,7 +319,7 @@ impl<D: Driver> Shard<D> {
                         st.on_bytes(key, bytes)
                     });
                     match fed {
-                        Ok(end) => st.answer(io, key, end),
+                        Ok((upgraded, end)) => st.answer(io, key, upgraded, end),
                         Err(cause) => st.internal_error(io, key, &cause),
                     }
                 }
@@ -308,7 +337,7 @@ impl<D: Driver> Shard<D> {
                 }
                 // A shard connects to nothing.
                 Event::Connected(_) => {}
-                Event::Wake => st.begin_shutdown(io),
+                Event::Wake => st.read_mail(io),
             }
         }
     }
@@ -437,6 +466,7 @@ impl State {
             armed: deadline,
             frame_deadline: 0,
             conn: Conn::new(),
+            id: DeviceId::default(),
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -448,14 +478,27 @@ impl State {
 
     /// Feeds bytes to the connection; its answers are left in `self.out`.
     /// Returns how it ends, if it does.
-    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> Option<End> {
+    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (bool, Option<End>) {
         let full = self.open >= self.cfg.max_conns as u64;
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
-        let r = slot
-            .conn
-            .receive(bytes, &self.cfg.limits, full, &mut self.out);
+        let mut id = None;
+        let r = slot.conn.receive(
+            bytes,
+            &self.cfg.limits,
+            &mut |u: &Upgrade<'_>| {
+                if full {
+                    return Err(Reject::Full);
+                }
+                id = Some(DeviceId::new(u.id));
+                Ok(())
+            },
+            &mut self.out,
+        );
+        if let Some(id) = id {
+            slot.id = id;
+        }
         if r.frames > 0 || r.upgraded {
             slot.last_seen = now;
             self.counters.frames += r.frames as u64;
@@ -474,14 +517,18 @@ impl State {
             slot.frame_deadline = now + self.frame_ticks + 1;
             slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
         }
-        r.end
+        (r.upgraded, r.end)
     }
 
-    /// Sends what [`State::on_bytes`] left in `self.out`, and ends the
-    /// connection if it ended.
-    fn answer(&mut self, io: &mut impl Driver, key: usize, end: Option<End>) {
+    /// Sends what [`State::on_bytes`] left in `self.out`, registers the
+    /// device if it just upgraded, and ends the connection if it ended.
+    fn answer(&mut self, io: &mut impl Driver, key: usize, upgraded: bool, end: Option<End>) {
         if !self.out.is_empty() && !self.write(io, key) {
             return;
+        }
+        // After the 101 went out: the registry may reuse `self.out`.
+        if upgraded {
+            self.register(io, key);
         }
         let Some(end) = end else { return };
         match end {
@@ -618,10 +665,79 @@ impl State {
 
     fn close(&mut self, io: &mut impl Driver, key: usize, how: Close) {
         let slot = self.slab.remove(key);
+        io.close(slot.io, how);
         if slot.upgraded {
             self.open -= 1;
+            let at = self.location(key, slot.gen);
+            let to = registry::owner(slot.id.as_str(), self.peers.len());
+            self.deliver(io, to, Msg::Unregister { id: slot.id, at });
         }
-        io.close(slot.io, how);
+    }
+
+    fn location(&self, key: usize, gen: u32) -> Location {
+        Location {
+            shard: self.id as u32,
+            key: key as u32,
+            gen,
+            since: monotonic_ns(),
+        }
+    }
+
+    /// Tells the id's owner that this connection upgraded with it.
+    fn register(&mut self, io: &mut impl Driver, key: usize) {
+        let slot = &self.slab[key];
+        let (id, at) = (slot.id.clone(), self.location(key, slot.gen));
+        let to = registry::owner(id.as_str(), self.peers.len());
+        self.deliver(io, to, Msg::Register { id, at });
+    }
+
+    /// Sends a registry message to shard `to`, or handles it here when
+    /// that is this shard.
+    fn deliver(&mut self, io: &mut impl Driver, to: usize, msg: Msg) {
+        if to == self.id {
+            self.on_registry(io, msg);
+        } else {
+            self.peers.send(to, Mail::Registry(msg));
+        }
+    }
+
+    /// Everything other shards and threads sent since the last wake-up.
+    fn read_mail(&mut self, io: &mut impl Driver) {
+        while let Some(mail) = self.inbox.next() {
+            match mail {
+                Mail::Registry(msg) => self.on_registry(io, msg),
+                Mail::Shutdown => self.begin_shutdown(io),
+            }
+        }
+    }
+
+    fn on_registry(&mut self, io: &mut impl Driver, msg: Msg) {
+        match msg {
+            Msg::Register { id, at } => {
+                if let Some(old) = self.devices.register(id, at) {
+                    self.deliver(io, old.shard as usize, Msg::Replaced { at: old });
+                }
+            }
+            Msg::Unregister { id, at } => self.devices.unregister(&id, at),
+            Msg::Replaced { at } => self.replaced(io, at),
+        }
+    }
+
+    /// A newer connection took this one's id: Close 4000 "replaced", then
+    /// the socket closes once that is out (or at the frame timeout).
+    fn replaced(&mut self, io: &mut impl Driver, at: Location) {
+        let key = at.key as usize;
+        match self.slab.get_mut(key) {
+            Some(slot) if slot.gen == at.gen && !slot.ended => {
+                self.counters.replaced += 1;
+                self.out.clear();
+                slot.conn.end(&mut self.out, code::REPLACED, b"replaced");
+                if self.write(io, key) {
+                    self.finish(io, key);
+                }
+            }
+            _ => {} // it ended meanwhile
+        }
     }
 
     /// Stops accepting and sends Close 1001 to every device.
@@ -803,10 +919,9 @@ mod tests {
             inject_panic: false,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        // SAFETY: a new eventfd, owned by the OwnedFd.
-        let wake = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, 0)) };
+        let (mut mail, _) = crate::mailbox::wire(1).unwrap();
         let (tx, _) = std::sync::mpsc::channel();
-        Shard::new(0, cfg, script, listener, wake, tx).unwrap()
+        Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap()
     }
 
     const UPGRADE: &[u8] = b"GET /ws?id=aa:bb HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";

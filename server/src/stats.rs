@@ -33,6 +33,8 @@ pub struct Counters {
     pub accept_exhausted: u64,
     /// Connections closed because handling them hit a bug (a panic, contained).
     pub internal_error: u64,
+    /// Closed with 4000 because a newer connection took the device's id.
+    pub replaced: u64,
     /// io_uring: waits that found completions held back by a full CQ.
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
@@ -55,6 +57,7 @@ impl Counters {
         self.shutdown += o.shutdown;
         self.accept_exhausted += o.accept_exhausted;
         self.internal_error += o.internal_error;
+        self.replaced += o.replaced;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
     }
@@ -71,6 +74,7 @@ impl Counters {
             + self.slow_reader
             + self.shutdown
             + self.internal_error
+            + self.replaced
     }
 }
 
@@ -132,7 +136,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} cq_overflows={} cancels={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} cq_overflows={} cancels={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -147,6 +151,7 @@ pub fn totals(c: &Counters) -> String {
         c.shutdown,
         c.accept_exhausted,
         c.internal_error,
+        c.replaced,
         c.io_cq_overflows,
         c.io_cancels
     )
@@ -176,6 +181,7 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         shutdown: t("shutdown")?,
         accept_exhausted: t("accept_exhausted")?,
         internal_error: t("internal_error")?,
+        replaced: t("replaced").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
     };
@@ -242,6 +248,7 @@ mod tests {
             shutdown: 12,
             accept_exhausted: 13,
             internal_error: 14,
+            replaced: 17,
             io_cq_overflows: 15,
             io_cancels: 16,
         };

@@ -159,10 +159,15 @@ fn upgrade_request(target: &str, extra: &str) -> Vec<u8> {
 }
 
 /// A raw upgraded socket, for frames tungstenite's client refuses to send.
+/// An upgraded raw socket, with an id of its own (one live connection per
+/// id: a shared id would replace the earlier devices).
 fn raw_ws(addr: SocketAddr) -> TcpStream {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&upgrade_request("/ws?id=raw", "")).unwrap();
+    s.write_all(&upgrade_request(&format!("/ws?id=raw-{n}"), ""))
+        .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -392,6 +397,64 @@ fn reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard() {
     let l = server.wait_line("8 connections", |l| field(l, "conns") == 8);
     assert_eq!(per_shard(&l), [3, 5], "{l}");
     drop((on_0, on_1));
+}
+
+/// One live connection per device id: a second upgrade with the same id
+/// closes the first with 4000 "replaced", on the same shard and across
+/// shards (placed by --reuseport-cpu and pinned threads), and the newer one
+/// is served. A close followed by a reconnect replaces nothing.
+fn a_second_connection_with_the_same_id_replaces_the_first() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs 2 CPUs");
+        return;
+    }
+    let server = Server::start(&["--cores", "0-1", "--reuseport-cpu"]);
+    let addr = server.addr;
+    let open_on = |cpu: usize, id: &str| {
+        let id = id.to_string();
+        std::thread::spawn(move || {
+            pin(cpu);
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            tungstenite::client(format!("ws://{addr}/ws?id={id}"), s)
+                .unwrap()
+                .0
+        })
+        .join()
+        .unwrap()
+    };
+    for (replaced, (first_cpu, second_cpu, id)) in (1..).zip([
+        (0, 0, "same-shard"),
+        (0, 1, "cross-0-1"),
+        (1, 0, "cross-1-0"),
+    ]) {
+        let mut old = open_on(first_cpu, id);
+        let mut new = open_on(second_cpu, id);
+        match old.read() {
+            Ok(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 4000, "{id}");
+                assert_eq!(frame.reason, "replaced", "{id}");
+            }
+            other => panic!("{id}: expected Close 4000, got {other:?}"),
+        }
+        server.wait_line("the takeover", |l| field(l, "replaced") == replaced);
+        new.send(Message::Ping(b"still".to_vec())).unwrap();
+        assert_eq!(
+            new.read().unwrap(),
+            Message::Pong(b"still".to_vec()),
+            "{id}"
+        );
+        // Close, then reconnect at once: nothing to replace.
+        new.close(None).unwrap();
+        let _ = new.read();
+        let mut again = open_on(second_cpu, id);
+        again.send(Message::Ping(b"x".to_vec())).unwrap();
+        assert_eq!(again.read().unwrap(), Message::Pong(b"x".to_vec()), "{id}");
+        again.close(None).unwrap();
+        let _ = again.read();
+    }
+    let l = server.wait_line("every device closed", |l| field(l, "conns") == 0);
+    assert_eq!(field(&l, "replaced"), 3, "{l}");
 }
 
 fn sigterm_sends_1001_and_exits_zero() {
@@ -776,6 +839,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    a_second_connection_with_the_same_id_replaces_the_first,
     reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard,
     upgrade_with_id_then_ping_gets_pong_with_same_payload,
     bad_requests_get_their_http_status,

@@ -2,7 +2,6 @@
 //! SO_REUSEPORT listener, slab of connections and timing wheel.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -239,17 +238,12 @@ fn run(args: Args) -> Result<(), String> {
     let signals = block_signals();
 
     let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
-    let mut wakers = Vec::new();
+    // Each shard's inbox, its ends to every shard (the device registry's
+    // messages), and the ends this thread keeps to stop them.
+    let (mail, outside) = c1m::mailbox::wire(cores.len())
+        .map_err(|e| format!("cannot make the shards' inboxes (eventfd): {e}"))?;
     let mut handles = Vec::new();
-    for (id, (&cpu, listener)) in cores.iter().zip(listeners).enumerate() {
-        // SAFETY: eventfd returns a new fd that the OwnedFd then owns.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
-        }
-        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let shard_efd = efd.try_clone().map_err(|e| format!("dup eventfd: {e}"))?;
-        wakers.push(efd);
+    for (id, ((&cpu, listener), mail)) in cores.iter().zip(listeners).zip(mail).enumerate() {
         let cfg = cfg.clone();
         let tx = report_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -259,7 +253,7 @@ fn run(args: Args) -> Result<(), String> {
             // gigabytes. 64 KiB is glommio's minimum.
             .io_memory(64 << 10)
             .spawn(move || async move {
-                let result = shard::run(backend, id, cfg, listener, shard_efd, tx);
+                let result = shard::run(backend, id, cfg, listener, mail, tx);
                 // Said at once: the other shards keep serving their devices.
                 result.map_err(|e| {
                     let msg = format!("shard {id} on CPU {cpu} stopped: {e}");
@@ -300,16 +294,8 @@ fn run(args: Args) -> Result<(), String> {
         if !stopping && wait_signal(&signals, wait) {
             stopping = true;
             eprintln!("server: stopping: no new connections, sending Close 1001 to every device (drain up to {:?})", args.drain_timeout);
-            for w in &wakers {
-                let one: u64 = 1;
-                // SAFETY: 8-byte write to an eventfd we own.
-                unsafe {
-                    libc::write(
-                        std::os::fd::AsRawFd::as_raw_fd(w),
-                        (&one as *const u64).cast(),
-                        8,
-                    )
-                };
+            for shard in &outside {
+                shard.send_now(c1m::mailbox::Mail::Shutdown);
             }
         } else if stopping {
             std::thread::sleep(wait);

@@ -7,7 +7,12 @@
 //! only while a fragmented message is in progress.
 
 use crate::proto::frame::{self, code, Opcode, Utf8Stream};
-use crate::proto::handshake::{self, Parsed, Reject};
+use crate::proto::handshake::{self, Parsed, Reject, Upgrade};
+
+/// An `admit` for [`Conn::receive`] that lets every upgrade through.
+pub fn admit_all(_: &Upgrade<'_>) -> Result<(), Reject> {
+    Ok(())
+}
 
 /// Protocol limits, the same for every connection of a shard.
 #[derive(Debug, Clone, Copy)]
@@ -110,25 +115,27 @@ impl Conn {
     }
 
     /// Processes bytes just read. Answers (101, pongs, closes, echoes) are
-    /// appended to `out`. `full`: the shard has no room for another upgraded
-    /// connection (the upgrade is then refused with 503).
+    /// appended to `out`. `admit` decides a well-formed upgrade request
+    /// before it is answered: Ok for 101, or the refusal to answer with
+    /// (503 when the shard is full, 401 without a valid token); it is where
+    /// the owner learns the device's id.
     pub fn receive(
         &mut self,
         data: &mut [u8],
         limits: &Limits,
-        full: bool,
+        admit: &mut impl FnMut(&Upgrade<'_>) -> Result<(), Reject>,
         out: &mut Vec<u8>,
     ) -> Received {
         let mut r = Received::default();
         if self.carry.is_empty() {
-            let used = self.process(data, limits, full, out, &mut r);
+            let used = self.process(data, limits, admit, out, &mut r);
             if self.phase != Phase::Done && used < data.len() {
                 self.carry.extend_from_slice(&data[used..]);
             }
         } else {
             let mut carry = std::mem::take(&mut self.carry);
             carry.extend_from_slice(data);
-            let used = self.process(&mut carry, limits, full, out, &mut r);
+            let used = self.process(&mut carry, limits, admit, out, &mut r);
             if self.phase != Phase::Done && used < carry.len() {
                 carry.drain(..used);
                 self.carry = carry;
@@ -153,8 +160,14 @@ impl Conn {
     /// Ends a silent connection gracefully: Close 1001, and no wait for the
     /// peer's answer (it is presumed gone).
     pub fn expire(&mut self, out: &mut Vec<u8>) {
-        if matches!(self.phase, Phase::Open | Phase::Closing) {
-            frame::write_close(out, code::GOING_AWAY);
+        self.end(out, code::GOING_AWAY, b"");
+    }
+
+    /// Ends the connection from this side with Close `close_code` and
+    /// `reason`, without waiting for the peer's answer.
+    pub fn end(&mut self, out: &mut Vec<u8>, close_code: u16, reason: &[u8]) {
+        if self.phase == Phase::Open {
+            frame::write_close_with(out, close_code, reason);
         }
         self.phase = Phase::Done;
         self.carry = Vec::new();
@@ -179,7 +192,7 @@ impl Conn {
         &mut self,
         buf: &mut [u8],
         limits: &Limits,
-        full: bool,
+        admit: &mut impl FnMut(&Upgrade<'_>) -> Result<(), Reject>,
         out: &mut Vec<u8>,
         r: &mut Received,
     ) -> usize {
@@ -193,12 +206,12 @@ impl Conn {
                         self.finish(r, End::Rejected(reject.status()));
                         return buf.len();
                     }
-                    Parsed::Upgrade(_) if full => {
-                        Reject::Full.write(out);
-                        self.finish(r, End::Rejected(Reject::Full.status()));
-                        return buf.len();
-                    }
                     Parsed::Upgrade(u) => {
+                        if let Err(reject) = admit(&u) {
+                            reject.write(out);
+                            self.finish(r, End::Rejected(reject.status()));
+                            return buf.len();
+                        }
                         handshake::write_accept(&u.key, out);
                         pos += u.head_len;
                         self.phase = Phase::Open;
@@ -343,7 +356,7 @@ mod tests {
         let mut c = Conn::new();
         let mut out = Vec::new();
         let mut data = input.to_vec();
-        let r = c.receive(&mut data, limits, false, &mut out);
+        let r = c.receive(&mut data, limits, &mut admit_all, &mut out);
         (r, out, c)
     }
 
@@ -364,7 +377,12 @@ mod tests {
     fn full_shard_answers_503() {
         let mut c = Conn::new();
         let mut out = Vec::new();
-        let r = c.receive(&mut UPGRADE.to_vec(), &Limits::default(), true, &mut out);
+        let r = c.receive(
+            &mut UPGRADE.to_vec(),
+            &Limits::default(),
+            &mut |_: &Upgrade<'_>| Err(Reject::Full),
+            &mut out,
+        );
         assert_eq!(r.end, Some(End::Rejected(503)));
         assert!(out.starts_with(b"HTTP/1.1 503 "));
     }
@@ -449,7 +467,7 @@ mod tests {
         let r = c.receive(
             &mut masked(Opcode::Close, true, &[0x03, 0xe9]),
             &Limits::default(),
-            false,
+            &mut admit_all,
             &mut out,
         );
         assert_eq!(r.end, Some(End::ClientClose));

@@ -8,6 +8,10 @@ pub mod code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
+    /// Application codes (4000-4999): a newer connection took the id.
+    pub const REPLACED: u16 = 4000;
+    /// An operator closed the device.
+    pub const KICKED: u16 = 4001;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +167,15 @@ pub fn write_frame(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
 /// Appends a server Close frame with `code` (no reason text).
 pub fn write_close(out: &mut Vec<u8>, code: u16) {
     write_frame(out, Opcode::Close, &code.to_be_bytes());
+}
+
+/// Appends a server Close frame with `code` and a short `reason` (at most
+/// 123 bytes: a control frame's payload is at most 125).
+pub fn write_close_with(out: &mut Vec<u8>, code: u16, reason: &[u8]) {
+    let reason = &reason[..reason.len().min(123)];
+    write_header(out, Opcode::Close, true, 2 + reason.len(), false);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(reason);
 }
 
 /// Appends a client frame, masked with `mask`.

@@ -2,6 +2,7 @@
 
 pub mod client_handshake;
 pub mod conn;
+pub mod device_id;
 pub mod frame;
 pub mod handshake;
 pub mod wheel;
