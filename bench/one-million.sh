@@ -31,7 +31,7 @@ PORT=${PORT:-9600}
 TIMEOUT=${TIMEOUT:-90}  # the server's --timeout, seconds
 SILENT_AFTER=${SILENT_AFTER:-60}
 HEARTBEAT=${HEARTBEAT:-30}
-IO=${IO:-uring}         # the I/O backend of the server and of the clients
+IO=${IO:-epoll}         # the I/O backend of the server and of the clients
 [ "$(id -u)" -eq 0 ] || { echo "one-million: needs root to apply (and restore) sysctls" >&2; exit 1; }
 
 cargo build --release --quiet --bin server --bin client

@@ -124,10 +124,10 @@ struct Args {
     /// internal: set by a --procs parent, this process is its worker N
     #[argh(option)]
     worker: Option<u64>,
-    /// the I/O backend, uring (each core's own io_uring) or epoll; where
-    /// io_uring is unusable the client says why and runs on epoll (default
-    /// uring)
-    #[argh(option, default = "Backend::Uring")]
+    /// the I/O backend, epoll or uring (each core's own io_uring), as the
+    /// server's; where io_uring is unusable the client says why and runs on
+    /// epoll (default epoll)
+    #[argh(option, default = "Backend::Epoll")]
     io: Backend,
 }
 
