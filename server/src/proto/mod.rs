@@ -1,5 +1,6 @@
 //! The sans-IO protocol core: plain data, no sockets, tested exhaustively.
 
+pub mod auth;
 pub mod client_handshake;
 pub mod conn;
 pub mod device_id;
