@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::proto::auth::Denied;
+
 /// Most headers one request head may carry; more is answered with 431.
 pub const MAX_HEADERS: usize = 32;
 
@@ -26,6 +28,10 @@ pub struct Upgrade<'a> {
     pub id: &'a str,
     /// The Sec-WebSocket-Key, 24 base64 characters.
     pub key: [u8; 24],
+    /// The auth token, from `Authorization: Bearer <token>` or else from
+    /// `?token=<token>` (checked, if at all, by the caller's `admit`). A
+    /// Bearer value that is not UTF-8 is given as `""`, which never verifies.
+    pub token: Option<&'a str>,
     pub head_len: usize,
 }
 
@@ -38,6 +44,8 @@ pub enum Reject {
     UpgradeRequired,
     HeadTooLarge,
     Full,
+    /// Auth is on and the token was missing, bad or expired.
+    Unauthorized(Denied),
 }
 
 impl Reject {
@@ -49,6 +57,7 @@ impl Reject {
             Reject::UpgradeRequired => 426,
             Reject::HeadTooLarge => 431,
             Reject::Full => 503,
+            Reject::Unauthorized(_) => 401,
         }
     }
 
@@ -60,6 +69,7 @@ impl Reject {
             Reject::UpgradeRequired => "Upgrade Required",
             Reject::HeadTooLarge => "Request Header Fields Too Large",
             Reject::Full => "Service Unavailable",
+            Reject::Unauthorized(_) => "Unauthorized",
         }
     }
 
@@ -72,6 +82,12 @@ impl Reject {
             Reject::UpgradeRequired => "this endpoint only speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
             Reject::HeadTooLarge => "request head too large",
             Reject::Full => "server full: retry later",
+            // Never the token itself: bodies may end up in logs.
+            Reject::Unauthorized(Denied::Missing) => {
+                "missing token: send Authorization: Bearer <token> or ?token=<token>"
+            }
+            Reject::Unauthorized(Denied::Bad) => "bad token: not signed for this device id",
+            Reject::Unauthorized(Denied::Expired) => "expired token: get a new one",
         }
     }
 
@@ -81,6 +97,8 @@ impl Reject {
             Reject::UpgradeRequired => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
             Reject::BadRequest(BAD_VERSION) => "Sec-WebSocket-Version: 13\r\n",
             Reject::Full => "Retry-After: 5\r\n",
+            // RFC 9110 15.5.2: a 401 says which scheme to use.
+            Reject::Unauthorized(_) => "WWW-Authenticate: Bearer\r\n",
             _ => "",
         }
     }
@@ -147,6 +165,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
     let mut upgrade_websocket = false;
     let mut version_13 = None;
     let mut key = None;
+    let mut bearer = None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
@@ -160,6 +179,11 @@ pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
                 return Parsed::Reject(Reject::BadRequest(BAD_KEY));
             }
             key = Some(trim(h.value));
+        } else if name.eq_ignore_ascii_case("authorization") {
+            // Another scheme (Basic...) carries no token of ours.
+            if let Some(t) = bearer_token(h.value) {
+                bearer = Some(std::str::from_utf8(t).unwrap_or(""));
+            }
         }
     }
     if !connection_upgrade || !upgrade_websocket {
@@ -174,13 +198,34 @@ pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
     let Some(id) = device_id(query) else {
         return Parsed::Reject(Reject::BadRequest(BAD_ID));
     };
-    Parsed::Upgrade(Upgrade { id, key, head_len })
+    let token = bearer.or_else(|| query_param(query, "token="));
+    Parsed::Upgrade(Upgrade {
+        id,
+        key,
+        token,
+        head_len,
+    })
 }
 
 /// The `id` query parameter, if present and valid.
 pub fn device_id(query: &str) -> Option<&str> {
-    let value = query.split('&').find_map(|pair| pair.strip_prefix("id="))?;
+    let value = query_param(query, "id=")?;
     valid_id(value).then_some(value)
+}
+
+/// The value of the first query parameter starting with `prefix` (`name=`).
+fn query_param<'a>(query: &'a str, prefix: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| pair.strip_prefix(prefix))
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme is
+/// case-insensitive, RFC 9110 11.1); None for another scheme.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = trim(value);
+    let scheme = value.get(..6)?;
+    let rest = &value[6..];
+    (scheme.eq_ignore_ascii_case(b"bearer") && (rest.is_empty() || rest[0] == b' '))
+        .then(|| trim(rest))
 }
 
 /// 1 to 64 bytes of `[0-9A-Za-z:._-]`.
@@ -356,6 +401,9 @@ mod tests {
             Reject::UpgradeRequired,
             Reject::HeadTooLarge,
             Reject::Full,
+            Reject::Unauthorized(Denied::Missing),
+            Reject::Unauthorized(Denied::Bad),
+            Reject::Unauthorized(Denied::Expired),
         ] {
             let mut out = Vec::new();
             r.write(&mut out);
@@ -374,6 +422,78 @@ mod tests {
                 .unwrap();
             assert_eq!(out.len() - n, len);
             assert!(out.ends_with(b"\n") && !out[n..out.len() - 1].contains(&b'\n'));
+        }
+    }
+
+    fn token_of(req: &str) -> Option<String> {
+        match parse(req.as_bytes(), 8192) {
+            Parsed::Upgrade(u) => u.token.map(String::from),
+            other => panic!("{req:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_token_comes_from_bearer_or_the_query() {
+        assert_eq!(token_of(&request("/ws?id=a", "")), None);
+        assert_eq!(
+            token_of(&request("/ws?id=a", "Authorization: Bearer 12.abc\r\n")),
+            Some("12.abc".into())
+        );
+        assert_eq!(
+            token_of(&request(
+                "/ws?id=a",
+                "authorization:   bearer   12.abc  \r\n"
+            )),
+            Some("12.abc".into())
+        );
+        assert_eq!(
+            token_of(&request("/ws?token=12.q&id=a", "")),
+            Some("12.q".into())
+        );
+        assert_eq!(token_of(&request("/ws?id=a&token=", "")), Some("".into()));
+        // The header wins over the query.
+        assert_eq!(
+            token_of(&request("/ws?id=a&token=q", "Authorization: Bearer h\r\n")),
+            Some("h".into())
+        );
+        // Another scheme carries no token; a bare "Bearer" an empty one.
+        assert_eq!(
+            token_of(&request(
+                "/ws?id=a",
+                "Authorization: Basic dXNlcjpwYXNz\r\n"
+            )),
+            None
+        );
+        assert_eq!(
+            token_of(&request("/ws?id=a", "Authorization: Bearerx\r\n")),
+            None
+        );
+        assert_eq!(
+            token_of(&request("/ws?id=a", "Authorization: Bearer\r\n")),
+            Some("".into())
+        );
+        // The id is still found next to a token, and not inside one.
+        match parse(request("/ws?token=x&id=dev", "").as_bytes(), 8192) {
+            Parsed::Upgrade(u) => assert_eq!(u.id, "dev"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unauthorized_is_401_naming_the_reason() {
+        for (f, word) in [
+            (Denied::Missing, "missing"),
+            (Denied::Bad, "bad"),
+            (Denied::Expired, "expired"),
+        ] {
+            let r = Reject::Unauthorized(f);
+            assert_eq!(r.status(), 401);
+            assert!(r.body().starts_with(word), "{}", r.body());
+            let mut out = Vec::new();
+            r.write(&mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+            assert!(text.contains("WWW-Authenticate: Bearer\r\n"), "{text}");
         }
     }
 
