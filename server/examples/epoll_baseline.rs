@@ -49,6 +49,7 @@ fn main() {
         drain_timeout: Duration::from_secs(1),
         stats_interval: Duration::from_secs(3600),
         inject_panic: false,
+        auth: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

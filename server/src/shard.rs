@@ -52,6 +52,9 @@ pub struct ShardConfig {
     /// handling them, as a bug would. Only a frame masked with a zero key
     /// carries them in the clear; off in production.
     pub inject_panic: bool,
+    /// Device auth (--auth-secret-file): upgrades need a token these keys
+    /// verify, else 401. None: no auth.
+    pub auth: Option<std::sync::Arc<crate::proto::auth::Keys>>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -488,6 +491,18 @@ impl State {
             bytes,
             &self.cfg.limits,
             &mut |u: &Upgrade<'_>| {
+                // Before fullness: a device without a good token learns nothing else.
+                if let Some(keys) = &self.cfg.auth {
+                    use crate::proto::auth::{unix_now, Denied};
+                    if let Err(why) = keys.verify(u.id, u.token, unix_now()) {
+                        *match why {
+                            Denied::Missing => &mut self.counters.auth_missing,
+                            Denied::Bad => &mut self.counters.auth_bad,
+                            Denied::Expired => &mut self.counters.auth_expired,
+                        } += 1;
+                        return Err(Reject::Unauthorized(why));
+                    }
+                }
                 if full {
                     return Err(Reject::Full);
                 }
@@ -917,6 +932,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             stats_interval: Duration::from_secs(3600),
             inject_panic: false,
+            auth: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, _) = crate::mailbox::wire(1).unwrap();

@@ -35,6 +35,10 @@ pub struct Counters {
     pub internal_error: u64,
     /// Closed with 4000 because a newer connection took the device's id.
     pub replaced: u64,
+    /// Refused 401 (also counted in `rejected`): no token, a bad one, an expired one.
+    pub auth_missing: u64,
+    pub auth_bad: u64,
+    pub auth_expired: u64,
     /// io_uring: waits that found completions held back by a full CQ.
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
@@ -58,6 +62,9 @@ impl Counters {
         self.accept_exhausted += o.accept_exhausted;
         self.internal_error += o.internal_error;
         self.replaced += o.replaced;
+        self.auth_missing += o.auth_missing;
+        self.auth_bad += o.auth_bad;
+        self.auth_expired += o.auth_expired;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
     }
@@ -136,7 +143,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} cq_overflows={} cancels={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -152,6 +159,9 @@ pub fn totals(c: &Counters) -> String {
         c.accept_exhausted,
         c.internal_error,
         c.replaced,
+        c.auth_missing,
+        c.auth_bad,
+        c.auth_expired,
         c.io_cq_overflows,
         c.io_cancels
     )
@@ -182,6 +192,10 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         accept_exhausted: t("accept_exhausted")?,
         internal_error: t("internal_error")?,
         replaced: t("replaced").unwrap_or(0),
+        // Optional: lines of servers from before auth lack them.
+        auth_missing: t("auth_missing").unwrap_or(0),
+        auth_bad: t("auth_bad").unwrap_or(0),
+        auth_expired: t("auth_expired").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
     };
@@ -249,11 +263,21 @@ mod tests {
             accept_exhausted: 13,
             internal_error: 14,
             replaced: 17,
+            auth_missing: 18,
+            auth_bad: 19,
+            auth_expired: 20,
             io_cq_overflows: 15,
             io_cancels: 16,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);
         assert_eq!(parse("final total accepted=1"), None);
+        // A line without the optional keys still parses, with them at 0.
+        let old = "final total accepted=1 upgraded=1 frames=0 expired=0 client_close=0 peer_gone=0 protocol_error=0 handshake_timeout=0 frame_timeout=0 rejected=0 slow_reader=0 shutdown=0 accept_exhausted=0 internal_error=0";
+        let (_, _, c) = parse(old).unwrap();
+        assert_eq!(
+            (c.replaced, c.auth_missing, c.auth_bad, c.auth_expired),
+            (0, 0, 0, 0)
+        );
     }
 }

@@ -2,13 +2,15 @@
 //! SO_REUSEPORT listener, slab of connections and timing wheel.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
 use c1m::io::Backend;
 use c1m::procs::limits::Host;
+use c1m::proto::auth::{self, Keys};
 use c1m::proto::conn::Limits;
 use c1m::shard::{self, ShardConfig};
 use c1m::stats::{self, Counters, Snapshot};
@@ -115,11 +117,39 @@ struct Args {
     /// the server says why and runs on epoll (default epoll)
     #[argh(option, default = "Backend::Epoll")]
     io: Backend,
+    /// require device tokens (401 without a good one), signed with the
+    /// secrets in this file: one per line, the first current, a second
+    /// still accepted while rotating (default: no auth); `server token`
+    /// mints tokens
+    #[argh(option)]
+    auth_secret_file: Option<PathBuf>,
+}
+
+/// `server token`: prints a token for one device, to stdout, for a server
+/// started with the same --auth-secret-file.
+#[derive(argh::FromArgs)]
+struct TokenArgs {
+    /// the device's id
+    #[argh(option)]
+    id: String,
+    /// how long the token is good for, e.g. 30d, 12h, 90m or 3600s
+    #[argh(option)]
+    ttl: String,
+    /// the secrets file the server loads (the first secret signs)
+    #[argh(option)]
+    auth_secret_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
-    match run(args) {
+    let argv: Vec<String> = std::env::args().collect();
+    // A mode of its own, seen before argh: the server's flags stay as they
+    // are, with no subcommand to type.
+    let result = if argv.get(1).is_some_and(|a| a == "token") {
+        token(parse_token_args(&argv))
+    } else {
+        run(argh::from_env())
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server: {e}");
@@ -128,11 +158,60 @@ fn main() -> ExitCode {
     }
 }
 
+/// [`TokenArgs`] from `server token ...`, or exits as argh does on --help
+/// or a bad flag.
+fn parse_token_args(argv: &[String]) -> TokenArgs {
+    let cmd = format!("{} token", argv[0]);
+    let rest: Vec<&str> = argv[2..].iter().map(String::as_str).collect();
+    match <TokenArgs as argh::FromArgs>::from_args(&[&cmd], &rest) {
+        Ok(a) => a,
+        Err(argh::EarlyExit { output, status }) => {
+            match status {
+                Ok(()) => println!("{output}"),
+                Err(()) => eprintln!("{output}\nRun {cmd} --help for more information."),
+            }
+            std::process::exit(if status.is_ok() { 0 } else { 1 })
+        }
+    }
+}
+
+/// Prints the token of `--id` for `--ttl` from now.
+fn token(args: TokenArgs) -> Result<(), String> {
+    let Some(path) = args.auth_secret_file else {
+        return Err("server token needs --auth-secret-file PATH, the file the server loads".into());
+    };
+    if !c1m::proto::handshake::valid_id(&args.id) {
+        return Err(format!(
+            "--id {:?} is not a device id: 1 to {} of [0-9A-Za-z:._-]",
+            args.id,
+            c1m::proto::handshake::MAX_ID_LEN
+        ));
+    }
+    let ttl = auth::parse_ttl(&args.ttl)?;
+    let keys = Keys::load(&path)?;
+    let expiry = auth::unix_now().saturating_add(ttl);
+    // Only the token on stdout, for scripts; it is a credential: nothing
+    // else prints it.
+    println!("{}", keys.sign(&args.id, expiry));
+    eprintln!(
+        "server: token for {} valid until unix time {expiry} ({}s from now)",
+        args.id, ttl
+    );
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), String> {
     let cores = args.cores.clone().unwrap_or_else(allowed_cpus);
     if args.procs == 0 {
         return Err("--procs must be at least 1".into());
     }
+    // Loaded here, before any worker starts, so that a bad file is one
+    // error; --procs workers get the path (they re-run these arguments),
+    // never the secret.
+    let auth = match &args.auth_secret_file {
+        Some(path) => Some(Arc::new(Keys::load(path)?)),
+        None => None,
+    };
     if args.procs > 1 {
         let signals = block_signals();
         return c1m::procs::supervisor::Supervisor {
@@ -173,6 +252,7 @@ fn run(args: Args) -> Result<(), String> {
             Duration::from_secs(3600)
         },
         inject_panic: std::env::var_os("C1M_INJECT_PANIC").is_some_and(|v| v == "1"),
+        auth: auth.clone(),
     };
     cfg.validate()?;
 
@@ -268,12 +348,16 @@ fn run(args: Args) -> Result<(), String> {
     }
     drop(report_tx);
     eprintln!(
-        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile})",
+        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {})",
         args.listen,
         cores.len(),
         cores,
         args.timeout,
-        args.tick
+        args.tick,
+        match &auth {
+            Some(k) => format!("on, {} secrets", k.len()),
+            None => "off".into(),
+        }
     );
 
     let start = Instant::now();
