@@ -34,12 +34,13 @@ PORT=${PORT:-9400}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
 LOADGEN_FLAGS=${LOADGEN_FLAGS:-}
 
-cargo build --release --quiet --bin server --examples
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --examples
 BASE_SERVER=${BASE_SERVER:-}
+BASE_FLAGS=${BASE_FLAGS:-}  # extra flags for the base server, e.g. --io epoll
 case " $IMPLS " in
   *" base "*) [ -x "$BASE_SERVER" ] || { echo "bench: IMPLS has base but BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; } ;;
 esac
-out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${LOADGEN_FLAGS:+ LOADGEN_FLAGS='$LOADGEN_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/core.sh")
+out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${LOADGEN_FLAGS:+ LOADGEN_FLAGS='$LOADGEN_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER}${BASE_FLAGS:+ BASE_FLAGS='$BASE_FLAGS'} bench/core.sh")
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "kernel: $(uname -r)"
@@ -62,7 +63,7 @@ start_server() {
       [ "${impl:5:1}" = 1 ] && cores=0
       [ "${impl: -3}" = cpu ] && steer=(--reuseport-cpu)
       ./target/release/server --io "$io" "${steer[@]}" --listen 127.0.0.1:$PORT --cores $cores --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
-    base) "$BASE_SERVER" --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
+    base) "$BASE_SERVER" $BASE_FLAGS --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     threads) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock128) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 128 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock4096) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 4096 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;

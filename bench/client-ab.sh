@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Before and after, interleaved: the client-15k run (15,000 devices, 10
+# source addresses, heartbeat 10 s, 10% silent, server --timeout 20s --tick
+# 100ms) with an older build's client and server (BASE_DIR/client and
+# BASE_DIR/server) and with this tree's, ROUNDS times each, alternating.
+# Build the old one aside first, e.g.
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release --bin server --bin client)
+#   BASE_DIR=/tmp/old/target/release bash bench/client-ab.sh
+# Usage: bench/client-ab.sh   (about 1 minute per run; ROUNDS (2), HOLD (20s))
+# Writes: results/<UTC time>-client-ab/{summary.md,base-N/,new-N/,command.txt}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+BASE_DIR=${BASE_DIR:?set BASE_DIR to a directory with an older client and server}
+ROUNDS=${ROUNDS:-2}
+HOLD=${HOLD:-20s}
+PORT=${PORT:-9410}
+[ -x "$BASE_DIR/client" ] && [ -x "$BASE_DIR/server" ] || { echo "client-ab: $BASE_DIR has no client and server" >&2; exit 2; }
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
+out=$(new_results client-ab "BASE_DIR=$BASE_DIR ROUNDS=$ROUNDS HOLD=$HOLD bash bench/client-ab.sh")
+for round in $(seq "$ROUNDS"); do
+  for which in base new; do
+    dir=./target/release
+    [ $which = base ] && dir=$BASE_DIR
+    timeout 300 "$dir/client" --out "$out/$which-$round" --spawn-server --server-bin "$dir/server" \
+      --server 127.0.0.1:$PORT --server-flags "--timeout 20s --tick 100ms --cores 0-1" \
+      --conns 15000 --ips 127.0.0.2-127.0.0.11 --heartbeat 10s --silent 0.1 --hold "$HOLD" --quiet \
+      > "$out/$which-$round.stdout" 2>&1 || echo "client-ab: $which round $round exited $?" >&2
+    sleep 2
+  done
+done
+python3 - "$out" "$ROUNDS" <<'PY' | tee "$out/summary.md"
+import json, sys, statistics
+out, rounds = sys.argv[1], int(sys.argv[2])
+keys = [
+    ("conn/s (mean)", "conn_per_s_mean"),
+    ("connect p99 ms", "connect_p99_ms"),
+    ("heartbeat RTT p50 ms", "heartbeat_rtt_p50_ms"),
+    ("heartbeat RTT p99 ms", "heartbeat_rtt_p99_ms"),
+    ("client CPU/conn us", "client_cpu_per_conn_us"),
+    ("client RSS/conn B", "client_rss_per_conn_bytes"),
+    ("server CPU/conn us", "server_cpu_per_conn_us"),
+    ("server CPU/heartbeat us", "server_cpu_per_heartbeat_us"),
+    ("server RSS/conn B", "server_rss_per_conn_bytes"),
+    ("false expiries", "false_expiries"),
+]
+def load(which):
+    return [json.load(open(f"{out}/{which}-{r}/summary.json")) for r in range(1, rounds + 1)]
+runs = {w: load(w) for w in ("base", "new")}
+print(f"Medians of {rounds} interleaved runs each (15,000 devices).\n")
+print("| figure | base | new | new / base |\n|---|---|---|---|")
+for name, key in keys:
+    try:
+        b = statistics.median(s["figures"][key] for s in runs["base"])
+        n = statistics.median(s["figures"][key] for s in runs["new"])
+    except (KeyError, TypeError) as e:
+        print(f"| {name} | n/a | n/a | ({e}) |")
+        continue
+    print(f"| {name} | {b:.3g} | {n:.3g} | {n / b:.2f} |" if b else f"| {name} | {b} | {n} | - |")
+PY
+echo "client-ab: wrote $out" >&2
