@@ -365,35 +365,47 @@ fn per_shard(line: &str) -> Vec<u64> {
     list.split(',').map(|n| n.parse().unwrap()).collect()
 }
 
+/// Whether this host has the 2 CPUs the placement tests pin threads to.
+fn two_cpus() -> bool {
+    let ok = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    if !ok {
+        eprintln!("skipped: needs 2 CPUs");
+    }
+    ok
+}
+
+/// Devices `ids` opened from a thread pinned to `cpu` (on loopback the
+/// server receives them on that CPU).
+fn open_pinned(addr: SocketAddr, cpu: usize, ids: Vec<String>) -> Vec<WebSocket<TcpStream>> {
+    std::thread::spawn(move || {
+        pin(cpu);
+        ids.iter()
+            .map(|id| {
+                let s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                tungstenite::client(format!("ws://{addr}/ws?id={id}"), s)
+                    .unwrap()
+                    .0
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
 /// On loopback a connection is received on the CPU that opened it: with
 /// --reuseport-cpu, devices opened from CPU 1 all land on shard 1, those
 /// from CPU 0 on shard 0.
 fn reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard() {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped: needs 2 CPUs");
+    if !two_cpus() {
         return;
     }
     let server = Server::start(&["--cores", "0-1", "--reuseport-cpu"]);
-    let addr = server.addr;
-    let open_from = |cpu: usize, n: usize| {
-        std::thread::spawn(move || {
-            pin(cpu);
-            (0..n)
-                .map(|i| {
-                    let s = TcpStream::connect(addr).unwrap();
-                    tungstenite::client(format!("ws://{addr}/ws?id=c{cpu}-{i}"), s)
-                        .unwrap()
-                        .0
-                })
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .unwrap()
-    };
-    let on_1 = open_from(1, 5);
+    let ids = |cpu: usize, n: usize| (0..n).map(|i| format!("c{cpu}-{i}")).collect();
+    let on_1 = open_pinned(server.addr, 1, ids(1, 5));
     let l = server.wait_line("5 connections", |l| field(l, "conns") == 5);
     assert_eq!(per_shard(&l), [0, 5], "{l}");
-    let on_0 = open_from(0, 3);
+    let on_0 = open_pinned(server.addr, 0, ids(0, 3));
     let l = server.wait_line("8 connections", |l| field(l, "conns") == 8);
     assert_eq!(per_shard(&l), [3, 5], "{l}");
     drop((on_0, on_1));
@@ -404,24 +416,14 @@ fn reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard() {
 /// shards (placed by --reuseport-cpu and pinned threads), and the newer one
 /// is served. A close followed by a reconnect replaces nothing.
 fn a_second_connection_with_the_same_id_replaces_the_first() {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped: needs 2 CPUs");
+    if !two_cpus() {
         return;
     }
     let server = Server::start(&["--cores", "0-1", "--reuseport-cpu"]);
-    let addr = server.addr;
     let open_on = |cpu: usize, id: &str| {
-        let id = id.to_string();
-        std::thread::spawn(move || {
-            pin(cpu);
-            let s = TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            tungstenite::client(format!("ws://{addr}/ws?id={id}"), s)
-                .unwrap()
-                .0
-        })
-        .join()
-        .unwrap()
+        open_pinned(server.addr, cpu, vec![id.to_string()])
+            .pop()
+            .unwrap()
     };
     for (replaced, (first_cpu, second_cpu, id)) in (1..).zip([
         (0, 0, "same-shard"),
