@@ -20,6 +20,7 @@ use c1m::io::epoll::EpollDriver;
 use c1m::io::socket;
 use c1m::io::uring::UringDriver;
 use c1m::io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
+use c1m::proto::auth::{self, Keys};
 use c1m::proto::client_handshake::{self, key_for, Answer};
 use c1m::proto::frame::{self, Opcode};
 use c1m::proto::wheel::{self, Entry, Wheel};
@@ -46,6 +47,9 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// 200-byte upgrade request, heartbeats of a few bytes and pongs: a server
 /// that leaves this much of them unread is not reading.
 const MAX_PENDING: usize = 64 * 1024;
+/// How long a device's token is good for (--auth-secret-file): a day, as
+/// a device would renew it, far longer than any run.
+const TOKEN_TTL_S: u64 = 86_400;
 
 /// What a device sends as its heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +111,8 @@ pub struct Plan {
     pub origin: Instant,
     /// The I/O driver each core runs (one that [`Backend::usable`] allowed).
     pub io: Backend,
+    /// --auth-secret-file: each device signs its own token (valid one day).
+    pub auth: Option<Arc<Keys>>,
 }
 
 /// Where a device is in its life.
@@ -584,11 +590,18 @@ impl State {
         );
         self.out.clear();
         let (_, dst) = route(d.n, self.plan.sources.len(), self.plan.servers.len());
+        // Signed inline (no allocation), at each attempt: a day from now.
+        let token = self
+            .plan
+            .auth
+            .as_ref()
+            .map(|k| k.sign(&self.id, auth::unix_now() + TOKEN_TTL_S));
         client_handshake::write_request(
             &mut self.out,
             &self.hosts[dst],
             &self.id,
             &key_for(d.n, self.plan.run_tag as u64),
+            token.as_ref().map(|t| t.as_str()),
         );
         match io.send(d.io, &self.out) {
             Sent::Done | Sent::Queued => {}

@@ -393,6 +393,76 @@ fn ipv6_sources_and_echoed_text_heartbeats(io: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// --auth-secret-file on both sides: with the server's own file every
+/// device signs a token the server accepts; with another secret every
+/// attempt is answered 401 (and counted as bad tokens by the server).
+fn signed_devices_connect_and_a_wrong_secret_gets_401(io: &str) {
+    let secrets = out_dir("auth-secrets", io);
+    std::fs::create_dir_all(&secrets).unwrap();
+    let ours = secrets.join("ours");
+    let theirs = secrets.join("theirs");
+    std::fs::write(&ours, "client-test-secret-0123456789\n").unwrap();
+    std::fs::write(&theirs, "another-test-secret-abcdefghij\n").unwrap();
+    let (ours, theirs) = (ours.display(), theirs.display());
+
+    let dir = out_dir("auth-same", io);
+    let addr = format!("127.0.0.1:{}", port());
+    let s = run_fleet(
+        io,
+        &addr,
+        &format!("--timeout 5s --tick 100ms --auth-secret-file {ours}"),
+        &format!("--conns 200 --heartbeat 250ms --hold 1s --auth-secret-file {ours}"),
+        &dir,
+    );
+    let f = &s["figures"];
+    assert_eq!(
+        (f["established"].as_u64(), f["failed"].as_u64()),
+        (Some(200), Some(0)),
+        "{f}"
+    );
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(
+        fin.contains("upgraded=200 ") && fin.contains("auth_bad=0 "),
+        "{fin}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let dir = out_dir("auth-other", io);
+    let addr = format!("127.0.0.1:{}", port());
+    let out = Command::new(CLIENT)
+        .args(["--spawn-server", "--server", &addr, "--server-bin"])
+        .arg(server_bin())
+        .arg("--server-flags")
+        .arg(format!(
+            "--io {io} --timeout 5s --tick 100ms --auth-secret-file {theirs}"
+        ))
+        .args(["--io", io, "--quiet", "--conns", "50", "--hold", "1s"])
+        .arg("--auth-secret-file")
+        .arg(ours.to_string())
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .expect("client runs");
+    assert_ne!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&dir);
+    let f = &s["figures"];
+    let n = |k: &str| f[k].as_u64().unwrap_or_else(|| panic!("{k} in {f}"));
+    assert_eq!(n("established"), 0, "{f}");
+    assert!(n("failed") >= 50, "{f}");
+    assert_eq!(n("failed_http_status"), n("failed"), "{f}");
+    assert_eq!(n("last_http_status"), 401, "{f}");
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(fin.contains("upgraded=0 "), "{fin}");
+    assert!(fin.contains(&format!("auth_bad={} ", n("failed"))), "{fin}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&secrets);
+}
+
 /// Makes each test above, a function of the backend, a test per backend:
 /// `epoll::name` and `uring::name`.
 macro_rules! on_both_backends {
@@ -419,4 +489,5 @@ on_both_backends!(
     procs_workers_merge_into_one_run_and_stop_on_sigterm,
     silent_after_lets_the_fraction_beat_first_then_expire,
     ipv6_sources_and_echoed_text_heartbeats,
+    signed_devices_connect_and_a_wrong_secret_gets_401,
 );

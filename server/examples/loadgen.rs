@@ -395,6 +395,7 @@ fn worker(
                     "bench",
                     &device,
                     &key_for(i as u64, id as u64),
+                    None,
                 );
                 if socket::so_error(c.fd) != 0 || send_all(c.fd, &req).is_err() {
                     c.state = State::Failed;

@@ -129,6 +129,11 @@ struct Args {
     /// epoll (default epoll)
     #[argh(option, default = "Backend::Epoll")]
     io: Backend,
+    /// sign each device's token with the first secret in this file (the
+    /// server's --auth-secret-file) and send it as Authorization: Bearer
+    /// (default: no token)
+    #[argh(option)]
+    auth_secret_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -277,6 +282,11 @@ fn run(args: Args) -> Result<i32, String> {
         }
     }
     ips::check_capacity(args.conns, sources.len(), &servers, ips::local_port_range())?;
+    // Read before anything starts, so that a bad file is one error.
+    let auth = match &args.auth_secret_file {
+        Some(path) => Some(std::sync::Arc::new(c1m::proto::auth::Keys::load(path)?)),
+        None => None,
+    };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {
         eprintln!("client: {why}");
@@ -360,6 +370,7 @@ fn run(args: Args) -> Result<i32, String> {
         run_tag,
         origin: Instant::now(),
         io,
+        auth: auth.clone(),
     };
     let sockstat_before = host::sockstat();
     let workers = if parent {
@@ -399,6 +410,8 @@ fn run(args: Args) -> Result<i32, String> {
         "procs": args.procs,
         "worker": args.worker,
         "io": io.to_string(),
+        // Whether devices signed tokens; never the secret or a token.
+        "auth": auth.is_some(),
         "first_device": first_device,
         "devices": devices,
         "id_prefix": args.id_prefix,

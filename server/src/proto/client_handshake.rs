@@ -15,8 +15,9 @@ pub fn key_for(n: u64, salt: u64) -> [u8; 24] {
     key
 }
 
-/// Appends `GET /ws?id=<id>` with the upgrade headers to `out`.
-pub fn write_request(out: &mut Vec<u8>, host: &str, id: &str, key: &[u8; 24]) {
+/// Appends `GET /ws?id=<id>` with the upgrade headers to `out`, and
+/// `Authorization: Bearer <token>` when given one (see [`crate::proto::auth`]).
+pub fn write_request(out: &mut Vec<u8>, host: &str, id: &str, key: &[u8; 24], token: Option<&str>) {
     out.extend_from_slice(b"GET /ws?id=");
     out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
@@ -25,6 +26,10 @@ pub fn write_request(out: &mut Vec<u8>, host: &str, id: &str, key: &[u8; 24]) {
         b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
     );
     out.extend_from_slice(key);
+    if let Some(token) = token {
+        out.extend_from_slice(b"\r\nAuthorization: Bearer ");
+        out.extend_from_slice(token.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -83,12 +88,19 @@ mod tests {
     fn our_request_upgrades_on_our_server_and_its_answer_checks_out() {
         let key = key_for(7, 42);
         let mut req = Vec::new();
-        write_request(&mut req, "127.0.0.1:9000", "02:00:00:00:00:07", &key);
+        write_request(&mut req, "127.0.0.1:9000", "02:00:00:00:00:07", &key, None);
         let Parsed::Upgrade(u) = handshake::parse(&req, 8192) else {
             panic!("server refused our request")
         };
         assert_eq!(u.id, "02:00:00:00:00:07");
         assert_eq!(u.key, key);
+        assert_eq!(u.token, None);
+        let mut signed = Vec::new();
+        write_request(&mut signed, "h", "d", &key, Some("12.abc"));
+        let Parsed::Upgrade(s) = handshake::parse(&signed, 8192) else {
+            panic!("server refused our signed request")
+        };
+        assert_eq!(s.token, Some("12.abc"));
         let mut answer = Vec::new();
         handshake::write_accept(&u.key, &mut answer);
         let n = answer.len();
