@@ -1096,6 +1096,238 @@ fn procs_workers_load_the_secret_file_themselves() {
     assert_eq!(field(&l, "rejected"), 10, "{l}");
 }
 
+// ---- --admin: /metrics, /healthz ----
+
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+/// One HTTP/1.1 request to the admin port: (status, body).
+fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {out:?}"));
+    (status, body.to_string())
+}
+
+/// /metrics, read by an independent parser of the exposition format, with
+/// a few rules of the format checked beside it: every sample's family has
+/// HELP and TYPE first, counters end in `_total`.
+fn scrape(admin: &str) -> prometheus_parse::Scrape {
+    let (status, body) = http(admin, "GET", "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let mut typed: Vec<(String, String)> = Vec::new();
+    let mut helped: Vec<String> = Vec::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            typed.push((name.into(), kind.into()));
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.push(rest.split(' ').next().unwrap().into());
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                typed.iter().any(|(n, _)| n == name) && helped.iter().any(|n| n == name),
+                "{name} sampled before its HELP and TYPE"
+            );
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert_eq!(
+        scrape.samples.len(),
+        body.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    scrape
+}
+
+/// The sum of `name`'s samples whose labels include `labels`.
+fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a number"),
+        })
+        .sum()
+}
+
+/// Scrapes until `pred` holds (the shards report on their own clock).
+fn scrape_until(
+    admin: &str,
+    what: &str,
+    pred: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(admin);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "/metrics never showed {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn admin_serves_metrics_healthz_and_nothing_else() {
+    let admin = free_addr();
+    let server = Server::start(&["--admin", &admin, "--drain-timeout", "3s"]);
+    let mut held: Vec<_> = (0..3).map(|i| server.ws(&format!("adm{i}"))).collect();
+    let mut gone = held.pop().unwrap();
+    gone.close(None).unwrap();
+    while gone.read().is_ok() {} // until the server's Close and EOF
+    let s = scrape_until(&admin, "2 held, 1 closed by the client", |s| {
+        metric(s, "c1m_connections", &[]) == 2.0
+            && metric(s, "c1m_closed_total", &[("reason", "client_close")]) == 1.0
+    });
+    // One gauge sample per shard, labelled by shard.
+    let shards: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "c1m_connections")
+        .map(|x| x.labels.get("shard").expect("shard label").to_string())
+        .collect();
+    assert!(!shards.is_empty(), "{shards:?}");
+    assert!(metric(&s, "c1m_accepted_total", &[]) >= 3.0);
+    assert_eq!(metric(&s, "c1m_upgraded_total", &[]), 3.0);
+    assert_eq!(metric(&s, "c1m_sockets", &[]), 2.0);
+    // Every accepted socket is held or closed, for one reason (the start-up
+    // probe's connection too, as peer_gone).
+    assert_eq!(
+        metric(&s, "c1m_closed_total", &[]) + 2.0,
+        metric(&s, "c1m_accepted_total", &[])
+    );
+    assert_eq!(http(&admin, "GET", "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http(&admin, "GET", "/nowhere").0, 404);
+    assert_eq!(http(&admin, "POST", "/metrics").0, 405);
+    assert_eq!(http(&admin, "DELETE", "/healthz").0, 405);
+    // Garbage never takes the admin thread down.
+    for junk in [
+        &b"\x00\x01\x02 nonsense\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n",
+    ] {
+        let mut s = TcpStream::connect(&admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(junk);
+        let _ = s.read(&mut [0u8; 256]);
+    }
+    assert_eq!(http(&admin, "GET", "/healthz").0, 200);
+    // The device port knows nothing of /metrics.
+    let (upgraded, _) = try_upgrade(server.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(!upgraded);
+    // Draining (the held devices never read their Close): /healthz says so.
+    server.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(&admin, "GET", "/healthz") != (503, "stopping\n".to_string()) {
+        assert!(Instant::now() < deadline, "/healthz never said stopping");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
+}
+
+fn admin_metrics_stay_fresh_with_the_stats_line_off() {
+    let admin = free_addr();
+    let listen = free_addr();
+    let child = server_command()
+        .args([
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--stats-interval",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (_tx, lines) = mpsc::channel();
+    let server = Server {
+        child,
+        addr: listen.parse().unwrap(),
+        lines,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(server.addr).is_err() {
+        assert!(Instant::now() < deadline, "server did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _held = server.ws("fresh");
+    // Within seconds, not the hour the shards report in without --admin.
+    scrape_until(&admin, "the device", |s| {
+        metric(s, "c1m_connections", &[]) == 1.0
+    });
+}
+
+fn admin_on_the_device_port_is_refused_in_one_sentence() {
+    let listen = free_addr();
+    let out = server_command()
+        .args(["--listen", &listen, "--admin", &listen])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--admin") && err.contains("device port"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+fn procs_admin_is_served_once_by_the_parent_for_all_workers() {
+    let admin = free_addr();
+    let server = Server::start(&["--procs", "2", "--admin", &admin]);
+    // Workers never open the admin port: the parent strips the flag.
+    let workers = children(server.child.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    for w in &workers {
+        let cmdline = std::fs::read(format!("/proc/{w}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(!cmdline.contains("--admin"), "{cmdline}");
+    }
+    let _held: Vec<_> = (0..8).map(|i| server.ws(&format!("pw{i}"))).collect();
+    let line = server.wait_line("8 conns", |l| l.contains(" conns=8 "));
+    let s = scrape_until(&admin, "8 devices", |s| {
+        metric(s, "c1m_connections", &[]) == 8.0
+    });
+    let per: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "c1m_connections")
+        .map(|x| x.labels.get("worker").expect("worker label").to_string())
+        .collect();
+    assert_eq!(per.len(), 2, "{per:?}");
+    assert!(metric(&s, "c1m_accepted_total", &[]) >= 8.0);
+    assert_eq!(
+        metric(&s, "c1m_upgraded_total", &[]),
+        field(&line, "upgraded") as f64
+    );
+    assert_eq!(http(&admin, "GET", "/healthz").0, 200);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1135,4 +1367,8 @@ on_both_backends!(
     server_token_mints_a_token_the_server_accepts,
     an_unusable_secret_file_stops_the_server_with_one_clear_sentence,
     procs_workers_load_the_secret_file_themselves,
+    admin_serves_metrics_healthz_and_nothing_else,
+    admin_metrics_stay_fresh_with_the_stats_line_off,
+    admin_on_the_device_port_is_refused_in_one_sentence,
+    procs_admin_is_served_once_by_the_parent_for_all_workers,
 );

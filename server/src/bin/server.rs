@@ -123,6 +123,10 @@ struct Args {
     /// mints tokens
     #[argh(option)]
     auth_secret_file: Option<PathBuf>,
+    /// serve GET /metrics (Prometheus) and /healthz over HTTP on this
+    /// address, e.g. 127.0.0.1:9100; never the device port (default: off)
+    #[argh(option)]
+    admin: Option<SocketAddr>,
 }
 
 /// `server token`: prints a token for one device, to stdout, for a server
@@ -205,6 +209,12 @@ fn run(args: Args) -> Result<(), String> {
     if args.procs == 0 {
         return Err("--procs must be at least 1".into());
     }
+    if let Some(admin) = args.admin.filter(|&a| c1m::admin::clashes(a, args.listen)) {
+        return Err(format!(
+            "--admin {admin} is the device port (--listen {}): give the admin listener an address of its own",
+            args.listen
+        ));
+    }
     // Loaded here, before any worker starts, so that a bad file is one
     // error; --procs workers get the path (they re-run these arguments),
     // never the secret.
@@ -222,6 +232,7 @@ fn run(args: Args) -> Result<(), String> {
             args: std::env::args().skip(1).collect(),
             stats_interval: args.stats_interval,
             worker_stats: args.worker_stats,
+            admin: args.admin,
         }
         .run(|wait| wait_signal(&signals, wait));
     }
@@ -246,10 +257,13 @@ fn run(args: Args) -> Result<(), String> {
         max_conns,
         graceful_expiry: args.graceful_expiry,
         drain_timeout: args.drain_timeout,
-        stats_interval: if print_stats {
-            args.stats_interval
-        } else {
-            Duration::from_secs(3600)
+        // How often the shards send their snapshots: for the stats line,
+        // and at least once a second for /metrics when --admin is on.
+        stats_interval: match (print_stats, args.admin.is_some()) {
+            (true, false) => args.stats_interval,
+            (true, true) => args.stats_interval.min(Duration::from_secs(1)),
+            (false, true) => Duration::from_secs(1),
+            (false, false) => Duration::from_secs(3600),
         },
         inject_panic: std::env::var_os("C1M_INJECT_PANIC").is_some_and(|v| v == "1"),
         auth: auth.clone(),
@@ -316,8 +330,15 @@ fn run(args: Args) -> Result<(), String> {
     }
 
     // SIGINT and SIGTERM are taken by this thread only (sigtimedwait below);
-    // the shard threads inherit the blocked mask.
+    // the shard threads inherit the blocked mask (and so does the admin's).
     let signals = block_signals();
+
+    // Bound before any shard starts, like the listeners: a taken admin
+    // port is one clear error. It sees only what this thread publishes.
+    let admin = match args.admin {
+        Some(addr) => Some(c1m::admin::Admin::start(addr, "shard")?),
+        None => None,
+    };
 
     let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
     // Each shard's inbox, its ends to every shard (the device registry's
@@ -383,18 +404,30 @@ fn run(args: Args) -> Result<(), String> {
             for shard in &outside {
                 shard.send_now(c1m::mailbox::Mail::Shutdown);
             }
+            if let Some(a) = &admin {
+                a.stopping();
+            }
         } else if stopping {
             std::thread::sleep(wait);
         }
+        let mut fresh = false;
         loop {
             match report_rx.try_recv() {
-                Ok(s) => latest[s.shard] = s,
+                Ok(s) => {
+                    latest[s.shard] = s;
+                    fresh = true;
+                }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     running = false;
                     break;
                 }
             }
+        }
+        if let Some(a) = admin.as_ref().filter(|_| fresh) {
+            let mut sum = Counters::default();
+            latest.iter().for_each(|s| sum.add(&s.totals));
+            a.publish(&latest, &sum);
         }
         let now = Instant::now();
         if print_stats && now >= next_print {

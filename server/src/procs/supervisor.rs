@@ -23,6 +23,9 @@ pub struct Supervisor {
     pub stats_interval: Duration,
     /// Also print every worker's own stats lines, prefixed `worker N:`.
     pub worker_stats: bool,
+    /// `--admin`: served here, once, for all workers (which never open it),
+    /// from their stats lines.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -160,6 +163,7 @@ impl Supervisor {
                 ("--join", false),
                 ("--worker-stats", false),
                 ("--stats-interval", true),
+                ("--admin", true),
             ],
         );
         args.extend([
@@ -199,6 +203,11 @@ impl Supervisor {
                 )
             })?;
         }
+        // Bound before any worker starts: a taken port is one clear error.
+        let admin = match self.admin {
+            Some(addr) => Some(crate::admin::Admin::start(addr, "worker")?),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel::<Line>();
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
@@ -233,11 +242,20 @@ impl Supervisor {
                 for w in ws.iter().filter(|w| w.exited.is_none()) {
                     workers::signal(w.child.id(), libc::SIGTERM);
                 }
+                if let Some(a) = &admin {
+                    a.stopping();
+                }
             } else if stopping {
                 std::thread::sleep(Duration::from_millis(50));
             }
+            let mut fresh = false;
             while let Ok(line) = rx.try_recv() {
                 self.on_line(&mut ws, line);
+                fresh = true;
+            }
+            if let Some(a) = admin.as_ref().filter(|_| fresh) {
+                let snaps: Vec<Snapshot> = ws.iter().map(|w| w.tally.latest).collect();
+                a.publish(&snaps, &total(&ws));
             }
             for i in 0..ws.len() {
                 if ws[i].exited.is_some() {
