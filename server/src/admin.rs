@@ -5,6 +5,13 @@
 //!   counters and gauges in the shards' latest snapshots;
 //! - `GET /healthz`: 200 `ok` while the server runs, 503 `stopping` once it
 //!   drains;
+//! - `GET /devices/<id>`: where the device is connected (JSON), or 404;
+//!   `POST /devices/<id>/messages`: the body goes to the device as one
+//!   message (text for a `text/*` Content-Type, else binary), 404 when it
+//!   is not connected, 413 over `--max-message`; `DELETE /devices/<id>`:
+//!   Close 4001 "kicked". These ask the id's owner shard by message and
+//!   wait for its answer on a channel of their own (2 s at most): no shard
+//!   ever waits on this thread;
 //! - any other path 404, any other method 405.
 //!
 //! HTTP here is tiny_http's: a small, long-maintained, blocking HTTP/1.1
@@ -21,8 +28,15 @@
 //! into a mutex only it and the admin threads share.
 
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer};
+use crate::proto::device_id::DeviceId;
+use crate::proto::handshake::valid_id;
+use crate::registry;
 
 use crate::stats::{Counters, Snapshot};
 
@@ -51,7 +65,11 @@ impl Admin {
     /// Binds `addr` and serves it from a thread of its own. `group` names
     /// the gauges' label: `shard`, or `worker` in a `--procs` parent (which
     /// sees only its workers' sums).
-    pub fn start(addr: SocketAddr, group: &'static str) -> Result<Admin, String> {
+    pub fn start(
+        addr: SocketAddr,
+        group: &'static str,
+        devices: Option<Devices>,
+    ) -> Result<Admin, String> {
         let server = tiny_http::Server::http(addr)
             .map_err(|e| format!("cannot serve --admin on {addr}: {e}"))?;
         let addr = server.server_addr().to_ip().unwrap_or(addr);
@@ -60,7 +78,7 @@ impl Admin {
         let (s, v) = (server.clone(), view.clone());
         std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || serve(&s, &v, group))
+            .spawn(move || serve(&s, &v, group, devices.as_ref()))
             .map_err(|e| format!("cannot start the admin thread: {e}"))?;
         Ok(Admin { view, server, addr })
     }
@@ -96,11 +114,119 @@ fn lock(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
     view.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn serve(server: &tiny_http::Server, view: &Mutex<View>, group: &'static str) {
+/// What the device endpoints need: a way to every shard, and the largest
+/// message a device accepts. None in a `--procs` parent (the registry does
+/// not span processes yet): those endpoints then answer 501.
+pub struct Devices {
+    pub peers: Vec<Peer>,
+    pub max_message: usize,
+}
+
+/// How long an operator's request waits for the shards' answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET`, `POST .../messages` or `DELETE` on `/devices/<id>`:
+/// (status, body).
+fn device_request(
+    devices: Option<&Devices>,
+    req: &mut tiny_http::Request,
+    rest: &str,
+) -> (u16, String) {
+    let Some(devices) = devices else {
+        return (
+            501,
+            "device endpoints are not available with --procs yet\n".into(),
+        );
+    };
+    let method = req.method().clone();
+    let (id, messages) = match rest.strip_suffix("/messages") {
+        Some(id) => (id, true),
+        None => (rest, false),
+    };
+    if !valid_id(id) {
+        return (400, "invalid device id\n".into());
+    }
+    let ask = match (&method, messages) {
+        (tiny_http::Method::Get, false) => Ask::Lookup,
+        (tiny_http::Method::Delete, false) => Ask::Kick,
+        (tiny_http::Method::Post, true) => {
+            let text = req
+                .headers()
+                .iter()
+                .any(|h| h.field.equiv("Content-Type") && h.value.as_str().starts_with("text/"));
+            let mut payload = Vec::new();
+            let limit = devices.max_message as u64 + 1;
+            if req
+                .as_reader()
+                .take(limit)
+                .read_to_end(&mut payload)
+                .is_err()
+            {
+                return (400, "could not read the body\n".into());
+            }
+            if payload.len() > devices.max_message {
+                return (
+                    413,
+                    format!("over --max-message ({} bytes)\n", devices.max_message),
+                );
+            }
+            if text && std::str::from_utf8(&payload).is_err() {
+                return (400, "a text/* body must be UTF-8\n".into());
+            }
+            Ask::Push { text, payload }
+        }
+        _ => {
+            return (
+                405,
+                "GET or DELETE /devices/<id>, POST /devices/<id>/messages\n".into(),
+            )
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owner = registry::owner(id, devices.peers.len());
+    devices.peers[owner].send_now(Mail::Ask {
+        id: DeviceId::new(id),
+        ask,
+        at: None,
+        reply: tx,
+    });
+    match rx.recv_timeout(ASK_TIMEOUT) {
+        Ok(Answer::Found(info)) => (200, device_json(id, &info)),
+        Ok(Answer::Delivered) => (200, "delivered\n".into()),
+        Ok(Answer::Kicked) => (200, "kicked\n".into()),
+        Ok(Answer::NotConnected) => (404, "not connected\n".into()),
+        Err(_) => (504, "the shards did not answer in time\n".into()),
+    }
+}
+
+/// The JSON of `GET /devices/<id>` (ids are `[0-9A-Za-z:._-]`: nothing to escape).
+fn device_json(id: &str, d: &DeviceInfo) -> String {
+    let remote = d.remote.map_or("null".to_string(), |a| format!("\"{a}\""));
+    format!(
+        "{{\"id\":\"{id}\",\"shard\":{},\"connected_since_unix_ms\":{},\"last_heard_unix_ms\":{},\"remote\":{remote}}}\n",
+        d.shard, d.connected_since_ms, d.last_heard_ms
+    )
+}
+
+fn serve(
+    server: &tiny_http::Server,
+    view: &Mutex<View>,
+    group: &'static str,
+    devices: Option<&Devices>,
+) {
     // Ends when the Admin is dropped (unblock).
-    for req in server.incoming_requests() {
-        let (status, ctype, body) = {
-            let path = req.url().split('?').next().unwrap_or("");
+    for mut req in server.incoming_requests() {
+        let url = req.url().split('?').next().unwrap_or("").to_string();
+        let (status, ctype, body) = if let Some(rest) = url.strip_prefix("/devices/") {
+            let (status, body) = device_request(devices, &mut req, rest);
+            let ctype = if status == 200 && body.starts_with('{') {
+                "application/json"
+            } else {
+                "text/plain"
+            };
+            (status, ctype, body)
+        } else {
+            let path = url.as_str();
             let get = *req.method() == tiny_http::Method::Get;
             match path {
                 "/metrics" | "/healthz" if !get => (405, "text/plain", "GET only\n".into()),
@@ -118,7 +244,7 @@ fn serve(server: &tiny_http::Server, view: &Mutex<View>, group: &'static str) {
         if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()) {
             resp.add_header(h);
         }
-        if status == 405 {
+        if status == 405 && !url.starts_with("/devices/") {
             if let Ok(h) = tiny_http::Header::from_bytes(&b"Allow"[..], &b"GET"[..]) {
                 resp.add_header(h);
             }
@@ -164,6 +290,7 @@ fn counter_families(c: &Counters) -> Vec<Family> {
                 (Some("shutdown"), c.shutdown),
                 (Some("internal_error"), c.internal_error),
                 (Some("replaced"), c.replaced),
+                (Some("kicked"), c.kicked),
             ],
         ),
         (

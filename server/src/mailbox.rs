@@ -12,7 +12,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use crate::registry::Msg;
+use std::net::SocketAddr;
+
+use crate::proto::device_id::DeviceId;
+use crate::registry::{Location, Msg};
 
 /// What a shard can be told.
 #[derive(Debug)]
@@ -20,6 +23,47 @@ pub enum Mail {
     Registry(Msg),
     /// Stop accepting, close every device with 1001, drain, end.
     Shutdown,
+    /// An operator's question about device `id`: sent to the id's owner,
+    /// which forwards it (with `at`) to the shard holding the device; that
+    /// shard answers on `reply`. Nobody waits on a shard: the asker waits
+    /// on its own channel, with a timeout.
+    Ask {
+        id: DeviceId,
+        ask: Ask,
+        at: Option<Location>,
+        reply: Sender<Answer>,
+    },
+}
+
+/// What an operator asks of a device.
+#[derive(Debug)]
+pub enum Ask {
+    Lookup,
+    /// Send one message: text (valid UTF-8) or binary.
+    Push {
+        text: bool,
+        payload: Vec<u8>,
+    },
+    /// Close it with 4001 "kicked".
+    Kick,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Found(DeviceInfo),
+    Delivered,
+    Kicked,
+    NotConnected,
+}
+
+/// A connected device, as `GET /devices/<id>` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub shard: u32,
+    /// Unix milliseconds.
+    pub connected_since_ms: u64,
+    pub last_heard_ms: u64,
+    pub remote: Option<SocketAddr>,
 }
 
 /// A way to reach one shard from any thread.

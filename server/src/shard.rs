@@ -21,10 +21,10 @@ use socket2::Socket;
 use crate::io::epoll::EpollDriver;
 use crate::io::uring::UringDriver;
 use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
-use crate::mailbox::{Inbox, Mail, Peers};
+use crate::mailbox::{Answer, Ask, DeviceInfo, Inbox, Mail, Peers};
 use crate::proto::conn::{Conn, End, Limits, Phase};
 use crate::proto::device_id::DeviceId;
-use crate::proto::frame::code;
+use crate::proto::frame::{self, code, Opcode};
 use crate::proto::handshake::{Reject, Upgrade};
 use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
 use crate::registry::{self, Location, Msg, Table};
@@ -722,6 +722,7 @@ impl State {
             match mail {
                 Mail::Registry(msg) => self.on_registry(io, msg),
                 Mail::Shutdown => self.begin_shutdown(io),
+                Mail::Ask { id, ask, at, reply } => self.on_ask(io, id, ask, at, reply),
             }
         }
     }
@@ -735,6 +736,86 @@ impl State {
             }
             Msg::Unregister { id, at } => self.devices.unregister(&id, at),
             Msg::Replaced { at } => self.replaced(io, at),
+        }
+    }
+
+    /// An operator's question about a device: the owner finds where it
+    /// lives and forwards the question there; the holder acts and answers.
+    fn on_ask(
+        &mut self,
+        io: &mut impl Driver,
+        id: DeviceId,
+        ask: Ask,
+        at: Option<Location>,
+        reply: std::sync::mpsc::Sender<Answer>,
+    ) {
+        let at = match at.or_else(|| self.devices.get(&id)) {
+            Some(at) => at,
+            None => {
+                let _ = reply.send(Answer::NotConnected);
+                return;
+            }
+        };
+        if at.shard as usize != self.id {
+            let mail = Mail::Ask {
+                id,
+                ask,
+                at: Some(at),
+                reply,
+            };
+            self.peers.send(at.shard as usize, mail);
+            return;
+        }
+        let key = at.key as usize;
+        let held = self
+            .slab
+            .get(key)
+            .is_some_and(|s| s.gen == at.gen && s.upgraded && !s.ended && s.id == id);
+        let answer = if !held {
+            Answer::NotConnected
+        } else {
+            match ask {
+                Ask::Lookup => Answer::Found(self.info(io, key, at)),
+                Ask::Push { text, payload } => {
+                    self.out.clear();
+                    let opcode = if text { Opcode::Text } else { Opcode::Binary };
+                    frame::write_frame(&mut self.out, opcode, &payload);
+                    if self.write(io, key) {
+                        Answer::Delivered
+                    } else {
+                        Answer::NotConnected
+                    }
+                }
+                Ask::Kick => {
+                    self.counters.kicked += 1;
+                    self.out.clear();
+                    self.slab[key]
+                        .conn
+                        .end(&mut self.out, code::KICKED, b"kicked");
+                    if self.write(io, key) {
+                        self.finish(io, key);
+                    }
+                    Answer::Kicked
+                }
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// What `GET /devices/<id>` shows of the device in slot `key`.
+    fn info(&self, io: &impl Driver, key: usize, at: Location) -> DeviceInfo {
+        let slot = &self.slab[key];
+        let now = Instant::now();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let ago_ms = |then: Instant| now.saturating_duration_since(then).as_millis() as u64;
+        let connected_ms_ago = monotonic_ns().saturating_sub(at.since) / 1_000_000;
+        DeviceInfo {
+            shard: self.id as u32,
+            connected_since_ms: unix_ms.saturating_sub(connected_ms_ago),
+            last_heard_ms: unix_ms.saturating_sub(ago_ms(self.instant_of(slot.last_seen))),
+            remote: io.peer_addr(slot.io),
         }
     }
 
@@ -810,7 +891,6 @@ mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
 
     use super::*;
-    use crate::proto::frame::{self, Opcode};
 
     #[test]
     fn a_panic_is_contained_with_its_message() {
@@ -891,6 +971,9 @@ mod tests {
         }
         fn socket_error(&self, _: Handle) -> i32 {
             0
+        }
+        fn peer_addr(&self, _: Handle) -> Option<std::net::SocketAddr> {
+            None
         }
         fn wait(&mut self, _: Duration) -> io::Result<()> {
             Ok(())

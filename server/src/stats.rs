@@ -35,6 +35,8 @@ pub struct Counters {
     pub internal_error: u64,
     /// Closed with 4000 because a newer connection took the device's id.
     pub replaced: u64,
+    /// Closed with 4001 by an operator (DELETE /devices/<id>).
+    pub kicked: u64,
     /// Refused 401 (also counted in `rejected`): no token, a bad one, an expired one.
     pub auth_missing: u64,
     pub auth_bad: u64,
@@ -62,6 +64,7 @@ impl Counters {
         self.accept_exhausted += o.accept_exhausted;
         self.internal_error += o.internal_error;
         self.replaced += o.replaced;
+        self.kicked += o.kicked;
         self.auth_missing += o.auth_missing;
         self.auth_bad += o.auth_bad;
         self.auth_expired += o.auth_expired;
@@ -82,6 +85,7 @@ impl Counters {
             + self.shutdown
             + self.internal_error
             + self.replaced
+            + self.kicked
     }
 }
 
@@ -143,7 +147,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -159,6 +163,7 @@ pub fn totals(c: &Counters) -> String {
         c.accept_exhausted,
         c.internal_error,
         c.replaced,
+        c.kicked,
         c.auth_missing,
         c.auth_bad,
         c.auth_expired,
@@ -192,6 +197,7 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         accept_exhausted: t("accept_exhausted")?,
         internal_error: t("internal_error")?,
         replaced: t("replaced").unwrap_or(0),
+        kicked: t("kicked").unwrap_or(0),
         // Optional: lines of servers from before auth lack them.
         auth_missing: t("auth_missing").unwrap_or(0),
         auth_bad: t("auth_bad").unwrap_or(0),
@@ -263,6 +269,7 @@ mod tests {
             accept_exhausted: 13,
             internal_error: 14,
             replaced: 17,
+            kicked: 21,
             auth_missing: 18,
             auth_bad: 19,
             auth_expired: 20,

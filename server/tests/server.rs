@@ -1108,13 +1108,31 @@ fn free_addr() -> String {
 
 /// One HTTP/1.1 request to the admin port: (status, body).
 fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    http_with(addr, method, path, "", b"")
+}
+
+/// An HTTP request with a body of `content_type` (none when empty).
+fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ctype = if content_type.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Type: {content_type}\r\n")
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{ctype}Content-Length: {}\r\n\r\n",
+        body.len()
     )
     .unwrap();
+    s.write_all(body).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -1188,6 +1206,74 @@ fn scrape_until(
         }
         assert!(Instant::now() < deadline, "/metrics never showed {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The operator's device endpoints: look a device up, push it a text and a
+/// binary message (a real WebSocket client receives them), kick it (4001),
+/// and the answers for absent devices, bad ids and oversized bodies.
+fn admin_looks_up_pushes_to_and_kicks_a_device() {
+    let admin = free_addr();
+    let server = Server::start(&["--admin", &admin, "--max-message", "1KiB"]);
+    let mut ws = server.ws("02:00:5e:00:00:0a");
+    let local = ws.get_ref().local_addr().unwrap();
+    let (status, body) = http(&admin, "GET", "/devices/02:00:5e:00:00:0a");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"id\":\"02:00:5e:00:00:0a\""), "{body}");
+    assert!(body.contains(&format!("\"remote\":\"{local}\"")), "{body}");
+    let (status, body) = http_with(
+        &admin,
+        "POST",
+        "/devices/02:00:5e:00:00:0a/messages",
+        "text/plain",
+        b"reboot",
+    );
+    assert_eq!((status, body.as_str()), (200, "delivered\n"));
+    assert_eq!(ws.read().unwrap(), Message::Text("reboot".into()));
+    let (status, _) = http_with(
+        &admin,
+        "POST",
+        "/devices/02:00:5e:00:00:0a/messages",
+        "application/octet-stream",
+        &[1, 2, 3],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(ws.read().unwrap(), Message::Binary(vec![1, 2, 3]));
+    let big = vec![b'x'; 2048];
+    let (status, _) = http_with(
+        &admin,
+        "POST",
+        "/devices/02:00:5e:00:00:0a/messages",
+        "text/plain",
+        &big,
+    );
+    assert_eq!(status, 413);
+    assert_eq!(http(&admin, "GET", "/devices/nobody").0, 404);
+    assert_eq!(
+        http_with(
+            &admin,
+            "POST",
+            "/devices/nobody/messages",
+            "text/plain",
+            b"x"
+        )
+        .0,
+        404
+    );
+    assert_eq!(http(&admin, "GET", "/devices/not%20an%20id").0, 400);
+    let (status, body) = http(&admin, "DELETE", "/devices/02:00:5e:00:00:0a");
+    assert_eq!((status, body.as_str()), (200, "kicked\n"));
+    match ws.read() {
+        Ok(Message::Close(Some(f))) => {
+            assert_eq!((u16::from(f.code), f.reason.as_ref()), (4001, "kicked"))
+        }
+        other => panic!("expected Close 4001, got {other:?}"),
+    }
+    server.wait_line("the kick", |l| field(l, "kicked") == 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(&admin, "GET", "/devices/02:00:5e:00:00:0a").0 != 404 {
+        assert!(Instant::now() < deadline, "a kicked device is still found");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1340,6 +1426,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    admin_looks_up_pushes_to_and_kicks_a_device,
     a_second_connection_with_the_same_id_replaces_the_first,
     reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard,
     upgrade_with_id_then_ping_gets_pong_with_same_payload,

@@ -335,16 +335,24 @@ fn run(args: Args) -> Result<(), String> {
 
     // Bound before any shard starts, like the listeners: a taken admin
     // port is one clear error. It sees only what this thread publishes.
+    // Each shard's inbox, its ends to every shard (the device registry's
+    // messages), and the ends this thread keeps to stop them (and the admin
+    // thread to ask about devices).
+    let (mail, outside) = c1m::mailbox::wire(cores.len())
+        .map_err(|e| format!("cannot make the shards' inboxes (eventfd): {e}"))?;
     let admin = match args.admin {
-        Some(addr) => Some(c1m::admin::Admin::start(addr, "shard")?),
+        Some(addr) => Some(c1m::admin::Admin::start(
+            addr,
+            "shard",
+            Some(c1m::admin::Devices {
+                peers: outside.clone(),
+                max_message: args.max_message,
+            }),
+        )?),
         None => None,
     };
 
     let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
-    // Each shard's inbox, its ends to every shard (the device registry's
-    // messages), and the ends this thread keeps to stop them.
-    let (mail, outside) = c1m::mailbox::wire(cores.len())
-        .map_err(|e| format!("cannot make the shards' inboxes (eventfd): {e}"))?;
     let mut handles = Vec::new();
     for (id, ((&cpu, listener), mail)) in cores.iter().zip(listeners).zip(mail).enumerate() {
         let cfg = cfg.clone();

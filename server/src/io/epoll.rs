@@ -334,6 +334,10 @@ impl Driver for EpollDriver {
         socket::so_error(self.conns[h.index()].fd.as_raw_fd())
     }
 
+    fn peer_addr(&self, h: Handle) -> Option<std::net::SocketAddr> {
+        socket::peer_addr(self.conns[h.index()].fd.as_raw_fd())
+    }
+
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         if self.cursor < self.ready || self.reading.is_some() || !self.fresh.is_empty() {
             return Ok(()); // events not taken yet

@@ -146,6 +146,9 @@ pub trait Driver {
     /// SO_ERROR of `h`'s socket: 0 once a connect succeeded.
     fn socket_error(&self, h: Handle) -> i32;
 
+    /// The peer's address of `h`'s socket.
+    fn peer_addr(&self, h: Handle) -> Option<std::net::SocketAddr>;
+
     /// Submits what is queued and blocks until an event is ready or
     /// `timeout` passes (returns at once if events are ready).
     fn wait(&mut self, timeout: Duration) -> io::Result<()>;

@@ -143,3 +143,10 @@ pub fn so_error(fd: RawFd) -> i32 {
         err
     }
 }
+
+/// The peer's address of `fd` (getpeername), if it still has one.
+pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: fd is open for the duration of the call (the caller's).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+}

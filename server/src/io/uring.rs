@@ -561,6 +561,10 @@ impl Driver for UringDriver {
         socket::so_error(self.conns[h.index()].fd)
     }
 
+    fn peer_addr(&self, h: Handle) -> Option<std::net::SocketAddr> {
+        socket::peer_addr(self.conns[h.index()].fd)
+    }
+
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         self.stats.waits += 1;
         // SAFETY: short-lived views; no other queue view is alive.

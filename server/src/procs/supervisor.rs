@@ -205,7 +205,7 @@ impl Supervisor {
         }
         // Bound before any worker starts: a taken port is one clear error.
         let admin = match self.admin {
-            Some(addr) => Some(crate::admin::Admin::start(addr, "worker")?),
+            Some(addr) => Some(crate::admin::Admin::start(addr, "worker", None)?),
             None => None,
         };
         let (tx, rx) = mpsc::channel::<Line>();
