@@ -27,6 +27,12 @@ pub fn is_silent(n: u64, fraction: f64) -> bool {
     ((n + 1) as f64 * fraction).floor() > (n as f64 * fraction).floor()
 }
 
+/// Whether device `n` is one of the `--reconnect-fraction` (evenly spread,
+/// and chosen apart from the silent ones by a different stride).
+pub fn reconnects(n: u64, fraction: f64) -> bool {
+    is_silent(n.wrapping_mul(7).wrapping_add(3), fraction)
+}
+
 /// xorshift64*: cheap per-core randomness for jitter and masks.
 pub struct Rng(u64);
 

@@ -22,7 +22,7 @@ use c1m::io::uring::UringDriver;
 use c1m::io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
 use c1m::proto::auth::{self, Keys};
 use c1m::proto::client_handshake::{self, key_for, Answer};
-use c1m::proto::frame::{self, Opcode};
+use c1m::proto::frame::{self, code, Opcode};
 use c1m::proto::wheel::{self, Entry, Wheel};
 use slab::Slab;
 
@@ -104,6 +104,10 @@ pub struct Plan {
     /// The silent fraction heartbeats until this long into the hold, then
     /// stops (each after its last beat); None: silent from its upgrade.
     pub silent_after: Option<Duration>,
+    /// This fraction of the heartbeating devices opens a second connection
+    /// with its own id as soon as its first is up, while the first is still
+    /// open: the server must close the first with 4000 "replaced".
+    pub reconnect: f64,
     pub id_prefix: String,
     /// Tag in every device id, unique per run.
     pub run_tag: u16,
@@ -143,6 +147,8 @@ struct Device {
     ping_sent_us: u64,
     /// Bytes of an unfinished answer or frame (empty, unallocated, when idle).
     carry: Vec<u8>,
+    /// The second connection of a `--reconnect-fraction` device.
+    twin: bool,
 }
 
 pub enum Step {
@@ -194,6 +200,8 @@ struct State {
     next_k: u64,
     mine: u64,
     inflight: usize,
+    /// Devices whose second connection (`--reconnect-fraction`) is to open.
+    twins: Vec<u64>,
     phase: Phase,
     hold_end: Option<Instant>,
     /// When this core had tried every device and heard back from each.
@@ -250,6 +258,7 @@ impl<D: Driver> Fleet<D> {
                 next_k: 0,
                 mine,
                 inflight: 0,
+                twins: Vec::new(),
                 phase: Phase::Ramp,
                 hold_end: None,
                 ramp_done_us: None,
@@ -329,6 +338,9 @@ impl<D: Driver> Fleet<D> {
         }
         busy |= budget == 0;
 
+        for n in std::mem::take(&mut st.twins) {
+            st.connect(io, n, true);
+        }
         if st.phase == Phase::Ramp {
             let mut started = 0;
             while st.next_k < st.mine
@@ -526,6 +538,12 @@ impl State {
         let n = plan.first_device + self.core as u64 + self.next_k * plan.cores.max(1) as u64;
         self.next_k += 1;
         self.counters.attempted += 1;
+        self.connect(io, n, false);
+    }
+
+    /// Begins connecting device `n` (`twin`: its second connection).
+    fn connect(&mut self, io: &mut impl Driver, n: u64, twin: bool) {
+        let plan = &self.plan;
         let (src, dst) = route(n, plan.sources.len(), plan.servers.len());
         let fd = match socket::connect_from(plan.servers[dst], plan.sources.get(src).copied()) {
             Ok(fd) => fd,
@@ -563,6 +581,7 @@ impl State {
             last_sent_us: 0,
             ping_sent_us: 0,
             carry: Vec::new(),
+            twin,
         });
         self.inflight += 1;
     }
@@ -669,10 +688,18 @@ impl State {
         let at = now_us(&self.plan, now);
         let d = &mut self.devices[key];
         d.stage = Stage::Open;
-        hgrm::record(&mut self.measured.connect, at - d.started_us);
-        self.counters.established += 1;
         self.counters.open += 1;
         self.inflight -= 1;
+        if d.twin {
+            self.counters.reconnects += 1;
+        } else {
+            hgrm::record(&mut self.measured.connect, at - d.started_us);
+            self.counters.established += 1;
+            if !d.chosen && device::reconnects(d.n, self.plan.reconnect) {
+                // Opened at the next step, where the driver is at hand.
+                self.twins.push(d.n);
+            }
+        }
         if d.chosen && self.plan.silent_after.is_none() {
             self.chosen_beating += 1;
             self.mute(key); // silent from its upgrade: no wheel entry
@@ -747,6 +774,9 @@ impl State {
                 let mask = (self.rng.next_u64() as u32).to_ne_bytes();
                 frame::write_masked_frame(&mut self.out, Opcode::Pong, true, payload, mask);
                 Continue(())
+            }
+            Opcode::Close if payload.starts_with(&code::REPLACED.to_be_bytes()) => {
+                Break(self.replaced(key))
             }
             Opcode::Close => Break(self.server_closed(key)),
             Opcode::Continuation => Continue(()),
@@ -855,6 +885,14 @@ impl State {
         } else {
             self.counters.false_expiries += 1;
         }
+        self.forget_open(key);
+        self.forget(key)
+    }
+
+    /// A newer connection with this device's id took over: the takeover
+    /// the server must make, not an expiry. Returns the handle to close.
+    fn replaced(&mut self, key: usize) -> Handle {
+        self.counters.replaced += 1;
         self.forget_open(key);
         self.forget(key)
     }

@@ -74,6 +74,11 @@ pub struct Counters {
     pub unexpired: u64,
     /// Frames from the server that break RFC 6455.
     pub bad_frames: u64,
+    /// Second connections opened with a device's id while its first was
+    /// open (`--reconnect-fraction`), and of those, upgraded.
+    pub reconnects: u64,
+    /// Connections the server closed with 4000 "replaced": takeovers seen.
+    pub replaced: u64,
 }
 
 impl Counters {
@@ -116,10 +121,12 @@ impl Counters {
         self.false_expiries += o.false_expiries;
         self.unexpired += o.unexpired;
         self.bad_frames += o.bad_frames;
+        self.reconnects += o.reconnects;
+        self.replaced += o.replaced;
     }
 
     /// (name, value) of every field, for summaries and merging.
-    pub fn fields(&self) -> [(&'static str, u64); 21] {
+    pub fn fields(&self) -> [(&'static str, u64); 23] {
         [
             ("attempted", self.attempted),
             ("established", self.established),
@@ -142,6 +149,8 @@ impl Counters {
             ("false_expiries", self.false_expiries),
             ("unexpired", self.unexpired),
             ("bad_server_frames", self.bad_frames),
+            ("reconnects", self.reconnects),
+            ("replaced", self.replaced),
         ]
     }
 }
@@ -171,6 +180,8 @@ impl Counters {
             "false_expiries" => &mut self.false_expiries,
             "unexpired" => &mut self.unexpired,
             "bad_server_frames" => &mut self.bad_frames,
+            "reconnects" => &mut self.reconnects,
+            "replaced" => &mut self.replaced,
             _ => return false,
         };
         *f = v;
@@ -309,7 +320,7 @@ mod tests {
         };
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
-        assert_eq!(b.fields().len(), 21);
+        assert_eq!(b.fields().len(), 23);
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {

@@ -296,6 +296,10 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
             ),
         ),
         (
+            "Takeovers (--reconnect-fraction): second connections / 4000 replaced seen",
+            format!("{} / {}", num("reconnects"), num("replaced")),
+        ),
+        (
             "False / early / missed expiries",
             format!(
                 "{} / {} / {}",

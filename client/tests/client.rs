@@ -101,6 +101,30 @@ fn run_fleet(io: &str, addr: &str, server_flags: &str, args: &str, dir: &Path) -
     summary(dir)
 }
 
+/// `--reconnect-fraction`: a fifth of the devices open a second connection
+/// with their own id while the first is open; the server closes every first
+/// one with 4000, the client counts each takeover, and the server's
+/// `replaced` equals the client's count. No false expiry.
+fn reconnecting_devices_are_taken_over_and_counted_on_both_sides(io: &str) {
+    let dir = out_dir("takeover", io);
+    let addr = format!("127.0.0.1:{}", port());
+    let s = run_fleet(
+        io,
+        &addr,
+        "--timeout 5s --tick 100ms",
+        "--conns 300 --heartbeat 1s --hold 2s --reconnect-fraction 0.2",
+        &dir,
+    );
+    let f = &s["figures"];
+    assert_eq!(f["established"], 300, "{f}");
+    assert_eq!(f["reconnects"], 60, "{f}");
+    assert_eq!(f["replaced"], 60, "{f}");
+    assert_eq!(f["false_expiries"], 0, "{f}");
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap();
+    let fin = log.lines().find(|l| l.starts_with("final ")).unwrap_or("");
+    assert!(fin.contains(" replaced=60 "), "{fin}");
+}
+
 fn silent_devices_are_expired_in_bounds_and_heartbeating_ones_never(io: &str) {
     let dir = out_dir("expiry", io);
     let addr = format!("127.0.0.1:{}", port());
@@ -483,6 +507,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    reconnecting_devices_are_taken_over_and_counted_on_both_sides,
     silent_devices_are_expired_in_bounds_and_heartbeating_ones_never,
     sigint_closes_the_fleet_and_writes_what_it_has,
     refuses_what_the_fd_limit_cannot_hold_in_one_sentence,

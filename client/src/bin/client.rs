@@ -61,6 +61,12 @@ struct Args {
     /// stops (default: silent from its upgrade on)
     #[argh(option, from_str_fn(parse_duration))]
     silent_after: Option<Duration>,
+    /// this fraction of the heartbeating devices opens a second connection
+    /// with its own id as soon as its first is up, while the first is still
+    /// open; the server should close the first with 4000, counted here as
+    /// replaced (default 0)
+    #[argh(option, default = "0.0")]
+    reconnect_fraction: f64,
     /// the server's --timeout, to measure expiry lag (default 90s, or the
     /// --timeout in --server-flags)
     #[argh(option, from_str_fn(parse_duration))]
@@ -366,6 +372,7 @@ fn run(args: Args) -> Result<i32, String> {
         connect_timeout: args.connect_timeout,
         go_silent: args.go_silent,
         silent_after: args.silent_after,
+        reconnect: args.reconnect_fraction.clamp(0.0, 1.0),
         id_prefix: args.id_prefix.clone(),
         run_tag,
         origin: Instant::now(),
