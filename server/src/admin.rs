@@ -33,7 +33,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer};
+use crate::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer, Reply};
+use crate::procs::switch::Switch;
 use crate::proto::device_id::DeviceId;
 use crate::proto::handshake::valid_id;
 use crate::registry;
@@ -115,11 +116,46 @@ fn lock(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
 }
 
 /// What the device endpoints need: a way to every shard, and the largest
-/// message a device accepts. None in a `--procs` parent (the registry does
-/// not span processes yet): those endpoints then answer 501.
+/// message a device accepts.
 pub struct Devices {
-    pub peers: Vec<Peer>,
+    pub route: Route,
     pub max_message: usize,
+}
+
+/// How the admin thread reaches the shards: in this process, or (in a
+/// `--procs` parent) through the switch to the workers.
+pub enum Route {
+    Local(Vec<Peer>),
+    Workers(Switch),
+}
+
+impl Devices {
+    /// Asks the owner of `id`; None if no answer came in time.
+    fn ask(&self, id: &str, ask: Ask) -> Option<Answer> {
+        let id = DeviceId::new(id);
+        match &self.route {
+            Route::Local(peers) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let owner = registry::owner(id.as_str(), peers.len());
+                peers[owner].send_now(Mail::Ask {
+                    id,
+                    ask,
+                    at: None,
+                    reply: Reply::Local(tx),
+                });
+                rx.recv_timeout(ASK_TIMEOUT).ok()
+            }
+            Route::Workers(switch) => switch.ask(id, ask, ASK_TIMEOUT),
+        }
+    }
+
+    /// (worker, shard within it) of a shard numbered over the server.
+    fn place(&self, shard: u32) -> (usize, u32) {
+        match &self.route {
+            Route::Local(_) => (0, shard),
+            Route::Workers(switch) => switch.place(shard).unwrap_or((0, shard)),
+        }
+    }
 }
 
 /// How long an operator's request waits for the shards' answer.
@@ -133,10 +169,7 @@ fn device_request(
     rest: &str,
 ) -> (u16, String) {
     let Some(devices) = devices else {
-        return (
-            501,
-            "device endpoints are not available with --procs yet\n".into(),
-        );
+        return (501, "device endpoints are not served here\n".into());
     };
     let method = req.method().clone();
     let (id, messages) = match rest.strip_suffix("/messages") {
@@ -182,29 +215,21 @@ fn device_request(
             )
         }
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let owner = registry::owner(id, devices.peers.len());
-    devices.peers[owner].send_now(Mail::Ask {
-        id: DeviceId::new(id),
-        ask,
-        at: None,
-        reply: tx,
-    });
-    match rx.recv_timeout(ASK_TIMEOUT) {
-        Ok(Answer::Found(info)) => (200, device_json(id, &info)),
-        Ok(Answer::Delivered) => (200, "delivered\n".into()),
-        Ok(Answer::Kicked) => (200, "kicked\n".into()),
-        Ok(Answer::NotConnected) => (404, "not connected\n".into()),
-        Err(_) => (504, "the shards did not answer in time\n".into()),
+    match devices.ask(id, ask) {
+        Some(Answer::Found(info)) => (200, device_json(id, &info, devices.place(info.shard))),
+        Some(Answer::Delivered) => (200, "delivered\n".into()),
+        Some(Answer::Kicked) => (200, "kicked\n".into()),
+        Some(Answer::NotConnected) => (404, "not connected\n".into()),
+        None => (504, "the shards did not answer in time\n".into()),
     }
 }
 
 /// The JSON of `GET /devices/<id>` (ids are `[0-9A-Za-z:._-]`: nothing to escape).
-fn device_json(id: &str, d: &DeviceInfo) -> String {
+fn device_json(id: &str, d: &DeviceInfo, (worker, shard): (usize, u32)) -> String {
     let remote = d.remote.map_or("null".to_string(), |a| format!("\"{a}\""));
     format!(
-        "{{\"id\":\"{id}\",\"shard\":{},\"connected_since_unix_ms\":{},\"last_heard_unix_ms\":{},\"remote\":{remote}}}\n",
-        d.shard, d.connected_since_ms, d.last_heard_ms
+        "{{\"id\":\"{id}\",\"worker\":{worker},\"shard\":{shard},\"connected_since_unix_ms\":{},\"last_heard_unix_ms\":{},\"remote\":{remote}}}\n",
+        d.connected_since_ms, d.last_heard_ms
     )
 }
 

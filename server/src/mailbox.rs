@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use std::net::SocketAddr;
 
+use crate::procs::link::Link;
 use crate::proto::device_id::DeviceId;
 use crate::registry::{Location, Msg};
 
@@ -31,12 +32,28 @@ pub enum Mail {
         id: DeviceId,
         ask: Ask,
         at: Option<Location>,
-        reply: Sender<Answer>,
+        reply: Reply,
+    },
+    /// Shards `first..first + count` (over all workers) were restarted
+    /// empty at `before` (monotonic ns): forget the entries that pointed
+    /// there, and register again the devices held here that they own.
+    Resync {
+        first: u32,
+        count: u32,
+        before: u64,
     },
 }
 
-/// What an operator asks of a device.
+/// Where an [`Answer`] goes: a thread of this process waiting on a
+/// channel, or the `--procs` parent (over the link), tagged `req`.
 #[derive(Debug)]
+pub enum Reply {
+    Local(Sender<Answer>),
+    Remote { req: u64 },
+}
+
+/// What an operator asks of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ask {
     Lookup,
     /// Send one message: text (valid UTF-8) or binary.
@@ -59,6 +76,7 @@ pub enum Answer {
 /// A connected device, as `GET /devices/<id>` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// Over all workers' shards (see [`Peers::base`]).
     pub shard: u32,
     /// Unix milliseconds.
     pub connected_since_ms: u64,
@@ -102,25 +120,69 @@ impl Inbox {
     }
 }
 
-/// A shard's ends to every shard (itself included), with the batching.
+/// A shard's ends to every shard of the server (itself included), with
+/// the batching. Shards are numbered over all `--procs` workers: this
+/// process has `base..base + local`, and the rest are reached through the
+/// link to the parent.
 pub struct Peers {
     peers: Vec<Peer>,
     dirty: Vec<bool>,
+    base: usize,
+    total: usize,
+    link: Option<Link>,
 }
 
 impl Peers {
+    /// Every shard of the server, over all workers.
     pub fn len(&self) -> usize {
-        self.peers.len()
+        self.total
     }
 
     pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
+        self.total == 0
     }
 
-    /// Queues `mail` for shard `to`; its wake-up goes out at [`Peers::flush`].
+    /// This process's shards.
+    pub fn local(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The number (over all workers) of this process's shard 0.
+    pub fn base(&self) -> usize {
+        self.base
+    }
+
+    /// Queues `mail` for shard `to` (over all workers); a local shard's
+    /// wake-up goes out at [`Peers::flush`], a remote one's through the link.
     pub fn send(&mut self, to: usize, mail: Mail) {
-        if self.peers[to].tx.send(mail).is_ok() {
-            self.dirty[to] = true;
+        match to.checked_sub(self.base).filter(|&i| i < self.peers.len()) {
+            Some(i) => {
+                if self.peers[i].tx.send(mail).is_ok() {
+                    self.dirty[i] = true;
+                }
+            }
+            None => match &self.link {
+                Some(link) => link.send(to, mail),
+                // A shard number past this process with no link: a bug,
+                // not a device's doing; said, and the message dropped.
+                None => {
+                    eprintln!("server: no shard {to} in this process and no link: dropped {mail:?}")
+                }
+            },
+        }
+    }
+
+    /// Sends an answer where it is awaited.
+    pub fn reply(&self, reply: Reply, answer: Answer) {
+        match reply {
+            Reply::Local(tx) => {
+                let _ = tx.send(answer);
+            }
+            Reply::Remote { req } => {
+                if let Some(link) = &self.link {
+                    link.answer(req, answer);
+                }
+            }
         }
     }
 
@@ -144,9 +206,45 @@ fn wake(fd: &OwnedFd) {
 /// One shard's ends: its inbox and its peers.
 pub type Mailbox = (Inbox, Peers);
 
+/// How one process's shards reach the rest of a `--procs` server: the
+/// shard numbers it holds, and the link to the parent for the others.
+pub struct Span {
+    pub base: usize,
+    pub total: usize,
+    pub link: Option<Link>,
+}
+
+impl Span {
+    /// A server of one process.
+    pub fn alone(n: usize) -> Span {
+        Span {
+            base: 0,
+            total: n,
+            link: None,
+        }
+    }
+}
+
 /// Mailboxes for `n` shards, and one more set of peers for the threads
 /// outside (signals, admin).
 pub fn wire(n: usize) -> io::Result<(Vec<Mailbox>, Vec<Peer>)> {
+    wire_span(n, Span::alone(n))
+}
+
+/// Peers (without a link) for a thread outside the shards that sends to
+/// them in batches: the link's reader.
+pub fn local_peers(peers: Vec<Peer>, base: usize, total: usize) -> Peers {
+    Peers {
+        dirty: vec![false; peers.len()],
+        peers,
+        base,
+        total,
+        link: None,
+    }
+}
+
+/// [`wire`] for `n` shards numbered `span.base..` among `span.total`.
+pub fn wire_span(n: usize, span: Span) -> io::Result<(Vec<Mailbox>, Vec<Peer>)> {
     let mut inboxes = Vec::with_capacity(n);
     let mut peers = Vec::with_capacity(n);
     for _ in 0..n {
@@ -171,6 +269,9 @@ pub fn wire(n: usize) -> io::Result<(Vec<Mailbox>, Vec<Peer>)> {
                 Peers {
                     peers: peers.clone(),
                     dirty: vec![false; n],
+                    base: span.base,
+                    total: span.total,
+                    link: span.link.clone(),
                 },
             )
         })

@@ -93,6 +93,13 @@ impl Table {
         }
     }
 
+    /// Forgets every entry on shards `shards` that upgraded before
+    /// `before`: those shards restarted empty since.
+    pub fn forget(&mut self, shards: std::ops::Range<u32>, before: u64) {
+        self.map
+            .retain(|_, at| !(shards.contains(&at.shard) && at.since < before));
+    }
+
     pub fn get(&self, id: &DeviceId) -> Option<Location> {
         self.map.get(id).copied()
     }

@@ -21,7 +21,7 @@ use socket2::Socket;
 use crate::io::epoll::EpollDriver;
 use crate::io::uring::UringDriver;
 use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
-use crate::mailbox::{Answer, Ask, DeviceInfo, Inbox, Mail, Peers};
+use crate::mailbox::{Answer, Ask, DeviceInfo, Inbox, Mail, Peers, Reply};
 use crate::proto::conn::{Conn, End, Limits, Phase};
 use crate::proto::device_id::DeviceId;
 use crate::proto::frame::{self, code, Opcode};
@@ -139,7 +139,7 @@ pub fn run(
 
 /// CLOCK_MONOTONIC in nanoseconds: the same clock for every shard and
 /// process of a host, so upgrade times compare across them.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -247,7 +247,10 @@ impl<D: Driver> Shard<D> {
                 id,
                 slab: Slab::new(),
                 wheel: Wheel::new(timeout_ticks.max(handshake_ticks).max(frame_ticks) + 1, 0),
-                next_gen: 1,
+                // Seeded from the clock, so that a restarted --procs worker
+                // does not reuse its predecessor's (slot, generation) pairs,
+                // which other workers may still name for a moment.
+                next_gen: (monotonic_ns() as u32) | 1,
                 open: 0,
                 counters: Counters::default(),
                 start,
@@ -689,9 +692,14 @@ impl State {
         }
     }
 
+    /// This shard's number over the whole server (all `--procs` workers).
+    fn me(&self) -> usize {
+        self.peers.base() + self.id
+    }
+
     fn location(&self, key: usize, gen: u32) -> Location {
         Location {
-            shard: self.id as u32,
+            shard: self.me() as u32,
             key: key as u32,
             gen,
             since: monotonic_ns(),
@@ -709,7 +717,7 @@ impl State {
     /// Sends a registry message to shard `to`, or handles it here when
     /// that is this shard.
     fn deliver(&mut self, io: &mut impl Driver, to: usize, msg: Msg) {
-        if to == self.id {
+        if to == self.me() {
             self.on_registry(io, msg);
         } else {
             self.peers.send(to, Mail::Registry(msg));
@@ -723,6 +731,11 @@ impl State {
                 Mail::Registry(msg) => self.on_registry(io, msg),
                 Mail::Shutdown => self.begin_shutdown(io),
                 Mail::Ask { id, ask, at, reply } => self.on_ask(io, id, ask, at, reply),
+                Mail::Resync {
+                    first,
+                    count,
+                    before,
+                } => self.resync(io, first..first + count, before),
             }
         }
     }
@@ -747,16 +760,13 @@ impl State {
         id: DeviceId,
         ask: Ask,
         at: Option<Location>,
-        reply: std::sync::mpsc::Sender<Answer>,
+        reply: Reply,
     ) {
         let at = match at.or_else(|| self.devices.get(&id)) {
             Some(at) => at,
-            None => {
-                let _ = reply.send(Answer::NotConnected);
-                return;
-            }
+            None => return self.peers.reply(reply, Answer::NotConnected),
         };
-        if at.shard as usize != self.id {
+        if at.shard as usize != self.me() {
             let mail = Mail::Ask {
                 id,
                 ask,
@@ -799,7 +809,25 @@ impl State {
                 }
             }
         };
-        let _ = reply.send(answer);
+        self.peers.reply(reply, answer);
+    }
+
+    /// Shards `owners` (of another worker) restarted empty at `before`:
+    /// what this shard's table holds of their old devices is gone, and the
+    /// devices held here that they own are registered with them again.
+    fn resync(&mut self, io: &mut impl Driver, owners: std::ops::Range<u32>, before: u64) {
+        self.devices.forget(owners.clone(), before);
+        let total = self.peers.len();
+        let keys: Vec<usize> = self
+            .slab
+            .iter()
+            .filter(|(_, s)| s.upgraded && !s.ended)
+            .filter(|(_, s)| owners.contains(&(registry::owner(s.id.as_str(), total) as u32)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.register(io, key);
+        }
     }
 
     /// What `GET /devices/<id>` shows of the device in slot `key`.
@@ -812,7 +840,7 @@ impl State {
         let ago_ms = |then: Instant| now.saturating_duration_since(then).as_millis() as u64;
         let connected_ms_ago = monotonic_ns().saturating_sub(at.since) / 1_000_000;
         DeviceInfo {
-            shard: self.id as u32,
+            shard: self.me() as u32,
             connected_since_ms: unix_ms.saturating_sub(connected_ms_ago),
             last_heard_ms: unix_ms.saturating_sub(ago_ms(self.instant_of(slot.last_seen))),
             remote: io.peer_addr(slot.io),

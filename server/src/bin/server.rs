@@ -233,6 +233,7 @@ fn run(args: Args) -> Result<(), String> {
             stats_interval: args.stats_interval,
             worker_stats: args.worker_stats,
             admin: args.admin,
+            max_message: args.max_message,
         }
         .run(|wait| wait_signal(&signals, wait));
     }
@@ -338,14 +339,30 @@ fn run(args: Args) -> Result<(), String> {
     // Each shard's inbox, its ends to every shard (the device registry's
     // messages), and the ends this thread keeps to stop them (and the admin
     // thread to ask about devices).
-    let (mail, outside) = c1m::mailbox::wire(cores.len())
+    // A --procs worker's shards are numbered over the whole server, and
+    // reach the other workers' through the link to the parent.
+    let link = c1m::procs::link::from_env()?;
+    let span = match &link {
+        Some((_, base, total, (tx, _))) => c1m::mailbox::Span {
+            base: *base,
+            total: *total,
+            link: Some(tx.clone()),
+        },
+        None => c1m::mailbox::Span::alone(cores.len()),
+    };
+    let (base, total) = (span.base, span.total);
+    let (mail, outside) = c1m::mailbox::wire_span(cores.len(), span)
         .map_err(|e| format!("cannot make the shards' inboxes (eventfd): {e}"))?;
+    if let Some((sock, _, _, (_, outbox))) = link {
+        let inbound = c1m::mailbox::local_peers(outside.clone(), base, total);
+        c1m::procs::link::run(sock, outbox, inbound)?;
+    }
     let admin = match args.admin {
         Some(addr) => Some(c1m::admin::Admin::start(
             addr,
             "shard",
             Some(c1m::admin::Devices {
-                peers: outside.clone(),
+                route: c1m::admin::Route::Local(outside.clone()),
                 max_message: args.max_message,
             }),
         )?),

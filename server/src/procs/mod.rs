@@ -2,5 +2,8 @@
 //! host's limits they are sized by.
 
 pub mod limits;
+pub mod link;
 pub mod supervisor;
+pub mod switch;
+pub mod wire;
 pub mod workers;

@@ -6,10 +6,13 @@
 //! its workers' lines, and one `final` line when they have all exited.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::procs::switch::Switch;
 use crate::procs::workers::{self, Line};
 use crate::stats::{self, Counters, Snapshot};
 
@@ -24,8 +27,10 @@ pub struct Supervisor {
     /// Also print every worker's own stats lines, prefixed `worker N:`.
     pub worker_stats: bool,
     /// `--admin`: served here, once, for all workers (which never open it),
-    /// from their stats lines.
+    /// from their stats lines, and the device endpoints through the switch.
     pub admin: Option<SocketAddr>,
+    /// `--max-message`: the largest push the admin listener takes.
+    pub max_message: usize,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -180,9 +185,27 @@ impl Supervisor {
         args
     }
 
-    fn start(&self, i: usize, generation: u64, tx: &mpsc::Sender<Line>) -> Result<Worker, String> {
+    fn start(
+        &self,
+        i: usize,
+        generation: u64,
+        tx: &mpsc::Sender<Line>,
+        switch: &Switch,
+    ) -> Result<Worker, String> {
         let cpus = workers::cpus_for(i, self.procs, &self.cpus);
-        let child = workers::spawn_generation(i, generation, &self.worker_args(&cpus), tx)?;
+        // The worker's link to the others: a socket pair, the parent's end
+        // routed by the switch, the other end the child's alone.
+        let (ours, theirs) = UnixStream::pair()
+            .map_err(|e| format!("cannot make a socket pair for worker {i}: {e}"))?;
+        switch.attach(i, ours)?;
+        let (base, total) = switch.span(i);
+        let link = (
+            theirs.as_raw_fd(),
+            format!("{},{base},{total}", workers::LINK_FD),
+        );
+        let child =
+            workers::spawn_generation(i, generation, &self.worker_args(&cpus), tx, Some(link))?;
+        drop(theirs); // the child has its copy; its exit must end ours
         Ok(Worker {
             child,
             cpus,
@@ -204,14 +227,25 @@ impl Supervisor {
             })?;
         }
         // Bound before any worker starts: a taken port is one clear error.
+        let shards: Vec<usize> = (0..self.procs)
+            .map(|i| workers::cpus_for(i, self.procs, &self.cpus).len())
+            .collect();
+        let switch = Switch::new(&shards);
         let admin = match self.admin {
-            Some(addr) => Some(crate::admin::Admin::start(addr, "worker", None)?),
+            Some(addr) => Some(crate::admin::Admin::start(
+                addr,
+                "worker",
+                Some(crate::admin::Devices {
+                    route: crate::admin::Route::Workers(switch.clone()),
+                    max_message: self.max_message,
+                }),
+            )?),
             None => None,
         };
         let (tx, rx) = mpsc::channel::<Line>();
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
-            match self.start(i, 0, &tx) {
+            match self.start(i, 0, &tx, &switch) {
                 Ok(w) => ws.push(w),
                 Err(e) => {
                     stop_all(&mut ws);
@@ -295,8 +329,12 @@ impl Supervisor {
                     continue;
                 }
                 let generation = w.tally.generation + 1;
-                match self.start(i, generation, &tx) {
+                // Everything its shards held is gone from now: the others
+                // forget what pointed there and register theirs again.
+                let died = crate::shard::monotonic_ns();
+                match self.start(i, generation, &tx, &switch) {
                     Ok(mut fresh) => {
+                        switch.resync(i, died);
                         fresh.tally = std::mem::take(&mut w.tally);
                         fresh.tally.restart(generation);
                         fresh.quick_deaths = deaths;

@@ -5,6 +5,7 @@
 //! (aggregate stats, merge histograms) is theirs.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Sender;
@@ -64,8 +65,12 @@ pub struct Line {
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
 /// lines arrive on `lines` (a reader thread per stream, ending at EOF).
 pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
-    spawn_generation(worker, 0, args, lines)
+    spawn_generation(worker, 0, args, lines, None)
 }
+
+/// The descriptor a worker finds its link to the parent at (see
+/// [`super::link::ENV`]).
+pub const LINK_FD: i32 = 3;
 
 /// [`spawn`] for the `generation`-th start of worker `worker`, its lines so
 /// tagged: a parent that restarts workers can tell a dead incarnation's
@@ -75,15 +80,29 @@ pub fn spawn_generation(
     generation: u64,
     args: &[String],
     lines: &Sender<Line>,
+    link: Option<(RawFd, String)>,
 ) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = Command::new(&exe);
-    // SAFETY: prctl in the forked child before exec touches no shared state.
-    // A worker whose parent dies (even by SIGKILL) gets SIGTERM and drains,
-    // rather than living on unsupervised.
+    let link_fd = link.as_ref().map(|(fd, _)| *fd);
+    if let Some((_, env)) = &link {
+        cmd.env(super::link::ENV, env);
+    }
+    // SAFETY: prctl, dup2 and fcntl in the forked child before exec touch
+    // no shared state. A worker whose parent dies (even by SIGKILL) gets
+    // SIGTERM and drains, rather than living on unsupervised. Its link
+    // socket goes to LINK_FD in this child only (the parent's copy stays
+    // close-on-exec, so no other worker inherits it).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if let Some(fd) = link_fd {
+                if fd == LINK_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                } else if libc::dup2(fd, LINK_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }

@@ -1,0 +1,243 @@
+//! The `--procs` parent's router: one Unix socket per worker, frames passed
+//! from one worker to another by their destination shard, and the parent's
+//! own questions (its admin listener's) sent and answered, so that N
+//! worker processes are one server for the device registry.
+//!
+//! Why a star through the parent and not a mesh between workers: one
+//! socket and two threads per worker instead of N - 1 sockets each, and a
+//! restarted worker is re-attached in one place. The cost is one more hop
+//! (a read and a write in the parent) per message that crosses workers.
+//! Per worker the parent runs a reader (routes what the worker sends) and
+//! a writer (writes what is routed to it, many frames per write).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::wire::{self, Body, Frame, EVERY_SHARD, PARENT};
+use crate::mailbox::{Answer, Ask};
+use crate::proto::device_id::DeviceId;
+use crate::registry;
+
+#[derive(Clone)]
+pub struct Switch {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Per worker: its first shard (over the server) and how many it runs.
+    ranges: Vec<(u32, u32)>,
+    total: u32,
+    /// Per worker: the channel to its current incarnation's writer.
+    writers: Mutex<Vec<Option<Sender<Vec<u8>>>>>,
+    /// The parent's questions awaiting their answers.
+    waiting: Mutex<HashMap<u64, Sender<Answer>>>,
+    next_req: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain maps and channels: a panicked holder cannot leave them torn.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Switch {
+    /// For workers running `shards[i]` shards each, numbered in order.
+    pub fn new(shards: &[usize]) -> Switch {
+        let mut ranges = Vec::with_capacity(shards.len());
+        let mut first = 0u32;
+        for &n in shards {
+            ranges.push((first, n as u32));
+            first += n as u32;
+        }
+        Switch {
+            inner: Arc::new(Inner {
+                ranges,
+                total: first,
+                writers: Mutex::new(vec![None; shards.len()]),
+                waiting: Mutex::new(HashMap::new()),
+                next_req: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Worker `i`'s first shard over the server, and the server's shards.
+    pub fn span(&self, i: usize) -> (u32, u32) {
+        (self.inner.ranges[i].0, self.inner.total)
+    }
+
+    /// The worker running shard `shard`, and that shard's index there.
+    pub fn place(&self, shard: u32) -> Option<(usize, u32)> {
+        self.inner
+            .ranges
+            .iter()
+            .position(|&(first, n)| (first..first + n).contains(&shard))
+            .map(|w| (w, shard - self.inner.ranges[w].0))
+    }
+
+    /// Routes for worker `i`'s new incarnation over `sock` (the parent's
+    /// end of its socket pair); the previous one's writer is let go.
+    pub fn attach(&self, i: usize, sock: UnixStream) -> Result<(), String> {
+        let read_half = sock
+            .try_clone()
+            .map_err(|e| format!("cannot use the socket to worker {i}: {e}"))?;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        lock(&self.inner.writers)[i] = Some(tx);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map(|_| ())
+                .map_err(|e| format!("cannot start a router thread for worker {i}: {e}"))
+        };
+        spawn(
+            format!("to-worker{i}"),
+            Box::new(move || write_all(sock, rx)),
+        )?;
+        let me = self.clone();
+        spawn(
+            format!("from-worker{i}"),
+            Box::new(move || me.route_all(i, read_half)),
+        )
+    }
+
+    /// Tells every other worker that worker `i` restarted empty at
+    /// `before`: they forget what pointed there and register again.
+    pub fn resync(&self, i: usize, before: u64) {
+        let (first, count) = self.inner.ranges[i];
+        let mut bytes = Vec::new();
+        Frame {
+            to: EVERY_SHARD,
+            body: Body::Resync {
+                first,
+                count,
+                before,
+            },
+        }
+        .encode(&mut bytes);
+        for (w, tx) in lock(&self.inner.writers).iter().enumerate() {
+            if let Some(tx) = tx.as_ref().filter(|_| w != i) {
+                let _ = tx.send(bytes.clone());
+            }
+        }
+    }
+
+    /// Asks the owner shard of `id`, and waits up to `timeout` for the
+    /// answer: None if none came (a worker down or restarting).
+    pub fn ask(&self, id: DeviceId, ask: Ask, timeout: Duration) -> Option<Answer> {
+        let (tx, rx) = mpsc::channel();
+        let owner = registry::owner(id.as_str(), self.inner.total as usize) as u32;
+        let req = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = Vec::new();
+        Frame {
+            to: owner,
+            body: Body::Ask {
+                req,
+                id,
+                ask,
+                at: None,
+            },
+        }
+        .encode(&mut bytes);
+        lock(&self.inner.waiting).insert(req, tx);
+        let answer = if self.forward(owner, bytes) {
+            rx.recv_timeout(timeout).ok()
+        } else {
+            None
+        };
+        lock(&self.inner.waiting).remove(&req);
+        answer
+    }
+
+    /// Passes a frame to the worker running shard `to`; false if none.
+    fn forward(&self, to: u32, bytes: Vec<u8>) -> bool {
+        let Some((w, _)) = self.place(to) else {
+            return false;
+        };
+        match &lock(&self.inner.writers)[w] {
+            Some(tx) => tx.send(bytes).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Reads worker `i`'s frames until its socket ends, routing each.
+    fn route_all(&self, i: usize, mut sock: UnixStream) {
+        let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let n = match sock.read(&mut chunk) {
+                Ok(0) => return, // the worker exited; the supervisor restarts it
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("server: cannot read from worker {i} ({e}); its registry messages are lost until it restarts");
+                    return;
+                }
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let mut used = 0;
+            loop {
+                let len = match wire::frame_len(&buf[used..]) {
+                    Ok(Some(len)) if buf.len() - used >= len => len,
+                    Ok(_) => break,
+                    Err(e) => {
+                        eprintln!("server: worker {i} sent a malformed frame ({}): its link is closed; please report this", e.0);
+                        return;
+                    }
+                };
+                let frame = &buf[used..used + len];
+                used += len;
+                match wire::destination(frame) {
+                    Some(PARENT) => self.answered(i, frame),
+                    Some(to) => {
+                        // A worker that is down (restarting) loses what was
+                        // for it: its registry starts empty and is resynced.
+                        self.forward(to, frame.to_vec());
+                    }
+                    None => {}
+                }
+            }
+            buf.drain(..used);
+        }
+    }
+
+    fn answered(&self, i: usize, frame: &[u8]) {
+        match Frame::decode(frame) {
+            Ok(Some((
+                Frame {
+                    body: Body::Answer { req, answer },
+                    ..
+                },
+                _,
+            ))) => {
+                if let Some(tx) = lock(&self.inner.waiting).remove(&req) {
+                    let _ = tx.send(answer);
+                }
+            }
+            other => eprintln!(
+                "server: worker {i} sent the parent what it should not ({other:?}); ignored"
+            ),
+        }
+    }
+}
+
+fn write_all(mut sock: UnixStream, rx: Receiver<Vec<u8>>) {
+    let mut buf = Vec::with_capacity(64 << 10);
+    while let Ok(first) = rx.recv() {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < 64 << 10 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        // A worker that died: its replacement gets a new socket.
+        if sock.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
