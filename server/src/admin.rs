@@ -33,11 +33,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
 use crate::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer, Reply};
 use crate::procs::switch::Switch;
 use crate::proto::device_id::DeviceId;
 use crate::proto::handshake::valid_id;
 use crate::registry;
+use crate::stats::REJECT_STATUSES;
 
 use crate::stats::{Counters, Snapshot};
 
@@ -384,6 +386,27 @@ pub fn render(group: &str, snaps: &[Snapshot], totals: &Counters) -> String {
             }
         }
     }
+    let name = "c1m_rejected_total";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Upgrades refused with an HTTP error, by status."
+    );
+    let _ = writeln!(s, "# TYPE {name} counter");
+    for (status, n) in REJECT_STATUSES.iter().zip(totals.rejected_by_status) {
+        let _ = writeln!(s, "{name}{{status=\"{status}\"}} {n}");
+    }
+    totals.expiry_lag.render(
+        &mut s,
+        "c1m_expiry_lag_seconds",
+        "How late silent devices were deleted after their deadline (last frame + timeout), measured from the start of the last frame's tick.",
+        &EXPIRY_LAG_MS,
+    );
+    totals.heartbeat_interval.render(
+        &mut s,
+        "c1m_heartbeat_interval_seconds",
+        "Time between reads of frames from one device, at the resolution of the tick.",
+        &HEARTBEAT_INTERVAL_MS,
+    );
     s
 }
 
@@ -442,7 +465,13 @@ mod tests {
                 assert!(!declared.contains(&name), "{name} declared twice");
                 declared.push(name);
             } else if !line.starts_with('#') {
-                let name = line.split(['{', ' ']).next().unwrap();
+                let sampled = line.split(['{', ' ']).next().unwrap();
+                // A histogram's samples add _bucket, _sum and _count.
+                let name = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|x| sampled.strip_suffix(x))
+                    .filter(|base| declared.last() == Some(base))
+                    .unwrap_or(sampled);
                 assert_eq!(declared.last(), Some(&name), "{line}");
             }
         }

@@ -6,10 +6,14 @@
 //!   the system calls; the server's shards and the client's fleets share it.
 //! - [`shard`]: one per core, sharing nothing: the decisions around the core.
 //! - [`admin`]: the operators' HTTP listener (`--admin`): /metrics, /healthz.
-//! - [`procs`]: worker processes past the descriptor limit, and the limits.
+//! - [`procs`]: worker processes past the descriptor limit, the limits, and
+//!   the link that makes them one server (the registry across workers).
+//! - [`registry`], [`mailbox`]: one connection per device id, and the
+//!   messages shards exchange.
 
 pub mod admin;
 pub mod config;
+pub mod hist;
 pub mod io;
 pub mod mailbox;
 pub mod procs;

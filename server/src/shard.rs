@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
+use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
 use crate::io::epoll::EpollDriver;
 use crate::io::uring::UringDriver;
 use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
@@ -205,6 +206,8 @@ struct State {
     counters: Counters,
     start: Instant,
     timeout_ticks: u64,
+    /// The tick in milliseconds, for the heartbeat-interval histogram.
+    tick_ms: u64,
     handshake_ticks: u64,
     frame_ticks: u64,
     out: Vec<u8>,
@@ -255,6 +258,7 @@ impl<D: Driver> Shard<D> {
                 counters: Counters::default(),
                 start,
                 timeout_ticks,
+                tick_ms: cfg.tick.as_millis() as u64,
                 handshake_ticks,
                 frame_ticks,
                 out: Vec::with_capacity(4096),
@@ -518,6 +522,12 @@ impl State {
             slot.id = id;
         }
         if r.frames > 0 || r.upgraded {
+            if slot.upgraded {
+                let ms = (now - slot.last_seen) * self.tick_ms;
+                self.counters
+                    .heartbeat_interval
+                    .record(&HEARTBEAT_INTERVAL_MS, ms);
+            }
             slot.last_seen = now;
             self.counters.frames += r.frames as u64;
             if r.upgraded {
@@ -552,7 +562,7 @@ impl State {
         match end {
             End::ClientClose => self.counters.client_close += 1,
             End::ProtocolError(_) => self.counters.protocol_error += 1,
-            End::Rejected(_) => self.counters.rejected += 1,
+            End::Rejected(status) => self.counters.reject(status),
         }
         self.finish(io, key);
     }
@@ -614,6 +624,8 @@ impl State {
 
     /// Handles up to one batch of due wheel entries; true if more are due.
     fn expire_due(&mut self, io: &mut impl Driver, now: u64) -> bool {
+        // Read once per batch, and only if a device expires.
+        let mut clock: Option<Instant> = None;
         for _ in 0..EXPIRY_BATCH {
             let Some(e) = self.wheel.pop_due(now) else {
                 return false;
@@ -653,6 +665,16 @@ impl State {
                         self.close(io, key, Close::Abortive);
                     } else if silent_due <= now {
                         self.counters.expired += 1;
+                        // From the start of its last frame's tick: at most a
+                        // tick above the true lag.
+                        let last_seen = slot.last_seen;
+                        let due = self.instant_of(last_seen) + self.cfg.timeout;
+                        let lag = clock
+                            .get_or_insert_with(Instant::now)
+                            .saturating_duration_since(due);
+                        self.counters
+                            .expiry_lag
+                            .record(&EXPIRY_LAG_MS, lag.as_millis() as u64);
                         self.expire(io, key);
                     } else {
                         let due = silent_due.min(frame_due);
@@ -686,7 +708,12 @@ impl State {
         io.close(slot.io, how);
         if slot.upgraded {
             self.open -= 1;
-            let at = self.location(key, slot.gen);
+            // An unregister names the connection; its upgrade time is not
+            // compared (Location::same), so no clock read on this path.
+            let at = Location {
+                since: 0,
+                ..self.place(key, slot.gen)
+            };
             let to = registry::owner(slot.id.as_str(), self.peers.len());
             self.deliver(io, to, Msg::Unregister { id: slot.id, at });
         }
@@ -697,12 +724,20 @@ impl State {
         self.peers.base() + self.id
     }
 
+    /// Where connection `key` lives, upgraded now.
     fn location(&self, key: usize, gen: u32) -> Location {
+        Location {
+            since: monotonic_ns(),
+            ..self.place(key, gen)
+        }
+    }
+
+    fn place(&self, key: usize, gen: u32) -> Location {
         Location {
             shard: self.me() as u32,
             key: key as u32,
             gen,
-            since: monotonic_ns(),
+            since: 0,
         }
     }
 
@@ -825,8 +860,20 @@ impl State {
             .filter(|(_, s)| owners.contains(&(registry::owner(s.id.as_str(), total) as u32)))
             .map(|(k, _)| k)
             .collect();
+        // The slot keeps no upgrade time (memory), so these claims carry
+        // `before`: later than any they compete with from before the
+        // restart, earlier than any made to the restarted shards since.
+        // (Two survivors holding one id at once, a takeover in flight,
+        // may then keep the older: the device's next reconnect mends it.)
         for key in keys {
-            self.register(io, key);
+            let slot = &self.slab[key];
+            let id = slot.id.clone();
+            let at = Location {
+                since: before,
+                ..self.place(key, slot.gen)
+            };
+            let to = registry::owner(id.as_str(), total);
+            self.deliver(io, to, Msg::Register { id, at });
         }
     }
 

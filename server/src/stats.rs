@@ -4,6 +4,8 @@
 
 use std::fmt::Write as _;
 
+use crate::hist::Hist;
+
 /// Cumulative totals of one shard (or of the sum of all shards).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
@@ -45,6 +47,25 @@ pub struct Counters {
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
     pub io_cancels: u64,
+    /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
+    pub rejected_by_status: [u64; REJECT_STATUSES.len()],
+    /// How late after their deadline silent devices were deleted.
+    pub expiry_lag: Hist,
+    /// Time between reads of frames from one device.
+    pub heartbeat_interval: Hist,
+}
+
+/// Every status an upgrade can be refused with.
+pub const REJECT_STATUSES: [u16; 7] = [400, 401, 404, 405, 426, 431, 503];
+
+impl Counters {
+    /// Counts one refusal with `status`.
+    pub fn reject(&mut self, status: u16) {
+        self.rejected += 1;
+        if let Some(i) = REJECT_STATUSES.iter().position(|&s| s == status) {
+            self.rejected_by_status[i] += 1;
+        }
+    }
 }
 
 impl Counters {
@@ -70,6 +91,11 @@ impl Counters {
         self.auth_expired += o.auth_expired;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
+        for (a, b) in self.rejected_by_status.iter_mut().zip(o.rejected_by_status) {
+            *a += b;
+        }
+        self.expiry_lag.add(&o.expiry_lag);
+        self.heartbeat_interval.add(&o.heartbeat_interval);
     }
 
     /// Every connection that ended, for any reason.
@@ -147,7 +173,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -168,19 +194,43 @@ pub fn totals(c: &Counters) -> String {
         c.auth_bad,
         c.auth_expired,
         c.io_cq_overflows,
-        c.io_cancels
+        c.io_cancels,
+        REJECT_STATUSES
+            .iter()
+            .zip(c.rejected_by_status)
+            .map(|(s, n)| format!("{s}:{n}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        c.expiry_lag.to_field(),
+        c.heartbeat_interval.to_field(),
     )
+}
+
+/// Reads `rejected_by_status=400:1,401:0,...` back (statuses in any order).
+fn parse_statuses(text: &str) -> Option<[u64; REJECT_STATUSES.len()]> {
+    let mut out = [0; REJECT_STATUSES.len()];
+    for pair in text.split(',') {
+        let (status, n) = pair.split_once(':')?;
+        let status: u16 = status.parse().ok()?;
+        let i = REJECT_STATUSES.iter().position(|&s| s == status)?;
+        out[i] = n.parse().ok()?;
+    }
+    Some(out)
 }
 
 /// Reads a stats line or a `final` line back: (conns, sockets, totals);
 /// conns and sockets are 0 in a `final` line. None if it is neither.
-pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
+pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
     let (head, totals) = line.split_once("total ")?;
     let field = |text: &str, key: &str| -> Option<u64> {
         text.split_whitespace()
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
     };
     let t = |key: &str| field(totals, key);
+    let text = |text: &'a str, key: &str| -> Option<&'a str> {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    };
     let c = Counters {
         accepted: t("accepted")?,
         upgraded: t("upgraded")?,
@@ -204,6 +254,15 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         auth_expired: t("auth_expired").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
+        rejected_by_status: text(totals, "rejected_by_status")
+            .and_then(parse_statuses)
+            .unwrap_or_default(),
+        expiry_lag: text(totals, "expiry_lag_ms")
+            .and_then(Hist::from_field)
+            .unwrap_or_default(),
+        heartbeat_interval: text(totals, "heartbeat_interval_ms")
+            .and_then(Hist::from_field)
+            .unwrap_or_default(),
     };
     Some((
         field(head, "conns").unwrap_or(0),
@@ -275,6 +334,15 @@ mod tests {
             auth_expired: 20,
             io_cq_overflows: 15,
             io_cancels: 16,
+            rejected_by_status: [1, 2, 3, 0, 0, 0, 4],
+            expiry_lag: Hist {
+                counts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                sum_ms: 99,
+            },
+            heartbeat_interval: Hist {
+                counts: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                sum_ms: 300_001,
+            },
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);

@@ -1152,16 +1152,34 @@ fn scrape(admin: &str) -> prometheus_parse::Scrape {
     assert_eq!(status, 200, "{body}");
     let mut typed: Vec<(String, String)> = Vec::new();
     let mut helped: Vec<String> = Vec::new();
+    let mut buckets = 0;
     for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap();
-            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert!(matches!(kind, "counter" | "gauge" | "histogram"), "{line}");
             assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            if kind == "histogram" {
+                assert!(name.ends_with("_seconds"), "{line}: base units");
+            }
             typed.push((name.into(), kind.into()));
         } else if let Some(rest) = line.strip_prefix("# HELP ") {
             helped.push(rest.split(' ').next().unwrap().into());
         } else {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let sampled = line.split(['{', ' ']).next().unwrap();
+            // A histogram's samples are its name with _bucket, _sum, _count.
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    let base = sampled.strip_suffix(suffix)?;
+                    typed
+                        .iter()
+                        .any(|(n, k)| n == base && k == "histogram")
+                        .then_some(base)
+                })
+                .unwrap_or(sampled);
+            if sampled.ends_with("_bucket") && name != sampled {
+                buckets += 1;
+            }
             assert!(
                 typed.iter().any(|(n, _)| n == name) && helped.iter().any(|n| n == name),
                 "{name} sampled before its HELP and TYPE"
@@ -1171,9 +1189,10 @@ fn scrape(admin: &str) -> prometheus_parse::Scrape {
         }
     }
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let histograms = typed.iter().filter(|(_, k)| k == "histogram").count();
     assert_eq!(
         scrape.samples.len(),
-        body.lines().filter(|l| !l.starts_with('#')).count()
+        body.lines().filter(|l| !l.starts_with('#')).count() - buckets + histograms
     );
     scrape
 }
@@ -1190,6 +1209,19 @@ fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> 
             _ => panic!("{name} is not a number"),
         })
         .sum()
+}
+
+/// Histogram `name`'s cumulative count at bucket `le` (+Inf: f64::INFINITY).
+fn bucket(s: &prometheus_parse::Scrape, name: &str, le: f64) -> f64 {
+    let sample = s.samples.iter().find(|x| x.metric == name).expect(name);
+    match &sample.value {
+        prometheus_parse::Value::Histogram(hs) => hs
+            .iter()
+            .find(|h| h.less_than == le)
+            .map(|h| h.count)
+            .expect("that bucket"),
+        other => panic!("{name} is not a histogram: {other:?}"),
+    }
 }
 
 /// Scrapes until `pred` holds (the shards report on their own clock).
@@ -1533,6 +1565,66 @@ fn procs_a_restarted_worker_is_resynced() {
     drop(held);
 }
 
+/// /metrics counts a known sequence of events: refusals by HTTP status,
+/// one silent device's deletion in the expiry-lag histogram, a device's
+/// heartbeats in the interval histogram; in one process and, from the
+/// workers' lines, in a --procs parent.
+fn metrics_count_refusals_by_status_and_histogram_lag_and_heartbeats() {
+    for procs in ["1", "2"] {
+        let admin = free_addr();
+        let server = Server::start(&[
+            "--admin",
+            &admin,
+            "--procs",
+            procs,
+            "--timeout",
+            "1s",
+            "--tick",
+            "100ms",
+        ]);
+        let refusals = [
+            (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "404"),
+            (b"GET /ws?id=a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "426"),
+            (upgrade_request("/ws?id=not%20an%20id", ""), "400"),
+        ];
+        for (request, status) in &refusals {
+            let answer = raw_request(server.addr, request);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{answer}"
+            );
+        }
+        let mut beating = server.ws("beats");
+        let _silent = server.ws("silent");
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(300));
+            beating.send(Message::Ping(vec![])).unwrap();
+            assert_eq!(beating.read().unwrap(), Message::Pong(vec![]));
+        }
+        let s = scrape_until(&admin, "the silent device deleted", |s| {
+            metric(s, "c1m_closed_total", &[("reason", "expired")]) == 1.0
+                && metric(s, "c1m_heartbeat_interval_seconds_count", &[]) >= 3.0
+        });
+        for (_, status) in &refusals {
+            assert_eq!(
+                metric(&s, "c1m_rejected_total", &[("status", status)]),
+                1.0,
+                "{procs} procs, {status}"
+            );
+        }
+        assert_eq!(metric(&s, "c1m_rejected_total", &[]), 3.0);
+        assert_eq!(metric(&s, "c1m_expiry_lag_seconds_count", &[]), 1.0);
+        assert_eq!(bucket(&s, "c1m_expiry_lag_seconds", f64::INFINITY), 1.0);
+        // The wheel deletes within a tick or two of the deadline (the
+        // bound is loose for a loaded machine, not a benchmark).
+        let lag = metric(&s, "c1m_expiry_lag_seconds_sum", &[]);
+        assert!((0.0..2.0).contains(&lag), "{procs} procs: lag {lag}");
+        // Heartbeats 300 ms apart: every interval is under a second.
+        let beats = metric(&s, "c1m_heartbeat_interval_seconds_count", &[]);
+        assert_eq!(bucket(&s, "c1m_heartbeat_interval_seconds", 1.0), beats);
+    }
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1579,4 +1671,5 @@ on_both_backends!(
     procs_admin_is_served_once_by_the_parent_for_all_workers,
     procs_one_connection_per_id_across_workers,
     procs_a_restarted_worker_is_resynced,
+    metrics_count_refusals_by_status_and_histogram_lag_and_heartbeats,
 );
