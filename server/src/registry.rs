@@ -15,6 +15,7 @@
 //! interleavings).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use crate::proto::device_id::DeviceId;
 
@@ -49,9 +50,9 @@ pub enum Msg {
     Register { id: DeviceId, at: Location },
     /// To the id's owner: that connection ended.
     Unregister { id: DeviceId, at: Location },
-    /// To the shard holding `at`: a newer connection took its id; close it
-    /// with 4000 "replaced".
-    Replaced { at: Location },
+    /// To the shard holding `at`: a newer connection took its id `id`;
+    /// close it with 4000 "replaced" if it is that id's (see [`Table`]).
+    Replaced { id: DeviceId, at: Location },
 }
 
 /// The owner shard of `id` among `shards`: FNV-1a, stable across processes
@@ -66,18 +67,62 @@ pub fn owner(id: &str, shards: usize) -> usize {
 }
 
 /// One owner shard's part of the registry.
+///
+/// It keys each entry by a 64-bit digest of the id (SipHash-1-3 under a
+/// random key of this table's), not by the id: 32 bytes an entry instead
+/// of 56, the difference between 8 and 32 for the key. Two ids with one
+/// digest (about 1 in 3.7e7 for a million live ids; not to be found on
+/// purpose without the key) share an entry: the newer claim holds it, and
+/// its [`Msg::Replaced`] carries its own id, which the holder of the older
+/// connection compares with its own before closing anything. So a
+/// collision costs the older device its lookups (`/devices`, pushes), never
+/// its connection.
 #[derive(Debug, Default)]
 pub struct Table {
-    map: HashMap<DeviceId, Location>,
+    map: HashMap<u64, Location, BuildHasherDefault<Digested>>,
+    seed: RandomState,
+    /// Tests: every id gets one digest, to exercise collisions.
+    #[cfg(test)]
+    collide: bool,
+}
+
+/// The map's hasher: its keys are digests already.
+#[derive(Debug, Default)]
+pub struct Digested(u64);
+
+impl Hasher for Digested {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached (keys are u64s, hashed by write_u64); kept total.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl Table {
+    fn digest(&self, id: &DeviceId) -> u64 {
+        #[cfg(test)]
+        if self.collide {
+            return 0;
+        }
+        self.seed.hash_one(id.as_str().as_bytes())
+    }
+
     /// Records a claim on `id`; returns the location to tell
     /// [`Msg::Replaced`]: the older claim, which may be this one.
     pub fn register(&mut self, id: DeviceId, at: Location) -> Option<Location> {
-        match self.map.get_mut(&id) {
+        let key = self.digest(&id);
+        match self.map.get_mut(&key) {
             None => {
-                self.map.insert(id, at);
+                self.map.insert(key, at);
                 None
             }
             Some(held) if held.same(&at) => None,
@@ -88,8 +133,9 @@ impl Table {
 
     /// Forgets `id` if `at` is what the table holds for it.
     pub fn unregister(&mut self, id: &DeviceId, at: Location) {
-        if self.map.get(id).is_some_and(|held| held.same(&at)) {
-            self.map.remove(id);
+        let key = self.digest(id);
+        if self.map.get(&key).is_some_and(|held| held.same(&at)) {
+            self.map.remove(&key);
         }
     }
 
@@ -100,8 +146,10 @@ impl Table {
             .retain(|_, at| !(shards.contains(&at.shard) && at.since < before));
     }
 
+    /// Where `id` (or, after a digest collision, the id it collided
+    /// with: the holder checks) is connected.
     pub fn get(&self, id: &DeviceId) -> Option<Location> {
-        self.map.get(id).copied()
+        self.map.get(&self.digest(id)).copied()
     }
 
     pub fn len(&self) -> usize {
@@ -150,6 +198,28 @@ mod tests {
         assert_eq!(t.get(&id), Some(at(0, 2, 20)));
         t.unregister(&id, at(0, 2, 20));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_digest_collision_costs_the_older_device_its_lookups_not_its_connection() {
+        let (a, b) = (DeviceId::new("aa"), DeviceId::new("bb"));
+        let mut t = Table {
+            collide: true,
+            ..Table::default()
+        };
+        assert_eq!(t.register(a.clone(), at(0, 1, 10)), None);
+        // b's claim takes the shared entry; the Replaced for a's location
+        // carries b's id, which a's holder finds is not its device's.
+        assert_eq!(t.register(b.clone(), at(1, 2, 20)), Some(at(0, 1, 10)));
+        assert_eq!(t.get(&b), Some(at(1, 2, 20)));
+        // a's unregister names a's connection: b's entry stays.
+        t.unregister(&a, at(0, 1, 10));
+        assert_eq!(t.get(&b), Some(at(1, 2, 20)));
+    }
+
+    #[test]
+    fn an_entry_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<(u64, Location)>(), 32);
     }
 
     #[test]
@@ -216,14 +286,14 @@ mod tests {
                 match self.inbox[shard].pop_front() {
                     None => {}
                     Some(Msg::Register { id, at }) => {
-                        if let Some(old) = self.tables[shard].register(id, at) {
-                            self.inbox[old.shard as usize].push_back(Msg::Replaced { at: old });
+                        if let Some(old) = self.tables[shard].register(id.clone(), at) {
+                            self.inbox[old.shard as usize].push_back(Msg::Replaced { id, at: old });
                         }
                     }
                     Some(Msg::Unregister { id, at }) => self.tables[shard].unregister(&id, at),
-                    Some(Msg::Replaced { at }) => {
+                    Some(Msg::Replaced { id, at }) => {
                         // The holder closes it if that slot still holds it.
-                        if let Some(i) = self.conns.iter().position(|c| c.at == at) {
+                        if let Some(i) = self.conns.iter().position(|c| c.at == at && c.id == id) {
                             self.close(i);
                         }
                     }

@@ -778,12 +778,12 @@ impl State {
     fn on_registry(&mut self, io: &mut impl Driver, msg: Msg) {
         match msg {
             Msg::Register { id, at } => {
-                if let Some(old) = self.devices.register(id, at) {
-                    self.deliver(io, old.shard as usize, Msg::Replaced { at: old });
+                if let Some(old) = self.devices.register(id.clone(), at) {
+                    self.deliver(io, old.shard as usize, Msg::Replaced { id, at: old });
                 }
             }
             Msg::Unregister { id, at } => self.devices.unregister(&id, at),
-            Msg::Replaced { at } => self.replaced(io, at),
+            Msg::Replaced { id, at } => self.replaced(io, id, at),
         }
     }
 
@@ -896,10 +896,12 @@ impl State {
 
     /// A newer connection took this one's id: Close 4000 "replaced", then
     /// the socket closes once that is out (or at the frame timeout).
-    fn replaced(&mut self, io: &mut impl Driver, at: Location) {
+    /// (A slot holding another id means the owner's digests of the two
+    /// collided: see registry::Table. Nothing is closed then.)
+    fn replaced(&mut self, io: &mut impl Driver, id: DeviceId, at: Location) {
         let key = at.key as usize;
         match self.slab.get_mut(key) {
-            Some(slot) if slot.gen == at.gen && !slot.ended => {
+            Some(slot) if slot.gen == at.gen && !slot.ended && slot.id == id => {
                 self.counters.replaced += 1;
                 self.out.clear();
                 slot.conn.end(&mut self.out, code::REPLACED, b"replaced");

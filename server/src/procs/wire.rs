@@ -82,8 +82,9 @@ impl Frame {
                 put_id(out, id);
                 put_loc(out, at);
             }
-            Body::Registry(Msg::Replaced { at }) => {
+            Body::Registry(Msg::Replaced { id, at }) => {
                 out.push(REPLACED);
+                put_id(out, id);
                 put_loc(out, at);
             }
             Body::Ask { req, id, ask, at } => {
@@ -163,7 +164,10 @@ impl Frame {
                 id: r.id()?,
                 at: r.loc()?,
             }),
-            REPLACED => Body::Registry(Msg::Replaced { at: r.loc()? }),
+            REPLACED => Body::Registry(Msg::Replaced {
+                id: r.id()?,
+                at: r.loc()?,
+            }),
             ASK => {
                 let req = r.u64()?;
                 let id = r.id()?;
@@ -395,7 +399,7 @@ mod tests {
         prop_oneof![
             (id(), loc()).prop_map(|(id, at)| Body::Registry(Msg::Register { id, at })),
             (id(), loc()).prop_map(|(id, at)| Body::Registry(Msg::Unregister { id, at })),
-            loc().prop_map(|at| Body::Registry(Msg::Replaced { at })),
+            (id(), loc()).prop_map(|(id, at)| Body::Registry(Msg::Replaced { id, at })),
             (any::<u64>(), id(), ask, proptest::option::of(loc()))
                 .prop_map(|(req, id, ask, at)| Body::Ask { req, id, ask, at }),
             (any::<u64>(), answer).prop_map(|(req, answer)| Body::Answer { req, answer }),
