@@ -487,8 +487,9 @@ impl State {
     }
 
     /// Feeds bytes to the connection; its answers are left in `self.out`.
-    /// Returns how it ends, if it does.
-    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (bool, Option<End>) {
+    /// Returns when it upgraded (monotonic ns, read before its 101 is
+    /// sent: see [`State::register`]), and how it ends, if it does.
+    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (Option<u64>, Option<End>) {
         let full = self.open >= self.cfg.max_conns as u64;
         let now = self.now_tick();
         let slot = &mut self.slab[key];
@@ -545,18 +546,24 @@ impl State {
             slot.frame_deadline = now + self.frame_ticks + 1;
             slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
         }
-        (r.upgraded, r.end)
+        (r.upgraded.then(monotonic_ns), r.end)
     }
 
     /// Sends what [`State::on_bytes`] left in `self.out`, registers the
     /// device if it just upgraded, and ends the connection if it ended.
-    fn answer(&mut self, io: &mut impl Driver, key: usize, upgraded: bool, end: Option<End>) {
+    fn answer(
+        &mut self,
+        io: &mut impl Driver,
+        key: usize,
+        upgraded: Option<u64>,
+        end: Option<End>,
+    ) {
         if !self.out.is_empty() && !self.write(io, key) {
             return;
         }
         // After the 101 went out: the registry may reuse `self.out`.
-        if upgraded {
-            self.register(io, key);
+        if let Some(since) = upgraded {
+            self.register(io, key, since);
         }
         let Some(end) = end else { return };
         match end {
@@ -724,14 +731,6 @@ impl State {
         self.peers.base() + self.id
     }
 
-    /// Where connection `key` lives, upgraded now.
-    fn location(&self, key: usize, gen: u32) -> Location {
-        Location {
-            since: monotonic_ns(),
-            ..self.place(key, gen)
-        }
-    }
-
     fn place(&self, key: usize, gen: u32) -> Location {
         Location {
             shard: self.me() as u32,
@@ -741,10 +740,19 @@ impl State {
         }
     }
 
-    /// Tells the id's owner that this connection upgraded with it.
-    fn register(&mut self, io: &mut impl Driver, key: usize) {
+    /// Tells the id's owner that this connection upgraded with it at
+    /// `since`. That time is read before the 101 is sent: a device that
+    /// opens its next connection once it has the 101 is then sure to
+    /// make the newer claim, however late this thread gets to run after
+    /// sending (the claim read after the send lost to the next one under
+    /// load, and the newer connection was the one closed).
+    fn register(&mut self, io: &mut impl Driver, key: usize, since: u64) {
         let slot = &self.slab[key];
-        let (id, at) = (slot.id.clone(), self.location(key, slot.gen));
+        let id = slot.id.clone();
+        let at = Location {
+            since,
+            ..self.place(key, slot.gen)
+        };
         let to = registry::owner(id.as_str(), self.peers.len());
         self.deliver(io, to, Msg::Register { id, at });
     }

@@ -1484,7 +1484,12 @@ fn procs_one_connection_per_id_across_workers() {
                     "{id}"
                 )
             }
-            other => panic!("{id}: expected Close 4000, got {other:?}"),
+            other => panic!(
+                "{id}: expected Close 4000, got {other:?}; old {:?}, new {:?}, the admin says {:?}",
+                old.get_ref().local_addr(),
+                new.get_ref().local_addr(),
+                http(&admin, "GET", &format!("/devices/{id}"))
+            ),
         }
         new.send(Message::Ping(b"p".to_vec())).unwrap();
         assert_eq!(new.read().unwrap(), Message::Pong(b"p".to_vec()), "{id}");

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use super::wire::{Body, Frame, EVERY_SHARD, PARENT};
+use super::wire::{frame_len, Body, Frame, Malformed, EVERY_SHARD, PARENT};
 use crate::mailbox::{Answer, Mail, Peers, Reply};
 
 /// The shards' end of the link: clone it into each shard's peers.
@@ -147,35 +147,65 @@ fn write_all(mut sock: UnixStream, outbox: Outbox) {
 }
 
 fn read_all(mut sock: UnixStream, mut shards: Peers) {
+    let ended = read_frames(&mut sock, |got| {
+        match got {
+            Some(bytes) => match Frame::decode(bytes)? {
+                Some((frame, _)) => deliver(&mut shards, frame),
+                None => return Err(Malformed("a frame cut short")),
+            },
+            None => shards.flush(),
+        }
+        Ok(())
+    });
+    match ended {
+        // The parent is gone; PDEATHSIG stops this worker.
+        Ended::Closed => {}
+        Ended::Failed(e) => eprintln!("server: cannot read from the --procs parent ({e}); this worker no longer hears of devices on other workers"),
+        Ended::Malformed(why) => eprintln!("server: the --procs parent sent a malformed frame ({why}): link closed; please report this"),
+    }
+}
+
+/// Why a link's reading stopped.
+pub enum Ended {
+    /// The other end closed it.
+    Closed,
+    Failed(std::io::Error),
+    Malformed(&'static str),
+}
+
+/// Reads whole frames from `sock` until it ends, for the link and the
+/// parent's switch alike: `on(Some(frame))` for each frame's bytes, then
+/// `on(None)` once the frames of one read are done.
+pub fn read_frames(
+    sock: &mut UnixStream,
+    mut on: impl FnMut(Option<&[u8]>) -> Result<(), Malformed>,
+) -> Ended {
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
     let mut chunk = vec![0u8; BATCH];
     loop {
         let n = match sock.read(&mut chunk) {
-            Ok(0) => return, // the parent is gone; PDEATHSIG stops this worker
+            Ok(0) => return Ended::Closed,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                eprintln!("server: cannot read from the --procs parent ({e}); this worker no longer hears of devices on other workers");
-                return;
-            }
+            Err(e) => return Ended::Failed(e),
         };
         buf.extend_from_slice(&chunk[..n]);
         let mut used = 0;
         loop {
-            match Frame::decode(&buf[used..]) {
-                Ok(Some((frame, len))) => {
-                    used += len;
-                    deliver(&mut shards, frame);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("server: the --procs parent sent a malformed frame ({}): link closed; please report this", e.0);
-                    return;
-                }
+            let len = match frame_len(&buf[used..]) {
+                Ok(Some(len)) if buf.len() - used >= len => len,
+                Ok(_) => break,
+                Err(e) => return Ended::Malformed(e.0),
+            };
+            if let Err(e) = on(Some(&buf[used..used + len])) {
+                return Ended::Malformed(e.0);
             }
+            used += len;
         }
         buf.drain(..used);
-        shards.flush();
+        if let Err(e) = on(None) {
+            return Ended::Malformed(e.0);
+        }
     }
 }
 

@@ -11,13 +11,14 @@
 //! a writer (writes what is routed to it, many frames per write).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::link::{read_frames, Ended};
 use super::wire::{self, Body, Frame, EVERY_SHARD, PARENT};
 use crate::mailbox::{Answer, Ask};
 use crate::proto::device_id::DeviceId;
@@ -165,42 +166,23 @@ impl Switch {
 
     /// Reads worker `i`'s frames until its socket ends, routing each.
     fn route_all(&self, i: usize, mut sock: UnixStream) {
-        let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
-        let mut chunk = vec![0u8; 64 << 10];
-        loop {
-            let n = match sock.read(&mut chunk) {
-                Ok(0) => return, // the worker exited; the supervisor restarts it
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    eprintln!("server: cannot read from worker {i} ({e}); its registry messages are lost until it restarts");
-                    return;
-                }
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            let mut used = 0;
-            loop {
-                let len = match wire::frame_len(&buf[used..]) {
-                    Ok(Some(len)) if buf.len() - used >= len => len,
-                    Ok(_) => break,
-                    Err(e) => {
-                        eprintln!("server: worker {i} sent a malformed frame ({}): its link is closed; please report this", e.0);
-                        return;
-                    }
-                };
-                let frame = &buf[used..used + len];
-                used += len;
+        let ended = read_frames(&mut sock, |got| {
+            if let Some(frame) = got {
                 match wire::destination(frame) {
                     Some(PARENT) => self.answered(i, frame),
-                    Some(to) => {
-                        // A worker that is down (restarting) loses what was
-                        // for it: its registry starts empty and is resynced.
-                        self.forward(to, frame.to_vec());
-                    }
+                    // A worker that is down (restarting) loses what was
+                    // for it: its registry starts empty and is resynced.
+                    Some(to) => drop(self.forward(to, frame.to_vec())),
                     None => {}
                 }
             }
-            buf.drain(..used);
+            Ok(())
+        });
+        match ended {
+            // The worker exited; the supervisor restarts it.
+            Ended::Closed => {}
+            Ended::Failed(e) => eprintln!("server: cannot read from worker {i} ({e}); its registry messages are lost until it restarts"),
+            Ended::Malformed(why) => eprintln!("server: worker {i} sent a malformed frame ({why}): its link is closed; please report this"),
         }
     }
 
