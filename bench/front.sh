@@ -44,6 +44,8 @@ P2=${P2:-9512}
 FRONT_WS=${FRONT_WS:-9520}
 FRONT_WSS=${FRONT_WSS:-9521}
 DIRECT_WSS=${DIRECT_WSS:-9522}
+# Where the front templates come from (to try a variant of deploy/).
+DEPLOY=${DEPLOY:-deploy}
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 if ! have nginx || ! have haproxy || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
@@ -56,7 +58,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
-out=$(new_results front "CONNS=$CONNS HOLD=$HOLD HEARTBEAT=$HEARTBEAT CASES=\"$CASES\" bash bench/front.sh")
+out=$(new_results front "DEPLOY=$DEPLOY CONNS=$CONNS HOLD=$HOLD HEARTBEAT=$HEARTBEAT WARMUP=$WARMUP CASES=\"$CASES\" bash bench/front.sh")
 tmp=$(mktemp -d)
 side=""
 stop_side() {
@@ -94,7 +96,7 @@ render() {
   SERVERS=127.0.0.1:$P1,127.0.0.1:$P2 LISTEN_WS=127.0.0.1:$FRONT_WS LISTEN_WSS=127.0.0.1:$FRONT_WSS \
     CERT=$tmp/cert.pem KEY=$tmp/key.pem PEM=$tmp/front.pem PREFIX=$2 \
     WORKERS=$3 WORKER_CONNECTIONS=17000 NOFILE=19500 MAXCONN=$4 SSL_CACHE=20000 SSL_CACHE_MB=8 \
-    bash deploy/render.sh "deploy/$1" > "$2/$1"
+    bash deploy/render.sh "$DEPLOY/$1" > "$2/$1"
 }
 
 # start_side CASE: both c1m servers and the case's front under one parent
