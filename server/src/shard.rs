@@ -888,8 +888,16 @@ impl State {
             shard: self.id as u32,
             connected_since_ms: unix_ms.saturating_sub(connected_ms_ago),
             last_heard_ms: unix_ms.saturating_sub(ago_ms(self.instant_of(slot.last_seen))),
-            remote: slot.remote.or_else(|| io.peer_addr(slot.io)),
+            remote: self.device_addr(io, key),
         }
+    }
+
+    /// The device's address: from its PROXY header or a trusted
+    /// X-Forwarded-For when there was one, else the socket peer's. What
+    /// lookups, events and logs about the device show.
+    fn device_addr(&self, io: &impl Driver, key: usize) -> Option<SocketAddr> {
+        let slot = &self.slab[key];
+        slot.remote.or_else(|| io.peer_addr(slot.io))
     }
 
     /// A newer connection took this one's id: Close 4000 "replaced", then
