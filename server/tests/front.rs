@@ -73,6 +73,14 @@ impl Server {
             assert!(Instant::now() < deadline, "server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // --procs: the parent serves the admin port before its workers
+        // listen; a probe of the device port is a connection they count.
+        if extra.contains(&"--procs") {
+            while TcpStream::connect(addr).is_err() {
+                assert!(Instant::now() < deadline, "workers did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Server {
             child,
             addr,
@@ -349,6 +357,28 @@ fn a_proxied_silent_device_expires_like_a_direct_one() {
         "{took:?}"
     );
     server.wait_line("expired=1", |l| l.contains(" expired=1 "));
+}
+
+/// `--procs` workers get the flag too, and the parent's stats line adds
+/// up their proxy_bad.
+fn procs_workers_expect_the_proxy_header_too() {
+    let server = Server::start(&["--proxy-protocol", "--procs", "2"]);
+    for i in 0..4 {
+        let mut s = connect_from("127.0.0.1".parse().unwrap(), server.addr);
+        let mut bytes = Vec::new();
+        proxy::write_v1("192.0.2.7:51000".parse().unwrap(), server.addr, &mut bytes);
+        bytes.extend(upgrade_request(&format!("procs-{i}"), ""));
+        assert!(upgrade_raw(&mut s, &bytes, false));
+        ping_raw(&mut s, b"p");
+    }
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(!upgrade_raw(&mut s, &upgrade_request("direct", ""), false));
+    }
+    server.wait_line("4 upgraded and 3 bad, summed", |l| {
+        l.contains(" upgraded=4 ") && l.contains(" proxy_bad=3 ")
+    });
 }
 
 // ---- real fronts: HAProxy and nginx with deploy/'s configurations ----
@@ -746,6 +776,7 @@ on_both_backends!(
     bad_and_missing_proxy_headers_are_closed_and_counted,
     x_forwarded_for_is_believed_only_from_trusted_networks,
     a_proxied_silent_device_expires_like_a_direct_one,
+    procs_workers_expect_the_proxy_header_too,
     through_haproxy_tcp_with_proxy_v2,
     through_nginx_stream_with_proxy_v1,
     through_nginx_http_with_x_forwarded_for,
