@@ -38,12 +38,13 @@ CONNS=${CONNS:-15000}
 HOLD=${HOLD:-20s}
 HEARTBEAT=${HEARTBEAT:-5s}
 WARMUP=${WARMUP:-1}
-CASES=${CASES:-"ws-direct ws-nginx ws-nginx-http ws-haproxy wss-direct wss-nginx wss-haproxy"}
+CASES=${CASES:-"ws-direct ws-nginx ws-nginx-http ws-haproxy wss-direct wss-nginx wss-haproxy wss-nginx-relay wss-haproxy-relay"}
 P1=${P1:-9511}
 P2=${P2:-9512}
 FRONT_WS=${FRONT_WS:-9520}
 FRONT_WSS=${FRONT_WSS:-9521}
 DIRECT_WSS=${DIRECT_WSS:-9522}
+RELAY=${RELAY:-9523}
 # Where the front templates come from (to try a variant of deploy/).
 DEPLOY=${DEPLOY:-deploy}
 
@@ -70,7 +71,7 @@ stop_side() {
   wait "$side" 2>/dev/null || true
   side=""
 }
-trap 'stop_side; rm -rf "$tmp"' EXIT
+trap 'stop_relay; stop_side; rm -rf "$tmp"' EXIT
 
 # Test certificates, made now, never kept: a CA and a leaf for
 # localhost/127.0.0.1 (a self-signed leaf marked CA is refused by webpki).
@@ -102,7 +103,8 @@ render() {
 # start_side CASE: both c1m servers and the case's front under one parent
 # (in a process group of its own); sets $side and $target.
 start_side() {
-  local case=$1 flags="--timeout 30s --stats-interval 5s --drain-timeout 1s" front="" tls=""
+  # A -relay case is its wss case behind the client's TLS relay.
+  local name=$1 case=${1%-relay} flags="--timeout 30s --stats-interval 5s --drain-timeout 1s" front="" tls=""
   case $case in
     *-nginx-http) flags="$flags --trust-forwarded-from 127.0.0.1/32" ;;
     *-nginx|*-haproxy) flags="$flags --proxy-protocol" ;;
@@ -115,30 +117,77 @@ start_side() {
     wss-*) target=127.0.0.1:$FRONT_WSS ;;
   esac
   case $case in
-    *-nginx) render nginx-stream.conf "$tmp/$case" 2 0
-      front="$NGINX -p $tmp/$case -c $tmp/$case/nginx-stream.conf -g 'daemon off;'" ;;
-    *-nginx-http) render nginx-http.conf "$tmp/$case" 2 0
-      front="$NGINX -p $tmp/$case -c $tmp/$case/nginx-http.conf -g 'daemon off;'" ;;
-    *-haproxy) render haproxy.cfg "$tmp/$case/a" 1 9000; render haproxy.cfg "$tmp/$case/b" 1 9000
-      front="$HAPROXY -f $tmp/$case/a/haproxy.cfg -db & $HAPROXY -f $tmp/$case/b/haproxy.cfg -db" ;;
+    *-nginx) render nginx-stream.conf "$tmp/$name" 2 0
+      front="$NGINX -p $tmp/$name -c $tmp/$name/nginx-stream.conf -g 'daemon off;'" ;;
+    *-nginx-http) render nginx-http.conf "$tmp/$name" 2 0
+      front="$NGINX -p $tmp/$name -c $tmp/$name/nginx-http.conf -g 'daemon off;'" ;;
+    *-haproxy) render haproxy.cfg "$tmp/$name/a" 1 9000; render haproxy.cfg "$tmp/$name/b" 1 9000
+      front="$HAPROXY -f $tmp/$name/a/haproxy.cfg -db & $HAPROXY -f $tmp/$name/b/haproxy.cfg -db" ;;
   esac
-  local servers="./target/release/server --listen 127.0.0.1:$P1 --cores 0 $flags > $out/$case.c1m-1.log 2>&1 &
-    ./target/release/server --listen 127.0.0.1:$P2 --cores 1 $flags > $out/$case.c1m-2.log 2>&1 &"
+  local servers="./target/release/server --listen 127.0.0.1:$P1 --cores 0 $flags > $out/$name.c1m-1.log 2>&1 &
+    ./target/release/server --listen 127.0.0.1:$P2 --cores 1 $flags > $out/$name.c1m-2.log 2>&1 &"
   if [ "$case" = wss-direct ]; then
     # c1m ends TLS itself: both servers on one TLS port (one SO_REUSEPORT group).
-    servers="./target/release/server --listen 127.0.0.1:$DIRECT_WSS --cores 0 $flags $tls > $out/$case.c1m-1.log 2>&1 &
-    ./target/release/server --listen 127.0.0.1:$DIRECT_WSS --join --cores 1 $flags $tls > $out/$case.c1m-2.log 2>&1 &"
+    servers="./target/release/server --listen 127.0.0.1:$DIRECT_WSS --cores 0 $flags $tls > $out/$name.c1m-1.log 2>&1 &
+    ./target/release/server --listen 127.0.0.1:$DIRECT_WSS --join --cores 1 $flags $tls > $out/$name.c1m-2.log 2>&1 &"
   fi
   setsid bash -c "
     trap 'kill -TERM \$(jobs -p) 2>/dev/null; wait' TERM INT
     $servers
-    ${front:+$front > $out/$case.front.log 2>&1 &}
+    ${front:+$front > $out/$name.front.log 2>&1 &}
     wait" &
   side=$!
   sleep 0.5
   wait_port "${target##*:}"
   [ "$case" = ws-direct ] && wait_port "$P2"
   sleep 0.5
+}
+
+# start_relay: until the client speaks TLS itself, a wss case can run with
+# the client's ws connections turned into TLS ones by a relay: 2 HAProxy
+# processes (2 descriptors per device), each connection one TLS client
+# connection to the front with a full handshake (no-ssl-reuse), as a fleet
+# of devices would make. The relay is outside the server side: not in
+# --server-pid's tree, so not in its CPU or memory figures; it shares the
+# cores with the client, so conn/s and latencies carry its cost too.
+relay=""
+start_relay() {
+  local i
+  for i in a b; do
+    mkdir -p "$tmp/relay-$i"
+    cat > "$tmp/relay-$i/relay.cfg" <<EOF
+global
+    maxconn 9000
+    nbthread 1
+    pidfile $tmp/relay-$i/haproxy.pid
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 150s
+    timeout server 150s
+frontend relay
+    bind 127.0.0.1:$RELAY
+    default_backend front
+backend front
+    server front 127.0.0.1:$FRONT_WSS ssl verify required ca-file $tmp/ca.pem sni str(localhost) no-ssl-reuse
+EOF
+  done
+  setsid bash -c "
+    trap 'kill -TERM \$(jobs -p) 2>/dev/null; wait' TERM INT
+    $HAPROXY -f $tmp/relay-a/relay.cfg -db > $out/relay-a.log 2>&1 &
+    $HAPROXY -f $tmp/relay-b/relay.cfg -db > $out/relay-b.log 2>&1 &
+    wait" &
+  relay=$!
+  wait_port "$RELAY"
+  target=127.0.0.1:$RELAY
+}
+stop_relay() {
+  [ -n "$relay" ] || return 0
+  kill -TERM "$relay" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$relay" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$relay" 2>/dev/null || true
+  wait "$relay" 2>/dev/null || true
+  relay=""
 }
 
 # cpu_of PATTERN: CPU seconds so far of the side's processes whose command
@@ -153,8 +202,12 @@ cpu_of() {
 
 run_case() { # CASE DIR HOLD
   local case=$1 dir=$2 hold=$3 tls_flags=()
-  case $case in wss-*) tls_flags=(--tls --tls-ca "$tmp/ca.pem") ;; esac
+  case $case in
+    *-relay) ;;
+    wss-*) tls_flags=(--tls --tls-ca "$tmp/ca.pem") ;;
+  esac
   start_side "$case"
+  case $case in *-relay) start_relay ;; esac
   local c1m0 front0 c1m1 front1
   c1m0=$(cpu_of target/release/server); front0=$(cpu_of 'nginx|haproxy')
   timeout 180 ./target/release/client --server "$target" --server-pid "$side" \
@@ -162,6 +215,7 @@ run_case() { # CASE DIR HOLD
     --hold "$hold" "${tls_flags[@]}" --out "$dir" --quiet > "$dir.stdout" 2>&1 \
     || echo "front: $case: the client exited $?" >&2
   c1m1=$(cpu_of target/release/server); front1=$(cpu_of 'nginx|haproxy')
+  stop_relay
   echo "{\"c1m_cpu_s\": $(awk -v a="$c1m0" -v b="$c1m1" 'BEGIN{print b-a}'), \"front_cpu_s\": $(awk -v a="$front0" -v b="$front1" 'BEGIN{print b-a}')}" > "$dir.cpu.json"
   stop_side
   if [ -d "$tmp/$case" ]; then
@@ -179,6 +233,7 @@ fi
 ran=()
 for case in $CASES; do
   case $case in
+    *-relay) ;;
     wss-*) if [ $client_tls = 0 ]; then
              echo "front: $case skipped: this client has no --tls/--tls-ca (native TLS is another branch)" | tee -a "$out/skipped.txt" >&2; continue
            fi ;;
@@ -197,7 +252,9 @@ out, heartbeat, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
 what = {"ws-direct": "ws, direct to c1m", "ws-nginx": "ws, nginx stream + PROXY v1",
         "ws-nginx-http": "ws, nginx http + X-Forwarded-For", "ws-haproxy": "ws, HAProxy tcp + PROXY v2",
         "wss-direct": "wss, TLS in c1m", "wss-nginx": "wss, TLS at nginx stream + PROXY v1",
-        "wss-haproxy": "wss, TLS at HAProxy tcp + PROXY v2"}
+        "wss-haproxy": "wss, TLS at HAProxy tcp + PROXY v2",
+        "wss-nginx-relay": "wss (via a client-side TLS relay), TLS at nginx stream + PROXY v1",
+        "wss-haproxy-relay": "wss (via a client-side TLS relay), TLS at HAProxy tcp + PROXY v2"}
 rows = []
 for c in cases:
     f = json.load(open(f"{out}/{c}/summary.json"))["figures"]
