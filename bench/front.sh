@@ -45,6 +45,9 @@ FRONT_WS=${FRONT_WS:-9520}
 FRONT_WSS=${FRONT_WSS:-9521}
 DIRECT_WSS=${DIRECT_WSS:-9522}
 RELAY=${RELAY:-9523}
+# Full TLS handshakes on 2 shared cores queue for seconds during the ramp:
+# a device gives up after this (the client's --connect-timeout).
+CONNECT_TIMEOUT=${CONNECT_TIMEOUT:-30s}
 # Where the front templates come from (to try a variant of deploy/).
 DEPLOY=${DEPLOY:-deploy}
 
@@ -59,7 +62,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
-out=$(new_results front "DEPLOY=$DEPLOY CONNS=$CONNS HOLD=$HOLD HEARTBEAT=$HEARTBEAT WARMUP=$WARMUP CASES=\"$CASES\" bash bench/front.sh")
+out=$(new_results front "DEPLOY=$DEPLOY CONNS=$CONNS HOLD=$HOLD HEARTBEAT=$HEARTBEAT WARMUP=$WARMUP CONNECT_TIMEOUT=$CONNECT_TIMEOUT CASES=\"$CASES\" bash bench/front.sh")
 tmp=$(mktemp -d)
 side=""
 stop_side() {
@@ -212,7 +215,7 @@ run_case() { # CASE DIR HOLD
   c1m0=$(cpu_of target/release/server); front0=$(cpu_of 'nginx|haproxy')
   timeout 180 ./target/release/client --server "$target" --server-pid "$side" \
     --ips 127.0.0.2-127.0.0.11 --conns "$CONNS" --heartbeat "$HEARTBEAT" --server-timeout 30s \
-    --hold "$hold" "${tls_flags[@]}" --out "$dir" --quiet > "$dir.stdout" 2>&1 \
+    --hold "$hold" --connect-timeout "$CONNECT_TIMEOUT" "${tls_flags[@]}" --out "$dir" --quiet > "$dir.stdout" 2>&1 \
     || echo "front: $case: the client exited $?" >&2
   c1m1=$(cpu_of target/release/server); front1=$(cpu_of 'nginx|haproxy')
   stop_relay
