@@ -22,14 +22,17 @@
 #
 # wss cases need `client --tls --tls-ca PEM` and, for wss-direct, `server
 # --tls-cert/--tls-key` (native TLS, another branch): a case whose flags
-# the binaries lack is skipped with a line saying so.
+# the binaries lack is skipped with a line saying so. wss-nginx-relay and
+# wss-haproxy-relay measure TLS at the front without them: a client-side
+# relay (start_relay) makes each device's connection a TLS one.
 #
 # Installs nginx, libnginx-mod-stream and haproxy from Debian's packages
 # where missing (their services are not used: each front runs as this
 # script's own process, config, pid file and logs in a temp dir).
 #
-# Usage: bench/front.sh   (about 4 minutes; CONNS (15000), HOLD (20s),
-#   HEARTBEAT (5s), CASES (all), WARMUP (1))
+# Usage: bench/front.sh   (about 6 minutes, 2 of them the ws cases; CONNS
+#   (15000), HOLD (20s), HEARTBEAT (5s), CASES (all), WARMUP (1),
+#   CONNECT_TIMEOUT (30s), DEPLOY (deploy: where the templates come from))
 # Writes: results/<UTC time>-front/{summary.md,<case>/,<case>.*.log,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
