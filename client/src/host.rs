@@ -14,17 +14,23 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// `pid` and its children (a `--procs` parent and its workers).
+/// `pid` and its descendants (a `--procs` parent and its workers; a
+/// process that runs a server side of several processes, as bench/front.sh
+/// does: c1m servers and a proxy with its workers).
 pub fn with_children(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            pids.extend(
-                kids.split_whitespace()
-                    .filter_map(|k| k.parse::<u32>().ok()),
-            );
+    let mut i = 0;
+    while i < pids.len() && pids.len() < 100_000 {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pids[i])) {
+            for t in tasks.flatten() {
+                let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                pids.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<u32>().ok()),
+                );
+            }
         }
+        i += 1;
     }
     pids
 }

@@ -50,6 +50,8 @@ fn main() {
         stats_interval: Duration::from_secs(3600),
         inject_panic: false,
         auth: None,
+        proxy_protocol: false,
+        trust_forwarded: Vec::new(),
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

@@ -318,6 +318,8 @@ fn counter_families(c: &Counters) -> Vec<Family> {
                 (Some("internal_error"), c.internal_error),
                 (Some("replaced"), c.replaced),
                 (Some("kicked"), c.kicked),
+                (Some("proxy_bad"), c.proxy_bad),
+                (Some("proxy_missing"), c.proxy_missing),
             ],
         ),
         (

@@ -11,6 +11,7 @@
 //! It never yields to glommio ([`crate::io::epoll::Epoll::wait`] says why).
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
@@ -56,6 +57,16 @@ pub struct ShardConfig {
     /// Device auth (--auth-secret-file): upgrades need a token these keys
     /// verify, else 401. None: no auth.
     pub auth: Option<std::sync::Arc<crate::proto::auth::Keys>>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from
+    /// a front (--proxy-protocol); its source address is the device's. A
+    /// connection without a valid one is closed (counted `proxy_bad`, or
+    /// `proxy_missing` at the handshake timeout).
+    pub proxy_protocol: bool,
+    /// --trust-forwarded-from: when the connection's previous hop (the
+    /// PROXY header's source, else the socket peer) is inside one of these
+    /// networks, the upgrade's X-Forwarded-For (its rightmost address)
+    /// becomes the device's address. Empty: X-Forwarded-For is ignored.
+    pub trust_forwarded: Vec<crate::config::Cidr>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -173,6 +184,9 @@ struct Slot {
     conn: Conn,
     /// The device's id, from its upgrade request (empty before it).
     id: DeviceId,
+    /// The device's address when it is not the socket peer's: from the
+    /// PROXY header, or a trusted X-Forwarded-For. None: the socket peer.
+    remote: Option<SocketAddr>,
 }
 
 impl Slot {
@@ -222,6 +236,10 @@ struct State {
     peers: Peers,
     /// This shard's part of the device registry: the ids it owns.
     devices: Table,
+    /// The X-Forwarded-For address of the upgrade [`State::on_bytes`] just
+    /// admitted, for [`State::answer`] to check against the trusted
+    /// networks (only collected when there are some).
+    forwarded: Option<IpAddr>,
 }
 
 impl<D: Driver> Shard<D> {
@@ -271,6 +289,7 @@ impl<D: Driver> Shard<D> {
                 inbox,
                 peers,
                 devices: Table::default(),
+                forwarded: None,
                 cfg,
             },
         })
@@ -475,8 +494,13 @@ impl State {
             last_seen: now,
             armed: deadline,
             frame_deadline: 0,
-            conn: Conn::new(),
+            conn: if self.cfg.proxy_protocol {
+                Conn::new_proxied()
+            } else {
+                Conn::new()
+            },
             id: DeviceId::default(),
+            remote: None,
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -495,6 +519,9 @@ impl State {
         let slot = &mut self.slab[key];
         self.out.clear();
         let mut id = None;
+        self.forwarded = None;
+        let trust = !self.cfg.trust_forwarded.is_empty();
+        let forwarded = &mut self.forwarded;
         let r = slot.conn.receive(
             bytes,
             &self.cfg.limits,
@@ -515,12 +542,18 @@ impl State {
                     return Err(Reject::Full);
                 }
                 id = Some(DeviceId::new(u.id));
+                if trust {
+                    *forwarded = u.forwarded_for;
+                }
                 Ok(())
             },
             &mut self.out,
         );
         if let Some(id) = id {
             slot.id = id;
+        }
+        if r.proxied {
+            slot.remote = r.source;
         }
         if r.frames > 0 || r.upgraded {
             if slot.upgraded {
@@ -558,11 +591,15 @@ impl State {
         upgraded: Option<u64>,
         end: Option<End>,
     ) {
+        let forwarded = self.forwarded.take();
         if !self.out.is_empty() && !self.write(io, key) {
             return;
         }
         // After the 101 went out: the registry may reuse `self.out`.
         if let Some(since) = upgraded {
+            if let Some(ip) = forwarded {
+                self.trust_forwarded(io, key, ip);
+            }
             self.register(io, key, since);
         }
         let Some(end) = end else { return };
@@ -570,8 +607,35 @@ impl State {
             End::ClientClose => self.counters.client_close += 1,
             End::ProtocolError(_) => self.counters.protocol_error += 1,
             End::Rejected(status) => self.counters.reject(status),
+            End::BadProxy(why) => {
+                self.counters.proxy_bad += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "closed a connection from {} without a valid PROXY protocol header ({why}); --proxy-protocol is on: connect through a front that sends one (nginx proxy_protocol on, HAProxy send-proxy)",
+                    peer.map_or("?".into(), |a| a.to_string())
+                ));
+            }
         }
         self.finish(io, key);
+    }
+
+    /// The upgrade in slot `key` carried X-Forwarded-For `ip`: it becomes
+    /// the device's address when the previous hop (the PROXY header's
+    /// source, else the socket peer) is in a trusted network. XFF has no
+    /// port, so the address shows port 0.
+    fn trust_forwarded(&mut self, io: &impl Driver, key: usize, ip: IpAddr) {
+        let slot = &mut self.slab[key];
+        let Some(hop) = slot.remote.or_else(|| io.peer_addr(slot.io)) else {
+            return;
+        };
+        if self
+            .cfg
+            .trust_forwarded
+            .iter()
+            .any(|net| net.contains(hop.ip()))
+        {
+            slot.remote = Some(SocketAddr::new(ip, 0));
+        }
     }
 
     /// The connection's end is counted: close it once its output is out.
@@ -652,6 +716,15 @@ impl State {
                 continue;
             }
             match slot.conn.phase() {
+                Phase::Proxy => {
+                    self.counters.proxy_missing += 1;
+                    let peer = io.peer_addr(slot.io);
+                    self.close(io, key, Close::Abortive);
+                    self.warn(format_args!(
+                        "closed a connection from {} that sent no PROXY protocol header within --handshake-timeout; --proxy-protocol is on: connect through a front that sends one",
+                        peer.map_or("?".into(), |a| a.to_string())
+                    ));
+                }
                 Phase::Handshake => {
                     self.counters.handshake_timeout += 1;
                     self.close(io, key, Close::Abortive);
@@ -898,8 +971,16 @@ impl State {
             shard: self.me() as u32,
             connected_since_ms: unix_ms.saturating_sub(connected_ms_ago),
             last_heard_ms: unix_ms.saturating_sub(ago_ms(self.instant_of(slot.last_seen))),
-            remote: io.peer_addr(slot.io),
+            remote: self.device_addr(io, key),
         }
+    }
+
+    /// The device's address: from its PROXY header or a trusted
+    /// X-Forwarded-For when there was one, else the socket peer's. What
+    /// lookups, events and logs about the device show.
+    fn device_addr(&self, io: &impl Driver, key: usize) -> Option<SocketAddr> {
+        let slot = &self.slab[key];
+        slot.remote.or_else(|| io.peer_addr(slot.io))
     }
 
     /// A newer connection took this one's id: Close 4000 "replaced", then
@@ -976,6 +1057,15 @@ mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
 
     use super::*;
+
+    /// The slot is what every idle device costs in user space: keep it
+    /// well under 256 bytes (the PROXY/X-Forwarded-For address added 32).
+    #[test]
+    fn a_slot_stays_small() {
+        let size = std::mem::size_of::<Slot>();
+        println!("Slot: {size} bytes");
+        assert!(size <= 192, "Slot is {size} bytes");
+    }
 
     #[test]
     fn a_panic_is_contained_with_its_message() {
@@ -1101,6 +1191,8 @@ mod tests {
             stats_interval: Duration::from_secs(3600),
             inject_panic: false,
             auth: None,
+            proxy_protocol: false,
+            trust_forwarded: Vec::new(),
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, _) = crate::mailbox::wire(1).unwrap();

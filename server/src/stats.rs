@@ -43,6 +43,10 @@ pub struct Counters {
     pub auth_missing: u64,
     pub auth_bad: u64,
     pub auth_expired: u64,
+    /// --proxy-protocol: closed for a malformed PROXY header, or for none
+    /// within the handshake timeout.
+    pub proxy_bad: u64,
+    pub proxy_missing: u64,
     /// io_uring: waits that found completions held back by a full CQ.
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
@@ -89,6 +93,8 @@ impl Counters {
         self.auth_missing += o.auth_missing;
         self.auth_bad += o.auth_bad;
         self.auth_expired += o.auth_expired;
+        self.proxy_bad += o.proxy_bad;
+        self.proxy_missing += o.proxy_missing;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
         for (a, b) in self.rejected_by_status.iter_mut().zip(o.rejected_by_status) {
@@ -112,6 +118,8 @@ impl Counters {
             + self.internal_error
             + self.replaced
             + self.kicked
+            + self.proxy_bad
+            + self.proxy_missing
     }
 }
 
@@ -173,7 +181,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -193,6 +201,8 @@ pub fn totals(c: &Counters) -> String {
         c.auth_missing,
         c.auth_bad,
         c.auth_expired,
+        c.proxy_bad,
+        c.proxy_missing,
         c.io_cq_overflows,
         c.io_cancels,
         REJECT_STATUSES
@@ -252,6 +262,8 @@ pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
         auth_missing: t("auth_missing").unwrap_or(0),
         auth_bad: t("auth_bad").unwrap_or(0),
         auth_expired: t("auth_expired").unwrap_or(0),
+        proxy_bad: t("proxy_bad").unwrap_or(0),
+        proxy_missing: t("proxy_missing").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
         rejected_by_status: text(totals, "rejected_by_status")
@@ -332,6 +344,8 @@ mod tests {
             auth_missing: 18,
             auth_bad: 19,
             auth_expired: 20,
+            proxy_bad: 22,
+            proxy_missing: 23,
             io_cq_overflows: 15,
             io_cancels: 16,
             rejected_by_status: [1, 2, 3, 0, 0, 0, 4],

@@ -289,3 +289,164 @@ proptest! {
         }
     }
 }
+
+// ---- PROXY protocol headers (proto/proxy.rs) ----
+
+use c1m::proto::proxy::{self, Proxy};
+use std::net::{IpAddr, SocketAddr};
+
+/// A valid header: (bytes, the source it carries).
+fn arb_proxy_header() -> impl Strategy<Value = (Vec<u8>, Option<SocketAddr>)> {
+    let v4 = (any::<[u8; 4]>(), any::<u16>())
+        .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port));
+    let v6 = (any::<[u8; 16]>(), any::<u16>())
+        .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port));
+    let pair = prop_oneof![(v4.clone(), v4), (v6.clone(), v6)];
+    let tlv = (any::<u8>(), prop::collection::vec(any::<u8>(), 0..40)).prop_map(|(t, v)| {
+        let mut out = vec![t];
+        out.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        out.extend(v);
+        out
+    });
+    let tlvs = prop::collection::vec(tlv, 0..6).prop_map(|v| v.concat());
+    let unknown_tail = prop::collection::vec(32u8..127, 0..80);
+    prop_oneof![
+        pair.clone().prop_map(|(s, d)| {
+            let mut h = Vec::new();
+            proxy::write_v1(s, d, &mut h);
+            (h, Some(s))
+        }),
+        (pair, tlvs).prop_map(|((s, d), t)| {
+            let mut h = Vec::new();
+            proxy::write_v2(s, d, &t, &mut h);
+            (h, Some(s))
+        }),
+        unknown_tail.prop_map(|tail| {
+            let mut h = b"PROXY UNKNOWN".to_vec();
+            if !tail.is_empty() {
+                h.push(b' ');
+                h.extend(tail.iter().take(proxy::V1_MAX - 16));
+            }
+            h.extend(b"\r\n");
+            (h, None)
+        }),
+        Just({
+            let mut h = Vec::new();
+            proxy::write_v2_local(&mut h);
+            (h, None)
+        }),
+    ]
+}
+
+/// Reads `input` in pieces as the shard does (bytes accumulate until the
+/// parser decides); returns the first verdict that is not NeedMore.
+fn proxy_in_pieces(input: &[u8], cuts: &[usize]) -> Proxy {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+    points.push(input.len());
+    points.sort_unstable();
+    for &end in &points {
+        let v = proxy::parse(&input[..end]);
+        if v != Proxy::NeedMore {
+            return v;
+        }
+    }
+    Proxy::NeedMore
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any valid header, followed by anything, split over any reads, parses
+    /// to the same address and length; no proper prefix of it succeeds or
+    /// fails.
+    #[test]
+    fn proxy_valid_headers_parse_the_same_however_split(
+        (header, source) in arb_proxy_header(),
+        tail in prop::collection::vec(any::<u8>(), 0..64),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let want = Proxy::Done { source, consumed: header.len() };
+        let mut input = header.clone();
+        input.extend(&tail);
+        prop_assert_eq!(proxy::parse(&input), want);
+        prop_assert_eq!(proxy_in_pieces(&input, &cuts), want);
+        for i in 0..header.len() {
+            prop_assert_eq!(proxy::parse(&header[..i]), Proxy::NeedMore, "prefix {}", i);
+        }
+    }
+
+    /// Garbage (random bytes, or a valid header with bytes changed) never
+    /// panics; once a prefix is rejected every longer input is too; nothing
+    /// waits for more than the longest header; Done never claims more bytes
+    /// than there are.
+    #[test]
+    fn proxy_garbage_is_rejected_for_good(
+        input in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..1200),
+            (arb_proxy_header(), prop::collection::vec((any::<usize>(), any::<u8>()), 1..4))
+                .prop_map(|((mut h, _), edits)| {
+                    for (i, b) in edits {
+                        let n = h.len();
+                        h[i % n] = b;
+                    }
+                    h
+                }),
+            (arb_proxy_header(), any::<usize>())
+                .prop_map(|((h, _), cut)| h[..cut % h.len()].to_vec()),
+        ],
+    ) {
+        let mut rejected = false;
+        for end in 0..=input.len() {
+            let v = proxy::parse(&input[..end]);
+            match v {
+                Proxy::Invalid(_) => rejected = true,
+                Proxy::NeedMore => {
+                    prop_assert!(!rejected, "rejected, then NeedMore at {}", end);
+                    prop_assert!(end < proxy::V2_MAX, "still waiting after {} bytes", end);
+                }
+                Proxy::Done { consumed, .. } => {
+                    prop_assert!(!rejected, "rejected, then Done at {}", end);
+                    prop_assert!(consumed <= end);
+                    // Done is final: more bytes do not change it.
+                    prop_assert_eq!(proxy::parse(&input), v);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Through the connection: a PROXY header, the upgrade request and a
+    /// ping, split anywhere, upgrade the same and carry the same source.
+    #[test]
+    fn proxy_header_then_upgrade_split_anywhere(
+        (header, source) in arb_proxy_header(),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let mut ping = Vec::new();
+        frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+        let input = [header, UPGRADE.to_vec(), ping].concat();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        points.push(0);
+        points.push(input.len());
+        points.sort_unstable();
+        let mut conn = Conn::new_proxied();
+        let mut out = Vec::new();
+        let (mut upgraded, mut frames, mut proxied, mut got) = (false, 0, 0, None);
+        for w in points.windows(2) {
+            let mut piece = input[w[0]..w[1]].to_vec();
+            let r = conn.receive(&mut piece, &Limits::default(), &mut c1m::proto::conn::admit_all, &mut out);
+            prop_assert!(r.end.is_none(), "{:?}", r);
+            upgraded |= r.upgraded;
+            frames += r.frames;
+            if r.proxied {
+                proxied += 1;
+                got = r.source;
+            }
+        }
+        prop_assert!(upgraded);
+        prop_assert_eq!(frames, 1);
+        prop_assert_eq!(proxied, 1);
+        prop_assert_eq!(got, source);
+        prop_assert_eq!(conn.buffered(), 0);
+    }
+}

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use c1m::config::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
+use c1m::config::{
+    allowed_cpus, parse_bytes, parse_cidr, parse_cpus, parse_duration, raise_nofile, Cidr,
+};
 use c1m::io::Backend;
 use c1m::procs::limits::Host;
 use c1m::proto::auth::{self, Keys};
@@ -127,6 +129,19 @@ struct Args {
     /// address, e.g. 127.0.0.1:9100; never the device port (default: off)
     #[argh(option)]
     admin: Option<SocketAddr>,
+    /// expect a PROXY protocol header (v1 or v2) first on every device
+    /// connection, as a front sends with nginx `proxy_protocol on;` or
+    /// HAProxy `send-proxy`/`send-proxy-v2`; its source address becomes the
+    /// device's (lookup, logs); a connection without a valid one within
+    /// --handshake-timeout is closed, counted proxy_bad or proxy_missing
+    /// (default: off; turn it on only behind such a front)
+    #[argh(switch)]
+    proxy_protocol: bool,
+    /// believe the upgrade's X-Forwarded-For (its rightmost address) when
+    /// the connection comes from this network, e.g. 127.0.0.1/32 for an
+    /// nginx http front on the same host; repeatable (default: never)
+    #[argh(option, from_str_fn(parse_cidr))]
+    trust_forwarded_from: Vec<Cidr>,
 }
 
 /// `server token`: prints a token for one device, to stdout, for a server
@@ -268,6 +283,8 @@ fn run(args: Args) -> Result<(), String> {
         },
         inject_panic: std::env::var_os("C1M_INJECT_PANIC").is_some_and(|v| v == "1"),
         auth: auth.clone(),
+        proxy_protocol: args.proxy_protocol,
+        trust_forwarded: args.trust_forwarded_from.clone(),
     };
     cfg.validate()?;
 

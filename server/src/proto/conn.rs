@@ -6,8 +6,11 @@
 //! unless a request head or a frame straddles two reads, and `message` exists
 //! only while a fragmented message is in progress.
 
+use std::net::SocketAddr;
+
 use crate::proto::frame::{self, code, Opcode, Utf8Stream};
 use crate::proto::handshake::{self, Parsed, Reject, Upgrade};
+use crate::proto::proxy::{self, Proxy};
 
 /// An `admit` for [`Conn::receive`] that lets every upgrade through.
 pub fn admit_all(_: &Upgrade<'_>) -> Result<(), Reject> {
@@ -37,6 +40,9 @@ impl Default for Limits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Waiting for the PROXY protocol header a front sends first
+    /// (`--proxy-protocol`); then the upgrade request.
+    Proxy,
     /// Waiting for the upgrade request.
     Handshake,
     /// Upgraded: frames flow.
@@ -56,6 +62,8 @@ pub enum End {
     ProtocolError(u16),
     /// The upgrade was refused with this HTTP status.
     Rejected(u16),
+    /// The PROXY protocol header was malformed (why); closed without an answer.
+    BadProxy(&'static str),
 }
 
 /// What one call to [`Conn::receive`] did.
@@ -67,6 +75,11 @@ pub struct Received {
     pub frames: u32,
     /// Set when the connection must close after its output is sent.
     pub end: Option<End>,
+    /// The PROXY header completed in this call.
+    pub proxied: bool,
+    /// With `proxied`: the device's address the header carried (None for
+    /// a header without one: v1 UNKNOWN, v2 LOCAL).
+    pub source: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -97,6 +110,16 @@ impl Conn {
             phase: Phase::Handshake,
             carry: Vec::new(),
             message: None,
+        }
+    }
+
+    /// A connection from a front that first sends a PROXY protocol header
+    /// (v1 or v2); it is consumed, and the rest of the bytes go on to the
+    /// upgrade parser.
+    pub fn new_proxied() -> Conn {
+        Conn {
+            phase: Phase::Proxy,
+            ..Conn::new()
         }
     }
 
@@ -152,7 +175,7 @@ impl Conn {
                 frame::write_close(out, code::GOING_AWAY);
                 self.phase = Phase::Closing;
             }
-            Phase::Handshake => self.phase = Phase::Done,
+            Phase::Proxy | Phase::Handshake => self.phase = Phase::Done,
             Phase::Closing | Phase::Done => {}
         }
     }
@@ -199,6 +222,19 @@ impl Conn {
         let mut pos = 0;
         loop {
             match self.phase {
+                Phase::Proxy => match proxy::parse(&buf[pos..]) {
+                    Proxy::NeedMore => return pos,
+                    Proxy::Invalid(why) => {
+                        self.finish(r, End::BadProxy(why));
+                        return buf.len();
+                    }
+                    Proxy::Done { source, consumed } => {
+                        pos += consumed;
+                        r.proxied = true;
+                        r.source = source;
+                        self.phase = Phase::Handshake;
+                    }
+                },
                 Phase::Handshake => match handshake::parse(&buf[pos..], limits.max_head) {
                     Parsed::Partial => return pos,
                     Parsed::Reject(reject) => {
@@ -454,6 +490,45 @@ mod tests {
         frame::write_frame(&mut expect, Opcode::Text, snow);
         assert!(out.ends_with(&expect));
         assert_eq!(c.buffered(), 0);
+    }
+
+    #[test]
+    fn a_proxy_header_and_the_request_in_one_read() {
+        let src: SocketAddr = "192.0.2.7:51000".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.1:9000".parse().unwrap();
+        for v2 in [false, true] {
+            let mut input = Vec::new();
+            if v2 {
+                proxy::write_v2(src, dst, &[], &mut input);
+            } else {
+                proxy::write_v1(src, dst, &mut input);
+            }
+            input.extend(UPGRADE);
+            input.extend(masked(Opcode::Ping, true, b"hb"));
+            let mut c = Conn::new_proxied();
+            assert_eq!(c.phase(), Phase::Proxy);
+            let mut out = Vec::new();
+            let r = c.receive(&mut input, &Limits::default(), &mut admit_all, &mut out);
+            assert!(r.proxied && r.upgraded, "{r:?}");
+            assert_eq!(r.source, Some(src));
+            assert_eq!(r.frames, 1);
+            assert!(out.starts_with(b"HTTP/1.1 101 "));
+        }
+    }
+
+    #[test]
+    fn a_connection_without_its_proxy_header_ends_silently() {
+        let mut c = Conn::new_proxied();
+        let mut out = Vec::new();
+        let r = c.receive(
+            &mut UPGRADE.to_vec(),
+            &Limits::default(),
+            &mut admit_all,
+            &mut out,
+        );
+        assert!(matches!(r.end, Some(End::BadProxy(_))), "{r:?}");
+        assert!(!r.upgraded && out.is_empty());
+        assert_eq!(c.phase(), Phase::Done);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! answer either `101 Switching Protocols` or a real HTTP error.
 
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::proto::auth::Denied;
 
@@ -32,6 +33,10 @@ pub struct Upgrade<'a> {
     /// `?token=<token>` (checked, if at all, by the caller's `admit`). A
     /// Bearer value that is not UTF-8 is given as `""`, which never verifies.
     pub token: Option<&'a str>,
+    /// The rightmost address of the last `X-Forwarded-For` header: the one
+    /// the nearest proxy appended. Only to be believed when the socket peer
+    /// is a trusted proxy (`--trust-forwarded-from`); the shard decides.
+    pub forwarded_for: Option<IpAddr>,
     pub head_len: usize,
 }
 
@@ -166,6 +171,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
     let mut version_13 = None;
     let mut key = None;
     let mut bearer = None;
+    let mut forwarded_for = None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
@@ -179,6 +185,10 @@ pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
                 return Parsed::Reject(Reject::BadRequest(BAD_KEY));
             }
             key = Some(trim(h.value));
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // The last header wins: a proxy that appends adds its own line
+            // or extends the last one; an unparsable entry counts as none.
+            forwarded_for = rightmost_address(h.value);
         } else if name.eq_ignore_ascii_case("authorization") {
             // Another scheme (Basic...) carries no token of ours.
             if let Some(t) = bearer_token(h.value) {
@@ -203,8 +213,20 @@ pub fn parse(buf: &[u8], max_head: usize) -> Parsed<'_> {
         id,
         key,
         token,
+        forwarded_for,
         head_len,
     })
+}
+
+/// The rightmost entry of an `X-Forwarded-For` value as an address: a bare
+/// IPv4 or IPv6 address, or one with a port (`1.2.3.4:5`, `[::1]:5`).
+/// Parsed in place: no allocation.
+fn rightmost_address(value: &[u8]) -> Option<IpAddr> {
+    let last = trim(value.rsplit(|&b| b == b',').next()?);
+    let text = std::str::from_utf8(last).ok()?;
+    text.parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// The `id` query parameter, if present and valid.
@@ -495,6 +517,32 @@ mod tests {
             assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
             assert!(text.contains("WWW-Authenticate: Bearer\r\n"), "{text}");
         }
+    }
+
+    #[test]
+    fn x_forwarded_for_gives_its_rightmost_address() {
+        let xff = |extra: &str| match parse(request("/ws?id=a", extra).as_bytes(), 8192) {
+            Parsed::Upgrade(u) => u.forwarded_for,
+            other => panic!("{other:?}"),
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(xff(""), None);
+        assert_eq!(xff("X-Forwarded-For: 192.0.2.7\r\n"), ip("192.0.2.7"));
+        assert_eq!(
+            xff("x-forwarded-for: 203.0.113.9, 10.1.1.1 ,192.0.2.7 \r\n"),
+            ip("192.0.2.7")
+        );
+        assert_eq!(
+            xff("X-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2001:db8::7\r\n"),
+            ip("2001:db8::7")
+        );
+        assert_eq!(
+            xff("X-Forwarded-For: [2001:db8::7]:443\r\n"),
+            ip("2001:db8::7")
+        );
+        assert_eq!(xff("X-Forwarded-For: 1.2.3.4:5\r\n"), ip("1.2.3.4"));
+        assert_eq!(xff("X-Forwarded-For: 1.2.3.4, unknown\r\n"), None);
+        assert_eq!(xff("X-Forwarded-For: \r\n"), None);
     }
 
     #[test]

@@ -6,4 +6,5 @@ pub mod conn;
 pub mod device_id;
 pub mod frame;
 pub mod handshake;
+pub mod proxy;
 pub mod wheel;
