@@ -5,11 +5,13 @@
 //! - [`io`]: the I/O driver (epoll or io_uring) that owns the sockets and
 //!   the system calls; the server's shards and the client's fleets share it.
 //! - [`shard`]: one per core, sharing nothing: the decisions around the core.
+//! - [`events`]: lifecycle events and pushes through NATS (`--nats`).
 //! - [`admin`]: the operators' HTTP listener (`--admin`): /metrics, /healthz.
 //! - [`procs`]: worker processes past the descriptor limit, and the limits.
 
 pub mod admin;
 pub mod config;
+pub mod events;
 pub mod io;
 pub mod mailbox;
 pub mod procs;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
+use crate::events::{Event as Lifecycle, EventTx, Kind, Reason};
 use crate::io::epoll::EpollDriver;
 use crate::io::uring::UringDriver;
 use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
@@ -55,6 +56,10 @@ pub struct ShardConfig {
     /// Device auth (--auth-secret-file): upgrades need a token these keys
     /// verify, else 401. None: no auth.
     pub auth: Option<std::sync::Arc<crate::proto::auth::Keys>>,
+    /// Lifecycle events (--nats): each upgrade and each end of an upgraded
+    /// connection is offered to the publisher's queue, never waited on; a
+    /// full queue counts `events_dropped`. None: no events, no cost.
+    pub events: Option<EventTx>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -172,6 +177,8 @@ struct Slot {
     conn: Conn,
     /// The device's id, from its upgrade request (empty before it).
     id: DeviceId,
+    /// Why it ended (what its disconnect event says), set with the counter.
+    why: Reason,
 }
 
 impl Slot {
@@ -470,6 +477,7 @@ impl State {
             frame_deadline: 0,
             conn: Conn::new(),
             id: DeviceId::default(),
+            why: Reason::Reset,
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -546,11 +554,24 @@ impl State {
             self.register(io, key);
         }
         let Some(end) = end else { return };
-        match end {
-            End::ClientClose => self.counters.client_close += 1,
-            End::ProtocolError(_) => self.counters.protocol_error += 1,
-            End::Rejected(_) => self.counters.rejected += 1,
-        }
+        self.slab[key].why = match end {
+            End::ClientClose => {
+                self.counters.client_close += 1;
+                if self.drain_deadline.is_some() {
+                    Reason::Shutdown // it answered our Close 1001
+                } else {
+                    Reason::ClosedByDevice
+                }
+            }
+            End::ProtocolError(code) => {
+                self.counters.protocol_error += 1;
+                Reason::ProtocolError(code)
+            }
+            End::Rejected(_) => {
+                self.counters.rejected += 1;
+                Reason::Reset // never upgraded: no event
+            }
+        };
         self.finish(io, key);
     }
 
@@ -573,6 +594,7 @@ impl State {
             Sent::Done | Sent::Queued => true,
             Sent::Overflow => {
                 self.counters.slow_reader += 1;
+                self.slab[key].why = Reason::SlowReader;
                 self.close(io, key, Close::Abortive);
                 false
             }
@@ -591,20 +613,23 @@ impl State {
             "shard {}: internal error on one connection ({cause}): closed it, the others are unaffected; please report this",
             self.id
         );
-        if self.slab.contains(key) {
+        if let Some(slot) = self.slab.get_mut(key) {
+            slot.why = Reason::InternalError;
             self.close(io, key, Close::Abortive);
         }
     }
 
     /// EOF or a socket error: the device went away without a Close frame.
     fn peer_gone(&mut self, io: &mut impl Driver, key: usize) {
-        let slot = &self.slab[key];
+        let slot = &mut self.slab[key];
         if slot.ended {
             // Counted already; it only waited for its output.
         } else if slot.conn.phase() == Phase::Closing {
             self.counters.shutdown += 1;
+            slot.why = Reason::Shutdown;
         } else {
             self.counters.peer_gone += 1;
+            slot.why = Reason::Reset;
         }
         self.close(io, key, Close::Abortive);
     }
@@ -637,6 +662,7 @@ impl State {
                 Phase::Done => {
                     // Not reached: a Done connection has ended (above).
                     self.counters.slow_reader += 1;
+                    slot.why = Reason::SlowReader;
                     self.close(io, key, Close::Abortive);
                 }
                 Phase::Open | Phase::Closing => {
@@ -647,9 +673,11 @@ impl State {
                     };
                     if frame_due <= now {
                         self.counters.frame_timeout += 1;
+                        slot.why = Reason::FrameTimeout;
                         self.close(io, key, Close::Abortive);
                     } else if silent_due <= now {
                         self.counters.expired += 1;
+                        slot.why = Reason::Expired;
                         self.expire(io, key);
                     } else {
                         let due = silent_due.min(frame_due);
@@ -680,6 +708,17 @@ impl State {
 
     fn close(&mut self, io: &mut impl Driver, key: usize, how: Close) {
         let slot = self.slab.remove(key);
+        if slot.upgraded && self.cfg.events.is_some() {
+            // Before the close: the address is the socket's.
+            let remote = io.peer_addr(slot.io);
+            self.event(
+                Kind::Disconnected(slot.why),
+                &slot.id,
+                self.location(key, slot.gen),
+                remote,
+                slot.last_seen,
+            );
+        }
         io.close(slot.io, how);
         if slot.upgraded {
             self.open -= 1;
@@ -698,10 +737,45 @@ impl State {
         }
     }
 
+    /// Offers a lifecycle event to the publisher (--nats); a full queue
+    /// drops it, counted. Never waits.
+    fn event(
+        &mut self,
+        kind: Kind,
+        id: &DeviceId,
+        at: Location,
+        remote: Option<std::net::SocketAddr>,
+        last_seen: u64,
+    ) {
+        let Some(events) = &self.cfg.events else {
+            return;
+        };
+        let time_ms = crate::events::event::unix_ms();
+        let heard_ago = Instant::now()
+            .saturating_duration_since(self.instant_of(last_seen))
+            .as_millis() as u64;
+        let ev = Lifecycle {
+            kind,
+            id: id.clone(),
+            at,
+            remote,
+            time_ms,
+            last_heard_ms: time_ms.saturating_sub(heard_ago),
+        };
+        if !events.offer(ev) {
+            self.counters.events_dropped += 1;
+        }
+    }
+
     /// Tells the id's owner that this connection upgraded with it.
     fn register(&mut self, io: &mut impl Driver, key: usize) {
         let slot = &self.slab[key];
         let (id, at) = (slot.id.clone(), self.location(key, slot.gen));
+        if self.cfg.events.is_some() {
+            let remote = io.peer_addr(slot.io);
+            let last_seen = slot.last_seen;
+            self.event(Kind::Connected, &id, at, remote, last_seen);
+        }
         let to = registry::owner(id.as_str(), self.peers.len());
         self.deliver(io, to, Msg::Register { id, at });
     }
@@ -788,6 +862,7 @@ impl State {
                 }
                 Ask::Kick => {
                     self.counters.kicked += 1;
+                    self.slab[key].why = Reason::Kicked;
                     self.out.clear();
                     self.slab[key]
                         .conn
@@ -826,6 +901,7 @@ impl State {
         match self.slab.get_mut(key) {
             Some(slot) if slot.gen == at.gen && !slot.ended => {
                 self.counters.replaced += 1;
+                slot.why = Reason::Replaced;
                 self.out.clear();
                 slot.conn.end(&mut self.out, code::REPLACED, b"replaced");
                 if self.write(io, key) {
@@ -854,6 +930,7 @@ impl State {
             slot.conn.start_close(&mut self.out);
             if slot.conn.phase() == Phase::Done {
                 self.counters.shutdown += 1;
+                slot.why = Reason::Shutdown;
                 self.close(io, key, Close::Abortive);
             } else {
                 self.write(io, key);
@@ -867,6 +944,7 @@ impl State {
         for key in keys {
             if !self.slab[key].ended {
                 self.counters.shutdown += 1;
+                self.slab[key].why = Reason::Shutdown;
             }
             self.close(io, key, Close::Abortive);
         }
@@ -1016,6 +1094,7 @@ mod tests {
             stats_interval: Duration::from_secs(3600),
             inject_panic: false,
             auth: None,
+            events: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, _) = crate::mailbox::wire(1).unwrap();

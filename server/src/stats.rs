@@ -45,6 +45,9 @@ pub struct Counters {
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
     pub io_cancels: u64,
+    /// Lifecycle events (--nats) dropped because the publisher's queue was
+    /// full (the broker down or slow): the shard never waits for it.
+    pub events_dropped: u64,
 }
 
 impl Counters {
@@ -70,6 +73,7 @@ impl Counters {
         self.auth_expired += o.auth_expired;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
+        self.events_dropped += o.events_dropped;
     }
 
     /// Every connection that ended, for any reason.
@@ -147,7 +151,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={} events_dropped={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -168,7 +172,8 @@ pub fn totals(c: &Counters) -> String {
         c.auth_bad,
         c.auth_expired,
         c.io_cq_overflows,
-        c.io_cancels
+        c.io_cancels,
+        c.events_dropped
     )
 }
 
@@ -204,6 +209,7 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         auth_expired: t("auth_expired").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
+        events_dropped: t("events_dropped").unwrap_or(0),
     };
     Some((
         field(head, "conns").unwrap_or(0),
@@ -275,6 +281,7 @@ mod tests {
             auth_expired: 20,
             io_cq_overflows: 15,
             io_cancels: 16,
+            events_dropped: 22,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);
