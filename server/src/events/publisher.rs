@@ -32,8 +32,9 @@ use crate::proto::device_id::DeviceId;
 
 /// Events taken from the queue per batch (one flush each).
 const BATCH: usize = 4096;
-/// Commands async-nats holds while the broker is away (or slow); past
-/// this the publisher waits and the shards' queue takes the overflow.
+/// Commands async-nats holds at most while the broker is away (or slow):
+/// `--nats-queue` up to this; past it the publisher waits and the shards'
+/// queue takes the overflow.
 pub const CLIENT_CAPACITY: usize = 8192;
 /// Presence operations (KV puts and deletes) done concurrently.
 const PRESENCE_BATCH: usize = 1024;
@@ -207,7 +208,10 @@ async fn run(
     let url = cfg.url.clone();
     let opts = opts
         .name(format!("c1m {} worker {}", cfg.origin.server, cfg.origin.worker))
-        .client_capacity(CLIENT_CAPACITY)
+        // The client's own buffer while the broker is away: as large as
+        // the shards' queue (up to CLIENT_CAPACITY), so about twice
+        // --nats-queue events wait in all, then the shards drop.
+        .client_capacity(cfg.queue.clamp(64, CLIENT_CAPACITY))
         .subscription_capacity(PUSHES_IN_FLIGHT * 4)
         .retry_on_initial_connect()
         .max_reconnects(None)

@@ -22,6 +22,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 async fn connect(url: &str, auth: &Auth) -> Result<async_nats::Client, String> {
     publisher::connect_options(auth)?
         .connection_timeout(Duration::from_secs(3))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
         .connect(url)
         .await
         .map_err(|e| format!("cannot connect to NATS at {url}: {e}; is nats-server running there?"))
