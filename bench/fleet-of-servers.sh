@@ -3,10 +3,12 @@
 # presence) and c1m servers on loopback, `server watch-events` counting the
 # lifecycle events.
 #
-# 1. One server, NATS off against on, interleaved ROUNDS times: CONNS
-#    devices, 10% silent (expired by the server), the client's conn/s and
-#    the server's CPU per connection and per heartbeat; with NATS on, the
-#    consumer's counts against the server's (every connect, every expiry).
+# 1. One server, NATS off against on (and `down`: --nats to a port where
+#    no broker listens, with --nats-queue 4096, so events are dropped),
+#    interleaved ROUNDS times: CONNS devices, 10% silent (expired by the
+#    server), the client's conn/s and the server's CPU per connection and
+#    per heartbeat; with NATS on, the consumer's counts against the
+#    server's (every connect, every expiry).
 # 2. A fleet of two servers (--cores 0 and --cores 1, ports P1 and P2), the
 #    client spread over both: PUSHES pushes to random connected devices
 #    through NATS (`server push --wait`: delivered count, latency), then
@@ -14,9 +16,10 @@
 #    delete it: the consumer's lag from each deletion to its event.
 #
 # Usage: bench/fleet-of-servers.sh  (about 5 minutes; ROUNDS (2), CONNS
-#        (15000), HOLD (20s), PUSHES (10000))
+#        (15000), HOLD (20s), PUSHES (10000), VARIANTS ("off on"; "off on
+#        down" adds the broker-down case), FLEET (1; 0 skips part 2))
 # Writes: results/<UTC time>-fleet-of-servers/{summary.md,off-N/,on-N/,
-#         on-N.events,fleet/{client/,server-a.log,server-b.log,events.jsonl,
+#         on-N.events,fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
 #         push.txt},nats.log,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,8 @@ ROUNDS=${ROUNDS:-2}
 CONNS=${CONNS:-15000}
 HOLD=${HOLD:-20s}
 PUSHES=${PUSHES:-10000}
+VARIANTS=${VARIANTS:-off on}
+FLEET=${FLEET:-1}
 NPORT=${NPORT:-14300}
 P1=${P1:-9420}
 P2=${P2:-9421}
@@ -34,7 +39,7 @@ if [ ! -x "$NATS_BIN" ]; then
   exit 1
 fi
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
-out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES bash bench/fleet-of-servers.sh")
+out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES VARIANTS=\"$VARIANTS\" FLEET=$FLEET bash bench/fleet-of-servers.sh")
 URL="nats://127.0.0.1:$NPORT"
 store=$(mktemp -d)
 pids=()
@@ -52,9 +57,13 @@ sleep 0.5
 
 # 1. NATS off against on, one server (2 shards), interleaved.
 for round in $(seq "$ROUNDS"); do
-  for variant in off on; do
+  for variant in $VARIANTS; do
     nflags=""
     watcher=""
+    if [ $variant = down ]; then
+      # Nothing listens on NPORT+1: the broker is away the whole run.
+      nflags="--nats nats://127.0.0.1:$((NPORT + 1)) --nats-queue 4096"
+    fi
     if [ $variant = on ]; then
       nflags="--nats $URL"
       timeout 300 ./target/release/server watch-events --nats "$URL" --every 1s --duration 280s \
@@ -78,6 +87,7 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # 2. Two servers on one NATS; pushes, then an expiry wave of the whole fleet.
+if [ "$FLEET" = 1 ]; then
 mkdir -p "$out/fleet"
 timeout 300 ./target/release/server watch-events --nats "$URL" --every 1s --duration 280s --print \
   > "$out/fleet/events.jsonl" 2> "$out/fleet/watch.stderr" &
@@ -116,10 +126,12 @@ wait "$server_a" "$server_b" 2>/dev/null || true
 sleep 1
 kill "$watcher" 2>/dev/null || true
 wait "$watcher" 2>/dev/null || true
+fi
 
-python3 - "$out" "$ROUNDS" <<'PY' | tee "$out/summary.md"
+python3 - "$out" "$ROUNDS" "$VARIANTS" <<'PY' | tee "$out/summary.md"
 import json, re, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
+import os
+out, rounds, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def last_events(path):
     lines = [l for l in open(path) if l.startswith("events ") or l.startswith("final events ")]
     return dict(kv.split("=") for kv in lines[-1].split() if "=" in kv) if lines else {}
@@ -130,23 +142,33 @@ cols = [("conn/s", "conn_per_s_mean"), ("server CPU/conn us", "server_cpu_per_co
         ("server CPU/heartbeat us", "server_cpu_per_heartbeat_us"), ("established", "established"),
         ("expired (client)", "expired"), ("false expiries", "false_expiries")]
 fig = lambda v, r: json.load(open(f"{out}/{v}-{r}/summary.json"))["figures"]
-print(f"## 1. One server, NATS off against on ({rounds} interleaved rounds, medians)\n")
-print("| NATS | " + " | ".join(c for c, _ in cols) + " |")
-print("|---" * (len(cols) + 1) + "|")
+print(f"## 1. One server, NATS {' / '.join(variants)} ({rounds} interleaved rounds, medians)\n")
+print("| NATS | " + " | ".join(c for c, _ in cols) + " | events_dropped (server) |")
+print("|---" * (len(cols) + 2) + "|")
 med = {}
-for v in ("off", "on"):
+for v in variants:
     rs = [fig(v, r) for r in range(1, rounds + 1)]
     med[v] = {k: statistics.median(float(x[k]) for x in rs) for _, k in cols}
-    print(f"| {v} | " + " | ".join(f"{med[v][k]:,.1f}" for _, k in cols) + " |")
-print("\nRatios on/off: " + ", ".join(
-    f"{c} {med['on'][k] / med['off'][k]:.3f}" for c, k in cols[:3] if med['off'][k]))
-print("\n| round | server upgraded | consumer connected | server expired | consumer expired | events_dropped | consumer disconnected by reason |")
-print("|---|---|---|---|---|---|---|")
-for r in range(1, rounds + 1):
+    drops = [final(f"{out}/{v}-{r}/server.log").get("events_dropped", "0") for r in range(1, rounds + 1)]
+    print(f"| {v} | " + " | ".join(f"{med[v][k]:,.1f}" for _, k in cols) + f" | {', '.join(drops)} |")
+print("\nPer round (conn/s, CPU/conn us, CPU/heartbeat us):")
+for v in variants:
+    print(f"- {v}: " + "; ".join(
+        f"{fig(v, r)['conn_per_s_mean']:,.0f}, {fig(v, r)['server_cpu_per_conn_us']}, {fig(v, r)['server_cpu_per_heartbeat_us']}" for r in range(1, rounds + 1)))
+for v in variants:
+    if v != "off" and "off" in med:
+        print(f"\nRatios {v}/off: " + ", ".join(
+            f"{c} {med[v][k] / med['off'][k]:.3f}" for c, k in cols[:3] if med['off'][k]))
+if "on" in variants:
+  print("\n| round | server upgraded | consumer connected | server expired | consumer expired | events_dropped | consumer disconnected by reason |")
+  print("|---|---|---|---|---|---|---|")
+for r in range(1, rounds + 1) if "on" in variants else []:
     f = final(f"{out}/on-{r}/server.log")
     e = last_events(f"{out}/on-{r}.events")
     reasons = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("connected", "disconnected", "snapshot", "unreadable") and not k.startswith("lag"))
     print(f"| {r} | {f.get('upgraded')} | {e.get('connected')} | {f.get('expired')} | {e.get('expired', 0)} | {f.get('events_dropped')} | {reasons} |")
+if not os.path.isdir(f"{out}/fleet"):
+    sys.exit(0)
 print("\n## 2. Two servers on one NATS\n")
 ev = [json.loads(l) for l in open(f"{out}/fleet/events.jsonl") if l.startswith("{")]
 by_server = {}
@@ -164,4 +186,5 @@ print(f"- pushes delivered by the servers: a={fa.get('pushes_delivered')} b={fb.
 c = json.load(open(f"{out}/fleet/client/summary.json"))["figures"]
 print(f"- the fleet's client: established={c.get('established')} storm: {c.get('storm_deleted', c.get('storm_expired', 'n/a'))} deleted, false expiries {c.get('false_expiries')}")
 PY
+[ -f "$out/fleet/events.jsonl" ] && gzip "$out/fleet/events.jsonl" "$out/fleet/ids.txt"
 echo "fleet-of-servers: wrote $out" >&2
