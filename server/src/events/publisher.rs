@@ -452,7 +452,10 @@ async fn delete_if_ours(client: &Client, store: &kv::Store, head: &str, key: &st
         if e.operation == kv::Operation::Put && e.value == value {
             let mut h = HeaderMap::new();
             h.insert("KV-Operation", "DEL");
-            h.insert("Nats-Expected-Last-Subject-Sequence", e.revision.to_string());
+            h.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                e.revision.to_string(),
+            );
             let _ = client
                 .publish_with_headers(format!("{head}{key}"), h, Bytes::new())
                 .await;
