@@ -247,6 +247,19 @@ async fn run(
             return;
         }
     };
+    {
+        // Said once if the broker is not there at start: async-nats keeps
+        // trying by itself.
+        let (client, url) = (client.clone(), cfg.url.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if client.connection_state() != async_nats::connection::State::Connected {
+                eprintln!(
+                    "server: NATS {url}: not reachable; the server serves its devices as usual and keeps trying; events wait in a bounded queue and past it are dropped (events_dropped)"
+                );
+            }
+        });
+    }
     let subjects = Subjects::new(&cfg.prefix);
     let connected = Subject::from(subjects.connected.as_str());
     let disconnected = Subject::from(subjects.disconnected.as_str());
