@@ -17,7 +17,8 @@
 #
 # Usage: bench/fleet-of-servers.sh  (about 5 minutes; ROUNDS (2), CONNS
 #        (15000), HOLD (20s), PUSHES (10000), VARIANTS ("off on"; "off on
-#        down" adds the broker-down case), FLEET (1; 0 skips part 2))
+#        down" adds the broker-down case), FLEET (1; 0 skips part 2),
+#        SILENT (0.1: the silent fraction in part 1))
 # Writes: results/<UTC time>-fleet-of-servers/{summary.md,off-N/,on-N/,
 #         on-N.events,fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
 #         push.txt},nats.log,command.txt}
@@ -29,6 +30,7 @@ CONNS=${CONNS:-15000}
 HOLD=${HOLD:-20s}
 PUSHES=${PUSHES:-10000}
 VARIANTS=${VARIANTS:-off on}
+SILENT=${SILENT:-0.1}
 FLEET=${FLEET:-1}
 NPORT=${NPORT:-14300}
 P1=${P1:-9420}
@@ -39,7 +41,7 @@ if [ ! -x "$NATS_BIN" ]; then
   exit 1
 fi
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
-out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES VARIANTS=\"$VARIANTS\" FLEET=$FLEET bash bench/fleet-of-servers.sh")
+out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES VARIANTS=\"$VARIANTS\" FLEET=$FLEET SILENT=$SILENT bash bench/fleet-of-servers.sh")
 URL="nats://127.0.0.1:$NPORT"
 store=$(mktemp -d)
 pids=()
@@ -74,7 +76,7 @@ for round in $(seq "$ROUNDS"); do
     fi
     timeout 300 ./target/release/client --out "$out/$variant-$round" --spawn-server \
       --server 127.0.0.1:$P1 --server-flags "--timeout 10s --tick 100ms --cores 0-1 $nflags" \
-      --conns "$CONNS" --ips 127.0.0.2-127.0.0.11 --heartbeat 5s --silent 0.1 \
+      --conns "$CONNS" --ips 127.0.0.2-127.0.0.11 --heartbeat 5s --silent "$SILENT" \
       --hold "$HOLD" --quiet > "$out/$variant-$round.stdout" 2>&1 \
       || echo "fleet-of-servers: $variant round $round exited $?" >&2
     if [ -n "$watcher" ]; then

@@ -174,7 +174,7 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
                     };
                     tokio::select! {
                         _ = run(cfg, opts, rx, stop, stats) => {}
-                        _ = stopped => eprintln!("server: NATS: stopped with events still unpublished (the broker is away or slow)"),
+                        _ = stopped => eprintln!("server: NATS: stopped without the broker's confirmation of the last events (it is away or slow); they may be lost"),
                     }
                 });
             })

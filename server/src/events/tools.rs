@@ -172,6 +172,9 @@ pub fn push(
     if ids.is_empty() {
         return Err("push needs at least one --id (or --ids-file)".into());
     }
+    if count == 0 {
+        return Err("push --count must be at least 1".into());
+    }
     if let Some(bad) = ids.iter().find(|id| !crate::proto::handshake::valid_id(id)) {
         return Err(format!(
             "{bad:?} is not a device id: 1 to {} of [0-9A-Za-z:._-]",
