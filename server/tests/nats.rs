@@ -307,6 +307,22 @@ fn disconnects(seen: &[serde_json::Value]) -> usize {
     seen.iter().filter(|e| e["event"] == "disconnected").count()
 }
 
+/// A request with an empty body on `subject`, straight through NATS: the answer.
+fn raw_request(nats: &Nats, subject: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let answer = client
+            .request(subject.to_string(), bytes::Bytes::new())
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&answer.payload).into_owned()
+    })
+}
+
 /// `server push --wait`: the answer line.
 fn push(nats: &Nats, id: &str, text: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_server"))
@@ -466,6 +482,16 @@ fn nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected(
     }
     let answer = push(&nats, "nobody", "x");
     assert!(answer.starts_with("nobody not connected"), "{answer}");
+    // Bad input straight on the subjects: an answer, no panic.
+    for (subject, want) in [
+        (
+            format!("c1m.push.{}", "a".repeat(65)),
+            "error: the subject does not end in a valid device id",
+        ),
+        ("c1m.deliver.a.0".to_string(), "error: no device id"),
+    ] {
+        assert_eq!(raw_request(&nats, &subject), want, "{subject}");
+    }
     // Pushes over several routings: each is delivered once.
     for i in 0..6 {
         let answer = push(&nats, "dev.on:b", &format!("n{i}"));
