@@ -52,6 +52,7 @@ fn main() {
         auth: None,
         proxy_protocol: false,
         trust_forwarded: Vec::new(),
+        events: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

@@ -346,6 +346,11 @@ fn counter_families(c: &Counters) -> Vec<Family> {
             "io_uring cancel requests submitted.",
             vec![(None, c.io_cancels)],
         ),
+        (
+            "c1m_events_dropped_total",
+            "Lifecycle events (--nats) dropped because the publisher's queue was full (the broker down or slow).",
+            vec![(None, c.events_dropped)],
+        ),
     ]
 }
 

@@ -5,6 +5,7 @@
 //! - [`io`]: the I/O driver (epoll or io_uring) that owns the sockets and
 //!   the system calls; the server's shards and the client's fleets share it.
 //! - [`shard`]: one per core, sharing nothing: the decisions around the core.
+//! - [`events`]: lifecycle events and pushes through NATS (`--nats`).
 //! - [`admin`]: the operators' HTTP listener (`--admin`): /metrics, /healthz.
 //! - [`procs`]: worker processes past the descriptor limit, the limits, and
 //!   the link that makes them one server (the registry across workers).
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod events;
 pub mod hist;
 pub mod io;
 pub mod mailbox;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
+use crate::events::{Event as Lifecycle, EventTx, Kind, Reason};
 use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
 use crate::io::epoll::EpollDriver;
 use crate::io::uring::UringDriver;
@@ -67,6 +68,10 @@ pub struct ShardConfig {
     /// networks, the upgrade's X-Forwarded-For (its rightmost address)
     /// becomes the device's address. Empty: X-Forwarded-For is ignored.
     pub trust_forwarded: Vec<crate::config::Cidr>,
+    /// Lifecycle events (--nats): each upgrade and each end of an upgraded
+    /// connection is offered to the publisher's queue, never waited on; a
+    /// full queue counts `events_dropped`. None: no events, no cost.
+    pub events: Option<EventTx>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -187,6 +192,8 @@ struct Slot {
     /// The device's address when it is not the socket peer's: from the
     /// PROXY header, or a trusted X-Forwarded-For. None: the socket peer.
     remote: Option<SocketAddr>,
+    /// Why it ended (what its disconnect event says), set with the counter.
+    why: Reason,
 }
 
 impl Slot {
@@ -501,6 +508,7 @@ impl State {
             },
             id: DeviceId::default(),
             remote: None,
+            why: Reason::Reset,
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -603,10 +611,23 @@ impl State {
             self.register(io, key, since);
         }
         let Some(end) = end else { return };
-        match end {
-            End::ClientClose => self.counters.client_close += 1,
-            End::ProtocolError(_) => self.counters.protocol_error += 1,
-            End::Rejected(status) => self.counters.reject(status),
+        self.slab[key].why = match end {
+            End::ClientClose => {
+                self.counters.client_close += 1;
+                if self.drain_deadline.is_some() {
+                    Reason::Shutdown // it answered our Close 1001
+                } else {
+                    Reason::ClosedByDevice
+                }
+            }
+            End::ProtocolError(code) => {
+                self.counters.protocol_error += 1;
+                Reason::ProtocolError(code)
+            }
+            End::Rejected(status) => {
+                self.counters.reject(status);
+                Reason::Reset // never upgraded: no event
+            }
             End::BadProxy(why) => {
                 self.counters.proxy_bad += 1;
                 let peer = io.peer_addr(self.slab[key].io);
@@ -614,8 +635,9 @@ impl State {
                     "closed a connection from {} without a valid PROXY protocol header ({why}); --proxy-protocol is on: connect through a front that sends one (nginx proxy_protocol on, HAProxy send-proxy)",
                     peer.map_or("?".into(), |a| a.to_string())
                 ));
+                Reason::Reset // never upgraded: no event
             }
-        }
+        };
         self.finish(io, key);
     }
 
@@ -657,6 +679,7 @@ impl State {
             Sent::Done | Sent::Queued => true,
             Sent::Overflow => {
                 self.counters.slow_reader += 1;
+                self.slab[key].why = Reason::SlowReader;
                 self.close(io, key, Close::Abortive);
                 false
             }
@@ -675,20 +698,23 @@ impl State {
             "shard {}: internal error on one connection ({cause}): closed it, the others are unaffected; please report this",
             self.id
         );
-        if self.slab.contains(key) {
+        if let Some(slot) = self.slab.get_mut(key) {
+            slot.why = Reason::InternalError;
             self.close(io, key, Close::Abortive);
         }
     }
 
     /// EOF or a socket error: the device went away without a Close frame.
     fn peer_gone(&mut self, io: &mut impl Driver, key: usize) {
-        let slot = &self.slab[key];
+        let slot = &mut self.slab[key];
         if slot.ended {
             // Counted already; it only waited for its output.
         } else if slot.conn.phase() == Phase::Closing {
             self.counters.shutdown += 1;
+            slot.why = Reason::Shutdown;
         } else {
             self.counters.peer_gone += 1;
+            slot.why = Reason::Reset;
         }
         self.close(io, key, Close::Abortive);
     }
@@ -732,6 +758,7 @@ impl State {
                 Phase::Done => {
                     // Not reached: a Done connection has ended (above).
                     self.counters.slow_reader += 1;
+                    slot.why = Reason::SlowReader;
                     self.close(io, key, Close::Abortive);
                 }
                 Phase::Open | Phase::Closing => {
@@ -742,9 +769,11 @@ impl State {
                     };
                     if frame_due <= now {
                         self.counters.frame_timeout += 1;
+                        slot.why = Reason::FrameTimeout;
                         self.close(io, key, Close::Abortive);
                     } else if silent_due <= now {
                         self.counters.expired += 1;
+                        slot.why = Reason::Expired;
                         // From the start of its last frame's tick: at most a
                         // tick above the true lag.
                         let last_seen = slot.last_seen;
@@ -785,6 +814,18 @@ impl State {
 
     fn close(&mut self, io: &mut impl Driver, key: usize, how: Close) {
         let slot = self.slab.remove(key);
+        if slot.upgraded && self.cfg.events.is_some() {
+            // Before the close, while the socket still knows its peer (or
+            // the address a front gave).
+            let remote = slot.remote.or_else(|| io.peer_addr(slot.io));
+            self.event(
+                Kind::Disconnected(slot.why),
+                &slot.id,
+                self.place(key, slot.gen),
+                remote,
+                slot.last_seen,
+            );
+        }
         io.close(slot.io, how);
         if slot.upgraded {
             self.open -= 1;
@@ -813,6 +854,36 @@ impl State {
         }
     }
 
+    /// Offers a lifecycle event to the publisher (--nats); a full queue
+    /// drops it, counted. Never waits.
+    fn event(
+        &mut self,
+        kind: Kind,
+        id: &DeviceId,
+        at: Location,
+        remote: Option<std::net::SocketAddr>,
+        last_seen: u64,
+    ) {
+        let Some(events) = &self.cfg.events else {
+            return;
+        };
+        let time_ms = crate::events::event::unix_ms();
+        let heard_ago = Instant::now()
+            .saturating_duration_since(self.instant_of(last_seen))
+            .as_millis() as u64;
+        let ev = Lifecycle {
+            kind,
+            id: id.clone(),
+            at,
+            remote,
+            time_ms,
+            last_heard_ms: time_ms.saturating_sub(heard_ago),
+        };
+        if !events.offer(ev) {
+            self.counters.events_dropped += 1;
+        }
+    }
+
     /// Tells the id's owner that this connection upgraded with it at
     /// `since`. That time is read before the 101 is sent: a device that
     /// opens its next connection once it has the 101 is then sure to
@@ -826,6 +897,11 @@ impl State {
             since,
             ..self.place(key, slot.gen)
         };
+        if self.cfg.events.is_some() {
+            let last_seen = slot.last_seen;
+            let remote = self.device_addr(io, key);
+            self.event(Kind::Connected, &id, at, remote, last_seen);
+        }
         let to = registry::owner(id.as_str(), self.peers.len());
         self.deliver(io, to, Msg::Register { id, at });
     }
@@ -914,6 +990,7 @@ impl State {
                 }
                 Ask::Kick => {
                     self.counters.kicked += 1;
+                    self.slab[key].why = Reason::Kicked;
                     self.out.clear();
                     self.slab[key]
                         .conn
@@ -992,6 +1069,7 @@ impl State {
         match self.slab.get_mut(key) {
             Some(slot) if slot.gen == at.gen && !slot.ended && slot.id == id => {
                 self.counters.replaced += 1;
+                slot.why = Reason::Replaced;
                 self.out.clear();
                 slot.conn.end(&mut self.out, code::REPLACED, b"replaced");
                 if self.write(io, key) {
@@ -1020,6 +1098,7 @@ impl State {
             slot.conn.start_close(&mut self.out);
             if slot.conn.phase() == Phase::Done {
                 self.counters.shutdown += 1;
+                slot.why = Reason::Shutdown;
                 self.close(io, key, Close::Abortive);
             } else {
                 self.write(io, key);
@@ -1033,6 +1112,7 @@ impl State {
         for key in keys {
             if !self.slab[key].ended {
                 self.counters.shutdown += 1;
+                self.slab[key].why = Reason::Shutdown;
             }
             self.close(io, key, Close::Abortive);
         }
@@ -1193,6 +1273,7 @@ mod tests {
             auth: None,
             proxy_protocol: false,
             trust_forwarded: Vec::new(),
+            events: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, _) = crate::mailbox::wire(1).unwrap();

@@ -51,6 +51,9 @@ pub struct Counters {
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
     pub io_cancels: u64,
+    /// Lifecycle events (--nats) dropped because the publisher's queue was
+    /// full (the broker down or slow): the shard never waits for it.
+    pub events_dropped: u64,
     /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
     pub rejected_by_status: [u64; REJECT_STATUSES.len()],
     /// How late after their deadline silent devices were deleted.
@@ -102,6 +105,7 @@ impl Counters {
         }
         self.expiry_lag.add(&o.expiry_lag);
         self.heartbeat_interval.add(&o.heartbeat_interval);
+        self.events_dropped += o.events_dropped;
     }
 
     /// Every connection that ended, for any reason.
@@ -181,7 +185,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -213,6 +217,7 @@ pub fn totals(c: &Counters) -> String {
             .join(","),
         c.expiry_lag.to_field(),
         c.heartbeat_interval.to_field(),
+        c.events_dropped,
     )
 }
 
@@ -275,6 +280,7 @@ pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
         heartbeat_interval: text(totals, "heartbeat_interval_ms")
             .and_then(Hist::from_field)
             .unwrap_or_default(),
+        events_dropped: t("events_dropped").unwrap_or(0),
     };
     Some((
         field(head, "conns").unwrap_or(0),
@@ -357,6 +363,7 @@ mod tests {
                 counts: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
                 sum_ms: 300_001,
             },
+            events_dropped: 24,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);

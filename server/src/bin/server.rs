@@ -142,6 +142,31 @@ struct Args {
     /// nginx http front on the same host; repeatable (default: never)
     #[argh(option, from_str_fn(parse_cidr))]
     trust_forwarded_from: Vec<Cidr>,
+    /// publish device lifecycle events and take pushes through the NATS
+    /// server at this URL, e.g. nats://127.0.0.1:4222; pushes also need
+    /// JetStream there (nats-server -js) for presence (default: off)
+    #[argh(option)]
+    nats: Option<String>,
+    /// NATS credentials file (.creds: JWT and nkey seed)
+    #[argh(option)]
+    nats_creds: Option<PathBuf>,
+    /// file with the NATS user on its first line and password on its second
+    #[argh(option)]
+    nats_user_file: Option<PathBuf>,
+    /// file with a NATS token on its first line
+    #[argh(option)]
+    nats_token_file: Option<PathBuf>,
+    /// subject prefix: events on <prefix>.events.connected|disconnected|snapshot,
+    /// pushes on <prefix>.push.<device id> (default c1m)
+    #[argh(option, default = "\"c1m\".into()")]
+    nats_prefix: String,
+    /// lifecycle events held for the publisher at most; past it they are
+    /// dropped and counted as events_dropped, the shards never wait (default 16384)
+    #[argh(option, default = "16384")]
+    nats_queue: usize,
+    /// this server's id in events and presence, [0-9A-Za-z:_-] (default <hostname>:<port>)
+    #[argh(option)]
+    server_id: Option<String>,
 }
 
 /// `server token`: prints a token for one device, to stdout, for a server
@@ -165,6 +190,10 @@ fn main() -> ExitCode {
     // are, with no subcommand to type.
     let result = if argv.get(1).is_some_and(|a| a == "token") {
         token(parse_token_args(&argv))
+    } else if argv.get(1).is_some_and(|a| a == "watch-events") {
+        watch_events(parse_sub_args(&argv))
+    } else if argv.get(1).is_some_and(|a| a == "push") {
+        push(parse_sub_args(&argv))
     } else {
         run(argh::from_env())
     };
@@ -180,9 +209,159 @@ fn main() -> ExitCode {
 /// [`TokenArgs`] from `server token ...`, or exits as argh does on --help
 /// or a bad flag.
 fn parse_token_args(argv: &[String]) -> TokenArgs {
-    let cmd = format!("{} token", argv[0]);
+    parse_sub_args(argv)
+}
+
+/// `server watch-events`: counts lifecycle events from NATS, by kind and
+/// reason, and prints one totals line per interval and a `final` one.
+#[derive(argh::FromArgs)]
+struct WatchArgs {
+    /// the NATS server, e.g. nats://127.0.0.1:4222
+    #[argh(option)]
+    nats: String,
+    /// subject prefix the servers use (default c1m)
+    #[argh(option, default = "\"c1m\".into()")]
+    nats_prefix: String,
+    /// NATS credentials file (.creds)
+    #[argh(option)]
+    nats_creds: Option<PathBuf>,
+    /// file with the NATS user and password (two lines)
+    #[argh(option)]
+    nats_user_file: Option<PathBuf>,
+    /// file with a NATS token
+    #[argh(option)]
+    nats_token_file: Option<PathBuf>,
+    /// how long to watch (default 1h)
+    #[argh(
+        option,
+        default = "Duration::from_secs(3600)",
+        from_str_fn(parse_duration)
+    )]
+    duration: Duration,
+    /// interval of the totals line (default 1s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(1)",
+        from_str_fn(parse_duration)
+    )]
+    every: Duration,
+    /// also print every event's JSON, one per line
+    #[argh(switch)]
+    print: bool,
+}
+
+/// `server push`: sends a message to a device through NATS, to whichever
+/// server holds it; with --wait, prints the answer (delivered / not connected).
+#[derive(argh::FromArgs)]
+struct PushArgs {
+    /// the NATS server, e.g. nats://127.0.0.1:4222
+    #[argh(option)]
+    nats: String,
+    /// subject prefix the servers use (default c1m)
+    #[argh(option, default = "\"c1m\".into()")]
+    nats_prefix: String,
+    /// NATS credentials file (.creds)
+    #[argh(option)]
+    nats_creds: Option<PathBuf>,
+    /// file with the NATS user and password (two lines)
+    #[argh(option)]
+    nats_user_file: Option<PathBuf>,
+    /// file with a NATS token
+    #[argh(option)]
+    nats_token_file: Option<PathBuf>,
+    /// the device (repeat for several)
+    #[argh(option)]
+    id: Vec<String>,
+    /// a file of device ids, one per line (pushes go to ids picked from it)
+    #[argh(option)]
+    ids_file: Option<PathBuf>,
+    /// send this text (a text message)
+    #[argh(option)]
+    text: Option<String>,
+    /// send this file's bytes (a binary message)
+    #[argh(option)]
+    binary_file: Option<PathBuf>,
+    /// pushes to send in all, spread over the ids (default: one per id)
+    #[argh(option)]
+    count: Option<usize>,
+    /// pushes in flight at once with --wait (default 256)
+    #[argh(option, default = "256")]
+    concurrency: usize,
+    /// ask for a reply and print it (delivered / not connected)
+    #[argh(switch)]
+    wait: bool,
+    /// how long to wait for each reply (default 3s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(3)",
+        from_str_fn(parse_duration)
+    )]
+    timeout: Duration,
+}
+
+fn nats_auth(
+    creds: Option<PathBuf>,
+    user_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> c1m::events::publisher::Auth {
+    c1m::events::publisher::Auth {
+        creds,
+        user_file,
+        token_file,
+    }
+}
+
+fn watch_events(a: WatchArgs) -> Result<(), String> {
+    let auth = nats_auth(a.nats_creds, a.nats_user_file, a.nats_token_file);
+    c1m::events::tools::watch(&a.nats, &auth, &a.nats_prefix, a.duration, a.every, a.print)
+}
+
+fn push(a: PushArgs) -> Result<(), String> {
+    let auth = nats_auth(a.nats_creds, a.nats_user_file, a.nats_token_file);
+    let mut ids = a.id;
+    if let Some(path) = &a.ids_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --ids-file {}: {e}", path.display()))?;
+        ids.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    let body = match (a.text, a.binary_file) {
+        (Some(t), None) => c1m::events::tools::Push {
+            text: true,
+            payload: t.into_bytes().into(),
+        },
+        (None, Some(path)) => c1m::events::tools::Push {
+            text: false,
+            payload: std::fs::read(&path)
+                .map_err(|e| format!("cannot read --binary-file {}: {e}", path.display()))?
+                .into(),
+        },
+        _ => return Err("push needs exactly one of --text TEXT or --binary-file FILE".into()),
+    };
+    let count = a.count.unwrap_or(ids.len());
+    c1m::events::tools::push(
+        &a.nats,
+        &auth,
+        &a.nats_prefix,
+        &ids,
+        count,
+        a.concurrency,
+        body,
+        a.wait,
+        a.timeout,
+    )
+}
+
+/// Arguments of `server <subcommand> ...`, or exits as argh does on --help
+/// or a bad flag.
+fn parse_sub_args<T: argh::FromArgs>(argv: &[String]) -> T {
+    let cmd = format!("{} {}", argv[0], argv[1]);
     let rest: Vec<&str> = argv[2..].iter().map(String::as_str).collect();
-    match <TokenArgs as argh::FromArgs>::from_args(&[&cmd], &rest) {
+    match T::from_args(&[&cmd], &rest) {
         Ok(a) => a,
         Err(argh::EarlyExit { output, status }) => {
             match status {
@@ -285,6 +464,7 @@ fn run(args: Args) -> Result<(), String> {
         auth: auth.clone(),
         proxy_protocol: args.proxy_protocol,
         trust_forwarded: args.trust_forwarded_from.clone(),
+        events: None,
     };
     cfg.validate()?;
 
@@ -374,6 +554,18 @@ fn run(args: Args) -> Result<(), String> {
         let inbound = c1m::mailbox::local_peers(outside.clone(), base, total);
         c1m::procs::link::run(sock, outbox, inbound)?;
     }
+    // --nats: one publisher thread for this process; the shards get the
+    // sending end of its bounded queue and never wait on it.
+    let live = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut cfg = cfg;
+    let publisher = match &args.nats {
+        Some(url) => {
+            let (tx, p) = start_publisher(&args, url, outside.clone(), base as u32, live.clone())?;
+            cfg.events = Some(tx);
+            Some(p)
+        }
+        None => None,
+    };
     let admin = match args.admin {
         Some(addr) => Some(c1m::admin::Admin::start(
             addr,
@@ -471,20 +663,27 @@ fn run(args: Args) -> Result<(), String> {
             latest.iter().for_each(|s| sum.add(&s.totals));
             a.publish(&latest, &sum);
         }
+        if fresh {
+            live.store(
+                latest.iter().map(|s| s.open).sum(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let now = Instant::now();
         if print_stats && now >= next_print {
             let mut sum = Counters::default();
             latest.iter().for_each(|s| sum.add(&s.totals));
             let secs = now.duration_since(prev_at).as_secs_f64();
             println!(
-                "{}",
+                "{}{}",
                 stats::line(
                     now.duration_since(start).as_secs_f64(),
                     &latest,
                     &prev,
                     &sum,
                     secs
-                )
+                ),
+                publisher.as_ref().map(nats_stats).unwrap_or_default()
             );
             prev = sum;
             prev_at = now;
@@ -501,12 +700,108 @@ fn run(args: Args) -> Result<(), String> {
     }
     let mut sum = Counters::default();
     latest.iter().for_each(|s| sum.add(&s.totals));
-    println!("final {}", stats::totals(&sum));
+    // The shards have ended (their last events are queued): publish the
+    // rest, for at most a couple of seconds.
+    let nats_line = publisher.map(|p| {
+        let stats = p.stats.clone();
+        p.stop();
+        nats_counts(&stats)
+    });
+    println!(
+        "final {}{}",
+        stats::totals(&sum),
+        nats_line.unwrap_or_default()
+    );
     if failed.is_empty() {
         Ok(())
     } else {
         Err(failed.join("; "))
     }
+}
+
+/// Starts this process's NATS publisher from the flags.
+fn start_publisher(
+    args: &Args,
+    url: &str,
+    peers: Vec<c1m::mailbox::Peer>,
+    shard_base: u32,
+    live: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(c1m::events::EventTx, c1m::events::publisher::Publisher), String> {
+    use c1m::events::event;
+    if !event::valid_prefix(&args.nats_prefix) {
+        return Err(format!(
+            "--nats-prefix {:?} must be NATS subject tokens of [0-9A-Za-z_-] separated by dots",
+            args.nats_prefix
+        ));
+    }
+    let server = match &args.server_id {
+        Some(id) if event::valid_server_id(id) => id.clone(),
+        Some(id) => {
+            return Err(format!(
+                "--server-id {id:?} must be 1 to 64 of [0-9A-Za-z:_-] (it names a NATS subject)"
+            ))
+        }
+        None => event::default_server_id(&hostname(), args.listen.port()),
+    };
+    if args.nats_queue == 0 {
+        return Err("--nats-queue must be at least 1".into());
+    }
+    // A --procs worker: its index, from the supervisor.
+    let worker = std::env::var("C1M_WORKER")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    let started = c1m::events::publisher::start(c1m::events::publisher::Config {
+        url: url.into(),
+        auth: nats_auth(
+            args.nats_creds.clone(),
+            args.nats_user_file.clone(),
+            args.nats_token_file.clone(),
+        ),
+        prefix: args.nats_prefix.clone(),
+        origin: event::Origin {
+            server: server.clone(),
+            worker,
+            shard_base,
+        },
+        queue: args.nats_queue,
+        peers,
+        max_message: args.max_message,
+        live,
+    })?;
+    eprintln!(
+        "server: NATS {url}: events on {}.events.*, pushes on {}.push.<id>, as server {server} worker {worker}, queue {}",
+        args.nats_prefix, args.nats_prefix, args.nats_queue
+    );
+    Ok(started)
+}
+
+fn nats_stats(p: &c1m::events::publisher::Publisher) -> String {
+    nats_counts(&p.stats)
+}
+
+fn nats_counts(s: &c1m::events::publisher::Stats) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        " nats_published={} nats_publish_errors={} presence_dropped={} broker_connects={} pushes_routed={} pushes_delivered={}",
+        s.published.load(Relaxed),
+        s.publish_errors.load(Relaxed),
+        s.presence_dropped.load(Relaxed),
+        s.broker_connects.load(Relaxed),
+        s.pushes_routed.load(Relaxed),
+        s.pushes_delivered.load(Relaxed)
+    )
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -107,6 +107,8 @@ pub fn spawn_generation(
         });
     }
     let mut child = cmd
+        // Its index, for what it tags with it (NATS events: `worker`).
+        .env("C1M_WORKER", worker.to_string())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

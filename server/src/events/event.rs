@@ -1,0 +1,423 @@
+//! Lifecycle events as values, and everything about them that is text:
+//! their JSON, the subjects, the presence key and value. Sans-IO: no
+//! broker here, only bytes (unit-tested below).
+//!
+//! An [`Event`] is what a shard hands the publisher: a fixed-size value
+//! (the id inline for ids of up to 23 bytes, a MAC address is 17), so the
+//! hand-off allocates nothing.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use crate::proto::device_id::DeviceId;
+use crate::registry::Location;
+
+/// Why a connection ended, as the disconnect event says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Silent past --timeout and deleted.
+    Expired,
+    /// The device sent a Close frame.
+    ClosedByDevice,
+    /// EOF or a reset without a Close frame.
+    Reset,
+    /// A newer connection took the id (Close 4000).
+    Replaced,
+    /// An operator kicked it (Close 4001).
+    Kicked,
+    /// A protocol violation, with the Close code sent (1002, 1007, 1009).
+    ProtocolError(u16),
+    /// The server is stopping.
+    Shutdown,
+    /// A frame begun and not finished within --frame-timeout.
+    FrameTimeout,
+    /// It did not read its output.
+    SlowReader,
+    /// Handling it hit a bug (a contained panic).
+    InternalError,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Expired => "expired",
+            Reason::ClosedByDevice => "closed_by_device",
+            Reason::Reset => "reset",
+            Reason::Replaced => "replaced",
+            Reason::Kicked => "kicked",
+            Reason::ProtocolError(_) => "protocol_error",
+            Reason::Shutdown => "shutdown",
+            Reason::FrameTimeout => "frame_timeout",
+            Reason::SlowReader => "slow_reader",
+            Reason::InternalError => "internal_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Connected,
+    Disconnected(Reason),
+}
+
+/// One connect or disconnect, as a shard saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: Kind,
+    pub id: DeviceId,
+    /// The connection (its shard, slot and generation): what presence names.
+    pub at: Location,
+    pub remote: Option<SocketAddr>,
+    /// Unix milliseconds when it happened.
+    pub time_ms: u64,
+    /// Unix milliseconds of the last frame heard (disconnects).
+    pub last_heard_ms: u64,
+}
+
+/// Who publishes: in every event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub server: String,
+    pub worker: u32,
+    /// The number of this worker's shard 0 over the whole server (shards
+    /// are numbered over all `--procs` workers; events name the shard
+    /// within the worker, as `GET /devices` does).
+    pub shard_base: u32,
+}
+
+/// The subjects of one `--nats-prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    pub connected: String,
+    pub disconnected: String,
+    pub snapshot: String,
+    /// Pushes from backends: `<prefix>.push.<device id>`, subscribed as `<prefix>.push.>`.
+    pub push_wildcard: String,
+    push_head: String,
+    deliver_head: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Subjects {
+        Subjects {
+            connected: format!("{prefix}.events.connected"),
+            disconnected: format!("{prefix}.events.disconnected"),
+            snapshot: format!("{prefix}.events.snapshot"),
+            push_wildcard: format!("{prefix}.push.>"),
+            push_head: format!("{prefix}.push."),
+            deliver_head: format!("{prefix}.deliver."),
+        }
+    }
+
+    /// The subject a backend publishes to, to reach device `id`.
+    pub fn push(&self, id: &str) -> String {
+        format!("{}{id}", self.push_head)
+    }
+
+    /// The device id a push subject names, if it is a valid id. Ids may
+    /// hold dots, which NATS reads as token separators: the rest of the
+    /// subject after `<prefix>.push.` is the id, dots and all.
+    pub fn push_id<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let id = subject.strip_prefix(&self.push_head)?;
+        crate::proto::handshake::valid_id(id).then_some(id)
+    }
+
+    /// Where pushes for the devices of one worker of one server go.
+    pub fn deliver(&self, server: &str, worker: u32) -> String {
+        format!("{}{server}.{worker}", self.deliver_head)
+    }
+}
+
+/// A `--nats-prefix` must be one or more NATS tokens without wildcards.
+pub fn valid_prefix(p: &str) -> bool {
+    !p.is_empty()
+        && p.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+}
+
+/// A server id is one subject token (it names a deliver subject) and a
+/// JSON string that needs no escaping: `[0-9A-Za-z:_-]`, 1 to 64 bytes.
+pub fn valid_server_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b':' || b == b'_' || b == b'-')
+}
+
+/// The default server id: `<hostname>:<port>`, dots and anything else a
+/// server id may not hold turned into `-`.
+pub fn default_server_id(hostname: &str, port: u16) -> String {
+    let host: String = hostname
+        .chars()
+        .take(48)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "c1m".into() } else { host };
+    format!("{host}:{port}")
+}
+
+/// Appends the event's JSON (one object, no newline) to `out`.
+pub fn write_json(out: &mut Vec<u8>, ev: &Event, origin: &Origin) {
+    let mut s = String::with_capacity(256);
+    let kind = match ev.kind {
+        Kind::Connected => "connected",
+        Kind::Disconnected(_) => "disconnected",
+    };
+    let _ = write!(
+        s,
+        r#"{{"event":"{kind}","id":"{}","server":"{}","worker":{},"shard":{},"remote":"#,
+        ev.id.as_str(),
+        origin.server,
+        origin.worker,
+        ev.at.shard.saturating_sub(origin.shard_base)
+    );
+    match ev.remote {
+        Some(a) => {
+            let _ = write!(s, r#""{a}""#);
+        }
+        None => s.push_str("null"),
+    }
+    let _ = write!(s, r#","time_ms":{}"#, ev.time_ms);
+    if let Kind::Disconnected(why) = ev.kind {
+        let _ = write!(s, r#","reason":"{}""#, why.name());
+        if let Reason::ProtocolError(code) = why {
+            let _ = write!(s, r#","code":{code}"#);
+        }
+        let _ = write!(s, r#","last_heard_ms":{}"#, ev.last_heard_ms);
+    }
+    s.push('}');
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The snapshot marker, published on every (re)connection to the broker:
+/// consumers that keep presence resync from here (events may have been
+/// dropped while the broker was away).
+pub fn snapshot_json(origin: &Origin, connections: u64, time_ms: u64, connects: u64) -> String {
+    format!(
+        r#"{{"event":"snapshot","server":"{}","worker":{},"connections":{connections},"time_ms":{time_ms},"broker_connects":{connects}}}"#,
+        origin.server, origin.worker
+    )
+}
+
+/// The presence key of a device id in the KV bucket: its hex (the KV key
+/// alphabet has no `:`, and ids may hold dots, which KV reads as token
+/// separators; hex is unambiguous).
+pub fn presence_key(id: &str) -> String {
+    let mut k = String::with_capacity(id.len() * 2);
+    for b in id.bytes() {
+        let _ = write!(k, "{b:02x}");
+    }
+    k
+}
+
+/// Where a device is: the server, its worker and the connection there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub server: String,
+    pub worker: u32,
+    pub at: Location,
+}
+
+impl Presence {
+    /// The KV value: `<server> <worker> <shard> <key> <gen>`.
+    pub fn value(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.server, self.worker, self.at.shard, self.at.key, self.at.gen
+        )
+    }
+
+    pub fn parse(v: &[u8]) -> Option<Presence> {
+        let s = std::str::from_utf8(v).ok()?;
+        let mut f = s.split(' ');
+        let server = f.next()?;
+        if !valid_server_id(server) {
+            return None;
+        }
+        let worker = f.next()?.parse().ok()?;
+        let shard = f.next()?.parse().ok()?;
+        let key = f.next()?.parse().ok()?;
+        let gen = f.next()?.parse().ok()?;
+        if f.next().is_some() {
+            return None;
+        }
+        Some(Presence {
+            server: server.into(),
+            worker,
+            at: Location {
+                shard,
+                key,
+                gen,
+                since: 0,
+            },
+        })
+    }
+}
+
+/// The connection a deliver message names, from its `C1m-At` header
+/// (`<shard>.<key>.<gen>`).
+pub fn at_header(at: &Location) -> String {
+    format!("{}.{}.{}", at.shard, at.key, at.gen)
+}
+
+pub fn parse_at_header(s: &str) -> Option<Location> {
+    let mut f = s.split('.');
+    let at = Location {
+        shard: f.next()?.parse().ok()?,
+        key: f.next()?.parse().ok()?,
+        gen: f.next()?.parse().ok()?,
+        since: 0,
+    };
+    f.next().is_none().then_some(at)
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> Location {
+        Location {
+            shard: 1,
+            key: 7,
+            gen: 3,
+            since: 99,
+        }
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            server: "host:9000".into(),
+            worker: 2,
+            shard_base: 0,
+        }
+    }
+
+    fn json(ev: &Event) -> serde_json::Value {
+        let mut out = Vec::new();
+        write_json(&mut out, ev, &origin());
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn an_event_is_fixed_size_and_small() {
+        // The shard-to-publisher queue preallocates its slots: keep it lean.
+        assert!(
+            std::mem::size_of::<Event>() <= 128,
+            "{}",
+            std::mem::size_of::<Event>()
+        );
+    }
+
+    #[test]
+    fn connected_json_has_every_field() {
+        let ev = Event {
+            kind: Kind::Connected,
+            id: DeviceId::new("02:00:5e:00:00:01"),
+            at: at(),
+            remote: Some("127.0.0.2:40000".parse().unwrap()),
+            time_ms: 1_700_000_000_123,
+            last_heard_ms: 0,
+        };
+        let v = json(&ev);
+        assert_eq!(v["event"], "connected");
+        assert_eq!(v["id"], "02:00:5e:00:00:01");
+        assert_eq!(v["server"], "host:9000");
+        assert_eq!(v["worker"], 2);
+        assert_eq!(v["shard"], 1);
+        assert_eq!(v["remote"], "127.0.0.2:40000");
+        assert_eq!(v["time_ms"], 1_700_000_000_123u64);
+        assert!(v.get("reason").is_none());
+    }
+
+    #[test]
+    fn disconnected_json_has_reason_code_and_last_heard() {
+        let mut ev = Event {
+            kind: Kind::Disconnected(Reason::ProtocolError(1007)),
+            id: DeviceId::new("dev.1"),
+            at: at(),
+            remote: Some("[::1]:5".parse().unwrap()),
+            time_ms: 10,
+            last_heard_ms: 5,
+        };
+        let v = json(&ev);
+        assert_eq!(v["event"], "disconnected");
+        assert_eq!(v["reason"], "protocol_error");
+        assert_eq!(v["code"], 1007);
+        assert_eq!(v["last_heard_ms"], 5);
+        assert_eq!(v["remote"], "[::1]:5");
+        ev.kind = Kind::Disconnected(Reason::Expired);
+        ev.remote = None;
+        let v = json(&ev);
+        assert_eq!(v["reason"], "expired");
+        assert!(v.get("code").is_none());
+        assert!(v["remote"].is_null());
+        let s: serde_json::Value =
+            serde_json::from_str(&snapshot_json(&origin(), 12, 34, 2)).unwrap();
+        assert_eq!(s["event"], "snapshot");
+        assert_eq!(s["connections"], 12);
+    }
+
+    #[test]
+    fn push_subjects_carry_ids_with_dots_and_refuse_bad_ones() {
+        let s = Subjects::new("c1m");
+        assert_eq!(s.push("a.b:c"), "c1m.push.a.b:c");
+        assert_eq!(s.push_id("c1m.push.a.b:c"), Some("a.b:c"));
+        assert_eq!(
+            s.push_id("c1m.push.02:00:5e:00:00:01"),
+            Some("02:00:5e:00:00:01")
+        );
+        assert_eq!(s.push_id("c1m.push."), None);
+        assert_eq!(s.push_id("c1m.push.a*b"), None);
+        assert_eq!(s.push_id("other.push.a"), None);
+        assert_eq!(s.deliver("h:9000", 3), "c1m.deliver.h:9000.3");
+        assert_eq!(s.connected, "c1m.events.connected");
+        assert!(valid_prefix("c1m") && valid_prefix("acme.c1m"));
+        assert!(!valid_prefix("") && !valid_prefix("a.*") && !valid_prefix("a..b"));
+    }
+
+    #[test]
+    fn server_ids_are_one_token() {
+        assert_eq!(
+            default_server_id("node-1.example.com", 9000),
+            "node-1-example-com:9000"
+        );
+        assert_eq!(default_server_id("", 1), "c1m:1");
+        assert!(valid_server_id("node-1-example-com:9000"));
+        assert!(!valid_server_id("a.b") && !valid_server_id("") && !valid_server_id("a b"));
+    }
+
+    #[test]
+    fn presence_round_trips_and_keys_are_hex() {
+        assert_eq!(presence_key("a:."), "613a2e");
+        let p = Presence {
+            server: "h:1".into(),
+            worker: 4,
+            at: Location { since: 0, ..at() },
+        };
+        assert_eq!(Presence::parse(p.value().as_bytes()), Some(p));
+        assert_eq!(Presence::parse(b"h:1 4 1 7"), None);
+        assert_eq!(Presence::parse(b"h.1 4 1 7 3"), None);
+        assert_eq!(Presence::parse(b"\xff"), None);
+        assert_eq!(
+            parse_at_header(&at_header(&at())),
+            Some(Location { since: 0, ..at() })
+        );
+        assert_eq!(parse_at_header("1.2"), None);
+        assert_eq!(parse_at_header("1.2.x"), None);
+    }
+}

@@ -1,0 +1,664 @@
+//! The publisher: one thread per process with a tokio current-thread
+//! runtime and one async-nats client. It drains the shards' queue in
+//! batches, publishes each event as its own NATS message and flushes once
+//! per batch; it keeps device presence in a JetStream KV bucket; it routes
+//! pushes (`<prefix>.push.<id>`) to the server holding the device and
+//! delivers the ones for its own devices to their shards by message. The
+//! shards never wait on any of it.
+//!
+//! Bounded everywhere: the shards' queue (`--nats-queue`, full: dropped and
+//! counted by the shard), the presence queue (full: dropped, counted here),
+//! async-nats's own command queue while the broker is away
+//! ([`CLIENT_CAPACITY`]: when it is full the publisher waits, the shards'
+//! queue fills and the shards drop), pushes in flight ([`PUSHES_IN_FLIGHT`]).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_nats::{Client, HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use super::event::{self, Event, Kind, Origin, Presence, Subjects};
+use super::queue::{self, EventTx};
+use crate::mailbox::{Answer, Ask, Mail, Peer, Reply};
+use crate::proto::device_id::DeviceId;
+
+/// Events taken from the queue per batch (one flush each).
+const BATCH: usize = 4096;
+/// Commands async-nats holds at most while the broker is away (or slow):
+/// `--nats-queue` up to this; past it the publisher waits and the shards'
+/// queue takes the overflow.
+pub const CLIENT_CAPACITY: usize = 8192;
+/// Presence operations (KV puts and deletes) done concurrently.
+const PRESENCE_BATCH: usize = 1024;
+/// Pushes being routed or delivered at once by this process.
+const PUSHES_IN_FLIGHT: usize = 1024;
+/// How long a push waits for the holder (and the holder for its shard).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the publisher works on after the shards have stopped.
+const FINAL_GRACE: Duration = Duration::from_secs(2);
+
+/// How to reach the broker, from the server's flags.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    /// A NATS .creds file (JWT and nkey seed).
+    pub creds: Option<PathBuf>,
+    /// A file: the user name on the first line, the password on the second.
+    pub user_file: Option<PathBuf>,
+    /// A file holding a token on its first line.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub url: String,
+    pub auth: Auth,
+    pub prefix: String,
+    pub origin: Origin,
+    /// Events the shards' queue holds at most.
+    pub queue: usize,
+    /// Every shard of this process (to deliver pushes).
+    pub peers: Vec<Peer>,
+    pub max_message: usize,
+    /// Upgraded connections held by this process (for the snapshot marker),
+    /// kept up to date by the main thread from the shards' reports.
+    pub live: Arc<AtomicU64>,
+}
+
+/// What the publisher counts (read by the main thread for the stats line).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub published: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub presence_dropped: AtomicU64,
+    pub broker_connects: AtomicU64,
+    pub pushes_routed: AtomicU64,
+    pub pushes_delivered: AtomicU64,
+}
+
+/// The running publisher.
+pub struct Publisher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<Stats>,
+}
+
+impl Publisher {
+    /// Asks it to publish what is queued and stop; waits for it (at most
+    /// [`FINAL_GRACE`] and a little more).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Options for async-nats from the auth flags: files read now, so a bad
+/// one is one error at start-up.
+pub fn connect_options(auth: &Auth) -> Result<async_nats::ConnectOptions, String> {
+    let mut opts = async_nats::ConnectOptions::new();
+    if let Some(path) = &auth.creds {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --nats-creds {}: {e}", path.display()))?;
+        opts = async_nats::ConnectOptions::with_credentials(&text).map_err(|e| {
+            format!(
+                "--nats-creds {} is not a NATS credentials file: {e}",
+                path.display()
+            )
+        })?;
+    }
+    if let Some(path) = &auth.user_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --nats-user-file {}: {e}", path.display()))?;
+        let mut lines = text.lines();
+        match (lines.next(), lines.next()) {
+            (Some(u), Some(p)) if !u.trim().is_empty() => {
+                opts = opts.user_and_password(u.trim().into(), p.trim_end().into());
+            }
+            _ => {
+                return Err(format!(
+                    "--nats-user-file {} must hold the user on its first line and the password on its second",
+                    path.display()
+                ))
+            }
+        }
+    }
+    if let Some(path) = &auth.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --nats-token-file {}: {e}", path.display()))?;
+        match text.lines().next().map(str::trim) {
+            Some(t) if !t.is_empty() => opts = opts.token(t.into()),
+            _ => {
+                return Err(format!(
+                    "--nats-token-file {} is empty: put the token on its first line",
+                    path.display()
+                ))
+            }
+        }
+    }
+    Ok(opts)
+}
+
+/// Starts the publisher thread; returns the shards' end of the queue.
+pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
+    let opts = connect_options(&cfg.auth)?;
+    let (tx, rx) = queue::channel(cfg.queue);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Stats::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the NATS publisher's runtime: {e}"))?;
+    let thread = {
+        let (stop, stats) = (stop.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("nats".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let stopped = {
+                        let stop = stop.clone();
+                        async move {
+                            while !stop.load(Ordering::Acquire) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            tokio::time::sleep(FINAL_GRACE).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = run(cfg, opts, rx, stop, stats) => {}
+                        _ = stopped => eprintln!("server: NATS: stopped without the broker's confirmation of the last events (it is away or slow); they may be lost"),
+                    }
+                });
+            })
+            .map_err(|e| format!("cannot start the NATS publisher thread: {e}"))?
+    };
+    Ok((
+        tx,
+        Publisher {
+            stop,
+            thread: Some(thread),
+            stats,
+        },
+    ))
+}
+
+/// A KV operation on presence.
+enum Op {
+    Put(String, Bytes),
+    /// Delete the key if it still holds this value (this connection's).
+    Del(String, Bytes),
+}
+
+async fn run(
+    cfg: Config,
+    opts: async_nats::ConnectOptions,
+    rx: Receiver<Event>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+) {
+    let (connected_tx, mut connected_rx) = mpsc::unbounded_channel::<()>();
+    let url = cfg.url.clone();
+    let opts = opts
+        .name(format!("c1m {} worker {}", cfg.origin.server, cfg.origin.worker))
+        // The client's own buffer while the broker is away: as large as
+        // the shards' queue (up to CLIENT_CAPACITY), so about twice
+        // --nats-queue events wait in all, then the shards drop.
+        .client_capacity(cfg.queue.clamp(64, CLIENT_CAPACITY))
+        .subscription_capacity(PUSHES_IN_FLIGHT * 4)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(2000))
+        })
+        .event_callback(move |ev| {
+            let tx = connected_tx.clone();
+            let url = url.clone();
+            async move {
+                match ev {
+                    async_nats::Event::Connected => {
+                        let _ = tx.send(());
+                    }
+                    async_nats::Event::Disconnected => eprintln!(
+                        "server: NATS {url}: disconnected; reconnecting by itself, events wait in a bounded queue (dropped past it, counted as events_dropped)"
+                    ),
+                    async_nats::Event::SlowConsumer(_) => eprintln!(
+                        "server: NATS {url}: pushes arrive faster than this server handles them; some were dropped by the client"
+                    ),
+                    _ => {}
+                }
+            }
+        });
+    let client = match opts.connect(cfg.url.as_str()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "server: --nats {}: {e}; no events will be published (they are counted as events_dropped)",
+                cfg.url
+            );
+            return;
+        }
+    };
+    {
+        // Said once if the broker is not there at start: async-nats keeps
+        // trying by itself.
+        let (client, url) = (client.clone(), cfg.url.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if client.connection_state() != async_nats::connection::State::Connected {
+                eprintln!(
+                    "server: NATS {url}: not reachable; the server serves its devices as usual and keeps trying; events wait in a bounded queue and past it are dropped (events_dropped)"
+                );
+            }
+        });
+    }
+    let subjects = Subjects::new(&cfg.prefix);
+    let connected = Subject::from(subjects.connected.as_str());
+    let disconnected = Subject::from(subjects.disconnected.as_str());
+
+    // Presence: a KV bucket, once JetStream answers.
+    let (kv_tx, kv_rx) = watch::channel::<Option<kv::Store>>(None);
+    let (presence_tx, presence_rx) = mpsc::channel::<Op>(cfg.queue.max(1));
+    tokio::spawn(presence(
+        client.clone(),
+        bucket_name(&cfg.prefix),
+        presence_rx,
+        kv_tx,
+        stats.clone(),
+    ));
+    tokio::spawn(route_pushes(
+        client.clone(),
+        subjects.clone(),
+        kv_rx,
+        stats.clone(),
+    ));
+    tokio::spawn(deliver_pushes(
+        client.clone(),
+        subjects.clone(),
+        cfg.clone(),
+        stats.clone(),
+    ));
+
+    let mut json = Vec::with_capacity(512);
+    let mut idle = Duration::from_millis(1);
+    loop {
+        while connected_rx.try_recv().is_ok() {
+            let n = stats.broker_connects.fetch_add(1, Ordering::Relaxed) + 1;
+            let body = event::snapshot_json(
+                &cfg.origin,
+                cfg.live.load(Ordering::Relaxed),
+                event::unix_ms(),
+                n,
+            );
+            if client
+                .publish(subjects.snapshot.clone(), body.into())
+                .await
+                .is_err()
+            {
+                stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let mut n = 0;
+        let mut ended = false;
+        while n < BATCH {
+            let ev = match rx.try_recv() {
+                Ok(ev) => ev,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    ended = true;
+                    break;
+                }
+            };
+            n += 1;
+            json.clear();
+            event::write_json(&mut json, &ev, &cfg.origin);
+            let subject = match ev.kind {
+                Kind::Connected => connected.clone(),
+                Kind::Disconnected(_) => disconnected.clone(),
+            };
+            match client.publish(subject, Bytes::copy_from_slice(&json)).await {
+                Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
+                Err(_) => stats.publish_errors.fetch_add(1, Ordering::Relaxed),
+            };
+            let key = event::presence_key(ev.id.as_str());
+            let value = Presence {
+                server: cfg.origin.server.clone(),
+                worker: cfg.origin.worker,
+                at: ev.at,
+            }
+            .value();
+            let op = match ev.kind {
+                Kind::Connected => Op::Put(key, value.into()),
+                Kind::Disconnected(_) => Op::Del(key, value.into()),
+            };
+            if presence_tx.try_send(op).is_err() {
+                stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if n > 0 {
+            // One flush per batch: an expiry storm is a few large writes.
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+        }
+        if ended || (n == 0 && stop.load(Ordering::Acquire)) {
+            break;
+        }
+        if n < BATCH {
+            // Polled, so that a shard's hand-off is a plain try_send with
+            // no wake-up: 1 ms after work, backing off to 50 ms when idle
+            // (20 wake-ups a second on an idle server).
+            idle = if n > 0 {
+                Duration::from_millis(1)
+            } else {
+                (idle * 2).min(Duration::from_millis(50))
+            };
+            tokio::time::sleep(idle).await;
+        }
+    }
+    let _ = tokio::time::timeout(FINAL_GRACE, client.flush()).await;
+}
+
+/// The KV bucket of a prefix: `c1m` -> `c1m_presence`.
+pub fn bucket_name(prefix: &str) -> String {
+    format!("{}_presence", prefix.replace('.', "_"))
+}
+
+async fn presence(
+    client: Client,
+    bucket: String,
+    mut rx: mpsc::Receiver<Op>,
+    kv_tx: watch::Sender<Option<kv::Store>>,
+    stats: Arc<Stats>,
+) {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut warned = false;
+    let store = loop {
+        let found = match js.get_key_value(&bucket).await {
+            Ok(s) => Ok(s),
+            Err(_) => create_bucket(&js, &bucket).await,
+        };
+        match found {
+            Ok(s) => break s,
+            Err(e) => {
+                if !warned {
+                    eprintln!(
+                        "server: NATS: cannot open the presence bucket {bucket} ({e}); pushes need JetStream (nats-server -js); retrying, events are unaffected"
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let _ = kv_tx.send(Some(store.clone()));
+    let mut ops = Vec::with_capacity(PRESENCE_BATCH);
+    let put_head = format!("$KV.{bucket}.");
+    loop {
+        if rx.recv_many(&mut ops, PRESENCE_BATCH).await == 0 {
+            return;
+        }
+        // Puts first, then deletes: a device that connected and left in one
+        // batch ends absent, and a delete never removes a newer put. Puts
+        // are plain publishes to the bucket's subject (the stream stores
+        // them; no ack to wait for and parse: a connect costs one message).
+        for op in &ops {
+            if let Op::Put(k, v) = op {
+                if client
+                    .publish(format!("{put_head}{k}"), v.clone())
+                    .await
+                    .is_err()
+                {
+                    stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+        let dels = ops.iter().filter_map(|op| match op {
+            Op::Del(k, v) => Some(delete_if_ours(&client, &store, &put_head, k, v)),
+            Op::Put(..) => None,
+        });
+        futures_util::future::join_all(dels).await;
+        ops.clear();
+    }
+}
+
+/// Makes the KV bucket's stream as `create_key_value` would, by hand:
+/// async-nats 0.51 checks the account first, and cannot read the account
+/// info of nats-server 2.9 (Debian's), which lacks `reserved_memory`.
+async fn create_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+) -> Result<kv::Store, String> {
+    use async_nats::jetstream::stream;
+    js.create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    js.get_key_value(bucket).await.map_err(|e| e.to_string())
+}
+
+/// Deletes `key` only if it still holds `value` (this connection's), with
+/// the revision read as the precondition: a takeover by another server in
+/// between makes the delete fail, and its entry stays.
+///
+/// The delete is a plain publish of the KV delete marker with that
+/// precondition (the stream refuses it if the key moved on); no ack.
+async fn delete_if_ours(client: &Client, store: &kv::Store, head: &str, key: &str, value: &Bytes) {
+    if let Ok(Some(e)) = store.entry(key).await {
+        if e.operation == kv::Operation::Put && e.value == value {
+            let mut h = HeaderMap::new();
+            h.insert("KV-Operation", "DEL");
+            h.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                e.revision.to_string(),
+            );
+            let _ = client
+                .publish_with_headers(format!("{head}{key}"), h, Bytes::new())
+                .await;
+        }
+    }
+}
+
+/// Every server takes `<prefix>.push.>` in one queue group: each push is
+/// handled once, by any server, which finds the holder in presence and
+/// forwards it there.
+async fn route_pushes(
+    client: Client,
+    subjects: Subjects,
+    mut kv_rx: watch::Receiver<Option<kv::Store>>,
+    stats: Arc<Stats>,
+) {
+    // Only once presence is readable: until then another server routes.
+    let store = loop {
+        if let Some(s) = kv_rx.borrow().clone() {
+            break s;
+        }
+        if kv_rx.changed().await.is_err() {
+            return;
+        }
+    };
+    let mut sub = match client
+        .queue_subscribe(subjects.push_wildcard.clone(), "c1m-push".into())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "server: NATS: cannot subscribe to {}: {e}; this server routes no pushes",
+                subjects.push_wildcard
+            );
+            return;
+        }
+    };
+    let limit = Arc::new(Semaphore::new(PUSHES_IN_FLIGHT));
+    while let Some(msg) = sub.next().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (client, subjects, store, stats) = (
+            client.clone(),
+            subjects.clone(),
+            store.clone(),
+            stats.clone(),
+        );
+        tokio::spawn(async move {
+            let answer = route_one(&client, &subjects, &store, &msg).await;
+            stats.pushes_routed.fetch_add(1, Ordering::Relaxed);
+            if let Some(reply) = msg.reply {
+                let _ = client.publish(reply, Bytes::from_static(answer)).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+pub const DELIVERED: &[u8] = b"delivered";
+pub const NOT_CONNECTED: &[u8] = b"not connected";
+
+async fn route_one(
+    client: &Client,
+    subjects: &Subjects,
+    store: &kv::Store,
+    msg: &async_nats::Message,
+) -> &'static [u8] {
+    let Some(id) = subjects.push_id(msg.subject.as_str()) else {
+        return b"error: the subject does not end in a valid device id";
+    };
+    let held = match store.get(event::presence_key(id)).await {
+        Ok(Some(v)) => Presence::parse(&v),
+        Ok(None) => None,
+        Err(_) => return b"error: presence lookup failed (is JetStream up?)",
+    };
+    let Some(p) = held else {
+        return NOT_CONNECTED;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("C1m-Id", id);
+    headers.insert("C1m-At", event::at_header(&p.at));
+    if let Some(ct) = msg.headers.as_ref().and_then(|h| h.get("Content-Type")) {
+        headers.insert("Content-Type", ct.as_str());
+    }
+    let req = async_nats::Request::new()
+        .headers(headers)
+        .payload(msg.payload.clone())
+        .timeout(Some(PUSH_TIMEOUT));
+    match client
+        .send_request(subjects.deliver(&p.server, p.worker), req)
+        .await
+    {
+        Ok(r) if r.payload.as_ref() == DELIVERED => DELIVERED,
+        Ok(r) if r.payload.as_ref() == NOT_CONNECTED => NOT_CONNECTED,
+        Ok(_) => b"error: the holder could not deliver it",
+        // The holder is gone (its presence is stale): not connected.
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => NOT_CONNECTED,
+        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+            b"error: the holder did not answer in time"
+        }
+        Err(_) => b"error: cannot reach the holder",
+    }
+}
+
+/// This worker's own subject: pushes for its devices, handed to the shard
+/// holding each by message (`Mail::Ask` with its location), answered from
+/// the shard's reply without ever blocking the runtime.
+async fn deliver_pushes(client: Client, subjects: Subjects, cfg: Config, stats: Arc<Stats>) {
+    let subject = subjects.deliver(&cfg.origin.server, cfg.origin.worker);
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices");
+            return;
+        }
+    };
+    let limit = Arc::new(Semaphore::new(PUSHES_IN_FLIGHT));
+    let peers = Arc::new(cfg.peers);
+    while let Some(msg) = sub.next().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (client, peers, stats) = (client.clone(), peers.clone(), stats.clone());
+        let (max_message, shard_base) = (cfg.max_message, cfg.origin.shard_base);
+        tokio::spawn(async move {
+            let answer = deliver_one(&peers, shard_base, max_message, &msg).await;
+            if answer == DELIVERED {
+                stats.pushes_delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(reply) = msg.reply {
+                let _ = client.publish(reply, Bytes::from_static(answer)).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn deliver_one(
+    peers: &[Peer],
+    shard_base: u32,
+    max_message: usize,
+    msg: &async_nats::Message,
+) -> &'static [u8] {
+    let h = msg.headers.as_ref();
+    let header = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+    let Some(id) = header("C1m-Id").filter(|id| crate::proto::handshake::valid_id(id)) else {
+        return b"error: no device id";
+    };
+    let Some(at) = header("C1m-At").and_then(|a| event::parse_at_header(&a)) else {
+        return b"error: no location";
+    };
+    // Locations name shards over the whole server; `peers` are this
+    // worker's.
+    let local = at.shard.wrapping_sub(shard_base) as usize;
+    let Some(peer) = peers.get(local) else {
+        return NOT_CONNECTED;
+    };
+    if msg.payload.len() > max_message {
+        return b"error: over --max-message";
+    }
+    let text = header("Content-Type").is_some_and(|ct| ct.starts_with("text/"));
+    if text && std::str::from_utf8(&msg.payload).is_err() {
+        return b"error: text is not UTF-8";
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    peer.send_now(Mail::Ask {
+        id: DeviceId::new(&id),
+        ask: Ask::Push {
+            text,
+            payload: msg.payload.to_vec(),
+        },
+        at: Some(at),
+        reply: Reply::Local(tx),
+    });
+    // The shard answers on a std channel: polled, never waited on.
+    let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        match rx.try_recv() {
+            Ok(Answer::Delivered) => return DELIVERED,
+            Ok(_) => return NOT_CONNECTED,
+            Err(TryRecvError::Disconnected) => return NOT_CONNECTED,
+            Err(TryRecvError::Empty) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return b"error: the shard did not answer in time";
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
