@@ -702,10 +702,24 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The `n` worker processes of a `--procs n` server. The port accepts once
+/// the first worker listens; on a loaded machine the others may still be
+/// starting, so this waits (10 s at most) until all `n` are there.
+fn workers_of(server: &Server, n: usize) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let workers = children(server.child.id());
+        if workers.len() == n || Instant::now() > deadline {
+            assert_eq!(workers.len(), n, "{workers:?}");
+            return workers;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn procs_workers_add_up_restart_and_stop_together() {
     let server = Server::start(&["--procs", "3", "--drain-timeout", "1s"]);
-    let workers = children(server.child.id());
-    assert_eq!(workers.len(), 3, "{workers:?}");
+    let workers = workers_of(&server, 3);
     let _held: Vec<_> = (0..30).map(|i| server.ws(&format!("p{i}"))).collect();
     // One line for the whole server: its conns are the sum of the workers'.
     let line = server.wait_line("30 conns", |l| l.contains(" conns=30 "));
@@ -1419,8 +1433,7 @@ fn procs_admin_is_served_once_by_the_parent_for_all_workers() {
     let admin = free_addr();
     let server = Server::start(&["--procs", "2", "--admin", &admin]);
     // Workers never open the admin port: the parent strips the flag.
-    let workers = children(server.child.id());
-    assert_eq!(workers.len(), 2, "{workers:?}");
+    let workers = workers_of(&server, 2);
     for w in &workers {
         let cmdline = std::fs::read(format!("/proc/{w}/cmdline")).unwrap();
         let cmdline = String::from_utf8_lossy(&cmdline);
@@ -1535,7 +1548,7 @@ fn procs_a_restarted_worker_is_resynced() {
         on[held_by(&admin, &id).unwrap() as usize].push(id);
     }
     assert!(!on[0].is_empty() && !on[1].is_empty(), "{on:?}");
-    let pids = children(server.child.id());
+    let pids = workers_of(&server, 2);
     let victim = pids
         .iter()
         .copied()
