@@ -50,6 +50,7 @@ fn main() {
         stats_interval: Duration::from_secs(3600),
         inject_panic: false,
         auth: None,
+        tls: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

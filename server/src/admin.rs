@@ -291,6 +291,20 @@ fn counter_families(c: &Counters) -> Vec<Family> {
                 (Some("internal_error"), c.internal_error),
                 (Some("replaced"), c.replaced),
                 (Some("kicked"), c.kicked),
+                (Some("tls_failed"), c.tls_failed),
+                (Some("plain_on_tls"), c.plain_on_tls),
+                (Some("tls_on_plain"), c.tls_on_plain),
+            ],
+        ),
+        (
+            "c1m_tls_handshakes_total",
+            "TLS handshakes completed (--tls-cert), full or resumed with a session ticket.",
+            vec![
+                (
+                    Some("full"),
+                    c.tls_handshakes - c.tls_resumed.min(c.tls_handshakes),
+                ),
+                (Some("resumed"), c.tls_resumed),
             ],
         ),
         (

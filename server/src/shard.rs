@@ -29,6 +29,7 @@ use crate::proto::handshake::{Reject, Upgrade};
 use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
 use crate::registry::{self, Location, Msg, Table};
 use crate::stats::{Counters, Snapshot};
+use crate::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
 
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -55,6 +56,9 @@ pub struct ShardConfig {
     /// Device auth (--auth-secret-file): upgrades need a token these keys
     /// verify, else 401. None: no auth.
     pub auth: Option<std::sync::Arc<crate::proto::auth::Keys>>,
+    /// --tls-cert/--tls-key: every connection speaks TLS (wss). Built once
+    /// per process, shared by the shards. None: plaintext.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -137,6 +141,11 @@ pub fn run(
     }
 }
 
+/// A peer's address for a log line.
+fn show(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map_or_else(|| "a device".into(), |a| a.to_string())
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the same clock for every shard and
 /// process of a host, so upgrade times compare across them.
 fn monotonic_ns() -> u64 {
@@ -172,7 +181,27 @@ struct Slot {
     conn: Conn,
     /// The device's id, from its upgrade request (empty before it).
     id: DeviceId,
+    /// Its TLS session (--tls-cert); None on a plaintext port (8 bytes).
+    tls: Option<Box<ServerSession>>,
 }
+
+/// How a connection ends, as the shard counts it: the protocol's ends, and
+/// the TLS layer's.
+#[derive(Debug)]
+enum Ending {
+    Conn(End),
+    /// The TLS handshake or a record failed: why.
+    TlsFailed(String),
+    /// The first bytes on the TLS port were not a TLS handshake.
+    PlainOnTls,
+    /// The first bytes on the plaintext port were a TLS handshake.
+    TlsOnPlain,
+    /// TLS close_notify: the device is going away.
+    PeerClosed,
+}
+
+/// What a plaintext request on the TLS port gets (as nginx answers it).
+const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 44\r\nConnection: close\r\n\r\nthis port speaks TLS: connect with wss://.\r\n";
 
 impl Slot {
     /// Makes sure the connection's wheel entry comes due by `deadline`: a
@@ -208,6 +237,10 @@ struct State {
     handshake_ticks: u64,
     frame_ticks: u64,
     out: Vec<u8>,
+    /// TLS: the plaintext of one read, and the records to send (handshake
+    /// output, then `out` sealed). Per shard; empty when TLS is off.
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
     drain_deadline: Option<Instant>,
     accept_resume: Option<Instant>,
     warned_at: Option<Instant>,
@@ -255,6 +288,8 @@ impl<D: Driver> Shard<D> {
                 handshake_ticks,
                 frame_ticks,
                 out: Vec::with_capacity(4096),
+                plain: Vec::new(),
+                sealed: Vec::new(),
                 drain_deadline: None,
                 accept_resume: None,
                 warned_at: None,
@@ -333,7 +368,8 @@ impl<D: Driver> Shard<D> {
                 }
                 Event::Flushed(token) => {
                     if let Some(key) = st.live(token) {
-                        if st.slab[key].conn.phase() == Phase::Done {
+                        let slot = &st.slab[key];
+                        if slot.ended || slot.conn.phase() == Phase::Done {
                             st.close(io, key, Close::Graceful);
                         }
                     }
@@ -458,6 +494,19 @@ impl State {
                 return;
             }
         };
+        let tls = match &self.cfg.tls {
+            None => None,
+            Some(config) => match ServerSession::server(config) {
+                Ok(s) => Some(Box::new(s)),
+                Err(err) => {
+                    io.close(h, Close::Abortive);
+                    self.warn(format_args!(
+                        "cannot start TLS on a new connection ({err}): dropped it"
+                    ));
+                    return;
+                }
+            },
+        };
         let now = self.now_tick();
         let deadline = now + self.handshake_ticks + 1;
         self.slab.insert(Slot {
@@ -470,6 +519,7 @@ impl State {
             frame_deadline: 0,
             conn: Conn::new(),
             id: DeviceId::default(),
+            tls,
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -481,14 +531,50 @@ impl State {
 
     /// Feeds bytes to the connection; its answers are left in `self.out`.
     /// Returns how it ends, if it does.
-    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (bool, Option<End>) {
+    /// With TLS, the records to send first (handshake, alerts) are left in
+    /// `self.sealed`, which [`State::write`] sends `self.out` after.
+    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (bool, Option<Ending>) {
         let full = self.open >= self.cfg.max_conns as u64;
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
+        // TLS off: one branch for an upgraded device, two before its upgrade.
+        let data: &mut [u8] = match &mut slot.tls {
+            None => {
+                if !slot.upgraded
+                    && bytes.first() == Some(&HANDSHAKE_RECORD)
+                    && slot.conn.buffered() == 0
+                {
+                    return (false, Some(Ending::TlsOnPlain));
+                }
+                bytes
+            }
+            Some(tls) => {
+                self.plain.clear();
+                self.sealed.clear();
+                match tls.feed(bytes, &mut self.plain, &mut self.sealed) {
+                    Ok(fed) if fed.peer_closed && self.plain.is_empty() => {
+                        return (false, Some(Ending::PeerClosed));
+                    }
+                    Ok(_) => {}
+                    Err(TlsError::NotTls) => {
+                        // Answered in plaintext, as the device spoke.
+                        slot.tls = None;
+                        self.sealed.clear();
+                        self.out.extend_from_slice(PLAIN_ON_TLS);
+                        return (false, Some(Ending::PlainOnTls));
+                    }
+                    Err(err) => return (false, Some(Ending::TlsFailed(err.to_string()))),
+                }
+                if self.plain.is_empty() {
+                    return (false, None); // handshake progress, or a partial record
+                }
+                &mut self.plain
+            }
+        };
         let mut id = None;
         let r = slot.conn.receive(
-            bytes,
+            data,
             &self.cfg.limits,
             &mut |u: &Upgrade<'_>| {
                 // Before fullness: a device without a good token learns nothing else.
@@ -521,6 +607,12 @@ impl State {
                 slot.upgraded = true;
                 self.open += 1;
                 self.counters.upgraded += 1;
+                if let Some(tls) = &slot.tls {
+                    self.counters.tls_handshakes += 1;
+                    if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        self.counters.tls_resumed += 1;
+                    }
+                }
                 // The handshake deadline may be later than the first expiry.
                 slot.bring_forward(key, now + self.timeout_ticks + 1, &mut self.wheel);
             }
@@ -532,13 +624,13 @@ impl State {
             slot.frame_deadline = now + self.frame_ticks + 1;
             slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
         }
-        (r.upgraded, r.end)
+        (r.upgraded, r.end.map(Ending::Conn))
     }
 
     /// Sends what [`State::on_bytes`] left in `self.out`, registers the
     /// device if it just upgraded, and ends the connection if it ended.
-    fn answer(&mut self, io: &mut impl Driver, key: usize, upgraded: bool, end: Option<End>) {
-        if !self.out.is_empty() && !self.write(io, key) {
+    fn answer(&mut self, io: &mut impl Driver, key: usize, upgraded: bool, end: Option<Ending>) {
+        if (!self.out.is_empty() || !self.sealed.is_empty()) && !self.write(io, key) {
             return;
         }
         // After the 101 went out: the registry may reuse `self.out`.
@@ -547,9 +639,34 @@ impl State {
         }
         let Some(end) = end else { return };
         match end {
-            End::ClientClose => self.counters.client_close += 1,
-            End::ProtocolError(_) => self.counters.protocol_error += 1,
-            End::Rejected(_) => self.counters.rejected += 1,
+            Ending::Conn(End::ClientClose) => self.counters.client_close += 1,
+            Ending::Conn(End::ProtocolError(_)) => self.counters.protocol_error += 1,
+            Ending::Conn(End::Rejected(_)) => self.counters.rejected += 1,
+            Ending::PeerClosed => return self.peer_gone(io, key),
+            Ending::TlsFailed(why) => {
+                self.counters.tls_failed += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "TLS with {} failed ({why}): closed it, counted as tls_failed",
+                    show(peer)
+                ));
+            }
+            Ending::PlainOnTls => {
+                self.counters.plain_on_tls += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "{} sent plaintext to the TLS port: answered 400 and closed, counted as plain_on_tls (devices must use wss://)",
+                    show(peer)
+                ));
+            }
+            Ending::TlsOnPlain => {
+                self.counters.tls_on_plain += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "{} sent a TLS handshake to this plaintext port: closed, counted as tls_on_plain (start the server with --tls-cert/--tls-key for wss://, or connect with ws://)",
+                    show(peer)
+                ));
+            }
         }
         self.finish(io, key);
     }
@@ -568,8 +685,28 @@ impl State {
     }
 
     /// Sends `self.out` on the connection. False when it had to be closed.
+    /// With TLS, `self.out` is sealed after whatever `self.sealed` holds
+    /// (handshake records from the same read), and that is sent.
     fn write(&mut self, io: &mut impl Driver, key: usize) -> bool {
-        match io.send(self.slab[key].io, &self.out) {
+        let slot = &mut self.slab[key];
+        let bytes: &[u8] = match &mut slot.tls {
+            None => &self.out,
+            Some(tls) => {
+                if let Err(err) = tls.seal(&self.out, &mut self.sealed) {
+                    self.sealed.clear();
+                    self.counters.tls_failed += 1;
+                    self.warn(format_args!(
+                        "cannot encrypt for a device ({err}): closed it, counted as tls_failed"
+                    ));
+                    self.close(io, key, Close::Abortive);
+                    return false;
+                }
+                &self.sealed
+            }
+        };
+        let sent = io.send(slot.io, bytes);
+        self.sealed.clear();
+        match sent {
             Sent::Done | Sent::Queued => true,
             Sent::Overflow => {
                 self.counters.slow_reader += 1;
@@ -1016,6 +1153,7 @@ mod tests {
             stats_interval: Duration::from_secs(3600),
             inject_panic: false,
             auth: None,
+            tls: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, _) = crate::mailbox::wire(1).unwrap();

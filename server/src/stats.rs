@@ -41,6 +41,17 @@ pub struct Counters {
     pub auth_missing: u64,
     pub auth_bad: u64,
     pub auth_expired: u64,
+    /// TLS (--tls-cert): the handshake or a record failed (a bad record,
+    /// an alert such as the device rejecting our certificate).
+    pub tls_failed: u64,
+    /// TLS port: the first bytes were not a TLS handshake (plaintext HTTP?).
+    pub plain_on_tls: u64,
+    /// Plaintext port: the first bytes were a TLS handshake record.
+    pub tls_on_plain: u64,
+    /// TLS handshakes completed (not a close reason), and of them resumed
+    /// with a session ticket.
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     /// io_uring: waits that found completions held back by a full CQ.
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
@@ -68,6 +79,11 @@ impl Counters {
         self.auth_missing += o.auth_missing;
         self.auth_bad += o.auth_bad;
         self.auth_expired += o.auth_expired;
+        self.tls_failed += o.tls_failed;
+        self.plain_on_tls += o.plain_on_tls;
+        self.tls_on_plain += o.tls_on_plain;
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_resumed += o.tls_resumed;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
     }
@@ -86,6 +102,9 @@ impl Counters {
             + self.internal_error
             + self.replaced
             + self.kicked
+            + self.tls_failed
+            + self.plain_on_tls
+            + self.tls_on_plain
     }
 }
 
@@ -147,7 +166,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} cq_overflows={} cancels={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -167,6 +186,11 @@ pub fn totals(c: &Counters) -> String {
         c.auth_missing,
         c.auth_bad,
         c.auth_expired,
+        c.tls_failed,
+        c.plain_on_tls,
+        c.tls_on_plain,
+        c.tls_handshakes,
+        c.tls_resumed,
         c.io_cq_overflows,
         c.io_cancels
     )
@@ -202,6 +226,11 @@ pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
         auth_missing: t("auth_missing").unwrap_or(0),
         auth_bad: t("auth_bad").unwrap_or(0),
         auth_expired: t("auth_expired").unwrap_or(0),
+        tls_failed: t("tls_failed").unwrap_or(0),
+        plain_on_tls: t("plain_on_tls").unwrap_or(0),
+        tls_on_plain: t("tls_on_plain").unwrap_or(0),
+        tls_handshakes: t("tls_handshakes").unwrap_or(0),
+        tls_resumed: t("tls_resumed").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
     };
@@ -273,6 +302,11 @@ mod tests {
             auth_missing: 18,
             auth_bad: 19,
             auth_expired: 20,
+            tls_failed: 22,
+            plain_on_tls: 23,
+            tls_on_plain: 24,
+            tls_handshakes: 25,
+            tls_resumed: 26,
             io_cq_overflows: 15,
             io_cancels: 16,
         };
