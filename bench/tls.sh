@@ -22,7 +22,8 @@ PROCS=${PROCS:-6}
 REPS=${REPS:-3}
 CPU_N=${CPU_N:-10000}
 CONC=${CONC:-8}
-PORT=${PORT:-19643}
+# Away from the client tests' ports (19500-21499) and the ephemeral range.
+PORT=${PORT:-17643}
 IPS=${IPS:-127.0.0.2-127.0.0.41}
 cargo build --release --quiet --bin server --bin client
 out=$(new_results tls "N=$N PROCS=$PROCS REPS=$REPS CPU_N=$CPU_N CONC=$CONC bench/tls.sh")

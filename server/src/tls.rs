@@ -27,7 +27,7 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
     WriteTraffic,
 };
-use rustls::{ClientConfig, HandshakeKind, RootCertStore, ServerConfig};
+use rustls::{CipherSuite, ClientConfig, HandshakeKind, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -37,8 +37,23 @@ pub const ALPN: &[u8] = b"http/1.1";
 /// The first byte of a TLS record carrying a handshake (a ClientHello).
 pub const HANDSHAKE_RECORD: u8 = 0x16;
 
+/// ring, with the cipher suites that hash with SHA-256 first. The handshake
+/// is mostly X25519 and the key schedule's HMACs; with SHA-384 (ring's
+/// first choice, AES-256-GCM) SHA-512 blocks were 12-17% of the server's
+/// CPU during a handshake storm (perf, 2026-12-03), and SHA-256 has
+/// instructions of its own on current x86 and ARM cores. AES-128-GCM is
+/// what a device's 128-bit security needs.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(provider::default_provider())
+    let mut p = provider::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        matches!(
+            s.suite(),
+            CipherSuite::TLS13_AES_256_GCM_SHA384
+                | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        )
+    });
+    Arc::new(p)
 }
 
 /// Reads the certificate chain and private key in PEM files into a server
@@ -68,6 +83,8 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
             )
         })?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Our order of cipher suites, not the device's (see `provider`).
+    config.ignore_client_order = true;
     // Stateless tickets, for TLS 1.2 too; no stateful cache (a lock shared
     // by the shards, and memory per session).
     config.ticketer =
@@ -614,6 +631,15 @@ pub(crate) mod tests {
             assert_eq!(s.protocol_version(), Some(want));
             assert_eq!(c.protocol_version(), Some(want));
             assert_eq!(s.alpn_protocol(), Some(ALPN));
+            let suite = s.conn.common().negotiated_cipher_suite().map(|c| c.suite());
+            assert!(
+                matches!(
+                    suite,
+                    Some(CipherSuite::TLS13_AES_128_GCM_SHA256)
+                        | Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+                ),
+                "{suite:?}"
+            );
             assert!(s.is_established() && c.is_established());
             let mut out = Vec::new();
             s.seal(b"HTTP/1.1 101", &mut out).unwrap();
