@@ -204,6 +204,24 @@ enum Ending {
 const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 44\r\nConnection: close\r\n\r\nthis port speaks TLS: connect with wss://.\r\n";
 
 impl Slot {
+    /// A frame (or TLS record) begun and not finished must end within the
+    /// frame timeout; none pending clears the deadline.
+    fn track_partial(
+        &mut self,
+        key: usize,
+        partial: bool,
+        now: u64,
+        frame_ticks: u64,
+        wheel: &mut Wheel,
+    ) {
+        if !partial {
+            self.frame_deadline = 0;
+        } else if self.frame_deadline == 0 {
+            self.frame_deadline = now + frame_ticks + 1;
+            self.bring_forward(key, self.frame_deadline, wheel);
+        }
+    }
+
     /// Makes sure the connection's wheel entry comes due by `deadline`: a
     /// new entry if the live one is later (which then goes stale).
     fn bring_forward(&mut self, key: usize, deadline: u64, wheel: &mut Wheel) {
@@ -567,7 +585,12 @@ impl State {
                     Err(err) => return (false, Some(Ending::TlsFailed(err.to_string()))),
                 }
                 if self.plain.is_empty() {
-                    return (false, None); // handshake progress, or a partial record
+                    // Handshake progress, or part of a record: a record
+                    // begun after the upgrade must end within the frame
+                    // timeout, as a frame must (it holds a buffer).
+                    let partial = slot.upgraded && tls.buffered() > 0;
+                    slot.track_partial(key, partial, now, self.frame_ticks, &mut self.wheel);
+                    return (false, None);
                 }
                 &mut self.plain
             }
@@ -617,13 +640,9 @@ impl State {
                 slot.bring_forward(key, now + self.timeout_ticks + 1, &mut self.wheel);
             }
         }
-        if !slot.conn.has_partial_frame() {
-            slot.frame_deadline = 0;
-        } else if slot.frame_deadline == 0 {
-            // A frame has begun: it must end within the frame timeout.
-            slot.frame_deadline = now + self.frame_ticks + 1;
-            slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
-        }
+        let partial = slot.conn.has_partial_frame()
+            || (slot.upgraded && slot.tls.as_ref().is_some_and(|t| t.buffered() > 0));
+        slot.track_partial(key, partial, now, self.frame_ticks, &mut self.wheel);
         (r.upgraded, r.end.map(Ending::Conn))
     }
 

@@ -1702,6 +1702,56 @@ fn tls_a_device_that_rejects_the_certificate_is_one_counted_logged_close() {
     assert!(field(&l, "peer_gone") <= 1, "only the start-up probe: {l}");
 }
 
+/// A wss device that begins a TLS record and never ends it is closed by
+/// the frame timeout (it holds a buffer), as a plaintext one that trickles
+/// a frame is; the device beside it is not.
+fn tls_a_record_trickled_too_slowly_is_closed_by_the_frame_timeout() {
+    let certs = Certs::new("trickle");
+    let mut args = vec![
+        "--cores",
+        "0",
+        "--timeout",
+        "30s",
+        "--tick",
+        "50ms",
+        "--frame-timeout",
+        "300ms",
+    ];
+    let flags = certs.flags();
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&args);
+    let config = certs.client(&[&rustls::version::TLS13]);
+    let mut good = wss(server.addr, &config, "good");
+    let mut ws = wss(server.addr, &config, "slow");
+    let tls = ws.get_mut();
+    // A Ping, encrypted, of which the device sends all but the last byte.
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"x", [1, 2, 3, 4]);
+    tls.conn.writer().write_all(&ping).unwrap();
+    let mut record = Vec::new();
+    while tls.conn.wants_write() {
+        tls.conn.write_tls(&mut record).unwrap();
+    }
+    tls.sock.write_all(&record[..record.len() - 1]).unwrap();
+    let begun = Instant::now();
+    let mut buf = [0u8; 64];
+    let r = tls.sock.read(&mut buf); // blocks until the server closes it
+    let waited = begun.elapsed();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "closed early after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed after {waited:?}, not by the frame timeout"
+    );
+    let l = server.wait_line("the close", |l| field(l, "frame_timeout") == 1);
+    assert_eq!(field(&l, "expired"), 0, "{l}");
+    good.send(Message::Ping(b"still".to_vec())).unwrap();
+    assert_eq!(good.read().unwrap(), Message::Pong(b"still".to_vec()));
+}
+
 fn tls_unusable_certificate_files_stop_the_server_with_one_clear_sentence() {
     let certs = Certs::new("files");
     let other = Certs::new("files-other");
@@ -1788,4 +1838,5 @@ on_both_backends!(
     tls_hello_on_the_plaintext_port_is_one_counted_logged_close,
     tls_a_device_that_rejects_the_certificate_is_one_counted_logged_close,
     tls_unusable_certificate_files_stop_the_server_with_one_clear_sentence,
+    tls_a_record_trickled_too_slowly_is_closed_by_the_frame_timeout,
 );
