@@ -556,17 +556,24 @@ impl State {
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
-        // TLS off: one branch for an upgraded device, two before its upgrade.
+        // TLS off: one branch for an upgraded device, more before its
+        // upgrade. A connection whose end the TLS layer counted (its
+        // protocol core never saw its bytes) only waits for its output:
+        // what else it sends is not parsed, so it is never counted twice,
+        // nor upgraded after a plaintext request on the TLS port.
         let data: &mut [u8] = match &mut slot.tls {
             None => {
-                if !slot.upgraded
-                    && bytes.first() == Some(&HANDSHAKE_RECORD)
-                    && slot.conn.buffered() == 0
-                {
-                    return (false, Some(Ending::TlsOnPlain));
+                if !slot.upgraded {
+                    if slot.ended {
+                        return (false, None);
+                    }
+                    if bytes.first() == Some(&HANDSHAKE_RECORD) && slot.conn.buffered() == 0 {
+                        return (false, Some(Ending::TlsOnPlain));
+                    }
                 }
                 bytes
             }
+            Some(_) if slot.ended => return (false, None),
             Some(tls) => {
                 self.plain.clear();
                 self.sealed.clear();

@@ -151,6 +151,8 @@ pub enum TlsError {
     Tls(rustls::Error),
     /// The record layer cannot encrypt any more (key exhausted).
     Exhausted,
+    /// The session failed before: it takes no more bytes.
+    Failed,
 }
 
 impl std::fmt::Display for TlsError {
@@ -159,6 +161,7 @@ impl std::fmt::Display for TlsError {
             TlsError::NotTls => f.write_str("not a TLS handshake (plaintext on a TLS port?)"),
             TlsError::Tls(e) => write!(f, "{e}"),
             TlsError::Exhausted => f.write_str("TLS record keys exhausted"),
+            TlsError::Failed => f.write_str("the TLS session failed earlier"),
         }
     }
 }
@@ -224,6 +227,9 @@ pub struct Session<E> {
     early: Vec<u8>,
     /// Bytes were fed already (the first ones are checked for a handshake).
     fed: bool,
+    /// An error ended the session: rustls' state may point into bytes that
+    /// are gone, so it is never driven again.
+    failed: bool,
 }
 
 /// The server side of a device's TLS connection.
@@ -260,6 +266,7 @@ impl<E: Endpoint> Session<E> {
             carry: Vec::new(),
             early: Vec::new(),
             fed: false,
+            failed: false,
         }
     }
 
@@ -297,6 +304,20 @@ impl<E: Endpoint> Session<E> {
         plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<Fed, TlsError> {
+        if self.failed {
+            return Err(TlsError::Failed);
+        }
+        let r = self.feed_inner(incoming, plain, out);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn feed_inner(
+        &mut self,
+        incoming: &mut [u8],
+        plain: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<Fed, TlsError> {
         if !self.fed {
             self.fed = true;
             if incoming.first().is_some_and(|&b| b != HANDSHAKE_RECORD) {
@@ -327,6 +348,15 @@ impl<E: Endpoint> Session<E> {
         if plaintext.is_empty() {
             return Ok(());
         }
+        if self.failed {
+            return Err(TlsError::Failed);
+        }
+        let r = self.seal_inner(plaintext, out);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn seal_inner(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
         if !self.early.is_empty() {
             self.early.extend_from_slice(plaintext);
             return Ok(());
@@ -352,6 +382,9 @@ impl<E: Endpoint> Session<E> {
 
     /// Appends a close_notify alert to `out`, if the handshake is done.
     pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+        if self.failed {
+            return;
+        }
         if let UnbufferedStatus {
             state: Ok(ConnectionState::WriteTraffic(mut w)),
             ..
@@ -744,6 +777,60 @@ pub(crate) mod tests {
             e.contains("--tls-ca") && e.contains("holds no PEM certificate"),
             "{e}"
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// Bytes from a hostile peer, split anywhere, never panic a server
+        /// session: after a real ClientHello too, and with records made of
+        /// a real client's output with bytes flipped.
+        #[test]
+        fn hostile_bytes_never_panic(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            cut in 0usize..600,
+            flip in 0usize..2000,
+        ) {
+            let config = hostile_server();
+            let mut hello = Vec::new();
+            let client = client_only_cached();
+            let _c = ClientSession::client(&client, server_name("localhost").unwrap(), &mut hello).unwrap();
+            for prefix in [Vec::new(), vec![HANDSHAKE_RECORD, 3, 1], hello.clone()] {
+                let mut s = ServerSession::server(&config).unwrap();
+                let mut bytes = prefix;
+                bytes.extend_from_slice(&junk);
+                if !bytes.is_empty() {
+                    let i = flip % bytes.len();
+                    if i >= 5 { bytes[i] ^= 0x5a; }
+                }
+                let at = cut.min(bytes.len());
+                let (a, b) = bytes.split_at_mut(at);
+                let (mut plain, mut out) = (Vec::new(), Vec::new());
+                if s.feed(a, &mut plain, &mut out).is_ok() {
+                    let _ = s.feed(b, &mut plain, &mut out);
+                }
+                let _ = s.seal(b"x", &mut out);
+            }
+        }
+    }
+
+    fn hostile_server() -> Arc<ServerConfig> {
+        static CONFIG: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
+            std::sync::OnceLock::new();
+        CONFIG.get_or_init(hostile_configs).0.clone()
+    }
+
+    fn client_only_cached() -> Arc<ClientConfig> {
+        static CONFIG: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
+            std::sync::OnceLock::new();
+        CONFIG.get_or_init(hostile_configs).1.clone()
+    }
+
+    fn hostile_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let (ca, cert, key) = make_certs("hostile");
+        (
+            server_config(&cert, &key).unwrap(),
+            client_config(&ca, true).unwrap(),
+        )
     }
 
     #[test]

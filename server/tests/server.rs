@@ -1637,18 +1637,34 @@ fn tls_plaintext_request_on_the_tls_port_is_one_counted_logged_close() {
     let resp = raw_request(server.addr, &upgrade_request("/ws?id=plain", ""));
     assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
     assert!(resp.contains("wss://"), "{resp}");
+    // Whatever follows the first bytes is never parsed: a request after
+    // garbage is not upgraded in plaintext, nor counted again.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let _ = s.write_all(&upgrade_request("/ws?id=sneaky", ""));
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 400 ") && !resp.contains(" 101 "),
+        "{resp}"
+    );
     let warned = server.wait_error("plain_on_tls");
     assert!(
         warned.contains("sent plaintext to the TLS port"),
         "{warned}"
     );
-    let l = server.wait_line("the close", |l| field(l, "plain_on_tls") == 1);
+    let l = server.wait_line("the closes", |l| field(l, "plain_on_tls") == 2);
     assert_eq!(field(&l, "conns"), 1, "{l}");
+    assert_eq!(field(&l, "upgraded"), 1, "{l}");
     // The other device goes on.
     good.send(Message::Ping(b"still".to_vec())).unwrap();
     assert_eq!(good.read().unwrap(), Message::Pong(b"still".to_vec()));
     let l = server.wait_line("a fresh line", |_| true);
-    assert_eq!(field(&l, "plain_on_tls"), 1, "counted once: {l}");
+    assert_eq!(field(&l, "plain_on_tls"), 2, "counted once each: {l}");
+    assert_eq!(field(&l, "rejected"), 0, "{l}");
     // peer_gone: at most the start-up probe's connection.
     assert_eq!(field(&l, "tls_failed"), 0, "{l}");
     assert!(field(&l, "peer_gone") <= 1, "{l}");
