@@ -558,7 +558,7 @@ pub(crate) mod tests {
 
     /// A CA and a certificate for "localhost" it signed, as PEM files in a
     /// new directory: (ca.pem, cert.pem, key.pem). Made at test time.
-    pub(crate) fn make_certs(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    pub(crate) fn make_certs(tag: &str) -> Certs {
         let dir = std::env::temp_dir().join(format!("c1m-tls-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -578,7 +578,25 @@ pub(crate) mod tests {
         std::fs::write(&paths.0, ca.pem()).unwrap();
         std::fs::write(&paths.1, cert.pem()).unwrap();
         std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-        paths
+        Certs { dir, paths }
+    }
+
+    pub(crate) struct Certs {
+        dir: PathBuf,
+        paths: (PathBuf, PathBuf, PathBuf),
+    }
+
+    impl Certs {
+        /// (ca.pem, cert.pem, key.pem)
+        pub(crate) fn paths(&self) -> (PathBuf, PathBuf, PathBuf) {
+            self.paths.clone()
+        }
+    }
+
+    impl Drop for Certs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     fn client_only(
@@ -652,7 +670,8 @@ pub(crate) mod tests {
 
     #[test]
     fn both_versions_negotiate_with_alpn_and_carry_data_both_ways() {
-        let (ca, cert, key) = make_certs("versions");
+        let certs_versions = make_certs("versions");
+        let (ca, cert, key) = certs_versions.paths();
         let server = server_config(&cert, &key).unwrap();
         for (version, want) in [
             (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
@@ -694,7 +713,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_reconnect_resumes_with_a_ticket_on_both_versions() {
-        let (ca, cert, key) = make_certs("resume");
+        let certs_resume = make_certs("resume");
+        let (ca, cert, key) = certs_resume.paths();
         let server = server_config(&cert, &key).unwrap();
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             let client = client_only(&ca, version);
@@ -725,7 +745,8 @@ pub(crate) mod tests {
 
     #[test]
     fn plaintext_on_a_tls_session_is_refused_at_once() {
-        let (_, cert, key) = make_certs("plain");
+        let certs_plain = make_certs("plain");
+        let (_, cert, key) = certs_plain.paths();
         let server = server_config(&cert, &key).unwrap();
         let mut s = ServerSession::server(&server).unwrap();
         let mut req = b"GET /ws?id=a HTTP/1.1\r\n\r\n".to_vec();
@@ -741,8 +762,10 @@ pub(crate) mod tests {
 
     #[test]
     fn a_client_that_rejects_the_certificate_fails_both_sides() {
-        let (_, cert, key) = make_certs("badcert-a");
-        let (other_ca, _, _) = make_certs("badcert-b");
+        let certs_badcert_a = make_certs("badcert-a");
+        let (_, cert, key) = certs_badcert_a.paths();
+        let certs_badcert_b = make_certs("badcert-b");
+        let (other_ca, _, _) = certs_badcert_b.paths();
         let server = server_config(&cert, &key).unwrap();
         let client = client_config(&other_ca, true).unwrap();
         let mut hello = Vec::new();
@@ -757,7 +780,8 @@ pub(crate) mod tests {
 
     #[test]
     fn config_errors_are_one_sentence() {
-        let (ca, cert, key) = make_certs("config");
+        let certs_config = make_certs("config");
+        let (ca, cert, key) = certs_config.paths();
         let missing = Path::new("/nonexistent/cert.pem");
         let e = server_config(missing, &key).unwrap_err();
         assert!(
@@ -768,7 +792,8 @@ pub(crate) mod tests {
         assert!(e.contains("holds no PEM certificate"), "{e}");
         let e = server_config(&cert, &cert).unwrap_err();
         assert!(e.contains("holds no PEM private key"), "{e}");
-        let (_, _, other_key) = make_certs("config-other");
+        let certs_config_other = make_certs("config-other");
+        let (_, _, other_key) = certs_config_other.paths();
         let e = server_config(&cert, &other_key).unwrap_err();
         assert!(e.contains("does not fit --tls-cert"), "{e}");
         assert!(client_config(&ca, true).is_ok());
@@ -826,7 +851,8 @@ pub(crate) mod tests {
     }
 
     fn hostile_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-        let (ca, cert, key) = make_certs("hostile");
+        let certs_hostile = make_certs("hostile");
+        let (ca, cert, key) = certs_hostile.paths();
         (
             server_config(&cert, &key).unwrap(),
             client_config(&ca, true).unwrap(),
