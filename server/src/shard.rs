@@ -720,7 +720,9 @@ impl State {
             Some(tls) => {
                 if let Err(err) = tls.seal(&self.out, &mut self.sealed) {
                     self.sealed.clear();
-                    self.counters.tls_failed += 1;
+                    if !slot.ended {
+                        self.counters.tls_failed += 1; // else counted already
+                    }
                     self.warn(format_args!(
                         "cannot encrypt for a device ({err}): closed it, counted as tls_failed"
                     ));
