@@ -24,6 +24,7 @@ use c1m::proto::auth::{self, Keys};
 use c1m::proto::client_handshake::{self, key_for, Answer};
 use c1m::proto::frame::{self, code, Opcode};
 use c1m::proto::wheel::{self, Entry, Wheel};
+use c1m::tls::ClientSession;
 use slab::Slab;
 
 use crate::device::{self, Rng};
@@ -117,6 +118,12 @@ pub struct Plan {
     pub io: Backend,
     /// --auth-secret-file: each device signs its own token (valid one day).
     pub auth: Option<Arc<Keys>>,
+    /// --tls: the process's one client config (its ticket store lets
+    /// reconnects resume) and the server's name; None: plaintext.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    )>,
 }
 
 /// Where a device is in its life.
@@ -149,6 +156,8 @@ struct Device {
     carry: Vec<u8>,
     /// The second connection of a `--reconnect-fraction` device.
     twin: bool,
+    /// Its TLS session (--tls), from its connect on.
+    tls: Option<Box<ClientSession>>,
 }
 
 pub enum Step {
@@ -223,6 +232,12 @@ struct State {
     /// What a device sends next: an upgrade request, a heartbeat, or the
     /// pongs answering the pings of one read.
     out: Vec<u8>,
+    /// --tls: the plaintext of one read, and the records to send (handshake
+    /// output, then `out` sealed). Empty when TLS is off.
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
+    /// A failed TLS handshake was reported (once per core).
+    tls_warned: bool,
     id: String,
 }
 
@@ -274,6 +289,9 @@ impl<D: Driver> Fleet<D> {
                 reports,
                 next_progress: plan.origin + Duration::from_secs(1),
                 out: Vec::with_capacity(512),
+                plain: Vec::new(),
+                sealed: Vec::new(),
+                tls_warned: false,
                 id: String::with_capacity(64),
                 plan,
             },
@@ -404,9 +422,21 @@ impl State {
                     // The bytes are the driver's: what they call for (pongs
                     // in `out`, or the device's end) is done once they are
                     // handled.
-                    match self.on_bytes(key, bytes) {
+                    let flow = if self.devices[key].tls.is_some() {
+                        self.on_tls_bytes(key, bytes)
+                    } else {
+                        self.on_bytes(key, bytes)
+                    };
+                    match flow {
+                        // A TLS alert for the server (the device refused its
+                        // certificate, say): sent, then a FIN, so it arrives.
+                        Break(gone) if !self.sealed.is_empty() => {
+                            io.send(gone, &self.sealed);
+                            self.sealed.clear();
+                            io.close(gone, Close::Graceful);
+                        }
                         Break(gone) => io.close(gone, Close::Abortive),
-                        Continue(()) if !self.out.is_empty() => {
+                        Continue(()) if !self.out.is_empty() || !self.sealed.is_empty() => {
                             self.send_out(io, key);
                         }
                         Continue(()) => {}
@@ -582,6 +612,7 @@ impl State {
             ping_sent_us: 0,
             carry: Vec::new(),
             twin,
+            tls: None,
         });
         self.inflight += 1;
     }
@@ -622,7 +653,16 @@ impl State {
             &key_for(d.n, self.plan.run_tag as u64),
             token.as_ref().map(|t| t.as_str()),
         );
-        match io.send(d.io, &self.out) {
+        if let Some((config, name)) = &self.plan.tls {
+            // The ClientHello goes first; the request waits in the session
+            // until the handshake allows it (with the client's Finished).
+            self.sealed.clear();
+            match ClientSession::client(config, name.clone(), &mut self.sealed) {
+                Ok(s) => d.tls = Some(Box::new(s)),
+                Err(_) => return Err(Failure::Tls),
+            }
+        }
+        match self.transmit(io, key) {
             Sent::Done | Sent::Queued => {}
             // A fresh socket's output is empty: 200 bytes cannot overflow it.
             Sent::Overflow => return Err(Failure::Other),
@@ -630,9 +670,66 @@ impl State {
             // reset (refusals show in its SO_ERROR above).
             Sent::Failed => return Err(Failure::Reset),
         }
+        let d = &mut self.devices[key];
         d.stage = Stage::Upgrading;
         d.last_sent_us = now_us(&self.plan, Instant::now());
         Ok(())
+    }
+
+    /// Sends `out` on device `key`: as it is, or with --tls sealed after
+    /// the handshake records waiting in `sealed`.
+    fn transmit(&mut self, io: &mut impl Driver, key: usize) -> Sent {
+        let d = &mut self.devices[key];
+        let Some(tls) = &mut d.tls else {
+            return io.send(d.io, &self.out);
+        };
+        if tls.seal(&self.out, &mut self.sealed).is_err() {
+            self.sealed.clear();
+            return Sent::Failed;
+        }
+        let sent = if self.sealed.is_empty() {
+            Sent::Done // held until the handshake allows it
+        } else {
+            io.send(d.io, &self.sealed)
+        };
+        self.sealed.clear();
+        sent
+    }
+
+    /// Handles ciphertext from the server (--tls): handshake records to
+    /// send are left in `sealed`, plaintext goes to [`State::on_bytes`].
+    fn on_tls_bytes(&mut self, key: usize, bytes: &mut [u8]) -> ControlFlow<Handle> {
+        self.out.clear();
+        self.plain.clear();
+        self.sealed.clear();
+        let d = &mut self.devices[key];
+        let Some(tls) = &mut d.tls else {
+            return self.on_bytes(key, bytes);
+        };
+        match tls.feed(bytes, &mut self.plain, &mut self.sealed) {
+            Ok(fed) if fed.peer_closed && self.plain.is_empty() => {
+                return Break(self.server_closed(key));
+            }
+            Ok(_) => {}
+            Err(_) if d.stage == Stage::Open => return Break(self.server_closed(key)),
+            Err(e) => {
+                if !self.tls_warned {
+                    self.tls_warned = true;
+                    eprintln!(
+                        "client: core {}: a TLS handshake failed ({e}): counted as failed_tls (is --tls-ca the CA that signed the server's certificate, and --tls-server-name a name in it?)",
+                        self.core
+                    );
+                }
+                return Break(self.fail(key, Failure::Tls));
+            }
+        }
+        if self.plain.is_empty() {
+            return Continue(());
+        }
+        let mut plain = std::mem::take(&mut self.plain);
+        let flow = self.on_bytes(key, &mut plain);
+        self.plain = plain;
+        flow
     }
 
     /// Handles bytes from the server, leaving what they call for in `out`
@@ -689,6 +786,12 @@ impl State {
         let d = &mut self.devices[key];
         d.stage = Stage::Open;
         self.counters.open += 1;
+        if let Some(tls) = &d.tls {
+            self.counters.tls_handshakes += 1;
+            if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                self.counters.tls_resumed += 1;
+            }
+        }
         self.inflight -= 1;
         if d.twin {
             self.counters.reconnects += 1;
@@ -839,7 +942,7 @@ impl State {
     /// Sends `out` on open device `key`; false when that ended the device
     /// (closed here).
     fn send_out(&mut self, io: &mut impl Driver, key: usize) -> bool {
-        match io.send(self.devices[key].io, &self.out) {
+        match self.transmit(io, key) {
             // Taken by the kernel, or held by the driver behind earlier output.
             Sent::Done | Sent::Queued => true,
             Sent::Overflow => {

@@ -17,6 +17,9 @@ pub enum Failure {
     AddrNotAvail,
     /// EMFILE/ENFILE: out of file descriptors.
     OutOfFiles,
+    /// The TLS handshake failed (--tls): a certificate not trusted by
+    /// --tls-ca, an alert from the server, a server that is not TLS.
+    Tls,
     /// Anything else (an answer that is not a valid upgrade, other errnos).
     Other,
 }
@@ -79,6 +82,12 @@ pub struct Counters {
     pub reconnects: u64,
     /// Connections the server closed with 4000 "replaced": takeovers seen.
     pub replaced: u64,
+    /// --tls: attempts whose TLS handshake failed (also in `failed`).
+    pub tls_failed: u64,
+    /// --tls: upgraded connections, and of them those whose handshake
+    /// resumed a session (a ticket from an earlier connection).
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
 }
 
 impl Counters {
@@ -94,6 +103,7 @@ impl Counters {
             }
             Failure::AddrNotAvail => self.addr_not_avail += 1,
             Failure::OutOfFiles => self.out_of_files += 1,
+            Failure::Tls => self.tls_failed += 1,
             Failure::Other => self.other += 1,
         }
     }
@@ -123,10 +133,13 @@ impl Counters {
         self.bad_frames += o.bad_frames;
         self.reconnects += o.reconnects;
         self.replaced += o.replaced;
+        self.tls_failed += o.tls_failed;
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_resumed += o.tls_resumed;
     }
 
     /// (name, value) of every field, for summaries and merging.
-    pub fn fields(&self) -> [(&'static str, u64); 23] {
+    pub fn fields(&self) -> [(&'static str, u64); 26] {
         [
             ("attempted", self.attempted),
             ("established", self.established),
@@ -151,6 +164,9 @@ impl Counters {
             ("bad_server_frames", self.bad_frames),
             ("reconnects", self.reconnects),
             ("replaced", self.replaced),
+            ("failed_tls", self.tls_failed),
+            ("tls_handshakes", self.tls_handshakes),
+            ("tls_resumed", self.tls_resumed),
         ]
     }
 }
@@ -182,6 +198,9 @@ impl Counters {
             "bad_server_frames" => &mut self.bad_frames,
             "reconnects" => &mut self.reconnects,
             "replaced" => &mut self.replaced,
+            "failed_tls" => &mut self.tls_failed,
+            "tls_handshakes" => &mut self.tls_handshakes,
+            "tls_resumed" => &mut self.tls_resumed,
             _ => return false,
         };
         *f = v;
@@ -320,7 +339,7 @@ mod tests {
         };
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
-        assert_eq!(b.fields().len(), 23);
+        assert_eq!(b.fields().len(), 26);
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {

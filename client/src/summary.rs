@@ -300,6 +300,15 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
             format!("{} / {}", num("reconnects"), num("replaced")),
         ),
         (
+            "TLS (--tls): handshakes / resumed / failed",
+            format!(
+                "{} / {} / {}",
+                num("tls_handshakes"),
+                num("tls_resumed"),
+                num("failed_tls")
+            ),
+        ),
+        (
             "False / early / missed expiries",
             format!(
                 "{} / {} / {}",

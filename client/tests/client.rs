@@ -487,6 +487,227 @@ fn signed_devices_connect_and_a_wrong_secret_gets_401(io: &str) {
     let _ = std::fs::remove_dir_all(&secrets);
 }
 
+// ---- TLS: --tls/--tls-ca against a server with --tls-cert/--tls-key ----
+
+/// A CA and a "localhost" certificate it signed, made at test time, in
+/// `dir`: ca.pem, cert.pem, key.pem.
+fn make_certs(dir: &Path, tag: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("c1m client test CA {tag}"),
+    );
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+fn tls_server_flags(pki: &Path) -> String {
+    format!(
+        "--tls-cert {} --tls-key {}",
+        pki.join("cert.pem").display(),
+        pki.join("key.pem").display()
+    )
+}
+
+/// wss devices upgrade, heartbeat and are expired exactly as ws ones;
+/// second connections (`--reconnect-fraction`) resume with a ticket, and
+/// with `--tls-no-resume` none does.
+fn tls_devices_upgrade_heartbeat_and_are_expired_like_ws_ones(io: &str) {
+    let pki = out_dir("tls-pki", io);
+    make_certs(&pki, "fleet");
+    let ca = pki.join("ca.pem").display().to_string();
+    let dir = out_dir("tls-fleet", io);
+    let addr = format!("127.0.0.1:{}", port());
+    let s = run_fleet(
+        io,
+        &addr,
+        &format!("--timeout 1s --tick 100ms --cores 0 {}", tls_server_flags(&pki)),
+        &format!("--conns 300 --silent 0.5 --heartbeat 250ms --hold 2s --expiry-window 3s --cores 0-1 --reconnect-fraction 0.2 --tls --tls-ca {ca}"),
+        &dir,
+    );
+    let f = &s["figures"];
+    let n = |k: &str| f[k].as_u64().unwrap_or_else(|| panic!("{k} in {f}"));
+    assert_eq!((n("established"), n("failed")), (300, 0), "{f}");
+    assert_eq!(n("expired"), 150, "every silent device expired: {f}");
+    assert_eq!(
+        (n("false_expiries"), n("expired_early"), n("unexpired")),
+        (0, 0, 0),
+        "{f}"
+    );
+    assert!(n("heartbeat_replies") * 10 >= n("heartbeats") * 9, "{f}");
+    assert!(n("heartbeats") >= 150 * 6, "{f}");
+    assert!(n("reconnects") > 0, "{f}");
+    assert_eq!(n("replaced"), n("reconnects"), "{f}");
+    assert_eq!(n("tls_handshakes"), 300 + n("reconnects"), "{f}");
+    assert!(
+        n("tls_resumed") >= 1,
+        "the process's tickets let later connections resume: {f}"
+    );
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(
+        fin.contains(&format!(" tls_handshakes={} ", n("tls_handshakes"))),
+        "{fin}"
+    );
+    assert!(
+        fin.contains(&format!(" tls_resumed={} ", n("tls_resumed"))),
+        "{fin}"
+    );
+    assert!(
+        fin.contains(" tls_failed=0 ") && fin.contains(" expired=150 "),
+        "{fin}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let dir = out_dir("tls-noresume", io);
+    let addr = format!("127.0.0.1:{}", port());
+    let s = run_fleet(
+        io,
+        &addr,
+        &format!("--timeout 5s --tick 100ms {}", tls_server_flags(&pki)),
+        &format!("--conns 100 --heartbeat 250ms --hold 1s --reconnect-fraction 0.5 --tls --tls-ca {ca} --tls-no-resume"),
+        &dir,
+    );
+    let f = &s["figures"];
+    assert_eq!(f["established"], 100, "{f}");
+    assert_eq!(f["tls_resumed"], 0, "{f}");
+    assert_eq!(
+        f["tls_handshakes"].as_u64(),
+        Some(100 + f["reconnects"].as_u64().unwrap()),
+        "{f}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&pki);
+}
+
+/// The client trusts another CA: every attempt fails its handshake,
+/// counted as failed_tls by the client and tls_failed by the server (the
+/// client's alert reaches it); a plaintext client on the TLS port gets 400
+/// (plain_on_tls), a TLS client on a plaintext port fails (tls_on_plain).
+fn tls_mismatches_fail_every_attempt_counted_on_both_sides(io: &str) {
+    let pki = out_dir("tls-pki-mismatch", io);
+    make_certs(&pki, "served");
+    let other = pki.join("other");
+    make_certs(&other, "other");
+    let run = |name: &str, server_flags: String, client_flags: String| -> (Value, String) {
+        let dir = out_dir(name, io);
+        let addr = format!("127.0.0.1:{}", port());
+        let out = Command::new(CLIENT)
+            .args(["--spawn-server", "--server", &addr, "--server-bin"])
+            .arg(server_bin())
+            .arg("--server-flags")
+            .arg(format!(
+                "--io {io} --timeout 5s --tick 100ms {server_flags}"
+            ))
+            .args(["--io", io, "--quiet", "--conns", "50", "--hold", "500ms"])
+            .args(client_flags.split_whitespace())
+            .arg("--out")
+            .arg(&dir)
+            .output()
+            .expect("client runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_ne!(out.status.code(), Some(1), "{stderr}");
+        let s = summary(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        (s, stderr)
+    };
+    let ca = |d: &Path| d.join("ca.pem").display().to_string();
+
+    let (s, stderr) = run(
+        "tls-badca",
+        tls_server_flags(&pki),
+        format!("--tls --tls-ca {}", ca(&other)),
+    );
+    let f = &s["figures"];
+    assert_eq!(
+        (f["established"].as_u64(), f["failed_tls"].as_u64()),
+        (Some(0), Some(50)),
+        "{f}"
+    );
+    assert!(
+        stderr.contains("a TLS handshake failed (invalid peer certificate"),
+        "{stderr}"
+    );
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(
+        fin.contains(" tls_failed=50 ") && fin.contains(" upgraded=0 "),
+        "{fin}"
+    );
+
+    let (s, _) = run("tls-plain-client", tls_server_flags(&pki), String::new());
+    let f = &s["figures"];
+    assert_eq!(
+        (
+            f["failed_http_status"].as_u64(),
+            f["last_http_status"].as_u64()
+        ),
+        (Some(50), Some(400)),
+        "{f}"
+    );
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(fin.contains(" plain_on_tls=50 "), "{fin}");
+
+    let (s, _) = run(
+        "tls-plain-server",
+        String::new(),
+        format!("--tls --tls-ca {}", ca(&pki)),
+    );
+    let f = &s["figures"];
+    assert_eq!(
+        (f["established"].as_u64(), f["failed"].as_u64()),
+        (Some(0), Some(50)),
+        "{f}"
+    );
+    let fin = s["server"]["final"].as_str().unwrap().to_string();
+    assert!(
+        fin.contains(" tls_on_plain=50 ") && fin.contains(" rejected=0 "),
+        "{fin}"
+    );
+    let _ = std::fs::remove_dir_all(&pki);
+}
+
+/// --tls without --tls-ca, or --tls-ca without --tls: one sentence, exit 1.
+fn tls_flags_that_do_not_fit_are_one_sentence(io: &str) {
+    for (flags, says) in [
+        (vec!["--tls"], "--tls needs --tls-ca"),
+        (
+            vec!["--tls-ca", "/nonexistent/ca.pem"],
+            "--tls-ca is for --tls",
+        ),
+        (
+            vec!["--tls", "--tls-ca", "/nonexistent/ca.pem"],
+            "cannot read --tls-ca /nonexistent/ca.pem",
+        ),
+    ] {
+        let out = Command::new(CLIENT)
+            .args([
+                "--io",
+                io,
+                "--conns",
+                "1",
+                "--quiet",
+                "--server",
+                "127.0.0.1:1",
+            ])
+            .args(&flags)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+}
+
 /// Makes each test above, a function of the backend, a test per backend:
 /// `epoll::name` and `uring::name`.
 macro_rules! on_both_backends {
@@ -515,4 +736,7 @@ on_both_backends!(
     silent_after_lets_the_fraction_beat_first_then_expire,
     ipv6_sources_and_echoed_text_heartbeats,
     signed_devices_connect_and_a_wrong_secret_gets_401,
+    tls_devices_upgrade_heartbeat_and_are_expired_like_ws_ones,
+    tls_mismatches_fail_every_attempt_counted_on_both_sides,
+    tls_flags_that_do_not_fit_are_one_sentence,
 );

@@ -53,6 +53,7 @@ fn main() {
         proxy_protocol: false,
         trust_forwarded: Vec::new(),
         events: None,
+        tls: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

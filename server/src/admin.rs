@@ -320,6 +320,20 @@ fn counter_families(c: &Counters) -> Vec<Family> {
                 (Some("kicked"), c.kicked),
                 (Some("proxy_bad"), c.proxy_bad),
                 (Some("proxy_missing"), c.proxy_missing),
+                (Some("tls_failed"), c.tls_failed),
+                (Some("plain_on_tls"), c.plain_on_tls),
+                (Some("tls_on_plain"), c.tls_on_plain),
+            ],
+        ),
+        (
+            "c1m_tls_handshakes_total",
+            "TLS handshakes completed (--tls-cert), full or resumed with a session ticket.",
+            vec![
+                (
+                    Some("full"),
+                    c.tls_handshakes - c.tls_resumed.min(c.tls_handshakes),
+                ),
+                (Some("resumed"), c.tls_resumed),
             ],
         ),
         (

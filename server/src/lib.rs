@@ -23,3 +23,4 @@ pub mod proto;
 pub mod registry;
 pub mod shard;
 pub mod stats;
+pub mod tls;

@@ -32,6 +32,7 @@ use crate::proto::handshake::{Reject, Upgrade};
 use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
 use crate::registry::{self, Location, Msg, Table};
 use crate::stats::{Counters, Snapshot};
+use crate::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
 
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -72,6 +73,9 @@ pub struct ShardConfig {
     /// connection is offered to the publisher's queue, never waited on; a
     /// full queue counts `events_dropped`. None: no events, no cost.
     pub events: Option<EventTx>,
+    /// --tls-cert/--tls-key: every connection speaks TLS (wss). Built once
+    /// per process, shared by the shards. None: plaintext.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -103,6 +107,12 @@ impl ShardConfig {
         }
         if self.max_conns == 0 || self.max_conns > u32::MAX as usize / 2 {
             return Err("--max-conns must be between 1 and 2^31".into());
+        }
+        // The PROXY header comes in plaintext before the TLS handshake; it
+        // is parsed by the connection's core, which sees only what TLS
+        // decrypts. Until it is parsed on the raw bytes, say so.
+        if self.proxy_protocol && self.tls.is_some() {
+            return Err("--proxy-protocol with --tls-cert is not supported yet (a front passing TLS through with a PROXY header): terminate TLS at the front (deploy/) and keep --proxy-protocol, or serve wss here without a front".into());
         }
         Ok(())
     }
@@ -154,6 +164,11 @@ pub fn run(
     }
 }
 
+/// A peer's address for a log line.
+fn show(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map_or_else(|| "a device".into(), |a| a.to_string())
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the same clock for every shard and
 /// process of a host, so upgrade times compare across them.
 pub fn monotonic_ns() -> u64 {
@@ -194,9 +209,47 @@ struct Slot {
     remote: Option<SocketAddr>,
     /// Why it ended (what its disconnect event says), set with the counter.
     why: Reason,
+    /// Its TLS session (--tls-cert); None on a plaintext port (8 bytes).
+    tls: Option<Box<ServerSession>>,
 }
 
+/// How a connection ends, as the shard counts it: the protocol's ends, and
+/// the TLS layer's.
+#[derive(Debug)]
+enum Ending {
+    Conn(End),
+    /// The TLS handshake or a record failed: why.
+    TlsFailed(String),
+    /// The first bytes on the TLS port were not a TLS handshake.
+    PlainOnTls,
+    /// The first bytes on the plaintext port were a TLS handshake.
+    TlsOnPlain,
+    /// TLS close_notify: the device is going away.
+    PeerClosed,
+}
+
+/// What a plaintext request on the TLS port gets (as nginx answers it).
+const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 44\r\nConnection: close\r\n\r\nthis port speaks TLS: connect with wss://.\r\n";
+
 impl Slot {
+    /// A frame (or TLS record) begun and not finished must end within the
+    /// frame timeout; none pending clears the deadline.
+    fn track_partial(
+        &mut self,
+        key: usize,
+        partial: bool,
+        now: u64,
+        frame_ticks: u64,
+        wheel: &mut Wheel,
+    ) {
+        if !partial {
+            self.frame_deadline = 0;
+        } else if self.frame_deadline == 0 {
+            self.frame_deadline = now + frame_ticks + 1;
+            self.bring_forward(key, self.frame_deadline, wheel);
+        }
+    }
+
     /// Makes sure the connection's wheel entry comes due by `deadline`: a
     /// new entry if the live one is later (which then goes stale).
     fn bring_forward(&mut self, key: usize, deadline: u64, wheel: &mut Wheel) {
@@ -232,6 +285,10 @@ struct State {
     handshake_ticks: u64,
     frame_ticks: u64,
     out: Vec<u8>,
+    /// TLS: the plaintext of one read, and the records to send (handshake
+    /// output, then `out` sealed). Per shard; empty when TLS is off.
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
     drain_deadline: Option<Instant>,
     accept_resume: Option<Instant>,
     warned_at: Option<Instant>,
@@ -287,6 +344,8 @@ impl<D: Driver> Shard<D> {
                 handshake_ticks,
                 frame_ticks,
                 out: Vec::with_capacity(4096),
+                plain: Vec::new(),
+                sealed: Vec::new(),
                 drain_deadline: None,
                 accept_resume: None,
                 warned_at: None,
@@ -366,7 +425,8 @@ impl<D: Driver> Shard<D> {
                 }
                 Event::Flushed(token) => {
                     if let Some(key) = st.live(token) {
-                        if st.slab[key].conn.phase() == Phase::Done {
+                        let slot = &st.slab[key];
+                        if slot.ended || slot.conn.phase() == Phase::Done {
                             st.close(io, key, Close::Graceful);
                         }
                     }
@@ -491,6 +551,19 @@ impl State {
                 return;
             }
         };
+        let tls = match &self.cfg.tls {
+            None => None,
+            Some(config) => match ServerSession::server(config) {
+                Ok(s) => Some(Box::new(s)),
+                Err(err) => {
+                    io.close(h, Close::Abortive);
+                    self.warn(format_args!(
+                        "cannot start TLS on a new connection ({err}): dropped it"
+                    ));
+                    return;
+                }
+            },
+        };
         let now = self.now_tick();
         let deadline = now + self.handshake_ticks + 1;
         self.slab.insert(Slot {
@@ -509,6 +582,7 @@ impl State {
             id: DeviceId::default(),
             remote: None,
             why: Reason::Reset,
+            tls,
         });
         self.wheel.insert(Entry {
             key: key as u32,
@@ -521,17 +595,65 @@ impl State {
     /// Feeds bytes to the connection; its answers are left in `self.out`.
     /// Returns when it upgraded (monotonic ns, read before its 101 is
     /// sent: see [`State::register`]), and how it ends, if it does.
-    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (Option<u64>, Option<End>) {
+    /// With TLS, the records to send first (handshake, alerts) are left in
+    /// `self.sealed`, which [`State::write`] sends `self.out` after.
+    fn on_bytes(&mut self, key: usize, bytes: &mut [u8]) -> (Option<u64>, Option<Ending>) {
         let full = self.open >= self.cfg.max_conns as u64;
         let now = self.now_tick();
         let slot = &mut self.slab[key];
         self.out.clear();
+        // TLS off: one branch for an upgraded device, more before its
+        // upgrade. A connection whose end the TLS layer counted (its
+        // protocol core never saw its bytes) only waits for its output:
+        // what else it sends is not parsed, so it is never counted twice,
+        // nor upgraded after a plaintext request on the TLS port.
+        let data: &mut [u8] = match &mut slot.tls {
+            None => {
+                if !slot.upgraded {
+                    if slot.ended {
+                        return (None, None);
+                    }
+                    if bytes.first() == Some(&HANDSHAKE_RECORD) && slot.conn.buffered() == 0 {
+                        return (None, Some(Ending::TlsOnPlain));
+                    }
+                }
+                bytes
+            }
+            Some(_) if slot.ended => return (None, None),
+            Some(tls) => {
+                self.plain.clear();
+                self.sealed.clear();
+                match tls.feed(bytes, &mut self.plain, &mut self.sealed) {
+                    Ok(fed) if fed.peer_closed && self.plain.is_empty() => {
+                        return (None, Some(Ending::PeerClosed));
+                    }
+                    Ok(_) => {}
+                    Err(TlsError::NotTls) => {
+                        // Answered in plaintext, as the device spoke.
+                        slot.tls = None;
+                        self.sealed.clear();
+                        self.out.extend_from_slice(PLAIN_ON_TLS);
+                        return (None, Some(Ending::PlainOnTls));
+                    }
+                    Err(err) => return (None, Some(Ending::TlsFailed(err.to_string()))),
+                }
+                if self.plain.is_empty() {
+                    // Handshake progress, or part of a record: a record
+                    // begun after the upgrade must end within the frame
+                    // timeout, as a frame must (it holds a buffer).
+                    let partial = slot.upgraded && tls.buffered() > 0;
+                    slot.track_partial(key, partial, now, self.frame_ticks, &mut self.wheel);
+                    return (None, None);
+                }
+                &mut self.plain
+            }
+        };
         let mut id = None;
         self.forwarded = None;
         let trust = !self.cfg.trust_forwarded.is_empty();
         let forwarded = &mut self.forwarded;
         let r = slot.conn.receive(
-            bytes,
+            data,
             &self.cfg.limits,
             &mut |u: &Upgrade<'_>| {
                 // Before fullness: a device without a good token learns nothing else.
@@ -576,18 +698,20 @@ impl State {
                 slot.upgraded = true;
                 self.open += 1;
                 self.counters.upgraded += 1;
+                if let Some(tls) = &slot.tls {
+                    self.counters.tls_handshakes += 1;
+                    if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        self.counters.tls_resumed += 1;
+                    }
+                }
                 // The handshake deadline may be later than the first expiry.
                 slot.bring_forward(key, now + self.timeout_ticks + 1, &mut self.wheel);
             }
         }
-        if !slot.conn.has_partial_frame() {
-            slot.frame_deadline = 0;
-        } else if slot.frame_deadline == 0 {
-            // A frame has begun: it must end within the frame timeout.
-            slot.frame_deadline = now + self.frame_ticks + 1;
-            slot.bring_forward(key, slot.frame_deadline, &mut self.wheel);
-        }
-        (r.upgraded.then(monotonic_ns), r.end)
+        let partial = slot.conn.has_partial_frame()
+            || (slot.upgraded && slot.tls.as_ref().is_some_and(|t| t.buffered() > 0));
+        slot.track_partial(key, partial, now, self.frame_ticks, &mut self.wheel);
+        (r.upgraded.then(monotonic_ns), r.end.map(Ending::Conn))
     }
 
     /// Sends what [`State::on_bytes`] left in `self.out`, registers the
@@ -597,10 +721,10 @@ impl State {
         io: &mut impl Driver,
         key: usize,
         upgraded: Option<u64>,
-        end: Option<End>,
+        end: Option<Ending>,
     ) {
         let forwarded = self.forwarded.take();
-        if !self.out.is_empty() && !self.write(io, key) {
+        if (!self.out.is_empty() || !self.sealed.is_empty()) && !self.write(io, key) {
             return;
         }
         // After the 101 went out: the registry may reuse `self.out`.
@@ -612,7 +736,7 @@ impl State {
         }
         let Some(end) = end else { return };
         self.slab[key].why = match end {
-            End::ClientClose => {
+            Ending::Conn(End::ClientClose) => {
                 self.counters.client_close += 1;
                 if self.drain_deadline.is_some() {
                     Reason::Shutdown // it answered our Close 1001
@@ -620,20 +744,48 @@ impl State {
                     Reason::ClosedByDevice
                 }
             }
-            End::ProtocolError(code) => {
+            Ending::Conn(End::ProtocolError(code)) => {
                 self.counters.protocol_error += 1;
                 Reason::ProtocolError(code)
             }
-            End::Rejected(status) => {
+            Ending::Conn(End::Rejected(status)) => {
                 self.counters.reject(status);
                 Reason::Reset // never upgraded: no event
             }
-            End::BadProxy(why) => {
+            Ending::Conn(End::BadProxy(why)) => {
                 self.counters.proxy_bad += 1;
                 let peer = io.peer_addr(self.slab[key].io);
                 self.warn(format_args!(
                     "closed a connection from {} without a valid PROXY protocol header ({why}); --proxy-protocol is on: connect through a front that sends one (nginx proxy_protocol on, HAProxy send-proxy)",
                     peer.map_or("?".into(), |a| a.to_string())
+                ));
+                Reason::Reset // never upgraded: no event
+            }
+            Ending::PeerClosed => return self.peer_gone(io, key),
+            Ending::TlsFailed(why) => {
+                self.counters.tls_failed += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "TLS with {} failed ({why}): closed it, counted as tls_failed",
+                    show(peer)
+                ));
+                Reason::Reset
+            }
+            Ending::PlainOnTls => {
+                self.counters.plain_on_tls += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "{} sent plaintext to the TLS port: answered 400 and closed, counted as plain_on_tls (devices must use wss://)",
+                    show(peer)
+                ));
+                Reason::Reset // never upgraded: no event
+            }
+            Ending::TlsOnPlain => {
+                self.counters.tls_on_plain += 1;
+                let peer = io.peer_addr(self.slab[key].io);
+                self.warn(format_args!(
+                    "{} sent a TLS handshake to this plaintext port: closed, counted as tls_on_plain (start the server with --tls-cert/--tls-key for wss://, or connect with ws://)",
+                    show(peer)
                 ));
                 Reason::Reset // never upgraded: no event
             }
@@ -674,8 +826,30 @@ impl State {
     }
 
     /// Sends `self.out` on the connection. False when it had to be closed.
+    /// With TLS, `self.out` is sealed after whatever `self.sealed` holds
+    /// (handshake records from the same read), and that is sent.
     fn write(&mut self, io: &mut impl Driver, key: usize) -> bool {
-        match io.send(self.slab[key].io, &self.out) {
+        let slot = &mut self.slab[key];
+        let bytes: &[u8] = match &mut slot.tls {
+            None => &self.out,
+            Some(tls) => {
+                if let Err(err) = tls.seal(&self.out, &mut self.sealed) {
+                    self.sealed.clear();
+                    if !slot.ended {
+                        self.counters.tls_failed += 1; // else counted already
+                    }
+                    self.warn(format_args!(
+                        "cannot encrypt for a device ({err}): closed it, counted as tls_failed"
+                    ));
+                    self.close(io, key, Close::Abortive);
+                    return false;
+                }
+                &self.sealed
+            }
+        };
+        let sent = io.send(slot.io, bytes);
+        self.sealed.clear();
+        match sent {
             Sent::Done | Sent::Queued => true,
             Sent::Overflow => {
                 self.counters.slow_reader += 1;
@@ -1274,6 +1448,7 @@ mod tests {
             proxy_protocol: false,
             trust_forwarded: Vec::new(),
             events: None,
+            tls: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, _) = crate::mailbox::wire(1).unwrap();

@@ -47,6 +47,17 @@ pub struct Counters {
     /// within the handshake timeout.
     pub proxy_bad: u64,
     pub proxy_missing: u64,
+    /// TLS (--tls-cert): the handshake or a record failed (a bad record,
+    /// an alert such as the device rejecting our certificate).
+    pub tls_failed: u64,
+    /// TLS port: the first bytes were not a TLS handshake (plaintext HTTP?).
+    pub plain_on_tls: u64,
+    /// Plaintext port: the first bytes were a TLS handshake record.
+    pub tls_on_plain: u64,
+    /// TLS handshakes completed (not a close reason), and of them resumed
+    /// with a session ticket.
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     /// io_uring: waits that found completions held back by a full CQ.
     pub io_cq_overflows: u64,
     /// io_uring: cancel requests submitted (the design submits none).
@@ -98,6 +109,11 @@ impl Counters {
         self.auth_expired += o.auth_expired;
         self.proxy_bad += o.proxy_bad;
         self.proxy_missing += o.proxy_missing;
+        self.tls_failed += o.tls_failed;
+        self.plain_on_tls += o.plain_on_tls;
+        self.tls_on_plain += o.tls_on_plain;
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_resumed += o.tls_resumed;
         self.io_cq_overflows += o.io_cq_overflows;
         self.io_cancels += o.io_cancels;
         for (a, b) in self.rejected_by_status.iter_mut().zip(o.rejected_by_status) {
@@ -124,6 +140,9 @@ impl Counters {
             + self.kicked
             + self.proxy_bad
             + self.proxy_missing
+            + self.tls_failed
+            + self.plain_on_tls
+            + self.tls_on_plain
     }
 }
 
@@ -185,7 +204,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -207,6 +226,11 @@ pub fn totals(c: &Counters) -> String {
         c.auth_expired,
         c.proxy_bad,
         c.proxy_missing,
+        c.tls_failed,
+        c.plain_on_tls,
+        c.tls_on_plain,
+        c.tls_handshakes,
+        c.tls_resumed,
         c.io_cq_overflows,
         c.io_cancels,
         REJECT_STATUSES
@@ -269,6 +293,11 @@ pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
         auth_expired: t("auth_expired").unwrap_or(0),
         proxy_bad: t("proxy_bad").unwrap_or(0),
         proxy_missing: t("proxy_missing").unwrap_or(0),
+        tls_failed: t("tls_failed").unwrap_or(0),
+        plain_on_tls: t("plain_on_tls").unwrap_or(0),
+        tls_on_plain: t("tls_on_plain").unwrap_or(0),
+        tls_handshakes: t("tls_handshakes").unwrap_or(0),
+        tls_resumed: t("tls_resumed").unwrap_or(0),
         io_cq_overflows: t("cq_overflows").unwrap_or(0),
         io_cancels: t("cancels").unwrap_or(0),
         rejected_by_status: text(totals, "rejected_by_status")
@@ -352,6 +381,11 @@ mod tests {
             auth_expired: 20,
             proxy_bad: 22,
             proxy_missing: 23,
+            tls_failed: 27,
+            plain_on_tls: 28,
+            tls_on_plain: 29,
+            tls_handshakes: 30,
+            tls_resumed: 31,
             io_cq_overflows: 15,
             io_cancels: 16,
             rejected_by_status: [1, 2, 3, 0, 0, 0, 4],

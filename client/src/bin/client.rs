@@ -140,6 +140,23 @@ struct Args {
     /// (default: no token)
     #[argh(option)]
     auth_secret_file: Option<PathBuf>,
+    /// speak wss:// (TLS 1.3 or 1.2, ALPN http/1.1) to a server started
+    /// with --tls-cert/--tls-key; needs --tls-ca (default: plaintext ws://)
+    #[argh(switch)]
+    tls: bool,
+    /// with --tls: trust the CA certificates in this PEM file (the server's
+    /// certificate or the CA that signed it)
+    #[argh(option)]
+    tls_ca: Option<PathBuf>,
+    /// with --tls: the name the server's certificate must carry, sent as
+    /// SNI (default localhost)
+    #[argh(option, default = "\"localhost\".into()")]
+    tls_server_name: String,
+    /// with --tls: keep no session tickets, so that every handshake is a
+    /// full one (by default a process keeps the tickets its connections
+    /// get, and later connections resume with them)
+    #[argh(switch)]
+    tls_no_resume: bool,
 }
 
 fn main() {
@@ -293,6 +310,22 @@ fn run(args: Args) -> Result<i32, String> {
         Some(path) => Some(std::sync::Arc::new(c1m::proto::auth::Keys::load(path)?)),
         None => None,
     };
+    // One config per process: its in-memory ticket store is what lets a
+    // reconnect resume.
+    let tls = match (args.tls, &args.tls_ca) {
+        (true, Some(ca)) => Some((
+            c1m::tls::client_config(ca, !args.tls_no_resume)?,
+            c1m::tls::server_name(&args.tls_server_name)?,
+        )),
+        (true, None) => {
+            return Err(
+                "--tls needs --tls-ca PEM: the CA (or the server's own certificate) to trust"
+                    .into(),
+            )
+        }
+        (false, Some(_)) => return Err("--tls-ca is for --tls: add --tls to speak wss://".into()),
+        (false, None) => None,
+    };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {
         eprintln!("client: {why}");
@@ -378,6 +411,7 @@ fn run(args: Args) -> Result<i32, String> {
         origin: Instant::now(),
         io,
         auth: auth.clone(),
+        tls: tls.clone(),
     };
     let sockstat_before = host::sockstat();
     let workers = if parent {

@@ -167,6 +167,14 @@ struct Args {
     /// this server's id in events and presence, [0-9A-Za-z:_-] (default <hostname>:<port>)
     #[argh(option)]
     server_id: Option<String>,
+    /// speak TLS (wss://) on --listen with the certificate chain in this
+    /// PEM file (leaf first); needs --tls-key. TLS 1.3 and 1.2, ALPN
+    /// http/1.1, resumption by session tickets (default: plaintext ws://)
+    #[argh(option)]
+    tls_cert: Option<PathBuf>,
+    /// the private key of --tls-cert, PEM (PKCS#8, PKCS#1 or SEC1)
+    #[argh(option)]
+    tls_key: Option<PathBuf>,
 }
 
 /// `server token`: prints a token for one device, to stdout, for a server
@@ -416,6 +424,18 @@ fn run(args: Args) -> Result<(), String> {
         Some(path) => Some(Arc::new(Keys::load(path)?)),
         None => None,
     };
+    // Loaded here too, so that a bad certificate or key is one error
+    // before any worker starts; --procs workers re-read the same paths.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(c1m::tls::server_config(cert, key)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err("--tls-cert needs --tls-key (the certificate's private key, PEM)".into())
+        }
+        (None, Some(_)) => {
+            return Err("--tls-key needs --tls-cert (the certificate chain, PEM)".into())
+        }
+    };
     if args.procs > 1 {
         let signals = block_signals();
         return c1m::procs::supervisor::Supervisor {
@@ -465,6 +485,7 @@ fn run(args: Args) -> Result<(), String> {
         proxy_protocol: args.proxy_protocol,
         trust_forwarded: args.trust_forwarded_from.clone(),
         events: None,
+        tls,
     };
     cfg.validate()?;
 
@@ -603,7 +624,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     drop(report_tx);
     eprintln!(
-        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {})",
+        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {})",
         args.listen,
         cores.len(),
         cores,
@@ -612,6 +633,10 @@ fn run(args: Args) -> Result<(), String> {
         match &auth {
             Some(k) => format!("on, {} secrets", k.len()),
             None => "off".into(),
+        },
+        match &args.tls_cert {
+            Some(cert) => format!("TLS 1.3/1.2 with {} (wss)", cert.display()),
+            None => "plaintext (ws)".into(),
         }
     );
 
