@@ -1456,6 +1456,26 @@ mod tests {
         Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap()
     }
 
+    /// The PROXY header is parsed by the connection core, behind TLS: the
+    /// two together are refused at start, in one sentence.
+    #[test]
+    fn proxy_protocol_with_tls_is_refused_in_one_sentence() {
+        let certs = crate::tls::tests::make_certs("proxy-with-tls");
+        let (_, cert, key) = certs.paths();
+        let mut cfg = shard(false, Script::default()).st.cfg.clone();
+        cfg.proxy_protocol = true;
+        assert!(cfg.validate().is_ok());
+        cfg.tls = Some(crate::tls::server_config(&cert, &key).unwrap());
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.contains("--proxy-protocol") && err.contains("--tls-cert"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        cfg.proxy_protocol = false;
+        assert!(cfg.validate().is_ok());
+    }
+
     const UPGRADE: &[u8] = b"GET /ws?id=aa:bb HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
     /// Issue 10's read of the loop: `--graceful-expiry` sent its Close with
