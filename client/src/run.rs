@@ -169,6 +169,11 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     }];
     let mut prev = start;
     let (mut ramp_end, mut hold_end) = (None, None);
+    // The last mark taken while every core still held: the hold's end.
+    // (The mark at which a core has moved on may already hold the
+    // teardown of the whole fleet, which follows the hold at once when no
+    // expiry is awaited, and with it a second of closes and their events.)
+    let mut holding: Option<Mark> = None;
     let mut interrupted = false;
     let (mut ramp_us, mut ramp_missing) = (None, false);
     let progress = Progress::new();
@@ -265,7 +270,10 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             ramp_end = Some(m);
         }
         if hold_end.is_none() && max_phase >= Phase::Expiry {
-            hold_end = Some(m);
+            hold_end = Some(holding.unwrap_or(m));
+        }
+        if min_phase >= Phase::Hold && max_phase < Phase::Expiry {
+            holding = Some(m);
         }
         if opts.report_lines {
             println!("c1m-progress phase={} {}", min_phase.name(), sum.to_words());

@@ -42,6 +42,10 @@ pub enum Mail {
         count: u32,
         before: u64,
     },
+    /// The broker is back (--nats): offer the publisher a presence record
+    /// of every device held, a few at a time, so presence lost with the
+    /// broker, or dropped while it was away, is written again.
+    Present,
 }
 
 /// Where an [`Answer`] goes: a thread of this process waiting on a

@@ -119,6 +119,10 @@ impl ShardConfig {
 }
 
 /// Whole ticks in `d`, rounded up.
+/// Slots a presence walk looks at per turn of the loop: a walk of a
+/// million devices is a thousand short turns between the shard's own work.
+const WALK_SLOTS: usize = 1024;
+
 fn ticks(d: Duration, tick: Duration) -> u64 {
     d.as_nanos().div_ceil(tick.as_nanos()) as u64
 }
@@ -304,6 +308,9 @@ struct State {
     /// admitted, for [`State::answer`] to check against the trusted
     /// networks (only collected when there are some).
     forwarded: Option<IpAddr>,
+    /// Where the walk that writes presence again (`Mail::Present`) goes on
+    /// from: the next slab key. None: no walk.
+    walk: Option<usize>,
 }
 
 impl<D: Driver> Shard<D> {
@@ -356,6 +363,7 @@ impl<D: Driver> Shard<D> {
                 peers,
                 devices: Table::default(),
                 forwarded: None,
+                walk: None,
                 cfg,
             },
         })
@@ -383,15 +391,17 @@ impl<D: Driver> Shard<D> {
         let now = Instant::now();
         let busy = self.st.expire_due(&mut self.io, self.st.tick_at(now));
         self.st.housekeeping(&mut self.io, now);
+        let walk = self.st.walk_presence();
         self.st.peers.flush();
         if self.st.finished {
             return None;
         }
-        Some(if busy {
+        let wait = if busy {
             Duration::ZERO
         } else {
             self.st.next_deadline(now).saturating_duration_since(now)
-        })
+        };
+        Some(walk.map_or(wait, |w| w.min(wait)))
     }
 
     /// Acts on every event the driver has ready.
@@ -1014,6 +1024,48 @@ impl State {
         }
     }
 
+    /// Offers the publisher a presence record of up to [`WALK_SLOTS`]
+    /// slots' devices, from where the walk stands. A full queue pauses the
+    /// walk (the records are not dropped: the walk resumes there). Returns
+    /// how soon the loop should come back: now while there is more, 1 ms
+    /// while the queue is full, None once done (or with no walk).
+    fn walk_presence(&mut self) -> Option<Duration> {
+        let from = self.walk?;
+        let Some(events) = &self.cfg.events else {
+            self.walk = None;
+            return None;
+        };
+        let end = self.slab.capacity().min(from + WALK_SLOTS);
+        let time_ms = crate::events::event::unix_ms();
+        for key in from..end {
+            let Some(slot) = self.slab.get(key) else {
+                continue;
+            };
+            if !slot.upgraded || slot.ended {
+                continue;
+            }
+            let ev = Lifecycle {
+                kind: Kind::Present,
+                id: slot.id.clone(),
+                at: self.place(key, slot.gen),
+                remote: None,
+                time_ms,
+                last_heard_ms: 0,
+            };
+            if !events.offer(ev) {
+                self.walk = Some(key);
+                return Some(Duration::from_millis(1));
+            }
+        }
+        if end >= self.slab.capacity() {
+            self.walk = None;
+            None
+        } else {
+            self.walk = Some(end);
+            Some(Duration::ZERO)
+        }
+    }
+
     /// This shard's number over the whole server (all `--procs` workers).
     fn me(&self) -> usize {
         self.peers.base() + self.id
@@ -1102,6 +1154,13 @@ impl State {
                     count,
                     before,
                 } => self.resync(io, first..first + count, before),
+                // From the start again if a walk is under way: what it
+                // wrote may have gone with the broker too.
+                Mail::Present => {
+                    if self.cfg.events.is_some() {
+                        self.walk = Some(0);
+                    }
+                }
             }
         }
     }
@@ -1433,6 +1492,13 @@ mod tests {
     }
 
     fn shard(graceful_expiry: bool, script: Script) -> Shard<Script> {
+        shard_and_peers(graceful_expiry, script).0
+    }
+
+    fn shard_and_peers(
+        graceful_expiry: bool,
+        script: Script,
+    ) -> (Shard<Script>, Vec<crate::mailbox::Peer>) {
         let cfg = ShardConfig {
             limits: Limits::default(),
             timeout: Duration::from_millis(40),
@@ -1451,9 +1517,51 @@ mod tests {
             tls: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        let (mut mail, _) = crate::mailbox::wire(1).unwrap();
+        let (mut mail, peers) = crate::mailbox::wire(1).unwrap();
         let (tx, _) = std::sync::mpsc::channel();
-        Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap()
+        (
+            Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap(),
+            peers,
+        )
+    }
+
+    /// After the broker comes back, the shard offers a presence record of
+    /// every device it holds; a full queue pauses the walk (the loop comes
+    /// back within 1 ms) instead of dropping records, and it then goes on.
+    #[test]
+    fn a_presence_walk_pauses_on_a_full_queue_and_resumes() {
+        let (mut s, peers) = shard_and_peers(
+            false,
+            Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            },
+        );
+        let (tx, rx, _bell) = crate::events::queue::channel(1);
+        s.st.cfg.events = Some(tx);
+        s.turn();
+        let connected = rx.try_recv().expect("the connect's event");
+        assert_eq!(connected.kind, Kind::Connected);
+        // The queue is full again (a stand-in event) when the walk starts.
+        assert!(s.st.cfg.events.as_ref().unwrap().offer(connected.clone()));
+        peers[0].send_now(Mail::Present);
+        s.st.read_mail(&mut s.io);
+        let wait = s.turn().unwrap();
+        assert!(wait <= Duration::from_millis(1), "paused: {wait:?}");
+        assert!(s.st.walk.is_some(), "paused, not given up");
+        rx.try_recv().unwrap();
+        let wait = s.turn().unwrap();
+        assert!(s.st.walk.is_none(), "done");
+        assert!(wait > Duration::from_millis(1), "{wait:?}");
+        let present = rx.try_recv().expect("the device's presence record");
+        assert_eq!(present.kind, Kind::Present);
+        assert_eq!(present.id.as_str(), "aa:bb");
+        assert_eq!(
+            (present.at.shard, present.at.key, present.at.gen),
+            (connected.at.shard, connected.at.key, connected.at.gen)
+        );
+        assert!(rx.try_recv().is_err(), "one record per device");
+        assert_eq!(s.st.counters.events_dropped, 0);
     }
 
     /// The PROXY header is parsed by the connection core, behind TLS: the

@@ -109,6 +109,16 @@ impl Nats {
         }
     }
 
+    /// Kills it and throws its storage away: a broker back without its
+    /// JetStream state (presence included).
+    fn kill_and_wipe(&mut self) {
+        self.kill();
+        if let Some(dir) = &self.store {
+            std::fs::remove_dir_all(dir).unwrap();
+            std::fs::create_dir_all(dir).unwrap();
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -611,6 +621,46 @@ fn nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes() {
     let _ = silent;
 }
 
+/// The broker comes back without its storage: the bucket is made again
+/// and every device held is written to presence again (the shards' walk),
+/// so pushes reach devices that connected before the outage. (Without the
+/// walk they would say not connected until each device reconnects.)
+fn nats_presence_is_written_again_when_the_broker_comes_back_empty() {
+    let Some(mut nats) = Nats::start(true) else {
+        return;
+    };
+    let server = Server::start(&nats, &["--server-id", "test-walk"]);
+    let ids: Vec<String> = (0..40).map(|i| format!("walk-{i}")).collect();
+    let mut devices: Vec<_> = ids.iter().map(|id| server.ws(id)).collect();
+    let delivered =
+        |id: &str, text: &str| push(&nats, id, text).starts_with(&format!("{id} delivered"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !delivered(&ids[39], "before") {
+        assert!(Instant::now() < deadline, "presence was never written");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(devices[39].read().unwrap(), Message::Text("before".into()));
+    nats.kill_and_wipe();
+    nats.up();
+    server.wait_stats("the reconnect", |l| field(l, "broker_connects") == 2);
+    for (i, id) in ids.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = format!("after {id}");
+        loop {
+            let answer = push(&nats, id, &text);
+            if answer.starts_with(&format!("{id} delivered")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id}: its presence was not written again: {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(devices[i].read().unwrap(), Message::Text(text));
+    }
+}
+
 macro_rules! nats_on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -626,4 +676,5 @@ nats_on_both_backends!(
     nats_lifecycle_events_are_exact_and_in_order_per_device,
     nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected,
     nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes,
+    nats_presence_is_written_again_when_the_broker_comes_back_empty,
 );

@@ -58,6 +58,10 @@ impl Reason {
 pub enum Kind {
     Connected,
     Disconnected(Reason),
+    /// Not an event: a connection still held, offered when the publisher
+    /// asks the shards to write presence again (after the broker came
+    /// back). It only writes presence; no message of events carries it.
+    Present,
 }
 
 /// One connect or disconnect, as a shard saw it.
@@ -166,13 +170,15 @@ pub fn default_server_id(hostname: &str, port: u16) -> String {
 
 /// Appends the event's JSON (one object, no newline) to `out`.
 pub fn write_json(out: &mut Vec<u8>, ev: &Event, origin: &Origin) {
-    let mut s = String::with_capacity(256);
+    use std::io::Write as _;
+    // Writes into a Vec cannot fail.
     let kind = match ev.kind {
         Kind::Connected => "connected",
         Kind::Disconnected(_) => "disconnected",
+        Kind::Present => "present",
     };
     let _ = write!(
-        s,
+        out,
         r#"{{"event":"{kind}","id":"{}","server":"{}","worker":{},"shard":{},"remote":"#,
         ev.id.as_str(),
         origin.server,
@@ -181,20 +187,89 @@ pub fn write_json(out: &mut Vec<u8>, ev: &Event, origin: &Origin) {
     );
     match ev.remote {
         Some(a) => {
-            let _ = write!(s, r#""{a}""#);
+            let _ = write!(out, r#""{a}""#);
         }
-        None => s.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
-    let _ = write!(s, r#","time_ms":{}"#, ev.time_ms);
+    let _ = write!(out, r#","time_ms":{}"#, ev.time_ms);
     if let Kind::Disconnected(why) = ev.kind {
-        let _ = write!(s, r#","reason":"{}""#, why.name());
+        let _ = write!(out, r#","reason":"{}""#, why.name());
         if let Reason::ProtocolError(code) = why {
-            let _ = write!(s, r#","code":{code}"#);
+            let _ = write!(out, r#","code":{code}"#);
         }
-        let _ = write!(s, r#","last_heard_ms":{}"#, ev.last_heard_ms);
+        let _ = write!(out, r#","last_heard_ms":{}"#, ev.last_heard_ms);
     }
-    s.push('}');
-    out.extend_from_slice(s.as_bytes());
+    out.push(b'}');
+}
+
+/// Which subject a message of events goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Connected,
+    Disconnected,
+}
+
+impl Topic {
+    /// (A presence record is published with the connects, if ever.)
+    pub fn of(kind: Kind) -> Topic {
+        match kind {
+            Kind::Connected | Kind::Present => Topic::Connected,
+            Kind::Disconnected(_) => Topic::Disconnected,
+        }
+    }
+}
+
+/// Lifecycle events gathered into few NATS messages: one JSON object per
+/// line, one topic per message, about `max` bytes each. A message ends
+/// where the topic changes, so a consumer of both subjects still gets each
+/// device's events in order; an expiry storm of 100,000 devices is a few
+/// hundred messages, not 100,000.
+#[derive(Debug)]
+pub struct Batcher {
+    body: Vec<u8>,
+    topic: Topic,
+    max: usize,
+    events: usize,
+}
+
+impl Batcher {
+    pub fn new(max: usize) -> Batcher {
+        Batcher {
+            body: Vec::with_capacity(max + 512),
+            topic: Topic::Connected,
+            max,
+            events: 0,
+        }
+    }
+
+    /// Adds `ev`; returns the message it closed, if any, to be published
+    /// before this one's.
+    pub fn add(&mut self, ev: &Event, origin: &Origin) -> Option<(Topic, bytes::Bytes, usize)> {
+        let topic = Topic::of(ev.kind);
+        let done = if !self.body.is_empty() && (topic != self.topic || self.body.len() >= self.max)
+        {
+            self.take()
+        } else {
+            None
+        };
+        if !self.body.is_empty() {
+            self.body.push(b'\n');
+        }
+        self.topic = topic;
+        write_json(&mut self.body, ev, origin);
+        self.events += 1;
+        done
+    }
+
+    /// The message being gathered, with its number of events, if any.
+    pub fn take(&mut self) -> Option<(Topic, bytes::Bytes, usize)> {
+        if self.body.is_empty() {
+            return None;
+        }
+        let body = bytes::Bytes::copy_from_slice(&self.body);
+        self.body.clear();
+        Some((self.topic, body, std::mem::take(&mut self.events)))
+    }
 }
 
 /// The snapshot marker, published on every (re)connection to the broker:
@@ -370,6 +445,56 @@ mod tests {
             serde_json::from_str(&snapshot_json(&origin(), 12, 34, 2)).unwrap();
         assert_eq!(s["event"], "snapshot");
         assert_eq!(s["connections"], 12);
+    }
+
+    fn event(n: u32, kind: Kind) -> Event {
+        Event {
+            kind,
+            id: DeviceId::new(&format!("dev-{n}")),
+            at: Location { key: n, ..at() },
+            remote: None,
+            time_ms: 1,
+            last_heard_ms: 0,
+        }
+    }
+
+    /// Every event comes out once, in order, one JSON object per line;
+    /// messages stay near the size asked and hold one topic each.
+    #[test]
+    fn batches_keep_order_and_split_on_topic_and_size() {
+        let mut b = Batcher::new(1000);
+        let mut msgs = Vec::new();
+        let mut sent = Vec::new();
+        for n in 0..500u32 {
+            // Runs of connects and disconnects of varying lengths.
+            let kind = if (n / 7) % 3 == 2 {
+                Kind::Disconnected(Reason::Expired)
+            } else {
+                Kind::Connected
+            };
+            sent.push((n, Topic::of(kind)));
+            msgs.extend(b.add(&event(n, kind), &origin()));
+        }
+        msgs.extend(b.take());
+        assert!(b.take().is_none(), "taken: empty");
+        let mut got = Vec::new();
+        for (topic, body, count) in &msgs {
+            assert!(body.len() < 1000 + 300, "{}", body.len());
+            let lines: Vec<&[u8]> = body.split(|&c| c == b'\n').collect();
+            assert_eq!(lines.len(), *count);
+            for l in lines {
+                let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+                let want = match topic {
+                    Topic::Connected => "connected",
+                    Topic::Disconnected => "disconnected",
+                };
+                assert_eq!(v["event"], want);
+                let id = v["id"].as_str().unwrap();
+                got.push((id[4..].parse::<u32>().unwrap(), *topic));
+            }
+        }
+        assert_eq!(got, sent);
+        assert!(msgs.len() < 200, "{} messages for 500 events", msgs.len());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The publisher: one thread per process with a tokio current-thread
-//! runtime and one async-nats client. It drains the shards' queue in
-//! batches, publishes each event as its own NATS message and flushes once
-//! per batch; it keeps device presence in a JetStream KV bucket; it routes
+//! runtime and one async-nats client. Woken by the shards' doorbell, it
+//! drains their queue in batches, publishes the events a few hundred to a
+//! NATS message (one JSON object per line) and flushes once per batch; it keeps device presence in a JetStream KV bucket; it routes
 //! pushes (`<prefix>.push.<id>`) to the server holding the device and
 //! delivers the ones for its own devices to their shards by message. The
 //! shards never wait on any of it.
@@ -23,15 +23,22 @@ use async_nats::jetstream::kv;
 use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use super::event::{self, Event, Kind, Origin, Presence, Subjects};
-use super::queue::{self, EventTx};
+use super::event::{self, Batcher, Event, Kind, Origin, Presence, Subjects, Topic};
+use super::queue::{self, Doorbell, EventTx};
 use crate::mailbox::{Answer, Ask, Mail, Peer, Reply};
 use crate::proto::device_id::DeviceId;
 
 /// Events taken from the queue per batch (one flush each).
 const BATCH: usize = 4096;
+/// Bytes of events per NATS message (about 300 events; NATS's default
+/// max_payload is 1 MiB).
+const MESSAGE_BYTES: usize = 64 * 1024;
+/// How long the publisher lets events gather once woken: it bounds its
+/// wake-ups to 200 a second under any load, and adds at most this to an
+/// event's delivery.
+const LINGER: Duration = Duration::from_millis(5);
 /// Commands async-nats holds at most while the broker is away (or slow):
 /// `--nats-queue` up to this; past it the publisher waits and the shards'
 /// queue takes the overflow.
@@ -86,6 +93,8 @@ pub struct Stats {
 /// The running publisher.
 pub struct Publisher {
     stop: Arc<AtomicBool>,
+    bell: Arc<Doorbell>,
+    stopping: Arc<Notify>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<Stats>,
 }
@@ -95,6 +104,8 @@ impl Publisher {
     /// [`FINAL_GRACE`] and a little more).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
+        self.bell.ring_always();
+        self.stopping.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -150,30 +161,27 @@ pub fn connect_options(auth: &Auth) -> Result<async_nats::ConnectOptions, String
 /// Starts the publisher thread; returns the shards' end of the queue.
 pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
     let opts = connect_options(&cfg.auth)?;
-    let (tx, rx) = queue::channel(cfg.queue);
+    let (tx, rx, bell) = queue::channel(cfg.queue);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the NATS publisher's runtime: {e}"))?;
+    let stopping = Arc::new(Notify::new());
     let thread = {
-        let (stop, stats) = (stop.clone(), stats.clone());
+        let (stop, stats, bell, stopping) =
+            (stop.clone(), stats.clone(), bell.clone(), stopping.clone());
         std::thread::Builder::new()
             .name("nats".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    let stopped = {
-                        let stop = stop.clone();
-                        async move {
-                            while !stop.load(Ordering::Acquire) {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                            tokio::time::sleep(FINAL_GRACE).await;
-                        }
+                    let stopped = async {
+                        stopping.notified().await;
+                        tokio::time::sleep(FINAL_GRACE).await;
                     };
                     tokio::select! {
-                        _ = run(cfg, opts, rx, stop, stats) => {}
+                        _ = run(cfg, opts, rx, bell, stop, stats) => {}
                         _ = stopped => eprintln!("server: NATS: stopped without the broker's confirmation of the last events (it is away or slow); they may be lost"),
                     }
                 });
@@ -184,23 +192,28 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
         tx,
         Publisher {
             stop,
+            bell,
+            stopping,
             thread: Some(thread),
             stats,
         },
     ))
 }
 
-/// A KV operation on presence.
+/// What the presence task does.
 enum Op {
+    /// Write where a device is: its key and value.
     Put(String, Bytes),
-    /// Delete the key if it still holds this value (this connection's).
-    Del(String, Bytes),
+    /// Open the bucket again, making it if it is gone (the broker came
+    /// back, perhaps without its storage).
+    Ensure,
 }
 
 async fn run(
     cfg: Config,
     opts: async_nats::ConnectOptions,
     rx: Receiver<Event>,
+    bell: Arc<Doorbell>,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
 ) {
@@ -287,10 +300,23 @@ async fn run(
         stats.clone(),
     ));
 
-    let mut json = Vec::with_capacity(512);
-    let mut idle = Duration::from_millis(1);
+    let mut batch = Batcher::new(MESSAGE_BYTES);
+    let mut pending: Option<Event> = None;
+    let mut reconnected = 0;
     loop {
         while connected_rx.try_recv().is_ok() {
+            reconnected += 1;
+        }
+        if reconnected > 0 {
+            // Presence may be gone with the broker (or dropped while it was
+            // away): the bucket is made again if need be, then every shard
+            // offers its devices' presence anew, behind the events queued.
+            let _ = presence_tx.try_send(Op::Ensure);
+            for peer in &cfg.peers {
+                peer.send_now(Mail::Present);
+            }
+        }
+        for _ in 0..std::mem::take(&mut reconnected) {
             let n = stats.broker_connects.fetch_add(1, Ordering::Relaxed) + 1;
             let body = event::snapshot_json(
                 &cfg.origin,
@@ -309,7 +335,7 @@ async fn run(
         let mut n = 0;
         let mut ended = false;
         while n < BATCH {
-            let ev = match rx.try_recv() {
+            let ev = match pending.take().map_or_else(|| rx.try_recv(), Ok) {
                 Ok(ev) => ev,
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -318,30 +344,31 @@ async fn run(
                 }
             };
             n += 1;
-            json.clear();
-            event::write_json(&mut json, &ev, &cfg.origin);
-            let subject = match ev.kind {
-                Kind::Connected => connected.clone(),
-                Kind::Disconnected(_) => disconnected.clone(),
-            };
-            match client.publish(subject, Bytes::copy_from_slice(&json)).await {
-                Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
-                Err(_) => stats.publish_errors.fetch_add(1, Ordering::Relaxed),
-            };
-            let key = event::presence_key(ev.id.as_str());
-            let value = Presence {
-                server: cfg.origin.server.clone(),
-                worker: cfg.origin.worker,
-                at: ev.at,
+            if ev.kind != Kind::Present {
+                if let Some(msg) = batch.add(&ev, &cfg.origin) {
+                    publish(&client, &connected, &disconnected, msg, &stats).await;
+                }
             }
-            .value();
-            let op = match ev.kind {
-                Kind::Connected => Op::Put(key, value.into()),
-                Kind::Disconnected(_) => Op::Del(key, value.into()),
-            };
-            if presence_tx.try_send(op).is_err() {
-                stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
+            // Presence is written on connects (and walks), never deleted:
+            // see `presence`.
+            if let Kind::Connected | Kind::Present = ev.kind {
+                let put = Op::Put(
+                    event::presence_key(ev.id.as_str()),
+                    Presence {
+                        server: cfg.origin.server.clone(),
+                        worker: cfg.origin.worker,
+                        at: ev.at,
+                    }
+                    .value()
+                    .into(),
+                );
+                if presence_tx.try_send(put).is_err() {
+                    stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
+        }
+        if let Some(msg) = batch.take() {
+            publish(&client, &connected, &disconnected, msg, &stats).await;
         }
         if n > 0 {
             // One flush per batch: an expiry storm is a few large writes.
@@ -350,19 +377,59 @@ async fn run(
         if ended || (n == 0 && stop.load(Ordering::Acquire)) {
             break;
         }
-        if n < BATCH {
-            // Polled, so that a shard's hand-off is a plain try_send with
-            // no wake-up: 1 ms after work, backing off to 50 ms when idle
-            // (20 wake-ups a second on an idle server).
-            idle = if n > 0 {
-                Duration::from_millis(1)
-            } else {
-                (idle * 2).min(Duration::from_millis(50))
-            };
-            tokio::time::sleep(idle).await;
+        if n == BATCH {
+            continue;
+        }
+        // Out of events: sleep until a shard rings (or the broker comes
+        // back), instead of polling: an idle server's publisher never
+        // wakes. The queue is read once more after saying so, so an event
+        // offered meanwhile is never left waiting for the next one.
+        bell.going_to_sleep();
+        match rx.try_recv() {
+            Ok(ev) => {
+                bell.awake();
+                pending = Some(ev);
+                continue;
+            }
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {}
+        }
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        tokio::select! {
+            _ = bell.sleep() => {
+                // Let a storm's events gather into few large messages (and
+                // few wake-ups of this thread).
+                tokio::time::sleep(LINGER).await;
+            }
+            Some(()) = connected_rx.recv() => {
+                bell.awake();
+                reconnected += 1;
+            }
         }
     }
     let _ = tokio::time::timeout(FINAL_GRACE, client.flush()).await;
+}
+
+/// Publishes one message of events to its topic's subject.
+async fn publish(
+    client: &Client,
+    connected: &Subject,
+    disconnected: &Subject,
+    (topic, body, events): (Topic, Bytes, usize),
+    stats: &Stats,
+) {
+    let subject = match topic {
+        Topic::Connected => connected.clone(),
+        Topic::Disconnected => disconnected.clone(),
+    };
+    match client.publish(subject, body).await {
+        Ok(()) => stats.published.fetch_add(events as u64, Ordering::Relaxed),
+        Err(_) => stats
+            .publish_errors
+            .fetch_add(events as u64, Ordering::Relaxed),
+    };
 }
 
 /// The KV bucket of a prefix: `c1m` -> `c1m_presence`.
@@ -370,6 +437,12 @@ pub fn bucket_name(prefix: &str) -> String {
     format!("{}_presence", prefix.replace('.', "_"))
 }
 
+/// Presence: where each device was last seen connecting, one KV entry per
+/// device, written on every connect and never deleted by a disconnect. A
+/// push routed by a stale entry reaches the old holder, which answers
+/// `not connected` (its shard checks the connection), or nobody, which is
+/// `not connected` too. So a disconnect costs the broker nothing, and no
+/// disconnect can delete the entry of a newer connection elsewhere.
 async fn presence(
     client: Client,
     bucket: String,
@@ -378,14 +451,44 @@ async fn presence(
     stats: Arc<Stats>,
 ) {
     let js = async_nats::jetstream::new(client.clone());
+    let store = open_bucket(&js, &bucket).await;
+    let _ = kv_tx.send(Some(store));
+    let mut ops = Vec::with_capacity(PRESENCE_BATCH);
+    let put_head = format!("$KV.{bucket}.");
+    loop {
+        if rx.recv_many(&mut ops, PRESENCE_BATCH).await == 0 {
+            return;
+        }
+        // Puts are plain publishes to the bucket's subject (the stream
+        // stores them; no ack to wait for and parse: a connect costs one
+        // message), in the order of the events.
+        for op in ops.drain(..) {
+            match op {
+                Op::Put(k, v) => {
+                    if client.publish(format!("{put_head}{k}"), v).await.is_err() {
+                        stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Op::Ensure => {
+                    let _ = open_bucket(&js, &bucket).await;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    }
+}
+
+/// The presence bucket, made if it is not there; retried every 2 s until
+/// JetStream answers (said once).
+async fn open_bucket(js: &async_nats::jetstream::Context, bucket: &str) -> kv::Store {
     let mut warned = false;
-    let store = loop {
-        let found = match js.get_key_value(&bucket).await {
+    loop {
+        let found = match js.get_key_value(bucket).await {
             Ok(s) => Ok(s),
-            Err(_) => create_bucket(&js, &bucket).await,
+            Err(_) => create_bucket(js, bucket).await,
         };
         match found {
-            Ok(s) => break s,
+            Ok(s) => return s,
             Err(e) => {
                 if !warned {
                     eprintln!(
@@ -396,36 +499,6 @@ async fn presence(
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
-    };
-    let _ = kv_tx.send(Some(store.clone()));
-    let mut ops = Vec::with_capacity(PRESENCE_BATCH);
-    let put_head = format!("$KV.{bucket}.");
-    loop {
-        if rx.recv_many(&mut ops, PRESENCE_BATCH).await == 0 {
-            return;
-        }
-        // Puts first, then deletes: a device that connected and left in one
-        // batch ends absent, and a delete never removes a newer put. Puts
-        // are plain publishes to the bucket's subject (the stream stores
-        // them; no ack to wait for and parse: a connect costs one message).
-        for op in &ops {
-            if let Op::Put(k, v) = op {
-                if client
-                    .publish(format!("{put_head}{k}"), v.clone())
-                    .await
-                    .is_err()
-                {
-                    stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-        let dels = ops.iter().filter_map(|op| match op {
-            Op::Del(k, v) => Some(delete_if_ours(&client, &store, &put_head, k, v)),
-            Op::Put(..) => None,
-        });
-        futures_util::future::join_all(dels).await;
-        ops.clear();
     }
 }
 
@@ -452,28 +525,6 @@ async fn create_bucket(
     .await
     .map_err(|e| e.to_string())?;
     js.get_key_value(bucket).await.map_err(|e| e.to_string())
-}
-
-/// Deletes `key` only if it still holds `value` (this connection's), with
-/// the revision read as the precondition: a takeover by another server in
-/// between makes the delete fail, and its entry stays.
-///
-/// The delete is a plain publish of the KV delete marker with that
-/// precondition (the stream refuses it if the key moved on); no ack.
-async fn delete_if_ours(client: &Client, store: &kv::Store, head: &str, key: &str, value: &Bytes) {
-    if let Ok(Some(e)) = store.entry(key).await {
-        if e.operation == kv::Operation::Put && e.value == value {
-            let mut h = HeaderMap::new();
-            h.insert("KV-Operation", "DEL");
-            h.insert(
-                "Nats-Expected-Last-Subject-Sequence",
-                e.revision.to_string(),
-            );
-            let _ = client
-                .publish_with_headers(format!("{head}{key}"), h, Bytes::new())
-                .await;
-        }
-    }
 }
 
 /// Every server takes `<prefix>.push.>` in one queue group: each push is

@@ -42,6 +42,14 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Counts the events of one message (one JSON object per line),
+    /// received at unix ms `now_ms`.
+    pub fn add_message(&mut self, body: &[u8], now_ms: u64) {
+        for json in body.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+            self.add(json, now_ms);
+        }
+    }
+
     /// Counts one event's JSON, received at unix ms `now_ms`.
     pub fn add(&mut self, json: &[u8], now_ms: u64) {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
@@ -131,7 +139,7 @@ pub fn watch(
                         let _ = out.write_all(&msg.payload);
                         let _ = out.write_all(b"\n");
                     }
-                    tally.add(&msg.payload, event::unix_ms());
+                    tally.add_message(&msg.payload, event::unix_ms());
                 }
                 Ok(None) => break,
                 Err(_) => {}
@@ -291,13 +299,15 @@ mod tests {
     fn the_tally_counts_by_kind_and_reason() {
         let mut t = Tally::default();
         t.add(br#"{"event":"connected","id":"a","time_ms":1}"#, 5);
-        t.add(
-            br#"{"event":"disconnected","id":"a","reason":"expired","time_ms":10}"#,
+        // Two events in one message, a line each.
+        t.add_message(
+            concat!(
+                r#"{"event":"disconnected","id":"a","reason":"expired","time_ms":10}"#,
+                "\n",
+                r#"{"event":"disconnected","id":"b","reason":"kicked","time_ms":10}"#,
+            )
+            .as_bytes(),
             30,
-        );
-        t.add(
-            br#"{"event":"disconnected","id":"b","reason":"kicked","time_ms":10}"#,
-            20,
         );
         t.add(br#"{"event":"snapshot"}"#, 0);
         t.add(b"nonsense", 0);

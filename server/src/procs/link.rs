@@ -53,7 +53,7 @@ impl Link {
                 return;
             }
             // Said to a process's own shards, never across.
-            Mail::Shutdown | Mail::Resync { .. } => return,
+            Mail::Shutdown | Mail::Resync { .. } | Mail::Present => return,
         };
         // A closed channel means the writer ended (the parent is gone, and
         // this worker is being stopped): nothing left to tell.
