@@ -20,7 +20,7 @@
 #        down" adds the broker-down case), FLEET (1; 0 skips part 2),
 #        SILENT (0.1: the silent fraction in part 1))
 # Writes: results/<UTC time>-fleet-of-servers/{summary.md,off-N/,on-N/,
-#         on-N.events,fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
+#         on-N.events,<variant>-N.threads (CPU by thread),fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
 #         push.txt},nats.log,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,11 +74,14 @@ for round in $(seq "$ROUNDS"); do
       pids+=($watcher)
       sleep 0.5
     fi
+    sample_threads "release/server --listen 127.0.0.1:$P1" "$out/$variant-$round.threads" &
+    sampler=$!
     timeout 300 ./target/release/client --out "$out/$variant-$round" --spawn-server \
       --server 127.0.0.1:$P1 --server-flags "--timeout 10s --tick 100ms --cores 0-1 $nflags" \
       --conns "$CONNS" --ips 127.0.0.2-127.0.0.11 --heartbeat 5s --silent "$SILENT" \
       --hold "$HOLD" --quiet > "$out/$variant-$round.stdout" 2>&1 \
       || echo "fleet-of-servers: $variant round $round exited $?" >&2
+    wait "$sampler" || true
     if [ -n "$watcher" ]; then
       sleep 2
       kill "$watcher" 2>/dev/null || true
@@ -161,6 +164,25 @@ for v in variants:
     if v != "off" and "off" in med:
         print(f"\nRatios {v}/off: " + ", ".join(
             f"{c} {med[v][k] / med['off'][k]:.3f}" for c, k in cols[:3] if med['off'][k]))
+def threads(path):
+    t = {}
+    try:
+        for l in open(path):
+            name, _, ticks = l.strip().rpartition(" ")
+            if name and ticks.isdigit():
+                group = "shards" if name.startswith("shard") else name
+                t[group] = t.get(group, 0) + int(ticks)
+    except FileNotFoundError:
+        pass
+    return t
+print("\nCPU by thread over each whole run (ramp, hold, the fleet's teardown and its events; 10 ms ticks, sampled every 0.5 s until the server exits):")
+for v in variants:
+    rows = []
+    for r in range(1, rounds + 1):
+        t = threads(f"{out}/{v}-{r}.threads")
+        share = f", publisher/shards {100 * t['nats'] / t['shards']:.1f}%" if t.get("nats") and t.get("shards") else ""
+        rows.append(f"shards {t.get('shards', 0) * 10} ms, publisher {t.get('nats', 0) * 10} ms{share}")
+    print(f"- {v}: " + "; ".join(rows))
 if "on" in variants:
   print("\n| round | server upgraded | consumer connected | server expired | consumer expired | events_dropped | consumer disconnected by reason |")
   print("|---|---|---|---|---|---|---|")

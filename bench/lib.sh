@@ -20,3 +20,26 @@ wait_port() {
   echo "nothing listens on 127.0.0.1:$1 after 5 s" >&2
   return 1
 }
+
+# sample_threads PATTERN OUT: finds the newest process matching PATTERN
+# (waits up to 10 s) and, every 0.5 s while it lives (at most 300 s),
+# writes OUT anew: a line per thread, its name and CPU ticks (user +
+# system, 1/100 s). OUT is then the last sample before it exited.
+sample_threads() {
+  local pid="" i t snap
+  for i in $(seq 200); do
+    pid=$(pgrep -nf "$1" || true)
+    [ -n "$pid" ] && break
+    sleep 0.05
+  done
+  [ -n "$pid" ] || return 0
+  for i in $(seq 600); do
+    snap=""
+    for t in /proc/"$pid"/task/*; do
+      snap+="$(cat "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"$'\n'
+    done
+    [ -d /proc/"$pid" ] || break
+    printf '%s' "$snap" > "$2.tmp" && mv "$2.tmp" "$2"
+    sleep 0.5
+  done
+}
