@@ -20,7 +20,7 @@
 #        down" adds the broker-down case), FLEET (1; 0 skips part 2),
 #        SILENT (0.1: the silent fraction in part 1))
 # Writes: results/<UTC time>-fleet-of-servers/{summary.md,off-N/,on-N/,
-#         on-N.events,<variant>-N.threads (CPU by thread),fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
+#         on-N.events,<variant>-N.threads (CPU by thread, sampled),fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
 #         push.txt},nats.log,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -165,15 +165,18 @@ for v in variants:
         print(f"\nRatios {v}/off: " + ", ".join(
             f"{c} {med[v][k] / med['off'][k]:.3f}" for c, k in cols[:3] if med['off'][k]))
 def threads(path):
-    t = {}
+    top = {}
     try:
         for l in open(path):
-            name, _, ticks = l.strip().rpartition(" ")
-            if name and ticks.isdigit():
-                group = "shards" if name.startswith("shard") else name
-                t[group] = t.get(group, 0) + int(ticks)
+            f = l.split()
+            if len(f) == 3 and f[2].isdigit():
+                top[(f[0], f[1])] = max(top.get((f[0], f[1]), 0), int(f[2]))
     except FileNotFoundError:
         pass
+    t = {}
+    for (_, name), ticks in top.items():
+        group = "shards" if name.startswith("shard") else name
+        t[group] = t.get(group, 0) + ticks
     return t
 print("\nCPU by thread over each whole run (ramp, hold, the fleet's teardown and its events; 10 ms ticks, sampled every 0.5 s until the server exits):")
 for v in variants:

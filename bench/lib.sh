@@ -23,10 +23,11 @@ wait_port() {
 
 # sample_threads PATTERN OUT: finds the newest process matching PATTERN
 # (waits up to 10 s) and, every 0.5 s while it lives (at most 300 s),
-# writes OUT anew: a line per thread, its name and CPU ticks (user +
-# system, 1/100 s). OUT is then the last sample before it exited.
+# appends to OUT a line per thread: its id, name and CPU ticks so far
+# (user + system, 1/100 s). A thread's figure is its largest (threads
+# that end before the process are kept).
 sample_threads() {
-  local pid="" i t snap
+  local pid="" i t
   for i in $(seq 200); do
     pid=$(pgrep -nf "$1" || true)
     [ -n "$pid" ] && break
@@ -34,12 +35,10 @@ sample_threads() {
   done
   [ -n "$pid" ] || return 0
   for i in $(seq 600); do
-    snap=""
-    for t in /proc/"$pid"/task/*; do
-      snap+="$(cat "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"$'\n'
-    done
     [ -d /proc/"$pid" ] || break
-    printf '%s' "$snap" > "$2.tmp" && mv "$2.tmp" "$2"
+    for t in /proc/"$pid"/task/*; do
+      echo "${t##*/} $(cat "$t/comm" 2>/dev/null) $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)"
+    done >> "$2" 2>/dev/null
     sleep 0.5
   done
 }

@@ -662,6 +662,10 @@ impl State {
                 Err(_) => return Err(Failure::Tls),
             }
         }
+        // Read before the write: the server cannot hear the request sooner,
+        // so a thread delayed after its write (a busy host) cannot make a
+        // deletion look early.
+        let sent_us = now_us(&self.plan, Instant::now());
         match self.transmit(io, key) {
             Sent::Done | Sent::Queued => {}
             // A fresh socket's output is empty: 200 bytes cannot overflow it.
@@ -672,7 +676,7 @@ impl State {
         }
         let d = &mut self.devices[key];
         d.stage = Stage::Upgrading;
-        d.last_sent_us = now_us(&self.plan, Instant::now());
+        d.last_sent_us = sent_us;
         Ok(())
     }
 
