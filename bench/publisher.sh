@@ -56,10 +56,11 @@ for round in $(seq "$ROUNDS"); do
     client=$!
     spid=""
     for _ in $(seq 200); do
-      spid=$(pgrep -nf "server --listen 127.0.0.1:$PORT" || true)
+      spid=$(pgrep -nf -- "--listen 127.0.0.1:$PORT" || true)
       [ -n "$spid" ] && break
       sleep 0.05
     done
+    [ -n "$spid" ] || { echo "publisher: $impl round $round: the spawned server was not found" >&2; exit 1; }
     perf record -F 4000 -p "$spid" -o "$dir.perf" > /dev/null 2>&1 &
     perfpid=$!
     wait "$client" || echo "publisher: $impl round $round: the client exited $?" >&2

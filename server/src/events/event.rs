@@ -6,7 +6,6 @@
 //! (the id inline for ids of up to 23 bytes, a MAC address is 17), so the
 //! hand-off allocates nothing.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use crate::proto::device_id::DeviceId;
@@ -287,10 +286,17 @@ pub fn snapshot_json(origin: &Origin, connections: u64, time_ms: u64, connects: 
 /// separators; hex is unambiguous).
 pub fn presence_key(id: &str) -> String {
     let mut k = String::with_capacity(id.len() * 2);
-    for b in id.bytes() {
-        let _ = write!(k, "{b:02x}");
-    }
+    push_presence_key(&mut k, id);
     k
+}
+
+/// Appends the presence key of `id` to `out`.
+pub fn push_presence_key(out: &mut String, id: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in id.bytes() {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
 }
 
 /// Where a device is: the server, its worker and the connection there.

@@ -43,8 +43,6 @@ const LINGER: Duration = Duration::from_millis(5);
 /// `--nats-queue` up to this; past it the publisher waits and the shards'
 /// queue takes the overflow.
 pub const CLIENT_CAPACITY: usize = 8192;
-/// Presence operations (KV puts and deletes) done concurrently.
-const PRESENCE_BATCH: usize = 1024;
 /// Pushes being routed or delivered at once by this process.
 const PUSHES_IN_FLIGHT: usize = 1024;
 /// How long a push waits for the holder (and the holder for its shard).
@@ -200,13 +198,43 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
     ))
 }
 
-/// What the presence task does.
-enum Op {
-    /// Write where a device is: its key and value.
-    Put(String, Bytes),
-    /// Open the bucket again, making it if it is gone (the broker came
-    /// back, perhaps without its storage).
-    Ensure,
+/// A presence put, made in reused buffers: the subject
+/// `$KV.<bucket>.<hex of the id>` and the value
+/// `<server> <worker> <shard> <slot> <generation>`.
+struct PresencePut {
+    subject: String,
+    head: usize,
+    value: String,
+    origin: Origin,
+}
+
+impl PresencePut {
+    fn new(bucket: &str, origin: &Origin) -> PresencePut {
+        let subject = format!("$KV.{bucket}.");
+        PresencePut {
+            head: subject.len(),
+            subject,
+            value: String::with_capacity(96),
+            origin: origin.clone(),
+        }
+    }
+
+    fn of(&mut self, ev: &Event) -> (Subject, Bytes) {
+        use std::fmt::Write as _;
+        self.subject.truncate(self.head);
+        event::push_presence_key(&mut self.subject, ev.id.as_str());
+        self.value.clear();
+        // Writes into a String cannot fail.
+        let _ = write!(
+            self.value,
+            "{} {} {} {} {}",
+            self.origin.server, self.origin.worker, ev.at.shard, ev.at.key, ev.at.gen
+        );
+        (
+            Subject::from(self.subject.as_str()),
+            Bytes::copy_from_slice(self.value.as_bytes()),
+        )
+    }
 }
 
 async fn run(
@@ -279,14 +307,16 @@ async fn run(
 
     // Presence: a KV bucket, once JetStream answers.
     let (kv_tx, kv_rx) = watch::channel::<Option<kv::Store>>(None);
-    let (presence_tx, presence_rx) = mpsc::channel::<Op>(cfg.queue.max(1));
-    tokio::spawn(presence(
+    let (ensure_tx, ensure_rx) = mpsc::channel::<()>(1);
+    let bucket = bucket_name(&cfg.prefix);
+    tokio::spawn(keep_bucket(
         client.clone(),
-        bucket_name(&cfg.prefix),
-        presence_rx,
+        bucket.clone(),
+        ensure_rx,
         kv_tx,
-        stats.clone(),
+        cfg.peers.clone(),
     ));
+    let mut put = PresencePut::new(&bucket, &cfg.origin);
     tokio::spawn(route_pushes(
         client.clone(),
         subjects.clone(),
@@ -307,17 +337,13 @@ async fn run(
         while connected_rx.try_recv().is_ok() {
             reconnected += 1;
         }
-        if reconnected > 0 {
-            // Presence may be gone with the broker (or dropped while it was
-            // away): the bucket is made again if need be, then every shard
-            // offers its devices' presence anew, behind the events queued.
-            let _ = presence_tx.try_send(Op::Ensure);
-            for peer in &cfg.peers {
-                peer.send_now(Mail::Present);
-            }
-        }
         for _ in 0..std::mem::take(&mut reconnected) {
             let n = stats.broker_connects.fetch_add(1, Ordering::Relaxed) + 1;
+            if n > 1 {
+                // Presence may be gone with the broker, or dropped while it
+                // was away: see `keep_bucket`. (Full: one is pending.)
+                let _ = ensure_tx.try_send(());
+            }
             let body = event::snapshot_json(
                 &cfg.origin,
                 cfg.live.load(Ordering::Relaxed),
@@ -350,19 +376,10 @@ async fn run(
                 }
             }
             // Presence is written on connects (and walks), never deleted:
-            // see `presence`.
+            // see `keep_bucket`.
             if let Kind::Connected | Kind::Present = ev.kind {
-                let put = Op::Put(
-                    event::presence_key(ev.id.as_str()),
-                    Presence {
-                        server: cfg.origin.server.clone(),
-                        worker: cfg.origin.worker,
-                        at: ev.at,
-                    }
-                    .value()
-                    .into(),
-                );
-                if presence_tx.try_send(put).is_err() {
+                let (subject, value) = put.of(&ev);
+                if client.publish(subject, value).await.is_err() {
                     stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -438,43 +455,35 @@ pub fn bucket_name(prefix: &str) -> String {
 }
 
 /// Presence: where each device was last seen connecting, one KV entry per
-/// device, written on every connect and never deleted by a disconnect. A
-/// push routed by a stale entry reaches the old holder, which answers
-/// `not connected` (its shard checks the connection), or nobody, which is
-/// `not connected` too. So a disconnect costs the broker nothing, and no
+/// device, written on every connect (a plain publish to the bucket's
+/// subject: one message, no ack) and never deleted by a disconnect. A push
+/// routed by a stale entry reaches the old holder, which answers `not
+/// connected` (its shard checks the connection), or nobody, which is `not
+/// connected` too. So a disconnect costs the broker nothing, and no
 /// disconnect can delete the entry of a newer connection elsewhere.
-async fn presence(
+///
+/// This task keeps the bucket: it opens it (making it if need be), and
+/// again each time the broker comes back; each time, once the bucket is
+/// there, every shard walks its devices and offers their presence anew
+/// (`Mail::Present`), so presence lost with the broker's storage, or
+/// dropped while it was away, is written again.
+async fn keep_bucket(
     client: Client,
     bucket: String,
-    mut rx: mpsc::Receiver<Op>,
+    mut ensure: mpsc::Receiver<()>,
     kv_tx: watch::Sender<Option<kv::Store>>,
-    stats: Arc<Stats>,
+    peers: Vec<Peer>,
 ) {
-    let js = async_nats::jetstream::new(client.clone());
-    let store = open_bucket(&js, &bucket).await;
-    let _ = kv_tx.send(Some(store));
-    let mut ops = Vec::with_capacity(PRESENCE_BATCH);
-    let put_head = format!("$KV.{bucket}.");
+    let js = async_nats::jetstream::new(client);
     loop {
-        if rx.recv_many(&mut ops, PRESENCE_BATCH).await == 0 {
+        let store = open_bucket(&js, &bucket).await;
+        let _ = kv_tx.send(Some(store));
+        for peer in &peers {
+            peer.send_now(Mail::Present);
+        }
+        if ensure.recv().await.is_none() {
             return;
         }
-        // Puts are plain publishes to the bucket's subject (the stream
-        // stores them; no ack to wait for and parse: a connect costs one
-        // message), in the order of the events.
-        for op in ops.drain(..) {
-            match op {
-                Op::Put(k, v) => {
-                    if client.publish(format!("{put_head}{k}"), v).await.is_err() {
-                        stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Op::Ensure => {
-                    let _ = open_bucket(&js, &bucket).await;
-                }
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     }
 }
 
@@ -711,5 +720,48 @@ async fn deliver_one(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::device_id::DeviceId;
+    use crate::registry::Location;
+
+    /// The reused buffers make the same subject and value as the plain
+    /// functions the router reads them with, event after event.
+    #[test]
+    fn presence_puts_match_the_key_and_value_the_router_reads() {
+        let origin = Origin {
+            server: "edge-1:9000".into(),
+            worker: 3,
+            shard_base: 4,
+        };
+        let mut put = PresencePut::new(&bucket_name("acme.c1m"), &origin);
+        for (n, id) in ["02:00:5e:00:00:01", "a.b", "x"].iter().enumerate() {
+            let at = Location {
+                shard: 5,
+                key: n as u32 * 1000,
+                gen: 7 + n as u32,
+                since: 1,
+            };
+            let ev = Event {
+                kind: Kind::Present,
+                id: DeviceId::new(id),
+                at,
+                remote: None,
+                time_ms: 0,
+                last_heard_ms: 0,
+            };
+            let (subject, value) = put.of(&ev);
+            assert_eq!(
+                subject.as_str(),
+                format!("$KV.acme_c1m_presence.{}", event::presence_key(id))
+            );
+            let p = Presence::parse(&value).expect("a value the router reads");
+            assert_eq!((p.server.as_str(), p.worker), ("edge-1:9000", 3));
+            assert_eq!((p.at.shard, p.at.key, p.at.gen), (5, at.key, at.gen));
+        }
     }
 }
