@@ -20,7 +20,8 @@
 #        down" adds the broker-down case), FLEET (1; 0 skips part 2),
 #        SILENT (0.1: the silent fraction in part 1))
 # Writes: results/<UTC time>-fleet-of-servers/{summary.md,off-N/,on-N/,
-#         on-N.events,<variant>-N.threads (CPU by thread, sampled),fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
+#         on-N.events,<variant>-N.threads (CPU by thread, sampled),
+#         <variant>-N.others (the broker's and the consumer's CPU),fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
 #         push.txt},nats.log,command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +54,8 @@ cleanup() {
 trap cleanup EXIT
 
 "$NATS_BIN" -a 127.0.0.1 -p "$NPORT" -js -sd "$store" > "$out/nats.log" 2>&1 &
-pids+=($!)
+broker=$!
+pids+=($broker)
 wait_port "$NPORT"
 sleep 0.5
 
@@ -76,17 +78,23 @@ for round in $(seq "$ROUNDS"); do
     fi
     sample_threads "release/server --listen 127.0.0.1:$P1" "$out/$variant-$round.threads" &
     sampler=$!
+    broker_before=$(proc_ticks "$broker")
     timeout 300 ./target/release/client --out "$out/$variant-$round" --spawn-server \
       --server 127.0.0.1:$P1 --server-flags "--timeout 10s --tick 100ms --cores 0-1 $nflags" \
       --conns "$CONNS" --ips 127.0.0.2-127.0.0.11 --heartbeat 5s --silent "$SILENT" \
       --hold "$HOLD" --quiet > "$out/$variant-$round.stdout" 2>&1 \
       || echo "fleet-of-servers: $variant round $round exited $?" >&2
     wait "$sampler" || true
+    consumer=0
     if [ -n "$watcher" ]; then
       sleep 2
+      consumer=$(proc_ticks "$watcher")
       kill "$watcher" 2>/dev/null || true
       wait "$watcher" 2>/dev/null || true
     fi
+    # The other processes on the same 2 cores during the run (ms).
+    echo "broker_ms=$(( ($(proc_ticks "$broker") - broker_before) * 10 )) consumer_ms=$((consumer * 10))" \
+      > "$out/$variant-$round.others"
     sleep 2
   done
 done
@@ -178,13 +186,17 @@ def threads(path):
         group = "shards" if name.startswith("shard") else name
         t[group] = t.get(group, 0) + ticks
     return t
-print("\nCPU by thread over each whole run (ramp, hold, the fleet's teardown and its events; 10 ms ticks, sampled every 0.5 s until the server exits):")
+print("\nCPU over each whole run (ramp, hold, the fleet's teardown and its events; 10 ms ticks): the server by thread (sampled every 0.5 s until it exits), and the broker and the consumer on the same cores:")
 for v in variants:
     rows = []
     for r in range(1, rounds + 1):
         t = threads(f"{out}/{v}-{r}.threads")
         share = f", publisher/shards {100 * t['nats'] / t['shards']:.1f}%" if t.get("nats") and t.get("shards") else ""
-        rows.append(f"shards {t.get('shards', 0) * 10} ms, publisher {t.get('nats', 0) * 10} ms{share}")
+        try:
+            others = dict(kv.split("=") for kv in open(f"{out}/{v}-{r}.others").read().split())
+        except FileNotFoundError:
+            others = {}
+        rows.append(f"shards {t.get('shards', 0) * 10} ms, publisher {t.get('nats', 0) * 10} ms{share}, broker {others.get('broker_ms', '?')} ms, consumer {others.get('consumer_ms', '?')} ms")
     print(f"- {v}: " + "; ".join(rows))
 if "on" in variants:
   print("\n| round | server upgraded | consumer connected | server expired | consumer expired | events_dropped | consumer disconnected by reason |")

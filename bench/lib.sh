@@ -42,3 +42,9 @@ sample_threads() {
     sleep 0.5
   done
 }
+
+# proc_ticks PID: the process's CPU ticks so far (user + system, 1/100 s;
+# its ended threads included), or 0 when it is gone.
+proc_ticks() {
+  awk '{print $14 + $15}' /proc/"$1"/stat 2>/dev/null || echo 0
+}
