@@ -53,11 +53,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$NATS_BIN" -a 127.0.0.1 -p "$NPORT" -js -sd "$store" > "$out/nats.log" 2>&1 &
+start_nats "$NATS_BIN" "$NPORT" "$store" "$out/nats.log"
 broker=$!
 pids+=($broker)
-wait_port "$NPORT"
-sleep 0.5
 
 # 1. NATS off against on, one server (2 shards), interleaved.
 for round in $(seq "$ROUNDS"); do
@@ -88,7 +86,8 @@ for round in $(seq "$ROUNDS"); do
     consumer=0
     if [ -n "$watcher" ]; then
       sleep 2
-      consumer=$(proc_ticks "$watcher")
+      # (`timeout` runs the consumer as its child.)
+      consumer=$(proc_ticks "$(pgrep -P "$watcher" | head -1)")
       kill "$watcher" 2>/dev/null || true
       wait "$watcher" 2>/dev/null || true
     fi

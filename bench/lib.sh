@@ -48,3 +48,12 @@ sample_threads() {
 proc_ticks() {
   awk '{print $14 + $15}' /proc/"$1"/stat 2>/dev/null || echo 0
 }
+
+# start_nats BIN PORT STORE LOG: a nats-server with JetStream (storage in
+# STORE) on 127.0.0.1:PORT, in the background ($! is its pid); returns
+# once JetStream can answer.
+start_nats() {
+  "$1" -a 127.0.0.1 -p "$2" -js -sd "$3" > "$4" 2>&1 &
+  wait_port "$2"
+  sleep 0.5
+}

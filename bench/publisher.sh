@@ -39,10 +39,8 @@ cleanup() {
   rm -rf "$store"
 }
 trap cleanup EXIT
-"$NATS_BIN" -a 127.0.0.1 -p "$NPORT" -js -sd "$store" > "$out/nats.log" 2>&1 &
+start_nats "$NATS_BIN" "$NPORT" "$store" "$out/nats.log"
 pids+=($!)
-wait_port "$NPORT"
-sleep 0.5
 
 for round in $(seq "$ROUNDS"); do
   for impl in $IMPLS; do
