@@ -67,7 +67,17 @@ pub enum Ask {
     },
     /// Close it with 4001 "kicked".
     Kick,
+    /// The device connected to another server at `unix_ms`
+    /// (--nats-exclusive): close it with 4000 "replaced" if it connected
+    /// here before that. Sent with [`NO_REPLY`].
+    Supersede {
+        unix_ms: u64,
+    },
 }
+
+/// The `req` of a question nobody waits for: its answer is dropped (by
+/// the parent, which asks with no such number, or here, with no link).
+pub const NO_REPLY: u64 = u64::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {

@@ -1221,6 +1221,14 @@ impl State {
                         Answer::NotConnected
                     }
                 }
+                Ask::Supersede { unix_ms } => {
+                    if self.unix_ms_of(at.since) < unix_ms {
+                        self.replaced(io, id, at);
+                        Answer::Kicked
+                    } else {
+                        Answer::NotConnected
+                    }
+                }
                 Ask::Kick => {
                     self.counters.kicked += 1;
                     self.slab[key].why = Reason::Kicked;
@@ -1266,6 +1274,12 @@ impl State {
             let to = registry::owner(id.as_str(), total);
             self.deliver(io, to, Msg::Register { id, at });
         }
+    }
+
+    /// The unix milliseconds of a monotonic time (an upgrade's `since`).
+    fn unix_ms_of(&self, since: u64) -> u64 {
+        let ago_ms = monotonic_ns().saturating_sub(since) / 1_000_000;
+        crate::events::event::unix_ms().saturating_sub(ago_ms)
     }
 
     /// What `GET /devices/<id>` shows of the device in slot `key`.
@@ -1523,6 +1537,55 @@ mod tests {
             Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap(),
             peers,
         )
+    }
+
+    /// --nats-exclusive's question: a device that connected elsewhere
+    /// before it connected here stays; one that connected elsewhere later
+    /// is closed here with 4000 "replaced".
+    #[test]
+    fn a_device_is_superseded_only_by_a_later_connect_elsewhere() {
+        let mut s = shard(
+            false,
+            Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            },
+        );
+        s.turn();
+        assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+        let no_reply = || Reply::Remote {
+            req: crate::mailbox::NO_REPLY,
+        };
+        let earlier = crate::events::event::unix_ms() - 60_000;
+        s.st.on_ask(
+            &mut s.io,
+            DeviceId::new("aa:bb"),
+            Ask::Supersede { unix_ms: earlier },
+            None,
+            no_reply(),
+        );
+        assert_eq!(s.io.sent.len(), 1, "kept: it connected here later");
+        assert_eq!(s.st.counters.replaced, 0);
+        s.st.on_ask(
+            &mut s.io,
+            DeviceId::new("aa:bb"),
+            Ask::Supersede {
+                unix_ms: crate::events::event::unix_ms() + 1_000,
+            },
+            None,
+            no_reply(),
+        );
+        assert_eq!(s.st.counters.replaced, 1);
+        assert_eq!(&s.io.sent[1][..4], &[0x88, 10, 0x0f, 0xa0], "Close 4000");
+        // Another id, or none held: nothing happens.
+        s.st.on_ask(
+            &mut s.io,
+            DeviceId::new("cc:dd"),
+            Ask::Supersede { unix_ms: u64::MAX },
+            None,
+            no_reply(),
+        );
+        assert_eq!(s.st.counters.replaced, 1);
     }
 
     /// After the broker comes back, the shard offers a presence record of

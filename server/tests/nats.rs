@@ -661,6 +661,69 @@ fn nats_presence_is_written_again_when_the_broker_comes_back_empty() {
     }
 }
 
+/// --nats-exclusive: a device that connects to another server is closed
+/// on the first with 4000 "replaced", and its events say so, after its
+/// new connection's; the newer connection stays. Without the flag, a
+/// third server keeps its older connection.
+fn nats_exclusive_closes_the_older_connection_on_another_server() {
+    let Some(nats) = Nats::start(false) else {
+        return;
+    };
+    let mut watch = Watch::start(&nats);
+    let a = Server::start(&nats, &["--server-id", "ex-a", "--nats-exclusive"]);
+    let b = Server::start(&nats, &["--server-id", "ex-b", "--nats-exclusive"]);
+    let plain = Server::start(&nats, &["--server-id", "ex-plain"]);
+    let mut on_a = a.ws("twin");
+    watch.until("twin on a", |s| {
+        s.iter()
+            .any(|e| e["id"] == "twin" && e["server"] == "ex-a" && e["event"] == "connected")
+    });
+    let mut on_b = b.ws("twin");
+    match on_a.read() {
+        Ok(Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 4000, "{f:?}");
+        }
+        other => panic!("the older connection on a was not replaced: {other:?}"),
+    }
+    watch.until("twin replaced on a", |s| {
+        s.iter()
+            .any(|e| e["id"] == "twin" && e["server"] == "ex-a" && e["reason"] == "replaced")
+    });
+    let order: Vec<(String, String)> = watch
+        .seen
+        .iter()
+        .filter(|e| e["id"] == "twin")
+        .map(|e| {
+            (
+                e["server"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap_or("connected").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("ex-a".to_string(), "connected".to_string()),
+            ("ex-b".to_string(), "connected".to_string()),
+            ("ex-a".to_string(), "replaced".to_string()),
+        ]
+    );
+    on_b.send(Message::Ping(b"hb".to_vec())).unwrap();
+    assert_eq!(on_b.read().unwrap(), Message::Pong(b"hb".to_vec()));
+    // A server without the flag keeps what it holds.
+    let mut on_plain = plain.ws("solo");
+    watch.until("solo on plain", |s| s.iter().any(|e| e["id"] == "solo"));
+    let _on_a = a.ws("solo");
+    watch.until("solo on a", |s| {
+        s.iter().any(|e| e["id"] == "solo" && e["server"] == "ex-a")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    on_plain.send(Message::Ping(b"hb".to_vec())).unwrap();
+    assert_eq!(on_plain.read().unwrap(), Message::Pong(b"hb".to_vec()));
+    let l = a.wait_stats("a's replaced count", |l| field(l, "replaced") >= 1);
+    assert_eq!(field(&l, "replaced"), 1, "{l}");
+}
+
 macro_rules! nats_on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -677,4 +740,5 @@ nats_on_both_backends!(
     nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected,
     nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes,
     nats_presence_is_written_again_when_the_broker_comes_back_empty,
+    nats_exclusive_closes_the_older_connection_on_another_server,
 );

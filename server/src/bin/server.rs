@@ -167,6 +167,12 @@ struct Args {
     /// this server's id in events and presence, [0-9A-Za-z:_-] (default <hostname>:<port>)
     #[argh(option)]
     server_id: Option<String>,
+    /// with --nats: one connection per id across all servers on the
+    /// broker; a device held here that connects to another server is
+    /// closed here with 4000 "replaced" (each server reads every connect
+    /// event of the fleet)
+    #[argh(switch)]
+    nats_exclusive: bool,
     /// speak TLS (wss://) on --listen with the certificate chain in this
     /// PEM file (leaf first); needs --tls-key. TLS 1.3 and 1.2, ALPN
     /// http/1.1, resumption by session tickets (default: plaintext ws://)
@@ -436,6 +442,9 @@ fn run(args: Args) -> Result<(), String> {
             return Err("--tls-key needs --tls-cert (the certificate chain, PEM)".into())
         }
     };
+    if args.nats_exclusive && args.nats.is_none() {
+        return Err("--nats-exclusive needs --nats URL (the broker the servers share)".into());
+    }
     if args.procs > 1 {
         let signals = block_signals();
         return c1m::procs::supervisor::Supervisor {
@@ -581,7 +590,13 @@ fn run(args: Args) -> Result<(), String> {
     let mut cfg = cfg;
     let publisher = match &args.nats {
         Some(url) => {
-            let (tx, p) = start_publisher(&args, url, outside.clone(), base as u32, live.clone())?;
+            let (tx, p) = start_publisher(
+                &args,
+                url,
+                outside.clone(),
+                (base as u32, total),
+                live.clone(),
+            )?;
             cfg.events = Some(tx);
             Some(p)
         }
@@ -749,7 +764,7 @@ fn start_publisher(
     args: &Args,
     url: &str,
     peers: Vec<c1m::mailbox::Peer>,
-    shard_base: u32,
+    (shard_base, shards_total): (u32, usize),
     live: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(c1m::events::EventTx, c1m::events::publisher::Publisher), String> {
     use c1m::events::event;
@@ -792,6 +807,8 @@ fn start_publisher(
         queue: args.nats_queue,
         peers,
         max_message: args.max_message,
+        exclusive: args.nats_exclusive,
+        shards_total,
         live,
     })?;
     eprintln!(

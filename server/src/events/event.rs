@@ -271,6 +271,32 @@ impl Batcher {
     }
 }
 
+/// What --nats-exclusive reads of another server's connect event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub id: String,
+    pub server: String,
+    pub time_ms: u64,
+}
+
+impl Connect {
+    /// The fields of one `connected` event line; None for anything else
+    /// (another kind, an invalid id, not JSON).
+    pub fn parse(line: &[u8]) -> Option<Connect> {
+        let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+        if v["event"] != "connected" {
+            return None;
+        }
+        let id = v["id"].as_str()?;
+        crate::proto::handshake::valid_id(id).then_some(())?;
+        Some(Connect {
+            id: id.to_owned(),
+            server: v["server"].as_str()?.to_owned(),
+            time_ms: v["time_ms"].as_u64()?,
+        })
+    }
+}
+
 /// The snapshot marker, published on every (re)connection to the broker:
 /// consumers that keep presence resync from here (events may have been
 /// dropped while the broker was away).
@@ -501,6 +527,44 @@ mod tests {
         }
         assert_eq!(got, sent);
         assert!(msgs.len() < 200, "{} messages for 500 events", msgs.len());
+    }
+
+    #[test]
+    fn connect_events_are_read_back_and_nothing_else() {
+        let ev = Event {
+            kind: Kind::Connected,
+            id: DeviceId::new("02:00:5e:00:00:01"),
+            at: at(),
+            remote: None,
+            time_ms: 1_700_000_000_123,
+            last_heard_ms: 0,
+        };
+        let mut line = Vec::new();
+        write_json(&mut line, &ev, &origin());
+        assert_eq!(
+            Connect::parse(&line),
+            Some(Connect {
+                id: "02:00:5e:00:00:01".into(),
+                server: "host:9000".into(),
+                time_ms: 1_700_000_000_123
+            })
+        );
+        line.clear();
+        write_json(
+            &mut line,
+            &Event {
+                kind: Kind::Disconnected(Reason::Expired),
+                ..ev
+            },
+            &origin(),
+        );
+        assert_eq!(Connect::parse(&line), None);
+        assert_eq!(Connect::parse(b"nonsense"), None);
+        assert_eq!(
+            Connect::parse(br#"{"event":"connected","id":"a b","server":"s","time_ms":1}"#),
+            None,
+            "an invalid id"
+        );
     }
 
     #[test]

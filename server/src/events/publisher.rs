@@ -72,6 +72,11 @@ pub struct Config {
     /// Every shard of this process (to deliver pushes).
     pub peers: Vec<Peer>,
     pub max_message: usize,
+    /// --nats-exclusive: close devices here that connect to another server.
+    pub exclusive: bool,
+    /// Shards over the whole server (all `--procs` workers), to find an
+    /// id's owner.
+    pub shards_total: usize,
     /// Upgraded connections held by this process (for the snapshot marker),
     /// kept up to date by the main thread from the shards' reports.
     pub live: Arc<AtomicU64>,
@@ -329,6 +334,13 @@ async fn run(
         cfg.clone(),
         stats.clone(),
     ));
+    if cfg.exclusive {
+        tokio::spawn(supersede_elsewhere(
+            client.clone(),
+            subjects.clone(),
+            cfg.clone(),
+        ));
+    }
 
     let mut batch = Batcher::new(MESSAGE_BYTES);
     let mut pending: Option<Event> = None;
@@ -586,6 +598,58 @@ async fn route_pushes(
             }
             drop(permit);
         });
+    }
+}
+
+/// --nats-exclusive: one connection per id across servers. Every server
+/// reads the other servers' connect events; a device held here that
+/// connected there later is closed here with 4000 "replaced" (its owner
+/// shard finds it and compares the times: `Ask::Supersede`). The cost is
+/// that every server reads every connect of the fleet.
+///
+/// Under `--procs` every worker reads them all and acts on the ids whose
+/// owner shard is its own (the owner reaches the holder in any worker);
+/// events of this server's other workers are skipped, as the registry
+/// across workers has already done the same.
+async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config) {
+    let mut sub = match client.subscribe(subjects.connected.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "server: NATS: cannot subscribe to {}: {e}; --nats-exclusive cannot close devices that connect elsewhere",
+                subjects.connected
+            );
+            return;
+        }
+    };
+    let base = cfg.origin.shard_base as usize;
+    let mine = base..base + cfg.peers.len();
+    let mut peers = crate::mailbox::local_peers(cfg.peers.clone(), base, cfg.shards_total);
+    while let Some(msg) = sub.next().await {
+        for line in msg.payload.split(|&c| c == b'\n') {
+            let Some(c) = event::Connect::parse(line) else {
+                continue;
+            };
+            if c.server == cfg.origin.server {
+                continue;
+            }
+            let owner = crate::registry::owner(&c.id, cfg.shards_total);
+            if !mine.contains(&owner) {
+                continue;
+            }
+            peers.send(
+                owner,
+                Mail::Ask {
+                    id: DeviceId::new(&c.id),
+                    ask: Ask::Supersede { unix_ms: c.time_ms },
+                    at: None,
+                    reply: Reply::Remote {
+                        req: crate::mailbox::NO_REPLY,
+                    },
+                },
+            );
+        }
+        peers.flush();
     }
 }
 

@@ -101,6 +101,10 @@ impl Frame {
                 match ask {
                     Ask::Lookup => out.push(0),
                     Ask::Kick => out.push(1),
+                    Ask::Supersede { unix_ms } => {
+                        out.push(3);
+                        out.extend_from_slice(&unix_ms.to_le_bytes());
+                    }
                     Ask::Push { text, payload } => {
                         out.push(2);
                         out.push(*text as u8);
@@ -191,6 +195,7 @@ impl Frame {
                             payload: r.take(n)?.to_vec(),
                         }
                     }
+                    3 => Ask::Supersede { unix_ms: r.u64()? },
                     _ => return Err(Malformed("unknown question")),
                 };
                 Body::Ask { req, id, ask, at }
@@ -377,6 +382,7 @@ mod tests {
         let ask = prop_oneof![
             Just(Ask::Lookup),
             Just(Ask::Kick),
+            any::<u64>().prop_map(|unix_ms| Ask::Supersede { unix_ms }),
             (
                 any::<bool>(),
                 proptest::collection::vec(any::<u8>(), 0..300)
