@@ -18,7 +18,9 @@
 # Usage: bench/fleet-of-servers.sh  (about 5 minutes; ROUNDS (2), CONNS
 #        (15000), HOLD (20s), PUSHES (10000), VARIANTS ("off on"; "off on
 #        down" adds the broker-down case), FLEET (1; 0 skips part 2),
-#        SILENT (0.1: the silent fraction in part 1))
+#        SILENT (0.1: the silent fraction in part 1), FLEET_FLAGS (more
+#        flags for part 2's servers, e.g. --nats-exclusive); ROUNDS=0 runs
+#        part 2 only)
 # Writes: results/<UTC time>-fleet-of-servers/{summary.md,off-N/,on-N/,
 #         on-N.events,<variant>-N.threads (CPU by thread, sampled),
 #         <variant>-N.others (the broker's and the consumer's CPU),fleet/{client/,server-a.log,server-b.log,events.jsonl.gz,
@@ -33,6 +35,7 @@ PUSHES=${PUSHES:-10000}
 VARIANTS=${VARIANTS:-off on}
 SILENT=${SILENT:-0.1}
 FLEET=${FLEET:-1}
+FLEET_FLAGS=${FLEET_FLAGS:-}
 NPORT=${NPORT:-14300}
 P1=${P1:-9420}
 P2=${P2:-9421}
@@ -42,7 +45,7 @@ if [ ! -x "$NATS_BIN" ]; then
   exit 1
 fi
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
-out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES VARIANTS=\"$VARIANTS\" FLEET=$FLEET SILENT=$SILENT bash bench/fleet-of-servers.sh")
+out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES VARIANTS=\"$VARIANTS\" FLEET=$FLEET${FLEET_FLAGS:+ FLEET_FLAGS=\"$FLEET_FLAGS\"} SILENT=$SILENT bash bench/fleet-of-servers.sh")
 URL="nats://127.0.0.1:$NPORT"
 store=$(mktemp -d)
 pids=()
@@ -109,10 +112,11 @@ sleep 0.5
 for s in a b; do
   if [ $s = a ]; then port=$P1 cpu=0; else port=$P2 cpu=1; fi
   timeout 300 ./target/release/server --listen 127.0.0.1:$port --cores $cpu --timeout 5s --tick 100ms \
-    --nats "$URL" --server-id "fleet-$s" --stats-interval 1s > "$out/fleet/server-$s.log" 2>&1 &
+    --nats "$URL" --server-id "fleet-$s" --stats-interval 1s $FLEET_FLAGS > "$out/fleet/server-$s.log" 2>&1 &
   pids+=($!)
   eval "server_$s=$!"
   wait_port $port
+  sample_threads "--listen 127.0.0.1:$port" "$out/fleet/server-$s.threads" &
 done
 timeout 300 ./target/release/client --out "$out/fleet/client" --server "127.0.0.1:$P1,127.0.0.1:$P2" \
   --conns "$CONNS" --ips 127.0.0.2-127.0.0.11 --heartbeat 2s --server-timeout 5s \
@@ -144,6 +148,8 @@ python3 - "$out" "$ROUNDS" "$VARIANTS" <<'PY' | tee "$out/summary.md"
 import json, re, statistics, sys
 import os
 out, rounds, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+if rounds == 0:
+    variants = []  # part 2 only
 def last_events(path):
     lines = [l for l in open(path) if l.startswith("events ") or l.startswith("final events ")]
     return dict(kv.split("=") for kv in lines[-1].split() if "=" in kv) if lines else {}
@@ -221,6 +227,8 @@ print(f"- deletion to event at the consumer (every disconnect, the wave included
 push = [l.strip() for l in open(f"{out}/fleet/push.txt") if l.startswith("pushes ")]
 print(f"- pushes: {push[-1] if push else 'none (see push.txt)'}")
 print(f"- pushes delivered by the servers: a={fa.get('pushes_delivered')} b={fb.get('pushes_delivered')}; routed: a={fa.get('pushes_routed')} b={fb.get('pushes_routed')}")
+ta, tb = threads(f"{out}/fleet/server-a.threads"), threads(f"{out}/fleet/server-b.threads")
+print(f"- CPU by thread over the run: a: shards {ta.get('shards', 0) * 10} ms, publisher {ta.get('nats', 0) * 10} ms; b: shards {tb.get('shards', 0) * 10} ms, publisher {tb.get('nats', 0) * 10} ms")
 c = json.load(open(f"{out}/fleet/client/summary.json"))["figures"]
 print(f"- the fleet's client: established={c.get('established')} storm: {c.get('storm_deleted', c.get('storm_expired', 'n/a'))} deleted, false expiries {c.get('false_expiries')}")
 PY
