@@ -29,7 +29,7 @@ wait_port() {
 sample_threads() {
   local pid="" i t
   for i in $(seq 200); do
-    pid=$(pgrep -nf "$1" || true)
+    pid=$(pgrep -nf -- "$1" || true)
     [ -n "$pid" ] && break
     sleep 0.05
   done
