@@ -325,6 +325,13 @@ pub fn push_presence_key(out: &mut String, id: &str) {
     }
 }
 
+/// Appends a presence value (see [`Presence::value`]) to `out`.
+pub fn write_presence_value(out: &mut String, server: &str, worker: u32, at: &Location) {
+    use std::fmt::Write as _;
+    // Writes into a String cannot fail.
+    let _ = write!(out, "{server} {worker} {} {} {}", at.shard, at.key, at.gen);
+}
+
 /// Where a device is: the server, its worker and the connection there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
@@ -336,10 +343,9 @@ pub struct Presence {
 impl Presence {
     /// The KV value: `<server> <worker> <shard> <key> <gen>`.
     pub fn value(&self) -> String {
-        format!(
-            "{} {} {} {} {}",
-            self.server, self.worker, self.at.shard, self.at.key, self.at.gen
-        )
+        let mut v = String::new();
+        write_presence_value(&mut v, &self.server, self.worker, &self.at);
+        v
     }
 
     pub fn parse(v: &[u8]) -> Option<Presence> {

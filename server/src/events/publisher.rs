@@ -225,15 +225,14 @@ impl PresencePut {
     }
 
     fn of(&mut self, ev: &Event) -> (Subject, Bytes) {
-        use std::fmt::Write as _;
         self.subject.truncate(self.head);
         event::push_presence_key(&mut self.subject, ev.id.as_str());
         self.value.clear();
-        // Writes into a String cannot fail.
-        let _ = write!(
-            self.value,
-            "{} {} {} {} {}",
-            self.origin.server, self.origin.worker, ev.at.shard, ev.at.key, ev.at.gen
+        event::write_presence_value(
+            &mut self.value,
+            &self.origin.server,
+            self.origin.worker,
+            &ev.at,
         );
         (
             Subject::from(self.subject.as_str()),
