@@ -54,6 +54,7 @@ fn main() {
         trust_forwarded: Vec::new(),
         events: None,
         tls: None,
+        registry: c1m::registry::Registry::create(200_000).expect("registry"),
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

@@ -34,14 +34,6 @@ pub enum Mail {
         at: Option<Location>,
         reply: Reply,
     },
-    /// Shards `first..first + count` (over all workers) were restarted
-    /// empty at `before` (monotonic ns): forget the entries that pointed
-    /// there, and register again the devices held here that they own.
-    Resync {
-        first: u32,
-        count: u32,
-        before: u64,
-    },
     /// The broker is back (--nats): offer the publisher a presence record
     /// of every device held, a few at a time, so presence lost with the
     /// broker, or dropped while it was away, is written again.

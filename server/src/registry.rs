@@ -1,28 +1,49 @@
 //! The device registry: one live connection per device id across all
-//! shards. Sans-IO: a table and the messages shards exchange about it.
+//! shards and all `--procs` workers, in one table in shared memory.
 //!
-//! Every id has an owner shard, [`owner`]: a hash of the id over all
-//! shards. A shard that upgrades a device tells the id's owner
-//! ([`Msg::Register`]); when the connection ends it says so
-//! ([`Msg::Unregister`]). The owner keeps one [`Location`] per id. When two
-//! connections claim one id, the newer upgrade wins (the older one is told
-//! [`Msg::Replaced`] and closes with 4000), whatever order the messages
-//! arrive in: shards send to each other in no common order, so "newer" is
-//! the upgrade's time, not the message's. An unregister counts only for the
-//! location it names, so a late one (close, reconnect, then the close's
-//! message) never removes the newer entry. Every race thus ends with
-//! exactly one entry per live id (the property tests drive random
-//! interleavings).
+//! The table lives in a memfd mapped MAP_SHARED: a server of one process
+//! makes it at start, a `--procs` parent makes it and every worker maps
+//! the same descriptor. A shard that upgrades a device *claims* the id in
+//! the table itself, before its 101 goes out ([`Registry::claim`]); when
+//! the connection ends it *releases* it ([`Registry::release`]). Neither
+//! sends a message: the only message left is [`Msg::Replaced`], to the
+//! shard holding a connection that a newer claim displaced, which closes
+//! it with 4000. Claims are ordered by the table (its stripe's lock), and
+//! a claim is made before the device can see its 101, so a device's next
+//! connection always claims after its previous one: the newer wins.
+//!
+//! Why a lock and not compare-and-swap on entries: an open-addressing table
+//! whose entries are claimed by CAS cannot reuse a freed bucket for another
+//! id without a 128-bit CAS and a subtle proof (a claimer of the same id
+//! may be probing past it), and one that never reuses buckets fills with
+//! every id ever seen. So the table is cut into stripes of
+//! [`PER_STRIPE`] entries, each a plain linear-probing table (backward-shift
+//! deletion) under its own lock word. A critical section is a probe of a
+//! few entries: tens of nanoseconds, no system call, no allocation. The
+//! lock word holds the holder's pid, so when a worker dies (even by
+//! SIGKILL) holding one, the parent finds it by that pid and repairs the
+//! stripe ([`Registry::sweep`]); a waiter meanwhile yields its CPU.
+//!
+//! Entries are keyed by a 64-bit digest of the id (SipHash-1-3 over a
+//! random 128-bit key kept in the table's header, then the id): two ids
+//! with one digest (about 1 in 3.7e7 for a million live ids; not to be
+//! found on purpose without the key) share an entry. The newer claim holds
+//! it, and its [`Msg::Replaced`] carries its own id, which the holder of
+//! the older connection compares with its own before closing anything: a
+//! collision costs the older device its lookups, never its connection.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::Hasher;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::proto::device_id::DeviceId;
 
 /// Where a connection lives: its shard (index over all shards), its slot
 /// there and the slot's generation, and when it upgraded (monotonic
 /// nanoseconds, comparable across the shards of a host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Location {
     pub shard: u32,
     pub key: u32,
@@ -31,32 +52,24 @@ pub struct Location {
 }
 
 impl Location {
-    /// Orders claims on one id: the later upgrade, ties broken by place.
-    fn newer_than(&self, other: &Location) -> bool {
-        (self.since, self.shard, self.key, self.gen)
-            > (other.since, other.shard, other.key, other.gen)
-    }
-
     /// The same connection (the upgrade time aside).
     fn same(&self, other: &Location) -> bool {
         (self.shard, self.key, self.gen) == (other.shard, other.key, other.gen)
     }
 }
 
-/// What shards tell each other about devices.
+/// What shards tell each other about devices: only a displacement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    /// To the id's owner: a connection upgraded with this id.
-    Register { id: DeviceId, at: Location },
-    /// To the id's owner: that connection ended.
-    Unregister { id: DeviceId, at: Location },
     /// To the shard holding `at`: a newer connection took its id `id`;
-    /// close it with 4000 "replaced" if it is that id's (see [`Table`]).
+    /// close it with 4000 "replaced" if it is that id's (see the digests
+    /// above).
     Replaced { id: DeviceId, at: Location },
 }
 
 /// The owner shard of `id` among `shards`: FNV-1a, stable across processes
-/// and builds (the std hasher is seeded per process).
+/// and builds. Operators' questions (lookup, push, kick) go to it; it
+/// finds the holder in the table and forwards them there.
 pub fn owner(id: &str, shards: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
@@ -66,99 +79,492 @@ pub fn owner(id: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
-/// One owner shard's part of the registry.
-///
-/// It keys each entry by a 64-bit digest of the id (SipHash-1-3 under a
-/// random key of this table's), not by the id: 32 bytes an entry instead
-/// of 56, the difference between 8 and 32 for the key. Two ids with one
-/// digest (about 1 in 3.7e7 for a million live ids; not to be found on
-/// purpose without the key) share an entry: the newer claim holds it, and
-/// its [`Msg::Replaced`] carries its own id, which the holder of the older
-/// connection compares with its own before closing anything. So a
-/// collision costs the older device its lookups (`/devices`, pushes), never
-/// its connection.
-#[derive(Debug, Default)]
-pub struct Table {
-    map: HashMap<u64, Location, BuildHasherDefault<Digested>>,
-    seed: RandomState,
-    /// Tests: every id gets one digest, to exercise collisions.
-    #[cfg(test)]
-    collide: bool,
+/// Entries per stripe: a power of two. A stripe is 32 KiB of entries.
+pub const PER_STRIPE: usize = 1024;
+/// A stripe holds at most this many: probes stay short, and a full stripe
+/// is a table sized too small, not a hash that went long.
+const STRIPE_LIMIT: u32 = (PER_STRIPE * 15 / 16) as u32;
+/// Table entries per connection the server can hold. At capacity the mean
+/// stripe then holds 768 of 1,024, and one past [`STRIPE_LIMIT`] is 6.9
+/// standard deviations away.
+const SLACK: (usize, usize) = (4, 3);
+
+const MAGIC: u64 = 0x6331_6d2d_7265_6731; // "c1m-reg1"
+const VERSION: u32 = 1;
+
+/// The table's first 64 bytes.
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    stripes: u32,
+    key: [u64; 2],
+    _pad: [u64; 4],
 }
 
-/// The map's hasher: its keys are digests already.
-#[derive(Debug, Default)]
-pub struct Digested(u64);
+/// A stripe's lock word and count, one cache line each so that stripes
+/// locked by different cores do not share a line.
+#[repr(C, align(64))]
+struct Stripe {
+    /// The holder's pid; 0 when free.
+    lock: AtomicU32,
+    /// Entries held; read and written under `lock` only (an atomic so that
+    /// shared references to the stripe stay sound).
+    len: AtomicU32,
+}
 
-impl Hasher for Digested {
-    fn write(&mut self, bytes: &[u8]) {
-        // Not reached (keys are u64s, hashed by write_u64); kept total.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ b as u64;
+/// One id's claim: 32 bytes. `digest == 0` is an empty entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Entry {
+    digest: u64,
+    shard: u32,
+    key: u32,
+    gen: u32,
+    _pad: u32,
+    since: u64,
+}
+
+impl Entry {
+    fn at(&self) -> Location {
+        Location {
+            shard: self.shard,
+            key: self.key,
+            gen: self.gen,
+            since: self.since,
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
+    fn new(digest: u64, at: Location) -> Entry {
+        Entry {
+            digest,
+            shard: at.shard,
+            key: at.key,
+            gen: at.gen,
+            _pad: 0,
+            since: at.since,
+        }
     }
 }
 
-impl Table {
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// No other connection held the id (or this one already did).
+    Fresh,
+    /// This connection now holds it; the one at this location held it
+    /// and is to be told [`Msg::Replaced`].
+    Displaced(Location),
+    /// The id's stripe is full: the table was sized for fewer connections
+    /// than are held. The connection is served, unregistered.
+    Full,
+}
+
+/// A handle to the shared table: cheap to clone, for every shard and
+/// thread of the process.
+#[derive(Clone)]
+pub struct Registry {
+    map: Arc<Mapping>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({} stripes)", self.map.stripes)
+    }
+}
+
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+    stripes: usize,
+    key: [u64; 2],
+    pid: u32,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is shared memory; every access to its entries is
+// made under the stripe's lock word (an atomic), the header is written
+// once before the handle exists.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: base/len are the mapping this value made.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+const HEADER: usize = std::mem::size_of::<Header>();
+const STRIPE: usize = std::mem::size_of::<Stripe>();
+const ENTRY: usize = std::mem::size_of::<Entry>();
+
+fn bytes_for(stripes: usize) -> usize {
+    HEADER + stripes * (STRIPE + PER_STRIPE * ENTRY)
+}
+
+/// The environment variable a `--procs` parent gives each worker: the
+/// descriptor of the table's memfd.
+pub const ENV: &str = "C1M_REGISTRY";
+
+impl Registry {
+    /// A new table for a server that holds up to `capacity` connections.
+    pub fn create(capacity: usize) -> io::Result<Registry> {
+        let slots = capacity.max(1).saturating_mul(SLACK.0) / SLACK.1;
+        let stripes = slots.div_ceil(PER_STRIPE).clamp(1, u32::MAX as usize);
+        let len = bytes_for(stripes);
+        // SAFETY: a new anonymous file, owned from here on.
+        let fd = unsafe { libc::memfd_create(c"c1m-registry".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sizing our own memfd; its pages are zero until touched.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut key = [0u64; 2];
+        fill_random(&mut key)?;
+        let base = map(&fd, len)?;
+        // SAFETY: a fresh mapping of `len` bytes, nobody else maps it yet.
+        unsafe {
+            base.cast::<Header>().write(Header {
+                magic: MAGIC,
+                version: VERSION,
+                stripes: stripes as u32,
+                key,
+                _pad: [0; 4],
+            })
+        };
+        Ok(Registry {
+            map: Arc::new(Mapping {
+                base,
+                len,
+                stripes,
+                key,
+                pid: std::process::id(),
+                fd,
+            }),
+        })
+    }
+
+    /// The table a `--procs` parent made, at descriptor `fd` (from
+    /// [`ENV`]); None when this process is not such a worker.
+    pub fn from_env() -> Result<Option<Registry>, String> {
+        let Some(v) = std::env::var_os(ENV) else {
+            return Ok(None);
+        };
+        let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            format!("{ENV} is not a descriptor ({v:?}); it is set by a --procs parent only")
+        })?;
+        // SAFETY: the parent put the table at this descriptor for this
+        // process (dup2 before exec); nothing else here owns it.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("{ENV} names descriptor {fd}, which is not open"));
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: FD_CLOEXEC on our own descriptor.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        Registry::open(fd)
+            .map(Some)
+            .map_err(|e| format!("cannot map the device registry the --procs parent made: {e}"))
+    }
+
+    /// Maps the table in `fd` (made by [`Registry::create`], perhaps in
+    /// another process), checking that it is one.
+    pub fn open(fd: OwnedFd) -> io::Result<Registry> {
+        // SAFETY: fstat on a descriptor we own into a zeroed struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = st.st_size as usize;
+        if len < HEADER {
+            return Err(io::Error::other("not a registry table (too short)"));
+        }
+        let base = map(&fd, len)?;
+        // SAFETY: at least HEADER bytes are mapped; written before shared.
+        let h = unsafe { &*base.cast::<Header>() };
+        let stripes = h.stripes as usize;
+        if h.magic != MAGIC || h.version != VERSION || bytes_for(stripes) != len {
+            unsafe { libc::munmap(base.cast(), len) };
+            return Err(io::Error::other(
+                "not a registry table of this version (a parent and worker of different builds?)",
+            ));
+        }
+        let key = h.key;
+        Ok(Registry {
+            map: Arc::new(Mapping {
+                base,
+                len,
+                stripes,
+                key,
+                pid: std::process::id(),
+                fd,
+            }),
+        })
+    }
+
+    /// The table's descriptor, to hand to a worker.
+    pub fn fd(&self) -> RawFd {
+        self.map.fd.as_raw_fd()
+    }
+
+    /// Entries the table has room for in all (its bytes are 32 each).
+    pub fn slots(&self) -> usize {
+        self.map.stripes * PER_STRIPE
+    }
+
+    /// Bytes of shared memory the table spans (touched as used).
+    pub fn bytes(&self) -> usize {
+        self.map.len
+    }
+
     fn digest(&self, id: &DeviceId) -> u64 {
-        #[cfg(test)]
-        if self.collide {
-            return 0;
-        }
-        self.seed.hash_one(id.as_str().as_bytes())
+        // std's SipHash-1-3 with its fixed key, keyed here by the table's
+        // random prefix (the same binary in every worker: the same digest).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write_u64(self.map.key[0]);
+        h.write_u64(self.map.key[1]);
+        h.write(id.as_str().as_bytes());
+        h.finish().max(1)
     }
 
-    /// Records a claim on `id`; returns the location to tell
-    /// [`Msg::Replaced`]: the older claim, which may be this one.
-    pub fn register(&mut self, id: DeviceId, at: Location) -> Option<Location> {
-        let key = self.digest(&id);
-        match self.map.get_mut(&key) {
-            None => {
-                self.map.insert(key, at);
-                None
+    fn stripe_of(&self, digest: u64) -> usize {
+        (((digest >> 32) * self.map.stripes as u64) >> 32) as usize
+    }
+
+    /// Stripe `s`, locked until the guard drops.
+    fn lock(&self, s: usize) -> Locked<'_> {
+        let stripe = self.stripe(s);
+        let me = self.map.pid;
+        let mut spins = 0u32;
+        while stripe
+            .lock
+            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // Held for tens of nanoseconds, unless its holder was
+            // preempted (or died: the parent repairs that): then give the
+            // CPU away rather than spin through a time slice.
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
             }
-            Some(held) if held.same(&at) => None,
-            Some(held) if at.newer_than(held) => Some(std::mem::replace(held, at)),
-            Some(_) => Some(at),
+        }
+        Locked { reg: self, s }
+    }
+
+    fn stripe(&self, s: usize) -> &Stripe {
+        // SAFETY: s < stripes; the stripe array follows the header.
+        unsafe { &*self.map.base.add(HEADER + s * STRIPE).cast::<Stripe>() }
+    }
+
+    /// Makes `at` the connection that holds `id`.
+    pub fn claim(&self, id: &DeviceId, at: Location) -> Claim {
+        let d = self.digest(id);
+        let mut t = self.lock(self.stripe_of(d));
+        match t.find(d) {
+            Some(i) => {
+                let held = t.entries()[i];
+                if held.at().same(&at) {
+                    return Claim::Fresh;
+                }
+                t.entries()[i] = Entry::new(d, at);
+                Claim::Displaced(held.at())
+            }
+            None if t.len() >= STRIPE_LIMIT => Claim::Full,
+            None => {
+                t.insert(Entry::new(d, at));
+                Claim::Fresh
+            }
         }
     }
 
-    /// Forgets `id` if `at` is what the table holds for it.
-    pub fn unregister(&mut self, id: &DeviceId, at: Location) {
-        let key = self.digest(id);
-        if self.map.get(&key).is_some_and(|held| held.same(&at)) {
-            self.map.remove(&key);
+    /// Forgets `id` if `at` is the connection that holds it (a released
+    /// claim that a newer one displaced leaves the newer alone).
+    pub fn release(&self, id: &DeviceId, at: Location) {
+        let d = self.digest(id);
+        let mut t = self.lock(self.stripe_of(d));
+        if let Some(i) = t.find(d) {
+            if t.entries()[i].at().same(&at) {
+                t.remove(i);
+            }
         }
-    }
-
-    /// Forgets every entry on shards `shards` that upgraded before
-    /// `before`: those shards restarted empty since.
-    pub fn forget(&mut self, shards: std::ops::Range<u32>, before: u64) {
-        self.map
-            .retain(|_, at| !(shards.contains(&at.shard) && at.since < before));
     }
 
     /// Where `id` (or, after a digest collision, the id it collided
     /// with: the holder checks) is connected.
     pub fn get(&self, id: &DeviceId) -> Option<Location> {
-        self.map.get(&self.digest(id)).copied()
+        let d = self.digest(id);
+        let mut t = self.lock(self.stripe_of(d));
+        t.find(d).map(|i| t.entries()[i].at())
     }
 
+    /// Connections registered now (walks every stripe's count).
     pub fn len(&self) -> usize {
-        self.map.len()
+        (0..self.map.stripes)
+            .map(|s| self.lock(s).len() as usize)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
+
+    /// A worker died: forget every entry on its shards `shards`, and
+    /// repair any stripe it held locked when it died (`pid`; a stripe
+    /// half-updated then is rebuilt from what it holds). For the `--procs`
+    /// parent, before it restarts the worker.
+    pub fn sweep(&self, pid: u32, shards: std::ops::Range<u32>) -> usize {
+        let mut forgotten = 0;
+        for s in 0..self.map.stripes {
+            let stripe = self.stripe(s);
+            // A dead holder never unlocks: take its lock over.
+            let mut t = match stripe.lock.compare_exchange(
+                pid,
+                self.map.pid,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => Locked { reg: self, s },
+                Err(_) => self.lock(s),
+            };
+            forgotten += t.rebuild(|e| !shards.contains(&e.shard));
+        }
+        forgotten
+    }
+}
+
+/// A locked stripe: a plain linear-probing table.
+struct Locked<'a> {
+    reg: &'a Registry,
+    s: usize,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.reg.stripe(self.s).lock.store(0, Ordering::Release);
+    }
+}
+
+impl Locked<'_> {
+    fn len(&self) -> u32 {
+        self.reg.stripe(self.s).len.load(Ordering::Relaxed)
+    }
+
+    fn set_len(&mut self, n: u32) {
+        self.reg.stripe(self.s).len.store(n, Ordering::Relaxed);
+    }
+
+    fn entries(&mut self) -> &mut [Entry] {
+        let m = &self.reg.map;
+        let off = HEADER + m.stripes * STRIPE + self.s * PER_STRIPE * ENTRY;
+        // SAFETY: the stripe's entries, inside the mapping, locked by us.
+        unsafe { std::slice::from_raw_parts_mut(m.base.add(off).cast::<Entry>(), PER_STRIPE) }
+    }
+
+    fn find(&mut self, d: u64) -> Option<usize> {
+        let e = self.entries();
+        let mut i = home(d);
+        loop {
+            match e[i].digest {
+                0 => return None,
+                x if x == d => return Some(i),
+                _ => i = (i + 1) & (PER_STRIPE - 1),
+            }
+        }
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let n = self.len();
+        let e = self.entries();
+        let mut i = home(entry.digest);
+        while e[i].digest != 0 {
+            i = (i + 1) & (PER_STRIPE - 1);
+        }
+        e[i] = entry;
+        self.set_len(n + 1);
+    }
+
+    /// Backward-shift deletion: later entries of the run move up into the
+    /// hole when their home allows, so no tombstones and probes stay short.
+    fn remove(&mut self, mut hole: usize) {
+        let n = self.len();
+        let e = self.entries();
+        let mask = PER_STRIPE - 1;
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            if e[j].digest == 0 {
+                break;
+            }
+            let h = home(e[j].digest);
+            // Movable when its home is not in (hole, j] (cyclically).
+            if (j.wrapping_sub(h) & mask) >= (j.wrapping_sub(hole) & mask) {
+                e[hole] = e[j];
+                hole = j;
+            }
+        }
+        e[hole] = Entry::default();
+        self.set_len(n - 1);
+    }
+
+    /// Keeps the entries `keep` says, once each (a holder that died in the
+    /// middle of a move may have left one twice); returns how many went.
+    fn rebuild(&mut self, keep: impl Fn(&Entry) -> bool) -> usize {
+        let mut held: Vec<Entry> = self
+            .entries()
+            .iter()
+            .filter(|e| e.digest != 0)
+            .copied()
+            .collect();
+        let before = held.len();
+        held.sort_by_key(|e| e.digest);
+        held.dedup_by_key(|e| e.digest);
+        held.retain(|e| keep(e));
+        let gone = before - held.len();
+        self.entries().fill(Entry::default());
+        self.set_len(0);
+        for e in held {
+            self.insert(e);
+        }
+        gone
+    }
+}
+
+fn home(d: u64) -> usize {
+    d as usize & (PER_STRIPE - 1)
+}
+
+fn map(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a shared mapping of our own memfd, `len` bytes long.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+fn fill_random(key: &mut [u64; 2]) -> io::Result<()> {
+    let len = std::mem::size_of_val(key);
+    // SAFETY: getrandom into our own 16 bytes.
+    let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), len, 0) };
+    if n != len as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -175,51 +581,136 @@ mod tests {
     }
 
     #[test]
-    fn the_newer_claim_wins_in_either_order() {
+    fn the_later_claim_wins_and_displaces_the_earlier() {
+        let r = Registry::create(100).unwrap();
         let id = DeviceId::new("aa:bb");
-        let mut t = Table::default();
-        assert_eq!(t.register(id.clone(), at(0, 1, 10)), None);
-        assert_eq!(t.register(id.clone(), at(1, 7, 20)), Some(at(0, 1, 10)));
-        assert_eq!(t.get(&id), Some(at(1, 7, 20)));
-        // The older claim's message arrives late: it is the one replaced.
-        let mut t = Table::default();
-        assert_eq!(t.register(id.clone(), at(1, 7, 20)), None);
-        assert_eq!(t.register(id.clone(), at(0, 1, 10)), Some(at(0, 1, 10)));
-        assert_eq!(t.get(&id), Some(at(1, 7, 20)));
+        assert_eq!(r.claim(&id, at(0, 1, 10)), Claim::Fresh);
+        assert_eq!(r.claim(&id, at(0, 1, 10)), Claim::Fresh, "a claim again");
+        assert_eq!(r.claim(&id, at(1, 7, 20)), Claim::Displaced(at(0, 1, 10)));
+        assert_eq!(r.get(&id), Some(at(1, 7, 20)));
+        // The displaced connection's release leaves the newer entry.
+        r.release(&id, at(0, 1, 10));
+        assert_eq!(r.get(&id), Some(at(1, 7, 20)));
+        r.release(&id, at(1, 7, 20));
+        assert_eq!(r.get(&id), None);
+        assert!(r.is_empty());
+    }
+
+    /// The slot the shard keeps no upgrade time in: the entry does.
+    #[test]
+    fn an_entry_is_32_bytes_and_a_stripe_a_cache_line() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+        assert_eq!(std::mem::size_of::<Stripe>(), 64);
+        assert_eq!(std::mem::size_of::<Header>(), 64);
     }
 
     #[test]
-    fn a_late_unregister_leaves_the_newer_entry() {
-        let id = DeviceId::new("dev");
-        let mut t = Table::default();
-        t.register(id.clone(), at(0, 1, 10));
-        t.register(id.clone(), at(0, 2, 20));
-        t.unregister(&id, at(0, 1, 10));
-        assert_eq!(t.get(&id), Some(at(0, 2, 20)));
-        t.unregister(&id, at(0, 2, 20));
-        assert!(t.is_empty());
+    fn the_table_is_sized_for_its_capacity_with_slack() {
+        let r = Registry::create(1_000_000).unwrap();
+        assert!(r.slots() >= 1_333_333 && r.slots() < 1_333_333 + PER_STRIPE);
+        // 43 bytes per connection the server can hold, shared by all workers.
+        assert!(r.bytes() / 1_000_000 <= 44, "{}", r.bytes());
     }
 
     #[test]
-    fn a_digest_collision_costs_the_older_device_its_lookups_not_its_connection() {
-        let (a, b) = (DeviceId::new("aa"), DeviceId::new("bb"));
-        let mut t = Table {
-            collide: true,
-            ..Table::default()
-        };
-        assert_eq!(t.register(a.clone(), at(0, 1, 10)), None);
-        // b's claim takes the shared entry; the Replaced for a's location
-        // carries b's id, which a's holder finds is not its device's.
-        assert_eq!(t.register(b.clone(), at(1, 2, 20)), Some(at(0, 1, 10)));
-        assert_eq!(t.get(&b), Some(at(1, 2, 20)));
-        // a's unregister names a's connection: b's entry stays.
-        t.unregister(&a, at(0, 1, 10));
-        assert_eq!(t.get(&b), Some(at(1, 2, 20)));
+    fn a_second_mapping_of_the_descriptor_sees_the_same_table() {
+        let r = Registry::create(100).unwrap();
+        let fd = r.map.fd.try_clone().unwrap();
+        let other = Registry::open(fd).unwrap();
+        let id = DeviceId::new("dev-1");
+        assert_eq!(other.claim(&id, at(3, 4, 5)), Claim::Fresh);
+        assert_eq!(r.get(&id), Some(at(3, 4, 5)));
+        assert_eq!(r.claim(&id, at(0, 0, 6)), Claim::Displaced(at(3, 4, 5)));
+        assert_eq!(other.get(&id), Some(at(0, 0, 6)));
     }
 
     #[test]
-    fn an_entry_is_32_bytes() {
-        assert_eq!(std::mem::size_of::<(u64, Location)>(), 32);
+    fn a_descriptor_that_is_not_a_table_is_refused() {
+        // SAFETY: a new memfd of ours.
+        let fd = unsafe { libc::memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) };
+        assert!(Registry::open(fd).is_err());
+    }
+
+    #[test]
+    fn a_full_stripe_refuses_rather_than_probing_forever() {
+        let r = Registry::create(1).unwrap(); // one stripe
+        let mut full = 0;
+        for i in 0..PER_STRIPE as u32 {
+            let id = DeviceId::new(&format!("d{i}"));
+            if r.claim(&id, at(0, i, 1)) == Claim::Full {
+                full += 1;
+            }
+        }
+        assert_eq!(r.len(), STRIPE_LIMIT as usize);
+        assert_eq!(full, PER_STRIPE - STRIPE_LIMIT as usize);
+    }
+
+    #[test]
+    fn a_dead_workers_entries_and_its_lock_are_swept() {
+        let r = Registry::create(100).unwrap();
+        for i in 0..50u32 {
+            let id = DeviceId::new(&format!("d{i}"));
+            r.claim(&id, at(i % 5, i, 1));
+        }
+        // A worker (pid 4242) died holding stripe 0's lock.
+        r.stripe(0).lock.store(4242, Ordering::Release);
+        let gone = r.sweep(4242, 1..3);
+        assert_eq!(gone, 20);
+        assert_eq!(r.len(), 30);
+        for i in 0..50u32 {
+            let id = DeviceId::new(&format!("d{i}"));
+            let held = r.get(&id).map(|a| a.shard);
+            if (1..3).contains(&(i % 5)) {
+                assert_eq!(held, None);
+            } else {
+                assert_eq!(held, Some(i % 5));
+            }
+        }
+    }
+
+    #[test]
+    fn threads_claiming_and_releasing_at_once_leave_one_entry_per_live_id() {
+        let r = Registry::create(4096).unwrap();
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let mut live = Vec::new();
+                    for i in 0..20_000u32 {
+                        let id = DeviceId::new(&format!("d{}", (i * 7 + t) % 3000));
+                        let me = at(t, i, 1);
+                        if r.claim(&id, me) != Claim::Full {
+                            live.push((id, me));
+                        }
+                        if i % 3 == 0 {
+                            if let Some((id, at)) = live.pop() {
+                                r.release(&id, at);
+                            }
+                        }
+                    }
+                    live
+                })
+            })
+            .collect();
+        let live: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let mut held = std::collections::HashMap::new();
+        for (id, at) in live {
+            if r.get(&id) == Some(at) {
+                held.insert(id, at);
+            }
+        }
+        // Every entry names a connection some thread still thinks it
+        // holds, and no id has two.
+        let mut real = 0;
+        for s in 0..r.map.stripes {
+            real += r.lock(s).entries().iter().filter(|e| e.digest != 0).count();
+        }
+        assert_eq!((r.len(), real), (held.len(), held.len()));
     }
 
     #[test]
@@ -231,6 +722,39 @@ mod tests {
         }
         assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
         assert_eq!(owner("abc", 7), owner("abc", 7));
+    }
+
+    mod stripe {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            /// One stripe's table behaves as a map under any sequence of
+            /// inserts and removes, whatever the digests' homes (few
+            /// distinct homes force long runs and wrap-around).
+            #[test]
+            fn a_stripe_is_a_map(ops in prop::collection::vec((0u64..40, 0u64..6, any::<bool>()), 1..400)) {
+                let r = Registry::create(1).unwrap();
+                let mut model = std::collections::HashMap::new();
+                let mut t = r.lock(0);
+                for (n, homeish, add) in ops {
+                    // digest: a small home (low bits) and a distinct tag.
+                    let d = ((n + 1) << 32) | (homeish * 333 % PER_STRIPE as u64);
+                    match (t.find(d), add) {
+                        (None, true) => { t.insert(Entry { digest: d, key: n as u32, ..Entry::default() }); model.insert(d, n as u32); }
+                        (Some(i), false) => { t.remove(i); model.remove(&d); }
+                        _ => {}
+                    }
+                    prop_assert_eq!(t.len() as usize, model.len());
+                    for (&d, &k) in &model {
+                        let i = t.find(d);
+                        prop_assert!(i.is_some(), "lost {:x}", d);
+                        prop_assert_eq!(t.entries()[i.unwrap()].key, k);
+                    }
+                }
+            }
+        }
     }
 
     mod protocol {
@@ -264,88 +788,62 @@ mod tests {
             open: bool,
         }
 
-        struct World {
-            shards: usize,
-            inbox: Vec<VecDeque<Msg>>,
-            tables: Vec<Table>,
-            conns: Vec<Conn>,
-        }
-
-        impl World {
-            fn close(&mut self, i: usize) {
-                if !self.conns[i].open {
-                    return;
-                }
-                self.conns[i].open = false;
-                let (id, at) = (self.conns[i].id.clone(), self.conns[i].at);
-                let to = owner(id.as_str(), self.shards);
-                self.inbox[to].push_back(Msg::Unregister { id, at });
-            }
-
-            fn deliver(&mut self, shard: usize) {
-                match self.inbox[shard].pop_front() {
-                    None => {}
-                    Some(Msg::Register { id, at }) => {
-                        if let Some(old) = self.tables[shard].register(id.clone(), at) {
-                            self.inbox[old.shard as usize].push_back(Msg::Replaced { id, at: old });
-                        }
-                    }
-                    Some(Msg::Unregister { id, at }) => self.tables[shard].unregister(&id, at),
-                    Some(Msg::Replaced { id, at }) => {
-                        // The holder closes it if that slot still holds it.
-                        if let Some(i) = self.conns.iter().position(|c| c.at == at && c.id == id) {
-                            self.close(i);
-                        }
-                    }
-                }
-            }
-        }
-
         proptest! {
-            /// Any interleaving of upgrades, closes and deliveries (each
-            /// shard's inbox in order, the shards in any order) ends, once
-            /// every message is handled, with at most one open connection
-            /// per id, and the owner's entry naming exactly it.
+            /// Any interleaving of upgrades (claims), closes (releases) and
+            /// deliveries of Replaced (each shard's inbox in order, the
+            /// shards in any order) ends, once every message is handled,
+            /// with at most one open connection per id, and the table's
+            /// entry naming exactly it.
             #[test]
             fn every_race_ends_with_one_entry_per_live_id(
                 shards in 1usize..4,
                 ops in prop::collection::vec(op(3), 1..120),
             ) {
-                let mut w = World {
-                    shards,
-                    inbox: (0..shards).map(|_| VecDeque::new()).collect(),
-                    tables: (0..shards).map(|_| Table::default()).collect(),
-                    conns: Vec::new(),
-                };
+                let r = Registry::create(64).unwrap();
+                let mut inbox: Vec<VecDeque<Msg>> = (0..shards).map(|_| VecDeque::new()).collect();
+                let mut conns: Vec<Conn> = Vec::new();
                 let ids: Vec<DeviceId> = ["a", "bb:cc", "02:00:5e:00:00:01"].iter().map(|s| DeviceId::new(s)).collect();
+                let close = |conns: &mut Vec<Conn>, i: usize| {
+                    if conns[i].open {
+                        conns[i].open = false;
+                        r.release(&conns[i].id, conns[i].at);
+                    }
+                };
+                let deliver = |inbox: &mut Vec<VecDeque<Msg>>, conns: &mut Vec<Conn>, shard: usize| {
+                    if let Some(Msg::Replaced { id, at }) = inbox[shard].pop_front() {
+                        if let Some(i) = conns.iter().position(|c| c.at == at && c.id == id) {
+                            close(conns, i);
+                        }
+                    }
+                };
                 for (clock, op) in ops.into_iter().enumerate() {
                     match op {
                         Op::Connect { shard, id } => {
                             let shard = shard % shards;
-                            let at = Location { shard: shard as u32, key: w.conns.len() as u32, gen: 1, since: clock as u64 };
+                            let at = Location { shard: shard as u32, key: conns.len() as u32, gen: 1, since: clock as u64 };
                             let id = ids[id].clone();
-                            w.conns.push(Conn { id: id.clone(), at, open: true });
-                            let to = owner(id.as_str(), shards);
-                            w.inbox[to].push_back(Msg::Register { id, at });
-                        }
-                        Op::Close(i) => {
-                            if i < w.conns.len() {
-                                w.close(i);
+                            conns.push(Conn { id: id.clone(), at, open: true });
+                            if let Claim::Displaced(old) = r.claim(&id, at) {
+                                inbox[old.shard as usize].push_back(Msg::Replaced { id, at: old });
                             }
                         }
-                        Op::Deliver(shard) => w.deliver(shard % shards),
+                        Op::Close(i) => {
+                            if i < conns.len() {
+                                close(&mut conns, i);
+                            }
+                        }
+                        Op::Deliver(shard) => deliver(&mut inbox, &mut conns, shard % shards),
                     }
                 }
-                while w.inbox.iter().any(|q| !q.is_empty()) {
+                while inbox.iter().any(|q| !q.is_empty()) {
                     for shard in 0..shards {
-                        w.deliver(shard);
+                        deliver(&mut inbox, &mut conns, shard);
                     }
                 }
                 for id in &ids {
-                    let open: Vec<Location> = w.conns.iter().filter(|c| c.open && &c.id == id).map(|c| c.at).collect();
+                    let open: Vec<Location> = conns.iter().filter(|c| c.open && &c.id == id).map(|c| c.at).collect();
                     prop_assert!(open.len() <= 1, "{} open connections for {id}", open.len());
-                    let held = w.tables[owner(id.as_str(), shards)].get(id);
-                    prop_assert_eq!(held, open.first().copied(), "entry for {}", id);
+                    prop_assert_eq!(r.get(id), open.first().copied(), "entry for {}", id);
                 }
             }
         }

@@ -30,7 +30,7 @@ use crate::proto::device_id::DeviceId;
 use crate::proto::frame::{self, code, Opcode};
 use crate::proto::handshake::{Reject, Upgrade};
 use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
-use crate::registry::{self, Location, Msg, Table};
+use crate::registry::{Claim, Location, Msg, Registry};
 use crate::stats::{Counters, Snapshot};
 use crate::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
 
@@ -76,6 +76,10 @@ pub struct ShardConfig {
     /// --tls-cert/--tls-key: every connection speaks TLS (wss). Built once
     /// per process, shared by the shards. None: plaintext.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The device registry, shared by every shard of the server (all
+    /// `--procs` workers map the same table): an upgrade claims its id
+    /// here before its 101 goes out, and an end releases it.
+    pub registry: Registry,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -302,8 +306,6 @@ struct State {
     inbox: Inbox,
     /// Every shard (this one included), for registry messages.
     peers: Peers,
-    /// This shard's part of the device registry: the ids it owns.
-    devices: Table,
     /// The X-Forwarded-For address of the upgrade [`State::on_bytes`] just
     /// admitted, for [`State::answer`] to check against the trusted
     /// networks (only collected when there are some).
@@ -361,7 +363,6 @@ impl<D: Driver> Shard<D> {
                 finished: false,
                 inbox,
                 peers,
-                devices: Table::default(),
                 forwarded: None,
                 walk: None,
                 cfg,
@@ -734,15 +735,21 @@ impl State {
         end: Option<Ending>,
     ) {
         let forwarded = self.forwarded.take();
-        if (!self.out.is_empty() || !self.sealed.is_empty()) && !self.write(io, key) {
-            return;
-        }
-        // After the 101 went out: the registry may reuse `self.out`.
-        if let Some(since) = upgraded {
+        // Claimed before the 101 goes out: see [`State::register`].
+        let displaced = upgraded.and_then(|since| {
             if let Some(ip) = forwarded {
                 self.trust_forwarded(io, key, ip);
             }
-            self.register(io, key, since);
+            self.register(io, key, since)
+        });
+        let wrote = (self.out.is_empty() && self.sealed.is_empty()) || self.write(io, key);
+        // After the 101 went out (closing the displaced one reuses
+        // `self.out`), and even if it could not: the claim was made.
+        if let Some((id, at)) = displaced {
+            self.deliver(io, at.shard as usize, Msg::Replaced { id, at });
+        }
+        if !wrote {
+            return;
         }
         let Some(end) = end else { return };
         self.slab[key].why = match end {
@@ -1013,14 +1020,10 @@ impl State {
         io.close(slot.io, how);
         if slot.upgraded {
             self.open -= 1;
-            // An unregister names the connection; its upgrade time is not
-            // compared (Location::same), so no clock read on this path.
-            let at = Location {
-                since: 0,
-                ..self.place(key, slot.gen)
-            };
-            let to = registry::owner(slot.id.as_str(), self.peers.len());
-            self.deliver(io, to, Msg::Unregister { id: slot.id, at });
+            // A release names the connection; its upgrade time is not
+            // compared, so no clock read on this path.
+            let at = self.place(key, slot.gen);
+            self.cfg.registry.release(&slot.id, at);
         }
     }
 
@@ -1110,26 +1113,41 @@ impl State {
         }
     }
 
-    /// Tells the id's owner that this connection upgraded with it at
-    /// `since`. That time is read before the 101 is sent: a device that
-    /// opens its next connection once it has the 101 is then sure to
-    /// make the newer claim, however late this thread gets to run after
-    /// sending (the claim read after the send lost to the next one under
-    /// load, and the newer connection was the one closed).
-    fn register(&mut self, io: &mut impl Driver, key: usize, since: u64) {
+    /// Claims the device's id for this connection, which upgraded at
+    /// `since`, in the shared registry; returns the connection it
+    /// displaced, to be told [`Msg::Replaced`] once the 101 is out. The
+    /// claim is made before the 101 is sent: a device that opens its next
+    /// connection once it has the 101 is then sure to claim after this
+    /// one, however late this thread runs after sending. No message, no
+    /// wake-up: a claim is a probe of the id's stripe under its lock.
+    fn register(
+        &mut self,
+        io: &mut impl Driver,
+        key: usize,
+        since: u64,
+    ) -> Option<(DeviceId, Location)> {
         let slot = &self.slab[key];
-        let id = slot.id.clone();
         let at = Location {
             since,
             ..self.place(key, slot.gen)
         };
         if self.cfg.events.is_some() {
-            let last_seen = slot.last_seen;
+            let (id, last_seen) = (slot.id.clone(), slot.last_seen);
             let remote = self.device_addr(io, key);
             self.event(Kind::Connected, &id, at, remote, last_seen);
         }
-        let to = registry::owner(id.as_str(), self.peers.len());
-        self.deliver(io, to, Msg::Register { id, at });
+        let slot = &self.slab[key];
+        match self.cfg.registry.claim(&slot.id, at) {
+            Claim::Fresh => None,
+            Claim::Displaced(old) => Some((slot.id.clone(), old)),
+            Claim::Full => {
+                let held = self.open;
+                self.warn(format_args!(
+                    "the device registry is full (a stripe of its table), so a device connected without one-connection-per-id; the table was sized for fewer connections than the {held} this shard holds: set --max-conns to what the server should hold"
+                ));
+                None
+            }
+        }
     }
 
     /// Sends a registry message to shard `to`, or handles it here when
@@ -1149,11 +1167,6 @@ impl State {
                 Mail::Registry(msg) => self.on_registry(io, msg),
                 Mail::Shutdown => self.begin_shutdown(io),
                 Mail::Ask { id, ask, at, reply } => self.on_ask(io, id, ask, at, reply),
-                Mail::Resync {
-                    first,
-                    count,
-                    before,
-                } => self.resync(io, first..first + count, before),
                 // From the start again if a walk is under way: what it
                 // wrote may have gone with the broker too.
                 Mail::Present => {
@@ -1167,12 +1180,6 @@ impl State {
 
     fn on_registry(&mut self, io: &mut impl Driver, msg: Msg) {
         match msg {
-            Msg::Register { id, at } => {
-                if let Some(old) = self.devices.register(id.clone(), at) {
-                    self.deliver(io, old.shard as usize, Msg::Replaced { id, at: old });
-                }
-            }
-            Msg::Unregister { id, at } => self.devices.unregister(&id, at),
             Msg::Replaced { id, at } => self.replaced(io, id, at),
         }
     }
@@ -1187,7 +1194,7 @@ impl State {
         at: Option<Location>,
         reply: Reply,
     ) {
-        let at = match at.or_else(|| self.devices.get(&id)) {
+        let at = match at.or_else(|| self.cfg.registry.get(&id)) {
             Some(at) => at,
             None => return self.peers.reply(reply, Answer::NotConnected),
         };
@@ -1246,36 +1253,6 @@ impl State {
         self.peers.reply(reply, answer);
     }
 
-    /// Shards `owners` (of another worker) restarted empty at `before`:
-    /// what this shard's table holds of their old devices is gone, and the
-    /// devices held here that they own are registered with them again.
-    fn resync(&mut self, io: &mut impl Driver, owners: std::ops::Range<u32>, before: u64) {
-        self.devices.forget(owners.clone(), before);
-        let total = self.peers.len();
-        let keys: Vec<usize> = self
-            .slab
-            .iter()
-            .filter(|(_, s)| s.upgraded && !s.ended)
-            .filter(|(_, s)| owners.contains(&(registry::owner(s.id.as_str(), total) as u32)))
-            .map(|(k, _)| k)
-            .collect();
-        // The slot keeps no upgrade time (memory), so these claims carry
-        // `before`: later than any they compete with from before the
-        // restart, earlier than any made to the restarted shards since.
-        // (Two survivors holding one id at once, a takeover in flight,
-        // may then keep the older: the device's next reconnect mends it.)
-        for key in keys {
-            let slot = &self.slab[key];
-            let id = slot.id.clone();
-            let at = Location {
-                since: before,
-                ..self.place(key, slot.gen)
-            };
-            let to = registry::owner(id.as_str(), total);
-            self.deliver(io, to, Msg::Register { id, at });
-        }
-    }
-
     /// The unix milliseconds of a monotonic time (an upgrade's `since`).
     fn unix_ms_of(&self, since: u64) -> u64 {
         let ago_ms = monotonic_ns().saturating_sub(since) / 1_000_000;
@@ -1310,7 +1287,7 @@ impl State {
     /// A newer connection took this one's id: Close 4000 "replaced", then
     /// the socket closes once that is out (or at the frame timeout).
     /// (A slot holding another id means the owner's digests of the two
-    /// collided: see registry::Table. Nothing is closed then.)
+    /// collided: see crate::registry. Nothing is closed then.)
     fn replaced(&mut self, io: &mut impl Driver, id: DeviceId, at: Location) {
         let key = at.key as usize;
         match self.slab.get_mut(key) {
@@ -1529,6 +1506,7 @@ mod tests {
             trust_forwarded: Vec::new(),
             events: None,
             tls: None,
+            registry: Registry::create(64).unwrap(),
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, peers) = crate::mailbox::wire(1).unwrap();

@@ -1566,9 +1566,9 @@ fn procs_one_connection_per_id_across_workers() {
     server.wait_line("16 kicks", |l| field(l, "kicked") == 16);
 }
 
-/// A worker killed and restarted by the parent: the devices it held are
-/// gone from the registry, and those on the other worker whose entries it
-/// owned are registered with its replacement again, so every one is found.
+/// A worker killed (SIGKILL) and restarted by the parent: the devices it
+/// held are swept from the shared registry, and every device on the other
+/// worker is still found (its entries never depended on the dead one).
 fn procs_a_restarted_worker_is_resynced() {
     let admin = free_addr();
     let server = Server::start(&["--procs", "2", "--admin", &admin]);

@@ -446,6 +446,16 @@ fn run(args: Args) -> Result<(), String> {
         return Err("--nats-exclusive needs --nats URL (the broker the servers share)".into());
     }
     if args.procs > 1 {
+        // The shared registry holds what every worker can: each sizes its
+        // shards as below, from the same limits.
+        let host = Host::read(raise_nofile());
+        let workers: u64 = (0..args.procs)
+            .map(|i| {
+                let shards = c1m::procs::workers::cpus_for(i, args.procs, &cores).len();
+                (shards * host.per_shard(shards, args.max_conns)) as u64
+            })
+            .sum();
+        let registry_capacity = workers.min(host.machine_capacity()).max(1) as usize;
         let signals = block_signals();
         return c1m::procs::supervisor::Supervisor {
             procs: args.procs,
@@ -457,6 +467,7 @@ fn run(args: Args) -> Result<(), String> {
             worker_stats: args.worker_stats,
             admin: args.admin,
             max_message: args.max_message,
+            registry_capacity,
         }
         .run(|wait| wait_signal(&signals, wait));
     }
@@ -466,8 +477,17 @@ fn run(args: Args) -> Result<(), String> {
     // 503) with a little room kept for the listeners and the executors.
     let nofile = raise_nofile();
     let host = Host::read(nofile);
-    let share = (host.capacity().0 / cores.len() as u64).max(1) as usize;
-    let max_conns = args.max_conns.unwrap_or(share);
+    let max_conns = host.per_shard(cores.len(), args.max_conns);
+    // The device registry: the --procs parent's table, or this server's own.
+    let registry = match c1m::registry::Registry::from_env()? {
+        Some(shared) => shared,
+        None => {
+            let capacity = (cores.len() as u64 * max_conns as u64).min(host.machine_capacity());
+            c1m::registry::Registry::create(capacity.max(1) as usize).map_err(|e| {
+                format!("cannot make the device registry (memfd, {capacity} connections): {e}; lower --max-conns or check memory")
+            })?
+        }
+    };
     let cfg = ShardConfig {
         limits: Limits {
             max_head: args.max_head,
@@ -495,6 +515,7 @@ fn run(args: Args) -> Result<(), String> {
         trust_forwarded: args.trust_forwarded_from.clone(),
         events: None,
         tls,
+        registry,
     };
     cfg.validate()?;
 

@@ -73,6 +73,22 @@ impl Host {
         .expect("three candidates")
     }
 
+    /// Connections one process with `shards` shards holds at most: each
+    /// shard's `--max-conns`, or by default its share of what the process
+    /// can hold (as the server sizes its shards).
+    pub fn per_shard(&self, shards: usize, max_conns: Option<usize>) -> usize {
+        max_conns.unwrap_or((self.capacity().0 / shards.max(1) as u64).max(1) as usize)
+    }
+
+    /// Connections the whole machine can hold (files, memory), whatever
+    /// the per-process limit: what a table shared by every `--procs`
+    /// worker is sized by at most.
+    pub fn machine_capacity(&self) -> u64 {
+        self.files_free
+            .saturating_sub(RESERVED_FDS)
+            .min(self.mem_available / (KERNEL_BYTES_PER_CONN + USER_BYTES_PER_CONN))
+    }
+
     /// One sentence for the operator when `wanted` connections do not fit.
     pub fn advice(&self, wanted: u64) -> Option<String> {
         let (can, bound) = self.capacity();

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use super::wire::{frame_len, Body, Frame, Malformed, EVERY_SHARD, PARENT};
+use super::wire::{frame_len, Body, Frame, Malformed, PARENT};
 use crate::mailbox::{Answer, Mail, Peers, Reply};
 
 /// The shards' end of the link: clone it into each shard's peers.
@@ -53,7 +53,7 @@ impl Link {
                 return;
             }
             // Said to a process's own shards, never across.
-            Mail::Shutdown | Mail::Resync { .. } | Mail::Present => return,
+            Mail::Shutdown | Mail::Present => return,
         };
         // A closed channel means the writer ended (the parent is gone, and
         // this worker is being stopped): nothing left to tell.
@@ -222,20 +222,6 @@ fn deliver(shards: &mut Peers, frame: Frame) {
                 reply: Reply::Remote { req },
             },
         ),
-        Body::Resync {
-            first,
-            count,
-            before,
-        } if frame.to == EVERY_SHARD => {
-            for i in 0..shards.local() {
-                let mail = Mail::Resync {
-                    first,
-                    count,
-                    before,
-                };
-                shards.send(shards.base() + i, mail);
-            }
-        }
         other => eprintln!(
             "server: the --procs parent sent a worker what it should not ({other:?}); ignored"
         ),

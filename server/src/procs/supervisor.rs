@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::procs::switch::Switch;
 use crate::procs::workers::{self, Line};
+use crate::registry::Registry;
 use crate::stats::{self, Counters, Snapshot};
 
 pub struct Supervisor {
@@ -31,6 +32,9 @@ pub struct Supervisor {
     pub admin: Option<SocketAddr>,
     /// `--max-message`: the largest push the admin listener takes.
     pub max_message: usize,
+    /// Connections all the workers can hold together: what the shared
+    /// device registry is sized for.
+    pub registry_capacity: usize,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -191,6 +195,7 @@ impl Supervisor {
         generation: u64,
         tx: &mpsc::Sender<Line>,
         switch: &Switch,
+        registry: &Registry,
     ) -> Result<Worker, String> {
         let cpus = workers::cpus_for(i, self.procs, &self.cpus);
         // The worker's link to the others: a socket pair, the parent's end
@@ -203,8 +208,14 @@ impl Supervisor {
             theirs.as_raw_fd(),
             format!("{},{base},{total}", workers::LINK_FD),
         );
-        let child =
-            workers::spawn_generation(i, generation, &self.worker_args(&cpus), tx, Some(link))?;
+        let child = workers::spawn_generation(
+            i,
+            generation,
+            &self.worker_args(&cpus),
+            tx,
+            Some(link),
+            Some(registry.fd()),
+        )?;
         drop(theirs); // the child has its copy; its exit must end ours
         Ok(Worker {
             child,
@@ -231,6 +242,12 @@ impl Supervisor {
             .map(|i| workers::cpus_for(i, self.procs, &self.cpus).len())
             .collect();
         let switch = Switch::new(&shards);
+        // One table for every worker's shards: each claims and releases
+        // ids in it directly; a message crosses only when a claim
+        // displaces a connection (crate::registry).
+        let registry = Registry::create(self.registry_capacity).map_err(|e| {
+            format!("cannot make the shared device registry (memfd, {} connections): {e}; lower --max-conns or check memory", self.registry_capacity)
+        })?;
         let admin = match self.admin {
             Some(addr) => Some(crate::admin::Admin::start(
                 addr,
@@ -245,7 +262,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel::<Line>();
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
-            match self.start(i, 0, &tx, &switch) {
+            match self.start(i, 0, &tx, &switch, &registry) {
                 Ok(w) => ws.push(w),
                 Err(e) => {
                     stop_all(&mut ws);
@@ -329,12 +346,13 @@ impl Supervisor {
                     continue;
                 }
                 let generation = w.tally.generation + 1;
-                // Everything its shards held is gone from now: the others
-                // forget what pointed there and register theirs again.
-                let died = crate::shard::monotonic_ns();
-                match self.start(i, generation, &tx, &switch) {
+                // Everything its shards held is gone: out of the registry
+                // with it (and any stripe it held locked, repaired) before
+                // its successor claims anything.
+                let (first, count) = switch.span_of(i);
+                registry.sweep(w.child.id(), first..first + count);
+                match self.start(i, generation, &tx, &switch, &registry) {
                     Ok(mut fresh) => {
-                        switch.resync(i, died);
                         fresh.tally = std::mem::take(&mut w.tally);
                         fresh.tally.restart(generation);
                         fresh.quick_deaths = deaths;

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::link::{read_frames, Ended};
-use super::wire::{self, Body, Frame, EVERY_SHARD, PARENT};
+use super::wire::{self, Body, Frame, PARENT};
 use crate::mailbox::{Answer, Ask};
 use crate::proto::device_id::DeviceId;
 use crate::registry;
@@ -70,6 +70,11 @@ impl Switch {
         (self.inner.ranges[i].0, self.inner.total)
     }
 
+    /// Worker `i`'s shards: its first (over the server) and how many.
+    pub fn span_of(&self, i: usize) -> (u32, u32) {
+        self.inner.ranges[i]
+    }
+
     /// The worker running shard `shard`, and that shard's index there.
     pub fn place(&self, shard: u32) -> Option<(usize, u32)> {
         self.inner
@@ -103,27 +108,6 @@ impl Switch {
             format!("from-worker{i}"),
             Box::new(move || me.route_all(i, read_half)),
         )
-    }
-
-    /// Tells every other worker that worker `i` restarted empty at
-    /// `before`: they forget what pointed there and register again.
-    pub fn resync(&self, i: usize, before: u64) {
-        let (first, count) = self.inner.ranges[i];
-        let mut bytes = Vec::new();
-        Frame {
-            to: EVERY_SHARD,
-            body: Body::Resync {
-                first,
-                count,
-                before,
-            },
-        }
-        .encode(&mut bytes);
-        for (w, tx) in lock(&self.inner.writers).iter().enumerate() {
-            if let Some(tx) = tx.as_ref().filter(|_| w != i) {
-                let _ = tx.send(bytes.clone());
-            }
-        }
     }
 
     /// Asks the owner shard of `id`, and waits up to `timeout` for the
@@ -171,7 +155,8 @@ impl Switch {
                 match wire::destination(frame) {
                     Some(PARENT) => self.answered(i, frame),
                     // A worker that is down (restarting) loses what was
-                    // for it: its registry starts empty and is resynced.
+                    // for it: its devices are gone (the parent swept them
+                    // from the registry).
                     Some(to) => drop(self.forward(to, frame.to_vec())),
                     None => {}
                 }

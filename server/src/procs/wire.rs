@@ -1,10 +1,11 @@
 //! What crosses between `--procs` workers (through the parent, over Unix
-//! sockets) so that N processes are one server: registry messages,
-//! operators' questions and their answers. Sans-IO: frames to and from
+//! sockets) so that N processes are one server: a displaced connection's
+//! Replaced, operators' questions and their answers. (Claims and releases
+//! of ids go through the shared table, crate::registry, not here.) Sans-IO: frames to and from
 //! bytes, nothing else.
 //!
 //! A frame is `len: u32` (of what follows), `to: u32` (a shard over all
-//! workers, or [`PARENT`], or [`EVERY_SHARD`]), `kind: u8`, then the body.
+//! workers, or [`PARENT`]), `kind: u8`, then the body.
 //! Integers are little-endian. Bodies are fixed fields plus at most one id
 //! (a length byte and its bytes) and one payload (a u32 length).
 
@@ -17,8 +18,6 @@ use crate::registry::{Location, Msg};
 
 /// `to` of a frame for the parent (an answer to its admin listener).
 pub const PARENT: u32 = u32::MAX;
-/// `to` of a frame for every shard of the worker that reads it.
-pub const EVERY_SHARD: u32 = u32::MAX - 1;
 
 /// The largest frame accepted: an id, a payload of up to this and the
 /// fixed fields. Longer is a broken peer, not a big message.
@@ -39,13 +38,6 @@ pub enum Body {
         req: u64,
         answer: Answer,
     },
-    /// Shards `first..first + count` restarted empty at `before`
-    /// (monotonic ns): see [`crate::mailbox::Mail::Resync`].
-    Resync {
-        first: u32,
-        count: u32,
-        before: u64,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +50,11 @@ pub struct Frame {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed(pub &'static str);
 
-const REGISTER: u8 = 1;
-const UNREGISTER: u8 = 2;
+// Kinds 1, 2 and 6 (register, unregister, resync) went with the shared
+// table; their numbers are not reused.
 const REPLACED: u8 = 3;
 const ASK: u8 = 4;
 const ANSWER: u8 = 5;
-const RESYNC: u8 = 6;
 
 impl Frame {
     /// Appends the frame to `out`.
@@ -72,16 +63,6 @@ impl Frame {
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.to.to_le_bytes());
         match &self.body {
-            Body::Registry(Msg::Register { id, at }) => {
-                out.push(REGISTER);
-                put_id(out, id);
-                put_loc(out, at);
-            }
-            Body::Registry(Msg::Unregister { id, at }) => {
-                out.push(UNREGISTER);
-                put_id(out, id);
-                put_loc(out, at);
-            }
             Body::Registry(Msg::Replaced { id, at }) => {
                 out.push(REPLACED);
                 put_id(out, id);
@@ -129,16 +110,6 @@ impl Frame {
                     Answer::NotConnected => out.push(3),
                 }
             }
-            Body::Resync {
-                first,
-                count,
-                before,
-            } => {
-                out.push(RESYNC);
-                out.extend_from_slice(&first.to_le_bytes());
-                out.extend_from_slice(&count.to_le_bytes());
-                out.extend_from_slice(&before.to_le_bytes());
-            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -160,14 +131,6 @@ impl Frame {
         let mut r = Reader(frame);
         let to = r.u32()?;
         let body = match r.u8()? {
-            REGISTER => Body::Registry(Msg::Register {
-                id: r.id()?,
-                at: r.loc()?,
-            }),
-            UNREGISTER => Body::Registry(Msg::Unregister {
-                id: r.id()?,
-                at: r.loc()?,
-            }),
             REPLACED => Body::Registry(Msg::Replaced {
                 id: r.id()?,
                 at: r.loc()?,
@@ -216,11 +179,6 @@ impl Frame {
                 };
                 Body::Answer { req, answer }
             }
-            RESYNC => Body::Resync {
-                first: r.u32()?,
-                count: r.u32()?,
-                before: r.u64()?,
-            },
             _ => return Err(Malformed("unknown frame kind")),
         };
         if !r.0.is_empty() {
@@ -403,19 +361,10 @@ mod tests {
             }),
         ];
         prop_oneof![
-            (id(), loc()).prop_map(|(id, at)| Body::Registry(Msg::Register { id, at })),
-            (id(), loc()).prop_map(|(id, at)| Body::Registry(Msg::Unregister { id, at })),
             (id(), loc()).prop_map(|(id, at)| Body::Registry(Msg::Replaced { id, at })),
             (any::<u64>(), id(), ask, proptest::option::of(loc()))
                 .prop_map(|(req, id, ask, at)| Body::Ask { req, id, ask, at }),
             (any::<u64>(), answer).prop_map(|(req, answer)| Body::Answer { req, answer }),
-            (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(first, count, before)| {
-                Body::Resync {
-                    first,
-                    count,
-                    before,
-                }
-            }),
         ]
     }
 
@@ -468,7 +417,7 @@ mod tests {
         let mut b = Vec::new();
         Frame {
             to: 1,
-            body: Body::Registry(Msg::Register {
+            body: Body::Registry(Msg::Replaced {
                 id: DeviceId::new("ok"),
                 at: Location {
                     shard: 0,

@@ -65,12 +65,16 @@ pub struct Line {
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
 /// lines arrive on `lines` (a reader thread per stream, ending at EOF).
 pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
-    spawn_generation(worker, 0, args, lines, None)
+    spawn_generation(worker, 0, args, lines, None, None)
 }
 
 /// The descriptor a worker finds its link to the parent at (see
 /// [`super::link::ENV`]).
 pub const LINK_FD: i32 = 3;
+
+/// The descriptor a worker finds the shared device registry at (see
+/// [`crate::registry::ENV`]).
+pub const REGISTRY_FD: i32 = 4;
 
 /// [`spawn`] for the `generation`-th start of worker `worker`, its lines so
 /// tagged: a parent that restarts workers can tell a dead incarnation's
@@ -81,12 +85,16 @@ pub fn spawn_generation(
     args: &[String],
     lines: &Sender<Line>,
     link: Option<(RawFd, String)>,
+    registry: Option<RawFd>,
 ) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = Command::new(&exe);
     let link_fd = link.as_ref().map(|(fd, _)| *fd);
     if let Some((_, env)) = &link {
         cmd.env(super::link::ENV, env);
+    }
+    if registry.is_some() {
+        cmd.env(crate::registry::ENV, REGISTRY_FD.to_string());
     }
     // SAFETY: prctl, dup2 and fcntl in the forked child before exec touch
     // no shared state. A worker whose parent dies (even by SIGKILL) gets
@@ -96,10 +104,20 @@ pub fn spawn_generation(
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if let Some(fd) = link_fd {
-                if fd == LINK_FD {
-                    libc::fcntl(fd, libc::F_SETFD, 0);
-                } else if libc::dup2(fd, LINK_FD) < 0 {
+            // Each to its place, inheritable (dup2 clears FD_CLOEXEC). First
+            // out of the way (close-on-exec copies above 9), as one may
+            // sit at the other's number.
+            let mut moved = [(-1, REGISTRY_FD), (-1, LINK_FD)];
+            for (fd, m) in [registry, link_fd].into_iter().zip(moved.iter_mut()) {
+                if let Some(fd) = fd {
+                    m.0 = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if m.0 < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            for (fd, at) in moved {
+                if fd >= 0 && libc::dup2(fd, at) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
