@@ -28,7 +28,9 @@ pub struct Hist {
 
 impl Hist {
     pub fn record(&mut self, bounds: &Bounds, ms: u64) {
-        let i = bounds.iter().position(|&b| ms <= b).unwrap_or(bounds.len());
+        // The first bound at or above `ms`: a binary search, 4 compares
+        // (a heartbeat records one; a scan took up to 11).
+        let i = bounds.partition_point(|&b| b < ms);
         self.counts[i] += 1;
         self.sum_ms += ms;
     }
