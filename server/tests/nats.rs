@@ -389,7 +389,7 @@ fn nats_lifecycle_events_are_exact_and_in_order_per_device() {
     let mut s = TcpStream::connect(&admin).unwrap();
     std::io::Write::write_all(
         &mut s,
-        b"DELETE /devices/kicked HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        format!("DELETE /devices/kicked HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes(),
     )
     .unwrap();
     let mut answer = String::new();
