@@ -960,6 +960,79 @@ mod tests {
     }
 
     #[test]
+    fn host_must_name_the_admin_address() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let names = vec!["ops.example".to_string()];
+        let lo = a("127.0.0.1:9100");
+        for ok in [
+            "127.0.0.1:9100",
+            "127.0.0.2:9100",
+            "localhost:9100",
+            "LOCALHOST:9100",
+            "ops.example:9100",
+            " 127.0.0.1:9100 ",
+        ] {
+            assert!(host_allowed(ok, lo, &names), "{ok}");
+        }
+        for bad in [
+            "evil.example:9100",
+            "127.0.0.1:9101",
+            "127.0.0.1",
+            "127.0.0.1:",
+            ":9100",
+            "[::1]:9100x",
+            "10.0.0.1:9100",
+            "",
+            "localhost.evil.example:9100",
+        ] {
+            assert!(!host_allowed(bad, lo, &names), "{bad}");
+        }
+        let v6 = a("[::1]:9100");
+        assert!(host_allowed("[::1]:9100", v6, &[]));
+        assert!(host_allowed("localhost:9100", v6, &[]));
+        assert!(!host_allowed("[::1]", v6, &[]));
+        let any = a("0.0.0.0:9100");
+        assert!(host_allowed("10.0.0.1:9100", any, &[]));
+        assert!(!host_allowed("c1m.example:9100", any, &[]));
+        let one = a("10.0.0.1:80");
+        assert!(host_allowed("10.0.0.1", one, &[]));
+        assert!(!host_allowed("10.0.0.2", one, &[]));
+        assert!(!host_allowed("localhost", one, &[]));
+    }
+
+    #[test]
+    fn the_token_matches_itself_only() {
+        let t = Token::new(b"0123456789abcdef").unwrap();
+        assert!(t.matches(b"0123456789abcdef"));
+        assert!(!t.matches(b"0123456789abcdeF"));
+        assert!(!t.matches(b"0123456789abcde"));
+        assert!(!t.matches(b""));
+        assert!(Token::new(b"short").is_err());
+        assert!(Token::new(b"0123456789 abcdef").is_err());
+        assert_eq!(bearer(b"Bearer abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer"), None);
+        assert_eq!(format!("{t:?}"), "Token(..)");
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let open = Access::default();
+        assert!(open.check_bind(a("127.0.0.1:1")).is_ok());
+        assert!(open.check_bind(a("[::1]:1")).is_ok());
+        let err = open.check_bind(a("0.0.0.0:1")).unwrap_err();
+        assert!(err.contains("--admin-token-file"), "{err}");
+        assert!(open.check_bind(a("10.0.0.1:1")).is_err());
+        let locked = Access {
+            token: Some(Token::new(b"0123456789abcdef").unwrap()),
+            hosts: Vec::new(),
+        };
+        assert!(locked.check_bind(a("0.0.0.0:1")).is_ok());
+    }
+
+    #[test]
     fn the_device_port_is_not_an_admin_port() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert!(clashes(a("127.0.0.1:9000"), a("127.0.0.1:9000")));

@@ -206,10 +206,8 @@ impl TempFile {
     fn new(tag: &str, content: &str) -> TempFile {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "c1m-operator-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("c1m-operator-{tag}-{}-{n}", std::process::id()));
         std::fs::write(&path, content).unwrap();
         TempFile(path)
     }
@@ -249,7 +247,10 @@ fn admin_token_is_required_for_everything_but_healthz() {
             let (status, head, _) = http(&admin, "GET", path, &format!("Host: {admin}\r\n"), b"");
             assert_eq!(status, 401, "{procs} procs, {path}");
             assert!(head.contains("WWW-Authenticate: Bearer"), "{head}");
-            assert_eq!(get(&admin, path, Some("op3rator-t0ken-of-some-lengtx")), 401);
+            assert_eq!(
+                get(&admin, path, Some("op3rator-t0ken-of-some-lengtx")),
+                401
+            );
             assert_eq!(get(&admin, path, Some(&TOKEN[..TOKEN.len() - 1])), 401);
         }
         // Another scheme is no token either.
@@ -281,7 +282,9 @@ fn admin_token_is_required_for_everything_but_healthz() {
             &admin,
             "POST",
             "/devices/02:00:5e:00:00:11/messages",
-            &format!("Host: {admin}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: text/plain\r\n"),
+            &format!(
+                "Host: {admin}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: text/plain\r\n"
+            ),
             b"hello",
         );
         assert_eq!((status, body.as_str()), (200, "delivered\n"));
@@ -318,7 +321,11 @@ fn admin_off_loopback_without_a_token_is_refused_in_one_sentence() {
     for procs in ["1", "2"] {
         refused_in_one_sentence(
             &["--listen", &free_addr(), "--procs", procs, "--admin", &open],
-            &["--admin 0.0.0.0:", "not a loopback address", "--admin-token-file"],
+            &[
+                "--admin 0.0.0.0:",
+                "not a loopback address",
+                "--admin-token-file",
+            ],
         );
     }
     let short = TempFile::new("short", "hunter2hunter2\n");
@@ -326,13 +333,26 @@ fn admin_off_loopback_without_a_token_is_refused_in_one_sentence() {
     for (file, says) in [
         (short.path(), "shorter than 16 bytes"),
         (spaced.path(), "visible ASCII"),
-        ("/nonexistent/token", "cannot read --admin-token-file /nonexistent/token"),
+        (
+            "/nonexistent/token",
+            "cannot read --admin-token-file /nonexistent/token",
+        ),
     ] {
         let err = refused_in_one_sentence(
-            &["--listen", &free_addr(), "--admin", &open, "--admin-token-file", file],
+            &[
+                "--listen",
+                &free_addr(),
+                "--admin",
+                &open,
+                "--admin-token-file",
+                file,
+            ],
             &[says],
         );
-        assert!(!err.contains("hunter2") && !err.contains("with spaces"), "{err}");
+        assert!(
+            !err.contains("hunter2") && !err.contains("with spaces"),
+            "{err}"
+        );
     }
     // With a token it serves there.
     let file = TempFile::new("open", TOKEN);
@@ -548,7 +568,14 @@ fn a_worker_whose_link_fails_ends() {
 fn max_message_over_a_link_frame_is_refused_in_one_sentence() {
     for procs in ["1", "2"] {
         refused_in_one_sentence(
-            &["--listen", &free_addr(), "--procs", procs, "--max-message", "16MiB"],
+            &[
+                "--listen",
+                &free_addr(),
+                "--procs",
+                procs,
+                "--max-message",
+                "16MiB",
+            ],
             &["--max-message 16777216 bytes is over 15728640 bytes"],
         );
     }
@@ -582,7 +609,10 @@ fn a_percent_encoded_id_is_decoded() {
         assert!(Instant::now() < deadline, "not found: {status} {body}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(get(&admin, "/devices/02%3A00%3A5e%3A00%3A00%3A13", None), 200);
+    assert_eq!(
+        get(&admin, "/devices/02%3A00%3A5e%3A00%3A00%3A13", None),
+        200
+    );
     assert_eq!(get(&admin, "/devices/02%2F00", None), 400);
 }
 
