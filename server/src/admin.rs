@@ -433,9 +433,13 @@ fn serve_one(mut s: TcpStream, ctx: &Ctx) {
     // so that closing does not reset the connection before it reads the
     // answer.
     let _ = s.shutdown(std::net::Shutdown::Write);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let until = Instant::now() + Duration::from_millis(200);
     let mut sink = [0u8; 4096];
     for _ in 0..64 {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
         match s.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
