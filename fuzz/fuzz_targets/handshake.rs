@@ -7,6 +7,6 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Parsed::Upgrade(u) = parse(data, 8192) {
         assert!(u.head_len <= data.len() && u.head_len <= 8192);
-        assert!(valid_id(u.id));
+        assert!(valid_id(&u.id));
     }
 });

@@ -14,30 +14,43 @@
 //!   ever waits on this thread;
 //! - any other path 404, any other method 405.
 //!
-//! HTTP here is tiny_http's: a small, long-maintained, blocking HTTP/1.1
-//! server with its own threads and no async runtime. This port sees a
-//! scrape a second, not a million devices, so it needs no part of the
-//! shards' machinery, and a crate that parses requests for us is less code
-//! to get wrong than another hand-written parser. The exposition format is
-//! a few lines of text, written here ([`render`]): the `prometheus` crate
-//! would bring its own registry and atomics, while the numbers already
-//! exist, as the snapshots the shards send by message.
+//! The port belongs to operators ([`Access`]):
+//! - with `--admin-token-file`, every request but `/healthz` needs
+//!   `Authorization: Bearer <token>` (compared in constant time), else 401;
+//! - a request with an `Origin` header (a browser's, from whatever page
+//!   the operator has open) or whose `Host` is not the admin address (DNS
+//!   rebinding) gets 403 before anything else is looked at;
+//! - each request has [`REQUEST_TIMEOUT`] to arrive whole (head and body)
+//!   and [`HANDLERS`] are served at once, so a client that never sends its
+//!   body costs one handler for a few seconds, never `/metrics` or
+//!   `/healthz` for good. More than [`QUEUED`] waiting get 503 at once.
+//!
+//! HTTP here is a few dozen lines over httparse (the parser the device port
+//! already uses), one request per connection (`Connection: close`): the
+//! port sees a scrape a second, and tiny_http, used before, had no read
+//! timeouts and served every request from one thread. The exposition
+//! format is a few lines of text, written here ([`render`]): the
+//! `prometheus` crate would bring its own registry and atomics, while the
+//! numbers already exist, as the snapshots the shards send by message.
 //!
 //! Shards never touch this module. The thread that collects their snapshots
 //! (the main thread, or the `--procs` parent) [`Admin::publish`]es copies
 //! into a mutex only it and the admin threads share.
 
 use std::fmt::Write as _;
-use std::io::Read as _;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
 use crate::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer, Reply};
 use crate::procs::switch::Switch;
 use crate::proto::device_id::DeviceId;
-use crate::proto::handshake::valid_id;
+use crate::proto::handshake::{percent_decode, valid_id};
 use crate::registry;
 use crate::stats::REJECT_STATUSES;
 
@@ -45,6 +58,18 @@ use crate::stats::{Counters, Snapshot};
 
 /// The Content-Type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Requests served at once (each on a thread of its own).
+pub const HANDLERS: usize = 4;
+/// Accepted connections waiting for a handler at most; past it, 503.
+pub const QUEUED: usize = 64;
+/// How long a request has to arrive whole, head and body.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head (request line and headers).
+const MAX_HEAD: usize = 8 * 1024;
+const MAX_HEADERS: usize = 32;
+/// How long sending an answer may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin threads serve: the latest published view.
 #[derive(Debug, Default, Clone)]
@@ -57,33 +82,188 @@ struct View {
     stopping: bool,
 }
 
+/// The operator's bearer token (`--admin-token-file`), kept as its
+/// SHA-256 digest: a presented token is hashed and the digests compared
+/// in constant time, so neither the content nor the length of the token
+/// shows in how long a refusal takes.
+#[derive(Clone)]
+pub struct Token([u8; 32]);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// Tokens shorter than this are refused at start-up.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl Token {
+    /// The token on the first line of `path`. Errors name the file, never
+    /// its content.
+    pub fn load(path: &Path) -> Result<Token, String> {
+        let text = std::fs::read(path)
+            .map_err(|e| format!("cannot read --admin-token-file {}: {e}", path.display()))?;
+        let line = text.split(|&b| b == b'\n').next().unwrap_or(&[]);
+        Token::new(line.trim_ascii()).map_err(|why| {
+            format!(
+                "--admin-token-file {}: the token on its first line {why}",
+                path.display()
+            )
+        })
+    }
+
+    fn new(token: &[u8]) -> Result<Token, String> {
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!("is shorter than {MIN_TOKEN_LEN} bytes"));
+        }
+        // What an Authorization header can carry (RFC 6750 b64token, and
+        // more): visible ASCII, no spaces.
+        if !token.iter().all(|b| b.is_ascii_graphic()) {
+            return Err("must be visible ASCII with no spaces".into());
+        }
+        Ok(Token(digest(token)))
+    }
+
+    /// Whether `presented` is the token, in time independent of both.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let d = digest(presented);
+        let diff = self
+            .0
+            .iter()
+            .zip(d.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        // black_box: the compiler must not turn the fold into an early exit.
+        std::hint::black_box(diff) == 0
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// Who may use the admin port.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// `--admin-token-file`: None lets any local request in (loopback only:
+    /// [`Access::check_bind`]).
+    pub token: Option<Token>,
+    /// `--admin-host`: names (besides the address itself) that a `Host`
+    /// header may carry, e.g. the name Prometheus scrapes the host by.
+    pub hosts: Vec<String>,
+}
+
+impl Access {
+    /// Refuses, in one sentence, an admin address other than loopback
+    /// without a token: anyone who could reach it could push to and kick
+    /// any device.
+    pub fn check_bind(&self, addr: SocketAddr) -> Result<(), String> {
+        if self.token.is_none() && !addr.ip().is_loopback() {
+            return Err(format!(
+                "--admin {addr} is not a loopback address, so anyone who can reach it could push to and kick devices: give it --admin-token-file FILE (a bearer token of at least {MIN_TOKEN_LEN} bytes) or bind it to 127.0.0.1"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a request's `Host` value names the admin listener at `addr`:
+/// its port, and its address, `localhost` (when it listens on loopback),
+/// any address of this host's (when it listens on all of them) or a name
+/// given with `--admin-host`. Anything else is a page that resolved its
+/// own name to this address (DNS rebinding).
+pub fn host_allowed(host: &str, addr: SocketAddr, names: &[String]) -> bool {
+    let host = host.trim();
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, "")) => (ip, 80),
+            Some((ip, port)) => match port.strip_prefix(':').and_then(|p| p.parse().ok()) {
+                Some(port) => (ip, port),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => match port.parse::<u16>() {
+                Ok(port) => (name, port),
+                Err(_) => return false,
+            },
+            None => (host, 80),
+        },
+    };
+    if port != addr.port() || name.is_empty() {
+        return false;
+    }
+    let listening = addr.ip();
+    match name.parse::<IpAddr>() {
+        Ok(ip) => {
+            ip == listening
+                || listening.is_unspecified()
+                || (listening.is_loopback() && ip.is_loopback())
+        }
+        Err(_) => {
+            (name.eq_ignore_ascii_case("localhost")
+                && (listening.is_loopback() || listening.is_unspecified()))
+                || names.iter().any(|n| n.eq_ignore_ascii_case(name))
+        }
+    }
+}
+
 /// The running admin listener; dropping it stops serving.
 pub struct Admin {
     view: Arc<Mutex<View>>,
-    server: Arc<tiny_http::Server>,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+/// What every handler thread shares.
+struct Ctx {
+    view: Arc<Mutex<View>>,
+    group: &'static str,
+    devices: Option<Devices>,
+    access: Access,
     addr: SocketAddr,
 }
 
 impl Admin {
-    /// Binds `addr` and serves it from a thread of its own. `group` names
+    /// Binds `addr` and serves it from threads of its own. `group` names
     /// the gauges' label: `shard`, or `worker` in a `--procs` parent (which
     /// sees only its workers' sums).
     pub fn start(
         addr: SocketAddr,
         group: &'static str,
         devices: Option<Devices>,
+        access: Access,
     ) -> Result<Admin, String> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| format!("cannot serve --admin on {addr}: {e}"))?;
-        let addr = server.server_addr().to_ip().unwrap_or(addr);
-        let server = Arc::new(server);
+        access.check_bind(addr)?;
+        let listener =
+            TcpListener::bind(addr).map_err(|e| format!("cannot serve --admin on {addr}: {e}"))?;
+        let addr = listener.local_addr().unwrap_or(addr);
         let view = Arc::new(Mutex::new(View::default()));
-        let (s, v) = (server.clone(), view.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = Arc::new(Ctx {
+            view: view.clone(),
+            group,
+            devices,
+            access,
+            addr,
+        });
+        let (tx, rx) = mpsc::sync_channel::<TcpStream>(QUEUED);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..HANDLERS {
+            let (ctx, rx) = (ctx.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name(format!("admin-{i}"))
+                .spawn(move || handle_all(&rx, &ctx))
+                .map_err(|e| format!("cannot start an admin thread: {e}"))?;
+        }
+        let s = stop.clone();
         std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || serve(&s, &v, group, devices.as_ref()))
+            .spawn(move || accept_all(&listener, &tx, &s))
             .map_err(|e| format!("cannot start the admin thread: {e}"))?;
-        Ok(Admin { view, server, addr })
+        Ok(Admin { view, stop, addr })
     }
 
     /// The address served (the port chosen, if `addr` asked for port 0).
@@ -107,7 +287,68 @@ impl Admin {
 
 impl Drop for Admin {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accepting thread: it sees the flag and ends, and the
+        // handlers end when its sending end is gone.
+        let ip = match self.addr.ip() {
+            IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let _ = TcpStream::connect_timeout(
+            &SocketAddr::new(ip, self.addr.port()),
+            Duration::from_secs(1),
+        );
+    }
+}
+
+/// How long accepting pauses after a failure that is not one connection's
+/// (out of descriptors or memory): never a tight loop, never the end.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+fn accept_all(listener: &TcpListener, tx: &SyncSender<TcpStream>, stop: &AtomicBool) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) =>
+            {
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+            Err(_) => continue,
+        };
+        match tx.try_send(stream) {
+            Ok(()) => {}
+            Err(TrySendError::Full(mut s)) => {
+                // Every handler is busy and the queue is full: say so
+                // without waiting on this client.
+                let _ = s.set_nonblocking(true);
+                let _ = s.write_all(&answer(
+                    503,
+                    "text/plain",
+                    "busy: too many admin requests at once\n",
+                    &[],
+                ));
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+fn handle_all(rx: &Mutex<Receiver<TcpStream>>, ctx: &Ctx) {
+    loop {
+        // The lock is held only while waiting for the next connection.
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(stream) = next else { return };
+        serve_one(stream, ctx);
     }
 }
 
@@ -163,48 +404,296 @@ impl Devices {
 /// How long an operator's request waits for the shards' answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// One request as read: what the routes look at.
+struct Request {
+    method: String,
+    path: String,
+    text: bool,
+    body: Vec<u8>,
+}
+
+/// An answer: status, Content-Type, body, extra headers.
+type Out = (u16, &'static str, String, Vec<(&'static str, &'static str)>);
+
+fn plain(status: u16, body: impl Into<String>) -> Out {
+    (status, "text/plain", body.into(), Vec::new())
+}
+
+/// Reads one request from `s` (within [`REQUEST_TIMEOUT`]), checks who
+/// sent it, answers it and closes.
+fn serve_one(mut s: TcpStream, ctx: &Ctx) {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+    let (status, ctype, body, extra) = match read_request(&mut s, deadline, ctx) {
+        Ok(req) => route(req, ctx),
+        Err(refusal) => refusal,
+    };
+    let _ = s.write_all(&answer(status, ctype, &body, &extra));
+    // Whatever the client still sends (a body not read) is taken, briefly,
+    // so that closing does not reset the connection before it reads the
+    // answer.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + Duration::from_millis(200);
+    let mut sink = [0u8; 4096];
+    for _ in 0..64 {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reads from `s` into `buf` until `deadline`: Ok(0) at EOF.
+fn read_some(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usize, Out> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(plain(408, "the request did not arrive in time\n"));
+    }
+    let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+    loop {
+        match s.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(plain(408, "the request did not arrive in time\n"))
+            }
+            Err(_) => return Err(plain(400, "could not read the request\n")),
+        }
+    }
+}
+
+/// The request on `s`, or the refusal to send instead: 400/408/411/413/431
+/// for what cannot be read, 403 for a browser's or a rebound name's, 401
+/// without the token.
+fn read_request(s: &mut TcpStream, deadline: Instant, ctx: &Ctx) -> Result<Request, Out> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    // Bounded: each turn reads at least one byte or ends, and the head is
+    // at most MAX_HEAD.
+    let head_len = loop {
+        let n = read_some(s, &mut chunk, deadline)?;
+        if n == 0 {
+            return Err(plain(400, "the request ended early\n"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => break n,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => continue,
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+                return Err(plain(431, "request head too large\n"))
+            }
+            Err(_) => return Err(plain(400, "not an HTTP request\n")),
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(&buf), Ok(httparse::Status::Complete(_))) {
+        return Err(plain(400, "not an HTTP request\n"));
+    }
+    let method = req.method.unwrap_or("").to_string();
+    let path = req.path.unwrap_or("");
+    let path = path.split('?').next().unwrap_or("").to_string();
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if header("origin").is_some() {
+        return Err(plain(
+            403,
+            "requests from web pages (with an Origin header) are refused: the admin port is for operators' tools\n",
+        ));
+    }
+    if let Some(host) = header("host") {
+        let host = std::str::from_utf8(host).unwrap_or("");
+        if !host_allowed(host, ctx.addr, &ctx.access.hosts) {
+            return Err(plain(
+                403,
+                "the Host header does not name this admin address (use its IP address, or a name given with --admin-host)\n",
+            ));
+        }
+    }
+    if let Some(token) = &ctx.access.token {
+        if path != "/healthz" {
+            let presented = header("authorization").and_then(bearer);
+            if !presented.is_some_and(|t| token.matches(t)) {
+                return Err((
+                    401,
+                    "text/plain",
+                    "this admin port needs Authorization: Bearer <the token in --admin-token-file>\n"
+                        .into(),
+                    vec![("WWW-Authenticate", "Bearer realm=\"c1m admin\"")],
+                ));
+            }
+        }
+    }
+    let text = header("content-type").is_some_and(|v| v.starts_with(b"text/"));
+    if header("transfer-encoding").is_some() {
+        return Err(plain(411, "send the body with a Content-Length\n"));
+    }
+    let length = match header("content-length") {
+        None => 0,
+        Some(v) => match std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            Some(n) => n,
+            None => return Err(plain(400, "bad Content-Length\n")),
+        },
+    };
+    // Only a push has a body worth reading; its size is checked before a
+    // byte of it is.
+    let wants_body =
+        method == "POST" && path.starts_with("/devices/") && path.ends_with("/messages");
+    let mut body = Vec::new();
+    if wants_body && length > 0 {
+        let max = ctx.devices.as_ref().map_or(0, |d| d.max_message);
+        if length > max {
+            return Err(plain(413, format!("over --max-message ({max} bytes)\n")));
+        }
+        body.extend_from_slice(&buf[head_len..buf.len().min(head_len + length)]);
+        while body.len() < length {
+            let want = (length - body.len()).min(chunk.len());
+            let n = read_some(s, &mut chunk[..want], deadline)?;
+            if n == 0 {
+                return Err(plain(400, "the body ended early\n"));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    Ok(Request {
+        method,
+        path,
+        text,
+        body,
+    })
+}
+
+/// The token of an `Authorization: Bearer <token>` value.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = (value.get(..7)?, &value[7..]);
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
+}
+
+/// The bytes of an HTTP/1.1 answer that closes the connection.
+fn answer(status: u16, ctype: &str, body: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in extra {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+fn route(req: Request, ctx: &Ctx) -> Out {
+    if let Some(rest) = req.path.strip_prefix("/devices/") {
+        let (status, body) = device_request(
+            ctx.devices.as_ref(),
+            req.method.as_str(),
+            rest,
+            req.text,
+            req.body,
+        );
+        let ctype = if status == 200 && body.starts_with('{') {
+            "application/json"
+        } else {
+            "text/plain"
+        };
+        let extra = if status == 405 {
+            vec![("Allow", "GET, POST, DELETE")]
+        } else {
+            Vec::new()
+        };
+        return (status, ctype, body, extra);
+    }
+    let get = req.method == "GET";
+    let get_only = || {
+        (
+            405,
+            "text/plain",
+            "GET only\n".to_string(),
+            vec![("Allow", "GET")],
+        )
+    };
+    match req.path.as_str() {
+        "/metrics" | "/healthz" if !get => get_only(),
+        "/metrics" => {
+            let v = lock(&ctx.view).clone();
+            (
+                200,
+                CONTENT_TYPE,
+                render(ctx.group, &v.snaps, &v.totals),
+                Vec::new(),
+            )
+        }
+        "/healthz" if lock(&ctx.view).stopping => plain(503, "stopping\n"),
+        "/healthz" => plain(200, "ok\n"),
+        _ if !get => get_only(),
+        _ => plain(404, "not found\n"),
+    }
+}
+
 /// `GET`, `POST .../messages` or `DELETE` on `/devices/<id>`:
 /// (status, body).
 fn device_request(
     devices: Option<&Devices>,
-    req: &mut tiny_http::Request,
+    method: &str,
     rest: &str,
+    text: bool,
+    payload: Vec<u8>,
 ) -> (u16, String) {
     let Some(devices) = devices else {
         return (501, "device endpoints are not served here\n".into());
     };
-    let method = req.method().clone();
     let (id, messages) = match rest.strip_suffix("/messages") {
         Some(id) => (id, true),
         None => (rest, false),
     };
-    if !valid_id(id) {
+    // `aa%3Abb` is `aa:bb`, as a client that encodes every `:` sends it.
+    let id = percent_decode(id);
+    let Some(id) = id.as_deref().filter(|id| valid_id(id)) else {
         return (400, "invalid device id\n".into());
-    }
-    let ask = match (&method, messages) {
-        (tiny_http::Method::Get, false) => Ask::Lookup,
-        (tiny_http::Method::Delete, false) => Ask::Kick,
-        (tiny_http::Method::Post, true) => {
-            let text = req
-                .headers()
-                .iter()
-                .any(|h| h.field.equiv("Content-Type") && h.value.as_str().starts_with("text/"));
-            let mut payload = Vec::new();
-            let limit = devices.max_message as u64 + 1;
-            if req
-                .as_reader()
-                .take(limit)
-                .read_to_end(&mut payload)
-                .is_err()
-            {
-                return (400, "could not read the body\n".into());
-            }
-            if payload.len() > devices.max_message {
-                return (
-                    413,
-                    format!("over --max-message ({} bytes)\n", devices.max_message),
-                );
-            }
+    };
+    let ask = match (method, messages) {
+        ("GET", false) => Ask::Lookup,
+        ("DELETE", false) => Ask::Kick,
+        ("POST", true) => {
             if text && std::str::from_utf8(&payload).is_err() {
                 return (400, "a text/* body must be UTF-8\n".into());
             }
@@ -233,52 +722,6 @@ fn device_json(id: &str, d: &DeviceInfo, (worker, shard): (usize, u32)) -> Strin
         "{{\"id\":\"{id}\",\"worker\":{worker},\"shard\":{shard},\"connected_since_unix_ms\":{},\"last_heard_unix_ms\":{},\"remote\":{remote}}}\n",
         d.connected_since_ms, d.last_heard_ms
     )
-}
-
-fn serve(
-    server: &tiny_http::Server,
-    view: &Mutex<View>,
-    group: &'static str,
-    devices: Option<&Devices>,
-) {
-    // Ends when the Admin is dropped (unblock).
-    for mut req in server.incoming_requests() {
-        let url = req.url().split('?').next().unwrap_or("").to_string();
-        let (status, ctype, body) = if let Some(rest) = url.strip_prefix("/devices/") {
-            let (status, body) = device_request(devices, &mut req, rest);
-            let ctype = if status == 200 && body.starts_with('{') {
-                "application/json"
-            } else {
-                "text/plain"
-            };
-            (status, ctype, body)
-        } else {
-            let path = url.as_str();
-            let get = *req.method() == tiny_http::Method::Get;
-            match path {
-                "/metrics" | "/healthz" if !get => (405, "text/plain", "GET only\n".into()),
-                "/metrics" => {
-                    let v = lock(view).clone();
-                    (200, CONTENT_TYPE, render(group, &v.snaps, &v.totals))
-                }
-                "/healthz" if lock(view).stopping => (503, "text/plain", "stopping\n".into()),
-                "/healthz" => (200, "text/plain", "ok\n".to_string()),
-                _ if !get => (405, "text/plain", "GET only\n".into()),
-                _ => (404, "text/plain", "not found\n".into()),
-            }
-        };
-        let mut resp = tiny_http::Response::from_string(body).with_status_code(status);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()) {
-            resp.add_header(h);
-        }
-        if status == 405 && !url.starts_with("/devices/") {
-            if let Ok(h) = tiny_http::Header::from_bytes(&b"Allow"[..], &b"GET"[..]) {
-                resp.add_header(h);
-            }
-        }
-        // A client that went away is no concern of the server's.
-        let _ = req.respond(resp);
-    }
 }
 
 /// The counters, as (name, help, [(reason label, value)]): a reason of
@@ -518,6 +961,79 @@ mod tests {
             .map(|(_, v)| v)
             .sum();
         assert_eq!(closed, all.closed());
+    }
+
+    #[test]
+    fn host_must_name_the_admin_address() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let names = vec!["ops.example".to_string()];
+        let lo = a("127.0.0.1:9100");
+        for ok in [
+            "127.0.0.1:9100",
+            "127.0.0.2:9100",
+            "localhost:9100",
+            "LOCALHOST:9100",
+            "ops.example:9100",
+            " 127.0.0.1:9100 ",
+        ] {
+            assert!(host_allowed(ok, lo, &names), "{ok}");
+        }
+        for bad in [
+            "evil.example:9100",
+            "127.0.0.1:9101",
+            "127.0.0.1",
+            "127.0.0.1:",
+            ":9100",
+            "[::1]:9100x",
+            "10.0.0.1:9100",
+            "",
+            "localhost.evil.example:9100",
+        ] {
+            assert!(!host_allowed(bad, lo, &names), "{bad}");
+        }
+        let v6 = a("[::1]:9100");
+        assert!(host_allowed("[::1]:9100", v6, &[]));
+        assert!(host_allowed("localhost:9100", v6, &[]));
+        assert!(!host_allowed("[::1]", v6, &[]));
+        let any = a("0.0.0.0:9100");
+        assert!(host_allowed("10.0.0.1:9100", any, &[]));
+        assert!(!host_allowed("c1m.example:9100", any, &[]));
+        let one = a("10.0.0.1:80");
+        assert!(host_allowed("10.0.0.1", one, &[]));
+        assert!(!host_allowed("10.0.0.2", one, &[]));
+        assert!(!host_allowed("localhost", one, &[]));
+    }
+
+    #[test]
+    fn the_token_matches_itself_only() {
+        let t = Token::new(b"0123456789abcdef").unwrap();
+        assert!(t.matches(b"0123456789abcdef"));
+        assert!(!t.matches(b"0123456789abcdeF"));
+        assert!(!t.matches(b"0123456789abcde"));
+        assert!(!t.matches(b""));
+        assert!(Token::new(b"short").is_err());
+        assert!(Token::new(b"0123456789 abcdef").is_err());
+        assert_eq!(bearer(b"Bearer abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer"), None);
+        assert_eq!(format!("{t:?}"), "Token(..)");
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let open = Access::default();
+        assert!(open.check_bind(a("127.0.0.1:1")).is_ok());
+        assert!(open.check_bind(a("[::1]:1")).is_ok());
+        let err = open.check_bind(a("0.0.0.0:1")).unwrap_err();
+        assert!(err.contains("--admin-token-file"), "{err}");
+        assert!(open.check_bind(a("10.0.0.1:1")).is_err());
+        let locked = Access {
+            token: Some(Token::new(b"0123456789abcdef").unwrap()),
+            hosts: Vec::new(),
+        };
+        assert!(locked.check_bind(a("0.0.0.0:1")).is_ok());
     }
 
     #[test]

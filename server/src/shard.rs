@@ -532,13 +532,14 @@ impl State {
         ));
     }
 
-    /// Logs a resource problem at most once per stats interval: under load
-    /// it repeats for every connection, and one line says it all.
+    /// Logs a resource problem at most once a second: under load it
+    /// repeats for every connection, and one line says it all (whatever
+    /// --stats-interval is: with the stats line off it would be an hour).
     fn warn(&mut self, msg: std::fmt::Arguments) {
         let now = Instant::now();
         if self
             .warned_at
-            .is_none_or(|t| now >= t + self.cfg.stats_interval)
+            .is_none_or(|t| now >= t + Duration::from_secs(1))
         {
             eprintln!("shard {}: {msg}", self.id);
             self.warned_at = Some(now);
@@ -671,7 +672,7 @@ impl State {
                 // Before fullness: a device without a good token learns nothing else.
                 if let Some(keys) = &self.cfg.auth {
                     use crate::proto::auth::{unix_now, Denied};
-                    if let Err(why) = keys.verify(u.id, u.token, unix_now()) {
+                    if let Err(why) = keys.verify(&u.id, u.token, unix_now()) {
                         *match why {
                             Denied::Missing => &mut self.counters.auth_missing,
                             Denied::Bad => &mut self.counters.auth_bad,
@@ -683,7 +684,7 @@ impl State {
                 if full {
                     return Err(Reject::Full);
                 }
-                id = Some(DeviceId::new(u.id));
+                id = Some(DeviceId::new(&u.id));
                 if trust {
                     *forwarded = u.forwarded_for;
                 }

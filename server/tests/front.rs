@@ -120,7 +120,8 @@ impl Server {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(
             s,
-            "GET /devices/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET /devices/{id} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
         )
         .unwrap();
         let mut out = String::new();

@@ -389,7 +389,7 @@ fn nats_lifecycle_events_are_exact_and_in_order_per_device() {
     let mut s = TcpStream::connect(&admin).unwrap();
     std::io::Write::write_all(
         &mut s,
-        b"DELETE /devices/kicked HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        format!("DELETE /devices/kicked HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes(),
     )
     .unwrap();
     let mut answer = String::new();
@@ -724,6 +724,69 @@ fn nats_exclusive_closes_the_older_connection_on_another_server() {
     assert_eq!(field(&l, "replaced"), 1, "{l}");
 }
 
+/// Publishes `payload` on `subject`, as any client of the broker could.
+fn publish(nats: &Nats, subject: &str, payload: String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        client
+            .publish(subject.to_string(), payload.into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+    })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// --nats-exclusive obeys another server's connect event only when its
+/// time is at most 30 s ahead of this server's clock: one from an hour
+/// ahead (a wrong clock, or a forger on the events subject) is refused
+/// and counted as connects_refused, and the device stays; one from now
+/// replaces it with 4000.
+fn nats_exclusive_refuses_connect_events_from_too_far_ahead() {
+    let Some(nats) = Nats::start(false) else {
+        return;
+    };
+    let a = Server::start(&nats, &["--server-id", "sk-a", "--nats-exclusive"]);
+    let mut held = a.ws("skewed");
+    let event = |ahead_ms: u64| {
+        format!(
+            r#"{{"event":"connected","id":"skewed","server":"elsewhere","worker":0,"time_ms":{}}}"#,
+            unix_ms() + ahead_ms
+        )
+    };
+    // Until the server's subscription is up and has refused one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        publish(&nats, "c1m.events.connected", event(3_600_000));
+        std::thread::sleep(Duration::from_millis(200));
+        let l = a.wait_stats("a stats line", |_| true);
+        if field(&l, "connects_refused") >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused: {l}");
+    }
+    held.send(Message::Ping(b"hb".to_vec())).unwrap();
+    assert_eq!(held.read().unwrap(), Message::Pong(b"hb".to_vec()));
+    let l = a.wait_stats("the counters", |_| true);
+    assert_eq!(field(&l, "replaced"), 0, "{l}");
+    // Within the bound, the event is obeyed.
+    publish(&nats, "c1m.events.connected", event(1_000));
+    match held.read() {
+        Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4000, "{f:?}"),
+        other => panic!("a connect event from now did not replace it: {other:?}"),
+    }
+}
+
 macro_rules! nats_on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -741,4 +804,5 @@ nats_on_both_backends!(
     nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes,
     nats_presence_is_written_again_when_the_broker_comes_back_empty,
     nats_exclusive_closes_the_older_connection_on_another_server,
+    nats_exclusive_refuses_connect_events_from_too_far_ahead,
 );

@@ -126,9 +126,20 @@ struct Args {
     #[argh(option)]
     auth_secret_file: Option<PathBuf>,
     /// serve GET /metrics (Prometheus) and /healthz over HTTP on this
-    /// address, e.g. 127.0.0.1:9100; never the device port (default: off)
+    /// address, e.g. 127.0.0.1:9100; never the device port; an address
+    /// other than loopback needs --admin-token-file (default: off)
     #[argh(option)]
     admin: Option<SocketAddr>,
+    /// every --admin request but /healthz needs `Authorization: Bearer
+    /// <token>` with the token on this file's first line (16 bytes or
+    /// more), else 401 (default: none, and then --admin must be loopback)
+    #[argh(option)]
+    admin_token_file: Option<PathBuf>,
+    /// a name the --admin port may be reached by (its Host header), besides
+    /// its address, e.g. the host name Prometheus scrapes; repeatable
+    /// (default: addresses only, and localhost on loopback)
+    #[argh(option)]
+    admin_host: Vec<String>,
     /// expect a PROXY protocol header (v1 or v2) first on every device
     /// connection, as a front sends with nginx `proxy_protocol on;` or
     /// HAProxy `send-proxy`/`send-proxy-v2`; its source address becomes the
@@ -423,6 +434,38 @@ fn run(args: Args) -> Result<(), String> {
             args.listen
         ));
     }
+    // Loaded and checked before any worker starts: the token stays in this
+    // process (the --procs parent serves the admin port), and an open
+    // admin port on a reachable address is refused.
+    let admin_access = c1m::admin::Access {
+        token: match &args.admin_token_file {
+            Some(path) => Some(c1m::admin::Token::load(path)?),
+            None => None,
+        },
+        hosts: args.admin_host.clone(),
+    };
+    if let Some(admin) = args.admin {
+        admin_access.check_bind(admin)?;
+    }
+    // A push to a device of another --procs worker crosses the link in one
+    // frame: the largest message must fit in one.
+    if args.max_message > c1m::procs::wire::MAX_MESSAGE {
+        return Err(format!(
+            "--max-message {} bytes is over {} bytes ({}MiB), the most one push can carry between --procs workers (a link frame holds {}MiB)",
+            args.max_message,
+            c1m::procs::wire::MAX_MESSAGE,
+            c1m::procs::wire::MAX_MESSAGE >> 20,
+            c1m::procs::wire::MAX_FRAME >> 20
+        ));
+    }
+    // The wheel and the heartbeat-interval histogram count whole
+    // milliseconds per tick.
+    if args.tick < Duration::from_millis(1) {
+        return Err(format!(
+            "--tick {:?} is under 1ms, the finest the wheel and the heartbeat-interval histogram count in",
+            args.tick
+        ));
+    }
     // Loaded here, before any worker starts, so that a bad file is one
     // error; --procs workers get the path (they re-run these arguments),
     // never the secret.
@@ -466,6 +509,7 @@ fn run(args: Args) -> Result<(), String> {
             stats_interval: args.stats_interval,
             worker_stats: args.worker_stats,
             admin: args.admin,
+            admin_access,
             max_message: args.max_message,
             registry_capacity,
         }
@@ -631,15 +675,22 @@ fn run(args: Args) -> Result<(), String> {
                 route: c1m::admin::Route::Local(outside.clone()),
                 max_message: args.max_message,
             }),
+            admin_access,
         )?),
         None => None,
     };
 
     let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
+    // A shard that ends before it was told to stop (its driver failed, or
+    // it panicked outside the parser's containment) says so here: the
+    // process then ends whole, never serving on N-1 shards with the ids
+    // that shard owned lost from the registry.
+    let (died_tx, died_rx) = mpsc::channel::<String>();
     let mut handles = Vec::new();
     for (id, ((&cpu, listener), mail)) in cores.iter().zip(listeners).zip(mail).enumerate() {
         let cfg = cfg.clone();
         let tx = report_tx.clone();
+        let died = died_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{id}"))
             // glommio pins 10 MiB per executor for DMA file I/O by default;
@@ -647,18 +698,23 @@ fn run(args: Args) -> Result<(), String> {
             // gigabytes. 64 KiB is glommio's minimum.
             .io_memory(64 << 10)
             .spawn(move || async move {
-                let result = shard::run(backend, id, cfg, listener, mail, tx);
-                // Said at once: the other shards keep serving their devices.
-                result.map_err(|e| {
-                    let msg = format!("shard {id} on CPU {cpu} stopped: {e}");
-                    eprintln!("server: {msg}");
-                    msg
-                })
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    shard::run(backend, id, cfg, listener, mail, tx)
+                }));
+                let cause = match result {
+                    Ok(Ok(totals)) => return Ok(totals),
+                    Ok(Err(e)) => format!("its I/O loop failed: {e}"),
+                    Err(panic) => format!("it panicked: {}", panic_message(&*panic)),
+                };
+                let msg = format!("shard {id} on CPU {cpu} stopped: {cause}");
+                let _ = died.send(msg.clone());
+                Err(msg)
             })
             .map_err(|e| format!("cannot start a shard on CPU {cpu}: {e}; check --cores against the CPUs this process may use"))?;
         handles.push(handle);
     }
     drop(report_tx);
+    drop(died_tx);
     eprintln!(
         "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {})",
         args.listen,
@@ -682,10 +738,38 @@ fn run(args: Args) -> Result<(), String> {
     let mut prev_at = start;
     let mut next_print = start + args.stats_interval;
     let mut stopping = false;
+    // Set when a shard died: what ends the process with a failure, and the
+    // moment past which it no longer waits for the others to drain.
+    let mut died: Option<(String, Instant)> = None;
     // Every shard holds a sender: the channel disconnects once all have
     // ended, whether they drained, failed or panicked.
     let mut running = true;
     while running {
+        if died.is_none() {
+            if let Ok(why) = died_rx.try_recv() {
+                // One sentence, at once; the others drain as on SIGTERM.
+                eprintln!("server: {why}; ending the whole process (exit 1) so that it is restarted whole (the --procs parent or systemd does it)");
+                died = Some((
+                    why,
+                    Instant::now() + args.drain_timeout + Duration::from_secs(2),
+                ));
+                if !stopping {
+                    stopping = true;
+                    for shard in &outside {
+                        shard.send_now(c1m::mailbox::Mail::Shutdown);
+                    }
+                    if let Some(a) = &admin {
+                        a.stopping();
+                    }
+                }
+            }
+        }
+        if let Some((_, by)) = &died {
+            if Instant::now() >= *by {
+                // A shard that does not drain in time is not waited for.
+                std::process::exit(1);
+            }
+        }
         // Wait for a signal, at most until the next stats line.
         let until_print = if print_stats {
             next_print.saturating_duration_since(Instant::now())
@@ -759,6 +843,10 @@ fn run(args: Args) -> Result<(), String> {
             Err(e) => failed.push(format!("a shard panicked: {e:?}")),
         }
     }
+    if died.is_some() {
+        // Already said in one sentence; the exit status says the rest.
+        failed.clear();
+    }
     let mut sum = Counters::default();
     latest.iter().for_each(|s| sum.add(&s.totals));
     // The shards have ended (their last events are queued): publish the
@@ -773,6 +861,9 @@ fn run(args: Args) -> Result<(), String> {
         stats::totals(&sum),
         nats_line.unwrap_or_default()
     );
+    if died.is_some() {
+        std::process::exit(1);
+    }
     if failed.is_empty() {
         Ok(())
     } else {
@@ -839,6 +930,15 @@ fn start_publisher(
     Ok(started)
 }
 
+/// A panic's message, for the one sentence that says a shard died.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 fn nats_stats(p: &c1m::events::publisher::Publisher) -> String {
     nats_counts(&p.stats)
 }
@@ -846,13 +946,14 @@ fn nats_stats(p: &c1m::events::publisher::Publisher) -> String {
 fn nats_counts(s: &c1m::events::publisher::Stats) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     format!(
-        " nats_published={} nats_publish_errors={} presence_dropped={} broker_connects={} pushes_routed={} pushes_delivered={}",
+        " nats_published={} nats_publish_errors={} presence_dropped={} broker_connects={} pushes_routed={} pushes_delivered={} connects_refused={}",
         s.published.load(Relaxed),
         s.publish_errors.load(Relaxed),
         s.presence_dropped.load(Relaxed),
         s.broker_connects.load(Relaxed),
         s.pushes_routed.load(Relaxed),
-        s.pushes_delivered.load(Relaxed)
+        s.pushes_delivered.load(Relaxed),
+        s.connects_refused.load(Relaxed)
     )
 }
 

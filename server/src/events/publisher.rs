@@ -91,6 +91,9 @@ pub struct Stats {
     pub broker_connects: AtomicU64,
     pub pushes_routed: AtomicU64,
     pub pushes_delivered: AtomicU64,
+    /// --nats-exclusive: connect events refused for a time too far ahead
+    /// ([`MAX_CLOCK_SKEW_MS`]).
+    pub connects_refused: AtomicU64,
 }
 
 /// The running publisher.
@@ -338,6 +341,7 @@ async fn run(
             client.clone(),
             subjects.clone(),
             cfg.clone(),
+            stats.clone(),
         ));
     }
 
@@ -600,6 +604,15 @@ async fn route_pushes(
     }
 }
 
+/// How far in the future another server's connect event may claim to be
+/// (its clock ahead of ours): past it the event is refused, not obeyed.
+pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
+
+/// Whether a connect event stamped `time_ms` is within the skew of `now_ms`.
+pub fn believable(time_ms: u64, now_ms: u64) -> bool {
+    time_ms <= now_ms.saturating_add(MAX_CLOCK_SKEW_MS)
+}
+
 /// --nats-exclusive: one connection per id across servers. Every server
 /// reads the other servers' connect events; a device held here that
 /// connected there later is closed here with 4000 "replaced" (its owner
@@ -610,7 +623,7 @@ async fn route_pushes(
 /// owner shard is its own (the owner reaches the holder in any worker);
 /// events of this server's other workers are skipped, as the registry
 /// across workers has already done the same.
-async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config) {
+async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config, stats: Arc<Stats>) {
     let mut sub = match client.subscribe(subjects.connected.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -630,6 +643,12 @@ async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config) {
                 continue;
             };
             if c.server == cfg.origin.server {
+                continue;
+            }
+            if !believable(c.time_ms, event::unix_ms()) {
+                // A clock far ahead, or a forged event: it would close
+                // every later connection of that id too.
+                stats.connects_refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let owner = crate::registry::owner(&c.id, cfg.shards_total);
@@ -791,6 +810,16 @@ mod tests {
     use super::*;
     use crate::proto::device_id::DeviceId;
     use crate::registry::Location;
+
+    #[test]
+    fn a_connect_event_from_too_far_ahead_is_not_believed() {
+        let now = 1_700_000_000_000;
+        assert!(believable(now - 5_000, now));
+        assert!(believable(now + MAX_CLOCK_SKEW_MS, now));
+        assert!(!believable(now + MAX_CLOCK_SKEW_MS + 1, now));
+        assert!(!believable(u64::MAX, now));
+        assert!(believable(u64::MAX, u64::MAX));
+    }
 
     /// The reused buffers make the same subject and value as the plain
     /// functions the router reads them with, event after event.

@@ -149,6 +149,7 @@ pub struct EpollDriver {
     scratch: Box<[u8]>,
     max_pending: usize,
     stats: IoStats,
+    fault: super::FaultHook,
 }
 
 impl EpollDriver {
@@ -170,6 +171,7 @@ impl EpollDriver {
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             max_pending: cfg.max_pending,
             stats: IoStats::default(),
+            fault: super::FaultHook::from_env(),
         })
     }
 
@@ -339,6 +341,7 @@ impl Driver for EpollDriver {
     }
 
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        self.fault.fire()?;
         if self.cursor < self.ready || self.reading.is_some() || !self.fresh.is_empty() {
             return Ok(()); // events not taken yet
         }
@@ -379,6 +382,7 @@ impl Driver for EpollDriver {
                             }
                         }
                         let token = self.conns[r.key].token;
+                        self.fault.saw(&self.scratch[..n]);
                         return Some(Event::Data(token, &mut self.scratch[..n]));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -108,6 +108,9 @@ pub struct IoStats {
     /// io_uring: IORING_OP_ASYNC_CANCEL requests submitted. The design
     /// submits none; this counter proves it.
     pub cancels: u64,
+    /// io_uring: submits of a full submission queue (each try counted;
+    /// past a bound the driver gives up and its wait fails).
+    pub sq_full: u64,
 }
 
 /// One event loop's I/O. The user drives it: [`Driver::wait`], then
@@ -212,6 +215,59 @@ pub struct DriverConfig {
     /// Most output bytes held for one connection (a peer that does not read
     /// is closed past it, by the user on [`Sent::Overflow`]).
     pub max_pending: usize,
+}
+
+/// Test hook: with `C1M_INJECT_SHARD_FAILURE=error` (or `=panic`) in the
+/// environment, a driver that reads [`INJECT_SHARD_FAILURE`] from any
+/// connection fails its next [`Driver::wait`] with an error (or panics
+/// there, outside any contained parser), as a broken ring or a bug would:
+/// the tests of a shard's death use it. Off unless the variable is set;
+/// never set it in production.
+pub const INJECT_SHARD_FAILURE: &[u8] = b"c1m-inject-shard-failure";
+
+#[derive(Debug, Default)]
+pub(crate) struct FaultHook {
+    /// Some(true): panic; Some(false): an error; None: off.
+    panic: Option<bool>,
+    armed: bool,
+}
+
+impl FaultHook {
+    pub(crate) fn from_env() -> FaultHook {
+        let panic = match std::env::var("C1M_INJECT_SHARD_FAILURE").as_deref() {
+            Ok("error") => Some(false),
+            Ok("panic") => Some(true),
+            _ => None,
+        };
+        FaultHook {
+            panic,
+            armed: false,
+        }
+    }
+
+    /// Looks for the marker in bytes read (only when the hook is on).
+    pub(crate) fn saw(&mut self, bytes: &[u8]) {
+        if self.panic.is_some()
+            && bytes
+                .windows(INJECT_SHARD_FAILURE.len())
+                .any(|w| w == INJECT_SHARD_FAILURE)
+        {
+            self.armed = true;
+        }
+    }
+
+    /// Fails as asked once the marker was seen.
+    pub(crate) fn fire(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.armed) {
+            return Ok(());
+        }
+        if self.panic == Some(true) {
+            panic!("injected panic in the I/O loop (C1M_INJECT_SHARD_FAILURE=panic)");
+        }
+        Err(io::Error::other(
+            "injected driver failure (C1M_INJECT_SHARD_FAILURE=error)",
+        ))
+    }
 }
 
 /// Turns a negative system call result into the error it stands for.

@@ -22,6 +22,7 @@
 //! - The completion queue is sized for bursts; with FEAT_NODROP the kernel
 //!   holds what does not fit, and every wait that sees that is counted.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -48,6 +49,13 @@ const BGID: u16 = 7;
 /// A send buffer larger than this is freed, not kept for reuse.
 const KEEP_SEND_BUF: usize = 4096;
 const KEEP_SEND_BUFS: usize = 1024;
+/// Submits tried for one SQE while the submission queue stays full before
+/// the driver gives up (its next wait fails, and with it the shard): about
+/// a second when the kernel answers EAGAIN (out of memory) every time.
+const PUSH_TRIES: u32 = 1000;
+/// Completions moved out of the kernel's queue at most while submits are
+/// refused (EBUSY: the completion queue is backed up).
+const BACKLOG_MAX: usize = 64 * 1024;
 
 /// What a completion is about: the top byte of its user_data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +216,15 @@ pub struct UringDriver {
     wake: Option<OwnedFd>,
     max_pending: usize,
     stats: IoStats,
+    fault: super::FaultHook,
+    /// Completions taken from the ring while a full submission queue could
+    /// not be submitted; handed out first.
+    backlog: VecDeque<cqueue::Entry>,
+    /// Why the ring cannot go on: the next wait returns it.
+    stuck: Option<String>,
+    /// Tests: every submit fails with this errno.
+    #[cfg(test)]
+    fail_submits: Option<i32>,
 }
 
 /// Whether io_uring has what this backend needs here: a ring with the
@@ -304,16 +321,31 @@ impl UringDriver {
             wake: None,
             max_pending: cfg.max_pending,
             stats: IoStats::default(),
+            fault: super::FaultHook::from_env(),
+            backlog: VecDeque::new(),
+            stuck: None,
+            #[cfg(test)]
+            fail_submits: None,
         })
     }
 
     /// Queues one SQE, submitting first if the queue is full. Every SQE
     /// passes here, so the cancel count is the whole truth.
+    ///
+    /// A full queue is submitted (counted in `sq_full`); while the kernel
+    /// refuses (EBUSY: completions backed up; EAGAIN: no memory) the
+    /// completions are moved out of its way between tries, and after
+    /// [`PUSH_TRIES`] the driver gives up: the SQE is dropped and the next
+    /// [`Driver::wait`] fails, in one sentence, never a spin.
     fn push(&mut self, e: squeue::Entry) {
         if e.get_opcode() == opcode::AsyncCancel::CODE as u32 {
             self.stats.cancels += 1;
         }
-        loop {
+        if self.stuck.is_some() {
+            return;
+        }
+        let mut last = None;
+        for _ in 0..PUSH_TRIES {
             // SAFETY: this is the only SubmissionQueue alive (single thread,
             // dropped at the end of the block), and every buffer an SQE
             // points to lives until its completion.
@@ -321,10 +353,49 @@ impl UringDriver {
             if pushed {
                 return;
             }
-            // Full: hand what is queued to the kernel (EBUSY: the CQ is
-            // backed up; the loop drains it before its next wait).
-            let _ = self.submitter.submit();
+            self.stats.sq_full += 1;
+            match self.submit() {
+                Ok(_) => {}
+                Err(err) => {
+                    match err.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        Some(libc::EBUSY) => self.drain_completions(),
+                        Some(libc::EAGAIN) => {
+                            self.drain_completions();
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        _ => {
+                            last = Some(err);
+                            break;
+                        }
+                    }
+                    last = Some(err);
+                }
+            }
         }
+        self.stuck = Some(format!(
+            "io_uring: the submission queue stayed full through {PUSH_TRIES} submits ({}): the ring is stuck",
+            last.map_or_else(|| "the kernel took nothing".into(), |e| e.to_string())
+        ));
+    }
+
+    fn submit(&mut self) -> io::Result<usize> {
+        #[cfg(test)]
+        if let Some(errno) = self.fail_submits {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        self.submitter.submit()
+    }
+
+    /// Moves what the completion queue holds into the backlog (up to
+    /// [`BACKLOG_MAX`]), so that the kernel can post the completions it
+    /// holds back and take submissions again.
+    fn drain_completions(&mut self) {
+        // SAFETY: the only CompletionQueue alive; dropped (publishing the
+        // new head) at the end of this function.
+        let cq = unsafe { self.ring.completion_shared() };
+        let room = BACKLOG_MAX.saturating_sub(self.backlog.len());
+        self.backlog.extend(cq.take(room));
     }
 
     fn arm_accept(&mut self) {
@@ -415,6 +486,9 @@ impl UringDriver {
     }
 
     fn next_cqe(&mut self) -> Option<cqueue::Entry> {
+        if let Some(e) = self.backlog.pop_front() {
+            return Some(e);
+        }
         // SAFETY: the only CompletionQueue alive; dropped (publishing the
         // new head) at the end of this function.
         unsafe { self.ring.completion_shared() }.next()
@@ -566,12 +640,16 @@ impl Driver for UringDriver {
     }
 
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        self.fault.fire()?;
+        if let Some(why) = &self.stuck {
+            return Err(io::Error::other(why.clone()));
+        }
         self.stats.waits += 1;
         // SAFETY: short-lived views; no other queue view is alive.
         let (ready, overflow) = unsafe {
             let sq = self.ring.submission_shared();
             let cq = self.ring.completion_shared();
-            (!cq.is_empty(), sq.cq_overflow())
+            (!cq.is_empty() || !self.backlog.is_empty(), sq.cq_overflow())
         };
         if overflow {
             self.stats.cq_overflows += 1;
@@ -651,6 +729,7 @@ impl Driver for UringDriver {
                             self.arm_recv(index);
                         }
                         self.lent = Some(b);
+                        self.fault.saw(self.bufs.bytes(b, res as usize));
                         return Some(Event::Data(token, self.bufs.bytes(b, res as usize)));
                     }
                     if let Some(b) = bid {
@@ -758,6 +837,56 @@ mod tests {
         assert_eq!(d.stats().cancels, 0);
         d.push(opcode::AsyncCancel::new(12345).build().user_data(0));
         assert_eq!(d.stats().cancels, 1);
+    }
+
+    #[test]
+    fn a_full_queue_the_kernel_keeps_refusing_is_given_up_in_one_sentence() {
+        let Some(mut d) = driver() else { return };
+        d.fail_submits = Some(libc::EBUSY);
+        let nop = || opcode::Nop::new().build().user_data(0);
+        // More than the queue holds: before, push() retried forever.
+        for _ in 0..SQ_ENTRIES + 2 {
+            d.push(nop());
+        }
+        assert_eq!(d.stats().sq_full, PUSH_TRIES as u64, "counted, bounded");
+        let err = d.wait(Duration::ZERO).unwrap_err().to_string();
+        assert!(err.contains("stayed full through 1000 submits"), "{err}");
+        assert!(err.contains("busy"), "{err}");
+        // Given up: nothing more is tried, the wait keeps failing.
+        d.push(nop());
+        assert_eq!(d.stats().sq_full, PUSH_TRIES as u64);
+        assert!(d.wait(Duration::ZERO).is_err());
+        d.fail_submits = None;
+    }
+
+    #[test]
+    fn completions_drained_while_submits_are_refused_are_still_delivered() {
+        let Some(mut d) = driver() else { return };
+        let mut fds = [0; 2];
+        // SAFETY: fds is valid for two descriptors.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: both are new and owned here.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        d.register(a, Token(4), false).unwrap();
+        d.wait(Duration::ZERO).unwrap();
+        while d.next().is_some() {}
+        socket::send(b.as_raw_fd(), b"held").unwrap();
+        // The recv completes in the kernel's next enter; refuse submits
+        // after it so that push() drains it into the backlog.
+        d.wait(Duration::from_millis(200)).unwrap();
+        d.fail_submits = Some(libc::EBUSY);
+        for _ in 0..SQ_ENTRIES + 1 {
+            d.push(opcode::Nop::new().build().user_data(0));
+        }
+        assert_eq!(d.backlog.len(), 1, "the completion moved aside");
+        match d.next() {
+            Some(Event::Data(Token(4), bytes)) => assert_eq!(bytes, b"held"),
+            other => panic!("{other:?}"),
+        }
+        d.fail_submits = None;
     }
 
     #[test]

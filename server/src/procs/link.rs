@@ -140,8 +140,7 @@ fn write_all(mut sock: UnixStream, outbox: Outbox) {
             }
         }
         if let Err(e) = sock.write_all(&buf) {
-            eprintln!("server: cannot write to the --procs parent ({e}); devices on other workers are no longer told of this worker's");
-            return;
+            end_worker(&format!("cannot write to the --procs parent ({e})"));
         }
     }
 }
@@ -158,11 +157,20 @@ fn read_all(mut sock: UnixStream, mut shards: Peers) {
         Ok(())
     });
     match ended {
-        // The parent is gone; PDEATHSIG stops this worker.
-        Ended::Closed => {}
-        Ended::Failed(e) => eprintln!("server: cannot read from the --procs parent ({e}); this worker no longer hears of devices on other workers"),
-        Ended::Malformed(why) => eprintln!("server: the --procs parent sent a malformed frame ({why}): link closed; please report this"),
+        Ended::Closed => end_worker("the --procs parent closed the link"),
+        Ended::Failed(e) => end_worker(&format!("cannot read from the --procs parent ({e})")),
+        Ended::Malformed(why) => end_worker(&format!(
+            "the --procs parent sent a malformed frame ({why}); please report this"
+        )),
     }
+}
+
+/// A worker without its link is half a server (its devices' ids unknown to
+/// the others, theirs to it): it ends at once, non-zero, in one sentence,
+/// and the parent starts it again whole.
+fn end_worker(why: &str) -> ! {
+    eprintln!("server: {why}: this worker ends so that the parent restarts it whole");
+    std::process::exit(1)
 }
 
 /// Why a link's reading stopped.

@@ -30,6 +30,8 @@ pub struct Supervisor {
     /// `--admin`: served here, once, for all workers (which never open it),
     /// from their stats lines, and the device endpoints through the switch.
     pub admin: Option<SocketAddr>,
+    /// Who may use it (`--admin-token-file`, `--admin-host`).
+    pub admin_access: crate::admin::Access,
     /// `--max-message`: the largest push the admin listener takes.
     pub max_message: usize,
     /// Connections all the workers can hold together: what the shared
@@ -173,6 +175,8 @@ impl Supervisor {
                 ("--worker-stats", false),
                 ("--stats-interval", true),
                 ("--admin", true),
+                ("--admin-token-file", true),
+                ("--admin-host", true),
             ],
         );
         args.extend([
@@ -256,6 +260,7 @@ impl Supervisor {
                     route: crate::admin::Route::Workers(switch.clone()),
                     max_message: self.max_message,
                 }),
+                self.admin_access.clone(),
             )?),
             None => None,
         };

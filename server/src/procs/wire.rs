@@ -23,6 +23,10 @@ pub const PARENT: u32 = u32::MAX;
 /// fixed fields. Longer is a broken peer, not a big message.
 pub const MAX_FRAME: usize = 16 << 20;
 
+/// The largest `--max-message`: a push of it, with its id and the fixed
+/// fields, always fits in one frame.
+pub const MAX_MESSAGE: usize = 15 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Registry(Msg),
@@ -410,6 +414,31 @@ mod tests {
             let _ = Frame::decode(&bytes);
             let _ = frame_len(&bytes);
         }
+    }
+
+    #[test]
+    fn the_largest_push_fits_in_one_frame() {
+        let mut b = Vec::new();
+        let frame = Frame {
+            to: u32::MAX - 1,
+            body: Body::Ask {
+                req: u64::MAX,
+                id: DeviceId::new(&"a".repeat(64)),
+                ask: Ask::Push {
+                    text: false,
+                    payload: vec![7; MAX_MESSAGE],
+                },
+                at: Some(Location {
+                    shard: u32::MAX,
+                    key: u32::MAX,
+                    gen: u32::MAX,
+                    since: u64::MAX,
+                }),
+            },
+        };
+        frame.encode(&mut b);
+        assert!(b.len() <= 4 + MAX_FRAME, "{} bytes", b.len());
+        assert_eq!(Frame::decode(&b).unwrap(), Some((frame, b.len())));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The upgrade request (sans-IO): parse a `GET /ws?id=<device-id>` head and
 //! answer either `101 Switching Protocols` or a real HTTP error.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
@@ -26,7 +27,9 @@ pub enum Parsed<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upgrade<'a> {
-    pub id: &'a str,
+    /// The id, percent-decoded (`aa%3Abb` is `aa:bb`, as Python's
+    /// urlencode sends it): borrowed from the request unless it had escapes.
+    pub id: Cow<'a, str>,
     /// The Sec-WebSocket-Key, 24 base64 characters.
     pub key: [u8; 24],
     /// The auth token, from `Authorization: Bearer <token>` or else from
@@ -229,10 +232,35 @@ fn rightmost_address(value: &[u8]) -> Option<IpAddr> {
         .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
-/// The `id` query parameter, if present and valid.
-pub fn device_id(query: &str) -> Option<&str> {
-    let value = query_param(query, "id=")?;
-    valid_id(value).then_some(value)
+/// The `id` query parameter, percent-decoded, if present and valid.
+pub fn device_id(query: &str) -> Option<Cow<'_, str>> {
+    let value = percent_decode(query_param(query, "id=")?)?;
+    valid_id(&value).then_some(value)
+}
+
+/// `s` with its `%XX` escapes decoded (RFC 3986 2.1), borrowed when it has
+/// none; None for a malformed escape or bytes that are not UTF-8. A `+` is
+/// left as it is (no valid id holds one either way).
+pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hi = hex(*bytes.get(i + 1)?)?;
+            let lo = hex(*bytes.get(i + 2)?)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// The value of the first query parameter starting with `prefix` (`name=`).
@@ -328,6 +356,35 @@ mod tests {
         format!(
             "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
         )
+    }
+
+    #[test]
+    fn a_percent_encoded_id_is_decoded_not_refused() {
+        for (target, id) in [
+            ("/ws?id=aa%3Abb", "aa:bb"),
+            ("/ws?id=aa%3abb%3A01", "aa:bb:01"),
+            ("/ws?x=1&id=%61b", "ab"),
+        ] {
+            match parse(request(target, "").as_bytes(), 8192) {
+                Parsed::Upgrade(u) => assert_eq!(u.id, id, "{target}"),
+                other => panic!("{target}: {other:?}"),
+            }
+        }
+        // Malformed escapes, and escapes of what no id may hold, are 400.
+        for target in [
+            "/ws?id=aa%3",
+            "/ws?id=aa%zz",
+            "/ws?id=a%2Fb",
+            "/ws?id=%ff",
+            "/ws?id=%",
+        ] {
+            match parse(request(target, "").as_bytes(), 8192) {
+                Parsed::Reject(r) => assert_eq!(r.status(), 400, "{target}"),
+                other => panic!("{target}: {other:?}"),
+            }
+        }
+        assert_eq!(percent_decode("plain").unwrap(), "plain");
+        assert!(matches!(percent_decode("plain"), Some(Cow::Borrowed(_))));
     }
 
     #[test]
@@ -552,7 +609,7 @@ mod tests {
         assert!(!valid_id(""));
         assert!(!valid_id("a/b"));
         assert!(!valid_id("a b"));
-        assert_eq!(device_id("x=1&id=abc&y=2"), Some("abc"));
+        assert_eq!(device_id("x=1&id=abc&y=2"), Some(Cow::Borrowed("abc")));
         assert_eq!(device_id("xid=abc"), None);
     }
 }
