@@ -54,6 +54,7 @@ fn main() {
         trust_forwarded: Vec::new(),
         events: None,
         tls: None,
+        udp: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

@@ -34,6 +34,10 @@ use crate::registry::{self, Location, Msg, Table};
 use crate::stats::{Counters, Snapshot};
 use crate::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
 
+#[path = "shard_udp.rs"]
+mod udp;
+pub use udp::UdpHeartbeat;
+
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub limits: Limits,
@@ -76,6 +80,9 @@ pub struct ShardConfig {
     /// --tls-cert/--tls-key: every connection speaks TLS (wss). Built once
     /// per process, shared by the shards. None: plaintext.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// --udp-heartbeat: tickets in the 101s, datagrams as heartbeats
+    /// (shard_udp.rs). None: no UDP socket, no cost.
+    pub udp: Option<UdpHeartbeat>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -329,6 +336,7 @@ impl<D: Driver> Shard<D> {
         cfg.validate().map_err(io::Error::other)?;
         io.listen(listener)?;
         io.watch_wake(inbox.wake_fd()?)?;
+        udp::watch(&cfg.udp, id, peers.base() + id, &mut io)?;
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
         let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
@@ -444,6 +452,7 @@ impl<D: Driver> Shard<D> {
                 // A shard connects to nothing.
                 Event::Connected(_) => {}
                 Event::Wake => st.read_mail(io),
+                Event::Datagram(bytes) => st.on_datagram(bytes),
             }
         }
     }
@@ -734,6 +743,9 @@ impl State {
         end: Option<Ending>,
     ) {
         let forwarded = self.forwarded.take();
+        if upgraded.is_some() {
+            self.add_ticket(key);
+        }
         if (!self.out.is_empty() || !self.sealed.is_empty()) && !self.write(io, key) {
             return;
         }
@@ -1529,6 +1541,7 @@ mod tests {
             trust_forwarded: Vec::new(),
             events: None,
             tls: None,
+            udp: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, peers) = crate::mailbox::wire(1).unwrap();

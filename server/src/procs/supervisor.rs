@@ -31,6 +31,15 @@ pub struct Supervisor {
     pub admin: Option<SocketAddr>,
     /// `--max-message`: the largest push the admin listener takes.
     pub max_message: usize,
+    /// `--udp-heartbeat`: the parent binds the UDP group, one socket per
+    /// shard of the whole server in global shard order, and hands worker i
+    /// the sockets of its shards. It keeps every socket open for its whole
+    /// life, so a worker that dies closes none of them: the group's order
+    /// never changes, datagrams for the dead worker's shards wait in their
+    /// sockets (or overflow them), and its replacement inherits the same
+    /// sockets at the same positions. Its new process has a new ticket key,
+    /// so its predecessor's tickets count as bad, as its connections are gone.
+    pub udp_heartbeat: bool,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -191,6 +200,7 @@ impl Supervisor {
         generation: u64,
         tx: &mpsc::Sender<Line>,
         switch: &Switch,
+        udp: &[socket2::Socket],
     ) -> Result<Worker, String> {
         let cpus = workers::cpus_for(i, self.procs, &self.cpus);
         // The worker's link to the others: a socket pair, the parent's end
@@ -203,8 +213,20 @@ impl Supervisor {
             theirs.as_raw_fd(),
             format!("{},{base},{total}", workers::LINK_FD),
         );
-        let child =
-            workers::spawn_generation(i, generation, &self.worker_args(&cpus), tx, Some(link))?;
+        let inherit: Vec<i32> = udp
+            .iter()
+            .skip(base as usize)
+            .take(cpus.len())
+            .map(|s| s.as_raw_fd())
+            .collect();
+        let child = workers::spawn_generation(
+            i,
+            generation,
+            &self.worker_args(&cpus),
+            tx,
+            Some(link),
+            &inherit,
+        )?;
         drop(theirs); // the child has its copy; its exit must end ours
         Ok(Worker {
             child,
@@ -231,6 +253,18 @@ impl Supervisor {
             .map(|i| workers::cpus_for(i, self.procs, &self.cpus).len())
             .collect();
         let switch = Switch::new(&shards);
+        let udp = if self.udp_heartbeat {
+            crate::io::udp::bind_group(self.listen, shards.iter().sum())
+                .and_then(|g| g.into_iter().map(crate::io::udp::above_low_fds).collect())
+                .map_err(|e| {
+                    format!(
+                        "--udp-heartbeat: cannot bind UDP {}: {e}; is another server running there?",
+                        self.listen
+                    )
+                })?
+        } else {
+            Vec::new()
+        };
         let admin = match self.admin {
             Some(addr) => Some(crate::admin::Admin::start(
                 addr,
@@ -245,7 +279,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel::<Line>();
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
-            match self.start(i, 0, &tx, &switch) {
+            match self.start(i, 0, &tx, &switch, &udp) {
                 Ok(w) => ws.push(w),
                 Err(e) => {
                     stop_all(&mut ws);
@@ -332,7 +366,7 @@ impl Supervisor {
                 // Everything its shards held is gone from now: the others
                 // forget what pointed there and register theirs again.
                 let died = crate::shard::monotonic_ns();
-                match self.start(i, generation, &tx, &switch) {
+                match self.start(i, generation, &tx, &switch, &udp) {
                     Ok(mut fresh) => {
                         switch.resync(i, died);
                         fresh.tally = std::mem::take(&mut w.tally);

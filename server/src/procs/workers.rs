@@ -65,7 +65,7 @@ pub struct Line {
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
 /// lines arrive on `lines` (a reader thread per stream, ending at EOF).
 pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
-    spawn_generation(worker, 0, args, lines, None)
+    spawn_generation(worker, 0, args, lines, None, &[])
 }
 
 /// The descriptor a worker finds its link to the parent at (see
@@ -81,6 +81,7 @@ pub fn spawn_generation(
     args: &[String],
     lines: &Sender<Line>,
     link: Option<(RawFd, String)>,
+    inherit: &[RawFd],
 ) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = Command::new(&exe);
@@ -88,6 +89,11 @@ pub fn spawn_generation(
     if let Some((_, env)) = &link {
         cmd.env(super::link::ENV, env);
     }
+    if !inherit.is_empty() {
+        let list: Vec<String> = inherit.iter().map(|fd| fd.to_string()).collect();
+        cmd.env(crate::io::udp::ENV, list.join(","));
+    }
+    let inherit = inherit.to_vec();
     // SAFETY: prctl, dup2 and fcntl in the forked child before exec touch
     // no shared state. A worker whose parent dies (even by SIGKILL) gets
     // SIGTERM and drains, rather than living on unsupervised. Its link
@@ -102,6 +108,11 @@ pub fn spawn_generation(
                 } else if libc::dup2(fd, LINK_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // Its UDP sockets (--udp-heartbeat) stay open across exec in
+            // this child only: none is at LINK_FD (see udp::PARENT_FD_MIN).
+            for &fd in &inherit {
+                libc::fcntl(fd, libc::F_SETFD, 0);
             }
             Ok(())
         });
