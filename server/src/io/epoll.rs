@@ -385,7 +385,7 @@ impl Driver for EpollDriver {
                 return self
                     .udp
                     .as_mut()
-                    .and_then(|u| u.1.next())
+                    .and_then(|u| u.1.take())
                     .map(Event::Datagram);
             }
             if self.udp_ready {

@@ -197,7 +197,7 @@ impl RecvBatch {
     }
 
     /// The next datagram of the last [`RecvBatch::fill`].
-    pub fn next(&mut self) -> Option<&[u8]> {
+    pub fn take(&mut self) -> Option<&[u8]> {
         if self.cursor == self.count {
             return None;
         }
@@ -293,7 +293,7 @@ mod tests {
         let mut b = RecvBatch::default();
         for (k, s) in group.iter().enumerate() {
             assert_eq!(b.fill(s.as_raw_fd()), 10, "socket {k}");
-            while let Some(d) = b.next() {
+            while let Some(d) = b.take() {
                 assert_eq!(d.len(), crate::proto::ticket::LEN);
                 assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, k);
             }
