@@ -32,6 +32,7 @@ use crate::hgrm;
 use crate::ips::route;
 use crate::metrics::{Counters, Failure, Measured, Phase, Report};
 use crate::rate::RateLimiter;
+use crate::udp_beat::UdpBeats;
 
 /// The wheel's tick: heartbeat jitter is +-10% of seconds, so 10 ms is fine
 /// enough and keeps the wheel small.
@@ -93,6 +94,10 @@ pub struct Plan {
     pub concurrency: usize,
     pub heartbeat: Duration,
     pub kind: HeartbeatKind,
+    /// Heartbeats as the datagram of the 101's ticket (udp_beat.rs), and
+    /// a WebSocket heartbeat too every this many (0: never).
+    pub udp_heartbeat: bool,
+    pub udp_heartbeat_every: u32,
     pub silent: f64,
     pub server_timeout: Duration,
     pub hold: Duration,
@@ -239,6 +244,8 @@ struct State {
     /// A failed TLS handshake was reported (once per core).
     tls_warned: bool,
     id: String,
+    /// --udp-heartbeat: the fleet's tickets and datagram batch.
+    udp: Option<UdpBeats>,
 }
 
 impl<D: Driver> Fleet<D> {
@@ -293,6 +300,12 @@ impl<D: Driver> Fleet<D> {
                 sealed: Vec::new(),
                 tls_warned: false,
                 id: String::with_capacity(64),
+                udp: match plan.servers.first() {
+                    Some(&s) if plan.udp_heartbeat => {
+                        UdpBeats::new(s, plan.udp_heartbeat_every, core)
+                    }
+                    _ => None,
+                },
                 plan,
             },
         }
@@ -373,6 +386,10 @@ impl<D: Driver> Fleet<D> {
         }
 
         st.advance(io, now);
+        // This pass's heartbeat datagrams (--udp-heartbeat), in batches.
+        if let Some(u) = &mut st.udp {
+            u.flush();
+        }
         if now >= st.next_progress {
             let _ = st.reports.send(Report::Progress {
                 core: st.core,
@@ -450,7 +467,11 @@ impl State {
                 }
                 // Only a listener accepts and only a watched eventfd wakes;
                 // a device never waits for its output to flush.
-                Event::Flushed(_) | Event::Accepted(_) | Event::AcceptFailed(_) | Event::Wake => {}
+                Event::Flushed(_)
+                | Event::Accepted(_)
+                | Event::AcceptFailed(_)
+                | Event::Wake
+                | Event::Datagram(_) => {}
             }
         }
     }
@@ -765,6 +786,14 @@ impl State {
                 Continue(())
             }
             Answer::Accepted { head_len } => {
+                if let Some(u) = &mut self.udp {
+                    let head = if d.carry.is_empty() {
+                        &data[..head_len]
+                    } else {
+                        &d.carry[..head_len]
+                    };
+                    u.learn(key, d.gen, head);
+                }
                 let mut rest = if d.carry.is_empty() {
                     data[head_len..].to_vec()
                 } else {
@@ -917,6 +946,15 @@ impl State {
     fn heartbeat(&mut self, io: &mut impl Driver, key: usize) -> bool {
         let now = Instant::now();
         let at = now_us(&self.plan, now);
+        // --udp-heartbeat: the datagram, and a frame only every N of them.
+        let frame_too = match &mut self.udp {
+            Some(u) => {
+                let d = &self.devices[key];
+                let (_, dst) = route(d.n, self.plan.sources.len(), self.plan.servers.len());
+                u.beat(key, d.gen, self.plan.servers[dst]).unwrap_or(true)
+            }
+            None => true,
+        };
         let mask = (self.rng.next_u64() as u32).to_ne_bytes();
         self.out.clear();
         let (opcode, payload): (Opcode, &[u8]) = match self.plan.kind {
@@ -925,13 +963,13 @@ impl State {
             HeartbeatKind::Binary => (Opcode::Binary, &[1]),
         };
         frame::write_masked_frame(&mut self.out, opcode, true, payload, mask);
-        if !self.send_out(io, key) {
+        if frame_too && !self.send_out(io, key) {
             return false;
         }
         self.counters.heartbeats += 1;
         let d = &mut self.devices[key];
         d.last_sent_us = at;
-        if d.ping_sent_us == 0 {
+        if frame_too && d.ping_sent_us == 0 {
             d.ping_sent_us = at;
         }
         d.due = tick_of(&self.plan, now) + device::jittered(&mut self.rng, self.heartbeat_ticks);

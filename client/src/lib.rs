@@ -23,3 +23,4 @@ pub mod run;
 pub mod spawn;
 pub mod summary;
 pub mod timeline;
+pub mod udp_beat;

@@ -55,6 +55,7 @@ fn main() {
         events: None,
         tls: None,
         registry: c1m::registry::Registry::create(200_000).expect("registry"),
+        udp: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

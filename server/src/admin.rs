@@ -789,6 +789,16 @@ fn counter_families(c: &Counters) -> Vec<Family> {
             ],
         ),
         (
+            "c1m_udp_heartbeats_total",
+            "UDP heartbeat datagrams (--udp-heartbeat) that refreshed a connection.",
+            vec![(None, c.udp_heartbeats)],
+        ),
+        (
+            "c1m_udp_dropped_total",
+            "UDP heartbeat datagrams dropped, by reason: bad (not a valid ticket of the shard that got it), stale (its connection is gone).",
+            vec![(Some("bad"), c.udp_bad), (Some("stale"), c.udp_stale)],
+        ),
+        (
             "c1m_accept_exhausted_total",
             "Accepts that failed for lack of descriptors or memory.",
             vec![(None, c.accept_exhausted)],

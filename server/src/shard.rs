@@ -34,6 +34,10 @@ use crate::registry::{Claim, Location, Msg, Registry};
 use crate::stats::{Counters, Snapshot};
 use crate::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
 
+#[path = "shard_udp.rs"]
+mod udp;
+pub use udp::UdpHeartbeat;
+
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub limits: Limits,
@@ -80,6 +84,9 @@ pub struct ShardConfig {
     /// `--procs` workers map the same table): an upgrade claims its id
     /// here before its 101 goes out, and an end releases it.
     pub registry: Registry,
+    /// --udp-heartbeat: tickets in the 101s, datagrams as heartbeats
+    /// (shard_udp.rs). None: no UDP socket, no cost.
+    pub udp: Option<UdpHeartbeat>,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -332,6 +339,7 @@ impl<D: Driver> Shard<D> {
         cfg.validate().map_err(io::Error::other)?;
         io.listen(listener)?;
         io.watch_wake(inbox.wake_fd()?)?;
+        udp::watch(&cfg.udp, id, peers.base() + id, &mut io)?;
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
         let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
@@ -446,6 +454,7 @@ impl<D: Driver> Shard<D> {
                 // A shard connects to nothing.
                 Event::Connected(_) => {}
                 Event::Wake => st.read_mail(io),
+                Event::Datagram(bytes) => st.on_datagram(bytes),
             }
         }
     }
@@ -737,6 +746,9 @@ impl State {
         end: Option<Ending>,
     ) {
         let forwarded = self.forwarded.take();
+        if upgraded.is_some() {
+            self.add_ticket(key);
+        }
         // Claimed before the 101 goes out: see [`State::register`].
         let displaced = upgraded.and_then(|since| {
             if let Some(ip) = forwarded {
@@ -1532,6 +1544,7 @@ mod tests {
             events: None,
             tls: None,
             registry: Registry::create(64).unwrap(),
+            udp: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, peers) = crate::mailbox::wire(1).unwrap();

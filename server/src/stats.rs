@@ -65,6 +65,12 @@ pub struct Counters {
     /// Lifecycle events (--nats) dropped because the publisher's queue was
     /// full (the broker down or slow): the shard never waits for it.
     pub events_dropped: u64,
+    /// --udp-heartbeat: datagrams that refreshed a connection; that were
+    /// not a valid ticket of this shard (wrong length, shard or MAC); that
+    /// named no live connection (closed, slot reused, replaced).
+    pub udp_heartbeats: u64,
+    pub udp_bad: u64,
+    pub udp_stale: u64,
     /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
     pub rejected_by_status: [u64; REJECT_STATUSES.len()],
     /// How late after their deadline silent devices were deleted.
@@ -122,6 +128,9 @@ impl Counters {
         self.expiry_lag.add(&o.expiry_lag);
         self.heartbeat_interval.add(&o.heartbeat_interval);
         self.events_dropped += o.events_dropped;
+        self.udp_heartbeats += o.udp_heartbeats;
+        self.udp_bad += o.udp_bad;
+        self.udp_stale += o.udp_stale;
     }
 
     /// Every connection that ended, for any reason.
@@ -204,7 +213,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={} udp_heartbeats={} udp_bad={} udp_stale={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -242,6 +251,9 @@ pub fn totals(c: &Counters) -> String {
         c.expiry_lag.to_field(),
         c.heartbeat_interval.to_field(),
         c.events_dropped,
+        c.udp_heartbeats,
+        c.udp_bad,
+        c.udp_stale,
     )
 }
 
@@ -310,6 +322,9 @@ pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
             .and_then(Hist::from_field)
             .unwrap_or_default(),
         events_dropped: t("events_dropped").unwrap_or(0),
+        udp_heartbeats: t("udp_heartbeats").unwrap_or(0),
+        udp_bad: t("udp_bad").unwrap_or(0),
+        udp_stale: t("udp_stale").unwrap_or(0),
     };
     Some((
         field(head, "conns").unwrap_or(0),
@@ -398,6 +413,9 @@ mod tests {
                 sum_ms: 300_001,
             },
             events_dropped: 24,
+            udp_heartbeats: 32,
+            udp_bad: 33,
+            udp_stale: 34,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);

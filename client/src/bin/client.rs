@@ -53,6 +53,15 @@ struct Args {
     /// ping (the Pong gives the round trip), text or binary (default ping)
     #[argh(option, default = "HeartbeatKind::Ping")]
     heartbeat_kind: HeartbeatKind,
+    /// heartbeat with the UDP datagram the server's 101 offers
+    /// (C1M-Heartbeat-Ticket, a server run with --udp-heartbeat), sent in
+    /// batches; the WebSocket stays open and silent (default: off)
+    #[argh(switch)]
+    udp_heartbeat: bool,
+    /// with --udp-heartbeat, also send a WebSocket heartbeat every N
+    /// datagrams, as a device behind a NAT would (default 0: never)
+    #[argh(option, default = "0")]
+    udp_heartbeat_every: u32,
     /// fraction of devices that stop heartbeating (from their upgrade, or
     /// from --silent-after), so the server must expire them (default 0)
     #[argh(option, default = "0.0")]
@@ -398,6 +407,8 @@ fn run(args: Args) -> Result<i32, String> {
         concurrency: args.concurrency,
         heartbeat: args.heartbeat,
         kind: args.heartbeat_kind,
+        udp_heartbeat: args.udp_heartbeat,
+        udp_heartbeat_every: args.udp_heartbeat_every,
         silent: args.silent,
         server_timeout,
         hold: args.hold,

@@ -192,6 +192,13 @@ struct Args {
     /// the private key of --tls-cert, PEM (PKCS#8, PKCS#1 or SEC1)
     #[argh(option)]
     tls_key: Option<PathBuf>,
+    /// also take heartbeats as UDP datagrams on the --listen port: each 101
+    /// carries a C1M-Heartbeat-Ticket header, and a datagram holding that
+    /// ticket (decoded) refreshes the connection as a frame does; the
+    /// kernel steers each datagram to the shard holding its connection
+    /// (README, UDP heartbeats) (default: off)
+    #[argh(switch)]
+    udp_heartbeat: bool,
 }
 
 /// `server token`: prints a token for one device, to stdout, for a server
@@ -512,6 +519,7 @@ fn run(args: Args) -> Result<(), String> {
             admin_access,
             max_message: args.max_message,
             registry_capacity,
+            udp_heartbeat: args.udp_heartbeat,
         }
         .run(|wait| wait_signal(&signals, wait));
     }
@@ -560,6 +568,7 @@ fn run(args: Args) -> Result<(), String> {
         events: None,
         tls,
         registry,
+        udp: None,
     };
     cfg.validate()?;
 
@@ -607,6 +616,39 @@ fn run(args: Args) -> Result<(), String> {
         })?);
     }
 
+    // --udp-heartbeat: one UDP socket per shard, in one SO_REUSEPORT group
+    // in shard order (a --procs worker's come from its parent, which bound
+    // the whole server's group), kept open until the server exits.
+    let udp = if args.udp_heartbeat {
+        let sockets = match c1m::io::udp::inherited()? {
+            Some(s) => s,
+            None if args.join => {
+                return Err("--udp-heartbeat with --join is not supported: the kernel steers each datagram by its socket's position in the port's UDP group, which servers started apart cannot agree on; run one server with --procs N instead".into())
+            }
+            None => c1m::io::udp::bind_group(args.listen, cores.len()).map_err(|e| {
+                format!(
+                    "--udp-heartbeat: cannot bind UDP {}: {e}; is another server running there?",
+                    args.listen
+                )
+            })?,
+        };
+        if sockets.len() != cores.len() {
+            return Err(format!(
+                "--udp-heartbeat: got {} UDP sockets for {} shards",
+                sockets.len(),
+                cores.len()
+            ));
+        }
+        let key = c1m::proto::ticket::Key::random()
+            .map_err(|e| format!("--udp-heartbeat: cannot draw a random ticket key: {e}"))?;
+        Some(shard::UdpHeartbeat {
+            key,
+            sockets: Arc::new(sockets),
+        })
+    } else {
+        None
+    };
+
     if args.reuseport_cpu {
         // The program returns CPU % N as an index into the group in bind
         // order: right only when shard i is the i-th bound and runs on CPU i.
@@ -653,6 +695,7 @@ fn run(args: Args) -> Result<(), String> {
     // sending end of its bounded queue and never wait on it.
     let live = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut cfg = cfg;
+    cfg.udp = udp;
     let publisher = match &args.nats {
         Some(url) => {
             let (tx, p) = start_publisher(
@@ -716,7 +759,7 @@ fn run(args: Args) -> Result<(), String> {
     drop(report_tx);
     drop(died_tx);
     eprintln!(
-        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {})",
+        "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {}{})",
         args.listen,
         cores.len(),
         cores,
@@ -729,6 +772,11 @@ fn run(args: Args) -> Result<(), String> {
         match &args.tls_cert {
             Some(cert) => format!("TLS 1.3/1.2 with {} (wss)", cert.display()),
             None => "plaintext (ws)".into(),
+        },
+        if cfg.udp.is_some() {
+            format!(", UDP heartbeats on {}", args.listen)
+        } else {
+            String::new()
         }
     );
 

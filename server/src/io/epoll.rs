@@ -17,6 +17,7 @@ use std::time::Duration;
 use slab::Slab;
 
 use super::listener::{self, Accepted};
+use super::udp::RecvBatch;
 use super::{cvt, socket, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
 
 pub const IN: u32 = libc::EPOLLIN as u32;
@@ -95,6 +96,7 @@ impl AsRawFd for Epoll {
 
 const LISTENER: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;
+const UDP: u64 = u64::MAX - 2;
 /// Events taken from epoll per call.
 const EVENT_BATCH: usize = 256;
 /// Connections accepted per listener event before other work runs.
@@ -150,6 +152,14 @@ pub struct EpollDriver {
     max_pending: usize,
     stats: IoStats,
     fault: super::FaultHook,
+    /// --udp-heartbeat: the shard's UDP socket and its recvmmsg buffers
+    /// (None, and no cost, when off).
+    udp: Option<Box<(socket2::Socket, RecvBatch)>>,
+    /// The UDP socket is readable (edge-triggered: read it until a batch
+    /// comes back short).
+    udp_ready: bool,
+    /// A full batch was read: read again after the next (non-blocking) wait.
+    udp_again: bool,
 }
 
 impl EpollDriver {
@@ -172,6 +182,9 @@ impl EpollDriver {
             max_pending: cfg.max_pending,
             stats: IoStats::default(),
             fault: super::FaultHook::from_env(),
+            udp: None,
+            udp_ready: false,
+            udp_again: false,
         })
     }
 
@@ -252,6 +265,14 @@ impl Driver for EpollDriver {
     fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()> {
         self.epoll.add(eventfd.as_raw_fd(), IN, WAKE)?;
         self.wake = Some(eventfd);
+        Ok(())
+    }
+
+    fn watch_datagrams(&mut self, sock: socket2::Socket) -> io::Result<()> {
+        self.epoll.add(sock.as_raw_fd(), IN | ET, UDP)?;
+        self.udp = Some(Box::new((sock, RecvBatch::default())));
+        // Datagrams may be queued already: the edge came before the watch.
+        self.udp_ready = true;
         Ok(())
     }
 
@@ -346,8 +367,12 @@ impl Driver for EpollDriver {
             return Ok(()); // events not taken yet
         }
         // Reads cut short, or a full batch: more is ready now.
-        let busy = !self.again.is_empty() || self.ready == self.events.len();
+        let busy = !self.again.is_empty() || self.ready == self.events.len() || self.udp_again;
         std::mem::swap(&mut self.again, &mut self.retry);
+        if self.udp_again {
+            self.udp_again = false;
+            self.udp_ready = true;
+        }
         self.stats.waits += 1;
         self.ready = self.epoll.wait(
             &mut self.events,
@@ -359,6 +384,24 @@ impl Driver for EpollDriver {
 
     fn next(&mut self) -> Option<Event<'_>> {
         loop {
+            if self.udp.as_ref().is_some_and(|u| u.1.pending()) {
+                return self
+                    .udp
+                    .as_mut()
+                    .and_then(|u| u.1.take())
+                    .map(Event::Datagram);
+            }
+            if self.udp_ready {
+                self.udp_ready = false;
+                if let Some(u) = &mut self.udp {
+                    u.1.fill(u.0.as_raw_fd());
+                    // A short batch emptied the queue, and edge-triggered
+                    // epoll reports what arrives after it; a full one may
+                    // have left more: read it after the others had a turn.
+                    self.udp_again = u.1.was_full();
+                }
+                continue;
+            }
             if let Some(r) = self.reading.take() {
                 if !self.live(r.key, r.gen) || self.conns[r.key].flags & HUNG != 0 {
                     continue;
@@ -421,6 +464,7 @@ impl Driver for EpollDriver {
             self.cursor += 1;
             match data {
                 LISTENER => self.accept_left = ACCEPT_BATCH,
+                UDP => self.udp_ready = true,
                 WAKE => {
                     if let Some(fd) = &self.wake {
                         let mut buf = [0u8; 8];

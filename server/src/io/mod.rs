@@ -20,6 +20,7 @@
 pub mod epoll;
 pub mod listener;
 pub mod socket;
+pub mod udp;
 pub mod uring;
 
 use std::fmt;
@@ -92,6 +93,9 @@ pub enum Event<'a> {
     Connected(Token),
     /// The wake-up descriptor ([`Driver::watch_wake`]) was written.
     Wake,
+    /// One datagram from the UDP socket of [`Driver::watch_datagrams`]
+    /// (cut at [`udp::DATAGRAM`] bytes). The driver's, as [`Event::Data`]'s.
+    Datagram(&'a [u8]),
 }
 
 /// Counters of what the driver did, for the stats line and the tests.
@@ -130,6 +134,17 @@ pub trait Driver {
 
     /// Reports [`Event::Wake`] whenever `eventfd` is written.
     fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()>;
+
+    /// Reads datagrams from `sock` (a bound, non-blocking UDP socket), many
+    /// per system call (or per completion batch), each reported as an
+    /// [`Event::Datagram`]. Drivers that read none say so.
+    fn watch_datagrams(&mut self, sock: socket2::Socket) -> io::Result<()> {
+        drop(sock);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this I/O driver reads no datagrams",
+        ))
+    }
 
     /// Takes a connected socket (or, with `connecting`, one whose connect is
     /// in progress: [`Event::Connected`] comes first) and starts reading it.

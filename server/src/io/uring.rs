@@ -46,6 +46,14 @@ const CQ_ENTRIES: u32 = 8 * 1024;
 const BUFS: u16 = 512;
 const BUF_LEN: usize = 1024;
 const BGID: u16 = 7;
+/// --udp-heartbeat: the datagrams' own buffer ring (made only then), 256
+/// buffers of 128 bytes: the 16-byte io_uring_recvmsg_out, then the
+/// payload (longer datagrams are cut, and are not tickets anyway).
+const UDP_BUFS: u16 = 256;
+const UDP_BUF_LEN: usize = 128;
+const UDP_BGID: u16 = 8;
+/// io_uring_recvmsg_out: namelen, controllen, payloadlen, flags (u32s).
+const RECVMSG_OUT: usize = 16;
 /// A send buffer larger than this is freed, not kept for reuse.
 const KEEP_SEND_BUF: usize = 4096;
 const KEEP_SEND_BUFS: usize = 1024;
@@ -67,6 +75,7 @@ enum Op {
     Connect,
     Wake,
     Close,
+    Udp,
 }
 
 impl Op {
@@ -83,6 +92,7 @@ impl Op {
             4 => Op::Connect,
             5 => Op::Wake,
             6 => Op::Close,
+            7 => Op::Udp,
             _ => return None,
         };
         Some((op, index))
@@ -125,11 +135,14 @@ struct BufRing {
     ring_bytes: usize,
     mem: Box<[u8]>,
     tail: u16,
+    /// Buffers (a power of two) and the bytes of each.
+    count: u16,
+    len: usize,
 }
 
 impl BufRing {
-    fn new() -> io::Result<BufRing> {
-        let ring_bytes = BUFS as usize * 16;
+    fn new(count: u16, len: usize) -> io::Result<BufRing> {
+        let ring_bytes = count as usize * 16;
         // SAFETY: an anonymous private mapping; page-aligned as the kernel needs.
         let ring = unsafe {
             libc::mmap(
@@ -147,10 +160,12 @@ impl BufRing {
         let mut b = BufRing {
             ring,
             ring_bytes,
-            mem: vec![0u8; BUFS as usize * BUF_LEN].into_boxed_slice(),
+            mem: vec![0u8; count as usize * len].into_boxed_slice(),
             tail: 0,
+            count,
+            len,
         };
-        for bid in 0..BUFS {
+        for bid in 0..count {
             b.put(bid);
         }
         b.publish();
@@ -159,14 +174,14 @@ impl BufRing {
 
     /// Writes buffer `bid` at the tail (not yet visible to the kernel).
     fn put(&mut self, bid: u16) {
-        let slot = (self.tail & (BUFS - 1)) as usize;
-        let addr = self.mem.as_mut_ptr() as u64 + bid as u64 * BUF_LEN as u64;
-        // SAFETY: slot < BUFS, and the mapping holds BUFS entries of 16
+        let slot = (self.tail & (self.count - 1)) as usize;
+        let addr = self.mem.as_mut_ptr() as u64 + bid as u64 * self.len as u64;
+        // SAFETY: slot < count, and the mapping holds count entries of 16
         // bytes: {u64 addr, u32 len, u16 bid, u16 resv}.
         unsafe {
             let e = (self.ring as *mut u8).add(slot * 16);
             (e as *mut u64).write(addr);
-            (e.add(8) as *mut u32).write(BUF_LEN as u32);
+            (e.add(8) as *mut u32).write(self.len as u32);
             (e.add(12) as *mut u16).write(bid);
         }
         self.tail = self.tail.wrapping_add(1);
@@ -186,8 +201,8 @@ impl BufRing {
     }
 
     fn bytes(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        let start = bid as usize * BUF_LEN;
-        &mut self.mem[start..start + len.min(BUF_LEN)]
+        let start = bid as usize * self.len;
+        &mut self.mem[start..start + len.min(self.len)]
     }
 }
 
@@ -196,6 +211,16 @@ impl Drop for BufRing {
         // SAFETY: the mapping made in new(); the ring was unregistered first.
         unsafe { libc::munmap(self.ring, self.ring_bytes) };
     }
+}
+
+/// The UDP side (--udp-heartbeat): one multishot recvmsg into its own
+/// provided buffers, each completion one datagram.
+struct Udp {
+    sock: socket2::Socket,
+    bufs: BufRing,
+    /// Only msg_namelen and msg_controllen count (both 0: no address, no
+    /// control data); the kernel reads it while the request lives.
+    msghdr: libc::msghdr,
 }
 
 pub struct UringDriver {
@@ -210,6 +235,11 @@ pub struct UringDriver {
     bufs: BufRing,
     /// The buffer of the last [`Event::Data`], given back on the next call.
     lent: Option<u16>,
+    /// --udp-heartbeat: the UDP socket, its buffer ring and the msghdr its
+    /// multishot recvmsg reads its layout from (none when off).
+    udp: Option<Box<Udp>>,
+    /// The buffer of the last [`Event::Datagram`], given back on the next call.
+    lent_udp: Option<u16>,
     listener: Option<socket2::Socket>,
     accept_armed: bool,
     accept_paused: bool,
@@ -295,7 +325,7 @@ impl UringDriver {
         let mut submitter = ring.submitter();
         // Saves a descriptor lookup on every enter; optional (5.18+).
         let _ = submitter.register_ring_fd();
-        let bufs = BufRing::new()?;
+        let bufs = BufRing::new(BUFS, BUF_LEN)?;
         // SAFETY: the ring memory lives in `bufs` until unregistered in Drop.
         let registered =
             unsafe { submitter.register_buf_ring_with_flags(bufs.ring as u64, BUFS, BGID, 0) };
@@ -315,6 +345,8 @@ impl UringDriver {
             spare: Vec::new(),
             bufs,
             lent: None,
+            udp: None,
+            lent_udp: None,
             listener: None,
             accept_armed: false,
             accept_paused: false,
@@ -410,6 +442,14 @@ impl UringDriver {
             .build()
             .user_data(Op::Accept.data(0));
         self.accept_armed = true;
+        self.push(e);
+    }
+
+    fn arm_udp(&mut self) {
+        let Some(u) = &self.udp else { return };
+        let e = opcode::RecvMsgMulti::new(types::Fd(u.sock.as_raw_fd()), &u.msghdr, UDP_BGID)
+            .build()
+            .user_data(Op::Udp.data(0));
         self.push(e);
     }
 
@@ -517,6 +557,9 @@ impl Drop for UringDriver {
             socket::close(c.fd, true);
         }
         let _ = self.submitter.unregister_buf_ring(BGID);
+        if self.udp.is_some() {
+            let _ = self.submitter.unregister_buf_ring(UDP_BGID);
+        }
         // The registration holds the ring in this thread's table until then.
         let _ = self.submitter.unregister_ring_fd();
         // Sends the kernel may still hold point into these buffers: they
@@ -563,6 +606,25 @@ impl Driver for UringDriver {
             .user_data(Op::Wake.data(0));
         self.wake = Some(eventfd);
         self.push(e);
+        Ok(())
+    }
+
+    fn watch_datagrams(&mut self, sock: socket2::Socket) -> io::Result<()> {
+        if self.udp.is_some() {
+            return Err(io::Error::other("a loop reads one UDP socket"));
+        }
+        let bufs = BufRing::new(UDP_BUFS, UDP_BUF_LEN)?;
+        // SAFETY: the ring memory lives in `bufs` (kept in self.udp) until
+        // unregistered in Drop.
+        unsafe {
+            self.submitter
+                .register_buf_ring_with_flags(bufs.ring as u64, UDP_BUFS, UDP_BGID, 0)?
+        };
+        // SAFETY: a zeroed msghdr is valid: no name, no control, no iovec.
+        let msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        // Boxed: the kernel reads the msghdr at its address.
+        self.udp = Some(Box::new(Udp { sock, bufs, msghdr }));
+        self.arm_udp();
         Ok(())
     }
 
@@ -672,6 +734,11 @@ impl Driver for UringDriver {
     fn next(&mut self) -> Option<Event<'_>> {
         if let Some(bid) = self.lent.take() {
             self.bufs.give_back(bid);
+        }
+        if let Some(bid) = self.lent_udp.take() {
+            if let Some(u) = &mut self.udp {
+                u.bufs.give_back(bid);
+            }
         }
         loop {
             let cqe = self.next_cqe()?;
@@ -803,6 +870,27 @@ impl Driver for UringDriver {
                     return Some(Event::Wake);
                 }
                 Op::Close => {}
+                Op::Udp => {
+                    let bid = cqueue::buffer_select(flags);
+                    if !more {
+                        // ENOBUFS (every buffer was taken by this wait's
+                        // datagrams) or the kernel's choice: re-arm.
+                        self.stats.recv_rearms += 1;
+                        self.arm_udp();
+                    }
+                    let Some(b) = bid else { continue };
+                    if res < RECVMSG_OUT as i32 {
+                        if let Some(u) = &mut self.udp {
+                            u.bufs.give_back(b);
+                        }
+                        continue;
+                    }
+                    self.lent_udp = Some(b);
+                    return self
+                        .udp
+                        .as_mut()
+                        .map(|u| Event::Datagram(&u.bufs.bytes(b, res as usize)[RECVMSG_OUT..]));
+                }
             }
         }
     }

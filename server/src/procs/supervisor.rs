@@ -37,6 +37,15 @@ pub struct Supervisor {
     /// Connections all the workers can hold together: what the shared
     /// device registry is sized for.
     pub registry_capacity: usize,
+    /// `--udp-heartbeat`: the parent binds the UDP group, one socket per
+    /// shard of the whole server in global shard order, and hands worker i
+    /// the sockets of its shards. It keeps every socket open for its whole
+    /// life, so a worker that dies closes none of them: the group's order
+    /// never changes, datagrams for the dead worker's shards wait in their
+    /// sockets (or overflow them), and its replacement inherits the same
+    /// sockets at the same positions. Its new process has a new ticket key,
+    /// so its predecessor's tickets count as bad, as its connections are gone.
+    pub udp_heartbeat: bool,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -200,6 +209,7 @@ impl Supervisor {
         tx: &mpsc::Sender<Line>,
         switch: &Switch,
         registry: &Registry,
+        udp: &[socket2::Socket],
     ) -> Result<Worker, String> {
         let cpus = workers::cpus_for(i, self.procs, &self.cpus);
         // The worker's link to the others: a socket pair, the parent's end
@@ -212,6 +222,12 @@ impl Supervisor {
             theirs.as_raw_fd(),
             format!("{},{base},{total}", workers::LINK_FD),
         );
+        let inherit: Vec<i32> = udp
+            .iter()
+            .skip(base as usize)
+            .take(cpus.len())
+            .map(|s| s.as_raw_fd())
+            .collect();
         let child = workers::spawn_generation(
             i,
             generation,
@@ -219,6 +235,7 @@ impl Supervisor {
             tx,
             Some(link),
             Some(registry.fd()),
+            &inherit,
         )?;
         drop(theirs); // the child has its copy; its exit must end ours
         Ok(Worker {
@@ -252,6 +269,18 @@ impl Supervisor {
         let registry = Registry::create(self.registry_capacity).map_err(|e| {
             format!("cannot make the shared device registry (memfd, {} connections): {e}; lower --max-conns or check memory", self.registry_capacity)
         })?;
+        let udp = if self.udp_heartbeat {
+            crate::io::udp::bind_group(self.listen, shards.iter().sum())
+                .and_then(|g| g.into_iter().map(crate::io::udp::above_low_fds).collect())
+                .map_err(|e| {
+                    format!(
+                        "--udp-heartbeat: cannot bind UDP {}: {e}; is another server running there?",
+                        self.listen
+                    )
+                })?
+        } else {
+            Vec::new()
+        };
         let admin = match self.admin {
             Some(addr) => Some(crate::admin::Admin::start(
                 addr,
@@ -267,7 +296,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel::<Line>();
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
-            match self.start(i, 0, &tx, &switch, &registry) {
+            match self.start(i, 0, &tx, &switch, &registry, &udp) {
                 Ok(w) => ws.push(w),
                 Err(e) => {
                     stop_all(&mut ws);
@@ -356,7 +385,7 @@ impl Supervisor {
                 // its successor claims anything.
                 let (first, count) = switch.span_of(i);
                 registry.sweep(w.child.id(), first..first + count);
-                match self.start(i, generation, &tx, &switch, &registry) {
+                match self.start(i, generation, &tx, &switch, &registry, &udp) {
                     Ok(mut fresh) => {
                         fresh.tally = std::mem::take(&mut w.tally);
                         fresh.tally.restart(generation);

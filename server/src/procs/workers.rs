@@ -65,7 +65,7 @@ pub struct Line {
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
 /// lines arrive on `lines` (a reader thread per stream, ending at EOF).
 pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
-    spawn_generation(worker, 0, args, lines, None, None)
+    spawn_generation(worker, 0, args, lines, None, None, &[])
 }
 
 /// The descriptor a worker finds its link to the parent at (see
@@ -86,6 +86,7 @@ pub fn spawn_generation(
     lines: &Sender<Line>,
     link: Option<(RawFd, String)>,
     registry: Option<RawFd>,
+    inherit: &[RawFd],
 ) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = Command::new(&exe);
@@ -96,6 +97,11 @@ pub fn spawn_generation(
     if registry.is_some() {
         cmd.env(crate::registry::ENV, REGISTRY_FD.to_string());
     }
+    if !inherit.is_empty() {
+        let list: Vec<String> = inherit.iter().map(|fd| fd.to_string()).collect();
+        cmd.env(crate::io::udp::ENV, list.join(","));
+    }
+    let inherit = inherit.to_vec();
     // SAFETY: prctl, dup2 and fcntl in the forked child before exec touch
     // no shared state. A worker whose parent dies (even by SIGKILL) gets
     // SIGTERM and drains, rather than living on unsupervised. Its link
@@ -120,6 +126,11 @@ pub fn spawn_generation(
                 if fd >= 0 && libc::dup2(fd, at) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // Its UDP sockets (--udp-heartbeat) stay open across exec in
+            // this child only: none is at LINK_FD (see udp::PARENT_FD_MIN).
+            for &fd in &inherit {
+                libc::fcntl(fd, libc::F_SETFD, 0);
             }
             Ok(())
         });

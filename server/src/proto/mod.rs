@@ -7,4 +7,5 @@ pub mod device_id;
 pub mod frame;
 pub mod handshake;
 pub mod proxy;
+pub mod ticket;
 pub mod wheel;
