@@ -37,9 +37,24 @@ pub fn with_children(pid: u32) -> Vec<u32> {
 
 /// CPU time (ns) and RSS (bytes) of `pid` and its children together.
 pub fn tree_usage(pid: u32) -> (u64, u64) {
-    with_children(pid)
+    tree_usage_without(pid, None)
+}
+
+/// [`tree_usage`] of `pid` without `other` and its descendants: the
+/// client's own usage when the server it measures is its child
+/// (`--spawn-server`), which is counted as the server's instead.
+pub fn tree_usage_without(pid: u32, other: Option<u32>) -> (u64, u64) {
+    tree_without(pid, other)
         .into_iter()
         .fold((0, 0), |(c, r), p| (c + cpu_ns(p), r + rss(p)))
+}
+
+/// `pid` and its descendants but for `other` and its descendants.
+pub fn tree_without(pid: u32, other: Option<u32>) -> Vec<u32> {
+    let skip = other.map(with_children).unwrap_or_default();
+    let mut pids = with_children(pid);
+    pids.retain(|p| !skip.contains(p));
+    pids
 }
 
 /// Resident set size of `pid` in bytes (0 if it is gone).
@@ -147,6 +162,10 @@ mod tests {
         assert!(rss(kid) > 0);
         assert_eq!(tree_usage(kid), (cpu_ns(kid), rss(kid)));
         assert!(tree_usage(me).1 > rss(kid));
+        // A spawned server's usage is its own, not also the client's.
+        let own = tree_without(me, Some(kid));
+        assert!(own.contains(&me) && !own.contains(&kid));
+        assert_eq!(tree_usage_without(kid, Some(kid)), (0, 0));
         child.kill().unwrap();
         child.wait().unwrap();
         let f = facts(1024);

@@ -85,7 +85,9 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let me = std::process::id();
     let server_pid = opts.server_pid;
     let mark = |t_s: f64, counters: Counters| {
-        let (client_cpu_ns, client_rss) = host::tree_usage(me);
+        // A spawned server is the client's child: its CPU and memory are
+        // the server's figures, not also the client's.
+        let (client_cpu_ns, client_rss) = host::tree_usage_without(me, server_pid);
         let (server_cpu_ns, server_rss) = server_pid.map_or((0, 0), host::tree_usage);
         let (tcp_inuse, tcp_mem_pages) = host::sockstat();
         Mark {

@@ -114,13 +114,35 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
             "client_rss_per_conn_bytes".into(),
             ratio(r.client_rss as f64 - o.start.client_rss as f64, est),
         );
+        let ramp_cpu_us = r.client_cpu_ns.saturating_sub(o.start.client_cpu_ns) as f64 / 1e3;
         f.insert(
             "client_cpu_per_conn_us".into(),
-            ratio(
-                (r.client_cpu_ns - o.start.client_cpu_ns) as f64 / 1e3,
-                r.counters.attempted as f64,
-            ),
+            ratio(ramp_cpu_us, r.counters.attempted as f64),
         );
+        // The client's own: a spawned server (its child) is not counted in
+        // it since 2026-12-06; builds before counted both ends here.
+        f.insert("client_cpu_excludes_server".into(), json!(true));
+        if let Some(h) = &o.hold_end {
+            // The ramp's CPU also pays for the heartbeats of the devices
+            // already up (at 1M, several per device): priced at the hold's
+            // CPU per heartbeat, what is left is the connections' own.
+            let beats = h.counters.heartbeats.saturating_sub(r.counters.heartbeats);
+            let hold_cpu_us = h.client_cpu_ns.saturating_sub(r.client_cpu_ns) as f64 / 1e3;
+            if beats > 0 {
+                let per_beat = hold_cpu_us / beats as f64;
+                f.insert(
+                    "client_cpu_per_heartbeat_us".into(),
+                    ratio(hold_cpu_us, beats as f64),
+                );
+                f.insert(
+                    "client_cpu_per_conn_net_us".into(),
+                    ratio(
+                        ramp_cpu_us - per_beat * r.counters.heartbeats as f64,
+                        r.counters.attempted as f64,
+                    ),
+                );
+            }
+        }
         // Host-wide, so both ends when client and server share the host.
         f.insert(
             "kernel_slab_per_conn_bytes".into(),
@@ -323,6 +345,14 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
                 "{}, {}",
                 num("client_cpu_per_conn_us"),
                 num("client_rss_per_conn_bytes")
+            ),
+        ),
+        (
+            "Client CPU per heartbeat (us), per connection net of the ramp's heartbeats (us)",
+            format!(
+                "{}, {}",
+                num("client_cpu_per_heartbeat_us"),
+                num("client_cpu_per_conn_net_us")
             ),
         ),
         (

@@ -485,8 +485,14 @@ impl Driver for EpollDriver {
                             continue;
                         }
                         c.flags &= !CONNECTING;
-                        // Read after the user has answered the connect.
-                        self.reading = Some(Reading { key, gen, reads: 0 });
+                        // Read after the user has answered the connect, if
+                        // more than writability was reported: bytes that
+                        // come later bring an edge of their own, so a client
+                        // whose peer has not spoken yet saves a recv bound
+                        // for EAGAIN.
+                        if events & !OUT != 0 {
+                            self.reading = Some(Reading { key, gen, reads: 0 });
+                        }
                         return Some(Event::Connected(c.token));
                     }
                     if events & !OUT != 0 {

@@ -89,12 +89,13 @@ pub fn close(fd: RawFd, abortive: bool) {
 /// Opens a non-blocking TCP socket (no Nagle) from `source` (any port) and
 /// begins connecting it to `server`.
 pub fn connect_from(server: SocketAddr, source: Option<IpAddr>) -> io::Result<OwnedFd> {
+    // Non-blocking from socket(2) on (SOCK_NONBLOCK): two fcntl calls
+    // fewer per connection than set_nonblocking.
     let s = Socket::new(
         Domain::for_address(server),
-        Type::STREAM,
+        Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
     if let Some(ip) = source {
         // Let connect() choose the port per 4-tuple rather than bind() per
