@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Where the CPU and the bytes per connection went between a base build
+# (default ae7924c: the I/O driver landed, before the registry and the later
+# capabilities) and this tree (issue 18, item 1). Deterministic measures, so
+# the 2 shared cores' noise does not decide it:
+#   - callgrind (instructions) on a one-shard server (--cores 0), both
+#     backends, N connections: phases idle (start, stop), conn (N upgrades,
+#     closed by the client with a reset, no heartbeats), hb (the same plus
+#     HB_HOLD of pings every HB_INTERVAL), expiry (N silent devices deleted
+#     by the wheel, --timeout 2s --tick 100ms). Per connection =
+#     (conn - idle) / N; per heartbeat = (hb - conn) / pings; per expiry =
+#     (expiry - conn) / N (an expiry in place of a peer's close).
+#   - dhat (heap bytes live at the peak, by allocation site) with 2 shards
+#     (--cores 0-1, as bench/core.sh runs it) at each N, conn phase held 3 s.
+#   - native RSS per connection from loadgen (2 shards, one run each).
+# Usage: bench/profile-budget.sh   (about 30-40 minutes on a busy 2-core box)
+#   NS="2000 15000" IOS="epoll uring" BASE=ae7924c BASE_BIN=/work/builds/ae7924c
+#   PHASES="idle conn hb expiry" (callgrind) DHAT=1 NATIVE=1 SKIP_BUILD=1
+# Writes: results/<UTC time>-budget-profile/{summary.md,runs.tsv,command.txt,
+#   cg-*.txt (callgrind_annotate inclusive top, self cost by file/function),
+#   dhat-*.txt (live bytes by site), native-*.json}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+
+BASE=${BASE:-ae7924c}
+BASE_BIN=${BASE_BIN:-/work/builds/$BASE}
+NS=${NS:-"2000 15000"}
+IOS=${IOS:-"epoll uring"}
+PHASES=${PHASES:-"idle conn hb expiry"}
+EXPIRY_NS=${EXPIRY_NS:-2000}
+DHAT=${DHAT:-1}
+NATIVE=${NATIVE:-1}
+HB_HOLD=${HB_HOLD:-10s}
+HB_INTERVAL=${HB_INTERVAL:-5s}
+PORT=${PORT:-9450}
+IPS=${IPS:-127.0.0.2-127.0.0.11}
+command -v valgrind >/dev/null || { echo "profile-budget: valgrind is not installed" >&2; exit 1; }
+
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --example loadgen
+if [ ! -x "$BASE_BIN/server" ]; then
+  src="target/profile-base-$BASE"
+  [ -d "$src" ] || git worktree add --detach "$src" "$BASE"
+  (cd "$src" && cargo build --release --quiet --bin server)
+  mkdir -p "$BASE_BIN" && cp "$src/target/release/server" "$BASE_BIN/server"
+fi
+MAIN_BIN=./target/release/server
+LOADGEN=./target/release/examples/loadgen
+out=$(new_results budget-profile "BASE=$BASE BASE_BIN=$BASE_BIN NS='$NS' IOS='$IOS' PHASES='$PHASES' EXPIRY_NS='$EXPIRY_NS' DHAT=$DHAT NATIVE=$NATIVE HB_HOLD=$HB_HOLD HB_INTERVAL=$HB_INTERVAL bench/profile-budget.sh")
+echo "main: $(git rev-parse --short HEAD); base: $BASE ($BASE_BIN/server)" >> "$out/command.txt"
+raw=$(mktemp -d /tmp/profile-budget.XXXXXX)
+echo "raw callgrind/dhat files: $raw (not kept in results/)" >> "$out/command.txt"
+printf "tool\tbuild\tio\tn\tphase\testablished\tpings\tpongs\tclosed_silent\ttotal\n" > "$out/runs.tsv"
+
+server_pid=""
+cleanup() { [ -n "$server_pid" ] && kill -9 "$server_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+
+# jfield FILE KEY: a number from loadgen's one-line JSON (0 when absent).
+jfield() { grep -o "\"$2\":[0-9.]*" "$1" 2>/dev/null | head -1 | cut -d: -f2 || true; }
+
+# run TOOL BUILD IO N PHASE
+run() {
+  local tool=$1 build=$2 io=$3 n=$4 phase=$5 bin port tag cores=0 sflags=() pre=() lg=()
+  [ "$build" = main ] && bin=$MAIN_BIN || bin=$BASE_BIN/server
+  PORT=$((PORT + 1)); port=$PORT
+  tag="$tool-$build-$io-$n-$phase"
+  [ "$tool" = callgrind ] || cores=0-1
+  [ "$phase" = expiry ] && sflags=(--timeout 2s --tick 100ms)
+  case $tool in
+    callgrind) pre=(valgrind -q --tool=callgrind --dump-instr=no --callgrind-out-file="$raw/$tag.cg") ;;
+    dhat) pre=(valgrind -q --tool=dhat --dhat-out-file="$raw/$tag.json") ;;
+    native) pre=() ;;
+  esac
+  "${pre[@]}" "$bin" --io "$io" --listen 127.0.0.1:$port --cores $cores --stats-interval 0 "${sflags[@]}" \
+    >/dev/null 2>>"$raw/server.err" &
+  server_pid=$!
+  for _ in $(seq 1200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  case $phase in
+    idle) lg=() ;;
+    conn) lg=(--conns "$n" --hold 1s --ping-interval 3600s) ;;
+    mem) lg=(--conns "$n" --hold 3s --ping-interval 3600s) ;;
+    hb) lg=(--conns "$n" --hold "$HB_HOLD" --ping-interval "$HB_INTERVAL") ;;
+    expiry) lg=(--conns "$n" --hold 6s --ping-interval 3600s --silent 1 --server-timeout 2s) ;;
+    native) lg=(--conns "$n" --hold 3s --ping-interval 1s --server-pid "$server_pid") ;;
+  esac
+  : > "$raw/$tag.lg.json"
+  if [ ${#lg[@]} -gt 0 ]; then
+    timeout 900 "$LOADGEN" --server 127.0.0.1:$port --ips "$IPS" --ramp-timeout 600s "${lg[@]}" \
+      > "$raw/$tag.lg.json" 2>/dev/null || echo "profile-budget: loadgen failed in $tag" >&2
+  fi
+  kill -TERM "$server_pid" 2>/dev/null || true
+  for _ in $(seq 1800); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+  local total=0
+  case $tool in
+    callgrind) total=$(awk '/^(summary|totals):/{print $2}' "$raw/$tag.cg" | tail -1) ;;
+    dhat) total=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(p.get("gb",0) for p in d["pps"]))' "$raw/$tag.json") ;;
+    native) cp "$raw/$tag.lg.json" "$out/$tag.json"; total=$(jfield "$raw/$tag.lg.json" server_rss_per_conn_bytes) ;;
+  esac
+  local f="$raw/$tag.lg.json"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$tool" "$build" "$io" "$n" "$phase" \
+    "$(jfield "$f" established)" "$(jfield "$f" pings)" "$(jfield "$f" pongs)" "$(jfield "$f" server_closed_silent)" "${total:-0}" >> "$out/runs.tsv"
+  echo "profile-budget: $tag total ${total:-0} established $(jfield "$f" established) pings $(jfield "$f" pings)" >&2
+  if [ "$tool" = callgrind ] && [ "$phase" != idle ] && [ -s "$raw/$tag.cg" ]; then
+    local div=$n
+    {
+      echo "# callgrind_annotate --inclusive=yes (top 60 rows), $tag"
+      callgrind_annotate --inclusive=yes "$raw/$tag.cg" 2>/dev/null | sed -n '1,80p' | cut -c1-220
+      echo
+      python3 bench/callgrind_self.py "$raw/$tag.cg" "$div" 45 | cut -c1-220
+    } > "$out/cg-$tag.txt"
+  fi
+  if [ "$tool" = dhat ] && [ -s "$raw/$tag.json" ]; then
+    python3 bench/dhat_sites.py "$raw/$tag.json" "$n" 30 | cut -c1-260 > "$out/dhat-$tag.txt"
+  fi
+  sleep 1
+}
+
+for io in $IOS; do
+  for n in $NS; do
+    for phase in $PHASES; do
+      [ "$phase" = idle ] && [ "$n" != "${NS%% *}" ] && continue
+      [ "$phase" = expiry ] && [[ " $EXPIRY_NS " != *" $n "* ]] && continue
+      for build in base main; do run callgrind "$build" "$io" "$n" "$phase"; done
+    done
+    if [ "$DHAT" = 1 ]; then
+      for build in base main; do run dhat "$build" "$io" "$n" mem; done
+    fi
+  done
+  if [ "$NATIVE" = 1 ]; then
+    for build in base main; do run native "$build" "$io" 15000 native; done
+  fi
+done
+
+python3 bench/profile_budget_summary.py "$out/runs.tsv" > "$out/summary.md" || true
+cat "$out/summary.md"
+echo "profile-budget: wrote $out" >&2
