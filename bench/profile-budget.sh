@@ -13,7 +13,8 @@
 #     (conn - idle) / N; per heartbeat = (hb - conn) / pings; per expiry =
 #     (expiry - conn) / N (an expiry in place of a peer's close).
 #   - dhat (heap bytes live at the peak, by allocation site) with 2 shards
-#     (--cores 0-1, as bench/core.sh runs it) at each N, conn phase held 3 s.
+#     (--cores 0-1, as bench/core.sh runs it; 1 shard on uring) at each N,
+#     conn phase held 3 s.
 #   - native RSS per connection from loadgen (2 shards, one run each).
 # Usage: bench/profile-budget.sh   (about 30-40 minutes on a busy 2-core box)
 #   NS="2000 15000" IOS="epoll uring" BASE=ae7924c BASE_BIN=/work/builds/ae7924c
@@ -77,7 +78,10 @@ run() {
   [ "$build" = main ] && bin=$MAIN_BIN || bin=$BASE_BIN/server
   PORT=$((PORT + 1)); port=$PORT
   tag="$tool-$build-$io-$n-$phase"
-  [ "$tool" = callgrind ] || cores=0-1
+  # dhat: 2 shards as bench/core.sh runs them, but 1 on uring (under
+  # valgrind a blocked uring shard starves the other: 20 conn/s).
+  [ "$tool" = native ] && cores=0-1
+  [ "$tool" = dhat ] && [ "$io" = epoll ] && cores=0-1
   case $phase in idle2|conn2) cores=0-1 ;; esac
   [ "$phase" = expiry ] && sflags=(--timeout 2s --tick 100ms)
   case $tool in
@@ -131,9 +135,9 @@ run() {
     local div=$n
     {
       echo "# callgrind_annotate --inclusive=yes (top 60 rows), $tag"
-      callgrind_annotate --inclusive=yes "$raw/$tag.cg" 2>/dev/null | sed -n '1,80p' | cut -c1-220
+      callgrind_annotate --inclusive=yes "$raw/$tag.cg" 2>/dev/null | sed -n '1,45p' | cut -c1-160
       echo
-      python3 bench/callgrind_self.py "$raw/$tag.cg" "$div" 45 | cut -c1-220
+      python3 bench/callgrind_self.py "$raw/$tag.cg" "$div" 30 | cut -c1-160
     } > "$out/cg-$tag.txt"
   fi
   if [ "$tool" = dhat ] && [ -s "$raw/$tag.json" ]; then
@@ -162,6 +166,22 @@ for io in $IOS; do
   fi
 done
 
+# Base against main by file and function: per connection, per heartbeat.
+for io in $IOS; do
+  for n in $NS; do
+    c="$raw/callgrind-%s-$io-$n-%s.cg"
+    # shellcheck disable=SC2059
+    if [ -s "$(printf "$c" base conn)" ] && [ -s "$(printf "$c" main conn)" ]; then
+      python3 bench/callgrind_diff.py "$(printf "$c" base conn)" "$n" "$(printf "$c" main conn)" "$n" 35 | cut -c1-200 > "$out/diff-conn-$io-$n.txt"
+    fi
+    # shellcheck disable=SC2059
+    if [ -s "$(printf "$c" base hb)" ] && [ -s "$(printf "$c" main hb)" ]; then
+      python3 bench/callgrind_phase_diff.py "$(printf "$c" base conn)" "$(printf "$c" base hb)" "$(printf "$c" main conn)" "$(printf "$c" main hb)" \
+        "$(awk -F'\t' -v io="$io" -v n="$n" '$1=="callgrind"&&$2=="base"&&$3==io&&$4==n&&$5=="hb"{print $8}' "$out/runs.tsv")" \
+        "$(awk -F'\t' -v io="$io" -v n="$n" '$1=="callgrind"&&$2=="main"&&$3==io&&$4==n&&$5=="hb"{print $8}' "$out/runs.tsv")" 30 | cut -c1-200 > "$out/diff-hb-$io-$n.txt"
+    fi
+  done
+done
 python3 bench/profile_budget_summary.py "$out/runs.tsv" > "$out/summary.md" || true
 cat "$out/summary.md"
 echo "profile-budget: wrote $out" >&2

@@ -20,27 +20,35 @@ def pokes(r):
     return max(0.0, num(r, "accepted") - num(r, "established"))
 
 
+def idle_n(b, io, n, phase="idle"):
+    """The idle run of the same N (same sitting), else of the first N."""
+    return cg.get((b, io, n, phase)) or cg.get((b, io, min(ns), phase))
+
+
 poke_cost = {}
 for b in ("base", "main"):
-    idle, idlepoke = cg.get((b, "uring", min(ns), "idle")), cg.get((b, "uring", min(ns), "idlepoke"))
-    if idle and idlepoke and pokes(idlepoke) > pokes(idle):
-        poke_cost[b] = (num(idlepoke, "total") - num(idle, "total")) / (pokes(idlepoke) - pokes(idle))
+    for n in ns:
+        idle, idlepoke = idle_n(b, "uring", n), idle_n(b, "uring", n, "idlepoke")
+        if idle and idlepoke and pokes(idlepoke) != pokes(idle):
+            poke_cost[(b, n)] = (num(idlepoke, "total") - num(idle, "total")) / (pokes(idlepoke) - pokes(idle))
 
 
 def total(r):
     """Instructions of a run, less its wake-up connections."""
-    return num(r, "total") - pokes(r) * poke_cost.get(r["build"], 0.0)
+    n = int(r["n"])
+    c = poke_cost.get((r["build"], n), poke_cost.get((r["build"], min(ns)), 0.0))
+    return num(r, "total") - pokes(r) * c
 
 
-for b, c in poke_cost.items():
-    print(f"(uring, {b}: a wake-up connection costs {c:,.0f} Ir, taken out of every uring run by its count)\n")
+for (b, n), c in sorted(poke_cost.items()):
+    print(f"(uring, {b}, runs of {n:,}: a wake-up connection costs {c:,.0f} Ir, taken out of those runs by their count)\n")
 print("| io | N | figure | base | main | main - base | main/base |")
 print("|---|---|---|---|---|---|---|")
 for io in ios:
     for n in ns:
         vals = defaultdict(dict)
         for b in ("base", "main"):
-            idle = cg.get((b, io, min(ns), "idle"))
+            idle = idle_n(b, io, n)
             conn = cg.get((b, io, n, "conn"))
             hb = cg.get((b, io, n, "hb"))
             exp = cg.get((b, io, n, "expiry"))
@@ -61,7 +69,7 @@ for io in ios:
             print(f"| {io} | {n:,} | {fig} | {f(b)} | {f(m)} | {d} | {ratio} |")
 dh = {(r["build"], r["io"], int(r["n"])): num(r, "total") for r in rows if r["tool"] == "dhat"}
 if dh:
-    print("\n## Heap live at the peak (dhat, 2 shards), bytes per connection\n")
+    print("\n## Heap live at the peak (dhat; epoll 2 shards, uring 1 shard), bytes per connection\n")
     print("| io | N | base | main | main - base |")
     print("|---|---|---|---|---|")
     dns = sorted({k[2] for k in dh})
