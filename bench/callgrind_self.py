@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Self cost (Ir) of a callgrind.out file by source file and by function,
 inlined code counted in the file it came from (callgrind's fi=/fe=).
-Usage: callgrind_self.py FILE [DIVISOR] [TOP]  -- costs divided by DIVISOR
+Usage: callgrind_self.py FILE[,PART...] [DIVISOR] [TOP]  -- costs divided by DIVISOR
 (e.g. the connections of the run), top TOP rows of each table."""
 import re
 import sys
@@ -9,6 +9,21 @@ from collections import defaultdict
 
 
 def parse(path):
+    """PATH, or several comma-separated parts (--dump-every-bb): summed."""
+    if "," in path:
+        total, by_file, by_fn = 0, defaultdict(int), defaultdict(int)
+        for part in path.split(","):
+            t, f, g = parse_one(part)
+            total += t
+            for k, v in f.items():
+                by_file[k] += v
+            for k, v in g.items():
+                by_fn[k] += v
+        return total, by_file, by_fn
+    return parse_one(path)
+
+
+def parse_one(path):
     names = {"fl": {}, "fn": {}}
     by_file = defaultdict(int)
     by_fn = defaultdict(int)

@@ -30,7 +30,8 @@ BASE=${BASE:-ae7924c}
 BASE_BIN=${BASE_BIN:-/work/builds/$BASE}
 NS=${NS:-"2000 15000"}
 IOS=${IOS:-"epoll uring"}
-PHASES=${PHASES:-"idle idlepoke conn hb expiry idle2 conn2"}
+PHASES=${PHASES:-"idle conn hb expiry idle2 conn2"}
+DUMP_BB=${DUMP_BB:-100000}
 EXPIRY_NS=${EXPIRY_NS:-2000}
 DHAT=${DHAT:-1}
 NATIVE=${NATIVE:-1}
@@ -72,6 +73,17 @@ poke() {
   done
 }
 
+# settle PID: returns once PID's CPU time has not moved for 2 s (at most 120 s).
+settle() {
+  local last=-1 now same=0
+  for _ in $(seq 240); do
+    now=$(proc_ticks "$1")
+    if [ "$now" = "$last" ]; then same=$((same + 1)); [ $same -ge 4 ] && return 0; else same=0; fi
+    last=$now
+    sleep 0.5
+  done
+}
+
 # run TOOL BUILD IO N PHASE
 run() {
   local tool=$1 build=$2 io=$3 n=$4 phase=$5 bin port tag cores=0 sflags=() pre=() lg=()
@@ -85,7 +97,9 @@ run() {
   case $phase in idle2|conn2) cores=0-1 ;; esac
   [ "$phase" = expiry ] && sflags=(--timeout 2s --tick 100ms)
   case $tool in
-    callgrind) pre=(valgrind -q --tool=callgrind --dump-instr=no --callgrind-out-file="$raw/$tag.cg") ;;
+    callgrind) pre=(valgrind -q --tool=callgrind --dump-instr=no --callgrind-out-file="$raw/$tag.cg")
+      # uring: see stop below; parts every DUMP_BB basic blocks, summed.
+      [ "$io" = uring ] && pre+=(--dump-every-bb="$DUMP_BB") ;;
     dhat) pre=(valgrind -q --tool=dhat --dhat-out-file="$raw/$tag.json") ;;
     native) pre=() ;;
   esac
@@ -108,20 +122,27 @@ run() {
       > "$raw/$tag.lg.json" 2>/dev/null || echo "profile-budget: loadgen failed in $tag" >&2
   fi
   if [ "$phase" = idlepoke ]; then poke $port 2000 always; fi
-  kill -TERM "$server_pid" 2>/dev/null || true
   # valgrind 3.19 holds its thread lock through io_uring_enter (not marked
   # as blocking): an idle uring shard starves the thread that takes
-  # SIGTERM. Short connections wake the shard until its time slice ends
-  # and the signal is seen; their number is counted (the final line's
-  # accepted less the run's devices) and their cost taken out (summary).
-  if [ "$tool" != native ] && [ "$io" = uring ]; then poke $port 30000; fi
+  # SIGTERM. callgrind on uring: the profile is dumped in parts every
+  # DUMP_BB basic blocks; once the server's CPU time stands still it is
+  # killed, and the parts are summed (what ran after the last part, less
+  # than DUMP_BB blocks, is lost). dhat (one file, at exit): SIGTERM, then
+  # short connections wake the shard until the signal is seen.
+  if [ "$tool" = callgrind ] && [ "$io" = uring ]; then
+    settle "$server_pid"
+    kill -9 "$server_pid" 2>/dev/null || true
+  else
+    kill -TERM "$server_pid" 2>/dev/null || true
+    if [ "$tool" != native ] && [ "$io" = uring ]; then poke $port 30000; fi
+  fi
   for _ in $(seq 1800); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
   kill -9 "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
   server_pid=""
   local total=0
   case $tool in
-    callgrind) total=$(awk '/^(summary|totals):/{print $2}' "$raw/$tag.cg" | tail -1) ;;
+    callgrind) total=$(cat "$raw/$tag".cg* 2>/dev/null | awk '/^(summary|totals):/{s+=$2} END{print s+0}') ;;
     dhat) total=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(p.get("gb",0) for p in d["pps"]))' "$raw/$tag.json") ;;
     native) cp "$raw/$tag.lg.json" "$out/$tag.json"; total=$(jfield "$raw/$tag.lg.json" server_rss_per_conn_bytes) ;;
   esac
@@ -131,13 +152,15 @@ run() {
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$tool" "$build" "$io" "$n" "$phase" \
     "$(jfield "$f" established)" "$(jfield "$f" pings)" "$(jfield "$f" pongs)" "$(jfield "$f" server_closed_silent)" "${accepted:-0}" "${total:-0}" >> "$out/runs.tsv"
   echo "profile-budget: $tag total ${total:-0} accepted ${accepted:-0} established $(jfield "$f" established) pings $(jfield "$f" pings)" >&2
-  if [ "$tool" = callgrind ] && [ "$phase" != idle ] && [ -s "$raw/$tag.cg" ]; then
+  if [ "$tool" = callgrind ] && [ "$phase" != idle ] && [ "$phase" != idle2 ] && [ "$phase" != idlepoke ]; then
     local div=$n
     {
-      echo "# callgrind_annotate --inclusive=yes (top 60 rows), $tag"
-      callgrind_annotate --inclusive=yes "$raw/$tag.cg" 2>/dev/null | sed -n '1,45p' | cut -c1-160
-      echo
-      python3 bench/callgrind_self.py "$raw/$tag.cg" "$div" 30 | cut -c1-160
+      if [ -s "$raw/$tag.cg" ]; then
+        echo "# callgrind_annotate --inclusive=yes (top rows), $tag"
+        callgrind_annotate --inclusive=yes "$raw/$tag.cg" 2>/dev/null | sed -n '1,45p' | cut -c1-160
+        echo
+      fi
+      python3 bench/callgrind_self.py "$(ls "$raw/$tag".cg* | paste -sd,)" "$div" 30 | cut -c1-160
     } > "$out/cg-$tag.txt"
   fi
   if [ "$tool" = dhat ] && [ -s "$raw/$tag.json" ]; then
@@ -170,13 +193,14 @@ done
 for io in $IOS; do
   for n in $NS; do
     c="$raw/callgrind-%s-$io-$n-%s.cg"
+    parts() { ls "$(printf "$c" "$1" "$2")"* 2>/dev/null | paste -sd,; }
     # shellcheck disable=SC2059
-    if [ -s "$(printf "$c" base conn)" ] && [ -s "$(printf "$c" main conn)" ]; then
-      python3 bench/callgrind_diff.py "$(printf "$c" base conn)" "$n" "$(printf "$c" main conn)" "$n" 35 | cut -c1-200 > "$out/diff-conn-$io-$n.txt"
+    if [ -n "$(parts base conn)" ] && [ -n "$(parts main conn)" ]; then
+      python3 bench/callgrind_diff.py "$(parts base conn)" "$n" "$(parts main conn)" "$n" 35 | cut -c1-200 > "$out/diff-conn-$io-$n.txt"
     fi
     # shellcheck disable=SC2059
-    if [ -s "$(printf "$c" base hb)" ] && [ -s "$(printf "$c" main hb)" ]; then
-      python3 bench/callgrind_phase_diff.py "$(printf "$c" base conn)" "$(printf "$c" base hb)" "$(printf "$c" main conn)" "$(printf "$c" main hb)" \
+    if [ -n "$(parts base hb)" ] && [ -n "$(parts main hb)" ]; then
+      python3 bench/callgrind_phase_diff.py "$(parts base conn)" "$(parts base hb)" "$(parts main conn)" "$(parts main hb)" \
         "$(awk -F'\t' -v io="$io" -v n="$n" '$1=="callgrind"&&$2=="base"&&$3==io&&$4==n&&$5=="hb"{print $8}' "$out/runs.tsv")" \
         "$(awk -F'\t' -v io="$io" -v n="$n" '$1=="callgrind"&&$2=="main"&&$3==io&&$4==n&&$5=="hb"{print $8}' "$out/runs.tsv")" 30 | cut -c1-200 > "$out/diff-hb-$io-$n.txt"
     fi
