@@ -142,7 +142,7 @@ run() {
   server_pid=""
   local total=0
   case $tool in
-    callgrind) total=$(cat "$raw/$tag".cg* 2>/dev/null | awk '/^(summary|totals):/{s+=$2} END{print s+0}') ;;
+    callgrind) total=$(cat "$raw/$tag".cg* 2>/dev/null | awk '/^totals:/{s+=$2} END{print s+0}') ;;
     dhat) total=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(p.get("gb",0) for p in d["pps"]))' "$raw/$tag.json") ;;
     native) cp "$raw/$tag.lg.json" "$out/$tag.json"; total=$(jfield "$raw/$tag.lg.json" server_rss_per_conn_bytes) ;;
   esac
