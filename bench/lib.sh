@@ -57,3 +57,67 @@ start_nats() {
   wait_port "$2"
   sleep 0.5
 }
+
+# The server's own cgroup (issue 18: kernel and user bytes per connection
+# of the server apart from the client's). cgroup_make NAME prints a
+# directory to write the server's pid to (its workers inherit it at fork),
+# or nothing where no memory controller is writable. cgroup v2 where it is
+# mounted, else v1's memory hierarchy, under this shell's own cgroup.
+cgroup_make() {
+  local name=$1 base dir
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    base=/sys/fs/cgroup$(awk -F: '$1=="0"{print $3}' /proc/self/cgroup)
+  else
+    base=/sys/fs/cgroup/memory$(awk -F: '$2=="memory"{print $3}' /proc/self/cgroup)
+  fi
+  dir="$base/$name"
+  mkdir "$dir" 2>/dev/null || return 0
+  # v1 accounts TCP buffer memory only once a limit is written.
+  [ -f "$dir/memory.kmem.tcp.limit_in_bytes" ] && echo $((1 << 40)) > "$dir/memory.kmem.tcp.limit_in_bytes" 2>/dev/null
+  echo "$dir"
+}
+
+# cgroup_snapshot DIR FILE CONNS: the cgroup's memory figures, and per
+# connection: total, kernel (v1 kmem; v2 slab + sock + kernel_stack +
+# pagetables), sockets (v1 kmem.tcp; v2 sock), user (v1 rss + shmem; v2
+# anon + shmem).
+cgroup_snapshot() {
+  local dir=$1 file=$2 conns=$3
+  [ -n "$dir" ] && [ -d "$dir" ] || return 0
+  {
+    echo "cgroup: $dir"
+    for f in memory.current memory.usage_in_bytes memory.kmem.usage_in_bytes memory.kmem.tcp.usage_in_bytes; do
+      [ -f "$dir/$f" ] && echo "$f $(cat "$dir/$f")"
+    done
+    echo "--- memory.stat"
+    cat "$dir/memory.stat"
+  } > "$file"
+  python3 - "$file" "$conns" >> "$file" <<'PY'
+import sys
+lines = open(sys.argv[1]).read().split("\n")
+conns = int(sys.argv[2])
+kv = {}
+for l in lines:
+    p = l.split()
+    if len(p) == 2 and p[1].isdigit():
+        kv.setdefault(p[0], int(p[1]))
+if "memory.current" in kv:  # v2
+    total = kv["memory.current"]
+    kernel = sum(kv.get(k, 0) for k in ("slab", "sock", "kernel_stack", "pagetables"))
+    sock = kv.get("sock", 0)
+    user = kv.get("anon", 0) + kv.get("shmem", 0)
+else:  # v1
+    total = kv.get("memory.usage_in_bytes", 0)
+    kernel = kv.get("memory.kmem.usage_in_bytes", 0)
+    sock = kv.get("memory.kmem.tcp.usage_in_bytes", 0)
+    user = kv.get("rss", 0) + kv.get("shmem", 0)
+print("--- per connection (%d)" % conns)
+for name, v in (("total", total), ("kernel", kernel), ("sockets", sock), ("user", user)):
+    print("%s_bytes_per_conn %.0f" % (name, v / max(conns, 1)))
+PY
+}
+
+# cgroup_remove DIR: once its processes have exited.
+cgroup_remove() {
+  [ -n "${1:-}" ] && [ -d "$1" ] && rmdir "$1" 2>/dev/null || true
+}

@@ -53,6 +53,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   sleep 1
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  cgroup_remove "${cg:-}"
   bash kernel-tuning/apply.sh --restore "$PWD/$out/sysctl-backup.conf" >> "$out/kernel-apply.txt" 2>&1
   bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-after.txt" || true
 }
@@ -63,7 +64,11 @@ cat /proc/net/sockstat > "$out/sockstat-before.txt"
 
 # The server runs on its own (not --spawn-server), so that it outlives the
 # fleet client for the storm probe; the client measures it by pid.
-./target/release/server --io "$IO" --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
+# In a cgroup of its own (where one can be made): its kernel and user bytes
+# per connection apart from the client's (cgroup-server-fleet.txt).
+cg=$(cgroup_make "c1m-server-$stamp")
+C1M_CG="$cg" sh -c '[ -n "$C1M_CG" ] && echo $$ > "$C1M_CG/cgroup.procs"; exec "$@"' server \
+  ./target/release/server --io "$IO" --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
   --stats-interval 5s > "$out/server.log" 2>&1 &
 server=$!
 pids+=("$server")
@@ -86,6 +91,7 @@ until grep -q "holding" "$out/fleet.progress" 2>/dev/null; do
 done
 sleep 10
 cat /proc/meminfo > "$out/meminfo-fleet.txt"
+cgroup_snapshot "$cg" "$out/cgroup-server-fleet.txt" "$CONNS"
 cat /proc/net/sockstat > "$out/sockstat-fleet.txt"
 until grep -q "awaiting expiries" "$out/fleet.progress" 2>/dev/null; do
   kill -0 "$client" 2>/dev/null || break
