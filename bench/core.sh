@@ -37,10 +37,16 @@ LOADGEN_FLAGS=${LOADGEN_FLAGS:-}
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --examples
 BASE_SERVER=${BASE_SERVER:-}
 BASE_FLAGS=${BASE_FLAGS:-}  # extra flags for the base server, e.g. --io epoll
+# A second old build in the same run (impl base2, the same BASE_FLAGS):
+# the previous landing and the budget's reference side by side.
+BASE2_SERVER=${BASE2_SERVER:-}
 case " $IMPLS " in
   *" base "*) [ -x "$BASE_SERVER" ] || { echo "bench: IMPLS has base but BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; } ;;
 esac
-out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${LOADGEN_FLAGS:+ LOADGEN_FLAGS='$LOADGEN_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER}${BASE_FLAGS:+ BASE_FLAGS='$BASE_FLAGS'} bench/core.sh")
+case " $IMPLS " in
+  *" base2 "*) [ -x "$BASE2_SERVER" ] || { echo "bench: IMPLS has base2 but BASE2_SERVER ('$BASE2_SERVER') is not an executable server" >&2; exit 2; } ;;
+esac
+out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${LOADGEN_FLAGS:+ LOADGEN_FLAGS='$LOADGEN_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER}${BASE_FLAGS:+ BASE_FLAGS='$BASE_FLAGS'}${BASE2_SERVER:+ BASE2_SERVER=$BASE2_SERVER} bench/core.sh")
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "kernel: $(uname -r)"
@@ -63,6 +69,7 @@ start_server() {
       [ "${impl:5:1}" = 1 ] && cores=0
       [ "${impl: -3}" = cpu ] && steer=(--reuseport-cpu)
       ./target/release/server --io "$io" "${steer[@]}" --listen 127.0.0.1:$PORT --cores $cores --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
+    base2) "$BASE2_SERVER" $BASE_FLAGS --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     base) "$BASE_SERVER" $BASE_FLAGS --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     threads) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock128) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 128 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
