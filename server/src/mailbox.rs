@@ -4,7 +4,7 @@
 //!
 //! Wake-ups are batched: a shard marks the peers it wrote to during one
 //! turn of its loop and writes each one's eventfd once, at the end of the
-//! turn ([`Peers::flush`]), so a burst of registrations costs one wake-up
+//! turn ([`Peers::flush`]), so a burst of messages (Replaced, asks) costs one wake-up
 //! per peer per turn, not one per device.
 
 use std::io;
