@@ -226,7 +226,8 @@ impl Registry {
         let mut key = [0u64; 2];
         fill_random(&mut key)?;
         let base = map(&fd, len)?;
-        // SAFETY: a fresh mapping of `len` bytes, nobody else maps it yet.
+        // SAFETY: a fresh mapping of `len` bytes, nobody else maps it yet;
+        // unmapped once the header is in.
         unsafe {
             base.cast::<Header>().write(Header {
                 magic: MAGIC,
@@ -234,18 +235,11 @@ impl Registry {
                 stripes: stripes as u32,
                 key,
                 _pad: [0; 4],
-            })
-        };
-        Ok(Registry {
-            map: Arc::new(Mapping {
-                base,
-                len,
-                stripes,
-                key,
-                pid: std::process::id(),
-                fd,
-            }),
-        })
+            });
+            libc::munmap(base.cast(), len);
+        }
+        // Mapped again as every other process maps it, header checked.
+        Registry::open(fd)
     }
 
     /// The table a `--procs` parent made, at descriptor `fd` (from
