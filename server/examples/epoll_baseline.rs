@@ -47,6 +47,7 @@ fn main() {
         max_conns: 1_000_000,
         graceful_expiry: false,
         drain_timeout: Duration::from_secs(1),
+        drain_rate: 0.0,
         stats_interval: Duration::from_secs(3600),
         inject_panic: false,
         auth: None,

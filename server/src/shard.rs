@@ -54,6 +54,10 @@ pub struct ShardConfig {
     /// Send Close 1001 to expired devices instead of resetting them.
     pub graceful_expiry: bool,
     pub drain_timeout: Duration,
+    /// --drain-rate: devices the whole server closes per second on
+    /// shutdown (each shard its share), so that a rolling restart does not
+    /// send a whole fleet to reconnect at once. 0: all at once.
+    pub drain_rate: f64,
     pub stats_interval: Duration,
     /// Test hook (C1M_INJECT_PANIC=1 in the server's environment): bytes
     /// holding [`INJECT_PANIC`] in the clear make the shard panic while
@@ -87,6 +91,27 @@ pub struct ShardConfig {
     /// --udp-heartbeat: tickets in the 101s, datagrams as heartbeats
     /// (shard_udp.rs). None: no UDP socket, no cost.
     pub udp: Option<UdpHeartbeat>,
+}
+
+/// A paced drain's Close reason: the device may reconnect at once (its
+/// front sends it to another server: /healthz said 503 first).
+pub const DRAIN_REASON: &[u8] = b"draining: reconnect";
+
+/// A paced drain (--drain-rate) under way.
+#[derive(Debug, Clone, Copy)]
+struct Pacing {
+    began: Instant,
+    /// The next slab key to look at (no new connections come during a
+    /// drain, so keys are not reused behind the cursor).
+    next_key: usize,
+    closed: u64,
+}
+
+impl Pacing {
+    /// When the next Close is due at `rate` per second.
+    fn next_due(&self, rate: f64) -> Instant {
+        self.began + Duration::from_secs_f64(self.closed as f64 / rate.max(1e-9))
+    }
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -306,6 +331,9 @@ struct State {
     plain: Vec<u8>,
     sealed: Vec<u8>,
     drain_deadline: Option<Instant>,
+    /// A paced drain under way: where it began, the next slab key to close
+    /// and how many it has closed.
+    pacing: Option<Pacing>,
     accept_resume: Option<Instant>,
     warned_at: Option<Instant>,
     report: Sender<Snapshot>,
@@ -365,6 +393,7 @@ impl<D: Driver> Shard<D> {
                 plain: Vec::new(),
                 sealed: Vec::new(),
                 drain_deadline: None,
+                pacing: None,
                 accept_resume: None,
                 warned_at: None,
                 report,
@@ -493,6 +522,7 @@ impl State {
             Some(self.next_report),
             self.drain_deadline,
             self.accept_resume,
+            self.pacing.as_ref().map(|p| p.next_due(self.drain_rate())),
         ]
         .into_iter()
         .flatten()
@@ -515,6 +545,9 @@ impl State {
                     "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
                 ));
             }
+        }
+        if self.pacing.is_some() {
+            self.pace_drain(io, now);
         }
         if let Some(deadline) = self.drain_deadline {
             if self.slab.is_empty() || now >= deadline {
@@ -1330,29 +1363,78 @@ impl State {
         }
     }
 
-    /// Stops accepting and sends Close 1001 to every device.
+    /// Stops accepting and sends Close 1001 to every device: at once, or
+    /// paced at this shard's share of --drain-rate ([`State::pace_drain`]).
     fn begin_shutdown(&mut self, io: &mut impl Driver) {
         if self.drain_deadline.is_some() {
             return;
         }
-        self.drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
+        let now = Instant::now();
         io.unlisten();
         self.accept_resume = None;
+        let rate = self.drain_rate();
+        if rate > 0.0 {
+            // The last Close goes out after held / rate; then the devices
+            // have --drain-timeout to answer, as without pacing.
+            let held = self.slab.len() as f64;
+            let pacing = Duration::from_secs_f64(held / rate);
+            self.drain_deadline = Some(now + pacing + self.cfg.drain_timeout);
+            self.pacing = Some(Pacing {
+                began: now,
+                next_key: 0,
+                closed: 0,
+            });
+            return self.pace_drain(io, now);
+        }
+        self.drain_deadline = Some(now + self.cfg.drain_timeout);
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let slot = &mut self.slab[key];
-            if slot.ended {
-                continue; // already on its way out
+            self.close_for_drain(io, key, b"");
+        }
+    }
+
+    /// This shard's share of --drain-rate, devices per second.
+    fn drain_rate(&self) -> f64 {
+        self.cfg.drain_rate / self.peers.len().max(1) as f64
+    }
+
+    /// Sends the Closes of a paced drain that are due by `now`: one at
+    /// its start, then one every 1 / rate seconds.
+    fn pace_drain(&mut self, io: &mut impl Driver, now: Instant) {
+        let Some(p) = self.pacing else { return };
+        let rate = self.drain_rate();
+        let due = (now.duration_since(p.began).as_secs_f64() * rate) as u64 + 1;
+        let (mut key, mut closed) = (p.next_key, p.closed);
+        let end = self.slab.capacity();
+        while closed < due && key < end {
+            if self.slab.get(key).is_some_and(|s| !s.ended) {
+                self.close_for_drain(io, key, DRAIN_REASON);
+                closed += 1;
             }
-            self.out.clear();
-            slot.conn.start_close(&mut self.out);
-            if slot.conn.phase() == Phase::Done {
-                self.counters.shutdown += 1;
-                slot.why = Reason::Shutdown;
-                self.close(io, key, Close::Abortive);
-            } else {
-                self.write(io, key);
-            }
+            key += 1;
+        }
+        self.pacing = (key < end).then_some(Pacing {
+            next_key: key,
+            closed,
+            ..p
+        });
+    }
+
+    /// Close 1001 (with `reason`) to the device in slot `key`, if it is not
+    /// on its way out already; one still in its handshake just ends.
+    fn close_for_drain(&mut self, io: &mut impl Driver, key: usize, reason: &[u8]) {
+        let slot = &mut self.slab[key];
+        if slot.ended {
+            return;
+        }
+        self.out.clear();
+        slot.conn.start_close_with(&mut self.out, reason);
+        if slot.conn.phase() == Phase::Done {
+            self.counters.shutdown += 1;
+            slot.why = Reason::Shutdown;
+            self.close(io, key, Close::Abortive);
+        } else {
+            self.write(io, key);
         }
     }
 
@@ -1536,6 +1618,7 @@ mod tests {
             max_conns: 10,
             graceful_expiry,
             drain_timeout: Duration::from_secs(1),
+            drain_rate: 0.0,
             stats_interval: Duration::from_secs(3600),
             inject_panic: false,
             auth: None,

@@ -505,6 +505,91 @@ fn sigterm_sends_1001_and_exits_zero() {
     assert_eq!(field(&final_line, "client_close"), 1, "{final_line}");
 }
 
+/// A rolling restart's drain: on SIGTERM /healthz says 503 for
+/// --drain-health-delay while devices are still served, then the devices
+/// get Close 1001 "draining: reconnect" at --drain-rate per second over the
+/// server (2 shards, each its half), not all at once; then it exits 0.
+/// The same from a --procs parent (its /healthz, its workers paced).
+fn a_paced_drain_says_503_first_then_spreads_its_closes() {
+    for procs in ["1", "2"] {
+        paced_drain(procs);
+    }
+}
+
+fn paced_drain(procs: &str) {
+    let admin = free_addr();
+    let mut server = Server::start(&[
+        "--admin",
+        &admin,
+        "--procs",
+        procs,
+        "--drain-rate",
+        "20",
+        "--drain-health-delay",
+        "1s",
+        "--drain-timeout",
+        "2s",
+    ]);
+    let mut devices: Vec<_> = (0..20).map(|i| server.ws(&format!("dr{i}"))).collect();
+    server.wait_line("20 devices", |l| field(l, "conns") == 20);
+    assert_eq!(http(&admin, "GET", "/healthz").0, 200);
+    server.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    // Within the delay: 503 for the front (once the signal is taken: the
+    // main thread looks every 200 ms at most), and the devices still served.
+    while http(&admin, "GET", "/healthz").0 != 503 {
+        assert!(
+            signalled.elapsed() < Duration::from_millis(600),
+            "no 503 on /healthz"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    devices[0].send(Message::Ping(b"still".to_vec())).unwrap();
+    assert_eq!(devices[0].read().unwrap(), Message::Pong(b"still".to_vec()));
+    assert!(
+        signalled.elapsed() < Duration::from_millis(900),
+        "too slow to check the delay"
+    );
+    // Then the Closes, each timed where it arrives.
+    let readers: Vec<_> = devices
+        .into_iter()
+        .map(|mut ws| {
+            std::thread::spawn(move || loop {
+                match ws.read() {
+                    Ok(Message::Close(Some(f))) => {
+                        let at = signalled.elapsed();
+                        let _ = ws.flush();
+                        return (u16::from(f.code), f.reason.to_string(), at);
+                    }
+                    Ok(_) => continue,
+                    Err(e) => panic!("expected Close 1001, got {e}"),
+                }
+            })
+        })
+        .collect();
+    let mut at: Vec<Duration> = Vec::new();
+    for r in readers {
+        let (code, reason, when) = r.join().unwrap();
+        assert_eq!((code, reason.as_str()), (1001, "draining: reconnect"));
+        at.push(when);
+    }
+    at.sort();
+    // 20 at 20/s: the first at the end of the 1 s delay, the last about
+    // 0.45 s later per shard (10 each at 10/s); all at once would be ~0.
+    assert!(
+        at[0] >= Duration::from_millis(900),
+        "first Close at {:?}, before the delay ended",
+        at[0]
+    );
+    let spread = at[19] - at[0];
+    assert!(
+        spread >= Duration::from_millis(300),
+        "20 Closes within {spread:?}: not paced"
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 fn handshake_timeout_closes_half_a_request() {
     let server = Server::start(&[
         "--cores",
@@ -2056,6 +2141,7 @@ on_both_backends!(
     protocol_errors_close_with_1002_1007_1009,
     both_shards_take_connections,
     sigterm_sends_1001_and_exits_zero,
+    a_paced_drain_says_503_first_then_spreads_its_closes,
     handshake_timeout_closes_half_a_request,
     a_second_server_on_the_same_port_is_refused,
     join_shares_the_port_on_purpose,

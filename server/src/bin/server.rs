@@ -100,6 +100,17 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     drain_timeout: Duration,
+    /// on SIGINT/SIGTERM, close devices at this pace, devices per second
+    /// over the whole server (Close 1001 "draining: reconnect"), so that a
+    /// rolling restart does not send the fleet back all at once; the drain
+    /// then lasts devices / rate, plus --drain-timeout (default 0: all at once)
+    #[argh(option, default = "0")]
+    drain_rate: u32,
+    /// on SIGINT/SIGTERM, first answer 503 on /healthz (--admin) for this
+    /// long while still serving, so that a front stops sending new devices
+    /// here before the drain begins (default 0s)
+    #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
+    drain_health_delay: Duration,
     /// run this many worker processes, each with its share of --cores and
     /// of the connections, in one SO_REUSEPORT group; for hosts where
     /// RLIMIT_NOFILE cannot be raised (default 1: no workers)
@@ -520,6 +531,7 @@ fn run(args: Args) -> Result<(), String> {
             max_message: args.max_message,
             registry_capacity,
             udp_heartbeat: args.udp_heartbeat,
+            drain_health_delay: args.drain_health_delay,
         }
         .run(|wait| wait_signal(&signals, wait));
     }
@@ -553,6 +565,7 @@ fn run(args: Args) -> Result<(), String> {
         max_conns,
         graceful_expiry: args.graceful_expiry,
         drain_timeout: args.drain_timeout,
+        drain_rate: args.drain_rate as f64,
         // How often the shards send their snapshots: for the stats line,
         // and at least once a second for /metrics when --admin is on.
         stats_interval: match (print_stats, args.admin.is_some()) {
@@ -786,6 +799,9 @@ fn run(args: Args) -> Result<(), String> {
     let mut prev_at = start;
     let mut next_print = start + args.stats_interval;
     let mut stopping = false;
+    // When the shards are told to drain: at the signal, or after
+    // --drain-health-delay (while /healthz says 503).
+    let mut drain_at: Option<Instant> = None;
     // Set when a shard died: what ends the process with a failure, and the
     // moment past which it no longer waits for the others to drain.
     let mut died: Option<(String, Instant)> = None;
@@ -812,6 +828,12 @@ fn run(args: Args) -> Result<(), String> {
                 }
             }
         }
+        if drain_at.is_some_and(|t| Instant::now() >= t) {
+            drain_at = None;
+            for shard in &outside {
+                shard.send_now(c1m::mailbox::Mail::Shutdown);
+            }
+        }
         if let Some((_, by)) = &died {
             if Instant::now() >= *by {
                 // A shard that does not drain in time is not waited for.
@@ -827,12 +849,19 @@ fn run(args: Args) -> Result<(), String> {
         let wait = until_print.min(Duration::from_millis(200));
         if !stopping && wait_signal(&signals, wait) {
             stopping = true;
-            eprintln!("server: stopping: no new connections, sending Close 1001 to every device (drain up to {:?})", args.drain_timeout);
-            for shard in &outside {
-                shard.send_now(c1m::mailbox::Mail::Shutdown);
-            }
             if let Some(a) = &admin {
                 a.stopping();
+            }
+            let pace = match args.drain_rate {
+                0 => "to every device".to_string(),
+                r => format!("at {r} devices/s"),
+            };
+            if !args.drain_health_delay.is_zero() {
+                eprintln!("server: stopping: /healthz says 503 for {:?} while serving, then Close 1001 {pace} (then up to {:?} for answers)", args.drain_health_delay, args.drain_timeout);
+                drain_at = Some(Instant::now() + args.drain_health_delay);
+            } else {
+                eprintln!("server: stopping: no new connections, sending Close 1001 {pace} (then up to {:?} for answers)", args.drain_timeout);
+                drain_at = Some(Instant::now());
             }
         } else if stopping {
             std::thread::sleep(wait);

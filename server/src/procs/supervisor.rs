@@ -34,6 +34,9 @@ pub struct Supervisor {
     pub admin_access: crate::admin::Access,
     /// `--max-message`: the largest push the admin listener takes.
     pub max_message: usize,
+    /// --drain-health-delay: on a signal, /healthz says 503 this long
+    /// before the workers are told to drain (they get no such delay).
+    pub drain_health_delay: Duration,
     /// Connections all the workers can hold together: what the shared
     /// device registry is sized for.
     pub registry_capacity: usize,
@@ -186,6 +189,7 @@ impl Supervisor {
                 ("--admin", true),
                 ("--admin-token-file", true),
                 ("--admin-host", true),
+                ("--drain-health-delay", true),
             ],
         );
         args.extend([
@@ -316,10 +320,29 @@ impl Supervisor {
         let mut next_print = start + self.stats_interval;
         let (mut prev, mut prev_at) = (Counters::default(), start);
         let mut stopping = false;
+        // When SIGTERM goes to the workers: at the signal, or after
+        // --drain-health-delay (the parent's /healthz says 503 meanwhile).
+        let mut forward_at: Option<Instant> = None;
         let mut failure: Option<String> = None;
         loop {
             if !stopping && wait_signal(Duration::from_millis(100)) {
                 stopping = true;
+                if let Some(a) = &admin {
+                    a.stopping();
+                }
+                if !self.drain_health_delay.is_zero() {
+                    eprintln!(
+                        "server: stopping: /healthz says 503 for {:?} while the workers serve, then SIGTERM to {} workers",
+                        self.drain_health_delay,
+                        ws.len()
+                    );
+                }
+                forward_at = Some(Instant::now() + self.drain_health_delay);
+            } else if stopping {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if forward_at.is_some_and(|t| Instant::now() >= t) {
+                forward_at = None;
                 eprintln!(
                     "server: stopping: forwarding SIGTERM to {} workers",
                     ws.len()
@@ -327,11 +350,6 @@ impl Supervisor {
                 for w in ws.iter().filter(|w| w.exited.is_none()) {
                     workers::signal(w.child.id(), libc::SIGTERM);
                 }
-                if let Some(a) = &admin {
-                    a.stopping();
-                }
-            } else if stopping {
-                std::thread::sleep(Duration::from_millis(50));
             }
             let mut fresh = false;
             while let Ok(line) = rx.try_recv() {

@@ -177,9 +177,14 @@ impl Conn {
     /// Starts a server-side close (shutdown): sends Close 1001 and waits for
     /// the peer's Close. A connection still in its handshake just ends.
     pub fn start_close(&mut self, out: &mut Vec<u8>) {
+        self.start_close_with(out, b"");
+    }
+
+    /// [`Conn::start_close`] with a reason (a paced drain's reconnect hint).
+    pub fn start_close_with(&mut self, out: &mut Vec<u8>, reason: &[u8]) {
         match self.phase {
             Phase::Open => {
-                frame::write_close(out, code::GOING_AWAY);
+                frame::write_close_with(out, code::GOING_AWAY, reason);
                 self.phase = Phase::Closing;
             }
             Phase::Proxy | Phase::Handshake => self.phase = Phase::Done,
