@@ -9,7 +9,8 @@
 # heartbeat (schedstat ns, all threads), server RSS per idle connection, and
 # the host's kernel slab per connection (both loopback ends plus what the
 # server's I/O arms in the kernel: compare rows, the client is the same).
-# Servers: uring2/epoll2 (c1m on 2 shards, CPUs 0-1, with --io uring or
+# Servers: tokio (examples/tokio_peer.rs: tuned tokio-tungstenite, the
+# budget's peer), uring2/epoll2 (c1m on 2 shards, CPUs 0-1, with --io uring or
 # --io epoll), uring1/epoll1 (1 shard on CPU 0), uring2cpu/epoll2cpu (2
 # shards with --reuseport-cpu; pair them with LOADGEN_FLAGS=--pin so that
 # each load thread's connections are received on its own CPU), threads (the shard loop on
@@ -71,6 +72,7 @@ start_server() {
       ./target/release/server --io "$io" "${steer[@]}" --listen 127.0.0.1:$PORT --cores $cores --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     base2) "$BASE2_SERVER" $BASE_FLAGS --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
     base) "$BASE_SERVER" $BASE_FLAGS --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 >/dev/null 2>>"$out/server.err" & ;;
+    tokio) ./target/release/examples/tokio_peer --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     threads) ./target/release/examples/epoll_baseline --listen 127.0.0.1:$PORT --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock128) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 128 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;
     stock4096) ./target/release/examples/stock_glommio --listen 127.0.0.1:$PORT --ring-depth 4096 --lifetime 120s >/dev/null 2>>"$out/server.err" & ;;

@@ -23,7 +23,7 @@ print(f"Medians of {len(runs)} runs ({max(r['round'] for r in runs)} rounds, int
 print("| server | conns | ping every | heartbeats/s | " + " | ".join(c[1] for c in cols) + " | failed | listen overflows+drops |")
 print("|---" * (len(cols) + 6) + "|")
 med = {}
-order = {"uring2": 0, "epoll2": 1, "uring1": 2, "epoll1": 3, "uring2cpu": 3.1, "epoll2cpu": 3.2, "base": 4, "base2": 4.1, "threads": 5, "c1m": 6, "epoll": 7, "stock128": 8, "stock4096": 9}
+order = {"uring2": 0, "epoll2": 1, "uring1": 2, "epoll1": 3, "uring2cpu": 3.1, "epoll2cpu": 3.2, "base": 4, "base2": 4.1, "tokio": 4.2, "threads": 5, "c1m": 6, "epoll": 7, "stock128": 8, "stock4096": 9}
 for (impl, n, iv), rs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], -kv[0][2])):
     cells = []
     for c in cols:
