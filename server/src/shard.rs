@@ -1274,6 +1274,11 @@ impl State {
         } else {
             match ask {
                 Ask::Lookup => Answer::Found(self.info(io, key, at)),
+                // Nothing after our Close (a drain's, or a kick's in
+                // flight): RFC 6455 5.5.1.
+                Ask::Push { .. } if self.slab[key].conn.phase() != Phase::Open => {
+                    Answer::NotConnected
+                }
                 Ask::Push { text, payload } => {
                     self.out.clear();
                     let opcode = if text { Opcode::Text } else { Opcode::Binary };
@@ -1685,6 +1690,31 @@ mod tests {
             no_reply(),
         );
         assert_eq!(s.st.counters.replaced, 1);
+    }
+
+    /// A push to a device whose Close 1001 is out (a drain under way) is
+    /// refused: no frame after our Close (RFC 6455 5.5.1).
+    #[test]
+    fn a_push_after_our_close_is_refused() {
+        let mut s = shard(
+            false,
+            Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            },
+        );
+        s.turn();
+        s.st.begin_shutdown(&mut s.io);
+        assert_eq!(&s.io.sent[1][..2], &[0x88, 2], "Close 1001");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let push = Ask::Push {
+            text: true,
+            payload: b"late".to_vec(),
+        };
+        let id = DeviceId::new("aa:bb");
+        s.st.on_ask(&mut s.io, id, push, None, Reply::Local(tx));
+        assert_eq!(rx.recv().unwrap(), Answer::NotConnected);
+        assert_eq!(s.io.sent.len(), 2, "a frame after our Close");
     }
 
     /// After the broker comes back, the shard offers a presence record of

@@ -217,7 +217,11 @@ impl Conn {
     }
 
     fn fail(&mut self, r: &mut Received, out: &mut Vec<u8>, close_code: u16) {
-        frame::write_close(out, close_code);
+        // In Closing our Close went out already: RFC 6455 5.5.1, no frame
+        // after it, a second Close included.
+        if self.phase == Phase::Open {
+            frame::write_close(out, close_code);
+        }
         self.finish(r, End::ProtocolError(close_code));
     }
 
@@ -559,5 +563,24 @@ mod tests {
         );
         assert_eq!(r.end, Some(End::ClientClose));
         assert!(out.is_empty(), "no second Close after ours");
+    }
+
+    /// A protocol error while our Close awaits its answer ends the
+    /// connection without a second Close (RFC 6455 5.5.1).
+    #[test]
+    fn a_protocol_error_in_closing_sends_no_second_close() {
+        let (_, _, mut c) = run(UPGRADE, &Limits::default());
+        let mut out = Vec::new();
+        c.start_close(&mut out);
+        out.clear();
+        // An unmasked frame from a client is a protocol error (1002).
+        let r = c.receive(
+            &mut [0x81, 0x01, b'x'],
+            &Limits::default(),
+            &mut admit_all,
+            &mut out,
+        );
+        assert_eq!(r.end, Some(End::ProtocolError(1002)));
+        assert!(out.is_empty(), "a second Close: {out:?}");
     }
 }
