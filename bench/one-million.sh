@@ -13,6 +13,11 @@
 #         together 90 s later; meanwhile a second client connects PROBE new devices
 #         to measure connect latency during the deletion storm
 #
+# UDP=1 adds --udp-heartbeat to the server and to the fleet client: every
+# heartbeat is then the 101's ticket as a datagram (issue 19), the WebSocket
+# stays open and silent; everything else is the same (the storm's last
+# heartbeat is a datagram too). The directory name ends in -udp.
+#
 # Writes results/1m-<UTC time>/ (results/<UTC time>-scale-<CONNS>/ for other
 # sizes): fleet/ (merged histograms, timeline, summary, plots, worker-N/,
 # server.log), storm-probe/, kernel-*.txt, meminfo and sockstat snapshots.
@@ -32,14 +37,18 @@ TIMEOUT=${TIMEOUT:-90}  # the server's --timeout, seconds
 SILENT_AFTER=${SILENT_AFTER:-60}
 HEARTBEAT=${HEARTBEAT:-30}
 IO=${IO:-epoll}         # the I/O backend of the server and of the clients
+UDP=${UDP:-0}           # 1: heartbeats as UDP datagrams (--udp-heartbeat)
+udp=()
+[ "$UDP" = 1 ] && udp=(--udp-heartbeat)
 [ "$(id -u)" -eq 0 ] || { echo "one-million: needs root to apply (and restore) sysctls" >&2; exit 1; }
 
 cargo build --release --quiet --bin server --bin client
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "$CONNS" = 1000000 ]; then name="1m-$stamp"; else name="$stamp-scale-$CONNS"; fi
+[ "$UDP" = 1 ] && name="$name-udp"
 out="results/$name"
 mkdir -p "$out"
-echo "IO=$IO CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
+echo "IO=$IO UDP=$UDP CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
 echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/git.txt"
 
 if ! bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-before.txt"; then
@@ -61,6 +70,7 @@ trap cleanup EXIT
 bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-applied.txt" || true
 cat /proc/meminfo > "$out/meminfo-before.txt"
 cat /proc/net/sockstat > "$out/sockstat-before.txt"
+cat /proc/net/snmp > "$out/snmp-before.txt"
 
 # The server runs on its own (not --spawn-server), so that it outlives the
 # fleet client for the storm probe; the client measures it by pid.
@@ -69,7 +79,7 @@ cat /proc/net/sockstat > "$out/sockstat-before.txt"
 cg=$(cgroup_make "c1m-server-$stamp")
 C1M_CG="$cg" sh -c '[ -n "$C1M_CG" ] && echo $$ > "$C1M_CG/cgroup.procs"; exec "$@"' server \
   ./target/release/server --io "$IO" --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
-  --stats-interval 5s > "$out/server.log" 2>&1 &
+  --stats-interval 5s "${udp[@]}" > "$out/server.log" 2>&1 &
 server=$!
 pids+=("$server")
 wait_port "$PORT"
@@ -77,7 +87,7 @@ timeout $((HOLD + 1200)) ./target/release/client --io "$IO" --out "$out/fleet" \
   --server 127.0.0.1:$PORT --server-pid "$server" \
   --procs "$PROCS" --conns "$CONNS" --rate "$RATE" --concurrency 64 \
   --ips 127.0.0.2-127.0.0.41 --heartbeat "${HEARTBEAT}s" --silent 0.1 --silent-after "${SILENT_AFTER}s" --server-timeout "${TIMEOUT}s" \
-  --hold "${HOLD}s" --go-silent --expiry-window 30s \
+  --hold "${HOLD}s" --go-silent --expiry-window 30s "${udp[@]}" \
   > "$out/fleet.stdout" 2> "$out/fleet.progress" &
 client=$!
 pids+=("$client")
@@ -108,6 +118,7 @@ wait "$server" || echo "one-million: the server exited $?" >&2
 pids=()
 cat /proc/meminfo > "$out/meminfo-after.txt"
 cat /proc/net/sockstat > "$out/sockstat-after.txt"
+cat /proc/net/snmp > "$out/snmp-after.txt"
 cat "$out/fleet.stdout"
 echo "storm probe:"; grep -E "Connect latency|established" "$out/storm-probe.stdout" || true
 echo "results: $out"

@@ -105,6 +105,9 @@ pub struct Plan {
     /// a WebSocket heartbeat too every this many (0: never).
     pub udp_heartbeat: bool,
     pub udp_heartbeat_every: u32,
+    /// --udp-to: send the datagrams here instead of to the device's server
+    /// (a bare receiver, for the floor of bench/udp-heartbeat.sh).
+    pub udp_to: Option<SocketAddr>,
     pub silent: f64,
     pub server_timeout: Duration,
     pub hold: Duration,
@@ -964,7 +967,8 @@ impl State {
             Some(u) => {
                 let d = &self.devices[key];
                 let (_, dst) = route(d.n, self.plan.sources.len(), self.plan.servers.len());
-                u.beat(key, d.gen, self.plan.servers[dst]).unwrap_or(true)
+                let to = self.plan.udp_to.unwrap_or(self.plan.servers[dst]);
+                u.beat(key, d.gen, to).unwrap_or(true)
             }
             None => true,
         };

@@ -6,11 +6,14 @@
 //! system calls per datagram.
 //!
 //! `cargo run --release --example udp_floor -- RATE SECONDS [RX_CPU TX_CPU]`
+//!
+//! Or the receiver alone, fed by someone else (the load client's
+//! `--udp-to`, so that the floor sees the datagrams exactly as the server
+//! does): `udp_floor --listen ADDR SKIP SECONDS [RX_CPU]` binds ADDR and
+//! measures the SECONDS after the first SKIP (the fleet's ramp).
 
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use c1m::io::udp::{send_batch, RecvBatch};
@@ -34,20 +37,14 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn main() {
-    let a: Vec<String> = std::env::args().skip(1).collect();
-    let num = |i: usize, d: f64| a.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
-    let rate = num(0, 15_000.0);
-    let secs = num(1, 10.0);
-    let (rx_cpu, tx_cpu) = (num(2, 0.0) as usize, num(3, 1.0) as usize);
-    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    rx.set_nonblocking(true).expect("nonblocking");
-    let to = rx.local_addr().expect("addr");
-    let stop = Arc::new(AtomicBool::new(false));
-    let recv = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            pin(rx_cpu);
+/// The receiver thread: reads `rx` until `end`, counting datagrams,
+/// system calls and its own CPU from `from` on. Named floor-rx (for
+/// `perf stat --per-thread`).
+fn receiver(rx: UdpSocket, cpu: usize, from: Instant, end: Instant) -> std::thread::JoinHandle<(u64, u64, Duration)> {
+    std::thread::Builder::new()
+        .name("floor-rx".into())
+        .spawn(move || {
+            pin(cpu);
             // SAFETY: plain epoll calls on descriptors owned here.
             let ep = unsafe { libc::epoll_create1(0) };
             let mut ev = libc::epoll_event {
@@ -58,8 +55,15 @@ fn main() {
             let mut batch = RecvBatch::default();
             let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
             let (mut got, mut calls) = (0u64, 0u64);
-            let cpu0 = thread_cpu();
-            while !stop.load(Ordering::Relaxed) {
+            let mut base: Option<(u64, u64, Duration)> = None;
+            loop {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                if base.is_none() && now >= from {
+                    base = Some((got, calls, thread_cpu()));
+                }
                 let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 8, 100) };
                 calls += 1;
                 if n <= 0 {
@@ -74,13 +78,46 @@ fn main() {
                     }
                 }
             }
-            (got, calls, thread_cpu() - cpu0)
+            let (g0, c0, t0) = base.unwrap_or((got, calls, thread_cpu()));
+            (got - g0, calls - c0, thread_cpu() - t0)
         })
-    };
-    pin(tx_cpu);
-    let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        .expect("receiver thread")
+}
+
+fn report(rate: f64, secs: f64, sent: Option<u64>, (got, calls, cpu): (u64, u64, Duration)) {
+    let sent = sent.map_or(String::new(), |s| format!(" sent={s}"));
+    println!(
+        "udp_floor rate={rate} seconds={secs}{sent} received={got} rx_cpu_us_per_datagram={:.2} syscalls_per_datagram={:.2}",
+        cpu.as_secs_f64() * 1e6 / got.max(1) as f64,
+        calls as f64 / got.max(1) as f64
+    );
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize, d: f64| a.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    if a.first().map(String::as_str) == Some("--listen") {
+        let addr = a.get(1).expect("--listen ADDR SKIP SECONDS [RX_CPU]");
+        let (skip, secs) = (num(2, 5.0), num(3, 10.0));
+        let rx = UdpSocket::bind(addr.as_str()).expect("bind");
+        rx.set_nonblocking(true).expect("nonblocking");
+        let from = Instant::now() + Duration::from_secs_f64(skip);
+        let end = from + Duration::from_secs_f64(secs);
+        let r = receiver(rx, num(4, 0.0) as usize, from, end).join().expect("receiver");
+        report(r.0 as f64 / secs, secs, None, r);
+        return;
+    }
+    let rate = num(0, 15_000.0);
+    let secs = num(1, 10.0);
+    let (rx_cpu, tx_cpu) = (num(2, 0.0) as usize, num(3, 1.0) as usize);
+    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    rx.set_nonblocking(true).expect("nonblocking");
+    let to = rx.local_addr().expect("addr");
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
+    let recv = receiver(rx, rx_cpu, start, end + Duration::from_millis(200));
+    pin(tx_cpu);
+    let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let mut sent = 0u64;
     let mut queue = Vec::with_capacity(64);
     // Paced in 1 ms steps: what is due is sent in sendmmsg batches.
@@ -100,12 +137,6 @@ fn main() {
         queue.clear();
         std::thread::sleep(Duration::from_millis(1));
     }
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    let (got, calls, cpu) = recv.join().expect("receiver");
-    println!(
-        "udp_floor rate={rate} seconds={secs} sent={sent} received={got} rx_cpu_us_per_datagram={:.2} syscalls_per_datagram={:.2}",
-        cpu.as_secs_f64() * 1e6 / got.max(1) as f64,
-        calls as f64 / got.max(1) as f64
-    );
+    let r = recv.join().expect("receiver");
+    report(rate, secs, Some(sent), r);
 }

@@ -62,6 +62,12 @@ struct Args {
     /// datagrams, as a device behind a NAT would (default 0: never)
     #[argh(option, default = "0")]
     udp_heartbeat_every: u32,
+    /// with --udp-heartbeat, send the datagrams to this address:port
+    /// instead of the server's (a bare receiver, to measure the floor fed
+    /// by this same client: bench/udp-heartbeat.sh); the server then hears
+    /// none of them (default: the server's)
+    #[argh(option)]
+    udp_to: Option<std::net::SocketAddr>,
     /// fraction of devices that stop heartbeating (from their upgrade, or
     /// from --silent-after), so the server must expire them (default 0)
     #[argh(option, default = "0.0")]
@@ -409,6 +415,7 @@ fn run(args: Args) -> Result<i32, String> {
         kind: args.heartbeat_kind,
         udp_heartbeat: args.udp_heartbeat,
         udp_heartbeat_every: args.udp_heartbeat_every,
+        udp_to: args.udp_to,
         silent: args.silent,
         server_timeout,
         hold: args.hold,
