@@ -40,7 +40,12 @@ fn thread_cpu() -> Duration {
 /// The receiver thread: reads `rx` until `end`, counting datagrams,
 /// system calls and its own CPU from `from` on. Named floor-rx (for
 /// `perf stat --per-thread`).
-fn receiver(rx: UdpSocket, cpu: usize, from: Instant, end: Instant) -> std::thread::JoinHandle<(u64, u64, Duration)> {
+fn receiver(
+    rx: UdpSocket,
+    cpu: usize,
+    from: Instant,
+    end: Instant,
+) -> std::thread::JoinHandle<(u64, u64, Duration)> {
     std::thread::Builder::new()
         .name("floor-rx".into())
         .spawn(move || {
@@ -103,7 +108,9 @@ fn main() {
         rx.set_nonblocking(true).expect("nonblocking");
         let from = Instant::now() + Duration::from_secs_f64(skip);
         let end = from + Duration::from_secs_f64(secs);
-        let r = receiver(rx, num(4, 0.0) as usize, from, end).join().expect("receiver");
+        let r = receiver(rx, num(4, 0.0) as usize, from, end)
+            .join()
+            .expect("receiver");
         report(r.0 as f64 / secs, secs, None, r);
         return;
     }
