@@ -25,6 +25,34 @@ pub const DATAGRAM: usize = 64;
 /// Datagrams read per recvmmsg.
 pub const BATCH: usize = 64;
 
+/// Receive buffer asked for each shard's UDP socket: datagrams have no
+/// flow control, so a burst (a fleet heartbeating at once) waits here
+/// until the shard reads it. The default (212,992 B, a few hundred small
+/// datagrams) dropped 46,039 of 900,000 last heartbeats in the 1M storm
+/// (results/1m-20261206T181725Z-udp). 8 MiB holds about ten thousand.
+pub const RCVBUF: usize = 8 << 20;
+
+/// Asks for [`RCVBUF`]: SO_RCVBUFFORCE where the process may (root or
+/// CAP_NET_ADMIN), else SO_RCVBUF, which net.core.rmem_max caps. Returns
+/// the size the kernel granted (it reports double what it accounts for).
+fn size_receive_buffer(s: &Socket) -> io::Result<usize> {
+    let want = RCVBUF as libc::c_int;
+    // SAFETY: an int option on our own socket.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&want as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    if forced != 0 {
+        s.set_recv_buffer_size(RCVBUF)?;
+    }
+    s.recv_buffer_size()
+}
+
 /// Binds `n` non-blocking UDP sockets on `addr` in a new SO_REUSEPORT
 /// group, socket i at position i, with the ticket program attached. Fails
 /// if a UDP socket already holds `addr` (another server's group would
@@ -43,6 +71,14 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
         s.set_nonblocking(true)?;
         s.set_cloexec(true)?;
         s.bind(&SockAddr::from(addr))?;
+        let got = size_receive_buffer(&s)?;
+        if got < RCVBUF && group.is_empty() {
+            eprintln!(
+                "server: warning: --udp-heartbeat's sockets get {} KiB of receive buffer, not {} KiB: net.core.rmem_max caps it (kernel-tuning/ raises it); bursts of heartbeats past it are dropped (RcvbufErrors in /proc/net/snmp) and may expire devices early",
+                got >> 10,
+                RCVBUF >> 10
+            );
+        }
         group.push(s);
     }
     if let Some(first) = group.first() {
