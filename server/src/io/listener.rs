@@ -54,6 +54,13 @@ pub fn steer_by_cpu(any_listener: &Socket, listeners: u32) -> io::Result<()> {
             k: 0,
         },
     ];
+    attach_reuseport_cbpf(any_listener, &mut code)
+}
+
+/// Attaches the classic BPF program `code` to the SO_REUSEPORT group of
+/// `any` (one of its sockets): it picks the socket of each connection or
+/// datagram (TCP listeners by CPU, UDP heartbeats by ticket).
+pub fn attach_reuseport_cbpf(any: &Socket, code: &mut [libc::sock_filter]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: code.len() as u16,
         filter: code.as_mut_ptr(),
@@ -61,7 +68,7 @@ pub fn steer_by_cpu(any_listener: &Socket, listeners: u32) -> io::Result<()> {
     // SAFETY: prog points at `code`, alive for the call; the kernel copies it.
     let r = unsafe {
         libc::setsockopt(
-            any_listener.as_raw_fd(),
+            any.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_ATTACH_REUSEPORT_CBPF,
             (&prog as *const libc::sock_fprog).cast(),

@@ -151,21 +151,7 @@ pub fn steer_by_ticket(any: &Socket) -> io::Result<()> {
             k: 0,
         },
     ];
-    let prog = libc::sock_fprog {
-        len: code.len() as u16,
-        filter: code.as_mut_ptr(),
-    };
-    // SAFETY: prog points at `code`, alive for the call; the kernel copies it.
-    let r = unsafe {
-        libc::setsockopt(
-            any.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as u32,
-        )
-    };
-    super::cvt(r).map(drop)
+    super::listener::attach_reuseport_cbpf(any, &mut code)
 }
 
 /// Buffers for one recvmmsg: [`BATCH`] datagrams of up to [`DATAGRAM`]
