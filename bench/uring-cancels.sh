@@ -4,8 +4,10 @@
 # a second and (2) during an expiry wave of CONNS silent devices, then the
 # share of samples in the kernel's cancel paths (io_poll_find,
 # io_async_cancel, io_try_cancel, io_poll_cancel, io_cancel_req_match).
-# Stock glommio spent 28-46% of its CPU in io_poll_find (DESIGN.md); here
-# each must be absent. Also prints the server's own cancel count.
+# Stock glommio spent 28-46% of its CPU in io_poll_find (an early profile of
+# 2026-11-24 whose run is not kept in results/; docs/ARCHITECTURE.md, "Readiness
+# armed once per connection", says why: the kernel's cancel walks a bucket of
+# the ring's poll hash table on every reactor loop); here each must be absent. Also prints the server's own cancel count.
 # Usage: bench/uring-cancels.sh   (about 40 s; CONNS overrides 15000)
 # Writes: results/<UTC time>-uring-cancels/{summary.md,hold.txt,wave.txt,command.txt}
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every relative link in the project's documentation must resolve to a file
 # or directory in this tree: README.md, CONTRIBUTING.md, SECURITY.md,
-# docs/**/*.md and results/README.md. Exits 1 naming each broken link
+# docs/**/*.md, results/README.md, kernel-tuning/README.md, fuzz/README.md. Exits 1 naming each broken link
 # (file:line: target), 0 when all resolve.
 #
 # Checked: inline Markdown links and images, [text](target) and
@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 exec python3 - "$@" <<'PY'
 import glob, os, re, sys
 
-files = ["README.md", "CONTRIBUTING.md", "SECURITY.md", "results/README.md"]
+files = ["README.md", "CONTRIBUTING.md", "SECURITY.md", "results/README.md",
+         "kernel-tuning/README.md", "fuzz/README.md"]
 files += sorted(glob.glob("docs/**/*.md", recursive=True))
 inline = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 refdef = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)")
