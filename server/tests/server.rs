@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use c1m::proto::frame::{self, Opcode};
+use c1m_proto::frame::{self, Opcode};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
@@ -991,8 +991,8 @@ impl Drop for SecretFile {
 
 /// A token for `id` signed with `secret`, good for `ttl_s` seconds (negative: expired).
 fn token(secret: &str, id: &str, ttl_s: i64) -> String {
-    let keys = c1m::proto::auth::Keys::parse(secret.as_bytes(), "test").unwrap();
-    let expiry = c1m::proto::auth::unix_now().saturating_add_signed(ttl_s);
+    let keys = c1m_proto::auth::Keys::parse(secret.as_bytes(), "test").unwrap();
+    let expiry = c1m_proto::auth::unix_now().saturating_add_signed(ttl_s);
     keys.sign(id, expiry).to_string()
 }
 
@@ -1143,7 +1143,7 @@ fn server_token_mints_a_token_the_server_accepts() {
     let minted = minted.trim();
     let (expiry, mac) = minted.split_once('.').unwrap();
     let expiry: u64 = expiry.parse().unwrap();
-    let in_30d = c1m::proto::auth::unix_now() + 30 * 86_400;
+    let in_30d = c1m_proto::auth::unix_now() + 30 * 86_400;
     assert!(expiry.abs_diff(in_30d) < 60, "{minted}");
     assert_eq!(mac.len(), 43, "{minted}");
     let server = Server::start(&["--cores", "0", "--auth-secret-file", file.path()]);

@@ -2,7 +2,8 @@
 //! re-executes its own binary N times with its own arguments, minus the
 //! ones only the parent acts on, plus each worker's share (CPUs, devices).
 //! Both binaries use this; what a parent does with its workers' output
-//! (aggregate stats, merge histograms) is theirs.
+//! (aggregate stats, merge histograms), and what else it hands them
+//! ([`Inherit`]), is theirs.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::RawFd;
@@ -62,74 +63,69 @@ pub struct Line {
     pub eof: bool,
 }
 
+/// What a worker is given besides its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Inherit {
+    /// Environment variables set for it.
+    pub env: Vec<(String, String)>,
+    /// Descriptors of the parent, each placed at a fixed number in the
+    /// worker (`(parent's fd, worker's fd)`): numbers below 10.
+    pub place: Vec<(RawFd, RawFd)>,
+    /// Descriptors of the parent kept open in the worker at their own
+    /// numbers (none of them at a number in `place`).
+    pub keep: Vec<RawFd>,
+}
+
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
 /// lines arrive on `lines` (a reader thread per stream, ending at EOF).
 pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
-    spawn_generation(worker, 0, args, lines, None, None, &[])
+    spawn_generation(worker, 0, args, lines, Inherit::default())
 }
-
-/// The descriptor a worker finds its link to the parent at (see
-/// [`super::link::ENV`]).
-pub const LINK_FD: i32 = 3;
-
-/// The descriptor a worker finds the shared device registry at (see
-/// [`crate::registry::ENV`]).
-pub const REGISTRY_FD: i32 = 4;
 
 /// [`spawn`] for the `generation`-th start of worker `worker`, its lines so
 /// tagged: a parent that restarts workers can tell a dead incarnation's
-/// lines (still in its pipe or reader) from its replacement's.
+/// lines (still in its pipe or reader) from its replacement's. The worker
+/// gets what `inherit` says, in its process only.
 pub fn spawn_generation(
     worker: usize,
     generation: u64,
     args: &[String],
     lines: &Sender<Line>,
-    link: Option<(RawFd, String)>,
-    registry: Option<RawFd>,
-    inherit: &[RawFd],
+    inherit: Inherit,
 ) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut cmd = Command::new(&exe);
-    let link_fd = link.as_ref().map(|(fd, _)| *fd);
-    if let Some((_, env)) = &link {
-        cmd.env(super::link::ENV, env);
+    for (name, value) in &inherit.env {
+        cmd.env(name, value);
     }
-    if registry.is_some() {
-        cmd.env(crate::registry::ENV, REGISTRY_FD.to_string());
-    }
-    if !inherit.is_empty() {
-        let list: Vec<String> = inherit.iter().map(|fd| fd.to_string()).collect();
-        cmd.env(crate::io::udp::ENV, list.join(","));
-    }
-    let inherit = inherit.to_vec();
+    let place = inherit.place;
+    // Allocated here: the forked child below must not allocate.
+    let mut moved: Vec<(RawFd, RawFd)> = place.iter().map(|&(_, at)| (-1, at)).collect();
+    let keep = inherit.keep;
     // SAFETY: prctl, dup2 and fcntl in the forked child before exec touch
     // no shared state. A worker whose parent dies (even by SIGKILL) gets
-    // SIGTERM and drains, rather than living on unsupervised. Its link
-    // socket goes to LINK_FD in this child only (the parent's copy stays
-    // close-on-exec, so no other worker inherits it).
+    // SIGTERM and drains, rather than living on unsupervised. The placed
+    // descriptors go to their numbers in this child only (the parent's
+    // copies stay close-on-exec, so no other worker inherits them).
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             // Each to its place, inheritable (dup2 clears FD_CLOEXEC). First
             // out of the way (close-on-exec copies above 9), as one may
-            // sit at the other's number.
-            let mut moved = [(-1, REGISTRY_FD), (-1, LINK_FD)];
-            for (fd, m) in [registry, link_fd].into_iter().zip(moved.iter_mut()) {
-                if let Some(fd) = fd {
-                    m.0 = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if m.0 < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+            // sit at another's number.
+            for (&(fd, _), m) in place.iter().zip(moved.iter_mut()) {
+                m.0 = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if m.0 < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
             }
-            for (fd, at) in moved {
+            for &(fd, at) in moved.iter() {
                 if fd >= 0 && libc::dup2(fd, at) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // Its UDP sockets (--udp-heartbeat) stay open across exec in
-            // this child only: none is at LINK_FD (see udp::PARENT_FD_MIN).
-            for &fd in &inherit {
+            // Kept at their numbers: open across exec in this child only.
+            for &fd in &keep {
                 libc::fcntl(fd, libc::F_SETFD, 0);
             }
             Ok(())

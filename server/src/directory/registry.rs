@@ -12,12 +12,16 @@
 //! a claim is made before the device can see its 101, so a device's next
 //! connection always claims after its previous one: the newer wins.
 //!
+//! The table's layout and algorithm are `c1m_proto::table` (sans-IO, with
+//! its property tests); here is its memory: the memfd, its mapping, and
+//! the descriptor a worker finds it at.
+//!
 //! Why a lock and not compare-and-swap on entries: an open-addressing table
 //! whose entries are claimed by CAS cannot reuse a freed bucket for another
 //! id without a 128-bit CAS and a subtle proof (a claimer of the same id
 //! may be probing past it), and one that never reuses buckets fills with
 //! every id ever seen. So the table is cut into stripes of
-//! [`PER_STRIPE`] entries, each a plain linear-probing table (backward-shift
+//! [`table::PER_STRIPE`] entries, each a plain linear-probing table (backward-shift
 //! deletion) under its own lock word. A critical section is a probe of a
 //! few entries: tens of nanoseconds, no system call, no allocation. The
 //! lock word holds the holder's pid, so when a worker dies (even by
@@ -32,31 +36,12 @@
 //! the older connection compares with its own before closing anything: a
 //! collision costs the older device its lookups, never its connection.
 
-use std::hash::Hasher;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::proto::device_id::DeviceId;
-
-/// Where a connection lives: its shard (index over all shards), its slot
-/// there and the slot's generation, and when it upgraded (monotonic
-/// nanoseconds, comparable across the shards of a host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Location {
-    pub shard: u32,
-    pub key: u32,
-    pub gen: u32,
-    pub since: u64,
-}
-
-impl Location {
-    /// The same connection (the upgrade time aside).
-    fn same(&self, other: &Location) -> bool {
-        (self.shard, self.key, self.gen) == (other.shard, other.key, other.gen)
-    }
-}
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::table::{self, Claim, Location, Table};
 
 /// What shards tell each other about devices: only a displacement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,87 +64,6 @@ pub fn owner(id: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
-/// Entries per stripe: a power of two. A stripe is 32 KiB of entries.
-pub const PER_STRIPE: usize = 1024;
-/// A stripe holds at most this many: probes stay short, and a full stripe
-/// is a table sized too small, not a hash that went long.
-const STRIPE_LIMIT: u32 = (PER_STRIPE * 15 / 16) as u32;
-/// Table entries per connection the server can hold. At capacity the mean
-/// stripe then holds 768 of 1,024, and one past [`STRIPE_LIMIT`] is 6.9
-/// standard deviations away.
-const SLACK: (usize, usize) = (4, 3);
-
-const MAGIC: u64 = 0x6331_6d2d_7265_6731; // "c1m-reg1"
-const VERSION: u32 = 1;
-
-/// The table's first 64 bytes.
-#[repr(C)]
-struct Header {
-    magic: u64,
-    version: u32,
-    stripes: u32,
-    key: [u64; 2],
-    _pad: [u64; 4],
-}
-
-/// A stripe's lock word and count, one cache line each so that stripes
-/// locked by different cores do not share a line.
-#[repr(C, align(64))]
-struct Stripe {
-    /// The holder's pid; 0 when free.
-    lock: AtomicU32,
-    /// Entries held; read and written under `lock` only (an atomic so that
-    /// shared references to the stripe stay sound).
-    len: AtomicU32,
-}
-
-/// One id's claim: 32 bytes. `digest == 0` is an empty entry.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Entry {
-    digest: u64,
-    shard: u32,
-    key: u32,
-    gen: u32,
-    _pad: u32,
-    since: u64,
-}
-
-impl Entry {
-    fn at(&self) -> Location {
-        Location {
-            shard: self.shard,
-            key: self.key,
-            gen: self.gen,
-            since: self.since,
-        }
-    }
-
-    fn new(digest: u64, at: Location) -> Entry {
-        Entry {
-            digest,
-            shard: at.shard,
-            key: at.key,
-            gen: at.gen,
-            _pad: 0,
-            since: at.since,
-        }
-    }
-}
-
-/// What a claim found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// No other connection held the id (or this one already did).
-    Fresh,
-    /// This connection now holds it; the one at this location held it
-    /// and is to be told [`Msg::Replaced`].
-    Displaced(Location),
-    /// The id's stripe is full: the table was sized for fewer connections
-    /// than are held. The connection is served, unregistered.
-    Full,
-}
-
 /// A handle to the shared table: cheap to clone, for every shard and
 /// thread of the process.
 #[derive(Clone)]
@@ -169,22 +73,20 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Registry({} stripes)", self.map.stripes)
+        write!(f, "Registry({} stripes)", self.map.table.stripes())
     }
 }
 
 struct Mapping {
+    table: Table,
     base: *mut u8,
     len: usize,
-    stripes: usize,
-    key: [u64; 2],
-    pid: u32,
     fd: OwnedFd,
 }
 
 // SAFETY: the mapping is shared memory; every access to its entries is
-// made under the stripe's lock word (an atomic), the header is written
-// once before the handle exists.
+// made by the table under the stripe's lock word (an atomic), the header
+// is written once before the handle exists.
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
@@ -195,14 +97,6 @@ impl Drop for Mapping {
     }
 }
 
-const HEADER: usize = std::mem::size_of::<Header>();
-const STRIPE: usize = std::mem::size_of::<Stripe>();
-const ENTRY: usize = std::mem::size_of::<Entry>();
-
-fn bytes_for(stripes: usize) -> usize {
-    HEADER + stripes * (STRIPE + PER_STRIPE * ENTRY)
-}
-
 /// The environment variable a `--procs` parent gives each worker: the
 /// descriptor of the table's memfd.
 pub const ENV: &str = "C1M_REGISTRY";
@@ -210,9 +104,8 @@ pub const ENV: &str = "C1M_REGISTRY";
 impl Registry {
     /// A new table for a server that holds up to `capacity` connections.
     pub fn create(capacity: usize) -> io::Result<Registry> {
-        let slots = capacity.max(1).saturating_mul(SLACK.0) / SLACK.1;
-        let stripes = slots.div_ceil(PER_STRIPE).clamp(1, u32::MAX as usize);
-        let len = bytes_for(stripes);
+        let stripes = table::stripes_for(capacity);
+        let len = table::bytes_for(stripes);
         // SAFETY: a new anonymous file, owned from here on.
         let fd = unsafe { libc::memfd_create(c"c1m-registry".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -223,19 +116,15 @@ impl Registry {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut key = [0u64; 2];
-        fill_random(&mut key)?;
+        let mut random = [0u8; 16];
+        c1m_io::host::random_bytes(&mut random)?;
+        let (k0, k1) = random.split_at(8);
+        let key = [k0, k1].map(|k| u64::from_ne_bytes(k.try_into().unwrap_or_default()));
         let base = map(&fd, len)?;
-        // SAFETY: a fresh mapping of `len` bytes, nobody else maps it yet;
-        // unmapped once the header is in.
+        // SAFETY: a fresh mapping of `len` bytes (page-aligned, zero), nobody
+        // else maps it yet; unmapped once the header is in.
         unsafe {
-            base.cast::<Header>().write(Header {
-                magic: MAGIC,
-                version: VERSION,
-                stripes: stripes as u32,
-                key,
-                _pad: [0; 4],
-            });
+            Table::format(base, stripes, key);
             libc::munmap(base.cast(), len);
         }
         // Mapped again as every other process maps it, header checked.
@@ -273,30 +162,27 @@ impl Registry {
             return Err(io::Error::last_os_error());
         }
         let len = st.st_size as usize;
-        if len < HEADER {
+        if len < table::bytes_for(0) {
             return Err(io::Error::other("not a registry table (too short)"));
         }
         let base = map(&fd, len)?;
-        // SAFETY: at least HEADER bytes are mapped; written before shared.
-        let h = unsafe { &*base.cast::<Header>() };
-        let stripes = h.stripes as usize;
-        if h.magic != MAGIC || h.version != VERSION || bytes_for(stripes) != len {
-            unsafe { libc::munmap(base.cast(), len) };
-            return Err(io::Error::other(
-                "not a registry table of this version (a parent and worker of different builds?)",
-            ));
-        }
-        let key = h.key;
-        Ok(Registry {
-            map: Arc::new(Mapping {
-                base,
-                len,
-                stripes,
-                key,
-                pid: std::process::id(),
-                fd,
+        // SAFETY: `len` bytes mapped (page-aligned) until Mapping drops,
+        // which outlives the table it holds; every process uses them
+        // through a Table.
+        match unsafe { Table::attach(base, len, std::process::id()) } {
+            Ok(table) => Ok(Registry {
+                map: Arc::new(Mapping {
+                    table,
+                    base,
+                    len,
+                    fd,
+                }),
             }),
-        })
+            Err(e) => {
+                unsafe { libc::munmap(base.cast(), len) };
+                Err(io::Error::other(e))
+            }
+        }
     }
 
     /// The table's descriptor, to hand to a worker.
@@ -306,7 +192,7 @@ impl Registry {
 
     /// Entries the table has room for in all (its bytes are 32 each).
     pub fn slots(&self) -> usize {
-        self.map.stripes * PER_STRIPE
+        self.map.table.slots()
     }
 
     /// Bytes of shared memory the table spans (touched as used).
@@ -314,94 +200,25 @@ impl Registry {
         self.map.len
     }
 
-    fn digest(&self, id: &DeviceId) -> u64 {
-        // std's SipHash-1-3 with its fixed key, keyed here by the table's
-        // random prefix (the same binary in every worker: the same digest).
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        h.write_u64(self.map.key[0]);
-        h.write_u64(self.map.key[1]);
-        h.write(id.as_str().as_bytes());
-        h.finish().max(1)
-    }
-
-    fn stripe_of(&self, digest: u64) -> usize {
-        (((digest >> 32) * self.map.stripes as u64) >> 32) as usize
-    }
-
-    /// Stripe `s`, locked until the guard drops.
-    fn lock(&self, s: usize) -> Locked<'_> {
-        let stripe = self.stripe(s);
-        let me = self.map.pid;
-        let mut spins = 0u32;
-        while stripe
-            .lock
-            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            // Held for tens of nanoseconds, unless its holder was
-            // preempted (or died: the parent repairs that): then give the
-            // CPU away rather than spin through a time slice.
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        Locked { reg: self, s }
-    }
-
-    fn stripe(&self, s: usize) -> &Stripe {
-        // SAFETY: s < stripes; the stripe array follows the header.
-        unsafe { &*self.map.base.add(HEADER + s * STRIPE).cast::<Stripe>() }
-    }
-
-    /// Makes `at` the connection that holds `id`.
+    /// Makes `at` the connection that holds `id` ([`Table::claim`]).
     pub fn claim(&self, id: &DeviceId, at: Location) -> Claim {
-        let d = self.digest(id);
-        let mut t = self.lock(self.stripe_of(d));
-        match t.find(d) {
-            Some(i) => {
-                let held = t.entries()[i];
-                if held.at().same(&at) {
-                    return Claim::Fresh;
-                }
-                t.entries()[i] = Entry::new(d, at);
-                Claim::Displaced(held.at())
-            }
-            None if t.len() >= STRIPE_LIMIT => Claim::Full,
-            None => {
-                t.insert(Entry::new(d, at));
-                Claim::Fresh
-            }
-        }
+        self.map.table.claim(id, at)
     }
 
-    /// Forgets `id` if `at` is the connection that holds it (a released
-    /// claim that a newer one displaced leaves the newer alone).
+    /// Forgets `id` if `at` is the connection that holds it
+    /// ([`Table::release`]).
     pub fn release(&self, id: &DeviceId, at: Location) {
-        let d = self.digest(id);
-        let mut t = self.lock(self.stripe_of(d));
-        if let Some(i) = t.find(d) {
-            if t.entries()[i].at().same(&at) {
-                t.remove(i);
-            }
-        }
+        self.map.table.release(id, at)
     }
 
-    /// Where `id` (or, after a digest collision, the id it collided
-    /// with: the holder checks) is connected.
+    /// Where `id` is connected ([`Table::get`]).
     pub fn get(&self, id: &DeviceId) -> Option<Location> {
-        let d = self.digest(id);
-        let mut t = self.lock(self.stripe_of(d));
-        t.find(d).map(|i| t.entries()[i].at())
+        self.map.table.get(id)
     }
 
-    /// Connections registered now (walks every stripe's count).
+    /// Connections registered now.
     pub fn len(&self) -> usize {
-        (0..self.map.stripes)
-            .map(|s| self.lock(s).len() as usize)
-            .sum()
+        self.map.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -409,128 +226,11 @@ impl Registry {
     }
 
     /// A worker died: forget every entry on its shards `shards`, and
-    /// repair any stripe it held locked when it died (`pid`; a stripe
-    /// half-updated then is rebuilt from what it holds). For the `--procs`
-    /// parent, before it restarts the worker.
+    /// repair any stripe it held locked when it died (`pid`). For the
+    /// `--procs` parent, before it restarts the worker ([`Table::sweep`]).
     pub fn sweep(&self, pid: u32, shards: std::ops::Range<u32>) -> usize {
-        let mut forgotten = 0;
-        for s in 0..self.map.stripes {
-            let stripe = self.stripe(s);
-            // A dead holder never unlocks: take its lock over.
-            let mut t = match stripe.lock.compare_exchange(
-                pid,
-                self.map.pid,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => Locked { reg: self, s },
-                Err(_) => self.lock(s),
-            };
-            forgotten += t.rebuild(|e| !shards.contains(&e.shard));
-        }
-        forgotten
+        self.map.table.sweep(pid, shards)
     }
-}
-
-/// A locked stripe: a plain linear-probing table.
-struct Locked<'a> {
-    reg: &'a Registry,
-    s: usize,
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        self.reg.stripe(self.s).lock.store(0, Ordering::Release);
-    }
-}
-
-impl Locked<'_> {
-    fn len(&self) -> u32 {
-        self.reg.stripe(self.s).len.load(Ordering::Relaxed)
-    }
-
-    fn set_len(&mut self, n: u32) {
-        self.reg.stripe(self.s).len.store(n, Ordering::Relaxed);
-    }
-
-    fn entries(&mut self) -> &mut [Entry] {
-        let m = &self.reg.map;
-        let off = HEADER + m.stripes * STRIPE + self.s * PER_STRIPE * ENTRY;
-        // SAFETY: the stripe's entries, inside the mapping, locked by us.
-        unsafe { std::slice::from_raw_parts_mut(m.base.add(off).cast::<Entry>(), PER_STRIPE) }
-    }
-
-    fn find(&mut self, d: u64) -> Option<usize> {
-        let e = self.entries();
-        let mut i = home(d);
-        loop {
-            match e[i].digest {
-                0 => return None,
-                x if x == d => return Some(i),
-                _ => i = (i + 1) & (PER_STRIPE - 1),
-            }
-        }
-    }
-
-    fn insert(&mut self, entry: Entry) {
-        let n = self.len();
-        let e = self.entries();
-        let mut i = home(entry.digest);
-        while e[i].digest != 0 {
-            i = (i + 1) & (PER_STRIPE - 1);
-        }
-        e[i] = entry;
-        self.set_len(n + 1);
-    }
-
-    /// Backward-shift deletion: later entries of the run move up into the
-    /// hole when their home allows, so no tombstones and probes stay short.
-    fn remove(&mut self, mut hole: usize) {
-        let n = self.len();
-        let e = self.entries();
-        let mask = PER_STRIPE - 1;
-        let mut j = hole;
-        loop {
-            j = (j + 1) & mask;
-            if e[j].digest == 0 {
-                break;
-            }
-            let h = home(e[j].digest);
-            // Movable when its home is not in (hole, j] (cyclically).
-            if (j.wrapping_sub(h) & mask) >= (j.wrapping_sub(hole) & mask) {
-                e[hole] = e[j];
-                hole = j;
-            }
-        }
-        e[hole] = Entry::default();
-        self.set_len(n - 1);
-    }
-
-    /// Keeps the entries `keep` says, once each (a holder that died in the
-    /// middle of a move may have left one twice); returns how many went.
-    fn rebuild(&mut self, keep: impl Fn(&Entry) -> bool) -> usize {
-        let mut held: Vec<Entry> = self
-            .entries()
-            .iter()
-            .filter(|e| e.digest != 0)
-            .copied()
-            .collect();
-        let before = held.len();
-        held.sort_by_key(|e| e.digest);
-        held.dedup_by_key(|e| e.digest);
-        held.retain(|e| keep(e));
-        let gone = before - held.len();
-        self.entries().fill(Entry::default());
-        self.set_len(0);
-        for e in held {
-            self.insert(e);
-        }
-        gone
-    }
-}
-
-fn home(d: u64) -> usize {
-    d as usize & (PER_STRIPE - 1)
 }
 
 fn map(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
@@ -551,16 +251,6 @@ fn map(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
     Ok(p.cast())
 }
 
-fn fill_random(key: &mut [u64; 2]) -> io::Result<()> {
-    let len = std::mem::size_of_val(key);
-    // SAFETY: getrandom into our own 16 bytes.
-    let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), len, 0) };
-    if n != len as isize {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,33 +265,21 @@ mod tests {
     }
 
     #[test]
-    fn the_later_claim_wins_and_displaces_the_earlier() {
+    fn the_later_claim_wins_in_the_shared_mapping() {
         let r = Registry::create(100).unwrap();
         let id = DeviceId::new("aa:bb");
         assert_eq!(r.claim(&id, at(0, 1, 10)), Claim::Fresh);
-        assert_eq!(r.claim(&id, at(0, 1, 10)), Claim::Fresh, "a claim again");
         assert_eq!(r.claim(&id, at(1, 7, 20)), Claim::Displaced(at(0, 1, 10)));
-        assert_eq!(r.get(&id), Some(at(1, 7, 20)));
-        // The displaced connection's release leaves the newer entry.
         r.release(&id, at(0, 1, 10));
         assert_eq!(r.get(&id), Some(at(1, 7, 20)));
         r.release(&id, at(1, 7, 20));
-        assert_eq!(r.get(&id), None);
         assert!(r.is_empty());
-    }
-
-    /// The slot the shard keeps no upgrade time in: the entry does.
-    #[test]
-    fn an_entry_is_32_bytes_and_a_stripe_a_cache_line() {
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
-        assert_eq!(std::mem::size_of::<Stripe>(), 64);
-        assert_eq!(std::mem::size_of::<Header>(), 64);
     }
 
     #[test]
     fn the_table_is_sized_for_its_capacity_with_slack() {
         let r = Registry::create(1_000_000).unwrap();
-        assert!(r.slots() >= 1_333_333 && r.slots() < 1_333_333 + PER_STRIPE);
+        assert!(r.slots() >= 1_333_333 && r.slots() < 1_333_333 + table::PER_STRIPE);
         // 43 bytes per connection the server can hold, shared by all workers.
         assert!(r.bytes() / 1_000_000 <= 44, "{}", r.bytes());
     }
@@ -628,86 +306,6 @@ mod tests {
     }
 
     #[test]
-    fn a_full_stripe_refuses_rather_than_probing_forever() {
-        let r = Registry::create(1).unwrap(); // one stripe
-        let mut full = 0;
-        for i in 0..PER_STRIPE as u32 {
-            let id = DeviceId::new(&format!("d{i}"));
-            if r.claim(&id, at(0, i, 1)) == Claim::Full {
-                full += 1;
-            }
-        }
-        assert_eq!(r.len(), STRIPE_LIMIT as usize);
-        assert_eq!(full, PER_STRIPE - STRIPE_LIMIT as usize);
-    }
-
-    #[test]
-    fn a_dead_workers_entries_and_its_lock_are_swept() {
-        let r = Registry::create(100).unwrap();
-        for i in 0..50u32 {
-            let id = DeviceId::new(&format!("d{i}"));
-            r.claim(&id, at(i % 5, i, 1));
-        }
-        // A worker (pid 4242) died holding stripe 0's lock.
-        r.stripe(0).lock.store(4242, Ordering::Release);
-        let gone = r.sweep(4242, 1..3);
-        assert_eq!(gone, 20);
-        assert_eq!(r.len(), 30);
-        for i in 0..50u32 {
-            let id = DeviceId::new(&format!("d{i}"));
-            let held = r.get(&id).map(|a| a.shard);
-            if (1..3).contains(&(i % 5)) {
-                assert_eq!(held, None);
-            } else {
-                assert_eq!(held, Some(i % 5));
-            }
-        }
-    }
-
-    #[test]
-    fn threads_claiming_and_releasing_at_once_leave_one_entry_per_live_id() {
-        let r = Registry::create(4096).unwrap();
-        let threads: Vec<_> = (0..4u32)
-            .map(|t| {
-                let r = r.clone();
-                std::thread::spawn(move || {
-                    let mut live = Vec::new();
-                    for i in 0..20_000u32 {
-                        let id = DeviceId::new(&format!("d{}", (i * 7 + t) % 3000));
-                        let me = at(t, i, 1);
-                        if r.claim(&id, me) != Claim::Full {
-                            live.push((id, me));
-                        }
-                        if i % 3 == 0 {
-                            if let Some((id, at)) = live.pop() {
-                                r.release(&id, at);
-                            }
-                        }
-                    }
-                    live
-                })
-            })
-            .collect();
-        let live: Vec<_> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        let mut held = std::collections::HashMap::new();
-        for (id, at) in live {
-            if r.get(&id) == Some(at) {
-                held.insert(id, at);
-            }
-        }
-        // Every entry names a connection some thread still thinks it
-        // holds, and no id has two.
-        let mut real = 0;
-        for s in 0..r.map.stripes {
-            real += r.lock(s).entries().iter().filter(|e| e.digest != 0).count();
-        }
-        assert_eq!((r.len(), real), (held.len(), held.len()));
-    }
-
-    #[test]
     fn owners_spread_and_are_stable() {
         assert_eq!(owner("02:00:5e:00:00:01", 1), 0);
         let mut seen = [0usize; 4];
@@ -716,130 +314,5 @@ mod tests {
         }
         assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
         assert_eq!(owner("abc", 7), owner("abc", 7));
-    }
-
-    mod stripe {
-        use proptest::prelude::*;
-
-        use super::super::*;
-
-        proptest! {
-            /// One stripe's table behaves as a map under any sequence of
-            /// inserts and removes, whatever the digests' homes (few
-            /// distinct homes force long runs and wrap-around).
-            #[test]
-            fn a_stripe_is_a_map(ops in prop::collection::vec((0u64..40, 0u64..6, any::<bool>()), 1..400)) {
-                let r = Registry::create(1).unwrap();
-                let mut model = std::collections::HashMap::new();
-                let mut t = r.lock(0);
-                for (n, homeish, add) in ops {
-                    // digest: a small home (low bits) and a distinct tag.
-                    let d = ((n + 1) << 32) | (homeish * 333 % PER_STRIPE as u64);
-                    match (t.find(d), add) {
-                        (None, true) => { t.insert(Entry { digest: d, key: n as u32, ..Entry::default() }); model.insert(d, n as u32); }
-                        (Some(i), false) => { t.remove(i); model.remove(&d); }
-                        _ => {}
-                    }
-                    prop_assert_eq!(t.len() as usize, model.len());
-                    for (&d, &k) in &model {
-                        let i = t.find(d);
-                        prop_assert!(i.is_some(), "lost {:x}", d);
-                        prop_assert_eq!(t.entries()[i.unwrap()].key, k);
-                    }
-                }
-            }
-        }
-    }
-
-    mod protocol {
-        use std::collections::VecDeque;
-
-        use proptest::prelude::*;
-
-        use super::super::*;
-
-        #[derive(Debug, Clone)]
-        enum Op {
-            /// A device with id `id` upgrades on shard `shard`.
-            Connect { shard: usize, id: usize },
-            /// The i-th connection ever made ends by itself (if still open).
-            Close(usize),
-            /// Shard `shard` handles the next message in its inbox.
-            Deliver(usize),
-        }
-
-        fn op(shards: usize) -> impl Strategy<Value = Op> {
-            prop_oneof![
-                (0..shards, 0..3usize).prop_map(|(shard, id)| Op::Connect { shard, id }),
-                (0..40usize).prop_map(Op::Close),
-                (0..shards).prop_map(Op::Deliver),
-            ]
-        }
-
-        struct Conn {
-            id: DeviceId,
-            at: Location,
-            open: bool,
-        }
-
-        proptest! {
-            /// Any interleaving of upgrades (claims), closes (releases) and
-            /// deliveries of Replaced (each shard's inbox in order, the
-            /// shards in any order) ends, once every message is handled,
-            /// with at most one open connection per id, and the table's
-            /// entry naming exactly it.
-            #[test]
-            fn every_race_ends_with_one_entry_per_live_id(
-                shards in 1usize..4,
-                ops in prop::collection::vec(op(3), 1..120),
-            ) {
-                let r = Registry::create(64).unwrap();
-                let mut inbox: Vec<VecDeque<Msg>> = (0..shards).map(|_| VecDeque::new()).collect();
-                let mut conns: Vec<Conn> = Vec::new();
-                let ids: Vec<DeviceId> = ["a", "bb:cc", "02:00:5e:00:00:01"].iter().map(|s| DeviceId::new(s)).collect();
-                let close = |conns: &mut Vec<Conn>, i: usize| {
-                    if conns[i].open {
-                        conns[i].open = false;
-                        r.release(&conns[i].id, conns[i].at);
-                    }
-                };
-                let deliver = |inbox: &mut Vec<VecDeque<Msg>>, conns: &mut Vec<Conn>, shard: usize| {
-                    if let Some(Msg::Replaced { id, at }) = inbox[shard].pop_front() {
-                        if let Some(i) = conns.iter().position(|c| c.at == at && c.id == id) {
-                            close(conns, i);
-                        }
-                    }
-                };
-                for (clock, op) in ops.into_iter().enumerate() {
-                    match op {
-                        Op::Connect { shard, id } => {
-                            let shard = shard % shards;
-                            let at = Location { shard: shard as u32, key: conns.len() as u32, gen: 1, since: clock as u64 };
-                            let id = ids[id].clone();
-                            conns.push(Conn { id: id.clone(), at, open: true });
-                            if let Claim::Displaced(old) = r.claim(&id, at) {
-                                inbox[old.shard as usize].push_back(Msg::Replaced { id, at: old });
-                            }
-                        }
-                        Op::Close(i) => {
-                            if i < conns.len() {
-                                close(&mut conns, i);
-                            }
-                        }
-                        Op::Deliver(shard) => deliver(&mut inbox, &mut conns, shard % shards),
-                    }
-                }
-                while inbox.iter().any(|q| !q.is_empty()) {
-                    for shard in 0..shards {
-                        deliver(&mut inbox, &mut conns, shard);
-                    }
-                }
-                for id in &ids {
-                    let open: Vec<Location> = conns.iter().filter(|c| c.open && &c.id == id).map(|c| c.at).collect();
-                    prop_assert!(open.len() <= 1, "{} open connections for {id}", open.len());
-                    prop_assert_eq!(r.get(id), open.first().copied(), "entry for {}", id);
-                }
-            }
-        }
     }
 }
