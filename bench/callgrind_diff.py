@@ -12,7 +12,7 @@ from callgrind_self import parse, short_fn  # noqa: E402
 
 
 def norm_file(f):
-    f = re.sub(r"^.*/server/src/", "server/src/", f)
+    f = re.sub(r"^.*/(server|proto|io|client|tools)/src/", r"\1/src/", f)
     f = re.sub(r"^/rustc/[0-9a-f]+/library/", "std:", f)
     f = re.sub(r"^.*/registry/src/[^/]+/", "crate:", f)
     return f

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Past one server (issue 12's benchmark): a nats-server (with JetStream for
-# presence) and c1m servers on loopback, `server watch-events` counting the
+# presence) and c1m servers on loopback, `c1m watch-events` counting the
 # lifecycle events.
 #
 # 1. One server, NATS off against on (and `down`: --nats to a port where
@@ -11,7 +11,7 @@
 #    server's (every connect, every expiry).
 # 2. A fleet of two servers (--cores 0 and --cores 1, ports P1 and P2), the
 #    client spread over both: PUSHES pushes to random connected devices
-#    through NATS (`server push --wait`: delivered count, latency), then
+#    through NATS (`c1m push --wait`: delivered count, latency), then
 #    the whole fleet falls silent at once (--go-silent) and both servers
 #    delete it: the consumer's lag from each deletion to its event.
 #
@@ -44,7 +44,7 @@ if [ ! -x "$NATS_BIN" ]; then
   echo "fleet-of-servers: nats-server is not installed: apt-get install -y nats-server" >&2
   exit 1
 fi
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client --bin c1m
 out=$(new_results fleet-of-servers "ROUNDS=$ROUNDS CONNS=$CONNS HOLD=$HOLD PUSHES=$PUSHES VARIANTS=\"$VARIANTS\" FLEET=$FLEET${FLEET_FLAGS:+ FLEET_FLAGS=\"$FLEET_FLAGS\"} SILENT=$SILENT bash bench/fleet-of-servers.sh")
 URL="nats://127.0.0.1:$NPORT"
 store=$(mktemp -d)
@@ -71,7 +71,7 @@ for round in $(seq "$ROUNDS"); do
     fi
     if [ $variant = on ]; then
       nflags="--nats $URL"
-      timeout 300 ./target/release/server watch-events --nats "$URL" --every 1s --duration 280s \
+      timeout 300 ./target/release/c1m watch-events --nats "$URL" --every 1s --duration 280s \
         > "$out/on-$round.events" 2>&1 &
       watcher=$!
       pids+=($watcher)
@@ -104,7 +104,7 @@ done
 # 2. Two servers on one NATS; pushes, then an expiry wave of the whole fleet.
 if [ "$FLEET" = 1 ]; then
 mkdir -p "$out/fleet"
-timeout 300 ./target/release/server watch-events --nats "$URL" --every 1s --duration 280s --print \
+timeout 300 ./target/release/c1m watch-events --nats "$URL" --every 1s --duration 280s --print \
   > "$out/fleet/events.jsonl" 2> "$out/fleet/watch.stderr" &
 watcher=$!
 pids+=($watcher)
@@ -132,7 +132,7 @@ done
 sleep 3
 grep '"event":"connected"' "$out/fleet/events.jsonl" \
   | python3 -c 'import sys,json; [print(json.loads(l)["id"]) for l in sys.stdin]' > "$out/fleet/ids.txt"
-timeout 120 ./target/release/server push --nats "$URL" --ids-file "$out/fleet/ids.txt" \
+timeout 120 ./target/release/c1m push --nats "$URL" --ids-file "$out/fleet/ids.txt" \
   --count "$PUSHES" --concurrency 256 --wait --text push > "$out/fleet/push.txt" 2>&1 \
   || echo "fleet-of-servers: push exited $?" >&2
 wait "$client" || echo "fleet-of-servers: the fleet's client exited $?" >&2

@@ -72,7 +72,7 @@ mod tests {
         assert_eq!(s, "02:ab:cd:01:02:03");
         write_id(&mut s, "lab-", 1, (MAX_DEVICES - 1) as u32);
         assert_eq!(s, "lab-02:00:01:ff:ff:ff");
-        assert!(c1m::proto::handshake::valid_id(&s));
+        assert!(c1m_proto::handshake::valid_id(&s));
         let mut seen = std::collections::HashSet::new();
         for n in 0..10_000 {
             write_id(&mut s, "", 7, n);

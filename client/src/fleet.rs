@@ -1,5 +1,5 @@
 //! One core's share of the fleet: its devices in a slab, their sockets in
-//! the I/O driver the server's shards use ([`c1m::io`]: io_uring or epoll,
+//! the I/O driver the server's shards use ([`c1m_io`]: io_uring or epoll,
 //! [`Driver`]), and every timer (connect deadlines, heartbeats) on one
 //! hashed timing wheel. The driver makes the system calls; the fleet keeps
 //! the decisions and the measurements.
@@ -16,15 +16,15 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use c1m::io::epoll::EpollDriver;
-use c1m::io::socket;
-use c1m::io::uring::UringDriver;
-use c1m::io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
-use c1m::proto::auth::{self, Keys};
-use c1m::proto::client_handshake::{self, key_for, Answer};
-use c1m::proto::frame::{self, code, Opcode};
-use c1m::proto::wheel::{self, Entry, Wheel};
-use c1m::tls::ClientSession;
+use c1m_io::epoll::EpollDriver;
+use c1m_io::socket;
+use c1m_io::tls::ClientSession;
+use c1m_io::uring::UringDriver;
+use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
+use c1m_proto::auth::{self, Keys};
+use c1m_proto::client_handshake::{self, key_for, Answer};
+use c1m_proto::frame::{self, code, Opcode};
+use c1m_proto::wheel::{self, Entry, Wheel};
 use slab::Slab;
 
 use crate::device::{self, Rng};
@@ -328,7 +328,7 @@ impl<D: Driver> Fleet<D> {
     /// thread, then sends the final [`Report::Done`]. Each pass is one
     /// [`Driver::wait`] (no wait when busy), the events it brought, then
     /// [`Fleet::step`]. It never yields to glommio
-    /// ([`c1m::io::epoll::Epoll::wait`] says why).
+    /// ([`c1m_io::epoll::Epoll::wait`] says why).
     pub fn run(mut self) {
         let mut wait = Duration::ZERO;
         let error = loop {

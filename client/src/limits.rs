@@ -4,8 +4,8 @@
 //! per source address are [`crate::ips::check_capacity`]. Each failure is
 //! one sentence saying what the host allows and what to change.
 
-pub use c1m::procs::limits::Queues;
-use c1m::procs::limits::{Host, KERNEL_BYTES_PER_CONN};
+pub use c1m_io::host::limits::Queues;
+use c1m_io::host::limits::{Host, KERNEL_BYTES_PER_CONN};
 
 /// Descriptors a client process keeps besides its sockets: per core its
 /// I/O driver (an io_uring or an epoll set) and glommio's rings; stdio and

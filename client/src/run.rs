@@ -110,7 +110,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     if !opts.workers.is_empty() {
         let (ltx, lrx) = mpsc::channel();
         for (i, w) in opts.workers.iter().enumerate() {
-            match c1m::procs::workers::spawn(i, &w.args, &ltx) {
+            match c1m_io::host::workers::spawn(i, &w.args, &ltx) {
                 Ok(c) => children.push(c),
                 Err(e) => {
                     for c in &mut children {
@@ -190,7 +190,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 interrupted = true;
                 stop.store(true, Relaxed);
                 for c in &children {
-                    c1m::procs::workers::signal(c.id(), libc::SIGTERM);
+                    c1m_io::host::workers::signal(c.id(), libc::SIGTERM);
                 }
                 progress.finish();
                 eprintln!(
@@ -349,7 +349,7 @@ fn counts_row(t_s: f64, now: &Counters, prev: &Counters) -> Row {
 /// have sent: `c1m-progress` each second, `c1m-done` at the end (then their
 /// histograms are read from their directories); stderr is passed on.
 fn translate(
-    lines: mpsc::Receiver<c1m::procs::workers::Line>,
+    lines: mpsc::Receiver<c1m_io::host::workers::Line>,
     dirs: &[PathBuf],
     tx: &mpsc::Sender<Report>,
 ) {

@@ -1,7 +1,7 @@
 //! `client --udp-heartbeat`: each device takes the ticket from its 101
 //! (`C1M-Heartbeat-Ticket`) and sends its heartbeats as that datagram to
 //! the server's port, keeping its WebSocket open and silent. A fleet's
-//! datagrams of one pass go out together, [`c1m::io::udp::BATCH`] per
+//! datagrams of one pass go out together, [`c1m_io::udp::BATCH`] per
 //! sendmmsg, from one UDP socket per fleet (the server does not look at
 //! the source). `--udp-heartbeat-every N` also sends a WebSocket ping
 //! every N heartbeats (what a device behind a NAT would do to keep its TCP
@@ -14,7 +14,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
-use c1m::proto::ticket;
+use c1m_proto::ticket;
 
 /// One fleet's UDP heartbeats.
 pub struct UdpBeats {
@@ -54,7 +54,7 @@ impl UdpBeats {
             Ok(sock) => Some(UdpBeats {
                 sock,
                 tickets: Vec::new(),
-                queue: Vec::with_capacity(c1m::io::udp::BATCH),
+                queue: Vec::with_capacity(c1m_io::udp::BATCH),
                 every,
                 sent: 0,
                 dropped: 0,
@@ -95,7 +95,7 @@ impl UdpBeats {
         self.queue.push((h.ticket, server));
         h.beats = h.beats.wrapping_add(1);
         let ping = self.every > 0 && h.beats % self.every == 0;
-        if self.queue.len() == c1m::io::udp::BATCH {
+        if self.queue.len() == c1m_io::udp::BATCH {
             self.flush();
         }
         Some(ping)
@@ -106,7 +106,7 @@ impl UdpBeats {
         if self.queue.is_empty() {
             return;
         }
-        let n = c1m::io::udp::send_batch(self.sock.as_raw_fd(), &self.queue);
+        let n = c1m_io::udp::send_batch(self.sock.as_raw_fd(), &self.queue);
         self.sent += n as u64;
         self.dropped += (self.queue.len() - n) as u64;
         self.queue.clear();
@@ -141,7 +141,7 @@ mod tests {
             b"d",
         );
         let mut head = Vec::with_capacity(512);
-        c1m::proto::handshake::write_accept(b"dGhlIHNhbXBsZSBub25jZQ==", &mut head);
+        c1m_proto::handshake::write_accept(b"dGhlIHNhbXBsZSBub25jZQ==", &mut head);
         assert_eq!(ticket_of(&head), None);
         ticket::insert_header(&mut head, &t);
         assert_eq!(ticket_of(&head), Some(t));

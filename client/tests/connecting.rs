@@ -7,9 +7,9 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use c1m::io::epoll::EpollDriver;
-use c1m::io::uring::UringDriver;
-use c1m::io::{socket, Backend, Close, Driver, DriverConfig, Event, Token};
+use c1m_io::epoll::EpollDriver;
+use c1m_io::uring::UringDriver;
+use c1m_io::{socket, Backend, Close, Driver, DriverConfig, Event, Token};
 
 /// Connects one socket through `io` and reads its peer's "hello", which
 /// must come after the Connected event.

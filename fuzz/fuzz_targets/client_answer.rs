@@ -1,8 +1,8 @@
 //! The client's check of a server answer on arbitrary bytes: never panics,
 //! and never accepts an answer without the right accept key.
 #![no_main]
-use c1m::proto::client_handshake::{key_for, parse_answer, Answer};
-use c1m::proto::handshake::accept_key;
+use c1m_proto::client_handshake::{key_for, parse_answer, Answer};
+use c1m_proto::handshake::accept_key;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! points the input chooses: never panics, buffers at most one head or frame,
 //! and gives exactly the result of one unsplit read.
 #![no_main]
-use c1m::proto::conn::{Conn, Limits, Received};
+use c1m_proto::conn::{Conn, Limits, Received};
 use libfuzzer_sys::fuzz_target;
 
 const UPGRADE: &[u8] = b"GET /ws?id=fuzz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
@@ -15,7 +15,7 @@ fn feed(input: &[u8], cuts: &[usize], limits: &Limits) -> (Vec<u8>, Received, us
     for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
         let cut = cut.clamp(at, input.len());
         let mut piece = input[at..cut].to_vec();
-        let r = conn.receive(&mut piece, limits, &mut c1m::proto::conn::admit_all, &mut out);
+        let r = conn.receive(&mut piece, limits, &mut c1m_proto::conn::admit_all, &mut out);
         total.upgraded |= r.upgraded;
         total.frames += r.frames;
         total.end = total.end.or(r.end);

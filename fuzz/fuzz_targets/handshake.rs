@@ -1,7 +1,7 @@
 //! The upgrade request parser on arbitrary bytes: never panics, and a head it
 //! accepts is within the limit and yields a valid id.
 #![no_main]
-use c1m::proto::handshake::{parse, valid_id, Parsed};
+use c1m_proto::handshake::{parse, valid_id, Parsed};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

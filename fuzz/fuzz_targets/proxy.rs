@@ -2,7 +2,7 @@
 //! never claims more bytes than there are, nor more than the longest
 //! header; the verdict on a prefix stands once it is not NeedMore.
 #![no_main]
-use c1m::proto::proxy::{parse, Proxy, V1_MAX, V2_MAX};
+use c1m_proto::proxy::{parse, Proxy, V1_MAX, V2_MAX};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

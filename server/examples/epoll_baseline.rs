@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use c1m::io::Backend;
-use c1m::proto::conn::Limits;
 use c1m::shard::{self, ShardConfig};
+use c1m_io::Backend;
+use c1m_proto::conn::Limits;
 
 /// Baseline: the shard loop without glommio.
 #[derive(argh::FromArgs)]
@@ -24,7 +24,7 @@ struct Args {
     #[argh(
         option,
         default = "Duration::from_secs(600)",
-        from_str_fn(c1m::config::parse_duration)
+        from_str_fn(c1m_io::host::parse_duration)
     )]
     lifetime: Duration,
     /// the I/O backend, uring or epoll (default epoll)
@@ -34,9 +34,9 @@ struct Args {
 
 fn main() {
     let args: Args = argh::from_env();
-    c1m::config::raise_nofile();
-    let cores = c1m::config::parse_cpus(&args.cores).expect("--cores");
-    let backlog = c1m::io::listener::somaxconn().unwrap_or(4096);
+    c1m_io::host::raise_nofile();
+    let cores = c1m_io::host::parse_cpus(&args.cores).expect("--cores");
+    let backlog = c1m_io::listener::somaxconn().unwrap_or(4096);
     let (tx, _rx) = std::sync::mpsc::channel();
     let cfg = ShardConfig {
         limits: Limits::default(),
@@ -55,7 +55,7 @@ fn main() {
         trust_forwarded: Vec::new(),
         events: None,
         tls: None,
-        registry: c1m::registry::Registry::create(200_000).expect("registry"),
+        registry: c1m::directory::registry::Registry::create(200_000).expect("registry"),
         udp: None,
     };
     let (io, fallback) = Backend::usable(args.io);
@@ -63,9 +63,9 @@ fn main() {
         eprintln!("epoll_baseline: {why}");
     }
     let args = Args { io, ..args };
-    let (mail, _outside) = c1m::mailbox::wire(cores.len()).expect("eventfd");
+    let (mail, _outside) = c1m::directory::mailbox::wire(cores.len()).expect("eventfd");
     for ((id, &cpu), mail) in cores.iter().enumerate().zip(mail) {
-        let listener = c1m::io::listener::bind(args.listen, backlog).expect("bind");
+        let listener = c1m_io::listener::bind(args.listen, backlog).expect("bind");
         let (cfg, tx) = (cfg.clone(), tx.clone());
         std::thread::spawn(move || {
             // SAFETY: cpu_set_t is plain data; pin this thread like glommio would.

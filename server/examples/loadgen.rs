@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use c1m::config::{parse_duration, raise_nofile};
-use c1m::io::epoll::{self, Epoll};
-use c1m::io::socket;
-use c1m::proto::client_handshake::{self, key_for, Answer};
+use c1m_io::epoll::{self, Epoll};
+use c1m_io::host::{parse_duration, raise_nofile};
+use c1m_io::socket;
+use c1m_proto::client_handshake::{self, key_for, Answer};
 use hdrhistogram::Histogram;
 
 /// Opens WebSocket connections, holds them with pings, reports server cost.

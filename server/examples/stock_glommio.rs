@@ -1,5 +1,5 @@
 //! stock_glommio: the baseline the shard is measured against. The same
-//! protocol code (c1m::proto::conn) and the same socket2 listener, but I/O the stock
+//! protocol code (c1m_proto::conn) and the same socket2 listener, but I/O the stock
 //! glommio way: an accept loop and one task per connection reading its
 //! glommio `TcpStream`. Every idle read parks an IORING_OP_POLL_ADD in the
 //! executor's ring. `--ring-depth` sets the ring (glommio's default is 128).
@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::time::Duration;
 
-use c1m::proto::conn::{Conn, Limits};
+use c1m_proto::conn::{Conn, Limits};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -31,23 +31,23 @@ struct Args {
     #[argh(
         option,
         default = "Duration::from_secs(600)",
-        from_str_fn(c1m::config::parse_duration)
+        from_str_fn(c1m_io::host::parse_duration)
     )]
     lifetime: Duration,
 }
 
 fn main() {
     let args: Args = argh::from_env();
-    c1m::config::raise_nofile();
-    let cores = c1m::config::parse_cpus(&args.cores).unwrap_or_else(|e| {
+    c1m_io::host::raise_nofile();
+    let cores = c1m_io::host::parse_cpus(&args.cores).unwrap_or_else(|e| {
         eprintln!("stock_glommio: {e}");
         std::process::exit(2)
     });
-    let backlog = c1m::io::listener::somaxconn().unwrap_or(4096);
+    let backlog = c1m_io::listener::somaxconn().unwrap_or(4096);
     let handles: Vec<_> = cores
         .iter()
         .map(|&cpu| {
-            let listener = c1m::io::listener::bind(args.listen, backlog).expect("bind");
+            let listener = c1m_io::listener::bind(args.listen, backlog).expect("bind");
             let (depth, lifetime) = (args.ring_depth, args.lifetime);
             LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .ring_depth(depth)
@@ -84,7 +84,7 @@ async fn serve(mut stream: TcpStream) {
         let r = conn.receive(
             &mut buf[..n],
             &limits,
-            &mut c1m::proto::conn::admit_all,
+            &mut c1m_proto::conn::admit_all,
             &mut out,
         );
         if !out.is_empty() && stream.write_all(&out).await.is_err() {

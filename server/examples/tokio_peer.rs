@@ -29,22 +29,22 @@ struct Args {
     #[argh(
         option,
         default = "Duration::from_secs(90)",
-        from_str_fn(c1m::config::parse_duration)
+        from_str_fn(c1m_io::host::parse_duration)
     )]
     timeout: Duration,
     /// exit after this long (default 120s: a benchmark's server)
     #[argh(
         option,
         default = "Duration::from_secs(120)",
-        from_str_fn(c1m::config::parse_duration)
+        from_str_fn(c1m_io::host::parse_duration)
     )]
     lifetime: Duration,
 }
 
 fn main() {
     let args: Args = argh::from_env();
-    c1m::config::raise_nofile();
-    let backlog = c1m::io::listener::somaxconn().unwrap_or(4096);
+    c1m_io::host::raise_nofile();
+    let backlog = c1m_io::listener::somaxconn().unwrap_or(4096);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -52,7 +52,7 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("cannot start the runtime: {e}")));
     rt.block_on(async move {
         // The same listen queue as c1m's shards (socket2, somaxconn).
-        let std = c1m::io::listener::bind(args.listen, backlog)
+        let std = c1m_io::listener::bind(args.listen, backlog)
             .unwrap_or_else(|e| fail(&format!("cannot listen on {}: {e}", args.listen)));
         let std: std::net::TcpListener = std.into();
         std.set_nonblocking(true)

@@ -16,7 +16,7 @@ use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use c1m::io::udp::{send_batch, RecvBatch};
+use c1m_io::udp::{send_batch, RecvBatch};
 
 fn pin(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; this pins only the calling thread.
@@ -131,7 +131,7 @@ fn main() {
     while Instant::now() < end {
         let due = (start.elapsed().as_secs_f64() * rate) as u64;
         while sent < due {
-            let mut t = [0u8; c1m::proto::ticket::LEN];
+            let mut t = [0u8; c1m_proto::ticket::LEN];
             t[2..10].copy_from_slice(&sent.to_be_bytes());
             queue.push((t, to));
             sent += 1;

@@ -46,12 +46,13 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::handshake::{percent_decode, valid_id};
+
+use crate::directory::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer, Reply};
+use crate::directory::registry;
+use crate::directory::switch::Switch;
 use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
-use crate::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer, Reply};
-use crate::procs::switch::Switch;
-use crate::proto::device_id::DeviceId;
-use crate::proto::handshake::{percent_decode, valid_id};
-use crate::registry;
 use crate::stats::REJECT_STATUSES;
 
 use crate::stats::{Counters, Snapshot};

@@ -8,7 +8,7 @@
 //! of due wheel entries, report stats, and wait in the driver until events
 //! come or the next deadline is due: the wheel's next occupied slot, the
 //! next report, the accept backoff or the drain ([`Shard::next_deadline`]).
-//! It never yields to glommio ([`crate::io::epoll::Epoll::wait`] says why).
+//! It never yields to glommio ([`c1m_io::epoll::Epoll::wait`] says why).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -19,20 +19,22 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
+use c1m_io::epoll::EpollDriver;
+use c1m_io::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
+use c1m_io::uring::UringDriver;
+use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
+use c1m_proto::conn::{Conn, End, Limits, Phase};
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::frame::{self, code, Opcode};
+use c1m_proto::handshake::{Reject, Upgrade};
+use c1m_proto::table::{Claim, Location};
+use c1m_proto::wheel::{Entry, Wheel, MAX_HORIZON};
+
+use crate::directory::mailbox::{Answer, Ask, DeviceInfo, Inbox, Mail, Peers, Reply};
+use crate::directory::registry::{Msg, Registry};
 use crate::events::{Event as Lifecycle, EventTx, Kind, Reason};
 use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
-use crate::io::epoll::EpollDriver;
-use crate::io::uring::UringDriver;
-use crate::io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Sent, Token};
-use crate::mailbox::{Answer, Ask, DeviceInfo, Inbox, Mail, Peers, Reply};
-use crate::proto::conn::{Conn, End, Limits, Phase};
-use crate::proto::device_id::DeviceId;
-use crate::proto::frame::{self, code, Opcode};
-use crate::proto::handshake::{Reject, Upgrade};
-use crate::proto::wheel::{Entry, Wheel, MAX_HORIZON};
-use crate::registry::{Claim, Location, Msg, Registry};
 use crate::stats::{Counters, Snapshot};
-use crate::tls::{ServerSession, TlsError, HANDSHAKE_RECORD};
 
 #[path = "shard_udp.rs"]
 mod udp;
@@ -66,7 +68,7 @@ pub struct ShardConfig {
     pub inject_panic: bool,
     /// Device auth (--auth-secret-file): upgrades need a token these keys
     /// verify, else 401. None: no auth.
-    pub auth: Option<std::sync::Arc<crate::proto::auth::Keys>>,
+    pub auth: Option<std::sync::Arc<c1m_proto::auth::Keys>>,
     /// Every connection starts with a PROXY protocol header (v1 or v2) from
     /// a front (--proxy-protocol); its source address is the device's. A
     /// connection without a valid one is closed (counted `proxy_bad`, or
@@ -410,7 +412,7 @@ impl<D: Driver> Shard<D> {
 
     /// Runs until shutdown has drained every connection (or timed out), on
     /// the calling thread: a glommio executor's in the server. It never
-    /// yields to glommio ([`crate::io::epoll::Epoll::wait`] says why).
+    /// yields to glommio ([`c1m_io::epoll::Epoll::wait`] says why).
     pub fn run(mut self) -> io::Result<Counters> {
         let mut wait = Duration::ZERO;
         loop {
@@ -713,7 +715,7 @@ impl State {
             &mut |u: &Upgrade<'_>| {
                 // Before fullness: a device without a good token learns nothing else.
                 if let Some(keys) = &self.cfg.auth {
-                    use crate::proto::auth::{unix_now, Denied};
+                    use c1m_proto::auth::{unix_now, Denied};
                     if let Err(why) = keys.verify(&u.id, u.token, unix_now()) {
                         *match why {
                             Denied::Missing => &mut self.counters.auth_missing,
@@ -1351,7 +1353,7 @@ impl State {
     /// A newer connection took this one's id: Close 4000 "replaced", then
     /// the socket closes once that is out (or at the frame timeout).
     /// (A slot holding another id means the owner's digests of the two
-    /// collided: see crate::registry. Nothing is closed then.)
+    /// collided: see crate::directory::registry. Nothing is closed then.)
     fn replaced(&mut self, io: &mut impl Driver, id: DeviceId, at: Location) {
         let key = at.key as usize;
         match self.slab.get_mut(key) {
@@ -1470,15 +1472,14 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use c1m_io::script::{Fake, Script};
 
     use super::*;
 
     /// The slot is what every idle device costs in user space: what only
     /// some connections have (a TLS session, a front's address, a partial
     /// frame or message) sits behind optional pointers, 8 bytes each.
-    /// The registry's entry is 32 bytes (crate::registry's test).
+    /// The registry's entry is 32 bytes (crate::directory::registry's test).
     #[test]
     fn a_slot_stays_small() {
         let size = std::mem::size_of::<Slot>();
@@ -1509,103 +1510,6 @@ mod tests {
         );
     }
 
-    /// What the fake driver reports next.
-    enum Fake {
-        Accept,
-        Data(Vec<u8>),
-        Flushed,
-        AcceptFailed(i32),
-    }
-
-    /// A driver with no sockets: events are scripted, and what the shard
-    /// asks of it is recorded. Everything is about one connection.
-    #[derive(Default)]
-    struct Script {
-        events: VecDeque<Fake>,
-        token: Option<Token>,
-        data: Vec<u8>,
-        /// Sends answer Queued from here on (output held, as for a device
-        /// that stopped reading).
-        hold_output: bool,
-        held: bool,
-        sent: Vec<Vec<u8>>,
-        closed: Vec<Close>,
-        /// resume_accepting fails this many more times.
-        resume_failures: u32,
-        resumes: u32,
-    }
-
-    impl Driver for Script {
-        fn name(&self) -> &'static str {
-            "script"
-        }
-        fn listen(&mut self, _: Socket) -> io::Result<()> {
-            Ok(())
-        }
-        fn unlisten(&mut self) {}
-        fn resume_accepting(&mut self) -> io::Result<()> {
-            self.resumes += 1;
-            if self.resume_failures > 0 {
-                self.resume_failures -= 1;
-                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
-            }
-            Ok(())
-        }
-        fn watch_wake(&mut self, _: OwnedFd) -> io::Result<()> {
-            Ok(())
-        }
-        fn register(&mut self, _: OwnedFd, token: Token, _: bool) -> io::Result<Handle> {
-            self.token = Some(token);
-            Ok(Handle(0))
-        }
-        fn send(&mut self, _: Handle, bytes: &[u8]) -> Sent {
-            self.sent.push(bytes.to_vec());
-            if self.hold_output {
-                self.held = true;
-                return Sent::Queued;
-            }
-            Sent::Done
-        }
-        fn is_flushed(&mut self, _: Handle) -> bool {
-            !self.held
-        }
-        fn close(&mut self, _: Handle, how: Close) {
-            self.closed.push(how);
-        }
-        fn socket_error(&self, _: Handle) -> i32 {
-            0
-        }
-        fn peer_addr(&self, _: Handle) -> Option<std::net::SocketAddr> {
-            None
-        }
-        fn wait(&mut self, _: Duration) -> io::Result<()> {
-            Ok(())
-        }
-        fn next(&mut self) -> Option<Event<'_>> {
-            Some(match self.events.pop_front()? {
-                // Any descriptor will do: the shard only hands it back.
-                // SAFETY: a new eventfd, owned by the OwnedFd.
-                Fake::Accept => {
-                    Event::Accepted(unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, 0)) })
-                }
-                Fake::Data(bytes) => {
-                    self.data = bytes;
-                    Event::Data(self.token?, &mut self.data)
-                }
-                Fake::Flushed => {
-                    self.held = false;
-                    Event::Flushed(self.token?)
-                }
-                Fake::AcceptFailed(errno) => {
-                    Event::AcceptFailed(io::Error::from_raw_os_error(errno))
-                }
-            })
-        }
-        fn stats(&self) -> IoStats {
-            IoStats::default()
-        }
-    }
-
     fn shard(graceful_expiry: bool, script: Script) -> Shard<Script> {
         shard_and_peers(graceful_expiry, script).0
     }
@@ -1613,7 +1517,7 @@ mod tests {
     fn shard_and_peers(
         graceful_expiry: bool,
         script: Script,
-    ) -> (Shard<Script>, Vec<crate::mailbox::Peer>) {
+    ) -> (Shard<Script>, Vec<crate::directory::mailbox::Peer>) {
         let cfg = ShardConfig {
             limits: Limits::default(),
             timeout: Duration::from_millis(40),
@@ -1635,7 +1539,7 @@ mod tests {
             udp: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        let (mut mail, peers) = crate::mailbox::wire(1).unwrap();
+        let (mut mail, peers) = crate::directory::mailbox::wire(1).unwrap();
         let (tx, _) = std::sync::mpsc::channel();
         (
             Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap(),
@@ -1658,7 +1562,7 @@ mod tests {
         s.turn();
         assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
         let no_reply = || Reply::Remote {
-            req: crate::mailbox::NO_REPLY,
+            req: crate::directory::mailbox::NO_REPLY,
         };
         let earlier = crate::events::event::unix_ms() - 60_000;
         s.st.on_ask(
@@ -1756,16 +1660,32 @@ mod tests {
         assert_eq!(s.st.counters.events_dropped, 0);
     }
 
+    /// A self-signed certificate for "localhost" and its key, as PEM files
+    /// in a new directory (cert.pem, key.pem). Made at test time.
+    fn make_cert(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("c1m-shard-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let paths = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&paths.0, cert.pem()).unwrap();
+        std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+        paths
+    }
+
     /// The PROXY header is parsed by the connection core, behind TLS: the
     /// two together are refused at start, in one sentence.
     #[test]
     fn proxy_protocol_with_tls_is_refused_in_one_sentence() {
-        let certs = crate::tls::tests::make_certs("proxy-with-tls");
-        let (_, cert, key) = certs.paths();
+        let (cert, key) = make_cert("proxy-with-tls");
         let mut cfg = shard(false, Script::default()).st.cfg.clone();
         cfg.proxy_protocol = true;
         assert!(cfg.validate().is_ok());
-        cfg.tls = Some(crate::tls::server_config(&cert, &key).unwrap());
+        cfg.tls = Some(c1m_io::tls::server_config(&cert, &key).unwrap());
+        let _ = std::fs::remove_dir_all(cert.parent().unwrap());
         let err = cfg.validate().unwrap_err();
         assert!(
             err.contains("--proxy-protocol") && err.contains("--tls-cert"),

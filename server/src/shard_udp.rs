@@ -20,10 +20,11 @@ use std::sync::Arc;
 
 use socket2::Socket;
 
+use c1m_io::Driver;
+use c1m_proto::ticket::{self, Key, Ticket};
+
 use super::State;
 use crate::hist::HEARTBEAT_INTERVAL_MS;
-use crate::io::Driver;
-use crate::proto::ticket::{self, Key, Ticket};
 
 /// What the shards of one process share for UDP heartbeats.
 #[derive(Debug, Clone)]

@@ -17,8 +17,8 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use c1m::proto::frame::{self, Opcode};
-use c1m::proto::proxy;
+use c1m_proto::frame::{self, Opcode};
+use c1m_proto::proxy;
 use tungstenite::{Message, WebSocket};
 
 thread_local! {

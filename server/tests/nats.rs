@@ -6,6 +6,8 @@
 //! .ci/run does it); without it the tests fail saying so, unless
 //! C1M_SKIP_NATS=1, when they print that they were skipped.
 
+mod c1m_bin;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -240,7 +242,7 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap()
 }
 
-/// `server watch-events --print` on this NATS: every event as JSON.
+/// `c1m watch-events --print` on this NATS: every event as JSON.
 struct Watch {
     proc: Proc,
     seen: Vec<serde_json::Value>,
@@ -248,7 +250,7 @@ struct Watch {
 
 impl Watch {
     fn start(nats: &Nats) -> Watch {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_server"));
+        let mut c = Command::new(c1m_bin::c1m_bin());
         c.args([
             "watch-events",
             "--nats",
@@ -333,9 +335,9 @@ fn raw_request(nats: &Nats, subject: &str) -> String {
     })
 }
 
-/// `server push --wait`: the answer line.
+/// `c1m push --wait`: the answer line.
 fn push(nats: &Nats, id: &str, text: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+    let out = Command::new(c1m_bin::c1m_bin())
         .args([
             "push",
             "--nats",
@@ -347,7 +349,7 @@ fn push(nats: &Nats, id: &str, text: &str) -> String {
             "--wait",
         ])
         .output()
-        .expect("run server push");
+        .expect("run c1m push");
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 

@@ -1,13 +1,15 @@
 //! The real `server` binary on 127.0.0.1, driven by real sockets and
 //! tungstenite's client. Small scale, seconds.
 
+mod c1m_bin;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use c1m::proto::frame::{self, Opcode};
+use c1m_proto::frame::{self, Opcode};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
@@ -958,7 +960,7 @@ fn a_uring_expiry_wave_of_5000_submits_no_cancel() {
 }
 
 // Device auth (--auth-secret-file): tokens minted with the library's own
-// signer, or with `server token`.
+// signer, or with `c1m token`.
 
 const SECRET_A: &str = "first-test-secret-0123456789";
 const SECRET_B: &str = "second-test-secret-abcdefghij";
@@ -991,8 +993,8 @@ impl Drop for SecretFile {
 
 /// A token for `id` signed with `secret`, good for `ttl_s` seconds (negative: expired).
 fn token(secret: &str, id: &str, ttl_s: i64) -> String {
-    let keys = c1m::proto::auth::Keys::parse(secret.as_bytes(), "test").unwrap();
-    let expiry = c1m::proto::auth::unix_now().saturating_add_signed(ttl_s);
+    let keys = c1m_proto::auth::Keys::parse(secret.as_bytes(), "test").unwrap();
+    let expiry = c1m_proto::auth::unix_now().saturating_add_signed(ttl_s);
     keys.sign(id, expiry).to_string()
 }
 
@@ -1124,9 +1126,9 @@ fn both_secrets_are_accepted_while_rotating() {
     server.wait_line("one bad token", |l| field(l, "auth_bad") == 1);
 }
 
-fn server_token_mints_a_token_the_server_accepts() {
+fn c1m_token_mints_a_token_the_server_accepts() {
     let file = SecretFile::new("mint", &[SECRET_A]);
-    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+    let out = Command::new(c1m_bin::c1m_bin())
         .args([
             "token",
             "--id",
@@ -1143,7 +1145,7 @@ fn server_token_mints_a_token_the_server_accepts() {
     let minted = minted.trim();
     let (expiry, mac) = minted.split_once('.').unwrap();
     let expiry: u64 = expiry.parse().unwrap();
-    let in_30d = c1m::proto::auth::unix_now() + 30 * 86_400;
+    let in_30d = c1m_proto::auth::unix_now() + 30 * 86_400;
     assert!(expiry.abs_diff(in_30d) < 60, "{minted}");
     assert_eq!(mac.len(), 43, "{minted}");
     let server = Server::start(&["--cores", "0", "--auth-secret-file", file.path()]);
@@ -1165,7 +1167,7 @@ fn server_token_mints_a_token_the_server_accepts() {
     );
     assert!(!upgraded && resp.contains("bad token"), "{resp:?}");
     // Without a secrets file it says what it needs.
-    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+    let out = Command::new(c1m_bin::c1m_bin())
         .args(["token", "--id", "dev-m", "--ttl", "30d"])
         .output()
         .unwrap();
@@ -2156,7 +2158,7 @@ on_both_backends!(
     bad_missing_and_expired_tokens_get_401_counted_by_reason,
     good_tokens_upgrade_in_the_header_or_the_query,
     both_secrets_are_accepted_while_rotating,
-    server_token_mints_a_token_the_server_accepts,
+    c1m_token_mints_a_token_the_server_accepts,
     an_unusable_secret_file_stops_the_server_with_one_clear_sentence,
     procs_workers_load_the_secret_file_themselves,
     admin_serves_metrics_healthz_and_nothing_else,

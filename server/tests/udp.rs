@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use c1m::proto::frame::{self, Opcode};
-use c1m::proto::ticket;
+use c1m_proto::frame::{self, Opcode};
+use c1m_proto::ticket;
 
 thread_local! {
     static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("uring") };

@@ -10,13 +10,13 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use c1m::config::{parse_cpus, parse_duration, raise_nofile};
-use c1m::io::Backend;
 use c1m_client::fleet::{HeartbeatKind, Plan};
 use c1m_client::run::WorkerLaunch;
 use c1m_client::run::{self, Options};
 use c1m_client::spawn::{self, SpawnedServer};
 use c1m_client::{device, host, ips, limits, output, summary};
+use c1m_io::host::{parse_cpus, parse_duration, raise_nofile};
+use c1m_io::Backend;
 use serde_json::json;
 
 /// A fleet of WebSocket devices for load-testing a c1m server.
@@ -196,7 +196,7 @@ fn worker_launches(
     io: Backend,
 ) -> Vec<WorkerLaunch> {
     let own: Vec<String> = std::env::args().skip(1).collect();
-    let kept = c1m::procs::workers::without(
+    let kept = c1m_io::host::workers::without(
         &own,
         &[
             ("--procs", true),
@@ -222,7 +222,7 @@ fn worker_launches(
                 "--worker".into(),
                 i.to_string(),
                 "--cores".into(),
-                c1m::procs::workers::cpu_list(&c1m::procs::workers::cpus_for(
+                c1m_io::host::workers::cpu_list(&c1m_io::host::workers::cpus_for(
                     i as usize,
                     args.procs as usize,
                     cpus,
@@ -303,15 +303,18 @@ fn run(args: Args) -> Result<i32, String> {
         return Err("--worker is set by a --procs parent, below --procs".into());
     }
     let nofile = raise_nofile();
-    let cpus = args.cores.clone().unwrap_or_else(c1m::config::allowed_cpus);
+    let cpus = args
+        .cores
+        .clone()
+        .unwrap_or_else(c1m_io::host::allowed_cpus);
     let parent = args.procs > 1 && args.worker.is_none();
     if args.worker.is_none() {
         let per_proc = if parent {
-            c1m::procs::workers::cpus_for(0, args.procs as usize, &cpus).len()
+            c1m_io::host::workers::cpus_for(0, args.procs as usize, &cpus).len()
         } else {
             cpus.len()
         };
-        let host = c1m::procs::limits::Host::read(nofile);
+        let host = c1m_io::host::limits::Host::read(nofile);
         limits::check(&host, args.conns, args.procs, per_proc, args.spawn_server)?;
         let in_flight = args.concurrency as u64 * cpus.len().max(args.procs as usize) as u64;
         let sockets = args.conns * if args.spawn_server { 2 } else { 1 };
@@ -322,15 +325,15 @@ fn run(args: Args) -> Result<i32, String> {
     ips::check_capacity(args.conns, sources.len(), &servers, ips::local_port_range())?;
     // Read before anything starts, so that a bad file is one error.
     let auth = match &args.auth_secret_file {
-        Some(path) => Some(std::sync::Arc::new(c1m::proto::auth::Keys::load(path)?)),
+        Some(path) => Some(std::sync::Arc::new(c1m_proto::auth::Keys::load(path)?)),
         None => None,
     };
     // One config per process: its in-memory ticket store is what lets a
     // reconnect resume.
     let tls = match (args.tls, &args.tls_ca) {
         (true, Some(ca)) => Some((
-            c1m::tls::client_config(ca, !args.tls_no_resume)?,
-            c1m::tls::server_name(&args.tls_server_name)?,
+            c1m_io::tls::client_config(ca, !args.tls_no_resume)?,
+            c1m_io::tls::server_name(&args.tls_server_name)?,
         )),
         (true, None) => {
             return Err(

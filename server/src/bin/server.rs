@@ -7,15 +7,14 @@ use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use c1m::config::{
-    allowed_cpus, parse_bytes, parse_cidr, parse_cpus, parse_duration, raise_nofile, Cidr,
-};
-use c1m::io::Backend;
-use c1m::procs::limits::Host;
-use c1m::proto::auth::{self, Keys};
-use c1m::proto::conn::Limits;
+use c1m::config::{parse_cidr, Cidr};
 use c1m::shard::{self, ShardConfig};
 use c1m::stats::{self, Counters, Snapshot};
+use c1m_io::host::limits::Host;
+use c1m_io::host::{allowed_cpus, parse_bytes, parse_cpus, parse_duration, raise_nofile};
+use c1m_io::Backend;
+use c1m_proto::auth::Keys;
+use c1m_proto::conn::Limits;
 use glommio::{LocalExecutorBuilder, Placement};
 
 /// A WebSocket server for IoT fleets: devices connect to /ws?id=<device-id>,
@@ -132,7 +131,7 @@ struct Args {
     io: Backend,
     /// require device tokens (401 without a good one), signed with the
     /// secrets in this file: one per line, the first current, a second
-    /// still accepted while rotating (default: no auth); `server token`
+    /// still accepted while rotating (default: no auth); `c1m token`
     /// mints tokens
     #[argh(option)]
     auth_secret_file: Option<PathBuf>,
@@ -212,134 +211,14 @@ struct Args {
     udp_heartbeat: bool,
 }
 
-/// `server token`: prints a token for one device, to stdout, for a server
-/// started with the same --auth-secret-file.
-#[derive(argh::FromArgs)]
-struct TokenArgs {
-    /// the device's id
-    #[argh(option)]
-    id: String,
-    /// how long the token is good for, e.g. 30d, 12h, 90m or 3600s
-    #[argh(option)]
-    ttl: String,
-    /// the secrets file the server loads (the first secret signs)
-    #[argh(option)]
-    auth_secret_file: Option<PathBuf>,
-}
-
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().collect();
-    // A mode of its own, seen before argh: the server's flags stay as they
-    // are, with no subcommand to type.
-    let result = if argv.get(1).is_some_and(|a| a == "token") {
-        token(parse_token_args(&argv))
-    } else if argv.get(1).is_some_and(|a| a == "watch-events") {
-        watch_events(parse_sub_args(&argv))
-    } else if argv.get(1).is_some_and(|a| a == "push") {
-        push(parse_sub_args(&argv))
-    } else {
-        run(argh::from_env())
-    };
-    match result {
+    match run(argh::from_env()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// [`TokenArgs`] from `server token ...`, or exits as argh does on --help
-/// or a bad flag.
-fn parse_token_args(argv: &[String]) -> TokenArgs {
-    parse_sub_args(argv)
-}
-
-/// `server watch-events`: counts lifecycle events from NATS, by kind and
-/// reason, and prints one totals line per interval and a `final` one.
-#[derive(argh::FromArgs)]
-struct WatchArgs {
-    /// the NATS server, e.g. nats://127.0.0.1:4222
-    #[argh(option)]
-    nats: String,
-    /// subject prefix the servers use (default c1m)
-    #[argh(option, default = "\"c1m\".into()")]
-    nats_prefix: String,
-    /// NATS credentials file (.creds)
-    #[argh(option)]
-    nats_creds: Option<PathBuf>,
-    /// file with the NATS user and password (two lines)
-    #[argh(option)]
-    nats_user_file: Option<PathBuf>,
-    /// file with a NATS token
-    #[argh(option)]
-    nats_token_file: Option<PathBuf>,
-    /// how long to watch (default 1h)
-    #[argh(
-        option,
-        default = "Duration::from_secs(3600)",
-        from_str_fn(parse_duration)
-    )]
-    duration: Duration,
-    /// interval of the totals line (default 1s)
-    #[argh(
-        option,
-        default = "Duration::from_secs(1)",
-        from_str_fn(parse_duration)
-    )]
-    every: Duration,
-    /// also print every event's JSON, one per line
-    #[argh(switch)]
-    print: bool,
-}
-
-/// `server push`: sends a message to a device through NATS, to whichever
-/// server holds it; with --wait, prints the answer (delivered / not connected).
-#[derive(argh::FromArgs)]
-struct PushArgs {
-    /// the NATS server, e.g. nats://127.0.0.1:4222
-    #[argh(option)]
-    nats: String,
-    /// subject prefix the servers use (default c1m)
-    #[argh(option, default = "\"c1m\".into()")]
-    nats_prefix: String,
-    /// NATS credentials file (.creds)
-    #[argh(option)]
-    nats_creds: Option<PathBuf>,
-    /// file with the NATS user and password (two lines)
-    #[argh(option)]
-    nats_user_file: Option<PathBuf>,
-    /// file with a NATS token
-    #[argh(option)]
-    nats_token_file: Option<PathBuf>,
-    /// the device (repeat for several)
-    #[argh(option)]
-    id: Vec<String>,
-    /// a file of device ids, one per line (pushes go to ids picked from it)
-    #[argh(option)]
-    ids_file: Option<PathBuf>,
-    /// send this text (a text message)
-    #[argh(option)]
-    text: Option<String>,
-    /// send this file's bytes (a binary message)
-    #[argh(option)]
-    binary_file: Option<PathBuf>,
-    /// pushes to send in all, spread over the ids (default: one per id)
-    #[argh(option)]
-    count: Option<usize>,
-    /// pushes in flight at once with --wait (default 256)
-    #[argh(option, default = "256")]
-    concurrency: usize,
-    /// ask for a reply and print it (delivered / not connected)
-    #[argh(switch)]
-    wait: bool,
-    /// how long to wait for each reply (default 3s)
-    #[argh(
-        option,
-        default = "Duration::from_secs(3)",
-        from_str_fn(parse_duration)
-    )]
-    timeout: Duration,
 }
 
 fn nats_auth(
@@ -352,93 +231,6 @@ fn nats_auth(
         user_file,
         token_file,
     }
-}
-
-fn watch_events(a: WatchArgs) -> Result<(), String> {
-    let auth = nats_auth(a.nats_creds, a.nats_user_file, a.nats_token_file);
-    c1m::events::tools::watch(&a.nats, &auth, &a.nats_prefix, a.duration, a.every, a.print)
-}
-
-fn push(a: PushArgs) -> Result<(), String> {
-    let auth = nats_auth(a.nats_creds, a.nats_user_file, a.nats_token_file);
-    let mut ids = a.id;
-    if let Some(path) = &a.ids_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read --ids-file {}: {e}", path.display()))?;
-        ids.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from),
-        );
-    }
-    let body = match (a.text, a.binary_file) {
-        (Some(t), None) => c1m::events::tools::Push {
-            text: true,
-            payload: t.into_bytes().into(),
-        },
-        (None, Some(path)) => c1m::events::tools::Push {
-            text: false,
-            payload: std::fs::read(&path)
-                .map_err(|e| format!("cannot read --binary-file {}: {e}", path.display()))?
-                .into(),
-        },
-        _ => return Err("push needs exactly one of --text TEXT or --binary-file FILE".into()),
-    };
-    let count = a.count.unwrap_or(ids.len());
-    c1m::events::tools::push(
-        &a.nats,
-        &auth,
-        &a.nats_prefix,
-        &ids,
-        count,
-        a.concurrency,
-        body,
-        a.wait,
-        a.timeout,
-    )
-}
-
-/// Arguments of `server <subcommand> ...`, or exits as argh does on --help
-/// or a bad flag.
-fn parse_sub_args<T: argh::FromArgs>(argv: &[String]) -> T {
-    let cmd = format!("{} {}", argv[0], argv[1]);
-    let rest: Vec<&str> = argv[2..].iter().map(String::as_str).collect();
-    match T::from_args(&[&cmd], &rest) {
-        Ok(a) => a,
-        Err(argh::EarlyExit { output, status }) => {
-            match status {
-                Ok(()) => println!("{output}"),
-                Err(()) => eprintln!("{output}\nRun {cmd} --help for more information."),
-            }
-            std::process::exit(if status.is_ok() { 0 } else { 1 })
-        }
-    }
-}
-
-/// Prints the token of `--id` for `--ttl` from now.
-fn token(args: TokenArgs) -> Result<(), String> {
-    let Some(path) = args.auth_secret_file else {
-        return Err("server token needs --auth-secret-file PATH, the file the server loads".into());
-    };
-    if !c1m::proto::handshake::valid_id(&args.id) {
-        return Err(format!(
-            "--id {:?} is not a device id: 1 to {} of [0-9A-Za-z:._-]",
-            args.id,
-            c1m::proto::handshake::MAX_ID_LEN
-        ));
-    }
-    let ttl = auth::parse_ttl(&args.ttl)?;
-    let keys = Keys::load(&path)?;
-    let expiry = auth::unix_now().saturating_add(ttl);
-    // Only the token on stdout, for scripts; it is a credential: nothing
-    // else prints it.
-    println!("{}", keys.sign(&args.id, expiry));
-    eprintln!(
-        "server: token for {} valid until unix time {expiry} ({}s from now)",
-        args.id, ttl
-    );
-    Ok(())
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -467,13 +259,13 @@ fn run(args: Args) -> Result<(), String> {
     }
     // A push to a device of another --procs worker crosses the link in one
     // frame: the largest message must fit in one.
-    if args.max_message > c1m::procs::wire::MAX_MESSAGE {
+    if args.max_message > c1m::directory::wire::MAX_MESSAGE {
         return Err(format!(
             "--max-message {} bytes is over {} bytes ({}MiB), the most one push can carry between --procs workers (a link frame holds {}MiB)",
             args.max_message,
-            c1m::procs::wire::MAX_MESSAGE,
-            c1m::procs::wire::MAX_MESSAGE >> 20,
-            c1m::procs::wire::MAX_FRAME >> 20
+            c1m::directory::wire::MAX_MESSAGE,
+            c1m::directory::wire::MAX_MESSAGE >> 20,
+            c1m::directory::wire::MAX_FRAME >> 20
         ));
     }
     // The wheel and the heartbeat-interval histogram count whole
@@ -494,7 +286,7 @@ fn run(args: Args) -> Result<(), String> {
     // Loaded here too, so that a bad certificate or key is one error
     // before any worker starts; --procs workers re-read the same paths.
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(c1m::tls::server_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(c1m_io::tls::server_config(cert, key)?),
         (None, None) => None,
         (Some(_), None) => {
             return Err("--tls-cert needs --tls-key (the certificate's private key, PEM)".into())
@@ -512,7 +304,7 @@ fn run(args: Args) -> Result<(), String> {
         let host = Host::read(raise_nofile());
         let workers: u64 = (0..args.procs)
             .map(|i| {
-                let shards = c1m::procs::workers::cpus_for(i, args.procs, &cores).len();
+                let shards = c1m_io::host::workers::cpus_for(i, args.procs, &cores).len();
                 (shards * host.per_shard(shards, args.max_conns)) as u64
             })
             .sum();
@@ -543,11 +335,11 @@ fn run(args: Args) -> Result<(), String> {
     let host = Host::read(nofile);
     let max_conns = host.per_shard(cores.len(), args.max_conns);
     // The device registry: the --procs parent's table, or this server's own.
-    let registry = match c1m::registry::Registry::from_env()? {
+    let registry = match c1m::directory::registry::Registry::from_env()? {
         Some(shared) => shared,
         None => {
             let capacity = (cores.len() as u64 * max_conns as u64).min(host.machine_capacity());
-            c1m::registry::Registry::create(capacity.max(1) as usize).map_err(|e| {
+            c1m::directory::registry::Registry::create(capacity.max(1) as usize).map_err(|e| {
                 format!("cannot make the device registry (memfd, {capacity} connections): {e}; lower --max-conns or check memory")
             })?
         }
@@ -590,12 +382,12 @@ fn run(args: Args) -> Result<(), String> {
     }
     let backlog = args
         .backlog
-        .or_else(c1m::io::listener::somaxconn)
+        .or_else(c1m_io::listener::somaxconn)
         .unwrap_or(4096);
     // What does not stop the server but shapes it: a listen queue shorter
     // than the backlog asked for, TCP buffer memory short of the sockets.
     let sockets = (cores.len() as u64).saturating_mul(max_conns as u64);
-    let queues = c1m::procs::limits::Queues::read();
+    let queues = c1m_io::host::limits::Queues::read();
     let said = [
         queues.backlog_warning(backlog.max(0) as u64),
         queues.memory_warning(sockets),
@@ -612,7 +404,7 @@ fn run(args: Args) -> Result<(), String> {
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
     if !args.join {
-        c1m::io::listener::ensure_free(args.listen).map_err(|e| {
+        c1m_io::listener::ensure_free(args.listen).map_err(|e| {
             format!(
                 "cannot listen on {}: {e}; is another server running there? (--join shares the port with it on purpose)",
                 args.listen
@@ -621,7 +413,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let mut listeners = Vec::new();
     for _ in &cores {
-        listeners.push(c1m::io::listener::bind(args.listen, backlog).map_err(|e| {
+        listeners.push(c1m_io::listener::bind(args.listen, backlog).map_err(|e| {
             format!(
                 "cannot listen on {}: {e}; is another server running there?",
                 args.listen
@@ -633,12 +425,12 @@ fn run(args: Args) -> Result<(), String> {
     // in shard order (a --procs worker's come from its parent, which bound
     // the whole server's group), kept open until the server exits.
     let udp = if args.udp_heartbeat {
-        let sockets = match c1m::io::udp::inherited()? {
+        let sockets = match c1m_io::udp::inherited()? {
             Some(s) => s,
             None if args.join => {
                 return Err("--udp-heartbeat with --join is not supported: the kernel steers each datagram by its socket's position in the port's UDP group, which servers started apart cannot agree on; run one server with --procs N instead".into())
             }
-            None => c1m::io::udp::bind_group(args.listen, cores.len()).map_err(|e| {
+            None => c1m_io::udp::bind_group(args.listen, cores.len()).map_err(|e| {
                 format!(
                     "--udp-heartbeat: cannot bind UDP {}: {e}; is another server running there?",
                     args.listen
@@ -652,8 +444,10 @@ fn run(args: Args) -> Result<(), String> {
                 cores.len()
             ));
         }
-        let key = c1m::proto::ticket::Key::random()
+        let mut random = [0u8; 16];
+        c1m_io::host::random_bytes(&mut random)
             .map_err(|e| format!("--udp-heartbeat: cannot draw a random ticket key: {e}"))?;
+        let key = c1m_proto::ticket::Key::from_bytes(random);
         Some(shard::UdpHeartbeat {
             key,
             sockets: Arc::new(sockets),
@@ -672,7 +466,7 @@ fn run(args: Args) -> Result<(), String> {
                 cores
             ));
         }
-        c1m::io::listener::steer_by_cpu(&listeners[0], listeners.len() as u32).map_err(|e| {
+        c1m_io::listener::steer_by_cpu(&listeners[0], listeners.len() as u32).map_err(|e| {
             format!("--reuseport-cpu: cannot attach the CPU program to the listeners: {e}")
         })?;
     }
@@ -688,21 +482,21 @@ fn run(args: Args) -> Result<(), String> {
     // thread to ask about devices).
     // A --procs worker's shards are numbered over the whole server, and
     // reach the other workers' through the link to the parent.
-    let link = c1m::procs::link::from_env()?;
+    let link = c1m::directory::link::from_env()?;
     let span = match &link {
-        Some((_, base, total, (tx, _))) => c1m::mailbox::Span {
+        Some((_, base, total, (tx, _))) => c1m::directory::mailbox::Span {
             base: *base,
             total: *total,
             link: Some(tx.clone()),
         },
-        None => c1m::mailbox::Span::alone(cores.len()),
+        None => c1m::directory::mailbox::Span::alone(cores.len()),
     };
     let (base, total) = (span.base, span.total);
-    let (mail, outside) = c1m::mailbox::wire_span(cores.len(), span)
+    let (mail, outside) = c1m::directory::mailbox::wire_span(cores.len(), span)
         .map_err(|e| format!("cannot make the shards' inboxes (eventfd): {e}"))?;
     if let Some((sock, _, _, (_, outbox))) = link {
-        let inbound = c1m::mailbox::local_peers(outside.clone(), base, total);
-        c1m::procs::link::run(sock, outbox, inbound)?;
+        let inbound = c1m::directory::mailbox::local_peers(outside.clone(), base, total);
+        c1m::directory::link::run(sock, outbox, inbound)?;
     }
     // --nats: one publisher thread for this process; the shards get the
     // sending end of its bounded queue and never wait on it.
@@ -820,7 +614,7 @@ fn run(args: Args) -> Result<(), String> {
                 if !stopping {
                     stopping = true;
                     for shard in &outside {
-                        shard.send_now(c1m::mailbox::Mail::Shutdown);
+                        shard.send_now(c1m::directory::mailbox::Mail::Shutdown);
                     }
                     if let Some(a) = &admin {
                         a.stopping();
@@ -831,7 +625,7 @@ fn run(args: Args) -> Result<(), String> {
         if drain_at.is_some_and(|t| Instant::now() >= t) {
             drain_at = None;
             for shard in &outside {
-                shard.send_now(c1m::mailbox::Mail::Shutdown);
+                shard.send_now(c1m::directory::mailbox::Mail::Shutdown);
             }
         }
         if let Some((_, by)) = &died {
@@ -952,7 +746,7 @@ fn run(args: Args) -> Result<(), String> {
 fn start_publisher(
     args: &Args,
     url: &str,
-    peers: Vec<c1m::mailbox::Peer>,
+    peers: Vec<c1m::directory::mailbox::Peer>,
     (shard_base, shards_total): (u32, usize),
     live: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(c1m::events::EventTx, c1m::events::publisher::Publisher), String> {

@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 
-use crate::proto::device_id::DeviceId;
-use crate::registry::Location;
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::table::Location;
 
 /// Why a connection ended, as the disconnect event says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +122,7 @@ impl Subjects {
     /// subject after `<prefix>.push.` is the id, dots and all.
     pub fn push_id<'a>(&self, subject: &'a str) -> Option<&'a str> {
         let id = subject.strip_prefix(&self.push_head)?;
-        crate::proto::handshake::valid_id(id).then_some(id)
+        c1m_proto::handshake::valid_id(id).then_some(id)
     }
 
     /// Where pushes for the devices of one worker of one server go.
@@ -288,7 +288,7 @@ impl Connect {
             return None;
         }
         let id = v["id"].as_str()?;
-        crate::proto::handshake::valid_id(id).then_some(())?;
+        c1m_proto::handshake::valid_id(id).then_some(())?;
         Some(Connect {
             id: id.to_owned(),
             server: v["server"].as_str()?.to_owned(),

@@ -4,13 +4,13 @@
 //! - [`queue`]: the shards' bounded, non-blocking hand-off to the publisher.
 //! - [`publisher`]: the thread with the async-nats client: events, presence
 //!   in a JetStream KV bucket, push routing and delivery.
-//! - [`tools`]: `server watch-events` and `server push`, for operators,
-//!   tests and benchmarks.
+//!
+//! `c1m watch-events` and `c1m push` (the c1m-tools crate) read and send
+//! through these.
 
 pub mod event;
 pub mod publisher;
 pub mod queue;
-pub mod tools;
 
 pub use event::{Event, Kind, Reason};
 pub use queue::EventTx;

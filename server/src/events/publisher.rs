@@ -25,10 +25,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
+use c1m_proto::device_id::DeviceId;
+
 use super::event::{self, Batcher, Event, Kind, Origin, Presence, Subjects, Topic};
 use super::queue::{self, Doorbell, EventTx};
-use crate::mailbox::{Answer, Ask, Mail, Peer, Reply};
-use crate::proto::device_id::DeviceId;
+use crate::directory::mailbox::{Answer, Ask, Mail, Peer, Reply};
 
 /// Events taken from the queue per batch (one flush each).
 const BATCH: usize = 4096;
@@ -636,7 +637,8 @@ async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config, st
     };
     let base = cfg.origin.shard_base as usize;
     let mine = base..base + cfg.peers.len();
-    let mut peers = crate::mailbox::local_peers(cfg.peers.clone(), base, cfg.shards_total);
+    let mut peers =
+        crate::directory::mailbox::local_peers(cfg.peers.clone(), base, cfg.shards_total);
     while let Some(msg) = sub.next().await {
         for line in msg.payload.split(|&c| c == b'\n') {
             let Some(c) = event::Connect::parse(line) else {
@@ -651,7 +653,7 @@ async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config, st
                 stats.connects_refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let owner = crate::registry::owner(&c.id, cfg.shards_total);
+            let owner = crate::directory::registry::owner(&c.id, cfg.shards_total);
             if !mine.contains(&owner) {
                 continue;
             }
@@ -662,7 +664,7 @@ async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config, st
                     ask: Ask::Supersede { unix_ms: c.time_ms },
                     at: None,
                     reply: Reply::Remote {
-                        req: crate::mailbox::NO_REPLY,
+                        req: crate::directory::mailbox::NO_REPLY,
                     },
                 },
             );
@@ -758,7 +760,7 @@ async fn deliver_one(
 ) -> &'static [u8] {
     let h = msg.headers.as_ref();
     let header = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-    let Some(id) = header("C1m-Id").filter(|id| crate::proto::handshake::valid_id(id)) else {
+    let Some(id) = header("C1m-Id").filter(|id| c1m_proto::handshake::valid_id(id)) else {
         return b"error: no device id";
     };
     let Some(at) = header("C1m-At").and_then(|a| event::parse_at_header(&a)) else {
@@ -807,9 +809,10 @@ async fn deliver_one(
 
 #[cfg(test)]
 mod tests {
+    use c1m_proto::device_id::DeviceId;
+    use c1m_proto::table::Location;
+
     use super::*;
-    use crate::proto::device_id::DeviceId;
-    use crate::registry::Location;
 
     #[test]
     fn a_connect_event_from_too_far_ahead_is_not_believed() {

@@ -104,11 +104,12 @@ pub fn channel(capacity: usize) -> (EventTx, Receiver<Event>, Arc<Doorbell>) {
 
 #[cfg(test)]
 mod tests {
+    use c1m_proto::device_id::DeviceId;
+    use c1m_proto::table::Location;
+    use std::time::Duration;
+
     use super::*;
     use crate::events::event::Kind;
-    use crate::proto::device_id::DeviceId;
-    use crate::registry::Location;
-    use std::time::Duration;
 
     fn ev(n: u32) -> Event {
         Event {

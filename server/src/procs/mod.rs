@@ -1,9 +1,6 @@
-//! Past one process's descriptor limit: the supervisor, its workers and the
-//! host's limits they are sized by.
+//! Past one process's descriptor limit: the supervisor and its workers
+//! (the generic process plumbing is `c1m_io::host`; the registry and link
+//! that make them one server are [`crate::directory`]).
 
-pub mod limits;
-pub mod link;
 pub mod supervisor;
-pub mod switch;
-pub mod wire;
 pub mod workers;

@@ -12,9 +12,11 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::procs::switch::Switch;
-use crate::procs::workers::{self, Line};
-use crate::registry::Registry;
+use c1m_io::host::workers::{self, Line};
+
+use crate::directory::registry::Registry;
+use crate::directory::switch::Switch;
+use crate::procs::workers::{spawn_generation, LINK_FD};
 use crate::stats::{self, Counters, Snapshot};
 
 pub struct Supervisor {
@@ -222,17 +224,14 @@ impl Supervisor {
             .map_err(|e| format!("cannot make a socket pair for worker {i}: {e}"))?;
         switch.attach(i, ours)?;
         let (base, total) = switch.span(i);
-        let link = (
-            theirs.as_raw_fd(),
-            format!("{},{base},{total}", workers::LINK_FD),
-        );
+        let link = (theirs.as_raw_fd(), format!("{},{base},{total}", LINK_FD));
         let inherit: Vec<i32> = udp
             .iter()
             .skip(base as usize)
             .take(cpus.len())
             .map(|s| s.as_raw_fd())
             .collect();
-        let child = workers::spawn_generation(
+        let child = spawn_generation(
             i,
             generation,
             &self.worker_args(&cpus),
@@ -255,7 +254,7 @@ impl Supervisor {
     /// Runs the workers until a signal (from `wait_signal`) and their exit.
     pub fn run(self, wait_signal: impl Fn(Duration) -> bool) -> Result<(), String> {
         if !self.join {
-            crate::io::listener::ensure_free(self.listen).map_err(|e| {
+            c1m_io::listener::ensure_free(self.listen).map_err(|e| {
                 format!(
                     "cannot listen on {}: {e}; is another server running there? (--join shares the port with it on purpose)",
                     self.listen
@@ -269,13 +268,13 @@ impl Supervisor {
         let switch = Switch::new(&shards);
         // One table for every worker's shards: each claims and releases
         // ids in it directly; a message crosses only when a claim
-        // displaces a connection (crate::registry).
+        // displaces a connection (crate::directory::registry).
         let registry = Registry::create(self.registry_capacity).map_err(|e| {
             format!("cannot make the shared device registry (memfd, {} connections): {e}; lower --max-conns or check memory", self.registry_capacity)
         })?;
         let udp = if self.udp_heartbeat {
-            crate::io::udp::bind_group(self.listen, shards.iter().sum())
-                .and_then(|g| g.into_iter().map(crate::io::udp::above_low_fds).collect())
+            c1m_io::udp::bind_group(self.listen, shards.iter().sum())
+                .and_then(|g| g.into_iter().map(c1m_io::udp::above_low_fds).collect())
                 .map_err(|e| {
                     format!(
                         "--udp-heartbeat: cannot bind UDP {}: {e}; is another server running there?",

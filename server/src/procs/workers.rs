@@ -1,84 +1,25 @@
-//! Worker processes past the file-descriptor limit (`--procs N`): the parent
-//! re-executes its own binary N times with its own arguments, minus the
-//! ones only the parent acts on, plus each worker's share (CPUs, devices).
-//! Both binaries use this; what a parent does with its workers' output
-//! (aggregate stats, merge histograms) is theirs.
+//! What the server hands each `--procs` worker besides its arguments: its
+//! link to the parent, the shared device registry and its UDP sockets, at
+//! the descriptors and in the variables the worker looks for them. The
+//! starting itself is `c1m_io::host::workers`.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::RawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc::Sender;
 
-/// The CPUs worker `i` of `procs` runs on: with at least as many workers as
-/// CPUs, one CPU each, round-robin; with fewer, every `procs`-th CPU.
-pub fn cpus_for(i: usize, procs: usize, cpus: &[usize]) -> Vec<usize> {
-    if cpus.is_empty() {
-        return Vec::new();
-    }
-    if procs >= cpus.len() {
-        vec![cpus[i % cpus.len()]]
-    } else {
-        cpus.iter().copied().skip(i).step_by(procs).collect()
-    }
-}
-
-/// `0,2,4`: a CPU list for `--cores`.
-pub fn cpu_list(cpus: &[usize]) -> String {
-    cpus.iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// `args` without the options in `drop` (`(name, takes a value)`), in
-/// either `--name value` or `--name=value` form.
-pub fn without(args: &[String], drop: &[(&str, bool)]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
-        match drop.iter().find(|(d, _)| *d == name) {
-            Some((_, true)) if !a.contains('=') => {
-                it.next();
-            }
-            Some(_) => {}
-            None => out.push(a.clone()),
-        }
-    }
-    out
-}
-
-/// One line a worker printed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
-    pub worker: usize,
-    /// Which start of `worker` printed it (see [`spawn_generation`]): a
-    /// restarted worker's late lines are not its replacement's.
-    pub generation: u64,
-    pub stderr: bool,
-    pub text: String,
-    /// The stream ended (the worker exited or closed it); `text` is empty.
-    pub eof: bool,
-}
-
-/// Starts this binary as worker `worker` with `args`; its stdout and stderr
-/// lines arrive on `lines` (a reader thread per stream, ending at EOF).
-pub fn spawn(worker: usize, args: &[String], lines: &Sender<Line>) -> Result<Child, String> {
-    spawn_generation(worker, 0, args, lines, None, None, &[])
-}
+use c1m_io::host::workers::{self, Inherit, Line};
 
 /// The descriptor a worker finds its link to the parent at (see
-/// [`super::link::ENV`]).
+/// [`crate::directory::link::ENV`]).
 pub const LINK_FD: i32 = 3;
 
 /// The descriptor a worker finds the shared device registry at (see
-/// [`crate::registry::ENV`]).
+/// [`crate::directory::registry::ENV`]).
 pub const REGISTRY_FD: i32 = 4;
 
-/// [`spawn`] for the `generation`-th start of worker `worker`, its lines so
-/// tagged: a parent that restarts workers can tell a dead incarnation's
-/// lines (still in its pipe or reader) from its replacement's.
+/// [`workers::spawn_generation`] for a server worker: its link socket
+/// (with the link's variable), the registry's memfd and its UDP sockets
+/// (`--udp-heartbeat`), each where the worker looks.
 pub fn spawn_generation(
     worker: usize,
     generation: u64,
@@ -88,128 +29,28 @@ pub fn spawn_generation(
     registry: Option<RawFd>,
     inherit: &[RawFd],
 ) -> Result<Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let mut cmd = Command::new(&exe);
-    let link_fd = link.as_ref().map(|(fd, _)| *fd);
+    let mut given = Inherit::default();
     if let Some((_, env)) = &link {
-        cmd.env(super::link::ENV, env);
+        given
+            .env
+            .push((crate::directory::link::ENV.to_string(), env.clone()));
     }
     if registry.is_some() {
-        cmd.env(crate::registry::ENV, REGISTRY_FD.to_string());
+        given.env.push((
+            crate::directory::registry::ENV.to_string(),
+            REGISTRY_FD.to_string(),
+        ));
     }
     if !inherit.is_empty() {
         let list: Vec<String> = inherit.iter().map(|fd| fd.to_string()).collect();
-        cmd.env(crate::io::udp::ENV, list.join(","));
+        given
+            .env
+            .push((c1m_io::udp::ENV.to_string(), list.join(",")));
     }
-    let inherit = inherit.to_vec();
-    // SAFETY: prctl, dup2 and fcntl in the forked child before exec touch
-    // no shared state. A worker whose parent dies (even by SIGKILL) gets
-    // SIGTERM and drains, rather than living on unsupervised. Its link
-    // socket goes to LINK_FD in this child only (the parent's copy stays
-    // close-on-exec, so no other worker inherits it).
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            // Each to its place, inheritable (dup2 clears FD_CLOEXEC). First
-            // out of the way (close-on-exec copies above 9), as one may
-            // sit at the other's number.
-            let mut moved = [(-1, REGISTRY_FD), (-1, LINK_FD)];
-            for (fd, m) in [registry, link_fd].into_iter().zip(moved.iter_mut()) {
-                if let Some(fd) = fd {
-                    m.0 = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if m.0 < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-            }
-            for (fd, at) in moved {
-                if fd >= 0 && libc::dup2(fd, at) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // Its UDP sockets (--udp-heartbeat) stay open across exec in
-            // this child only: none is at LINK_FD (see udp::PARENT_FD_MIN).
-            for &fd in &inherit {
-                libc::fcntl(fd, libc::F_SETFD, 0);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        // Its index, for what it tags with it (NATS events: `worker`).
-        .env("C1M_WORKER", worker.to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start worker {worker} ({}): {e}", exe.display()))?;
-    // Infallible: both streams were asked for as pipes just above.
-    let out = child.stdout.take().expect("piped stdout");
-    let err = child.stderr.take().expect("piped stderr");
-    for (stream, stderr) in [
-        (Box::new(out) as Box<dyn std::io::Read + Send>, false),
-        (Box::new(err), true),
-    ] {
-        let tx = lines.clone();
-        std::thread::Builder::new()
-            .name(format!(
-                "worker{worker}-{}",
-                if stderr { "err" } else { "out" }
-            ))
-            .spawn(move || {
-                let send = |text: String, eof: bool| {
-                    let line = Line {
-                        worker,
-                        generation,
-                        stderr,
-                        text,
-                        eof,
-                    };
-                    tx.send(line).is_ok()
-                };
-                for text in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if !send(text, false) {
-                        return;
-                    }
-                }
-                send(String::new(), true);
-            })
-            .map_err(|e| format!("cannot start a reader for worker {worker}: {e}"))?;
-    }
-    Ok(child)
-}
-
-/// Sends `signal` to the process `pid` (ignoring one that is gone).
-pub fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on a pid this process started.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpus_go_round_robin() {
-        assert_eq!(cpus_for(0, 60, &[0, 1]), vec![0]);
-        assert_eq!(cpus_for(59, 60, &[0, 1]), vec![1]);
-        assert_eq!(cpus_for(1, 2, &[0, 1, 2, 3]), vec![1, 3]);
-        assert_eq!(cpus_for(0, 3, &[4, 5, 6, 7]), vec![4, 7]);
-        assert_eq!(cpu_list(&[0, 2, 4]), "0,2,4");
-    }
-
-    #[test]
-    fn parent_only_options_are_dropped_in_both_forms() {
-        let args: Vec<String> =
-            "--listen 127.0.0.1:9 --procs 3 --cores=0-1 --join --echo --timeout 5s"
-                .split(' ')
-                .map(String::from)
-                .collect();
-        let kept = without(
-            &args,
-            &[("--procs", true), ("--cores", true), ("--join", false)],
-        );
-        assert_eq!(kept.join(" "), "--listen 127.0.0.1:9 --echo --timeout 5s");
-    }
+    given.place.extend(registry.map(|fd| (fd, REGISTRY_FD)));
+    given.place.extend(link.map(|(fd, _)| (fd, LINK_FD)));
+    // Its UDP sockets stay open across exec in this child only: none is at
+    // LINK_FD or REGISTRY_FD (see udp::PARENT_FD_MIN).
+    given.keep = inherit.to_vec();
+    workers::spawn_generation(worker, generation, args, lines, given)
 }

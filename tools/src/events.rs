@@ -1,5 +1,5 @@
-//! `server watch-events` (a small consumer: counts lifecycle events by kind
-//! and reason, one totals line per interval) and `server push` (an
+//! `c1m watch-events` (a small consumer: counts lifecycle events by kind
+//! and reason, one totals line per interval) and `c1m push` (an
 //! operator's push to one device, or a bounded load of pushes to many).
 
 use std::collections::BTreeMap;
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::event::{self, Subjects};
-use super::publisher::{self, Auth};
+use c1m::events::event::{self, Subjects};
+use c1m::events::publisher::{self, Auth};
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
@@ -183,10 +183,10 @@ pub fn push(
     if count == 0 {
         return Err("push --count must be at least 1".into());
     }
-    if let Some(bad) = ids.iter().find(|id| !crate::proto::handshake::valid_id(id)) {
+    if let Some(bad) = ids.iter().find(|id| !c1m_proto::handshake::valid_id(id)) {
         return Err(format!(
             "{bad:?} is not a device id: 1 to {} of [0-9A-Za-z:._-]",
-            crate::proto::handshake::MAX_ID_LEN
+            c1m_proto::handshake::MAX_ID_LEN
         ));
     }
     let subjects = Subjects::new(prefix);

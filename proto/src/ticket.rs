@@ -12,7 +12,7 @@
 //! The shard number comes first, as a big-endian u16 at offset 0, so that
 //! the classic BPF program on the UDP SO_REUSEPORT group reads it with one
 //! `ldh [0]` and returns it as the index of the socket to deliver to
-//! ([`crate::io::listener::steer_by_ticket`]).
+//! (`c1m_io::udp::steer_by_ticket`).
 //!
 //! The 101 carries it as `C1M-Heartbeat-Ticket: <base64url, no padding>`
 //! (24 characters). Nothing of it is stored per connection: the shard
@@ -86,25 +86,8 @@ impl std::fmt::Debug for Key {
 }
 
 impl Key {
-    /// A fresh random key from the kernel (getrandom).
-    pub fn random() -> std::io::Result<Key> {
-        let mut b = [0u8; 16];
-        let mut got = 0;
-        while got < b.len() {
-            // SAFETY: writes at most the remaining bytes of `b`.
-            let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            got += n as usize;
-        }
-        Ok(Key::from_bytes(b))
-    }
-
+    /// The key of 16 random bytes (the server draws them from the kernel
+    /// at start: `c1m_io::host::random_bytes`).
     pub fn from_bytes(b: [u8; 16]) -> Key {
         let (a, c) = b.split_at(8);
         Key {
@@ -229,7 +212,7 @@ mod tests {
     #[test]
     fn the_header_goes_inside_the_head_and_frames_after_it_stay() {
         let mut out = Vec::with_capacity(4096);
-        crate::proto::handshake::write_accept(b"dGhlIHNhbXBsZSBub25jZQ==", &mut out);
+        crate::handshake::write_accept(b"dGhlIHNhbXBsZSBub25jZQ==", &mut out);
         out.extend_from_slice(&[0x8a, 0]);
         let cap = out.capacity();
         let t = key().seal(

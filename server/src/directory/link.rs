@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 
+use super::mailbox::{Answer, Mail, Peers, Reply};
 use super::wire::{frame_len, Body, Frame, Malformed, PARENT};
-use crate::mailbox::{Answer, Mail, Peers, Reply};
 
 /// The shards' end of the link: clone it into each shard's peers.
 #[derive(Clone)]

@@ -18,11 +18,12 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use c1m_proto::device_id::DeviceId;
+
 use super::link::{read_frames, Ended};
+use super::mailbox::{Answer, Ask};
+use super::registry;
 use super::wire::{self, Body, Frame, PARENT};
-use crate::mailbox::{Answer, Ask};
-use crate::proto::device_id::DeviceId;
-use crate::registry;
 
 #[derive(Clone)]
 pub struct Switch {

@@ -16,10 +16,19 @@
 //!   multishot accept, one multishot recv per connection into a provided
 //!   buffer ring, sends and closes as SQEs, one `io_uring_enter` per loop,
 //!   and never a cancel.
+//!
+//! Beside the driver, what else both binaries need from the kernel:
+//! [`listener`], [`socket`] and [`udp`] (the sockets themselves), [`tls`]
+//! (the rustls glue of the shard and the fleet), [`host`] (the process's
+//! plumbing: CPUs, limits, worker processes) and [`script`] (a driver with
+//! no sockets, for tests of a driver's user).
 
 pub mod epoll;
+pub mod host;
 pub mod listener;
+pub mod script;
 pub mod socket;
+pub mod tls;
 pub mod udp;
 pub mod uring;
 

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::proto::auth::Denied;
+use crate::auth::Denied;
 
 /// Most headers one request head may carry; more is answered with 431.
 pub const MAX_HEADERS: usize = 32;

@@ -8,9 +8,9 @@
 
 use std::net::SocketAddr;
 
-use crate::proto::frame::{self, code, Opcode, Utf8Stream};
-use crate::proto::handshake::{self, Parsed, Reject, Upgrade};
-use crate::proto::proxy::{self, Proxy};
+use crate::frame::{self, code, Opcode, Utf8Stream};
+use crate::handshake::{self, Parsed, Reject, Upgrade};
+use crate::proxy::{self, Proxy};
 
 /// An `admit` for [`Conn::receive`] that lets every upgrade through.
 pub fn admit_all(_: &Upgrade<'_>) -> Result<(), Reject> {

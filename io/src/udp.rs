@@ -1,12 +1,14 @@
 //! UDP heartbeats (`--udp-heartbeat`): the shards' UDP sockets, one per
 //! shard in one SO_REUSEPORT group on the device port, with a classic BPF
 //! program that sends each datagram to the socket of the shard its ticket
-//! names ([`crate::proto::ticket`]); and the batched system calls both
+//! names ([`c1m_proto::ticket`]); and the batched system calls both
 //! ends use (recvmmsg in the server's epoll driver, sendmmsg in the client).
 //!
-//! The program returns the big-endian u16 at offset 0 of the payload (the
-//! kernel has pulled the UDP header: DESIGN.md, "Verified 2026-12-06") as
-//! an index into the group. The index is a socket's position in the group,
+//! The program returns the big-endian u16 at offset 0 of the payload as an
+//! index into the group (offset 0 is the payload's first byte: the kernel
+//! has pulled the UDP header before it runs a reuseport program, as this
+//! module's test `datagrams_reach_the_socket_their_first_u16_names`
+//! checks). The index is a socket's position in the group,
 //! which is its join (bind) order as long as no socket of the group closes
 //! (a close moves the last socket into the hole). So the group is bound in
 //! shard order by one process and every socket stays open until the server
@@ -237,7 +239,7 @@ impl RecvBatch {
 /// Sends each of `datagrams` (payload, destination) from `fd` with as few
 /// sendmmsg calls as it takes ([`BATCH`] per call); returns how many the
 /// kernel took (a full socket buffer stops the rest: UDP is best effort).
-pub fn send_batch(fd: RawFd, datagrams: &[([u8; crate::proto::ticket::LEN], SocketAddr)]) -> usize {
+pub fn send_batch(fd: RawFd, datagrams: &[([u8; c1m_proto::ticket::LEN], SocketAddr)]) -> usize {
     let mut sent = 0;
     for chunk in datagrams.chunks(BATCH) {
         // SAFETY: zeroed structures are valid; filled below.
@@ -304,7 +306,7 @@ mod tests {
         assert!(bind_group(addr, 1).is_err(), "a held port is refused");
         let mut out = Vec::new();
         for i in 0..30u16 {
-            let mut t = [0u8; crate::proto::ticket::LEN];
+            let mut t = [0u8; c1m_proto::ticket::LEN];
             t[..2].copy_from_slice(&(i % 3).to_be_bytes());
             t[2] = i as u8;
             out.push((t, addr));
@@ -316,7 +318,7 @@ mod tests {
         for (k, s) in group.iter().enumerate() {
             assert_eq!(b.fill(s.as_raw_fd()), 10, "socket {k}");
             while let Some(d) = b.take() {
-                assert_eq!(d.len(), crate::proto::ticket::LEN);
+                assert_eq!(d.len(), c1m_proto::ticket::LEN);
                 assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, k);
             }
             assert_eq!(b.fill(s.as_raw_fd()), 0);

@@ -6,8 +6,9 @@
 pub const RESERVED_FDS: u64 = 64;
 
 /// Kernel memory per idle server socket (socket, inode, dentry, epoll item,
-/// TCP state), measured on the development machines (DESIGN.md: ~9.6 KiB
-/// per loopback client+server pair).
+/// TCP state), measured on the development machines: ~9.6 KiB of kernel
+/// memory per idle loopback connection, client and server sockets together,
+/// so about half of it per server socket, rounded up.
 pub const KERNEL_BYTES_PER_CONN: u64 = 5 * 1024;
 
 /// User-space memory per idle connection (README: 117-126 B measured; a

@@ -14,9 +14,11 @@ use std::sync::Arc;
 
 use std::net::SocketAddr;
 
-use crate::procs::link::Link;
-use crate::proto::device_id::DeviceId;
-use crate::registry::{Location, Msg};
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::table::Location;
+
+use super::link::Link;
+use super::registry::Msg;
 
 /// What a shard can be told.
 #[derive(Debug)]
@@ -119,7 +121,7 @@ impl Inbox {
         self.rx.try_recv().ok()
     }
 
-    /// The descriptor for [`crate::io::Driver::watch_wake`] (a duplicate;
+    /// The descriptor for [`c1m_io::Driver::watch_wake`] (a duplicate;
     /// the driver reads it, which resets the count).
     pub fn wake_fd(&self) -> io::Result<OwnedFd> {
         self.wake.try_clone()

@@ -2,7 +2,7 @@
 //! answer. Used by the load generator and the client, so that both speak
 //! exactly what the server parses.
 
-use crate::proto::handshake::{accept_key, base64};
+use crate::handshake::{accept_key, base64};
 
 /// A Sec-WebSocket-Key: base64 of 16 bytes. Load tests derive it from the
 /// connection's number (the server only checks its form); `salt` keeps runs apart.
@@ -16,7 +16,7 @@ pub fn key_for(n: u64, salt: u64) -> [u8; 24] {
 }
 
 /// Appends `GET /ws?id=<id>` with the upgrade headers to `out`, and
-/// `Authorization: Bearer <token>` when given one (see [`crate::proto::auth`]).
+/// `Authorization: Bearer <token>` when given one (see [`crate::auth`]).
 pub fn write_request(out: &mut Vec<u8>, host: &str, id: &str, key: &[u8; 24], token: Option<&str>) {
     out.extend_from_slice(b"GET /ws?id=");
     out.extend_from_slice(id.as_bytes());
@@ -82,7 +82,7 @@ pub fn parse_answer(buf: &[u8], key: &[u8; 24]) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::handshake::{self, Parsed, Reject};
+    use crate::handshake::{self, Parsed, Reject};
 
     #[test]
     fn our_request_upgrades_on_our_server_and_its_answer_checks_out() {

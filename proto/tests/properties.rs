@@ -2,9 +2,9 @@
 //! same result; the wheel never expires early, never misses, never touches a
 //! closed connection.
 
-use c1m::proto::conn::{Conn, Limits, Received};
-use c1m::proto::frame::{self, Opcode};
-use c1m::proto::wheel::{Entry, Wheel};
+use c1m_proto::conn::{Conn, Limits, Received};
+use c1m_proto::frame::{self, Opcode};
+use c1m_proto::wheel::{Entry, Wheel};
 use proptest::prelude::*;
 
 const UPGRADE: &[u8] = b"GET /ws?id=02:00:00:00:00:01 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
@@ -23,7 +23,7 @@ fn feed(input: &[u8], cuts: &[usize], limits: &Limits) -> (Vec<u8>, Received, us
         let r = conn.receive(
             &mut piece,
             limits,
-            &mut c1m::proto::conn::admit_all,
+            &mut c1m_proto::conn::admit_all,
             &mut out,
         );
         total.upgraded |= r.upgraded;
@@ -292,7 +292,7 @@ proptest! {
 
 // ---- PROXY protocol headers (proto/proxy.rs) ----
 
-use c1m::proto::proxy::{self, Proxy};
+use c1m_proto::proxy::{self, Proxy};
 use std::net::{IpAddr, SocketAddr};
 
 /// A valid header: (bytes, the source it carries).
@@ -434,7 +434,7 @@ proptest! {
         let (mut upgraded, mut frames, mut proxied, mut got) = (false, 0, 0, None);
         for w in points.windows(2) {
             let mut piece = input[w[0]..w[1]].to_vec();
-            let r = conn.receive(&mut piece, &Limits::default(), &mut c1m::proto::conn::admit_all, &mut out);
+            let r = conn.receive(&mut piece, &Limits::default(), &mut c1m_proto::conn::admit_all, &mut out);
             prop_assert!(r.end.is_none(), "{:?}", r);
             upgraded |= r.upgraded;
             frames += r.frames;

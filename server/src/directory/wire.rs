@@ -1,7 +1,7 @@
 //! What crosses between `--procs` workers (through the parent, over Unix
 //! sockets) so that N processes are one server: a displaced connection's
 //! Replaced, operators' questions and their answers. (Claims and releases
-//! of ids go through the shared table, crate::registry, not here.) Sans-IO: frames to and from
+//! of ids go through the shared table, super::registry, not here.) Sans-IO: frames to and from
 //! bytes, nothing else.
 //!
 //! A frame is `len: u32` (of what follows), `to: u32` (a shard over all
@@ -11,10 +11,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::mailbox::{Answer, Ask, DeviceInfo};
-use crate::proto::device_id::DeviceId;
-use crate::proto::handshake::valid_id;
-use crate::registry::{Location, Msg};
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::handshake::valid_id;
+use c1m_proto::table::Location;
+
+use super::mailbox::{Answer, Ask, DeviceInfo};
+use super::registry::Msg;
 
 /// `to` of a frame for the parent (an answer to its admin listener).
 pub const PARENT: u32 = u32::MAX;
@@ -312,8 +314,9 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use proptest::prelude::*;
+
+    use super::*;
 
     fn loc() -> impl Strategy<Value = Location> {
         (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(

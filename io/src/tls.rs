@@ -1,6 +1,6 @@
 //! TLS for devices (wss://): rustls' unbuffered (sans-IO) connections,
 //! wrapped so that the shard (and the load client's fleet) hook it in at
-//! two points: ciphertext in before [`crate::proto::conn::Conn::receive`]
+//! two points: ciphertext in before [`c1m_proto::conn::Conn::receive`]
 //! ([`Session::feed`]), plaintext out before the driver's send
 //! ([`Session::seal`]).
 //!

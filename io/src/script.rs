@@ -1,0 +1,104 @@
+//! A driver with no sockets, for tests of a driver's user (the shard's):
+//! events are scripted, and what the user asks of it is recorded.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::{Close, Driver, Event, Handle, IoStats, Sent, Token};
+
+/// What the fake driver reports next.
+pub enum Fake {
+    Accept,
+    Data(Vec<u8>),
+    Flushed,
+    AcceptFailed(i32),
+}
+
+/// A driver with no sockets: events are scripted, and what the shard
+/// asks of it is recorded. Everything is about one connection.
+#[derive(Default)]
+pub struct Script {
+    pub events: VecDeque<Fake>,
+    pub token: Option<Token>,
+    pub data: Vec<u8>,
+    /// Sends answer Queued from here on (output held, as for a device
+    /// that stopped reading).
+    pub hold_output: bool,
+    pub held: bool,
+    pub sent: Vec<Vec<u8>>,
+    pub closed: Vec<Close>,
+    /// resume_accepting fails this many more times.
+    pub resume_failures: u32,
+    pub resumes: u32,
+}
+
+impl Driver for Script {
+    fn name(&self) -> &'static str {
+        "script"
+    }
+    fn listen(&mut self, _: Socket) -> io::Result<()> {
+        Ok(())
+    }
+    fn unlisten(&mut self) {}
+    fn resume_accepting(&mut self) -> io::Result<()> {
+        self.resumes += 1;
+        if self.resume_failures > 0 {
+            self.resume_failures -= 1;
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Ok(())
+    }
+    fn watch_wake(&mut self, _: OwnedFd) -> io::Result<()> {
+        Ok(())
+    }
+    fn register(&mut self, _: OwnedFd, token: Token, _: bool) -> io::Result<Handle> {
+        self.token = Some(token);
+        Ok(Handle(0))
+    }
+    fn send(&mut self, _: Handle, bytes: &[u8]) -> Sent {
+        self.sent.push(bytes.to_vec());
+        if self.hold_output {
+            self.held = true;
+            return Sent::Queued;
+        }
+        Sent::Done
+    }
+    fn is_flushed(&mut self, _: Handle) -> bool {
+        !self.held
+    }
+    fn close(&mut self, _: Handle, how: Close) {
+        self.closed.push(how);
+    }
+    fn socket_error(&self, _: Handle) -> i32 {
+        0
+    }
+    fn peer_addr(&self, _: Handle) -> Option<std::net::SocketAddr> {
+        None
+    }
+    fn wait(&mut self, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+    fn next(&mut self) -> Option<Event<'_>> {
+        Some(match self.events.pop_front()? {
+            // Any descriptor will do: the shard only hands it back.
+            // SAFETY: a new eventfd, owned by the OwnedFd.
+            Fake::Accept => Event::Accepted(unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, 0)) }),
+            Fake::Data(bytes) => {
+                self.data = bytes;
+                Event::Data(self.token?, &mut self.data)
+            }
+            Fake::Flushed => {
+                self.held = false;
+                Event::Flushed(self.token?)
+            }
+            Fake::AcceptFailed(errno) => Event::AcceptFailed(io::Error::from_raw_os_error(errno)),
+        })
+    }
+    fn stats(&self) -> IoStats {
+        IoStats::default()
+    }
+}
