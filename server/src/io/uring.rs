@@ -41,11 +41,20 @@ const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8 * 1024;
 /// Provided buffers: the arrivals of one wait (with DEFER_TASKRUN the
 /// kernel fills them only while the loop is in io_uring_enter); past it a
-/// recv ends with ENOBUFS and is re-armed. 512 KiB per shard: a fixed cost
-/// that matters at 120 shards (1M devices under --procs 60), so small.
+/// recv ends with ENOBUFS and is re-armed. A fixed cost per shard that
+/// every page of is touched (the ring hands them out in turn), and that
+/// matters at 120 shards (1M devices under --procs 60), so small:
+/// - Linux 6.12+: incremental consumption (IOU_PBUF_RING_INC), 16 buffers
+///   of 8 KiB, 128 KiB per shard; a recv takes only the bytes it got, so
+///   a wait's heartbeats (tens of bytes each) fill thousands, not 16.
+/// - Before: one recv per buffer, 512 of 1 KiB, 512 KiB per shard.
+const INC_BUFS: u16 = 16;
+const INC_BUF_LEN: usize = 8 * 1024;
 const BUFS: u16 = 512;
 const BUF_LEN: usize = 1024;
 const BGID: u16 = 7;
+/// IOU_PBUF_RING_INC (not exported by the io-uring crate).
+const PBUF_RING_INC: u16 = 2;
 /// --udp-heartbeat: the datagrams' own buffer ring (made only then), 256
 /// buffers of 128 bytes: the 16-byte io_uring_recvmsg_out, then the
 /// payload (longer datagrams are cut, and are not tickets anyway).
@@ -154,6 +163,11 @@ struct BufRing {
     /// Buffers (a power of two) and the bytes of each.
     count: u16,
     len: usize,
+    /// Registered with IOU_PBUF_RING_INC: the kernel fills a buffer in
+    /// pieces, and `used[bid]` is where its next piece starts. The kernel
+    /// moves past a buffer exactly when it is full, and only then does it
+    /// come back to the ring.
+    used: Option<Box<[u32]>>,
 }
 
 impl BufRing {
@@ -175,6 +189,7 @@ impl BufRing {
             tail: 0,
             count,
             len,
+            used: None,
         };
         for bid in 0..count {
             b.put(bid);
@@ -212,11 +227,51 @@ impl BufRing {
     }
 
     fn bytes(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        self.bytes_at(bid, 0, len)
+    }
+
+    /// `len` bytes of buffer `bid` from `offset`.
+    fn bytes_at(&mut self, bid: u16, offset: usize, len: usize) -> &mut [u8] {
         assert!(bid < self.count, "a provided buffer id out of range");
-        // SAFETY: buffer `bid` is inside the mapping of count * len bytes,
-        // and it is ours (the kernel finished with it: its completion came).
+        let offset = offset.min(self.len);
+        // SAFETY: the range is inside buffer `bid`, inside the mapping of
+        // count * len bytes, and it is ours (its completion came).
         unsafe {
-            std::slice::from_raw_parts_mut(self.mem.add(bid as usize * self.len), len.min(self.len))
+            std::slice::from_raw_parts_mut(
+                self.mem.add(bid as usize * self.len + offset),
+                len.min(self.len - offset),
+            )
+        }
+    }
+
+    /// Takes the `res` bytes a recv completion put in buffer `bid`: where
+    /// they start, and whether the kernel is done with the buffer (then it
+    /// goes back to the ring once the bytes are used).
+    fn take(&mut self, bid: u16, res: usize) -> (usize, bool) {
+        let Some(used) = &mut self.used else {
+            return (0, true);
+        };
+        let Some(u) = used.get_mut(bid as usize) else {
+            return (0, true);
+        };
+        let start = *u as usize;
+        let end = start + res;
+        if end >= self.len {
+            *u = 0;
+            (start, true)
+        } else {
+            *u = end as u32;
+            (start, false)
+        }
+    }
+
+    /// A recv completion on `bid` whose bytes nobody wants.
+    fn discard(&mut self, bid: u16, res: i32) {
+        if self.used.is_none() {
+            self.give_back(bid);
+        } else if res > 0 && self.take(bid, res as usize).1 {
+            // Incremental: a failed recv consumed nothing of the buffer.
+            self.give_back(bid);
         }
     }
 }
@@ -341,6 +396,12 @@ pub fn probe() -> Result<(), String> {
 
 impl UringDriver {
     pub fn new(cfg: DriverConfig) -> io::Result<UringDriver> {
+        UringDriver::with_bufs(cfg, true)
+    }
+
+    /// `incremental`: try IOU_PBUF_RING_INC first (the tests turn it off
+    /// to cover what kernels before 6.12 get).
+    fn with_bufs(cfg: DriverConfig, incremental: bool) -> io::Result<UringDriver> {
         let mut builder = IoUring::builder();
         builder
             .setup_cqsize(CQ_ENTRIES)
@@ -365,18 +426,42 @@ impl UringDriver {
         let mut submitter = ring.submitter();
         // Saves a descriptor lookup on every enter; optional (5.18+).
         let _ = submitter.register_ring_fd();
-        let bufs = BufRing::new(BUFS, BUF_LEN)?;
-        // SAFETY: the ring memory lives in `bufs` until unregistered in Drop.
-        let registered =
-            unsafe { submitter.register_buf_ring_with_flags(bufs.ring as u64, BUFS, BGID, 0) };
-        if let Err(e) = registered {
+        let mut registered = Err(io::Error::other("not tried"));
+        let mut bufs = None;
+        for (count, len, flags) in [(INC_BUFS, INC_BUF_LEN, PBUF_RING_INC), (BUFS, BUF_LEN, 0)] {
+            if flags != 0 && !incremental {
+                continue;
+            }
+            let mut b = match BufRing::new(count, len) {
+                Ok(b) => b,
+                Err(e) => {
+                    registered = Err(e);
+                    break;
+                }
+            };
+            // SAFETY: the ring memory lives in `bufs` until unregistered in Drop.
+            registered = unsafe {
+                submitter.register_buf_ring_with_flags(b.ring as u64, count, BGID, flags)
+            };
+            if registered.is_ok() {
+                if flags != 0 {
+                    b.used = Some(vec![0; count as usize].into_boxed_slice());
+                }
+                bufs = Some(b);
+                break;
+            }
+        }
+        let (true, Some(bufs)) = (registered.is_ok(), bufs) else {
+            let e = registered
+                .err()
+                .unwrap_or_else(|| io::Error::other("no buffer ring"));
             // SAFETY: leaked just above and not shared.
             drop(unsafe { Box::from_raw(ring as *const IoUring as *mut IoUring) });
             return Err(io::Error::new(
                 e.kind(),
                 format!("provided buffer ring (Linux 5.19+): {e}"),
             ));
-        }
+        };
         Ok(UringDriver {
             ring,
             submitter,
@@ -836,7 +921,7 @@ impl Driver for UringDriver {
                     }
                     if c.flags & (CLOSING | HUNG) != 0 {
                         if let Some(b) = bid {
-                            self.bufs.give_back(b);
+                            self.bufs.discard(b, res);
                         }
                         if c.flags & CLOSING != 0 && !more {
                             self.advance_close(index);
@@ -853,12 +938,16 @@ impl Driver for UringDriver {
                             self.stats.recv_rearms += 1;
                             self.arm_recv(index);
                         }
-                        self.lent = Some(b);
-                        self.fault.saw(self.bufs.bytes(b, res as usize));
-                        return Some(Event::Data(token, self.bufs.bytes(b, res as usize)));
+                        let (start, done) = self.bufs.take(b, res as usize);
+                        if done {
+                            self.lent = Some(b);
+                        }
+                        let len = res as usize;
+                        self.fault.saw(self.bufs.bytes_at(b, start, len));
+                        return Some(Event::Data(token, self.bufs.bytes_at(b, start, len)));
                     }
                     if let Some(b) = bid {
-                        self.bufs.give_back(b);
+                        self.bufs.discard(b, res);
                     }
                     if res == -libc::ENOBUFS {
                         // Every buffer was taken by this wait's arrivals.
@@ -1033,6 +1122,78 @@ mod tests {
             other => panic!("{other:?}"),
         }
         d.fail_submits = None;
+    }
+
+    /// A stream several times the buffer ring, in writes of odd sizes
+    /// from 1 byte to past a buffer, arrives whole and in order, on the
+    /// incremental ring (6.12+) and on the one-recv-per-buffer ring.
+    #[test]
+    fn a_stream_larger_than_the_buffer_ring_arrives_in_order() {
+        if driver().is_none() {
+            return;
+        }
+        for incremental in [true, false] {
+            let mut d = UringDriver::with_bufs(
+                DriverConfig {
+                    max_pending: 1 << 16,
+                },
+                incremental,
+            )
+            .unwrap();
+            if !incremental {
+                assert!(d.bufs.used.is_none());
+            }
+            let mut fds = [0; 2];
+            // SAFETY: fds is valid for two descriptors.
+            assert_eq!(
+                unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+                0
+            );
+            // SAFETY: both are new and owned here.
+            let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let total = 5 * (INC_BUFS as usize * INC_BUF_LEN).max(BUFS as usize * BUF_LEN) / 2;
+            let want: Vec<u8> = (0..total).map(|i| (i * 7 + i / 251) as u8).collect();
+            let writer = {
+                let want = want.clone();
+                std::thread::spawn(move || {
+                    let mut at = 0;
+                    let mut size = 1;
+                    while at < want.len() {
+                        let end = (at + size).min(want.len());
+                        // SAFETY: a blocking write from a valid buffer.
+                        let n = unsafe {
+                            libc::write(b.as_raw_fd(), want[at..end].as_ptr().cast(), end - at)
+                        };
+                        assert!(n > 0, "{}", io::Error::last_os_error());
+                        at += n as usize;
+                        size = size * 3 % 9001 + 1;
+                    }
+                    b
+                })
+            };
+            let h = d.register(a, Token(3), false).unwrap();
+            let mut got = Vec::with_capacity(total);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while got.len() < total && std::time::Instant::now() < deadline {
+                d.wait(Duration::from_millis(100)).unwrap();
+                while let Some(e) = d.next() {
+                    match e {
+                        Event::Data(Token(3), bytes) => got.extend_from_slice(bytes),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            let _b = writer.join().unwrap();
+            assert_eq!(got.len(), total, "incremental={incremental}");
+            assert!(
+                got == want,
+                "the bytes arrived out of order (incremental={incremental})"
+            );
+            d.close(h, Close::Abortive);
+            d.wait(Duration::ZERO).unwrap();
+            while d.next().is_some() {}
+            assert_eq!(d.stats().cancels, 0);
+        }
     }
 
     #[test]
