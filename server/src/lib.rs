@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod counters;
 pub mod events;
 pub mod hist;
 pub mod io;
