@@ -37,57 +37,64 @@ impl Failure {
     }
 }
 
-/// Cumulative counts of one core (or, summed, of the run).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Connection attempts begun.
-    pub attempted: u64,
-    /// Upgrades completed (each attempt at most once).
-    pub established: u64,
-    /// Upgraded connections open now.
-    pub open: u64,
-    pub failed: u64,
-    pub refused: u64,
-    pub timeout: u64,
-    pub reset: u64,
-    pub http_status: u64,
-    /// The last non-101 status seen (0 if none).
-    pub last_http_status: u64,
-    pub addr_not_avail: u64,
-    pub out_of_files: u64,
-    pub other: u64,
-    pub heartbeats: u64,
-    /// Pongs (or echoes) received for heartbeats.
-    pub replies: u64,
-    /// `--go-silent`'s last heartbeats, all sent at once (not in
-    /// `heartbeats`, and their round trips not in the RTT histogram: they
-    /// measure a burst, not the fleet's steady state).
-    pub last_beats: u64,
-    /// Heartbeats the socket could not take (the server is not reading).
-    pub send_blocked: u64,
-    /// Silent connections the server closed: its expiries.
-    pub expired: u64,
-    /// ... of which before --server-timeout had passed since their last
-    /// message (a server bug if the timeout given is right).
-    pub expired_early: u64,
-    /// Heartbeating connections the server closed (must be 0).
-    pub false_expiries: u64,
-    /// Silent connections still open when the run ended: the server did not
-    /// expire them within --server-timeout + --expiry-window.
-    pub unexpired: u64,
-    /// Frames from the server that break RFC 6455.
-    pub bad_frames: u64,
-    /// Second connections opened with a device's id while its first was
-    /// open (`--reconnect-fraction`), and of those, upgraded.
-    pub reconnects: u64,
-    /// Connections the server closed with 4000 "replaced": takeovers seen.
-    pub replaced: u64,
-    /// --tls: attempts whose TLS handshake failed (also in `failed`).
-    pub tls_failed: u64,
-    /// --tls: upgraded connections, and of them those whose handshake
-    /// resumed a session (a ticket from an earlier connection).
-    pub tls_handshakes: u64,
-    pub tls_resumed: u64,
+use c1m_proto::counters::Merge::{Max, Sum};
+
+c1m_proto::counter_table! {
+    /// Cumulative counts of one core (or, summed, of the run).
+    ///
+    /// The table, field by field: its key (in a worker's report line and
+    /// `summary.json`), then how two cores' values make one.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Counters: c1m_proto::counters::Merge {
+        /// Connection attempts begun.
+        attempted: u64 = "attempted", Sum;
+        /// Upgrades completed (each attempt at most once).
+        established: u64 = "established", Sum;
+        /// Upgraded connections open now.
+        open: u64 = "open", Sum;
+        failed: u64 = "failed", Sum;
+        refused: u64 = "failed_refused", Sum;
+        timeout: u64 = "failed_timeout", Sum;
+        reset: u64 = "failed_reset", Sum;
+        http_status: u64 = "failed_http_status", Sum;
+        /// The last non-101 status seen (0 if none).
+        last_http_status: u64 = "last_http_status", Max;
+        addr_not_avail: u64 = "failed_eaddrnotavail", Sum;
+        out_of_files: u64 = "failed_emfile", Sum;
+        other: u64 = "failed_other", Sum;
+        heartbeats: u64 = "heartbeats", Sum;
+        /// Pongs (or echoes) received for heartbeats.
+        replies: u64 = "heartbeat_replies", Sum;
+        /// `--go-silent`'s last heartbeats, all sent at once (not in
+        /// `heartbeats`, and their round trips not in the RTT histogram: they
+        /// measure a burst, not the fleet's steady state).
+        last_beats: u64 = "last_heartbeats", Sum;
+        /// Heartbeats the socket could not take (the server is not reading).
+        send_blocked: u64 = "heartbeats_blocked", Sum;
+        /// Silent connections the server closed: its expiries.
+        expired: u64 = "expired", Sum;
+        /// ... of which before --server-timeout had passed since their last
+        /// message (a server bug if the timeout given is right).
+        expired_early: u64 = "expired_early", Sum;
+        /// Heartbeating connections the server closed (must be 0).
+        false_expiries: u64 = "false_expiries", Sum;
+        /// Silent connections still open when the run ended: the server did not
+        /// expire them within --server-timeout + --expiry-window.
+        unexpired: u64 = "unexpired", Sum;
+        /// Frames from the server that break RFC 6455.
+        bad_frames: u64 = "bad_server_frames", Sum;
+        /// Second connections opened with a device's id while its first was
+        /// open (`--reconnect-fraction`), and of those, upgraded.
+        reconnects: u64 = "reconnects", Sum;
+        /// Connections the server closed with 4000 "replaced": takeovers seen.
+        replaced: u64 = "replaced", Sum;
+        /// --tls: attempts whose TLS handshake failed (also in `failed`).
+        tls_failed: u64 = "failed_tls", Sum;
+        /// --tls: upgraded connections, and of them those whose handshake
+        /// resumed a session (a ticket from an earlier connection).
+        tls_handshakes: u64 = "tls_handshakes", Sum;
+        tls_resumed: u64 = "tls_resumed", Sum;
+    }
 }
 
 impl Counters {
@@ -108,121 +115,25 @@ impl Counters {
         }
     }
 
-    /// Field-wise sum (`last_http_status`: the larger).
-    pub fn add(&mut self, o: &Counters) {
-        self.attempted += o.attempted;
-        self.established += o.established;
-        self.open += o.open;
-        self.failed += o.failed;
-        self.refused += o.refused;
-        self.timeout += o.timeout;
-        self.reset += o.reset;
-        self.http_status += o.http_status;
-        self.last_http_status = self.last_http_status.max(o.last_http_status);
-        self.addr_not_avail += o.addr_not_avail;
-        self.out_of_files += o.out_of_files;
-        self.other += o.other;
-        self.heartbeats += o.heartbeats;
-        self.replies += o.replies;
-        self.last_beats += o.last_beats;
-        self.send_blocked += o.send_blocked;
-        self.expired += o.expired;
-        self.expired_early += o.expired_early;
-        self.false_expiries += o.false_expiries;
-        self.unexpired += o.unexpired;
-        self.bad_frames += o.bad_frames;
-        self.reconnects += o.reconnects;
-        self.replaced += o.replaced;
-        self.tls_failed += o.tls_failed;
-        self.tls_handshakes += o.tls_handshakes;
-        self.tls_resumed += o.tls_resumed;
+    /// (key, value) of every field, in the table's order: for summaries.
+    pub fn fields(&self) -> [(&'static str, u64); Counters::LEN] {
+        let counts = self.counts();
+        std::array::from_fn(|i| (Counters::FIELDS[i].0, counts[i]))
     }
 
-    /// (name, value) of every field, for summaries and merging.
-    pub fn fields(&self) -> [(&'static str, u64); 26] {
-        [
-            ("attempted", self.attempted),
-            ("established", self.established),
-            ("open", self.open),
-            ("failed", self.failed),
-            ("failed_refused", self.refused),
-            ("failed_timeout", self.timeout),
-            ("failed_reset", self.reset),
-            ("failed_http_status", self.http_status),
-            ("last_http_status", self.last_http_status),
-            ("failed_eaddrnotavail", self.addr_not_avail),
-            ("failed_emfile", self.out_of_files),
-            ("failed_other", self.other),
-            ("heartbeats", self.heartbeats),
-            ("heartbeat_replies", self.replies),
-            ("last_heartbeats", self.last_beats),
-            ("heartbeats_blocked", self.send_blocked),
-            ("expired", self.expired),
-            ("expired_early", self.expired_early),
-            ("false_expiries", self.false_expiries),
-            ("unexpired", self.unexpired),
-            ("bad_server_frames", self.bad_frames),
-            ("reconnects", self.reconnects),
-            ("replaced", self.replaced),
-            ("failed_tls", self.tls_failed),
-            ("tls_handshakes", self.tls_handshakes),
-            ("tls_resumed", self.tls_resumed),
-        ]
-    }
-}
-
-impl Counters {
-    /// Sets the field named as in [`Counters::fields`]; false if none is.
-    pub fn set(&mut self, name: &str, v: u64) -> bool {
-        let f = match name {
-            "attempted" => &mut self.attempted,
-            "established" => &mut self.established,
-            "open" => &mut self.open,
-            "failed" => &mut self.failed,
-            "failed_refused" => &mut self.refused,
-            "failed_timeout" => &mut self.timeout,
-            "failed_reset" => &mut self.reset,
-            "failed_http_status" => &mut self.http_status,
-            "last_http_status" => &mut self.last_http_status,
-            "failed_eaddrnotavail" => &mut self.addr_not_avail,
-            "failed_emfile" => &mut self.out_of_files,
-            "failed_other" => &mut self.other,
-            "heartbeats" => &mut self.heartbeats,
-            "heartbeat_replies" => &mut self.replies,
-            "last_heartbeats" => &mut self.last_beats,
-            "heartbeats_blocked" => &mut self.send_blocked,
-            "expired" => &mut self.expired,
-            "expired_early" => &mut self.expired_early,
-            "false_expiries" => &mut self.false_expiries,
-            "unexpired" => &mut self.unexpired,
-            "bad_server_frames" => &mut self.bad_frames,
-            "reconnects" => &mut self.reconnects,
-            "replaced" => &mut self.replaced,
-            "failed_tls" => &mut self.tls_failed,
-            "tls_handshakes" => &mut self.tls_handshakes,
-            "tls_resumed" => &mut self.tls_resumed,
-            _ => return false,
-        };
-        *f = v;
-        true
-    }
-
-    /// `name=value ...` of every field: how a worker process reports.
+    /// `key=value ...` of every field: how a worker process reports.
     pub fn to_words(&self) -> String {
-        self.fields()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        let mut s = String::with_capacity(600);
+        self.write_words(&mut s);
+        s
     }
 
-    /// Reads [`Counters::to_words`] back (other words are skipped).
+    /// Reads [`Counters::to_words`] back (other words are skipped, and
+    /// values that do not read; of a key given twice, the last).
     pub fn from_words(text: &str) -> Counters {
         let mut c = Counters::default();
         for (k, v) in text.split_whitespace().filter_map(|w| w.split_once('=')) {
-            if let Ok(v) = v.parse() {
-                c.set(k, v);
-            }
+            c.set_word(k, v);
         }
         c
     }
@@ -343,13 +254,14 @@ mod tests {
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {
-            assert!(all.set(k, i as u64 + 1), "{k}");
+            assert!(all.set_word(k, &(i as u64 + 1).to_string()), "{k}");
         }
         assert_eq!(
             Counters::from_words(&format!("c1m-progress phase=hold {}", all.to_words())),
             all
         );
-        assert!(!all.set("nonsense", 1));
+        assert!(!all.set_word("nonsense", "1"));
+        assert!(!all.set_word("open", "x"));
     }
 
     #[test]

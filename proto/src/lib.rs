@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod client_handshake;
 pub mod conn;
+pub mod counters;
 pub mod device_id;
 pub mod frame;
 pub mod handshake;

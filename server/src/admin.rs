@@ -52,10 +52,7 @@ use c1m_proto::handshake::{percent_decode, valid_id};
 use crate::directory::mailbox::{Answer, Ask, DeviceInfo, Mail, Peer, Reply};
 use crate::directory::registry;
 use crate::directory::switch::Switch;
-use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
-use crate::stats::REJECT_STATUSES;
-
-use crate::stats::{Counters, Snapshot};
+use crate::stats::{Counters, Prom, Snapshot, Stat, FAMILIES};
 
 /// The Content-Type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -726,100 +723,28 @@ fn device_json(id: &str, d: &DeviceInfo, (worker, shard): (usize, u32)) -> Strin
 }
 
 /// The counters, as (name, help, [(reason label, value)]): a reason of
-/// None is an unlabelled sample.
+/// None is an unlabelled sample. From [`Counters`]' table: the families of
+/// [`FAMILIES`], each with its fields' samples in the table's order.
 type Family = (&'static str, &'static str, Vec<(Option<&'static str>, u64)>);
 
 fn counter_families(c: &Counters) -> Vec<Family> {
-    vec![
-        (
-            "c1m_accepted_total",
-            "TCP connections accepted.",
-            vec![(None, c.accepted)],
-        ),
-        (
-            "c1m_upgraded_total",
-            "Connections upgraded to WebSocket (101).",
-            vec![(None, c.upgraded)],
-        ),
-        (
-            "c1m_frames_received_total",
-            "WebSocket frames received from devices (heartbeats and data).",
-            vec![(None, c.frames)],
-        ),
-        (
-            "c1m_closed_total",
-            "Connections ended, by reason; every accepted connection ends with exactly one.",
-            vec![
-                (Some("expired"), c.expired),
-                (Some("client_close"), c.client_close),
-                (Some("peer_gone"), c.peer_gone),
-                (Some("protocol_error"), c.protocol_error),
-                (Some("handshake_timeout"), c.handshake_timeout),
-                (Some("frame_timeout"), c.frame_timeout),
-                (Some("rejected"), c.rejected),
-                (Some("slow_reader"), c.slow_reader),
-                (Some("shutdown"), c.shutdown),
-                (Some("internal_error"), c.internal_error),
-                (Some("replaced"), c.replaced),
-                (Some("kicked"), c.kicked),
-                (Some("proxy_bad"), c.proxy_bad),
-                (Some("proxy_missing"), c.proxy_missing),
-                (Some("tls_failed"), c.tls_failed),
-                (Some("plain_on_tls"), c.plain_on_tls),
-                (Some("tls_on_plain"), c.tls_on_plain),
-            ],
-        ),
-        (
-            "c1m_tls_handshakes_total",
-            "TLS handshakes completed (--tls-cert), full or resumed with a session ticket.",
-            vec![
-                (
-                    Some("full"),
-                    c.tls_handshakes - c.tls_resumed.min(c.tls_handshakes),
-                ),
-                (Some("resumed"), c.tls_resumed),
-            ],
-        ),
-        (
-            "c1m_auth_failures_total",
-            "Upgrades refused 401 (also closed with reason rejected), by reason.",
-            vec![
-                (Some("missing"), c.auth_missing),
-                (Some("bad"), c.auth_bad),
-                (Some("expired"), c.auth_expired),
-            ],
-        ),
-        (
-            "c1m_udp_heartbeats_total",
-            "UDP heartbeat datagrams (--udp-heartbeat) that refreshed a connection.",
-            vec![(None, c.udp_heartbeats)],
-        ),
-        (
-            "c1m_udp_dropped_total",
-            "UDP heartbeat datagrams dropped, by reason: bad (not a valid ticket of the shard that got it), stale (its connection is gone).",
-            vec![(Some("bad"), c.udp_bad), (Some("stale"), c.udp_stale)],
-        ),
-        (
-            "c1m_accept_exhausted_total",
-            "Accepts that failed for lack of descriptors or memory.",
-            vec![(None, c.accept_exhausted)],
-        ),
-        (
-            "c1m_io_cq_overflows_total",
-            "io_uring waits that found completions held back by a full completion queue.",
-            vec![(None, c.io_cq_overflows)],
-        ),
-        (
-            "c1m_io_cancels_total",
-            "io_uring cancel requests submitted.",
-            vec![(None, c.io_cancels)],
-        ),
-        (
-            "c1m_events_dropped_total",
-            "Lifecycle events (--nats) dropped because the publisher's queue was full (the broker down or slow).",
-            vec![(None, c.events_dropped)],
-        ),
-    ]
+    let counts = c.counts();
+    FAMILIES
+        .iter()
+        .map(|family| {
+            let samples = Counters::FIELDS
+                .iter()
+                .zip(counts)
+                .filter_map(|((_, Stat(_, prom)), n)| match *prom {
+                    Prom::Plain(f) if f == *family => Some((None, n)),
+                    Prom::Reason(f, r) if f == *family => Some((Some(r), n)),
+                    Prom::ReasonOf(f, r, value) if f == *family => Some((Some(r), value(c))),
+                    _ => None,
+                })
+                .collect();
+            (family.name, family.help, samples)
+        })
+        .collect()
 }
 
 /// The Prometheus text exposition (0.0.4) of `snaps` (the gauges, one
@@ -861,27 +786,11 @@ pub fn render(group: &str, snaps: &[Snapshot], totals: &Counters) -> String {
             }
         }
     }
-    let name = "c1m_rejected_total";
-    let _ = writeln!(
-        s,
-        "# HELP {name} Upgrades refused with an HTTP error, by status."
-    );
-    let _ = writeln!(s, "# TYPE {name} counter");
-    for (status, n) in REJECT_STATUSES.iter().zip(totals.rejected_by_status) {
-        let _ = writeln!(s, "{name}{{status=\"{status}\"}} {n}");
+    for (_, stat) in Counters::FIELDS {
+        if let Stat(_, Prom::Own(render)) = stat {
+            render(totals, &mut s);
+        }
     }
-    totals.expiry_lag.render(
-        &mut s,
-        "c1m_expiry_lag_seconds",
-        "How late silent devices were deleted after their deadline (last frame + timeout), measured from the start of the last frame's tick.",
-        &EXPIRY_LAG_MS,
-    );
-    totals.heartbeat_interval.render(
-        &mut s,
-        "c1m_heartbeat_interval_seconds",
-        "Time between reads of frames from one device, at the resolution of the tick.",
-        &HEARTBEAT_INTERVAL_MS,
-    );
     s
 }
 

@@ -4,154 +4,314 @@
 
 use std::fmt::Write as _;
 
-use crate::hist::Hist;
+use crate::hist::{Hist, EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
 
-/// Cumulative totals of one shard (or of the sum of all shards).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counters {
-    pub accepted: u64,
-    pub upgraded: u64,
-    /// Frames received from devices (heartbeats and data alike).
-    pub frames: u64,
-    /// Silent past the timeout and deleted.
-    pub expired: u64,
-    /// Ended by a Close frame from the device.
-    pub client_close: u64,
-    /// Ended by EOF or reset without a Close frame.
-    pub peer_gone: u64,
-    /// Ended by a protocol violation (1002/1007/1009).
-    pub protocol_error: u64,
-    /// No complete upgrade within the handshake timeout.
-    pub handshake_timeout: u64,
-    /// A frame begun but not completed within the frame timeout.
-    pub frame_timeout: u64,
-    /// Upgrade refused with an HTTP error (4xx, 503).
-    pub rejected: u64,
-    /// Closed because the device did not read its pending output.
-    pub slow_reader: u64,
-    /// Closed by server shutdown (drain timeout or still handshaking).
-    pub shutdown: u64,
-    /// Accept failed for lack of descriptors or memory.
-    pub accept_exhausted: u64,
-    /// Connections closed because handling them hit a bug (a panic, contained).
-    pub internal_error: u64,
-    /// Closed with 4000 because a newer connection took the device's id.
-    pub replaced: u64,
-    /// Closed with 4001 by an operator (DELETE /devices/<id>).
-    pub kicked: u64,
-    /// Refused 401 (also counted in `rejected`): no token, a bad one, an expired one.
-    pub auth_missing: u64,
-    pub auth_bad: u64,
-    pub auth_expired: u64,
-    /// --proxy-protocol: closed for a malformed PROXY header, or for none
-    /// within the handshake timeout.
-    pub proxy_bad: u64,
-    pub proxy_missing: u64,
-    /// TLS (--tls-cert): the handshake or a record failed (a bad record,
-    /// an alert such as the device rejecting our certificate).
-    pub tls_failed: u64,
-    /// TLS port: the first bytes were not a TLS handshake (plaintext HTTP?).
-    pub plain_on_tls: u64,
-    /// Plaintext port: the first bytes were a TLS handshake record.
-    pub tls_on_plain: u64,
-    /// TLS handshakes completed (not a close reason), and of them resumed
-    /// with a session ticket.
-    pub tls_handshakes: u64,
-    pub tls_resumed: u64,
-    /// io_uring: waits that found completions held back by a full CQ.
-    pub io_cq_overflows: u64,
-    /// io_uring: cancel requests submitted (the design submits none).
-    pub io_cancels: u64,
-    /// Lifecycle events (--nats) dropped because the publisher's queue was
-    /// full (the broker down or slow): the shard never waits for it.
-    pub events_dropped: u64,
-    /// --udp-heartbeat: datagrams that refreshed a connection; that were
-    /// not a valid ticket of this shard (wrong length, shard or MAC); that
-    /// named no live connection (closed, slot reused, replaced).
-    pub udp_heartbeats: u64,
-    pub udp_bad: u64,
-    pub udp_stale: u64,
-    /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
-    pub rejected_by_status: [u64; REJECT_STATUSES.len()],
-    /// How late after their deadline silent devices were deleted.
-    pub expiry_lag: Hist,
-    /// Time between reads of frames from one device.
-    pub heartbeat_interval: Hist,
+/// A Prometheus counter family of /metrics: its samples are the fields
+/// that name it in [`Counters`]' table, in the table's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+const fn family(name: &'static str, help: &'static str) -> Family {
+    Family { name, help }
+}
+
+pub const ACCEPTED: Family = family("c1m_accepted_total", "TCP connections accepted.");
+pub const UPGRADED: Family = family(
+    "c1m_upgraded_total",
+    "Connections upgraded to WebSocket (101).",
+);
+pub const FRAMES: Family = family(
+    "c1m_frames_received_total",
+    "WebSocket frames received from devices (heartbeats and data).",
+);
+/// Its reasons are [`Counters::closed`].
+pub const CLOSED: Family = family(
+    "c1m_closed_total",
+    "Connections ended, by reason; every accepted connection ends with exactly one.",
+);
+pub const TLS_HANDSHAKES: Family = family(
+    "c1m_tls_handshakes_total",
+    "TLS handshakes completed (--tls-cert), full or resumed with a session ticket.",
+);
+pub const AUTH_FAILURES: Family = family(
+    "c1m_auth_failures_total",
+    "Upgrades refused 401 (also closed with reason rejected), by reason.",
+);
+pub const UDP_HEARTBEATS: Family = family(
+    "c1m_udp_heartbeats_total",
+    "UDP heartbeat datagrams (--udp-heartbeat) that refreshed a connection.",
+);
+pub const UDP_DROPPED: Family = family(
+    "c1m_udp_dropped_total",
+    "UDP heartbeat datagrams dropped, by reason: bad (not a valid ticket of the shard that got it), stale (its connection is gone).",
+);
+pub const ACCEPT_EXHAUSTED: Family = family(
+    "c1m_accept_exhausted_total",
+    "Accepts that failed for lack of descriptors or memory.",
+);
+pub const IO_CQ_OVERFLOWS: Family = family(
+    "c1m_io_cq_overflows_total",
+    "io_uring waits that found completions held back by a full completion queue.",
+);
+pub const IO_CANCELS: Family = family(
+    "c1m_io_cancels_total",
+    "io_uring cancel requests submitted.",
+);
+pub const EVENTS_DROPPED: Family = family(
+    "c1m_events_dropped_total",
+    "Lifecycle events (--nats) dropped because the publisher's queue was full (the broker down or slow).",
+);
+
+/// The counter families in the order /metrics lists them (then come the
+/// fields with a family of their own, [`Prom::Own`], in the table's order).
+pub const FAMILIES: [Family; 12] = [
+    ACCEPTED,
+    UPGRADED,
+    FRAMES,
+    CLOSED,
+    TLS_HANDSHAKES,
+    AUTH_FAILURES,
+    UDP_HEARTBEATS,
+    UDP_DROPPED,
+    ACCEPT_EXHAUSTED,
+    IO_CQ_OVERFLOWS,
+    IO_CANCELS,
+    EVENTS_DROPPED,
+];
+
+/// Where a field is in the stats line: every field is in its totals (after
+/// `|`), by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// Also a rate before `|` (`key/s=`); required to read a line back.
+    Rate,
+    /// Required to read a line back.
+    Total,
+    /// Read back as 0 (its default) from lines of servers that lacked it.
+    Optional,
+}
+
+/// Where a field is in /metrics.
+#[derive(Debug, Clone, Copy)]
+pub enum Prom {
+    /// The unlabelled sample of a counter family.
+    Plain(Family),
+    /// The sample `reason="..."` of a counter family.
+    Reason(Family, &'static str),
+    /// The sample `reason="..."` of a counter family, computed from the
+    /// counters (rather than this field alone).
+    ReasonOf(Family, &'static str, fn(&Counters) -> u64),
+    /// A family of its own (HELP, TYPE and samples), written by the function.
+    Own(fn(&Counters, &mut String)),
+}
+
+/// What [`Counters`]' table says of a field: its place in the stats line
+/// and in /metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat(pub Line, pub Prom);
+
+impl c1m_proto::counters::Meta for Stat {
+    fn required(&self) -> bool {
+        self.0 != Line::Optional
+    }
+}
+
+impl Stat {
+    /// The counter family it is a sample of, if any.
+    pub fn family(&self) -> Option<Family> {
+        match self.1 {
+            Prom::Plain(f) | Prom::Reason(f, _) | Prom::ReasonOf(f, _, _) => Some(f),
+            Prom::Own(_) => None,
+        }
+    }
+}
+
+use Line::{Optional, Rate, Total};
+use Prom::{Own, Plain, Reason, ReasonOf};
+
+c1m_proto::counter_table! {
+    /// Cumulative totals of one shard (or of the sum of all shards).
+    ///
+    /// The table, field by field: its key in the stats line, then a [`Stat`]:
+    /// its [`Line`] and its [`Prom`]. The line's totals list every field
+    /// in this order.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct Counters: Stat {
+        accepted: u64 = "accepted", Stat(Rate, Plain(ACCEPTED));
+        upgraded: u64 = "upgraded", Stat(Rate, Plain(UPGRADED));
+        /// Frames received from devices (heartbeats and data alike).
+        frames: u64 = "frames", Stat(Rate, Plain(FRAMES));
+        /// Silent past the timeout and deleted.
+        expired: u64 = "expired", Stat(Rate, Reason(CLOSED, "expired"));
+        /// Ended by a Close frame from the device.
+        client_close: u64 = "client_close", Stat(Rate, Reason(CLOSED, "client_close"));
+        /// Ended by EOF or reset without a Close frame.
+        peer_gone: u64 = "peer_gone", Stat(Rate, Reason(CLOSED, "peer_gone"));
+        /// Ended by a protocol violation (1002/1007/1009).
+        protocol_error: u64 = "protocol_error", Stat(Rate, Reason(CLOSED, "protocol_error"));
+        /// No complete upgrade within the handshake timeout.
+        handshake_timeout: u64 = "handshake_timeout", Stat(Rate, Reason(CLOSED, "handshake_timeout"));
+        /// A frame begun but not completed within the frame timeout.
+        frame_timeout: u64 = "frame_timeout", Stat(Rate, Reason(CLOSED, "frame_timeout"));
+        /// Upgrade refused with an HTTP error (4xx, 503).
+        rejected: u64 = "rejected", Stat(Rate, Reason(CLOSED, "rejected"));
+        /// Closed because the device did not read its pending output.
+        slow_reader: u64 = "slow_reader", Stat(Rate, Reason(CLOSED, "slow_reader"));
+        /// Closed by server shutdown (drain timeout or still handshaking).
+        shutdown: u64 = "shutdown", Stat(Total, Reason(CLOSED, "shutdown"));
+        /// Accept failed for lack of descriptors or memory.
+        accept_exhausted: u64 = "accept_exhausted", Stat(Total, Plain(ACCEPT_EXHAUSTED));
+        /// Connections closed because handling them hit a bug (a panic, contained).
+        internal_error: u64 = "internal_error", Stat(Total, Reason(CLOSED, "internal_error"));
+        /// Closed with 4000 because a newer connection took the device's id.
+        replaced: u64 = "replaced", Stat(Optional, Reason(CLOSED, "replaced"));
+        /// Closed with 4001 by an operator (DELETE /devices/<id>).
+        kicked: u64 = "kicked", Stat(Optional, Reason(CLOSED, "kicked"));
+        /// Refused 401 (also counted in `rejected`): no token, a bad one, an expired one.
+        auth_missing: u64 = "auth_missing", Stat(Optional, Reason(AUTH_FAILURES, "missing"));
+        auth_bad: u64 = "auth_bad", Stat(Optional, Reason(AUTH_FAILURES, "bad"));
+        auth_expired: u64 = "auth_expired", Stat(Optional, Reason(AUTH_FAILURES, "expired"));
+        /// --proxy-protocol: closed for a malformed PROXY header, or for none
+        /// within the handshake timeout.
+        proxy_bad: u64 = "proxy_bad", Stat(Optional, Reason(CLOSED, "proxy_bad"));
+        proxy_missing: u64 = "proxy_missing", Stat(Optional, Reason(CLOSED, "proxy_missing"));
+        /// TLS (--tls-cert): the handshake or a record failed (a bad record,
+        /// an alert such as the device rejecting our certificate).
+        tls_failed: u64 = "tls_failed", Stat(Optional, Reason(CLOSED, "tls_failed"));
+        /// TLS port: the first bytes were not a TLS handshake (plaintext HTTP?).
+        plain_on_tls: u64 = "plain_on_tls", Stat(Optional, Reason(CLOSED, "plain_on_tls"));
+        /// Plaintext port: the first bytes were a TLS handshake record.
+        tls_on_plain: u64 = "tls_on_plain", Stat(Optional, Reason(CLOSED, "tls_on_plain"));
+        /// TLS handshakes completed (not a close reason), and of them resumed
+        /// with a session ticket.
+        tls_handshakes: u64 = "tls_handshakes", Stat(Optional, ReasonOf(TLS_HANDSHAKES, "full",
+            |c| c.tls_handshakes - c.tls_resumed.min(c.tls_handshakes)));
+        tls_resumed: u64 = "tls_resumed", Stat(Optional, Reason(TLS_HANDSHAKES, "resumed"));
+        /// io_uring: waits that found completions held back by a full CQ.
+        io_cq_overflows: u64 = "cq_overflows", Stat(Optional, Plain(IO_CQ_OVERFLOWS));
+        /// io_uring: cancel requests submitted (the design submits none).
+        io_cancels: u64 = "cancels", Stat(Optional, Plain(IO_CANCELS));
+        /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
+        rejected_by_status: ByStatus = "rejected_by_status", Stat(Optional, Own(|c, out|
+            c.rejected_by_status.render(out, "c1m_rejected_total",
+                "Upgrades refused with an HTTP error, by status.")));
+        /// How late after their deadline silent devices were deleted.
+        expiry_lag: Hist = "expiry_lag_ms", Stat(Optional, Own(|c, out|
+            c.expiry_lag.render(out, "c1m_expiry_lag_seconds",
+                "How late silent devices were deleted after their deadline (last frame + timeout), measured from the start of the last frame's tick.",
+                &EXPIRY_LAG_MS)));
+        /// Time between reads of frames from one device.
+        heartbeat_interval: Hist = "heartbeat_interval_ms", Stat(Optional, Own(|c, out|
+            c.heartbeat_interval.render(out, "c1m_heartbeat_interval_seconds",
+                "Time between reads of frames from one device, at the resolution of the tick.",
+                &HEARTBEAT_INTERVAL_MS)));
+        /// Lifecycle events (--nats) dropped because the publisher's queue was
+        /// full (the broker down or slow): the shard never waits for it.
+        events_dropped: u64 = "events_dropped", Stat(Optional, Plain(EVENTS_DROPPED));
+        /// --udp-heartbeat: datagrams that refreshed a connection; that were
+        /// not a valid ticket of this shard (wrong length, shard or MAC); that
+        /// named no live connection (closed, slot reused, replaced).
+        udp_heartbeats: u64 = "udp_heartbeats", Stat(Optional, Plain(UDP_HEARTBEATS));
+        udp_bad: u64 = "udp_bad", Stat(Optional, Reason(UDP_DROPPED, "bad"));
+        udp_stale: u64 = "udp_stale", Stat(Optional, Reason(UDP_DROPPED, "stale"));
+    }
 }
 
 /// Every status an upgrade can be refused with.
 pub const REJECT_STATUSES: [u16; 7] = [400, 401, 404, 405, 426, 431, 503];
+
+/// Refusals by HTTP status, in the order of [`REJECT_STATUSES`]; in the
+/// stats line `400:1,401:0,...`.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+pub struct ByStatus(pub [u64; REJECT_STATUSES.len()]);
+
+impl std::fmt::Debug for ByStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl c1m_proto::counters::Field for ByStatus {
+    fn merge(&mut self, o: &ByStatus, _: c1m_proto::counters::Merge) {
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            *a += b;
+        }
+    }
+
+    fn write(&self, out: &mut String) {
+        for (i, (s, n)) in REJECT_STATUSES.iter().zip(self.0).enumerate() {
+            let _ = write!(out, "{}{s}:{n}", if i > 0 { "," } else { "" });
+        }
+    }
+
+    /// Statuses in any order.
+    fn read(text: &str) -> Option<ByStatus> {
+        let mut out = ByStatus::default();
+        for pair in text.split(',') {
+            let (status, n) = pair.split_once(':')?;
+            let status: u16 = status.parse().ok()?;
+            let i = REJECT_STATUSES.iter().position(|&s| s == status)?;
+            out.0[i] = n.parse().ok()?;
+        }
+        Some(out)
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+impl ByStatus {
+    /// `name{status="..."}` of every status, as a counter family.
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (status, n) in REJECT_STATUSES.iter().zip(self.0) {
+            let _ = writeln!(out, "{name}{{status=\"{status}\"}} {n}");
+        }
+    }
+}
+
+/// In the stats line: [`Hist::to_field`].
+impl c1m_proto::counters::Field for Hist {
+    fn merge(&mut self, o: &Hist, _: c1m_proto::counters::Merge) {
+        self.add(o);
+    }
+
+    fn write(&self, out: &mut String) {
+        out.push_str(&self.to_field());
+    }
+
+    fn read(text: &str) -> Option<Hist> {
+        Hist::from_field(text)
+    }
+
+    fn count(&self) -> u64 {
+        Hist::count(self)
+    }
+}
 
 impl Counters {
     /// Counts one refusal with `status`.
     pub fn reject(&mut self, status: u16) {
         self.rejected += 1;
         if let Some(i) = REJECT_STATUSES.iter().position(|&s| s == status) {
-            self.rejected_by_status[i] += 1;
+            self.rejected_by_status.0[i] += 1;
         }
     }
-}
 
-impl Counters {
-    pub fn add(&mut self, o: &Counters) {
-        self.accepted += o.accepted;
-        self.upgraded += o.upgraded;
-        self.frames += o.frames;
-        self.expired += o.expired;
-        self.client_close += o.client_close;
-        self.peer_gone += o.peer_gone;
-        self.protocol_error += o.protocol_error;
-        self.handshake_timeout += o.handshake_timeout;
-        self.frame_timeout += o.frame_timeout;
-        self.rejected += o.rejected;
-        self.slow_reader += o.slow_reader;
-        self.shutdown += o.shutdown;
-        self.accept_exhausted += o.accept_exhausted;
-        self.internal_error += o.internal_error;
-        self.replaced += o.replaced;
-        self.kicked += o.kicked;
-        self.auth_missing += o.auth_missing;
-        self.auth_bad += o.auth_bad;
-        self.auth_expired += o.auth_expired;
-        self.proxy_bad += o.proxy_bad;
-        self.proxy_missing += o.proxy_missing;
-        self.tls_failed += o.tls_failed;
-        self.plain_on_tls += o.plain_on_tls;
-        self.tls_on_plain += o.tls_on_plain;
-        self.tls_handshakes += o.tls_handshakes;
-        self.tls_resumed += o.tls_resumed;
-        self.io_cq_overflows += o.io_cq_overflows;
-        self.io_cancels += o.io_cancels;
-        for (a, b) in self.rejected_by_status.iter_mut().zip(o.rejected_by_status) {
-            *a += b;
-        }
-        self.expiry_lag.add(&o.expiry_lag);
-        self.heartbeat_interval.add(&o.heartbeat_interval);
-        self.events_dropped += o.events_dropped;
-        self.udp_heartbeats += o.udp_heartbeats;
-        self.udp_bad += o.udp_bad;
-        self.udp_stale += o.udp_stale;
-    }
-
-    /// Every connection that ended, for any reason.
+    /// Every connection that ended, for any reason: the samples of
+    /// [`CLOSED`].
     pub fn closed(&self) -> u64 {
-        self.expired
-            + self.client_close
-            + self.peer_gone
-            + self.protocol_error
-            + self.handshake_timeout
-            + self.frame_timeout
-            + self.rejected
-            + self.slow_reader
-            + self.shutdown
-            + self.internal_error
-            + self.replaced
-            + self.kicked
-            + self.proxy_bad
-            + self.proxy_missing
-            + self.tls_failed
-            + self.plain_on_tls
-            + self.tls_on_plain
+        Counters::FIELDS
+            .iter()
+            .zip(self.counts())
+            .filter(|((_, stat), _)| stat.family() == Some(CLOSED))
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -191,146 +351,32 @@ pub fn grouped_line(
     for (i, sh) in shards.iter().enumerate() {
         let _ = write!(s, "{}{}", if i > 0 { "," } else { "" }, sh.open);
     }
-    let _ = write!(
-        s,
-        "] accepted/s={:.0} upgraded/s={:.0} frames/s={:.0} expired/s={:.0} client_close/s={:.0} peer_gone/s={:.0} protocol_error/s={:.0} handshake_timeout/s={:.0} frame_timeout/s={:.0} rejected/s={:.0} slow_reader/s={:.0}",
-        rate(now.accepted, prev.accepted),
-        rate(now.upgraded, prev.upgraded),
-        rate(now.frames, prev.frames),
-        rate(now.expired, prev.expired),
-        rate(now.client_close, prev.client_close),
-        rate(now.peer_gone, prev.peer_gone),
-        rate(now.protocol_error, prev.protocol_error),
-        rate(now.handshake_timeout, prev.handshake_timeout),
-        rate(now.frame_timeout, prev.frame_timeout),
-        rate(now.rejected, prev.rejected),
-        rate(now.slow_reader, prev.slow_reader),
-    );
+    s.push(']');
+    let (now_n, prev_n) = (now.counts(), prev.counts());
+    for (i, (key, stat)) in Counters::FIELDS.iter().enumerate() {
+        if stat.0 == Line::Rate {
+            let _ = write!(s, " {key}/s={:.0}", rate(now_n[i], prev_n[i]));
+        }
+    }
     let _ = write!(s, " | {}", totals(now));
     s
 }
 
-/// The cumulative totals as `key=value` pairs.
+/// The cumulative totals as `key=value` pairs, after `total`.
 pub fn totals(c: &Counters) -> String {
-    format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={} udp_heartbeats={} udp_bad={} udp_stale={}",
-        c.accepted,
-        c.upgraded,
-        c.frames,
-        c.expired,
-        c.client_close,
-        c.peer_gone,
-        c.protocol_error,
-        c.handshake_timeout,
-        c.frame_timeout,
-        c.rejected,
-        c.slow_reader,
-        c.shutdown,
-        c.accept_exhausted,
-        c.internal_error,
-        c.replaced,
-        c.kicked,
-        c.auth_missing,
-        c.auth_bad,
-        c.auth_expired,
-        c.proxy_bad,
-        c.proxy_missing,
-        c.tls_failed,
-        c.plain_on_tls,
-        c.tls_on_plain,
-        c.tls_handshakes,
-        c.tls_resumed,
-        c.io_cq_overflows,
-        c.io_cancels,
-        REJECT_STATUSES
-            .iter()
-            .zip(c.rejected_by_status)
-            .map(|(s, n)| format!("{s}:{n}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        c.expiry_lag.to_field(),
-        c.heartbeat_interval.to_field(),
-        c.events_dropped,
-        c.udp_heartbeats,
-        c.udp_bad,
-        c.udp_stale,
-    )
-}
-
-/// Reads `rejected_by_status=400:1,401:0,...` back (statuses in any order).
-fn parse_statuses(text: &str) -> Option<[u64; REJECT_STATUSES.len()]> {
-    let mut out = [0; REJECT_STATUSES.len()];
-    for pair in text.split(',') {
-        let (status, n) = pair.split_once(':')?;
-        let status: u16 = status.parse().ok()?;
-        let i = REJECT_STATUSES.iter().position(|&s| s == status)?;
-        out[i] = n.parse().ok()?;
-    }
-    Some(out)
+    let mut s = String::with_capacity(700);
+    s.push_str("total ");
+    c.write_words(&mut s);
+    s
 }
 
 /// Reads a stats line or a `final` line back: (conns, sockets, totals);
 /// conns and sockets are 0 in a `final` line. None if it is neither.
-pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
+pub fn parse(line: &str) -> Option<(u64, u64, Counters)> {
     let (head, totals) = line.split_once("total ")?;
-    let field = |text: &str, key: &str| -> Option<u64> {
-        text.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-    };
-    let t = |key: &str| field(totals, key);
-    let text = |text: &'a str, key: &str| -> Option<&'a str> {
-        text.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-    };
-    let c = Counters {
-        accepted: t("accepted")?,
-        upgraded: t("upgraded")?,
-        frames: t("frames")?,
-        expired: t("expired")?,
-        client_close: t("client_close")?,
-        peer_gone: t("peer_gone")?,
-        protocol_error: t("protocol_error")?,
-        handshake_timeout: t("handshake_timeout")?,
-        frame_timeout: t("frame_timeout")?,
-        rejected: t("rejected")?,
-        slow_reader: t("slow_reader")?,
-        shutdown: t("shutdown")?,
-        accept_exhausted: t("accept_exhausted")?,
-        internal_error: t("internal_error")?,
-        replaced: t("replaced").unwrap_or(0),
-        kicked: t("kicked").unwrap_or(0),
-        // Optional: lines of servers from before auth lack them.
-        auth_missing: t("auth_missing").unwrap_or(0),
-        auth_bad: t("auth_bad").unwrap_or(0),
-        auth_expired: t("auth_expired").unwrap_or(0),
-        proxy_bad: t("proxy_bad").unwrap_or(0),
-        proxy_missing: t("proxy_missing").unwrap_or(0),
-        tls_failed: t("tls_failed").unwrap_or(0),
-        plain_on_tls: t("plain_on_tls").unwrap_or(0),
-        tls_on_plain: t("tls_on_plain").unwrap_or(0),
-        tls_handshakes: t("tls_handshakes").unwrap_or(0),
-        tls_resumed: t("tls_resumed").unwrap_or(0),
-        io_cq_overflows: t("cq_overflows").unwrap_or(0),
-        io_cancels: t("cancels").unwrap_or(0),
-        rejected_by_status: text(totals, "rejected_by_status")
-            .and_then(parse_statuses)
-            .unwrap_or_default(),
-        expiry_lag: text(totals, "expiry_lag_ms")
-            .and_then(Hist::from_field)
-            .unwrap_or_default(),
-        heartbeat_interval: text(totals, "heartbeat_interval_ms")
-            .and_then(Hist::from_field)
-            .unwrap_or_default(),
-        events_dropped: t("events_dropped").unwrap_or(0),
-        udp_heartbeats: t("udp_heartbeats").unwrap_or(0),
-        udp_bad: t("udp_bad").unwrap_or(0),
-        udp_stale: t("udp_stale").unwrap_or(0),
-    };
-    Some((
-        field(head, "conns").unwrap_or(0),
-        field(head, "sockets").unwrap_or(0),
-        c,
-    ))
+    let c = Counters::read_words(totals)?;
+    let field = |key| c1m_proto::counters::find(head, key).unwrap_or(0);
+    Some((field("conns"), field("sockets"), c))
 }
 
 #[cfg(test)]
@@ -403,7 +449,7 @@ mod tests {
             tls_resumed: 31,
             io_cq_overflows: 15,
             io_cancels: 16,
-            rejected_by_status: [1, 2, 3, 0, 0, 0, 4],
+            rejected_by_status: ByStatus([1, 2, 3, 0, 0, 0, 4]),
             expiry_lag: Hist {
                 counts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
                 sum_ms: 99,
@@ -427,5 +473,146 @@ mod tests {
             (c.replaced, c.auth_missing, c.auth_bad, c.auth_expired),
             (0, 0, 0, 0)
         );
+    }
+
+    /// [`Counters`] with every field non-zero and no two u64 fields equal.
+    fn every_field_set() -> Counters {
+        let mut c = Counters {
+            rejected_by_status: ByStatus([1, 2, 3, 4, 5, 6, 7]),
+            expiry_lag: Hist {
+                counts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                sum_ms: 99,
+            },
+            heartbeat_interval: Hist {
+                counts: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                sum_ms: 300_001,
+            },
+            ..Counters::default()
+        };
+        for (i, (key, _)) in Counters::FIELDS.iter().enumerate() {
+            c.set_word(key, &(1000 + i).to_string());
+        }
+        for (n, (key, _)) in c.counts().iter().zip(Counters::FIELDS) {
+            assert_ne!(*n, 0, "{key} is not set here: a new kind of field?");
+        }
+        c
+    }
+
+    #[test]
+    fn every_field_of_the_table_is_in_the_stats_line_once_and_reads_back() {
+        let all = every_field_set();
+        let snap = Snapshot {
+            shard: 0,
+            open: 7,
+            sockets: 9,
+            totals: all,
+        };
+        let l = line(1.0, &[snap], &Counters::default(), &all, 1.0);
+        let (head, tail) = l.split_once(" | total ").unwrap();
+        assert_eq!(tail.split(' ').count(), Counters::LEN, "{tail}");
+        let mut keys = Vec::new();
+        for (i, (key, stat)) in Counters::FIELDS.iter().enumerate() {
+            assert!(!keys.contains(key), "{key} twice in the table");
+            keys.push(*key);
+            let once = |text: &str, prefix: &str| {
+                text.split(' ').filter(|w| w.starts_with(prefix)).count()
+            };
+            assert_eq!(once(tail, &format!("{key}=")), 1, "{key} in {tail}");
+            let rated = usize::from(stat.0 == Line::Rate);
+            assert_eq!(once(head, &format!("{key}/s=")), rated, "{key} in {head}");
+            // Without its word, a line reads as None or with the field at 0.
+            let cut = l.replace(&format!(" {key}="), " gone=");
+            match stat.0 {
+                Line::Rate | Line::Total => assert_eq!(parse(&cut), None, "{key}"),
+                Line::Optional => {
+                    let (_, _, c) = parse(&cut).unwrap();
+                    assert_eq!(c.counts()[i], 0, "{key}");
+                    let mut others = (c.counts(), all.counts());
+                    (others.0[i], others.1[i]) = (0, 0);
+                    assert_eq!(others.0, others.1, "{key}");
+                }
+            }
+        }
+        assert_eq!(parse(&l), Some((7, 9, all)));
+        assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
+        let mut twice = all;
+        twice.add(&all);
+        let doubled = all.counts().map(|n| 2 * n);
+        assert_eq!(twice.counts(), doubled);
+    }
+
+    #[test]
+    fn every_field_of_the_table_is_in_metrics_once_and_reads_back() {
+        use prometheus_parse::{Scrape, Value};
+        let all = every_field_set();
+        let text = crate::admin::render("shard", &[], &all);
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let declared = |name: &str| {
+            let kind = |k| format!("# TYPE {name} {k}");
+            text.lines()
+                .filter(|l| ["counter", "histogram"].iter().any(|&k| *l == kind(k)))
+                .count()
+        };
+        for (i, family) in FAMILIES.iter().enumerate() {
+            assert!(!FAMILIES[..i].contains(family), "{} twice", family.name);
+            assert_eq!(declared(family.name), 1, "{}", family.name);
+        }
+        let (mut samples, mut own_lines) = (0, 0);
+        for ((key, stat), n) in Counters::FIELDS.iter().zip(all.counts()) {
+            let (family, reason, value) = match stat.1 {
+                Prom::Plain(f) => (f, None, n),
+                Prom::Reason(f, r) => (f, Some(r), n),
+                Prom::ReasonOf(f, r, value) => (f, Some(r), value(&all)),
+                Prom::Own(render) => {
+                    let mut own = String::new();
+                    render(&all, &mut own);
+                    assert_eq!(text.matches(&own).count(), 1, "{key}: {own}");
+                    let name = own.lines().find_map(|l| l.strip_prefix("# TYPE ")).unwrap();
+                    let name = name.split(' ').next().unwrap();
+                    assert_eq!(declared(name), 1, "{key}: {name}");
+                    own_lines += own.lines().filter(|l| !l.starts_with('#')).count();
+                    continue;
+                }
+            };
+            assert!(
+                FAMILIES.contains(&family),
+                "{key}: {} unlisted",
+                family.name
+            );
+            let found: Vec<f64> = scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == family.name && s.labels.get("reason") == reason)
+                .map(|s| match s.value {
+                    Value::Counter(v) => v,
+                    ref other => panic!("{key}: {other:?}"),
+                })
+                .collect();
+            assert_eq!(found, [value as f64], "{key}: {} {reason:?}", family.name);
+            samples += 1;
+        }
+        // Nothing else: every sample line is a field's.
+        let lines = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(lines, samples + own_lines);
+        // A family's samples read back in the table's order.
+        let closed: Vec<(&str, u64)> = Counters::FIELDS
+            .iter()
+            .zip(all.counts())
+            .filter_map(|((_, stat), n)| match stat.1 {
+                Prom::Reason(f, r) if f == CLOSED => Some((r, n)),
+                _ => None,
+            })
+            .collect();
+        let sampled: Vec<(&str, u64)> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == CLOSED.name)
+            .map(|s| match s.value {
+                Value::Counter(v) => (s.labels.get("reason").unwrap(), v as u64),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(sampled, closed);
+        assert_eq!(all.closed(), closed.iter().map(|(_, n)| n).sum::<u64>());
     }
 }
