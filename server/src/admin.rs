@@ -799,6 +799,16 @@ fn counter_families(c: &Counters) -> Vec<Family> {
             vec![(Some("bad"), c.udp_bad), (Some("stale"), c.udp_stale)],
         ),
         (
+            "c1m_admission_refused_total",
+            "Connections answered 503 (a reset on a TLS port) at accept, over --max-upgrades-per-sec.",
+            vec![(None, c.admission_refused)],
+        ),
+        (
+            "c1m_admission_pauses_total",
+            "Times a shard stopped accepting for a moment, over --max-upgrades-per-sec (--upgrade-excess defer).",
+            vec![(None, c.admission_paused)],
+        ),
+        (
             "c1m_accept_exhausted_total",
             "Accepts that failed for lack of descriptors or memory.",
             vec![(None, c.accept_exhausted)],

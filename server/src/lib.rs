@@ -13,6 +13,7 @@
 //!   messages shards exchange.
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod events;
 pub mod hist;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
+use crate::admission::{Bucket, Budget, Excess, REFUSAL};
 use crate::events::{Event as Lifecycle, EventTx, Kind, Reason};
 use crate::hist::{EXPIRY_LAG_MS, HEARTBEAT_INTERVAL_MS};
 use crate::io::epoll::EpollDriver;
@@ -91,6 +92,10 @@ pub struct ShardConfig {
     /// --udp-heartbeat: tickets in the 101s, datagrams as heartbeats
     /// (shard_udp.rs). None: no UDP socket, no cost.
     pub udp: Option<UdpHeartbeat>,
+    /// --max-upgrades-per-sec: new connections per second over the whole
+    /// server (each shard its share) and what the excess gets
+    /// (admission.rs). None: no budget, no cost but one branch per accept.
+    pub admission: Option<Budget>,
 }
 
 /// A paced drain's Close reason: the device may reconnect at once (its
@@ -335,6 +340,8 @@ struct State {
     /// and how many it has closed.
     pacing: Option<Pacing>,
     accept_resume: Option<Instant>,
+    /// --max-upgrades-per-sec: this shard's budget.
+    admission: Option<Bucket>,
     warned_at: Option<Instant>,
     report: Sender<Snapshot>,
     next_report: Instant,
@@ -395,6 +402,9 @@ impl<D: Driver> Shard<D> {
                 drain_deadline: None,
                 pacing: None,
                 accept_resume: None,
+                admission: cfg
+                    .admission
+                    .map(|b| Bucket::new(b.per_sec / peers.len().max(1) as f64, b.excess, start)),
                 warned_at: None,
                 report,
                 next_report: start + cfg.stats_interval,
@@ -591,6 +601,27 @@ impl State {
     fn admit(&mut self, io: &mut impl Driver, fd: OwnedFd) {
         if self.drain_deadline.is_some() {
             return; // accepted as shutdown began: dropping it closes it
+        }
+        if let Some(budget) = &mut self.admission {
+            // Before any work for it: no registration, TLS or parsing.
+            let now = Instant::now();
+            if !budget.take(now) {
+                self.counters.admission_refused += 1;
+                // On a TLS port a plaintext 503 means nothing: a reset.
+                let answer = if self.cfg.tls.is_some() {
+                    &[][..]
+                } else {
+                    REFUSAL
+                };
+                io.refuse(fd, answer);
+                return;
+            }
+            if budget.excess == Excess::Defer && budget.empty() && self.accept_resume.is_none() {
+                // The rest wait in the accept queue until the bucket is full.
+                self.counters.admission_paused += 1;
+                self.accept_resume = Some(budget.full_at());
+                io.pause_accepting();
+            }
         }
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
@@ -1633,6 +1664,7 @@ mod tests {
             tls: None,
             registry: Registry::create(64).unwrap(),
             udp: None,
+            admission: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, peers) = crate::mailbox::wire(1).unwrap();

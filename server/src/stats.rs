@@ -71,6 +71,11 @@ pub struct Counters {
     pub udp_heartbeats: u64,
     pub udp_bad: u64,
     pub udp_stale: u64,
+    /// --max-upgrades-per-sec: connections answered 503 (a reset on a TLS
+    /// port) at accept, over the budget (not in `accepted` or `rejected`:
+    /// no work was done for them); and times accepting paused (`defer`).
+    pub admission_refused: u64,
+    pub admission_paused: u64,
     /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
     pub rejected_by_status: [u64; REJECT_STATUSES.len()],
     /// How late after their deadline silent devices were deleted.
@@ -131,6 +136,8 @@ impl Counters {
         self.udp_heartbeats += o.udp_heartbeats;
         self.udp_bad += o.udp_bad;
         self.udp_stale += o.udp_stale;
+        self.admission_refused += o.admission_refused;
+        self.admission_paused += o.admission_paused;
     }
 
     /// Every connection that ended, for any reason.
@@ -213,7 +220,7 @@ pub fn grouped_line(
 /// The cumulative totals as `key=value` pairs.
 pub fn totals(c: &Counters) -> String {
     format!(
-        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={} udp_heartbeats={} udp_bad={} udp_stale={}",
+        "total accepted={} upgraded={} frames={} expired={} client_close={} peer_gone={} protocol_error={} handshake_timeout={} frame_timeout={} rejected={} slow_reader={} shutdown={} accept_exhausted={} internal_error={} replaced={} kicked={} auth_missing={} auth_bad={} auth_expired={} proxy_bad={} proxy_missing={} tls_failed={} plain_on_tls={} tls_on_plain={} tls_handshakes={} tls_resumed={} cq_overflows={} cancels={} rejected_by_status={} expiry_lag_ms={} heartbeat_interval_ms={} events_dropped={} udp_heartbeats={} udp_bad={} udp_stale={} admission_refused={} admission_paused={}",
         c.accepted,
         c.upgraded,
         c.frames,
@@ -254,6 +261,8 @@ pub fn totals(c: &Counters) -> String {
         c.udp_heartbeats,
         c.udp_bad,
         c.udp_stale,
+        c.admission_refused,
+        c.admission_paused,
     )
 }
 
@@ -325,6 +334,8 @@ pub fn parse<'a>(line: &'a str) -> Option<(u64, u64, Counters)> {
         udp_heartbeats: t("udp_heartbeats").unwrap_or(0),
         udp_bad: t("udp_bad").unwrap_or(0),
         udp_stale: t("udp_stale").unwrap_or(0),
+        admission_refused: t("admission_refused").unwrap_or(0),
+        admission_paused: t("admission_paused").unwrap_or(0),
     };
     Some((
         field(head, "conns").unwrap_or(0),
@@ -416,6 +427,8 @@ mod tests {
             udp_heartbeats: 32,
             udp_bad: 33,
             udp_stale: 34,
+            admission_refused: 35,
+            admission_paused: 36,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);
