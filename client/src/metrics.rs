@@ -88,6 +88,21 @@ pub struct Counters {
     /// resumed a session (a ticket from an earlier connection).
     pub tls_handshakes: u64,
     pub tls_resumed: u64,
+    /// --reconnect-storm: devices reset at the storm; of them, back (upgraded
+    /// again) and not back by the end of the hold.
+    pub storm_devices: u64,
+    pub storm_back: u64,
+    pub storm_unrecovered: u64,
+    /// --reconnect-storm: reconnect attempts begun, and those that failed
+    /// (each then backs off and retries), by cause: a 503, a reset or end
+    /// of stream, no upgrade within --connect-timeout, ECONNREFUSED, any
+    /// other (another status, an errno, TLS).
+    pub storm_attempts: u64,
+    pub storm_failed_503: u64,
+    pub storm_failed_reset: u64,
+    pub storm_failed_timeout: u64,
+    pub storm_failed_refused: u64,
+    pub storm_failed_other: u64,
 }
 
 impl Counters {
@@ -136,10 +151,19 @@ impl Counters {
         self.tls_failed += o.tls_failed;
         self.tls_handshakes += o.tls_handshakes;
         self.tls_resumed += o.tls_resumed;
+        self.storm_devices += o.storm_devices;
+        self.storm_back += o.storm_back;
+        self.storm_unrecovered += o.storm_unrecovered;
+        self.storm_attempts += o.storm_attempts;
+        self.storm_failed_503 += o.storm_failed_503;
+        self.storm_failed_reset += o.storm_failed_reset;
+        self.storm_failed_timeout += o.storm_failed_timeout;
+        self.storm_failed_refused += o.storm_failed_refused;
+        self.storm_failed_other += o.storm_failed_other;
     }
 
     /// (name, value) of every field, for summaries and merging.
-    pub fn fields(&self) -> [(&'static str, u64); 26] {
+    pub fn fields(&self) -> [(&'static str, u64); 35] {
         [
             ("attempted", self.attempted),
             ("established", self.established),
@@ -167,6 +191,15 @@ impl Counters {
             ("failed_tls", self.tls_failed),
             ("tls_handshakes", self.tls_handshakes),
             ("tls_resumed", self.tls_resumed),
+            ("storm_devices", self.storm_devices),
+            ("storm_back", self.storm_back),
+            ("storm_unrecovered", self.storm_unrecovered),
+            ("storm_attempts", self.storm_attempts),
+            ("storm_failed_503", self.storm_failed_503),
+            ("storm_failed_reset", self.storm_failed_reset),
+            ("storm_failed_timeout", self.storm_failed_timeout),
+            ("storm_failed_refused", self.storm_failed_refused),
+            ("storm_failed_other", self.storm_failed_other),
         ]
     }
 }
@@ -201,6 +234,15 @@ impl Counters {
             "failed_tls" => &mut self.tls_failed,
             "tls_handshakes" => &mut self.tls_handshakes,
             "tls_resumed" => &mut self.tls_resumed,
+            "storm_devices" => &mut self.storm_devices,
+            "storm_back" => &mut self.storm_back,
+            "storm_unrecovered" => &mut self.storm_unrecovered,
+            "storm_attempts" => &mut self.storm_attempts,
+            "storm_failed_503" => &mut self.storm_failed_503,
+            "storm_failed_reset" => &mut self.storm_failed_reset,
+            "storm_failed_timeout" => &mut self.storm_failed_timeout,
+            "storm_failed_refused" => &mut self.storm_failed_refused,
+            "storm_failed_other" => &mut self.storm_failed_other,
             _ => return false,
         };
         *f = v;
@@ -266,6 +308,11 @@ pub struct Measured {
     pub expiry_lag: Histogram<u64>,
     /// Devices silenced together by `--go-silent`: the deletion storm.
     pub storm_lag: Histogram<u64>,
+    /// --reconnect-storm: each successful reconnect attempt's connect
+    /// latency (socket to 101), and each device's time from the storm to
+    /// its upgrade again (its p99 and max: the time to 99% and 100% back).
+    pub reconnect_connect: Histogram<u64>,
+    pub reconnect_back: Histogram<u64>,
 }
 
 impl Measured {
@@ -275,6 +322,8 @@ impl Measured {
             heartbeat_rtt: crate::hgrm::new_histogram(),
             expiry_lag: crate::hgrm::new_histogram(),
             storm_lag: crate::hgrm::new_histogram(),
+            reconnect_connect: crate::hgrm::new_histogram(),
+            reconnect_back: crate::hgrm::new_histogram(),
         }
     }
 
@@ -284,6 +333,8 @@ impl Measured {
             (&mut self.heartbeat_rtt, &o.heartbeat_rtt),
             (&mut self.expiry_lag, &o.expiry_lag),
             (&mut self.storm_lag, &o.storm_lag),
+            (&mut self.reconnect_connect, &o.reconnect_connect),
+            (&mut self.reconnect_back, &o.reconnect_back),
         ] {
             a.add(b).map_err(|e| format!("merging histograms: {e:?}"))?;
         }
@@ -339,7 +390,7 @@ mod tests {
         };
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
-        assert_eq!(b.fields().len(), 26);
+        assert_eq!(b.fields().len(), 35);
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {
