@@ -11,7 +11,11 @@
 //!   so the device backs off and tries again.
 //! - `defer`: the shard stops accepting until the bucket is full again;
 //!   the connections wait in the kernel's accept queue (and past its
-//!   length the kernel drops their SYNs, which they retransmit).
+//!   length the kernel drops their SYNs, which they retransmit). Those
+//!   accepted over the budget all the same (io_uring's multishot accept
+//!   takes a whole burst before its cancel lands) are held by the shard,
+//!   unread, and admitted first when the budget refills (4,096 at most,
+//!   503 past that).
 
 use std::time::{Duration, Instant};
 

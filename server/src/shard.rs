@@ -171,6 +171,9 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
 /// Wheel entries handled per loop iteration: a mass expiry is spread over
 /// iterations so accepts and heartbeats keep flowing.
 const EXPIRY_BATCH: usize = 256;
+/// Connections a shard holds accepted over its budget (`defer`), waiting
+/// for it to refill.
+const DEFER_MAX: usize = 4096;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -342,6 +345,10 @@ struct State {
     accept_resume: Option<Instant>,
     /// --max-upgrades-per-sec: this shard's budget.
     admission: Option<Bucket>,
+    /// `defer`: connections accepted over the budget (io_uring's multishot
+    /// accept takes a burst before its cancel lands), admitted first when
+    /// the budget refills; at most [`DEFER_MAX`], 503 past it.
+    deferred: std::collections::VecDeque<OwnedFd>,
     warned_at: Option<Instant>,
     report: Sender<Snapshot>,
     next_report: Instant,
@@ -405,6 +412,7 @@ impl<D: Driver> Shard<D> {
                 admission: cfg
                     .admission
                     .map(|b| Bucket::new(b.per_sec / peers.len().max(1) as f64, b.excess, start)),
+                deferred: Default::default(),
                 warned_at: None,
                 report,
                 next_report: start + cfg.stats_interval,
@@ -548,12 +556,17 @@ impl State {
         }
         if self.accept_resume.is_some_and(|t| now >= t) {
             self.accept_resume = None;
-            if let Err(err) = io.resume_accepting() {
-                // Not fatal: the devices held keep being served; try again.
-                self.accept_resume = Some(now + ACCEPT_BACKOFF);
-                self.warn(format_args!(
-                    "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
-                ));
+            // `defer`: those held over the budget go first; if they spend
+            // it, the pause goes on.
+            self.admit_deferred(io, now);
+            if self.accept_resume.is_none() {
+                if let Err(err) = io.resume_accepting() {
+                    // Not fatal: the devices held keep being served; try again.
+                    self.accept_resume = Some(now + ACCEPT_BACKOFF);
+                    self.warn(format_args!(
+                        "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
+                    ));
+                }
             }
         }
         if self.pacing.is_some() {
@@ -565,6 +578,22 @@ impl State {
                 self.send_report(io.stats());
                 self.finished = true;
             }
+        }
+    }
+
+    /// `defer`: admits the connections held over the budget while it
+    /// lasts; if some are left, accepting stays paused until it is full.
+    fn admit_deferred(&mut self, io: &mut impl Driver, now: Instant) {
+        while !self.deferred.is_empty() {
+            let Some(budget) = &mut self.admission else {
+                return;
+            };
+            if !budget.take(now) {
+                self.accept_resume = Some(budget.full_at());
+                return;
+            }
+            let fd = self.deferred.pop_front().expect("not empty");
+            self.admit_now(io, fd);
         }
     }
 
@@ -605,7 +634,18 @@ impl State {
         if let Some(budget) = &mut self.admission {
             // Before any work for it: no registration, TLS or parsing.
             let now = Instant::now();
-            if !budget.take(now) {
+            let admitted = budget.take(now);
+            if budget.excess == Excess::Defer && budget.empty() && self.accept_resume.is_none() {
+                // The rest wait in the accept queue until the bucket is full.
+                self.counters.admission_paused += 1;
+                self.accept_resume = Some(budget.full_at());
+                io.pause_accepting();
+            }
+            if !admitted {
+                if budget.excess == Excess::Defer && self.deferred.len() < DEFER_MAX {
+                    self.deferred.push_back(fd);
+                    return;
+                }
                 self.counters.admission_refused += 1;
                 // On a TLS port a plaintext 503 means nothing: a reset.
                 let answer = if self.cfg.tls.is_some() {
@@ -616,13 +656,13 @@ impl State {
                 io.refuse(fd, answer);
                 return;
             }
-            if budget.excess == Excess::Defer && budget.empty() && self.accept_resume.is_none() {
-                // The rest wait in the accept queue until the bucket is full.
-                self.counters.admission_paused += 1;
-                self.accept_resume = Some(budget.full_at());
-                io.pause_accepting();
-            }
         }
+        self.admit_now(io, fd);
+    }
+
+    /// Takes a new connection in: registered, TLS begun, its handshake
+    /// deadline on the wheel.
+    fn admit_now(&mut self, io: &mut impl Driver, fd: OwnedFd) {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let key = self.slab.vacant_key();
@@ -1408,6 +1448,7 @@ impl State {
         let now = Instant::now();
         io.unlisten();
         self.accept_resume = None;
+        self.deferred.clear(); // closed: they were never served
         let rate = self.drain_rate();
         if rate > 0.0 {
             // The last Close goes out after held / rate; then the devices
