@@ -595,7 +595,7 @@ fn run(args: Args) -> Result<(), String> {
         tls,
         registry,
         udp: None,
-        admission: (args.max_upgrades_per_sec > 0).then(|| c1m::admission::Budget {
+        admission: (args.max_upgrades_per_sec > 0).then_some(c1m::admission::Budget {
             per_sec: args.max_upgrades_per_sec as f64,
             excess: args.upgrade_excess,
         }),
