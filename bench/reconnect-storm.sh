@@ -8,7 +8,7 @@
 # every second across the storm: its heartbeat RTT is what the storm does
 # to the devices already connected.
 #
-# Each case of CASES runs on each backend of IOS, one after the other:
+# Each case of CASES runs on each server backend of IOS, one after the other:
 #   off          no admission control (the default server)
 #   503:N        --max-upgrades-per-sec N --upgrade-excess 503
 #   defer:N      --max-upgrades-per-sec N --upgrade-excess defer
@@ -42,9 +42,16 @@ STORM_AT=${STORM_AT:-8}   # seconds into the storm fleet's hold
 HOLD=${HOLD:-30}          # the storm fleet's hold, seconds
 PORT=${PORT:-9710}
 PROCS=${PROCS:-$(( (SIZE + 14999) / 15000 ))}
+# The clients' backend. epoll: an io_uring client finishes its closes
+# asynchronously (a Close SQE after the last completion of the socket's
+# receive), so during the storm it holds the old socket and the new one
+# and 15,000 devices pass RLIMIT_NOFILE (counted as failed "other",
+# EMFILE); and its resets reach the server late (the server then sees
+# each reconnect displace the old connection: replaced, not peer_gone).
+CLIENT_IO=${CLIENT_IO:-epoll}
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD bash bench/reconnect-storm.sh")
+top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD bash bench/reconnect-storm.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
 
 pids=()
@@ -80,7 +87,7 @@ for case in $CASES; do
   cat /proc/loadavg > "$out/loadavg-before.txt"
 
   # The storm fleet: heartbeat 10 s, STORM_AT into its hold every device resets.
-  timeout $((SIZE / RATE + HOLD + 60)) ./target/release/client --io "$io" --server 127.0.0.1:$PORT \
+  timeout $((SIZE / RATE + HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
     --ips 127.0.0.2-127.0.0.21 "${procs[@]}" --conns "$SIZE" --rate "$RATE" --heartbeat 10s \
     --server-timeout 30s --hold "${HOLD}s" --reconnect-storm "${STORM_AT}s" \
     --server-pid "$server" --quiet --out "$out/storm" > "$out/storm.txt" 2>&1 &
@@ -89,7 +96,7 @@ for case in $CASES; do
   # The probe fleet connects once the storm fleet is up and heartbeats every
   # second until well after the storm.
   sleep $((SIZE / RATE + 2))
-  timeout $((HOLD + 60)) ./target/release/client --io "$io" --server 127.0.0.1:$PORT \
+  timeout $((HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
     --ips 127.0.0.31-127.0.0.32 --conns "$PROBE" --rate 1000 --heartbeat 1s --id-prefix probe- \
     --server-timeout 30s --hold "$((HOLD - 2))s" --quiet --out "$out/probe" > "$out/probe.txt" 2>&1 &
   probe=$!
