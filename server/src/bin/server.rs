@@ -118,11 +118,12 @@ struct Args {
     /// no budget)
     #[argh(option, default = "0")]
     max_upgrades_per_sec: u32,
-    /// what connections over --max-upgrades-per-sec get: 503 (answered
-    /// 503 with Retry-After at once; a reset on a TLS port) or defer (the
-    /// shard stops accepting until its budget refills: they wait in the
-    /// accept queue) (default 503)
-    #[argh(option, default = "c1m::admission::Excess::Refuse")]
+    /// what connections over --max-upgrades-per-sec get: defer (the shard
+    /// stops accepting until its budget refills: they wait in the accept
+    /// queue; faster back and cheaper than 503 in bench/reconnect-storm.sh)
+    /// or 503 (answered 503 with Retry-After at once; a reset on a TLS
+    /// port) (default defer)
+    #[argh(option, default = "c1m::admission::Excess::Defer")]
     upgrade_excess: c1m::admission::Excess,
     /// run this many worker processes, each with its share of --cores and
     /// of the connections, in one SO_REUSEPORT group; for hosts where
