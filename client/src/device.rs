@@ -61,9 +61,33 @@ pub fn jittered(rng: &mut Rng, every_ticks: u64) -> u64 {
         .max(1)
 }
 
+/// The wait before reconnect attempt `attempt` (0 for the first), as
+/// device firmware should back off: exponential with full jitter (AWS
+/// Architecture Blog, "Exponential Backoff And Jitter"), uniform in
+/// [0, min(cap, base * 2^attempt)], in the caller's units.
+pub fn backoff(rng: &mut Rng, attempt: u32, base: u64, cap: u64) -> u64 {
+    let ceiling = base.saturating_mul(1u64 << attempt.min(40)).min(cap);
+    rng.between(0, ceiling)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_ceiling_and_the_cap() {
+        let mut rng = Rng::new(7);
+        for attempt in 0..64 {
+            let ceiling = (10u64 << attempt.min(40)).min(3000);
+            let waits: Vec<u64> = (0..2000)
+                .map(|_| backoff(&mut rng, attempt, 10, 3000))
+                .collect();
+            assert!(waits.iter().all(|&w| w <= ceiling), "attempt {attempt}");
+            // Full jitter: spread over the whole range, not bunched at its top.
+            let low = waits.iter().filter(|&&w| w <= ceiling / 2).count();
+            assert!((700..1300).contains(&low), "attempt {attempt}: {low}");
+        }
+    }
 
     #[test]
     fn ids_are_macs_unique_per_device_and_run() {

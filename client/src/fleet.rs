@@ -124,6 +124,15 @@ pub struct Plan {
     /// with its own id as soon as its first is up, while the first is still
     /// open: the server must close the first with 4000 "replaced".
     pub reconnect: f64,
+    /// --reconnect-storm: this long into the hold, every open device resets
+    /// its connection (SO_LINGER 0) at once and reconnects as firmware
+    /// would: after a wait of exponential backoff with full jitter
+    /// ([`device::backoff`]: `backoff_base`, doubling per failed attempt,
+    /// at most `backoff_cap`), retrying after each failure (refused, 503,
+    /// reset, timeout) the same way. None: no storm.
+    pub reconnect_storm: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
     pub id_prefix: String,
     /// Tag in every device id, unique per run.
     pub run_tag: u16,
@@ -144,6 +153,8 @@ pub struct Plan {
 /// Where a device is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// --reconnect-storm: waiting out its backoff, without a socket.
+    Backoff,
     Connecting,
     Upgrading,
     Open,
@@ -173,6 +184,10 @@ struct Device {
     twin: bool,
     /// Its TLS session (--tls), from its connect on.
     tls: Option<Box<ClientSession>>,
+    /// --reconnect-storm: reset by the storm and not back yet; its failed
+    /// attempts so far (the backoff's exponent).
+    storm: bool,
+    attempt: u16,
 }
 
 pub enum Step {
@@ -237,6 +252,12 @@ struct State {
     chosen_beating: u64,
     /// With `silent_after`: when the chosen devices stop heartbeating.
     mute_at: Option<Instant>,
+    /// --reconnect-storm: when this core's storm is due (from its hold's
+    /// start), then when it happened (microseconds since the origin).
+    storm_at: Option<Instant>,
+    storm_us: u64,
+    backoff_base_ticks: u64,
+    backoff_cap_ticks: u64,
     last_silent_sent_us: u64,
     heartbeat_ticks: u64,
     connect_ticks: u64,
@@ -272,8 +293,10 @@ impl<D: Driver> Fleet<D> {
         let mine = plan.devices / cores + u64::from((core as u64) < plan.devices % cores);
         let heartbeat_ticks = (plan.heartbeat.as_micros() as u64 / TICK_US).max(1);
         let connect_ticks = (plan.connect_timeout.as_micros() as u64 / TICK_US).max(1);
+        let backoff_cap_ticks = (plan.backoff_cap.as_micros() as u64 / TICK_US).max(1);
         let horizon = (heartbeat_ticks * 11 / 10 + 1)
             .max(connect_ticks + 1)
+            .max(backoff_cap_ticks + 2)
             .min(wheel::MAX_HORIZON);
         let now = Instant::now();
         let seed = (plan.run_tag as u64) << 32 ^ core as u64 ^ now.elapsed().as_nanos() as u64;
@@ -300,6 +323,10 @@ impl<D: Driver> Fleet<D> {
                 silent_open: 0,
                 chosen_beating: 0,
                 mute_at: None,
+                storm_at: None,
+                storm_us: 0,
+                backoff_base_ticks: plan.backoff_base.as_micros() as u64 / TICK_US,
+                backoff_cap_ticks,
                 last_silent_sent_us: 0,
                 heartbeat_ticks,
                 connect_ticks,
@@ -434,6 +461,9 @@ impl<D: Driver> Fleet<D> {
                 wake = wake.min(end);
             }
         }
+        if let Some(storm) = st.storm_at {
+            wake = wake.min(storm);
+        }
         Step::Idle(wake)
     }
 }
@@ -508,6 +538,11 @@ impl State {
             self.hold_end = Some(now + self.plan.hold);
             self.ramp_done_us = Some(now_us(&self.plan, now));
             self.mute_at = self.plan.silent_after.map(|d| now + d);
+            self.storm_at = self.plan.reconnect_storm.map(|d| now + d);
+        }
+        if self.phase == Phase::Hold && self.storm_at.is_some_and(|t| now >= t) {
+            self.storm_at = None;
+            self.storm_all(io, now);
         }
         if self.phase == Phase::Hold && self.hold_end.is_some_and(|end| now >= end) {
             self.phase = Phase::Expiry;
@@ -563,6 +598,102 @@ impl State {
         }
     }
 
+    /// --reconnect-storm: every open device resets its connection now and
+    /// reconnects after its backoff. One pass over the slab, once per run.
+    fn storm_all(&mut self, io: &mut impl Driver, now: Instant) {
+        self.storm_us = now_us(&self.plan, now);
+        let keys: Vec<usize> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.stage == Stage::Open)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.forget_open(key);
+            let d = &mut self.devices[key];
+            io.close(d.io, Close::Abortive);
+            d.storm = true;
+            d.attempt = 0;
+            d.twin = false;
+            d.silent = false; // a chosen device mutes again once back
+            d.carry = Vec::new();
+            d.tls = None;
+            d.ping_sent_us = 0;
+            self.counters.storm_devices += 1;
+            self.back_off(key, now);
+        }
+    }
+
+    /// Storm device `key` (its socket closed by the caller) waits its
+    /// backoff, without a socket, then [`State::redial`]s.
+    fn back_off(&mut self, key: usize, now: Instant) {
+        let d = &mut self.devices[key];
+        let wait = device::backoff(
+            &mut self.rng,
+            u32::from(d.attempt),
+            self.backoff_base_ticks,
+            self.backoff_cap_ticks,
+        );
+        d.attempt = d.attempt.saturating_add(1);
+        d.stage = Stage::Backoff;
+        d.io = Handle::NONE;
+        // A new generation: nothing of the old socket is heard again.
+        self.gen = self.gen.wrapping_add(1);
+        d.gen = self.gen;
+        d.due = tick_of(&self.plan, now) + wait + 1;
+        self.wheel.insert(Entry {
+            key: key as u32,
+            gen: d.gen,
+            deadline: d.due,
+        });
+    }
+
+    /// A storm device's backoff is over: a new socket, as [`State::connect`]
+    /// opens one, in the device's own slot.
+    fn redial(&mut self, io: &mut impl Driver, key: usize) {
+        let now = Instant::now();
+        self.counters.storm_attempts += 1;
+        let plan = &self.plan;
+        let d = &self.devices[key];
+        let (src, dst) = route(d.n, plan.sources.len(), plan.servers.len());
+        let token = Token(key as u64 | (d.gen as u64) << 32);
+        let h = socket::connect_from(plan.servers[dst], plan.sources.get(src).copied())
+            .and_then(|fd| io.register(fd, token, true));
+        let h = match h {
+            Ok(h) => h,
+            Err(e) => {
+                self.storm_failed(Failure::from_errno(e.raw_os_error()));
+                return self.back_off(key, now);
+            }
+        };
+        let due = tick_of(plan, now) + self.connect_ticks;
+        let started_us = now_us(plan, now);
+        let d = &mut self.devices[key];
+        d.io = h;
+        d.stage = Stage::Connecting;
+        d.due = due;
+        d.started_us = started_us;
+        d.last_sent_us = 0;
+        self.wheel.insert(Entry {
+            key: key as u32,
+            gen: d.gen,
+            deadline: due,
+        });
+        self.inflight += 1;
+    }
+
+    /// Counts a storm device's failed attempt by its cause.
+    fn storm_failed(&mut self, why: Failure) {
+        let c = &mut self.counters;
+        *match why {
+            Failure::HttpStatus(503) => &mut c.storm_failed_503,
+            Failure::Reset => &mut c.storm_failed_reset,
+            Failure::Timeout => &mut c.storm_failed_timeout,
+            Failure::Refused => &mut c.storm_failed_refused,
+            _ => &mut c.storm_failed_other,
+        } += 1;
+    }
+
     /// Device `key` (open, heartbeating) stops: from now on only the server
     /// ends it, `--server-timeout` after its last message.
     fn mute(&mut self, key: usize) {
@@ -595,7 +726,12 @@ impl State {
             self.silent_open
         };
         for d in self.devices.drain() {
-            io.close(d.io, Close::Abortive);
+            if d.storm {
+                self.counters.storm_unrecovered += 1;
+            }
+            if d.io != Handle::NONE {
+                io.close(d.io, Close::Abortive);
+            }
         }
         self.phase = Phase::Done;
     }
@@ -650,6 +786,8 @@ impl State {
             carry: Vec::new(),
             twin,
             tls: None,
+            storm: false,
+            attempt: 0,
         });
         self.inflight += 1;
     }
@@ -779,7 +917,9 @@ impl State {
     fn on_bytes(&mut self, key: usize, data: &mut [u8]) -> ControlFlow<Handle> {
         self.out.clear();
         match self.devices[key].stage {
-            Stage::Connecting => Continue(()), // cannot happen: the upgrade was sent first
+            // Cannot happen: the upgrade was sent first, and a device in
+            // its backoff has no socket.
+            Stage::Connecting | Stage::Backoff => Continue(()),
             Stage::Upgrading => self.on_answer(key, data),
             Stage::Open => self.on_frames(key, data),
         }
@@ -842,7 +982,16 @@ impl State {
             }
         }
         self.inflight -= 1;
-        if d.twin {
+        if d.storm {
+            d.storm = false;
+            d.attempt = 0;
+            hgrm::record(&mut self.measured.reconnect_connect, at - d.started_us);
+            hgrm::record(
+                &mut self.measured.reconnect_back,
+                at.saturating_sub(self.storm_us),
+            );
+            self.counters.storm_back += 1;
+        } else if d.twin {
             self.counters.reconnects += 1;
         } else {
             hgrm::record(&mut self.measured.connect, at - d.started_us);
@@ -944,6 +1093,7 @@ impl State {
         }
         let key = e.key as usize;
         match d.stage {
+            Stage::Backoff => self.redial(io, key),
             Stage::Connecting | Stage::Upgrading => {
                 let gone = self.fail(key, Failure::Timeout);
                 io.close(gone, Close::Abortive);
@@ -1061,9 +1211,16 @@ impl State {
 
     /// An attempt failed before the upgrade. Returns the device's handle for
     /// the caller to close.
+    /// A storm device stays, and backs off to try again.
     fn fail(&mut self, key: usize, why: Failure) -> Handle {
-        self.counters.fail(why);
         self.inflight -= 1;
+        if self.devices[key].storm {
+            self.storm_failed(why);
+            let gone = self.devices[key].io;
+            self.back_off(key, Instant::now());
+            return gone;
+        }
+        self.counters.fail(why);
         self.forget(key)
     }
 

@@ -94,6 +94,21 @@ c1m_proto::counter_table! {
         /// resumed a session (a ticket from an earlier connection).
         tls_handshakes: u64 = "tls_handshakes", Sum;
         tls_resumed: u64 = "tls_resumed", Sum;
+        /// --reconnect-storm: devices reset at the storm; of them, back (upgraded
+        /// again) and not back by the end of the hold.
+        storm_devices: u64 = "storm_devices", Sum;
+        storm_back: u64 = "storm_back", Sum;
+        storm_unrecovered: u64 = "storm_unrecovered", Sum;
+        /// --reconnect-storm: reconnect attempts begun, and those that failed
+        /// (each then backs off and retries), by cause: a 503, a reset or end
+        /// of stream, no upgrade within --connect-timeout, ECONNREFUSED, any
+        /// other (another status, an errno, TLS).
+        storm_attempts: u64 = "storm_attempts", Sum;
+        storm_failed_503: u64 = "storm_failed_503", Sum;
+        storm_failed_reset: u64 = "storm_failed_reset", Sum;
+        storm_failed_timeout: u64 = "storm_failed_timeout", Sum;
+        storm_failed_refused: u64 = "storm_failed_refused", Sum;
+        storm_failed_other: u64 = "storm_failed_other", Sum;
     }
 }
 
@@ -177,6 +192,11 @@ pub struct Measured {
     pub expiry_lag: Histogram<u64>,
     /// Devices silenced together by `--go-silent`: the deletion storm.
     pub storm_lag: Histogram<u64>,
+    /// --reconnect-storm: each successful reconnect attempt's connect
+    /// latency (socket to 101), and each device's time from the storm to
+    /// its upgrade again (its p99 and max: the time to 99% and 100% back).
+    pub reconnect_connect: Histogram<u64>,
+    pub reconnect_back: Histogram<u64>,
 }
 
 impl Measured {
@@ -186,6 +206,8 @@ impl Measured {
             heartbeat_rtt: crate::hgrm::new_histogram(),
             expiry_lag: crate::hgrm::new_histogram(),
             storm_lag: crate::hgrm::new_histogram(),
+            reconnect_connect: crate::hgrm::new_histogram(),
+            reconnect_back: crate::hgrm::new_histogram(),
         }
     }
 
@@ -195,6 +217,8 @@ impl Measured {
             (&mut self.heartbeat_rtt, &o.heartbeat_rtt),
             (&mut self.expiry_lag, &o.expiry_lag),
             (&mut self.storm_lag, &o.storm_lag),
+            (&mut self.reconnect_connect, &o.reconnect_connect),
+            (&mut self.reconnect_back, &o.reconnect_back),
         ] {
             a.add(b).map_err(|e| format!("merging histograms: {e:?}"))?;
         }
@@ -250,7 +274,7 @@ mod tests {
         };
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
-        assert_eq!(b.fields().len(), 26);
+        assert_eq!(b.fields().len(), 35);
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {

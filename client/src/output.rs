@@ -65,6 +65,8 @@ pub fn write(
     write_histogram(dir, "heartbeat_rtt", &o.measured.heartbeat_rtt)?;
     write_histogram(dir, "expiry_lag", &o.measured.expiry_lag)?;
     write_histogram(dir, "storm_lag", &o.measured.storm_lag)?;
+    write_histogram(dir, "reconnect_connect", &o.measured.reconnect_connect)?;
+    write_histogram(dir, "reconnect_back", &o.measured.reconnect_back)?;
     let tl = dir.join("timeline.csv");
     timeline::write_csv(create(&tl)?, &o.rows)
         .map_err(|e| format!("cannot write {}: {e}", tl.display()))?;

@@ -422,6 +422,8 @@ pub fn load_measured(dir: &Path) -> Result<Measured, String> {
         heartbeat_rtt: read("heartbeat_rtt")?,
         expiry_lag: read("expiry_lag")?,
         storm_lag: read("storm_lag")?,
+        reconnect_connect: read("reconnect_connect")?,
+        reconnect_back: read("reconnect_back")?,
     })
 }
 

@@ -108,6 +108,51 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
             f.insert("storm_deleted_per_s_peak".into(), json!(peak));
         }
     }
+    // The --reconnect-storm: how long until the fleet was back.
+    if c.storm_devices > 0 {
+        let back = &m.reconnect_back;
+        let secs = |us: u64| json!((us as f64 / 1e3).round() / 1e3);
+        let at = |q: f64| {
+            if back.is_empty() {
+                Value::Null
+            } else {
+                secs(back.value_at_quantile(q))
+            }
+        };
+        // 99% of the devices reset: a time only if that many came back.
+        let enough = c.storm_back * 100 >= c.storm_devices * 99;
+        f.insert(
+            "storm_time_to_99pct_s".into(),
+            if enough {
+                let q = (c.storm_devices as f64 * 0.99).ceil() / c.storm_back as f64;
+                at(q.min(1.0))
+            } else {
+                Value::Null
+            },
+        );
+        f.insert(
+            "storm_time_to_100pct_s".into(),
+            if c.storm_unrecovered == 0 && !back.is_empty() {
+                secs(back.max())
+            } else {
+                Value::Null
+            },
+        );
+        f.insert("storm_back_p50_s".into(), at(0.5));
+        f.insert("storm_connect_p50_ms".into(), ms(&m.reconnect_connect, 0.5));
+        f.insert(
+            "storm_connect_p99_ms".into(),
+            ms(&m.reconnect_connect, 0.99),
+        );
+        f.insert("storm_connect_max_ms".into(), max_ms(&m.reconnect_connect));
+        f.insert(
+            "storm_failed_per_device".into(),
+            ratio(
+                (c.storm_attempts.saturating_sub(c.storm_back)) as f64,
+                c.storm_devices as f64,
+            ),
+        );
+    }
     if let Some(r) = &o.ramp_end {
         let est = r.counters.established as f64;
         f.insert(
@@ -318,6 +363,45 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
             ),
         ),
         (
+            "Reconnect storm (--reconnect-storm): devices reset / back / not back",
+            format!(
+                "{} / {} / {}",
+                num("storm_devices"),
+                num("storm_back"),
+                num("storm_unrecovered")
+            ),
+        ),
+        (
+            "Reconnect storm: time until 99% / 100% back (s), median device (s)",
+            format!(
+                "{} / {}, {}",
+                num("storm_time_to_99pct_s"),
+                num("storm_time_to_100pct_s"),
+                num("storm_back_p50_s")
+            ),
+        ),
+        (
+            "Reconnect storm: connect latency p50 / p99 / max (ms)",
+            format!(
+                "{} / {} / {}",
+                num("storm_connect_p50_ms"),
+                num("storm_connect_p99_ms"),
+                num("storm_connect_max_ms")
+            ),
+        ),
+        (
+            "Reconnect storm: attempts; failed: 503, reset, timeout, refused, other",
+            format!(
+                "{}; {}, {}, {}, {}, {}",
+                num("storm_attempts"),
+                num("storm_failed_503"),
+                num("storm_failed_reset"),
+                num("storm_failed_timeout"),
+                num("storm_failed_refused"),
+                num("storm_failed_other")
+            ),
+        ),
+        (
             "Takeovers (--reconnect-fraction): second connections / 4000 replaced seen",
             format!("{} / {}", num("reconnects"), num("replaced")),
         ),
@@ -374,8 +458,11 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
     );
     // The storm rows only for a --go-silent run.
     let storm = !f["storm_deleted"].is_null();
+    let reconnects = f["storm_devices"].as_u64().unwrap_or(0) > 0;
     for (k, v) in rows {
-        if storm || !(k.starts_with("Deletion storm") || k.starts_with("Storm lag")) {
+        if (reconnects || !k.starts_with("Reconnect storm"))
+            && (storm || !(k.starts_with("Deletion storm") || k.starts_with("Storm lag")))
+        {
             s.push_str(&format!("| {k} | {v} |\n"));
         }
     }

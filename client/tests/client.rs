@@ -710,6 +710,59 @@ fn tls_flags_that_do_not_fit_are_one_sentence(io: &str) {
 
 /// Makes each test above, a function of the backend, a test per backend:
 /// `epoll::name` and `uring::name`.
+/// `--reconnect-storm`: every device resets its connection at once and
+/// comes back; against a server whose admission budget (200/s, 503) is
+/// far below the storm, attempts are refused and retried after backoff,
+/// and every device is back before the hold ends. The client's 503s are
+/// the server's refusals; no heartbeating device is closed by the server.
+fn a_reconnect_storm_brings_every_device_back_with_backoff(io: &str) {
+    let dir = out_dir("storm", io);
+    let addr = format!("127.0.0.1:{}", port());
+    let s = run_fleet(
+        io,
+        &addr,
+        "--timeout 5s --tick 100ms --max-upgrades-per-sec 200 --upgrade-excess 503",
+        "--conns 200 --rate 120 --heartbeat 1s --hold 5s --reconnect-storm 500ms \
+         --backoff-base 50ms --backoff-cap 1s",
+        &dir,
+    );
+    let f = &s["figures"];
+    assert_eq!(
+        f["established"], 200,
+        "the ramp stays under the budget: {f}"
+    );
+    assert_eq!(f["failed"], 0, "{f}");
+    assert_eq!(f["storm_devices"], 200, "{f}");
+    assert_eq!(f["storm_back"], 200, "{f}");
+    assert_eq!(f["storm_unrecovered"], 0, "{f}");
+    let n = |k: &str| f[k].as_u64().unwrap_or_else(|| panic!("{k}: {f}"));
+    // Refused attempts backed off and tried again.
+    assert!(n("storm_failed_503") > 0, "{f}");
+    let failed: u64 = ["503", "reset", "timeout", "refused", "other"]
+        .iter()
+        .map(|c| n(&format!("storm_failed_{c}")))
+        .sum();
+    assert_eq!(n("storm_attempts"), 200 + failed, "{f}");
+    assert_eq!(f["false_expiries"], 0, "{f}");
+    assert!(f["storm_time_to_100pct_s"].as_f64().is_some(), "{f}");
+    assert!(f["storm_time_to_99pct_s"].as_f64() <= f["storm_time_to_100pct_s"].as_f64());
+    assert_eq!(hist(&dir, "reconnect_back").len(), 200);
+    assert_eq!(hist(&dir, "reconnect_connect").len(), 200);
+    // The server's count of its refusals is the devices' count of 503s.
+    let last = s["server"]["final"]
+        .as_str()
+        .expect("the server's final line");
+    let refused: u64 = last
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admission_refused="))
+        .expect("admission_refused")
+        .parse()
+        .unwrap();
+    assert_eq!(refused, n("storm_failed_503"), "{last}");
+    let md = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(md.contains("time until 99% / 100% back"), "{md}");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -728,6 +781,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    a_reconnect_storm_brings_every_device_back_with_backoff,
     reconnecting_devices_are_taken_over_and_counted_on_both_sides,
     silent_devices_are_expired_in_bounds_and_heartbeating_ones_never,
     sigint_closes_the_fleet_and_writes_what_it_has,

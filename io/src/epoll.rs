@@ -262,6 +262,13 @@ impl Driver for EpollDriver {
         }
     }
 
+    fn pause_accepting(&mut self) {
+        self.accept_left = 0;
+        if let Some(l) = &self.listener {
+            let _ = self.epoll.delete(l.as_raw_fd());
+        }
+    }
+
     fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()> {
         self.epoll.add(eventfd.as_raw_fd(), IN, WAKE)?;
         self.wake = Some(eventfd);

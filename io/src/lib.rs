@@ -138,8 +138,21 @@ pub trait Driver {
     /// Stops accepting for good and closes the listener.
     fn unlisten(&mut self);
 
-    /// Accepts again after an [`Event::AcceptFailed`] pause.
+    /// Accepts again after an [`Event::AcceptFailed`] pause or
+    /// [`Driver::pause_accepting`].
     fn resume_accepting(&mut self) -> io::Result<()>;
+
+    /// Stops accepting until [`Driver::resume_accepting`]: new connections
+    /// wait in the listener's queue (admission control, `defer`). A few
+    /// accepted before the pause took hold may still be reported.
+    fn pause_accepting(&mut self) {}
+
+    /// Answers a connection just accepted with `answer` (if any: it must
+    /// fit a fresh socket's buffer) and closes it, without registering it:
+    /// admission control's refusal. Without an answer, a reset.
+    fn refuse(&mut self, fd: OwnedFd, answer: &[u8]) {
+        socket::refuse(fd, answer);
+    }
 
     /// Reports [`Event::Wake`] whenever `eventfd` is written.
     fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()>;

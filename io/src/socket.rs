@@ -47,6 +47,22 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Sends `answer` on a connection never registered (non-blocking: a fresh
+/// socket's buffer takes it), reads once what the peer sent already (so
+/// that the close is a FIN after the answer, not a reset that could
+/// overtake it) and closes it. An empty `answer`: a reset.
+pub fn refuse(fd: OwnedFd, answer: &[u8]) {
+    let raw = fd.as_raw_fd();
+    if answer.is_empty() {
+        set_linger_zero(raw);
+    } else {
+        let _ = send(raw, answer);
+        let mut sink = [0u8; 2048];
+        let _ = recv(raw, &mut sink);
+    }
+    drop(fd);
+}
+
 /// Sets SO_LINGER 0: closing the socket then resets the connection and
 /// frees the socket at once (no FIN_WAIT, no TIME_WAIT).
 pub fn set_linger_zero(fd: RawFd) {

@@ -734,6 +734,23 @@ impl Driver for UringDriver {
         Ok(())
     }
 
+    /// Ends the multishot accept with a cancel (counted in `cancels`, as
+    /// every cancel is: at most one per pause, and admission control pauses
+    /// at most ten times a second); its last completion says ECANCELED.
+    fn pause_accepting(&mut self) {
+        if self.accept_paused {
+            return;
+        }
+        self.accept_paused = true;
+        if self.accept_armed {
+            self.push(
+                opcode::AsyncCancel::new(Op::Accept.data(0))
+                    .build()
+                    .user_data(0),
+            );
+        }
+    }
+
     fn watch_wake(&mut self, eventfd: OwnedFd) -> io::Result<()> {
         let e = opcode::PollAdd::new(types::Fd(eventfd.as_raw_fd()), libc::POLLIN as u32)
             .multi(true)
@@ -905,6 +922,12 @@ impl Driver for UringDriver {
                         return Some(Event::Accepted(fd));
                     }
                     if self.listener.is_none() {
+                        continue;
+                    }
+                    if -res == libc::ECANCELED {
+                        // Ended by pause_accepting: armed again unless
+                        // still paused.
+                        self.arm_accept();
                         continue;
                     }
                     if !is_one_connections(-res) {

@@ -57,6 +57,7 @@ fn main() {
         tls: None,
         registry: c1m::directory::registry::Registry::create(200_000).expect("registry"),
         udp: None,
+        admission: None,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

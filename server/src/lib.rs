@@ -15,6 +15,7 @@
 //!   link that carries them between worker processes.
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod directory;
 pub mod events;

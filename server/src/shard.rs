@@ -30,6 +30,7 @@ use c1m_proto::handshake::{Reject, Upgrade};
 use c1m_proto::table::{Claim, Location};
 use c1m_proto::wheel::{Entry, Wheel, MAX_HORIZON};
 
+use crate::admission::{Bucket, Budget, Excess, REFUSAL};
 use crate::directory::mailbox::{Answer, Ask, DeviceInfo, Inbox, Mail, Peers, Reply};
 use crate::directory::registry::{Msg, Registry};
 use crate::events::{Event as Lifecycle, EventTx, Kind, Reason};
@@ -93,6 +94,10 @@ pub struct ShardConfig {
     /// --udp-heartbeat: tickets in the 101s, datagrams as heartbeats
     /// (shard_udp.rs). None: no UDP socket, no cost.
     pub udp: Option<UdpHeartbeat>,
+    /// --max-upgrades-per-sec: new connections per second over the whole
+    /// server (each shard its share) and what the excess gets
+    /// (admission.rs). None: no budget, no cost but one branch per accept.
+    pub admission: Option<Budget>,
 }
 
 /// A paced drain's Close reason: the device may reconnect at once (its
@@ -168,6 +173,9 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
 /// Wheel entries handled per loop iteration: a mass expiry is spread over
 /// iterations so accepts and heartbeats keep flowing.
 const EXPIRY_BATCH: usize = 256;
+/// Connections a shard holds accepted over its budget (`defer`), waiting
+/// for it to refill.
+const DEFER_MAX: usize = 4096;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -337,6 +345,12 @@ struct State {
     /// and how many it has closed.
     pacing: Option<Pacing>,
     accept_resume: Option<Instant>,
+    /// --max-upgrades-per-sec: this shard's budget.
+    admission: Option<Bucket>,
+    /// `defer`: connections accepted over the budget (io_uring's multishot
+    /// accept takes a burst before its cancel lands), admitted first when
+    /// the budget refills; at most [`DEFER_MAX`], 503 past it.
+    deferred: std::collections::VecDeque<OwnedFd>,
     warned_at: Option<Instant>,
     report: Sender<Snapshot>,
     next_report: Instant,
@@ -397,6 +411,10 @@ impl<D: Driver> Shard<D> {
                 drain_deadline: None,
                 pacing: None,
                 accept_resume: None,
+                admission: cfg
+                    .admission
+                    .map(|b| Bucket::new(b.per_sec / peers.len().max(1) as f64, b.excess, start)),
+                deferred: Default::default(),
                 warned_at: None,
                 report,
                 next_report: start + cfg.stats_interval,
@@ -540,12 +558,17 @@ impl State {
         }
         if self.accept_resume.is_some_and(|t| now >= t) {
             self.accept_resume = None;
-            if let Err(err) = io.resume_accepting() {
-                // Not fatal: the devices held keep being served; try again.
-                self.accept_resume = Some(now + ACCEPT_BACKOFF);
-                self.warn(format_args!(
-                    "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
-                ));
+            // `defer`: those held over the budget go first; if they spend
+            // it, the pause goes on.
+            self.admit_deferred(io, now);
+            if self.accept_resume.is_none() {
+                if let Err(err) = io.resume_accepting() {
+                    // Not fatal: the devices held keep being served; try again.
+                    self.accept_resume = Some(now + ACCEPT_BACKOFF);
+                    self.warn(format_args!(
+                        "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
+                    ));
+                }
             }
         }
         if self.pacing.is_some() {
@@ -557,6 +580,22 @@ impl State {
                 self.send_report(io.stats());
                 self.finished = true;
             }
+        }
+    }
+
+    /// `defer`: admits the connections held over the budget while it
+    /// lasts; if some are left, accepting stays paused until it is full.
+    fn admit_deferred(&mut self, io: &mut impl Driver, now: Instant) {
+        while !self.deferred.is_empty() {
+            let Some(budget) = &mut self.admission else {
+                return;
+            };
+            if !budget.take(now) {
+                self.accept_resume = Some(budget.full_at());
+                return;
+            }
+            let fd = self.deferred.pop_front().expect("not empty");
+            self.admit_now(io, fd);
         }
     }
 
@@ -594,6 +633,38 @@ impl State {
         if self.drain_deadline.is_some() {
             return; // accepted as shutdown began: dropping it closes it
         }
+        if let Some(budget) = &mut self.admission {
+            // Before any work for it: no registration, TLS or parsing.
+            let now = Instant::now();
+            let admitted = budget.take(now);
+            if budget.excess == Excess::Defer && budget.empty() && self.accept_resume.is_none() {
+                // The rest wait in the accept queue until the bucket is full.
+                self.counters.admission_paused += 1;
+                self.accept_resume = Some(budget.full_at());
+                io.pause_accepting();
+            }
+            if !admitted {
+                if budget.excess == Excess::Defer && self.deferred.len() < DEFER_MAX {
+                    self.deferred.push_back(fd);
+                    return;
+                }
+                self.counters.admission_refused += 1;
+                // On a TLS port a plaintext 503 means nothing: a reset.
+                let answer = if self.cfg.tls.is_some() {
+                    &[][..]
+                } else {
+                    REFUSAL
+                };
+                io.refuse(fd, answer);
+                return;
+            }
+        }
+        self.admit_now(io, fd);
+    }
+
+    /// Takes a new connection in: registered, TLS begun, its handshake
+    /// deadline on the wheel.
+    fn admit_now(&mut self, io: &mut impl Driver, fd: OwnedFd) {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let key = self.slab.vacant_key();
@@ -1379,6 +1450,7 @@ impl State {
         let now = Instant::now();
         io.unlisten();
         self.accept_resume = None;
+        self.deferred.clear(); // closed: they were never served
         let rate = self.drain_rate();
         if rate > 0.0 {
             // The last Close goes out after held / rate; then the devices
@@ -1537,6 +1609,7 @@ mod tests {
             tls: None,
             registry: Registry::create(64).unwrap(),
             udp: None,
+            admission: None,
         };
         let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let (mut mail, peers) = crate::directory::mailbox::wire(1).unwrap();

@@ -52,6 +52,14 @@ pub const ACCEPT_EXHAUSTED: Family = family(
     "c1m_accept_exhausted_total",
     "Accepts that failed for lack of descriptors or memory.",
 );
+pub const ADMISSION_REFUSED: Family = family(
+    "c1m_admission_refused_total",
+    "Connections answered 503 (a reset on a TLS port) at accept, over --max-upgrades-per-sec.",
+);
+pub const ADMISSION_PAUSES: Family = family(
+    "c1m_admission_pauses_total",
+    "Times a shard stopped accepting for a moment, over --max-upgrades-per-sec (--upgrade-excess defer).",
+);
 pub const IO_CQ_OVERFLOWS: Family = family(
     "c1m_io_cq_overflows_total",
     "io_uring waits that found completions held back by a full completion queue.",
@@ -67,7 +75,7 @@ pub const EVENTS_DROPPED: Family = family(
 
 /// The counter families in the order /metrics lists them (then come the
 /// fields with a family of their own, [`Prom::Own`], in the table's order).
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 14] = [
     ACCEPTED,
     UPGRADED,
     FRAMES,
@@ -76,6 +84,8 @@ pub const FAMILIES: [Family; 12] = [
     AUTH_FAILURES,
     UDP_HEARTBEATS,
     UDP_DROPPED,
+    ADMISSION_REFUSED,
+    ADMISSION_PAUSES,
     ACCEPT_EXHAUSTED,
     IO_CQ_OVERFLOWS,
     IO_CANCELS,
@@ -217,6 +227,11 @@ c1m_proto::counter_table! {
         udp_heartbeats: u64 = "udp_heartbeats", Stat(Optional, Plain(UDP_HEARTBEATS));
         udp_bad: u64 = "udp_bad", Stat(Optional, Reason(UDP_DROPPED, "bad"));
         udp_stale: u64 = "udp_stale", Stat(Optional, Reason(UDP_DROPPED, "stale"));
+        /// --max-upgrades-per-sec: connections answered 503 (a reset on a TLS
+        /// port) at accept, over the budget (not in `accepted` or `rejected`:
+        /// no work was done for them); and times accepting paused (`defer`).
+        admission_refused: u64 = "admission_refused", Stat(Optional, Plain(ADMISSION_REFUSED));
+        admission_paused: u64 = "admission_paused", Stat(Optional, Plain(ADMISSION_PAUSES));
     }
 }
 
@@ -462,6 +477,8 @@ mod tests {
             udp_heartbeats: 32,
             udp_bad: 33,
             udp_stale: 34,
+            admission_refused: 35,
+            admission_paused: 36,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);

@@ -82,6 +82,29 @@ struct Args {
     /// replaced (default 0)
     #[argh(option, default = "0.0")]
     reconnect_fraction: f64,
+    /// this long into the hold, every open device resets its connection
+    /// (SO_LINGER 0) at once and reconnects with exponential backoff and
+    /// full jitter, retrying after each failure (refused, 503, reset,
+    /// timeout); the summary gives the time until 99% and 100% are back,
+    /// the reconnects' connect latency and the failures by cause
+    /// (default: no storm)
+    #[argh(option, from_str_fn(parse_duration))]
+    reconnect_storm: Option<Duration>,
+    /// with --reconnect-storm: the first backoff's ceiling; attempt k waits
+    /// a uniform random time in [0, min(cap, base * 2^k)] (default 100ms)
+    #[argh(
+        option,
+        default = "Duration::from_millis(100)",
+        from_str_fn(parse_duration)
+    )]
+    backoff_base: Duration,
+    /// with --reconnect-storm: the longest backoff (default 30s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(30)",
+        from_str_fn(parse_duration)
+    )]
+    backoff_cap: Duration,
     /// the server's --timeout, to measure expiry lag (default 90s, or the
     /// --timeout in --server-flags)
     #[argh(option, from_str_fn(parse_duration))]
@@ -427,6 +450,9 @@ fn run(args: Args) -> Result<i32, String> {
         go_silent: args.go_silent,
         silent_after: args.silent_after,
         reconnect: args.reconnect_fraction.clamp(0.0, 1.0),
+        reconnect_storm: args.reconnect_storm,
+        backoff_base: args.backoff_base,
+        backoff_cap: args.backoff_cap.max(args.backoff_base),
         id_prefix: args.id_prefix.clone(),
         run_tag,
         origin: Instant::now(),
@@ -468,6 +494,9 @@ fn run(args: Args) -> Result<i32, String> {
         "expiry_window_s": args.expiry_window.as_secs_f64(),
         "connect_timeout_s": args.connect_timeout.as_secs_f64(),
         "go_silent": args.go_silent,
+        "reconnect_storm_s": args.reconnect_storm.map(|d| d.as_secs_f64()),
+        "backoff_base_s": args.backoff_base.as_secs_f64(),
+        "backoff_cap_s": args.backoff_cap.as_secs_f64(),
         "silent_after_s": args.silent_after.map(|d| d.as_secs_f64()),
         "procs": args.procs,
         "worker": args.worker,

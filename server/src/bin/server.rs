@@ -110,6 +110,20 @@ struct Args {
     /// here before the drain begins (default 0s)
     #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
     drain_health_delay: Duration,
+    /// admission control: new connections per second over the whole
+    /// server (all shards and --procs workers, each shard its share, a
+    /// tenth of a second's worth at once); the excess is answered as
+    /// --upgrade-excess says, before any work is done for it (default 0:
+    /// no budget)
+    #[argh(option, default = "0")]
+    max_upgrades_per_sec: u32,
+    /// what connections over --max-upgrades-per-sec get: defer (the shard
+    /// stops accepting until its budget refills: they wait in the accept
+    /// queue; faster back and cheaper than 503 in bench/reconnect-storm.sh)
+    /// or 503 (answered 503 with Retry-After at once; a reset on a TLS
+    /// port) (default defer)
+    #[argh(option, default = "c1m::admission::Excess::Defer")]
+    upgrade_excess: c1m::admission::Excess,
     /// run this many worker processes, each with its share of --cores and
     /// of the connections, in one SO_REUSEPORT group; for hosts where
     /// RLIMIT_NOFILE cannot be raised (default 1: no workers)
@@ -374,6 +388,10 @@ fn run(args: Args) -> Result<(), String> {
         tls,
         registry,
         udp: None,
+        admission: (args.max_upgrades_per_sec > 0).then_some(c1m::admission::Budget {
+            per_sec: args.max_upgrades_per_sec as f64,
+            excess: args.upgrade_excess,
+        }),
     };
     cfg.validate()?;
 
