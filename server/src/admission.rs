@@ -136,9 +136,8 @@ mod tests {
             let now = t0 + Duration::from_millis(ms);
             admitted += (0..5).filter(|_| b.take(now)).count();
         }
-        // (0.1 token a millisecond, summed in floating point: the last may
-        // fall a hair short.)
-        assert!((109..=110).contains(&admitted), "{admitted}");
+        // (Credit in whole nanoseconds: exactly the rate, no rounding drift.)
+        assert_eq!(admitted, 110);
         // A tiny rate still admits one at a time.
         let mut b = Bucket::new(0.5, Excess::Defer, t0);
         assert!(b.take(t0));
