@@ -654,7 +654,8 @@ pub fn check_state(s: &ConnState<'_>, upgraded: bool) -> Result<(), Error> {
     if m.echo.len() as u64 > m.len || m.echo.len() > u32::MAX as usize {
         return Err(Error::Invalid("more echo than message"));
     }
-    if !m.utf8_pending.is_empty() && !(m.text && incomplete_char(m.utf8_pending)) {
+    let pending_ok = m.utf8_pending.is_empty() || (m.text && incomplete_char(m.utf8_pending));
+    if !pending_ok {
         return Err(Error::Invalid(
             "utf8 pending: the start of one character, text only",
         ));
