@@ -24,6 +24,7 @@
 //! no sockets, for tests of a driver's user).
 
 pub mod epoll;
+pub mod handover;
 pub mod host;
 pub mod listener;
 pub mod script;

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 
 use crate::frame::{self, code, Opcode, Utf8Stream};
+use crate::handover::{self, ConnState, MessageState};
 use crate::handshake::{self, Parsed, Reject, Upgrade};
 use crate::proxy::{self, Proxy};
 
@@ -140,6 +141,49 @@ impl Conn {
     pub fn buffered(&self) -> usize {
         self.carry.as_ref().map_or(0, |c| c.len())
             + self.message.as_ref().map_or(0, |m| m.echo.len())
+    }
+
+    /// The whole protocol state as plain data, borrowed: what a handover
+    /// carries to another process ([`crate::handover`]).
+    pub fn export(&self) -> ConnState<'_> {
+        ConnState {
+            phase: self.phase,
+            carry: self.carry.as_deref().map_or(&[], |c| c.as_slice()),
+            message: self.message.as_deref().map(|m| MessageState {
+                text: m.text,
+                len: m.len as u64,
+                utf8_pending: m.utf8.pending(),
+                echo: &m.echo,
+            }),
+        }
+    }
+
+    /// Rebuilds a connection from [`Conn::export`]'s data (`upgraded`:
+    /// whether it completed its upgrade); the same bytes then have the
+    /// same outcome as in the original.
+    pub fn import(s: &ConnState<'_>, upgraded: bool) -> Result<Conn, handover::Error> {
+        handover::check_state(s, upgraded)?;
+        let message = match &s.message {
+            None => None,
+            Some(m) => {
+                let mut utf8 = Utf8Stream::default();
+                if utf8.feed(m.utf8_pending).is_err() || utf8.pending() != m.utf8_pending {
+                    return Err(handover::Error::Invalid("utf8 pending"));
+                }
+                Some(Box::new(Message {
+                    text: m.text,
+                    len: usize::try_from(m.len)
+                        .map_err(|_| handover::Error::Invalid("message length"))?,
+                    utf8,
+                    echo: m.echo.to_vec(),
+                }))
+            }
+        };
+        Ok(Conn {
+            phase: s.phase,
+            carry: (!s.carry.is_empty()).then(|| Box::new(s.carry.to_vec())),
+            message,
+        })
     }
 
     /// Processes bytes just read. Answers (101, pongs, closes, echoes) are

@@ -245,6 +245,12 @@ impl Utf8Stream {
     pub fn is_complete(&self) -> bool {
         self.pending_len == 0
     }
+
+    /// The bytes of a character begun and not finished (empty when
+    /// complete): with `feed` into a new stream, its whole state.
+    pub fn pending(&self) -> &[u8] {
+        &self.pending[..self.pending_len as usize]
+    }
 }
 
 /// Width of the UTF-8 sequence a (valid) lead byte starts.

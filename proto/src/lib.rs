@@ -7,6 +7,7 @@
 //! - [`wheel`]: the hashed timing wheel of deadlines.
 //! - [`auth`], [`ticket`], [`proxy`], [`device_id`]: tokens, UDP heartbeat
 //!   tickets, the PROXY protocol header, device ids.
+//! - [`handover`]: the versioned format an upgrade hands connections over in.
 //! - [`table`]: the device table's logic (striped linear probing over a
 //!   memory region the caller maps).
 
@@ -16,6 +17,7 @@ pub mod conn;
 pub mod counters;
 pub mod device_id;
 pub mod frame;
+pub mod handover;
 pub mod handshake;
 pub mod proxy;
 pub mod table;
