@@ -380,23 +380,6 @@ impl<E: Endpoint> Session<E> {
         Err(TlsError::Tls(rustls::Error::HandshakeNotComplete))
     }
 
-    /// Appends a close_notify alert to `out`, if the handshake is done.
-    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
-        if self.failed {
-            return;
-        }
-        if let UnbufferedStatus {
-            state: Ok(ConnectionState::WriteTraffic(mut w)),
-            ..
-        } = self.conn.process(&mut self.carry)
-        {
-            let start = out.len();
-            out.resize(start + 64, 0);
-            let n = w.queue_close_notify(&mut out[start..]).unwrap_or(0);
-            out.truncate(start + n);
-        }
-    }
-
     /// Runs the state machine with no new bytes (to emit the ClientHello).
     fn run_empty(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
         let mut none = Vec::new();
