@@ -22,6 +22,7 @@ use c1m_io::tls::ClientSession;
 use c1m_io::uring::UringDriver;
 use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
 use c1m_proto::auth::{self, Keys};
+use c1m_proto::carry::Carry;
 use c1m_proto::client_handshake::{self, key_for, Answer};
 use c1m_proto::frame::{self, code, Opcode};
 use c1m_proto::wheel::{self, Entry, Wheel};
@@ -179,7 +180,7 @@ struct Device {
     last_sent_us: u64,
     ping_sent_us: u64,
     /// Bytes of an unfinished answer or frame (empty, unallocated, when idle).
-    carry: Vec<u8>,
+    carry: Carry,
     /// The second connection of a `--reconnect-fraction` device.
     twin: bool,
     /// Its TLS session (--tls), from its connect on.
@@ -616,7 +617,7 @@ impl State {
             d.attempt = 0;
             d.twin = false;
             d.silent = false; // a chosen device mutes again once back
-            d.carry = Vec::new();
+            d.carry.clear();
             d.tls = None;
             d.ping_sent_us = 0;
             self.counters.storm_devices += 1;
@@ -783,7 +784,7 @@ impl State {
             started_us: now_us(plan, now),
             last_sent_us: 0,
             ping_sent_us: 0,
-            carry: Vec::new(),
+            carry: Carry::default(),
             twin,
             tls: None,
             storm: false,
@@ -931,13 +932,13 @@ impl State {
         let answer = if d.carry.is_empty() {
             client_handshake::parse_answer(data, &k)
         } else {
-            d.carry.extend_from_slice(data);
-            client_handshake::parse_answer(&d.carry, &k)
+            d.carry.push(data);
+            client_handshake::parse_answer(d.carry.as_mut_slice(), &k)
         };
         match answer {
             Answer::Partial => {
                 if d.carry.is_empty() {
-                    d.carry.extend_from_slice(data);
+                    d.carry.push(data);
                 }
                 Continue(())
             }
@@ -946,16 +947,15 @@ impl State {
                     let head = if d.carry.is_empty() {
                         &data[..head_len]
                     } else {
-                        &d.carry[..head_len]
+                        &d.carry.as_mut_slice()[..head_len]
                     };
                     u.learn(key, d.gen, head);
                 }
                 let mut rest = if d.carry.is_empty() {
                     data[head_len..].to_vec()
                 } else {
-                    d.carry.split_off(head_len)
+                    d.carry.take().split_off(head_len)
                 };
-                d.carry = Vec::new();
                 self.on_open(key);
                 // Frames may follow the head in the same read (rare).
                 if rest.is_empty() {
@@ -1021,19 +1021,15 @@ impl State {
 
     fn on_frames(&mut self, key: usize, data: &mut [u8]) -> ControlFlow<Handle> {
         let mut carry = std::mem::take(&mut self.devices[key].carry);
-        if carry.is_empty() {
-            let used = self.decode_frames(key, data)?;
-            if used < data.len() {
-                self.devices[key].carry = data[used..].to_vec();
-            }
-        } else {
-            carry.extend_from_slice(data);
-            let used = self.decode_frames(key, &mut carry)?;
-            if used < carry.len() {
-                carry.drain(..used);
-                self.devices[key].carry = carry;
-            }
+        // A device that ended is forgotten: nothing to carry back to it.
+        let ran = carry.consume(data, |buf| match self.decode_frames(key, buf) {
+            Continue(used) => Ok(used),
+            Break(handle) => Err(handle),
+        });
+        if let Err(handle) = ran {
+            return Break(handle);
         }
+        self.devices[key].carry = carry;
         Continue(())
     }
 

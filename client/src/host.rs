@@ -101,9 +101,9 @@ fn status_kib(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A /proc/meminfo field in bytes (e.g. "Slab:", "MemAvailable:").
+/// A /proc/meminfo field in bytes (e.g. "Slab:", "MemAvailable:"), 0 if unreadable.
 pub fn meminfo(key: &str) -> u64 {
-    status_kib("/proc/meminfo", key) * 1024
+    c1m_io::host::meminfo(key).unwrap_or(0)
 }
 
 fn read(path: &str) -> String {
@@ -142,8 +142,8 @@ pub fn facts(nofile: u64) -> Value {
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "cpu_model": cpu_model,
         "kernel": read("/proc/sys/kernel/osrelease"),
-        "mem_total_bytes": status_kib("/proc/meminfo", "MemTotal:") * 1024,
-        "mem_available_bytes": status_kib("/proc/meminfo", "MemAvailable:") * 1024,
+        "mem_total_bytes": meminfo("MemTotal:"),
+        "mem_available_bytes": meminfo("MemAvailable:"),
         "rlimit_nofile": nofile,
         "sysctl": {
             "fs.file-max": sys("fs.file-max"),

@@ -78,7 +78,7 @@ pub struct Outcome {
 
 /// Runs the plan to its end (or a signal) and returns what was measured.
 pub fn run(opts: Options) -> Result<Outcome, String> {
-    let signals = block_signals()?;
+    let signals = c1m_io::host::signals::Signals::block()?;
     let plan = Arc::new(opts.plan);
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
@@ -184,7 +184,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let mut second = 1u64;
     let mut next = plan.origin + Duration::from_secs(1) + READ_AFTER;
     while done < cores {
-        let signal = wait_signal(&signals, next.saturating_duration_since(Instant::now()));
+        let signal = signals.wait(next.saturating_duration_since(Instant::now()));
         if let Some(sig) = signal {
             if !interrupted {
                 interrupted = true;
@@ -425,36 +425,6 @@ pub fn load_measured(dir: &Path) -> Result<Measured, String> {
         reconnect_connect: read("reconnect_connect")?,
         reconnect_back: read("reconnect_back")?,
     })
-}
-
-/// Blocks SIGINT and SIGTERM in this thread (and the executors it starts),
-/// so that only [`wait_signal`] sees them.
-fn block_signals() -> Result<libc::sigset_t, String> {
-    // SAFETY: sigset operations on a local set; pthread_sigmask on this thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err("cannot block SIGINT/SIGTERM".into());
-        }
-        Ok(set)
-    }
-}
-
-/// Waits up to `timeout` for a blocked signal; returns its name.
-fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<&'static str> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: set and ts are valid; no siginfo is asked for.
-    match unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) } {
-        libc::SIGINT => Some("SIGINT"),
-        libc::SIGTERM => Some("SIGTERM"),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

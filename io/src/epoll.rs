@@ -380,7 +380,6 @@ impl Driver for EpollDriver {
             self.udp_again = false;
             self.udp_ready = true;
         }
-        self.stats.waits += 1;
         self.ready = self.epoll.wait(
             &mut self.events,
             if busy { Duration::ZERO } else { timeout },

@@ -111,14 +111,9 @@ pub enum Event<'a> {
 /// Counters of what the driver did, for the stats line and the tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IoStats {
-    /// Times the loop blocked (or would have) waiting for events.
-    pub waits: u64,
     /// io_uring: CQEs the kernel had to hold back because the completion
     /// queue was full (FEAT_NODROP keeps them), counted per wait that saw it.
     pub cq_overflows: u64,
-    /// io_uring: multishot receives re-armed because they ended (ENOBUFS:
-    /// every provided buffer was in use).
-    pub recv_rearms: u64,
     /// io_uring: IORING_OP_ASYNC_CANCEL requests submitted. The design
     /// submits none; this counter proves it.
     pub cancels: u64,

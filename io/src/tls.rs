@@ -17,6 +17,7 @@
 //! machines this was built on have no kTLS (CONFIG_TLS unset), so nothing
 //! here depends on it.
 
+use c1m_proto::carry::Carry;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -221,7 +222,7 @@ impl Endpoint for UnbufferedClientConnection {
 pub struct Session<E> {
     conn: E,
     /// Ciphertext of a record that straddles two reads.
-    carry: Vec<u8>,
+    carry: Carry,
     /// Plaintext sealed before the handshake allowed application data (the
     /// client's upgrade request): sent as soon as it does.
     early: Vec<u8>,
@@ -263,7 +264,7 @@ impl<E: Endpoint> Session<E> {
     fn new(conn: E) -> Session<E> {
         Session {
             conn,
-            carry: Vec::new(),
+            carry: Carry::default(),
             early: Vec::new(),
             fed: false,
             failed: false,
@@ -325,21 +326,10 @@ impl<E: Endpoint> Session<E> {
             }
         }
         let mut fed = Fed::default();
-        if self.carry.is_empty() {
-            let used = self.run(incoming, plain, out, &mut fed)?;
-            if used < incoming.len() {
-                self.carry.extend_from_slice(&incoming[used..]);
-            }
-        } else {
-            let mut carry = std::mem::take(&mut self.carry);
-            carry.extend_from_slice(incoming);
-            let used = self.run(&mut carry, plain, out, &mut fed)?;
-            if used < carry.len() {
-                carry.drain(..used);
-                self.carry = carry;
-            } // else dropped: an idle session keeps no buffer
-        }
-        Ok(fed)
+        let mut carry = std::mem::take(&mut self.carry);
+        let ran = carry.consume(incoming, |buf| self.run(buf, plain, out, &mut fed));
+        self.carry = carry;
+        ran.map(|()| fed)
     }
 
     /// Encrypts `plaintext` into records appended to `out`; before the
@@ -363,7 +353,7 @@ impl<E: Endpoint> Session<E> {
         }
         // Bounded: each pass either encrypts or moves the state on.
         for _ in 0..16 {
-            let UnbufferedStatus { discard, state } = self.conn.process(&mut self.carry);
+            let UnbufferedStatus { discard, state } = self.conn.process(self.carry.as_mut_slice());
             debug_assert_eq!(discard, 0, "a partial record was processed twice");
             match state {
                 Ok(ConnectionState::WriteTraffic(mut w)) => return encrypt(&mut w, plaintext, out),
@@ -378,23 +368,6 @@ impl<E: Endpoint> Session<E> {
             }
         }
         Err(TlsError::Tls(rustls::Error::HandshakeNotComplete))
-    }
-
-    /// Appends a close_notify alert to `out`, if the handshake is done.
-    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
-        if self.failed {
-            return;
-        }
-        if let UnbufferedStatus {
-            state: Ok(ConnectionState::WriteTraffic(mut w)),
-            ..
-        } = self.conn.process(&mut self.carry)
-        {
-            let start = out.len();
-            out.resize(start + 64, 0);
-            let n = w.queue_close_notify(&mut out[start..]).unwrap_or(0);
-            out.truncate(start + n);
-        }
     }
 
     /// Runs the state machine with no new bytes (to emit the ClientHello).
@@ -707,7 +680,7 @@ pub(crate) mod tests {
                 (0, 0),
                 "idle sessions hold no bytes"
             );
-            assert_eq!(c.carry.capacity() + s.carry.capacity(), 0, "nor buffers");
+            assert!(c.carry.is_empty() && s.carry.is_empty(), "nor buffers");
         }
     }
 

@@ -866,7 +866,6 @@ impl Driver for UringDriver {
         if let Some(why) = &self.stuck {
             return Err(io::Error::other(why.clone()));
         }
-        self.stats.waits += 1;
         // SAFETY: short-lived views; no other queue view is alive.
         let (ready, overflow) = unsafe {
             let sq = self.ring.submission_shared();
@@ -958,7 +957,6 @@ impl Driver for UringDriver {
                         let token = c.token;
                         if !more {
                             // Ended with data (the kernel's choice): re-arm.
-                            self.stats.recv_rearms += 1;
                             self.arm_recv(index);
                         }
                         let (start, done) = self.bufs.take(b, res as usize);
@@ -974,7 +972,6 @@ impl Driver for UringDriver {
                     }
                     if res == -libc::ENOBUFS {
                         // Every buffer was taken by this wait's arrivals.
-                        self.stats.recv_rearms += 1;
                         if !more {
                             self.arm_recv(index);
                         }
@@ -1045,7 +1042,6 @@ impl Driver for UringDriver {
                     if !more {
                         // ENOBUFS (every buffer was taken by this wait's
                         // datagrams) or the kernel's choice: re-arm.
-                        self.stats.recv_rearms += 1;
                         self.arm_udp();
                     }
                     let Some(b) = bid else { continue };

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 
+use crate::carry::Carry;
 use crate::frame::{self, code, Opcode, Utf8Stream};
 use crate::handover::{self, ConnState, MessageState};
 use crate::handshake::{self, Parsed, Reject, Upgrade};
@@ -95,11 +96,9 @@ struct Message {
 #[derive(Debug)]
 pub struct Conn {
     phase: Phase,
-    /// Bytes carried to the next read: None (no allocation, 8 bytes in
-    /// the slot) unless a head or frame straddles two reads. Boxed on
-    /// purpose: a bare Vec is 24 bytes in every idle connection's slot.
-    #[allow(clippy::box_collection)]
-    carry: Option<Box<Vec<u8>>>,
+    /// Bytes carried to the next read: none (no allocation, 8 bytes in
+    /// the slot) unless a head or frame straddles two reads.
+    carry: Carry,
     message: Option<Box<Message>>,
 }
 
@@ -113,7 +112,7 @@ impl Conn {
     pub fn new() -> Conn {
         Conn {
             phase: Phase::Handshake,
-            carry: None,
+            carry: Carry::default(),
             message: None,
         }
     }
@@ -134,13 +133,12 @@ impl Conn {
 
     /// An upgraded connection is in the middle of a frame (part of it read).
     pub fn has_partial_frame(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::Closing) && self.carry.is_some()
+        matches!(self.phase, Phase::Open | Phase::Closing) && !self.carry.is_empty()
     }
 
     /// Bytes held between reads (a partial head or frame, a fragmented message).
     pub fn buffered(&self) -> usize {
-        self.carry.as_ref().map_or(0, |c| c.len())
-            + self.message.as_ref().map_or(0, |m| m.echo.len())
+        self.carry.len() + self.message.as_ref().map_or(0, |m| m.echo.len())
     }
 
     /// The whole protocol state as plain data, borrowed: what a handover
@@ -199,22 +197,16 @@ impl Conn {
         out: &mut Vec<u8>,
     ) -> Received {
         let mut r = Received::default();
-        match self.carry.take() {
-            None => {
-                let used = self.process(data, limits, admit, out, &mut r);
-                if self.phase != Phase::Done && used < data.len() {
-                    self.carry = Some(Box::new(data[used..].to_vec()));
-                }
-            }
-            Some(mut carry) => {
-                carry.extend_from_slice(data);
-                let used = self.process(&mut carry, limits, admit, out, &mut r);
-                if self.phase != Phase::Done && used < carry.len() {
-                    carry.drain(..used);
-                    self.carry = Some(carry);
-                }
-            }
-        }
+        let mut carry = std::mem::take(&mut self.carry);
+        let Ok(()) = carry.consume(data, |buf| {
+            let used = self.process(buf, limits, admit, out, &mut r);
+            // A connection that is done keeps nothing.
+            Ok::<_, std::convert::Infallible>(match self.phase {
+                Phase::Done => buf.len(),
+                _ => used,
+            })
+        });
+        self.carry = carry;
         r
     }
 
@@ -249,13 +241,13 @@ impl Conn {
             frame::write_close_with(out, close_code, reason);
         }
         self.phase = Phase::Done;
-        self.carry = None;
+        self.carry.clear();
         self.message = None;
     }
 
     fn finish(&mut self, r: &mut Received, end: End) {
         self.phase = Phase::Done;
-        self.carry = None;
+        self.carry.clear();
         self.message = None;
         r.end = Some(end);
     }

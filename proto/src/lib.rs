@@ -12,6 +12,7 @@
 //!   memory region the caller maps).
 
 pub mod auth;
+pub mod carry;
 pub mod client_handshake;
 pub mod conn;
 pub mod counters;

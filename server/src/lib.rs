@@ -21,5 +21,6 @@ pub mod directory;
 pub mod events;
 pub mod hist;
 pub mod procs;
+pub mod reporter;
 pub mod shard;
 pub mod stats;

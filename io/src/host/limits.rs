@@ -47,11 +47,7 @@ impl Host {
             [used, _, max] => max.saturating_sub(used),
             _ => u64::MAX,
         };
-        let mem_available = read("/proc/meminfo")
-            .lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map_or(u64::MAX, |kib| kib * 1024);
+        let mem_available = super::meminfo("MemAvailable:").unwrap_or(u64::MAX);
         Host {
             nofile,
             files_free,

@@ -4,9 +4,21 @@
 //! ([`limits`]) and worker processes past it ([`workers`]).
 
 pub mod limits;
+pub mod signals;
 pub mod workers;
 
 use std::time::Duration;
+
+/// A /proc/meminfo field in bytes (`key` with its colon, e.g.
+/// `"MemAvailable:"`); None if it cannot be read.
+pub fn meminfo(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
 
 /// Parses `90s`, `250ms`, `1m`, `2h`, `500us` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

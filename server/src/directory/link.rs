@@ -129,20 +129,33 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
 const BATCH: usize = 64 << 10;
 
 fn write_all(mut sock: UnixStream, outbox: Outbox) {
+    if let Err(e) = write_batched(&mut sock, &outbox.rx, |frame, buf| frame.encode(buf)) {
+        end_worker(&format!("cannot write to the --procs parent ({e})"));
+    }
+}
+
+/// Writes what `rx` brings to `sock` until the channel closes, for the
+/// link and the parent's switch alike: what queued up meanwhile goes out
+/// in the same write, up to about [`BATCH`] bytes. Ends at the first
+/// failed write, with its error.
+pub fn write_batched<T>(
+    sock: &mut UnixStream,
+    rx: &Receiver<T>,
+    encode: impl Fn(T, &mut Vec<u8>),
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(BATCH);
-    while let Ok(frame) = outbox.rx.recv() {
+    while let Ok(first) = rx.recv() {
         buf.clear();
-        frame.encode(&mut buf);
+        encode(first, &mut buf);
         while buf.len() < BATCH {
-            match outbox.rx.try_recv() {
-                Ok(f) => f.encode(&mut buf),
+            match rx.try_recv() {
+                Ok(more) => encode(more, &mut buf),
                 Err(_) => break,
             }
         }
-        if let Err(e) = sock.write_all(&buf) {
-            end_worker(&format!("cannot write to the --procs parent ({e})"));
-        }
+        sock.write_all(&buf)?;
     }
+    Ok(())
 }
 
 fn read_all(mut sock: UnixStream, mut shards: Peers) {

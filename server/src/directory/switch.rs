@@ -11,7 +11,6 @@
 //! a writer (writes what is routed to it, many frames per write).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -20,7 +19,7 @@ use std::time::Duration;
 
 use c1m_proto::device_id::DeviceId;
 
-use super::link::{read_frames, Ended};
+use super::link::{read_frames, write_batched, Ended};
 use super::mailbox::{Answer, Ask};
 use super::registry;
 use super::wire::{self, Body, Frame, PARENT};
@@ -193,19 +192,6 @@ impl Switch {
 }
 
 fn write_all(mut sock: UnixStream, rx: Receiver<Vec<u8>>) {
-    let mut buf = Vec::with_capacity(64 << 10);
-    while let Ok(first) = rx.recv() {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < 64 << 10 {
-            match rx.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        // A worker that died: its replacement gets a new socket.
-        if sock.write_all(&buf).is_err() {
-            return;
-        }
-    }
+    // A failed write is a worker that died: its replacement gets a new socket.
+    let _ = write_batched(&mut sock, &rx, |bytes, buf| buf.extend_from_slice(&bytes));
 }

@@ -325,7 +325,8 @@ pub fn push_presence_key(out: &mut String, id: &str) {
     }
 }
 
-/// Appends a presence value (see [`Presence::value`]) to `out`.
+/// Appends a presence value, `<server> <worker> <shard> <key> <gen>` (what
+/// [`Presence::parse`] reads), to `out`.
 pub fn write_presence_value(out: &mut String, server: &str, worker: u32, at: &Location) {
     use std::fmt::Write as _;
     // Writes into a String cannot fail.
@@ -341,13 +342,6 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// The KV value: `<server> <worker> <shard> <key> <gen>`.
-    pub fn value(&self) -> String {
-        let mut v = String::new();
-        write_presence_value(&mut v, &self.server, self.worker, &self.at);
-        v
-    }
-
     pub fn parse(v: &[u8]) -> Option<Presence> {
         let s = std::str::from_utf8(v).ok()?;
         let mut f = s.split(' ');
@@ -610,7 +604,9 @@ mod tests {
             worker: 4,
             at: Location { since: 0, ..at() },
         };
-        assert_eq!(Presence::parse(p.value().as_bytes()), Some(p));
+        let mut v = String::new();
+        write_presence_value(&mut v, &p.server, p.worker, &p.at);
+        assert_eq!(Presence::parse(v.as_bytes()), Some(p));
         assert_eq!(Presence::parse(b"h:1 4 1 7"), None);
         assert_eq!(Presence::parse(b"h.1 4 1 7 3"), None);
         assert_eq!(Presence::parse(b"\xff"), None);

@@ -12,11 +12,13 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use c1m_io::host::signals::Signals;
 use c1m_io::host::workers::{self, Line};
 
 use crate::directory::registry::Registry;
 use crate::directory::switch::Switch;
 use crate::procs::workers::{spawn_generation, LINK_FD};
+use crate::reporter::Reporter;
 use crate::stats::{self, Counters, Snapshot};
 
 pub struct Supervisor {
@@ -251,8 +253,8 @@ impl Supervisor {
         })
     }
 
-    /// Runs the workers until a signal (from `wait_signal`) and their exit.
-    pub fn run(self, wait_signal: impl Fn(Duration) -> bool) -> Result<(), String> {
+    /// Runs the workers until a signal (taken from `signals`) and their exit.
+    pub fn run(self, signals: Signals) -> Result<(), String> {
         if !self.join {
             c1m_io::listener::ensure_free(self.listen).map_err(|e| {
                 format!(
@@ -314,34 +316,28 @@ impl Supervisor {
             self.listen,
             ws.iter().map(|w| w.child.id().to_string()).collect::<Vec<_>>().join(",")
         );
-        let print_stats = !self.stats_interval.is_zero();
-        let start = Instant::now();
-        let mut next_print = start + self.stats_interval;
-        let (mut prev, mut prev_at) = (Counters::default(), start);
-        let mut stopping = false;
-        // When SIGTERM goes to the workers: at the signal, or after
-        // --drain-health-delay (the parent's /healthz says 503 meanwhile).
-        let mut forward_at: Option<Instant> = None;
+        // The workers drain themselves: the parent's stats lines end at
+        // the signal. SIGTERM goes to the workers when the drain is due: at
+        // the signal, or after --drain-health-delay (the parent's /healthz
+        // says 503 meanwhile).
+        let mut reporter = Reporter::new(
+            signals,
+            admin,
+            self.stats_interval,
+            self.drain_health_delay,
+            Duration::from_millis(100),
+            false,
+        );
         let mut failure: Option<String> = None;
         loop {
-            if !stopping && wait_signal(Duration::from_millis(100)) {
-                stopping = true;
-                if let Some(a) = &admin {
-                    a.stopping();
-                }
-                if !self.drain_health_delay.is_zero() {
-                    eprintln!(
-                        "server: stopping: /healthz says 503 for {:?} while the workers serve, then SIGTERM to {} workers",
-                        self.drain_health_delay,
-                        ws.len()
-                    );
-                }
-                forward_at = Some(Instant::now() + self.drain_health_delay);
-            } else if stopping {
-                std::thread::sleep(Duration::from_millis(50));
+            if reporter.wait().is_some() && !self.drain_health_delay.is_zero() {
+                eprintln!(
+                    "server: stopping: /healthz says 503 for {:?} while the workers serve, then SIGTERM to {} workers",
+                    self.drain_health_delay,
+                    ws.len()
+                );
             }
-            if forward_at.is_some_and(|t| Instant::now() >= t) {
-                forward_at = None;
+            if reporter.drain_due() {
                 eprintln!(
                     "server: stopping: forwarding SIGTERM to {} workers",
                     ws.len()
@@ -355,9 +351,9 @@ impl Supervisor {
                 self.on_line(&mut ws, line);
                 fresh = true;
             }
-            if let Some(a) = admin.as_ref().filter(|_| fresh) {
+            if fresh && reporter.admin() {
                 let snaps: Vec<Snapshot> = ws.iter().map(|w| w.tally.latest).collect();
-                a.publish(&snaps, &total(&ws));
+                reporter.publish(&snaps, &total(&ws));
             }
             for i in 0..ws.len() {
                 if ws[i].exited.is_some() {
@@ -366,7 +362,7 @@ impl Supervisor {
                 let Ok(Some(status)) = ws[i].child.try_wait() else {
                     continue;
                 };
-                if stopping {
+                if reporter.stopping() {
                     ws[i].exited = Some(status);
                     continue;
                 }
@@ -390,7 +386,7 @@ impl Supervisor {
                     failure = Some(format!(
                         "worker {i} died {deaths} times within {QUICK_DEATH:?} of starting ({status})"
                     ));
-                    stopping = true;
+                    reporter.stop();
                     for w in ws.iter().filter(|w| w.exited.is_none()) {
                         workers::signal(w.child.id(), libc::SIGTERM);
                     }
@@ -415,25 +411,16 @@ impl Supervisor {
                     }
                 }
             }
-            let now = Instant::now();
-            if print_stats && now >= next_print && !stopping {
+            if reporter.line_due() {
                 let snaps: Vec<Snapshot> = ws.iter().map(|w| w.tally.latest).collect();
                 let sum = total(&ws);
+                let w = reporter.line(sum);
                 println!(
                     "{}",
-                    stats::grouped_line(
-                        "workers",
-                        now.duration_since(start).as_secs_f64(),
-                        &snaps,
-                        &prev,
-                        &sum,
-                        now.duration_since(prev_at).as_secs_f64()
-                    )
+                    stats::grouped_line("workers", w.elapsed, &snaps, &w.prev, &sum, w.secs)
                 );
-                (prev, prev_at) = (sum, now);
-                next_print = now + self.stats_interval;
             }
-            if stopping && ws.iter().all(|w| w.exited.is_some()) {
+            if reporter.stopping() && ws.iter().all(|w| w.exited.is_some()) {
                 break;
             }
         }

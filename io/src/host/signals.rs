@@ -1,0 +1,40 @@
+//! SIGINT and SIGTERM, taken by one thread: blocked before the worker
+//! threads start (they inherit the mask), then waited for with a timeout
+//! between the thread's other chores (stats lines, children).
+
+use std::time::Duration;
+
+/// SIGINT and SIGTERM, blocked in the thread that made it.
+pub struct Signals(libc::sigset_t);
+
+impl Signals {
+    /// Blocks SIGINT and SIGTERM in this thread (and the threads it
+    /// starts from now on), so that only [`Signals::wait`] sees them.
+    pub fn block() -> Result<Signals, String> {
+        // SAFETY: sigset operations on a local set; pthread_sigmask on this thread.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err("cannot block SIGINT/SIGTERM".into());
+            }
+            Ok(Signals(set))
+        }
+    }
+
+    /// Waits up to `timeout` for SIGINT or SIGTERM; its name if one came.
+    pub fn wait(&self, timeout: Duration) -> Option<&'static str> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: the set and ts are valid for the call; no siginfo is asked for.
+        match unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) } {
+            libc::SIGINT => Some("SIGINT"),
+            libc::SIGTERM => Some("SIGTERM"),
+            _ => None,
+        }
+    }
+}
