@@ -25,6 +25,11 @@ impl Carry {
     }
 
     /// The carried bytes (empty when none).
+    pub fn as_slice(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |c| c.as_slice())
+    }
+
+    /// The carried bytes (empty when none).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().map_or(&mut [], |c| c.as_mut_slice())
     }

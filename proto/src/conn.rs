@@ -146,7 +146,7 @@ impl Conn {
     pub fn export(&self) -> ConnState<'_> {
         ConnState {
             phase: self.phase,
-            carry: self.carry.as_deref().map_or(&[], |c| c.as_slice()),
+            carry: self.carry.as_slice(),
             message: self.message.as_deref().map(|m| MessageState {
                 text: m.text,
                 len: m.len as u64,
@@ -179,7 +179,11 @@ impl Conn {
         };
         Ok(Conn {
             phase: s.phase,
-            carry: (!s.carry.is_empty()).then(|| Box::new(s.carry.to_vec())),
+            carry: {
+                let mut carry = Carry::default();
+                carry.push(s.carry);
+                carry
+            },
             message,
         })
     }
