@@ -1,6 +1,6 @@
 //! `--udp-heartbeat`, the shard's side: the ticket in each 101, and the
 //! datagrams that name this shard's connections (a child module of
-//! [`crate::shard`], so that it sees the slot; shard.rs only calls in).
+//! [`crate::shard`], so that it sees the slot; mod.rs only calls in).
 //!
 //! A valid datagram refreshes its connection's `last_seen` as a WebSocket
 //! frame does (and records the same heartbeat-interval histogram); nothing
