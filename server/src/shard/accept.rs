@@ -1,6 +1,7 @@
 //! Accepting: the --max-upgrades-per-sec budget (refuse or defer), the
 //! backoff after EMFILE, and a new connection's slot.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -12,11 +13,23 @@ use c1m_proto::device_id::DeviceId;
 use c1m_proto::wheel::Entry;
 
 use super::{Slot, State};
-use crate::admission::{Excess, REFUSAL};
+use crate::admission::{Bucket, Excess, REFUSAL};
 use crate::events::Reason;
 
 /// Connections a shard holds accepted over its budget (`defer`), waiting
 /// for it to refill.
+/// The accept policy's state.
+pub(super) struct Accepting {
+    /// When accepting resumes (after a failed accept, or the budget).
+    pub(super) resume: Option<Instant>,
+    /// --max-upgrades-per-sec: this shard's budget.
+    pub(super) budget: Option<Bucket>,
+    /// `defer`: connections accepted over the budget (io_uring's multishot
+    /// accept takes a burst before its cancel lands), admitted first when
+    /// the budget refills; at most [`DEFER_MAX`], 503 past it.
+    pub(super) deferred: VecDeque<OwnedFd>,
+}
+
 pub(super) const DEFER_MAX: usize = 4096;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS.
 pub(super) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -25,22 +38,22 @@ impl State {
     /// `defer`: admits the connections held over the budget while it
     /// lasts; if some are left, accepting stays paused until it is full.
     pub(super) fn admit_deferred(&mut self, io: &mut impl Driver, now: Instant) {
-        while !self.deferred.is_empty() {
-            let Some(budget) = &mut self.admission else {
+        while !self.accept.deferred.is_empty() {
+            let Some(budget) = &mut self.accept.budget else {
                 return;
             };
             if !budget.take(now) {
-                self.accept_resume = Some(budget.full_at());
+                self.accept.resume = Some(budget.full_at());
                 return;
             }
-            let fd = self.deferred.pop_front().expect("not empty");
+            let fd = self.accept.deferred.pop_front().expect("not empty");
             self.admit_now(io, fd);
         }
     }
 
     pub(super) fn accept_failed(&mut self, err: io::Error) {
         self.counters.accept_exhausted += 1;
-        self.accept_resume = Some(Instant::now() + ACCEPT_BACKOFF);
+        self.accept.resume = Some(self.clock.now.at + ACCEPT_BACKOFF);
         let held = self.slab.len();
         self.warn(format_args!(
             "accept failed ({err}) while holding {held} sockets: pausing accepts for {ACCEPT_BACKOFF:?}; raise RLIMIT_NOFILE or lower the load (see kernel-tuning/)"
@@ -48,22 +61,22 @@ impl State {
     }
 
     pub(super) fn admit(&mut self, io: &mut impl Driver, fd: OwnedFd) {
-        if self.drain_deadline.is_some() {
+        if self.drain.deadline.is_some() {
             return; // accepted as shutdown began: dropping it closes it
         }
-        if let Some(budget) = &mut self.admission {
+        if let Some(budget) = &mut self.accept.budget {
             // Before any work for it: no registration, TLS or parsing.
-            let now = Instant::now();
+            let now = self.clock.now.at;
             let admitted = budget.take(now);
-            if budget.excess == Excess::Defer && budget.empty() && self.accept_resume.is_none() {
+            if budget.excess == Excess::Defer && budget.empty() && self.accept.resume.is_none() {
                 // The rest wait in the accept queue until the bucket is full.
                 self.counters.admission_paused += 1;
-                self.accept_resume = Some(budget.full_at());
+                self.accept.resume = Some(budget.full_at());
                 io.pause_accepting();
             }
             if !admitted {
-                if budget.excess == Excess::Defer && self.deferred.len() < DEFER_MAX {
-                    self.deferred.push_back(fd);
+                if budget.excess == Excess::Defer && self.accept.deferred.len() < DEFER_MAX {
+                    self.accept.deferred.push_back(fd);
                     return;
                 }
                 self.counters.admission_refused += 1;
@@ -110,8 +123,8 @@ impl State {
                 }
             },
         };
-        let now = self.now_tick();
-        let deadline = now + self.handshake_ticks + 1;
+        let now = self.clock.now_tick;
+        let deadline = now + self.clock.handshake_ticks + 1;
         self.slab.insert(Slot {
             io: h,
             gen,

@@ -45,7 +45,8 @@ impl State {
         bytes: &mut [u8],
     ) -> (Option<u64>, Option<Ending>) {
         let full = self.open >= self.cfg.max_conns as u64;
-        let now = self.now_tick();
+        let now = self.clock.now_tick;
+        let unix_s = self.clock.now.unix_ms / 1000;
         let slot = &mut self.slab[key];
         self.out.clear();
         // TLS off: one branch for an upgraded device, more before its
@@ -88,7 +89,7 @@ impl State {
                     // begun after the upgrade must end within the frame
                     // timeout, as a frame must (it holds a buffer).
                     let partial = slot.upgraded && tls.buffered() > 0;
-                    slot.track_partial(key, partial, now, self.frame_ticks, &mut self.wheel);
+                    slot.track_partial(key, partial, now, self.clock.frame_ticks, &mut self.wheel);
                     return (None, None);
                 }
                 &mut self.plain
@@ -104,8 +105,8 @@ impl State {
             &mut |u: &Upgrade<'_>| {
                 // Before fullness: a device without a good token learns nothing else.
                 if let Some(keys) = &self.cfg.auth {
-                    use c1m_proto::auth::{unix_now, Denied};
-                    if let Err(why) = keys.verify(&u.id, u.token, unix_now()) {
+                    use c1m_proto::auth::Denied;
+                    if let Err(why) = keys.verify(&u.id, u.token, unix_s) {
                         *match why {
                             Denied::Missing => &mut self.counters.auth_missing,
                             Denied::Bad => &mut self.counters.auth_bad,
@@ -133,7 +134,7 @@ impl State {
         }
         if r.frames > 0 || r.upgraded {
             if slot.upgraded {
-                let ms = (now - slot.last_seen) * self.tick_ms;
+                let ms = (now - slot.last_seen) * self.clock.tick_ms;
                 self.counters
                     .heartbeat_interval
                     .record(&HEARTBEAT_INTERVAL_MS, ms);
@@ -151,12 +152,15 @@ impl State {
                     }
                 }
                 // The handshake deadline may be later than the first expiry.
-                slot.bring_forward(key, now + self.timeout_ticks + 1, &mut self.wheel);
+                slot.bring_forward(key, now + self.clock.timeout_ticks + 1, &mut self.wheel);
             }
         }
         let partial = slot.conn.has_partial_frame()
             || (slot.upgraded && slot.tls.as_ref().is_some_and(|t| t.buffered() > 0));
-        slot.track_partial(key, partial, now, self.frame_ticks, &mut self.wheel);
+        slot.track_partial(key, partial, now, self.clock.frame_ticks, &mut self.wheel);
+        // Read now, not the turn's time: a claim's time orders it against
+        // the device's next connection, whose turn on another shard may
+        // have begun before this 101 went out.
         (r.upgraded.then(monotonic_ns), r.end.map(Ending::Conn))
     }
 
@@ -193,7 +197,7 @@ impl State {
         self.slab[key].why = match end {
             Ending::Conn(End::ClientClose) => {
                 self.counters.client_close += 1;
-                if self.drain_deadline.is_some() {
+                if self.drain.deadline.is_some() {
                     Reason::Shutdown // it answered our Close 1001
                 } else {
                     Reason::ClosedByDevice
@@ -275,7 +279,7 @@ impl State {
     /// The connection's end is counted: close it once its output is out.
     /// A peer that does not read it gets the frame timeout, then a reset.
     pub(super) fn finish(&mut self, io: &mut impl Driver, key: usize) {
-        let due = self.now_tick() + self.frame_ticks + 1;
+        let due = self.clock.now_tick + self.clock.frame_ticks + 1;
         let slot = &mut self.slab[key];
         slot.ended = true;
         if io.is_flushed(slot.io) {

@@ -12,7 +12,7 @@ use c1m_proto::device_id::DeviceId;
 use c1m_proto::frame::{self, code, Opcode};
 use c1m_proto::table::{Claim, Location};
 
-use super::{monotonic_ns, State};
+use super::{Now, State};
 use crate::directory::mailbox::{Answer, Ask, DeviceInfo, Mail, Reply};
 use crate::directory::registry::Msg;
 use crate::events::{Event as Lifecycle, Kind, Reason};
@@ -34,7 +34,7 @@ impl State {
             return None;
         };
         let end = self.slab.capacity().min(from + WALK_SLOTS);
-        let time_ms = crate::events::event::unix_ms();
+        let time_ms = self.clock.now.unix_ms;
         for key in from..end {
             let Some(slot) = self.slab.get(key) else {
                 continue;
@@ -77,9 +77,12 @@ impl State {
         let Some(events) = &self.cfg.events else {
             return;
         };
-        let time_ms = crate::events::event::unix_ms();
-        let heard_ago = Instant::now()
-            .saturating_duration_since(self.instant_of(last_seen))
+        let time_ms = self.clock.now.unix_ms;
+        let heard_ago = self
+            .clock
+            .now
+            .at
+            .saturating_duration_since(self.clock.instant_of(last_seen))
             .as_millis() as u64;
         let ev = Lifecycle {
             kind,
@@ -241,23 +244,19 @@ impl State {
 
     /// The unix milliseconds of a monotonic time (an upgrade's `since`).
     pub(super) fn unix_ms_of(&self, since: u64) -> u64 {
-        let ago_ms = monotonic_ns().saturating_sub(since) / 1_000_000;
-        crate::events::event::unix_ms().saturating_sub(ago_ms)
+        let ago_ms = self.clock.monotonic_ns().saturating_sub(since) / 1_000_000;
+        self.clock.now.unix_ms.saturating_sub(ago_ms)
     }
 
     /// What `GET /devices/<id>` shows of the device in slot `key`.
     pub(super) fn info(&self, io: &impl Driver, key: usize, at: Location) -> DeviceInfo {
         let slot = &self.slab[key];
-        let now = Instant::now();
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let Now { at: now, unix_ms } = self.clock.now;
         let ago_ms = |then: Instant| now.saturating_duration_since(then).as_millis() as u64;
-        let connected_ms_ago = monotonic_ns().saturating_sub(at.since) / 1_000_000;
         DeviceInfo {
             shard: self.me() as u32,
-            connected_since_ms: unix_ms.saturating_sub(connected_ms_ago),
-            last_heard_ms: unix_ms.saturating_sub(ago_ms(self.instant_of(slot.last_seen))),
+            connected_since_ms: self.unix_ms_of(at.since),
+            last_heard_ms: unix_ms.saturating_sub(ago_ms(self.clock.instant_of(slot.last_seen))),
             remote: self.device_addr(io, key),
         }
     }

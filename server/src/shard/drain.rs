@@ -13,6 +13,16 @@ use crate::events::Reason;
 /// front sends it to another server: /healthz said 503 first).
 pub const DRAIN_REASON: &[u8] = b"draining: reconnect";
 
+/// Shutdown's state: none until it begins.
+#[derive(Default)]
+pub(super) struct Draining {
+    /// When whatever is left is closed.
+    pub(super) deadline: Option<Instant>,
+    /// A paced drain under way: where it began, the next slab key to close
+    /// and how many it has closed.
+    pub(super) pacing: Option<Pacing>,
+}
+
 /// A paced drain (--drain-rate) under way.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Pacing {
@@ -34,28 +44,28 @@ impl State {
     /// Stops accepting and sends Close 1001 to every device: at once, or
     /// paced at this shard's share of --drain-rate ([`State::pace_drain`]).
     pub(super) fn begin_shutdown(&mut self, io: &mut impl Driver) {
-        if self.drain_deadline.is_some() {
+        if self.drain.deadline.is_some() {
             return;
         }
-        let now = Instant::now();
+        let now = self.clock.now.at;
         io.unlisten();
-        self.accept_resume = None;
-        self.deferred.clear(); // closed: they were never served
+        self.accept.resume = None;
+        self.accept.deferred.clear(); // closed: they were never served
         let rate = self.drain_rate();
         if rate > 0.0 {
             // The last Close goes out after held / rate; then the devices
             // have --drain-timeout to answer, as without pacing.
             let held = self.slab.len() as f64;
             let pacing = Duration::from_secs_f64(held / rate);
-            self.drain_deadline = Some(now + pacing + self.cfg.drain_timeout);
-            self.pacing = Some(Pacing {
+            self.drain.deadline = Some(now + pacing + self.cfg.drain_timeout);
+            self.drain.pacing = Some(Pacing {
                 began: now,
                 next_key: 0,
                 closed: 0,
             });
             return self.pace_drain(io, now);
         }
-        self.drain_deadline = Some(now + self.cfg.drain_timeout);
+        self.drain.deadline = Some(now + self.cfg.drain_timeout);
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.close_for_drain(io, key, b"");
@@ -70,7 +80,7 @@ impl State {
     /// Sends the Closes of a paced drain that are due by `now`: one at
     /// its start, then one every 1 / rate seconds.
     pub(super) fn pace_drain(&mut self, io: &mut impl Driver, now: Instant) {
-        let Some(p) = self.pacing else { return };
+        let Some(p) = self.drain.pacing else { return };
         let rate = self.drain_rate();
         let due = (now.duration_since(p.began).as_secs_f64() * rate) as u64 + 1;
         let (mut key, mut closed) = (p.next_key, p.closed);
@@ -82,7 +92,7 @@ impl State {
             }
             key += 1;
         }
-        self.pacing = (key < end).then_some(Pacing {
+        self.drain.pacing = (key < end).then_some(Pacing {
             next_key: key,
             closed,
             ..p

@@ -1,8 +1,6 @@
 //! Expiry: the wheel's due entries, a silent device's deletion, the
 //! handshake and frame timeouts, and how a slot keeps its live entry.
 
-use std::time::Instant;
-
 use c1m_io::{Close, Driver};
 use c1m_proto::conn::Phase;
 use c1m_proto::wheel::{Entry, Wheel};
@@ -51,8 +49,6 @@ impl Slot {
 impl State {
     /// Handles up to one batch of due wheel entries; true if more are due.
     pub(super) fn expire_due(&mut self, io: &mut impl Driver, now: u64) -> bool {
-        // Read once per batch, and only if a device expires.
-        let mut clock: Option<Instant> = None;
         for _ in 0..EXPIRY_BATCH {
             let Some(e) = self.wheel.pop_due(now) else {
                 return false;
@@ -92,7 +88,7 @@ impl State {
                     self.close(io, key, Close::Abortive);
                 }
                 Phase::Open | Phase::Closing => {
-                    let silent_due = slot.last_seen + self.timeout_ticks + 1;
+                    let silent_due = slot.last_seen + self.clock.timeout_ticks + 1;
                     let frame_due = match slot.frame_deadline {
                         0 => u64::MAX,
                         d => d,
@@ -107,10 +103,8 @@ impl State {
                         // From the start of its last frame's tick: at most a
                         // tick above the true lag.
                         let last_seen = slot.last_seen;
-                        let due = self.instant_of(last_seen) + self.cfg.timeout;
-                        let lag = clock
-                            .get_or_insert_with(Instant::now)
-                            .saturating_duration_since(due);
+                        let due = self.clock.instant_of(last_seen) + self.cfg.timeout;
+                        let lag = self.clock.now.at.saturating_duration_since(due);
                         self.counters
                             .expiry_lag
                             .record(&EXPIRY_LAG_MS, lag.as_millis() as u64);

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::OwnedFd;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -44,8 +43,8 @@ mod expiry;
 mod tests;
 mod udp;
 
-use accept::ACCEPT_BACKOFF;
-use drain::Pacing;
+use accept::{Accepting, ACCEPT_BACKOFF};
+use drain::Draining;
 pub use drain::DRAIN_REASON;
 pub use udp::UdpHeartbeat;
 
@@ -243,6 +242,13 @@ pub struct Shard<D: Driver> {
     st: State,
 }
 
+/// Where stats go, and when a warning may be logged again.
+struct Reporting {
+    tx: Sender<Snapshot>,
+    next: Instant,
+    warned_at: Option<Instant>,
+}
+
 /// Everything of a shard but its driver: the decisions.
 struct State {
     id: usize,
@@ -252,31 +258,19 @@ struct State {
     next_gen: u32,
     open: u64,
     counters: Counters,
-    start: Instant,
-    timeout_ticks: u64,
-    /// The tick in milliseconds, for the heartbeat-interval histogram.
-    tick_ms: u64,
-    handshake_ticks: u64,
-    frame_ticks: u64,
+    /// The turn's time, and the tick arithmetic of the wheel.
+    clock: Clock,
     out: Vec<u8>,
     /// TLS: the plaintext of one read, and the records to send (handshake
     /// output, then `out` sealed). Per shard; empty when TLS is off.
     plain: Vec<u8>,
     sealed: Vec<u8>,
-    drain_deadline: Option<Instant>,
-    /// A paced drain under way: where it began, the next slab key to close
-    /// and how many it has closed.
-    pacing: Option<Pacing>,
-    accept_resume: Option<Instant>,
-    /// --max-upgrades-per-sec: this shard's budget.
-    admission: Option<Bucket>,
-    /// `defer`: connections accepted over the budget (io_uring's multishot
-    /// accept takes a burst before its cancel lands), admitted first when
-    /// the budget refills; at most [`DEFER_MAX`], 503 past it.
-    deferred: std::collections::VecDeque<OwnedFd>,
-    warned_at: Option<Instant>,
-    report: Sender<Snapshot>,
-    next_report: Instant,
+    /// Accept policy: the backoff, the upgrade budget, the deferred.
+    accept: Accepting,
+    /// Shutdown, once begun.
+    drain: Draining,
+    /// Stats to the reporter, and the rate of warnings.
+    report: Reporting,
     finished: bool,
     inbox: Inbox,
     /// Every shard (this one included), for registry messages.
@@ -310,7 +304,12 @@ impl<D: Driver> Shard<D> {
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
         let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
-        let start = Instant::now();
+        let clock = Clock::new(
+            cfg.tick,
+            [timeout_ticks, handshake_ticks, frame_ticks],
+            Now::read(),
+        );
+        let start = clock.start;
         Ok(Shard {
             io,
             st: State {
@@ -323,24 +322,23 @@ impl<D: Driver> Shard<D> {
                 next_gen: (monotonic_ns() as u32) | 1,
                 open: 0,
                 counters: Counters::default(),
-                start,
-                timeout_ticks,
-                tick_ms: cfg.tick.as_millis() as u64,
-                handshake_ticks,
-                frame_ticks,
+                clock,
                 out: Vec::with_capacity(4096),
                 plain: Vec::new(),
                 sealed: Vec::new(),
-                drain_deadline: None,
-                pacing: None,
-                accept_resume: None,
-                admission: cfg
-                    .admission
-                    .map(|b| Bucket::new(b.per_sec / peers.len().max(1) as f64, b.excess, start)),
-                deferred: Default::default(),
-                warned_at: None,
-                report,
-                next_report: start + cfg.stats_interval,
+                drain: Draining::default(),
+                accept: Accepting {
+                    resume: None,
+                    budget: cfg.admission.map(|b| {
+                        Bucket::new(b.per_sec / peers.len().max(1) as f64, b.excess, start)
+                    }),
+                    deferred: Default::default(),
+                },
+                report: Reporting {
+                    tx: report,
+                    next: start + cfg.stats_interval,
+                    warned_at: None,
+                },
                 finished: false,
                 inbox,
                 peers,
@@ -358,7 +356,9 @@ impl<D: Driver> Shard<D> {
         let mut wait = Duration::ZERO;
         loop {
             self.io.wait(wait)?;
-            match self.turn() {
+            // The one clock read of a turn (but an upgrade's time: see
+            // [`State::on_bytes`]).
+            match self.turn(Now::read()) {
                 Some(next) => wait = next,
                 None => return Ok(self.st.counters),
             }
@@ -368,10 +368,12 @@ impl<D: Driver> Shard<D> {
     /// One turn of the loop after a wait: the ready events, one batch of
     /// due expiries, stats, the drain. Returns how long the driver may wait
     /// for events before the next turn, or None once shutdown has drained.
-    fn turn(&mut self) -> Option<Duration> {
+    /// Every decision of the turn is made at `now`.
+    fn turn(&mut self, now: Now) -> Option<Duration> {
+        self.st.clock.set(now);
+        let (now, tick) = (now.at, self.st.clock.now_tick);
         self.pump();
-        let now = Instant::now();
-        let busy = self.st.expire_due(&mut self.io, self.st.tick_at(now));
+        let busy = self.st.expire_due(&mut self.io, tick);
         self.st.housekeeping(&mut self.io, now);
         let walk = self.st.walk_presence();
         self.st.peers.flush();
@@ -437,20 +439,87 @@ impl<D: Driver> Shard<D> {
     }
 }
 
-impl State {
-    fn tick_at(&self, t: Instant) -> u64 {
-        (t.duration_since(self.start).as_nanos() / self.cfg.tick.as_nanos()) as u64
+/// The time a turn runs at: read once per turn by [`Shard::run`] (given
+/// by a test), and used by every decision of the turn.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    /// Unix time in milliseconds: events, lookups, token expiry.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// The clocks' time.
+    pub fn read() -> Now {
+        Now {
+            at: Instant::now(),
+            unix_ms: crate::events::event::unix_ms(),
+        }
+    }
+}
+
+/// A shard's time: the turn's [`Now`] and its wheel tick, and the
+/// durations the wheel counts in ticks.
+struct Clock {
+    /// Tick 0 begins here.
+    start: Instant,
+    /// CLOCK_MONOTONIC at `start`, in ns: upgrade times are on that clock
+    /// ([`monotonic_ns`]); `Instant` is the same clock on Linux.
+    start_ns: u64,
+    tick: Duration,
+    /// The tick in milliseconds, for the heartbeat-interval histogram.
+    tick_ms: u64,
+    timeout_ticks: u64,
+    handshake_ticks: u64,
+    frame_ticks: u64,
+    /// The turn's time, and its tick.
+    now: Now,
+    now_tick: u64,
+}
+
+impl Clock {
+    fn new(
+        tick: Duration,
+        [timeout_ticks, handshake_ticks, frame_ticks]: [u64; 3],
+        now: Now,
+    ) -> Clock {
+        Clock {
+            start: now.at,
+            start_ns: monotonic_ns(),
+            tick,
+            tick_ms: tick.as_millis() as u64,
+            timeout_ticks,
+            handshake_ticks,
+            frame_ticks,
+            now,
+            now_tick: 0,
+        }
     }
 
-    fn now_tick(&self) -> u64 {
-        self.tick_at(Instant::now())
+    /// Makes `now` the turn's time.
+    #[inline]
+    fn set(&mut self, now: Now) {
+        self.now = now;
+        self.now_tick = self.tick_at(now.at);
+    }
+
+    #[inline]
+    fn tick_at(&self, t: Instant) -> u64 {
+        (t.saturating_duration_since(self.start).as_nanos() / self.tick.as_nanos()) as u64
     }
 
     /// The instant tick `t` begins.
     fn instant_of(&self, t: u64) -> Instant {
-        self.start + Duration::from_nanos((self.cfg.tick.as_nanos() * t as u128) as u64)
+        self.start + Duration::from_nanos((self.tick.as_nanos() * t as u128) as u64)
     }
 
+    /// The turn's time on CLOCK_MONOTONIC, in ns (as [`monotonic_ns`]).
+    fn monotonic_ns(&self) -> u64 {
+        self.start_ns + self.now.at.saturating_duration_since(self.start).as_nanos() as u64
+    }
+}
+
+impl State {
     /// When the shard next has something to do without any event (as
     /// quinn-proto's `poll_timeout`): the wheel's next occupied slot, the
     /// next report, the end of the accept backoff, the drain's deadline.
@@ -459,45 +528,48 @@ impl State {
         let wheel = self
             .wheel
             .next_due()
-            .map(|t| self.instant_of(t.max(self.tick_at(now) + 1)));
+            .map(|t| self.clock.instant_of(t.max(self.clock.tick_at(now) + 1)));
         [
             wheel,
-            Some(self.next_report),
-            self.drain_deadline,
-            self.accept_resume,
-            self.pacing.as_ref().map(|p| p.next_due(self.drain_rate())),
+            Some(self.report.next),
+            self.drain.deadline,
+            self.accept.resume,
+            self.drain
+                .pacing
+                .as_ref()
+                .map(|p| p.next_due(self.drain_rate())),
         ]
         .into_iter()
         .flatten()
         .min()
-        .unwrap_or(self.next_report)
+        .unwrap_or(self.report.next)
     }
 
     /// Stats, the end of the accept backoff, the end of the drain.
     fn housekeeping(&mut self, io: &mut impl Driver, now: Instant) {
-        if now >= self.next_report {
+        if now >= self.report.next {
             self.send_report(io.stats());
-            self.next_report = now + self.cfg.stats_interval;
+            self.report.next = now + self.cfg.stats_interval;
         }
-        if self.accept_resume.is_some_and(|t| now >= t) {
-            self.accept_resume = None;
+        if self.accept.resume.is_some_and(|t| now >= t) {
+            self.accept.resume = None;
             // `defer`: those held over the budget go first; if they spend
             // it, the pause goes on.
             self.admit_deferred(io, now);
-            if self.accept_resume.is_none() {
+            if self.accept.resume.is_none() {
                 if let Err(err) = io.resume_accepting() {
                     // Not fatal: the devices held keep being served; try again.
-                    self.accept_resume = Some(now + ACCEPT_BACKOFF);
+                    self.accept.resume = Some(now + ACCEPT_BACKOFF);
                     self.warn(format_args!(
                         "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
                     ));
                 }
             }
         }
-        if self.pacing.is_some() {
+        if self.drain.pacing.is_some() {
             self.pace_drain(io, now);
         }
-        if let Some(deadline) = self.drain_deadline {
+        if let Some(deadline) = self.drain.deadline {
             if self.slab.is_empty() || now >= deadline {
                 self.close_all(io);
                 self.send_report(io.stats());
@@ -517,13 +589,14 @@ impl State {
     /// repeats for every connection, and one line says it all (whatever
     /// --stats-interval is: with the stats line off it would be an hour).
     fn warn(&mut self, msg: std::fmt::Arguments) {
-        let now = Instant::now();
+        let now = self.clock.now.at;
         if self
+            .report
             .warned_at
             .is_none_or(|t| now >= t + Duration::from_secs(1))
         {
             eprintln!("shard {}: {msg}", self.id);
-            self.warned_at = Some(now);
+            self.report.warned_at = Some(now);
         }
     }
 
@@ -573,7 +646,7 @@ impl State {
         let mut totals = self.counters;
         totals.io_cq_overflows = io.cq_overflows;
         totals.io_cancels = io.cancels;
-        let _ = self.report.send(Snapshot {
+        let _ = self.report.tx.send(Snapshot {
             shard: self.id,
             open: self.open,
             sockets: self.slab.len() as u64,

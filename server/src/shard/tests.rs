@@ -40,6 +40,21 @@ fn a_panic_is_contained_with_its_message() {
     );
 }
 
+/// The wall clock at the shard's start, in the tests: a plain number.
+const UNIX0: u64 = 1_800_000_000_000;
+
+impl Shard<Script> {
+    /// One turn `ms` milliseconds after the shard began (its tick 0), at
+    /// wall-clock time [`UNIX0`] + `ms`: plain times, no sleeping.
+    fn turn_at(&mut self, ms: u64) -> Option<Duration> {
+        let now = Now {
+            at: self.st.clock.start + Duration::from_millis(ms),
+            unix_ms: UNIX0 + ms,
+        };
+        self.turn(now)
+    }
+}
+
 fn shard(graceful_expiry: bool, script: Script) -> Shard<Script> {
     shard_and_peers(graceful_expiry, script).0
 }
@@ -90,12 +105,12 @@ fn a_device_is_superseded_only_by_a_later_connect_elsewhere() {
             ..Script::default()
         },
     );
-    s.turn();
+    s.turn_at(0);
     assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
     let no_reply = || Reply::Remote {
         req: crate::directory::mailbox::NO_REPLY,
     };
-    let earlier = crate::events::event::unix_ms() - 60_000;
+    let earlier = UNIX0 - 60_000;
     s.st.on_ask(
         &mut s.io,
         DeviceId::new("aa:bb"),
@@ -109,7 +124,7 @@ fn a_device_is_superseded_only_by_a_later_connect_elsewhere() {
         &mut s.io,
         DeviceId::new("aa:bb"),
         Ask::Supersede {
-            unix_ms: crate::events::event::unix_ms() + 1_000,
+            unix_ms: UNIX0 + 1_000,
         },
         None,
         no_reply(),
@@ -138,7 +153,7 @@ fn a_push_after_our_close_is_refused() {
             ..Script::default()
         },
     );
-    s.turn();
+    s.turn_at(0);
     s.st.begin_shutdown(&mut s.io);
     assert_eq!(&s.io.sent[1][..2], &[0x88, 2], "Close 1001");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -166,18 +181,18 @@ fn a_presence_walk_pauses_on_a_full_queue_and_resumes() {
     );
     let (tx, rx, _bell) = crate::events::queue::channel(1);
     s.st.cfg.events = Some(tx);
-    s.turn();
+    s.turn_at(0);
     let connected = rx.try_recv().expect("the connect's event");
     assert_eq!(connected.kind, Kind::Connected);
     // The queue is full again (a stand-in event) when the walk starts.
     assert!(s.st.cfg.events.as_ref().unwrap().offer(connected.clone()));
     peers[0].send_now(Mail::Present);
     s.st.read_mail(&mut s.io);
-    let wait = s.turn().unwrap();
+    let wait = s.turn_at(0).unwrap();
     assert!(wait <= Duration::from_millis(1), "paused: {wait:?}");
     assert!(s.st.walk.is_some(), "paused, not given up");
     rx.try_recv().unwrap();
-    let wait = s.turn().unwrap();
+    let wait = s.turn_at(0).unwrap();
     assert!(s.st.walk.is_none(), "done");
     assert!(wait > Duration::from_millis(1), "{wait:?}");
     let present = rx.try_recv().expect("the device's presence record");
@@ -245,22 +260,21 @@ fn graceful_expiry_queues_its_close_after_held_output_and_waits_for_it() {
             ..Script::default()
         },
     );
-    s.turn();
+    s.turn_at(0);
     assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
     // The device stops reading: its pong is held by the driver.
     s.io.hold_output = true;
     s.io.events.push_back(Fake::Data(ping));
-    s.turn();
+    s.turn_at(0);
     assert_eq!(s.io.sent[1], [0x8a, 2, b'h', b'b']);
     // Silent past the timeout: Close 1001 after the pong, no close yet.
-    std::thread::sleep(Duration::from_millis(80));
-    s.turn();
+    s.turn_at(80);
     assert_eq!(s.st.counters.expired, 1);
     assert_eq!(s.io.sent[2], [0x88, 2, 0x03, 0xe9]);
     assert!(s.io.closed.is_empty(), "closed before its output was out");
     // The output drains: now the FIN.
     s.io.events.push_back(Fake::Flushed);
-    s.turn();
+    s.turn_at(80);
     assert_eq!(s.io.closed, [Close::Graceful]);
     assert_eq!(
         s.st.counters.closed(),
@@ -281,14 +295,12 @@ fn an_expired_device_that_never_reads_its_close_is_reset_once() {
             ..Script::default()
         },
     );
-    s.turn();
+    s.turn_at(0);
     s.io.hold_output = true;
-    std::thread::sleep(Duration::from_millis(80));
-    s.turn();
+    s.turn_at(80);
     assert_eq!(s.st.counters.expired, 1);
     assert!(s.io.closed.is_empty());
-    std::thread::sleep(Duration::from_millis(600));
-    s.turn();
+    s.turn_at(680);
     assert_eq!(s.io.closed, [Close::Abortive]);
     assert_eq!(s.st.counters.closed(), 1, "{:?}", s.st.counters);
 }
@@ -306,13 +318,11 @@ fn a_failed_accept_resume_is_retried_not_fatal() {
             ..Script::default()
         },
     );
-    assert!(s.turn().is_some());
+    assert!(s.turn_at(0).is_some());
     assert_eq!(s.st.counters.accept_exhausted, 1);
-    std::thread::sleep(ACCEPT_BACKOFF + Duration::from_millis(10));
-    assert!(s.turn().is_some(), "the shard goes on");
+    assert!(s.turn_at(110).is_some(), "the shard goes on");
     assert_eq!(s.io.resumes, 1);
-    std::thread::sleep(ACCEPT_BACKOFF + Duration::from_millis(10));
-    assert!(s.turn().is_some());
+    assert!(s.turn_at(220).is_some());
     assert_eq!(s.io.resumes, 2, "tried again");
-    assert!(s.st.accept_resume.is_none(), "accepting again");
+    assert!(s.st.accept.resume.is_none(), "accepting again");
 }

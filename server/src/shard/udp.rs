@@ -80,7 +80,7 @@ impl State {
             self.counters.udp_bad += 1;
             return;
         };
-        let now = self.now_tick();
+        let now = self.clock.now_tick;
         let key = &u.key;
         match self.slab.get_mut(t.key as usize) {
             Some(slot) if slot.gen == t.gen && slot.upgraded && !slot.ended => {
@@ -88,7 +88,7 @@ impl State {
                     self.counters.udp_bad += 1;
                     return;
                 }
-                let ms = (now - slot.last_seen) * self.tick_ms;
+                let ms = (now - slot.last_seen) * self.clock.tick_ms;
                 self.counters
                     .heartbeat_interval
                     .record(&HEARTBEAT_INTERVAL_MS, ms);
