@@ -356,20 +356,23 @@ impl<D: Driver> Shard<D> {
         let mut wait = Duration::ZERO;
         loop {
             self.io.wait(wait)?;
-            // The one clock read of a turn (but an upgrade's time: see
+            // The turn's one clock read (but an upgrade's time: see
             // [`State::on_bytes`]).
             match self.turn(Now::read()) {
-                Some(next) => wait = next,
+                // Read again: the driver waits for a while, not until an
+                // instant, and the turn took some of it.
+                Some(next) => wait = next.saturating_duration_since(Instant::now()),
                 None => return Ok(self.st.counters),
             }
         }
     }
 
     /// One turn of the loop after a wait: the ready events, one batch of
-    /// due expiries, stats, the drain. Returns how long the driver may wait
-    /// for events before the next turn, or None once shutdown has drained.
-    /// Every decision of the turn is made at `now`.
-    fn turn(&mut self, now: Now) -> Option<Duration> {
+    /// due expiries, stats, the drain. Returns until when the driver may
+    /// wait for events before the next turn, or None once shutdown has
+    /// drained. Every decision of the turn is made at `now`: no clock is
+    /// read in it (but an upgrade's time).
+    fn turn(&mut self, now: Now) -> Option<Instant> {
         self.st.clock.set(now);
         let (now, tick) = (now.at, self.st.clock.now_tick);
         self.pump();
@@ -380,12 +383,12 @@ impl<D: Driver> Shard<D> {
         if self.st.finished {
             return None;
         }
-        let wait = if busy {
-            Duration::ZERO
+        let next = if busy {
+            now
         } else {
-            self.st.next_deadline(now).saturating_duration_since(now)
+            self.st.next_deadline(now)
         };
-        Some(walk.map_or(wait, |w| w.min(wait)))
+        Some(walk.map_or(next, |w| next.min(now + w)))
     }
 
     /// Acts on every event the driver has ready.

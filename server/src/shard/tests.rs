@@ -51,7 +51,8 @@ impl Shard<Script> {
             at: self.st.clock.start + Duration::from_millis(ms),
             unix_ms: UNIX0 + ms,
         };
-        self.turn(now)
+        let next = self.turn(now)?;
+        Some(next.saturating_duration_since(now.at))
     }
 }
 
@@ -63,7 +64,19 @@ fn shard_and_peers(
     graceful_expiry: bool,
     script: Script,
 ) -> (Shard<Script>, Vec<crate::directory::mailbox::Peer>) {
-    let cfg = ShardConfig {
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (mut mail, peers) = crate::directory::mailbox::wire(1).unwrap();
+    let (tx, _) = std::sync::mpsc::channel();
+    let cfg = config(graceful_expiry);
+    (
+        Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap(),
+        peers,
+    )
+}
+
+/// Tick 10 ms, timeout 40 ms, handshake and frame timeouts 500 ms.
+fn config(graceful_expiry: bool) -> ShardConfig {
+    ShardConfig {
         limits: Limits::default(),
         timeout: Duration::from_millis(40),
         tick: Duration::from_millis(10),
@@ -83,14 +96,96 @@ fn shard_and_peers(
         registry: Registry::create(64).unwrap(),
         udp: None,
         admission: None,
-    };
-    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let (mut mail, peers) = crate::directory::mailbox::wire(1).unwrap();
-    let (tx, _) = std::sync::mpsc::channel();
-    (
-        Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap(),
-        peers,
-    )
+    }
+}
+
+/// A device that upgraded at 0 ms on the scripted driver.
+fn upgraded(graceful_expiry: bool) -> Shard<Script> {
+    let mut s = shard(
+        graceful_expiry,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    s
+}
+
+/// Expiry on plain times: a device heard at 25 ms (tick 2) is deleted at
+/// the start of tick 2 + 4 + 1 (70 ms), within `timeout + tick` of its
+/// last frame and not before `timeout`; its wheel entry from the upgrade
+/// (due at 50 ms) finds it heard since and is armed again.
+#[test]
+fn expiry_follows_plain_times() {
+    let mut s = upgraded(false);
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+    s.io.events.push_back(Fake::Data(ping));
+    s.turn_at(25);
+    assert_eq!(s.io.sent[1], [0x8a, 2, b'h', b'b'], "pong");
+    for ms in [50, 65, 69] {
+        let wait = s.turn_at(ms).unwrap();
+        assert_eq!(s.st.counters.expired, 0, "at {ms} ms");
+        assert_eq!(wait, Duration::from_millis(70 - ms), "sleeps until 70 ms");
+    }
+    assert!(s.io.closed.is_empty());
+    s.turn_at(70);
+    assert_eq!(s.st.counters.expired, 1);
+    assert_eq!(s.io.closed, [Close::Abortive], "a reset, not a Close frame");
+    assert_eq!(s.io.sent.len(), 2);
+    // Due at 20 + 40 ms (the start of its last frame's tick): 10 ms late.
+    assert_eq!(s.st.counters.expiry_lag.count(), 1);
+    assert!(s.st.slab.is_empty());
+}
+
+/// The directory on the scripted driver: a device that connects on
+/// another shard claims its id there, displacing this shard's connection;
+/// the claimant tells this shard `Replaced` through the mailbox, and the
+/// old connection gets Close 4000 "replaced" and closes once it is out.
+/// The new one's claim stands.
+#[test]
+fn a_claim_elsewhere_replaces_the_connection_here_with_close_4000() {
+    let registry = Registry::create(64).unwrap();
+    let (mail, _peers) = crate::directory::mailbox::wire(2).unwrap();
+    let mut shards: Vec<Shard<Script>> = mail
+        .into_iter()
+        .enumerate()
+        .map(|(id, mail)| {
+            let cfg = ShardConfig {
+                registry: registry.clone(),
+                ..config(false)
+            };
+            let script = Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            };
+            let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let (tx, _) = std::sync::mpsc::channel();
+            Shard::new(id, cfg, script, listener, mail, tx).unwrap()
+        })
+        .collect();
+    let id = DeviceId::new("aa:bb");
+    shards[0].turn_at(0);
+    let first = registry.get(&id).expect("claimed");
+    assert_eq!(first.shard, 0);
+    shards[1].turn_at(10);
+    let second = registry.get(&id).expect("claimed");
+    assert_eq!((second.shard, second.key), (1, 0));
+    assert!(shards[1].io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    let old = &mut shards[0];
+    assert_eq!(old.io.sent.len(), 1, "told by mail, not yet read");
+    old.st.read_mail(&mut old.io);
+    assert_eq!(old.st.counters.replaced, 1);
+    assert_eq!(&old.io.sent[1][..4], &[0x88, 10, 0x0f, 0xa0], "Close 4000");
+    assert_eq!(&old.io.sent[1][4..], b"replaced");
+    assert_eq!(old.io.closed, [Close::Graceful], "closed once it was out");
+    assert!(old.st.slab.is_empty());
+    // Its release named the old connection: the new claim stands.
+    assert_eq!(registry.get(&id), Some(second));
+    assert_eq!(shards[1].st.counters.replaced, 0);
+    assert!(shards[1].io.closed.is_empty());
 }
 
 /// --nats-exclusive's question: a device that connected elsewhere
