@@ -101,7 +101,7 @@ impl State {
         let key = self.slab.vacant_key();
         // The driver reads the request at once if it came with the
         // connection (under a burst, 9 accepts in 10 find it queued).
-        let h = match io.register(fd, Token((gen as u64) << 32 | key as u64), false) {
+        let h = match io.register(fd, Token::pack(key, gen), false) {
             Ok(h) => h,
             Err(err) => {
                 self.warn(format_args!(

@@ -583,8 +583,7 @@ impl State {
 
     /// The slot a token names, if that connection still lives.
     fn live(&self, token: Token) -> Option<usize> {
-        let key = (token.0 & 0xffff_ffff) as usize;
-        let gen = (token.0 >> 32) as u32;
+        let (key, gen) = (token.key(), token.gen());
         self.slab.get(key).filter(|s| s.gen == gen).map(|_| key)
     }
 
