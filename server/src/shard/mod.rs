@@ -7,8 +7,21 @@
 //! hang-ups, flushed output, the shutdown wake-up), expire a bounded batch
 //! of due wheel entries, report stats, and wait in the driver until events
 //! come or the next deadline is due: the wheel's next occupied slot, the
-//! next report, the accept backoff or the drain ([`Shard::next_deadline`]).
+//! next report, the accept backoff or the drain ([`State::next_deadline`]).
 //! It never yields to glommio ([`c1m_io::epoll::Epoll::wait`] says why).
+//!
+//! A file per job: this one the loop (run, turn, pump, next deadline,
+//! housekeeping) and what they all share (the slot, close, warnings);
+//! `accept` the accept policy (admission, backoff); `bytes` reads, frames,
+//! writes and the upgrade answer; `expiry` the wheel; `directory` the
+//! registry's claims and messages, operators' asks, the presence walk and
+//! lifecycle events; `drain` shutdown; `udp` UDP heartbeats.
+//!
+//! Time is passed in: [`Shard::run`] reads the clocks once per turn into a
+//! [`Now`] and the turn decides everything at it, so the tests drive the
+//! shard on the scripted driver with plain times. Two reads remain: the
+//! wait's length after the turn, and an upgrade's time (it orders claims
+//! across shards, so it is read as its 101 goes out).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
