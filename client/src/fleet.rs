@@ -525,8 +525,7 @@ impl State {
 
     /// The device a token names, if it still lives.
     fn live(&self, token: Token) -> Option<usize> {
-        let key = (token.0 & 0xffff_ffff) as usize;
-        let gen = (token.0 >> 32) as u32;
+        let (key, gen) = (token.key(), token.gen());
         self.devices.get(key).filter(|d| d.gen == gen).map(|_| key)
     }
 
@@ -657,7 +656,7 @@ impl State {
         let plan = &self.plan;
         let d = &self.devices[key];
         let (src, dst) = route(d.n, plan.sources.len(), plan.servers.len());
-        let token = Token(key as u64 | (d.gen as u64) << 32);
+        let token = Token::pack(key, d.gen);
         let h = socket::connect_from(plan.servers[dst], plan.sources.get(src).copied())
             .and_then(|fd| io.register(fd, token, true));
         let h = match h {
@@ -758,7 +757,7 @@ impl State {
         };
         self.gen = self.gen.wrapping_add(1);
         let key = self.devices.vacant_key();
-        let token = Token(key as u64 | (self.gen as u64) << 32);
+        let token = Token::pack(key, self.gen);
         let h = match io.register(fd, token, true) {
             Ok(h) => h,
             Err(e) => {

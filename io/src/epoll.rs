@@ -207,7 +207,7 @@ impl EpollDriver {
         match socket::send(c.fd.as_raw_fd(), &c.pending) {
             Ok(n) if n == c.pending.len() => {
                 c.pending = Vec::new();
-                let token = c.gen as u64 | (key as u64) << 32;
+                let token = Token::pack(key, c.gen).0;
                 if self
                     .epoll
                     .modify(c.fd.as_raw_fd(), IN | RDHUP | ET, token)
@@ -230,10 +230,12 @@ impl EpollDriver {
     }
 }
 
-/// Epoll's data for a connection: generation low, key high (listener and
-/// wake tokens are the top values, which no key reaches).
-fn split(token: u64) -> (usize, u32) {
-    ((token >> 32) as usize, token as u32)
+/// Epoll's data for a connection: [`Token::pack`] of its key and the
+/// driver's generation (listener, wake and UDP are the top values, which
+/// no key reaches).
+fn split(data: u64) -> (usize, u32) {
+    let t = Token(data);
+    (t.key(), t.gen())
 }
 
 impl Driver for EpollDriver {
@@ -287,7 +289,7 @@ impl Driver for EpollDriver {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let key = self.conns.vacant_key();
-        if key >= u32::MAX as usize {
+        if key >= (UDP & 0xffff_ffff) as usize {
             return Err(io::Error::other("more than 2^32 connections in one loop"));
         }
         let events = if connecting {
@@ -296,7 +298,7 @@ impl Driver for EpollDriver {
             IN | RDHUP | ET
         };
         self.epoll
-            .add(fd.as_raw_fd(), events, gen as u64 | (key as u64) << 32)?;
+            .add(fd.as_raw_fd(), events, Token::pack(key, gen).0)?;
         self.conns.insert(Conn {
             fd,
             gen,
@@ -332,7 +334,7 @@ impl Driver for EpollDriver {
                 }
                 c.pending.extend_from_slice(&bytes[n..]);
                 c.flags |= NOTIFY;
-                let token = c.gen as u64 | (key as u64) << 32;
+                let token = Token::pack(key, c.gen).0;
                 match self
                     .epoll
                     .modify(c.fd.as_raw_fd(), IN | OUT | RDHUP | ET, token)

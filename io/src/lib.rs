@@ -42,6 +42,29 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token(pub u64);
 
+impl Token {
+    /// The one packing of a slot's key and generation in 64 bits (the
+    /// shard's and the fleet's tokens, the epoll driver's epoll data, the
+    /// io_uring driver's user data): the generation high, the key low. A
+    /// key is below 2^32.
+    #[inline]
+    pub const fn pack(key: usize, gen: u32) -> Token {
+        Token((gen as u64) << 32 | key as u64)
+    }
+
+    /// The key of [`Token::pack`].
+    #[inline]
+    pub const fn key(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+
+    /// The generation of [`Token::pack`].
+    #[inline]
+    pub const fn gen(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
 /// The driver's name for a connection it holds. Valid from
 /// [`Driver::register`] until the user calls [`Driver::close`] on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,4 +356,19 @@ fn is_one_connections(errno: i32) -> bool {
             | libc::ENOPROTOOPT
             | libc::EOPNOTSUPP
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Token;
+
+    /// One packing: key low, generation high, each back whole.
+    #[test]
+    fn a_token_packs_key_and_generation() {
+        for (key, gen) in [(0, 0), (1, 7), (0xffff_fffe, u32::MAX), (12345, 1 << 31)] {
+            let t = Token::pack(key, gen);
+            assert_eq!((t.key(), t.gen()), (key, gen));
+        }
+        assert_eq!(Token::pack(2, 1).0, 1 << 32 | 2);
+    }
 }

@@ -88,13 +88,14 @@ enum Op {
 }
 
 impl Op {
+    /// [`Token::pack`] of the index and the op.
     fn data(self, index: usize) -> u64 {
-        (self as u64) << 56 | index as u64
+        Token::pack(index, self as u32).0
     }
 
     fn of(data: u64) -> Option<(Op, usize)> {
-        let index = (data & 0xffff_ffff) as usize;
-        let op = match data >> 56 {
+        let t = Token(data);
+        let op = match t.gen() {
             1 => Op::Accept,
             2 => Op::Recv,
             3 => Op::Send,
@@ -104,7 +105,7 @@ impl Op {
             7 => Op::Udp,
             _ => return None,
         };
-        Some((op, index))
+        Some((op, t.key()))
     }
 }
 

@@ -1,6 +1,6 @@
 //! `--udp-heartbeat`, the shard's side: the ticket in each 101, and the
 //! datagrams that name this shard's connections (a child module of
-//! [`crate::shard`], so that it sees the slot; shard.rs only calls in).
+//! [`crate::shard`], so that it sees the slot; mod.rs only calls in).
 //!
 //! A valid datagram refreshes its connection's `last_seen` as a WebSocket
 //! frame does (and records the same heartbeat-interval histogram); nothing
@@ -80,7 +80,7 @@ impl State {
             self.counters.udp_bad += 1;
             return;
         };
-        let now = self.now_tick();
+        let now = self.clock.now_tick;
         let key = &u.key;
         match self.slab.get_mut(t.key as usize) {
             Some(slot) if slot.gen == t.gen && slot.upgraded && !slot.ended => {
@@ -88,7 +88,7 @@ impl State {
                     self.counters.udp_bad += 1;
                     return;
                 }
-                let ms = (now - slot.last_seen) * self.tick_ms;
+                let ms = (now - slot.last_seen) * self.clock.tick_ms;
                 self.counters
                     .heartbeat_interval
                     .record(&HEARTBEAT_INTERVAL_MS, ms);

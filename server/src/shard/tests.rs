@@ -1,0 +1,423 @@
+//! The shard on the scripted driver (c1m_io::script): no sockets.
+
+use c1m_io::script::{Fake, Script};
+use c1m_proto::frame::{self, Opcode};
+
+use super::*;
+use crate::directory::mailbox::{Answer, Ask, Mail, Reply};
+
+/// The slot is what every idle device costs in user space: what only
+/// some connections have (a TLS session, a front's address, a partial
+/// frame or message) sits behind optional pointers, 8 bytes each.
+/// The registry's entry is 32 bytes (crate::directory::registry's test).
+#[test]
+fn a_slot_stays_small() {
+    let size = std::mem::size_of::<Slot>();
+    // As slab stores it: `enum Entry<T> { Vacant(usize), Occupied(T) }`.
+    #[allow(dead_code)]
+    enum AsInSlab {
+        Vacant(usize),
+        Occupied(Slot),
+    }
+    let entry = std::mem::size_of::<AsInSlab>();
+    println!("Slot: {size} bytes, {entry} in the slab");
+    assert_eq!(std::mem::size_of::<Conn>(), 24);
+    assert!(size <= 128, "Slot is {size} bytes");
+    assert!(entry <= 128, "a slab entry is {entry} bytes");
+}
+
+#[test]
+fn a_panic_is_contained_with_its_message() {
+    assert_eq!(contain(|| 7), Ok(7));
+    assert_eq!(
+        contain(|| -> u8 { panic!("bad bytes") }),
+        Err("bad bytes".into())
+    );
+    let n = 3;
+    assert_eq!(
+        contain(|| -> u8 { panic!("frame {n}") }),
+        Err("frame 3".into())
+    );
+}
+
+/// The wall clock at the shard's start, in the tests: a plain number.
+const UNIX0: u64 = 1_800_000_000_000;
+
+impl Shard<Script> {
+    /// One turn `ms` milliseconds after the shard began (its tick 0), at
+    /// wall-clock time [`UNIX0`] + `ms`: plain times, no sleeping.
+    fn turn_at(&mut self, ms: u64) -> Option<Duration> {
+        let now = Now {
+            at: self.st.clock.start + Duration::from_millis(ms),
+            unix_ms: UNIX0 + ms,
+        };
+        let next = self.turn(now)?;
+        Some(next.saturating_duration_since(now.at))
+    }
+}
+
+fn shard(graceful_expiry: bool, script: Script) -> Shard<Script> {
+    shard_and_peers(graceful_expiry, script).0
+}
+
+fn shard_and_peers(
+    graceful_expiry: bool,
+    script: Script,
+) -> (Shard<Script>, Vec<crate::directory::mailbox::Peer>) {
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (mut mail, peers) = crate::directory::mailbox::wire(1).unwrap();
+    let (tx, _) = std::sync::mpsc::channel();
+    let cfg = config(graceful_expiry);
+    (
+        Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap(),
+        peers,
+    )
+}
+
+/// Tick 10 ms, timeout 40 ms, handshake and frame timeouts 500 ms.
+fn config(graceful_expiry: bool) -> ShardConfig {
+    ShardConfig {
+        limits: Limits::default(),
+        timeout: Duration::from_millis(40),
+        tick: Duration::from_millis(10),
+        handshake_timeout: Duration::from_millis(500),
+        frame_timeout: Duration::from_millis(500),
+        max_conns: 10,
+        graceful_expiry,
+        drain_timeout: Duration::from_secs(1),
+        drain_rate: 0.0,
+        stats_interval: Duration::from_secs(3600),
+        inject_panic: false,
+        auth: None,
+        proxy_protocol: false,
+        trust_forwarded: Vec::new(),
+        events: None,
+        tls: None,
+        registry: Registry::create(64).unwrap(),
+        udp: None,
+        admission: None,
+    }
+}
+
+/// A device that upgraded at 0 ms on the scripted driver.
+fn upgraded(graceful_expiry: bool) -> Shard<Script> {
+    let mut s = shard(
+        graceful_expiry,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    s
+}
+
+/// Expiry on plain times: a device heard at 25 ms (tick 2) is deleted at
+/// the start of tick 2 + 4 + 1 (70 ms), within `timeout + tick` of its
+/// last frame and not before `timeout`; its wheel entry from the upgrade
+/// (due at 50 ms) finds it heard since and is armed again.
+#[test]
+fn expiry_follows_plain_times() {
+    let mut s = upgraded(false);
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+    s.io.events.push_back(Fake::Data(ping));
+    s.turn_at(25);
+    assert_eq!(s.io.sent[1], [0x8a, 2, b'h', b'b'], "pong");
+    for ms in [50, 65, 69] {
+        let wait = s.turn_at(ms).unwrap();
+        assert_eq!(s.st.counters.expired, 0, "at {ms} ms");
+        assert_eq!(wait, Duration::from_millis(70 - ms), "sleeps until 70 ms");
+    }
+    assert!(s.io.closed.is_empty());
+    s.turn_at(70);
+    assert_eq!(s.st.counters.expired, 1);
+    assert_eq!(s.io.closed, [Close::Abortive], "a reset, not a Close frame");
+    assert_eq!(s.io.sent.len(), 2);
+    // Due at 20 + 40 ms (the start of its last frame's tick): 10 ms late.
+    assert_eq!(s.st.counters.expiry_lag.count(), 1);
+    assert!(s.st.slab.is_empty());
+}
+
+/// The directory on the scripted driver: a device that connects on
+/// another shard claims its id there, displacing this shard's connection;
+/// the claimant tells this shard `Replaced` through the mailbox, and the
+/// old connection gets Close 4000 "replaced" and closes once it is out.
+/// The new one's claim stands.
+#[test]
+fn a_claim_elsewhere_replaces_the_connection_here_with_close_4000() {
+    let registry = Registry::create(64).unwrap();
+    let (mail, _peers) = crate::directory::mailbox::wire(2).unwrap();
+    let mut shards: Vec<Shard<Script>> = mail
+        .into_iter()
+        .enumerate()
+        .map(|(id, mail)| {
+            let cfg = ShardConfig {
+                registry: registry.clone(),
+                ..config(false)
+            };
+            let script = Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                ..Script::default()
+            };
+            let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let (tx, _) = std::sync::mpsc::channel();
+            Shard::new(id, cfg, script, listener, mail, tx).unwrap()
+        })
+        .collect();
+    let id = DeviceId::new("aa:bb");
+    shards[0].turn_at(0);
+    let first = registry.get(&id).expect("claimed");
+    assert_eq!(first.shard, 0);
+    shards[1].turn_at(10);
+    let second = registry.get(&id).expect("claimed");
+    assert_eq!((second.shard, second.key), (1, 0));
+    assert!(shards[1].io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    let old = &mut shards[0];
+    assert_eq!(old.io.sent.len(), 1, "told by mail, not yet read");
+    old.st.read_mail(&mut old.io);
+    assert_eq!(old.st.counters.replaced, 1);
+    assert_eq!(&old.io.sent[1][..4], &[0x88, 10, 0x0f, 0xa0], "Close 4000");
+    assert_eq!(&old.io.sent[1][4..], b"replaced");
+    assert_eq!(old.io.closed, [Close::Graceful], "closed once it was out");
+    assert!(old.st.slab.is_empty());
+    // Its release named the old connection: the new claim stands.
+    assert_eq!(registry.get(&id), Some(second));
+    assert_eq!(shards[1].st.counters.replaced, 0);
+    assert!(shards[1].io.closed.is_empty());
+}
+
+/// --nats-exclusive's question: a device that connected elsewhere
+/// before it connected here stays; one that connected elsewhere later
+/// is closed here with 4000 "replaced".
+#[test]
+fn a_device_is_superseded_only_by_a_later_connect_elsewhere() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    let no_reply = || Reply::Remote {
+        req: crate::directory::mailbox::NO_REPLY,
+    };
+    let earlier = UNIX0 - 60_000;
+    s.st.on_ask(
+        &mut s.io,
+        DeviceId::new("aa:bb"),
+        Ask::Supersede { unix_ms: earlier },
+        None,
+        no_reply(),
+    );
+    assert_eq!(s.io.sent.len(), 1, "kept: it connected here later");
+    assert_eq!(s.st.counters.replaced, 0);
+    s.st.on_ask(
+        &mut s.io,
+        DeviceId::new("aa:bb"),
+        Ask::Supersede {
+            unix_ms: UNIX0 + 1_000,
+        },
+        None,
+        no_reply(),
+    );
+    assert_eq!(s.st.counters.replaced, 1);
+    assert_eq!(&s.io.sent[1][..4], &[0x88, 10, 0x0f, 0xa0], "Close 4000");
+    // Another id, or none held: nothing happens.
+    s.st.on_ask(
+        &mut s.io,
+        DeviceId::new("cc:dd"),
+        Ask::Supersede { unix_ms: u64::MAX },
+        None,
+        no_reply(),
+    );
+    assert_eq!(s.st.counters.replaced, 1);
+}
+
+/// A push to a device whose Close 1001 is out (a drain under way) is
+/// refused: no frame after our Close (RFC 6455 5.5.1).
+#[test]
+fn a_push_after_our_close_is_refused() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    s.st.begin_shutdown(&mut s.io);
+    assert_eq!(&s.io.sent[1][..2], &[0x88, 2], "Close 1001");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let push = Ask::Push {
+        text: true,
+        payload: b"late".to_vec(),
+    };
+    let id = DeviceId::new("aa:bb");
+    s.st.on_ask(&mut s.io, id, push, None, Reply::Local(tx));
+    assert_eq!(rx.recv().unwrap(), Answer::NotConnected);
+    assert_eq!(s.io.sent.len(), 2, "a frame after our Close");
+}
+
+/// After the broker comes back, the shard offers a presence record of
+/// every device it holds; a full queue pauses the walk (the loop comes
+/// back within 1 ms) instead of dropping records, and it then goes on.
+#[test]
+fn a_presence_walk_pauses_on_a_full_queue_and_resumes() {
+    let (mut s, peers) = shard_and_peers(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    let (tx, rx, _bell) = crate::events::queue::channel(1);
+    s.st.cfg.events = Some(tx);
+    s.turn_at(0);
+    let connected = rx.try_recv().expect("the connect's event");
+    assert_eq!(connected.kind, Kind::Connected);
+    // The queue is full again (a stand-in event) when the walk starts.
+    assert!(s.st.cfg.events.as_ref().unwrap().offer(connected.clone()));
+    peers[0].send_now(Mail::Present);
+    s.st.read_mail(&mut s.io);
+    let wait = s.turn_at(0).unwrap();
+    assert!(wait <= Duration::from_millis(1), "paused: {wait:?}");
+    assert!(s.st.walk.is_some(), "paused, not given up");
+    rx.try_recv().unwrap();
+    let wait = s.turn_at(0).unwrap();
+    assert!(s.st.walk.is_none(), "done");
+    assert!(wait > Duration::from_millis(1), "{wait:?}");
+    let present = rx.try_recv().expect("the device's presence record");
+    assert_eq!(present.kind, Kind::Present);
+    assert_eq!(present.id.as_str(), "aa:bb");
+    assert_eq!(
+        (present.at.shard, present.at.key, present.at.gen),
+        (connected.at.shard, connected.at.key, connected.at.gen)
+    );
+    assert!(rx.try_recv().is_err(), "one record per device");
+    assert_eq!(s.st.counters.events_dropped, 0);
+}
+
+/// A self-signed certificate for "localhost" and its key, as PEM files
+/// in a new directory (cert.pem, key.pem). Made at test time.
+fn make_cert(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("c1m-shard-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let paths = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&paths.0, cert.pem()).unwrap();
+    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// The PROXY header is parsed by the connection core, behind TLS: the
+/// two together are refused at start, in one sentence.
+#[test]
+fn proxy_protocol_with_tls_is_refused_in_one_sentence() {
+    let (cert, key) = make_cert("proxy-with-tls");
+    let mut cfg = shard(false, Script::default()).st.cfg.clone();
+    cfg.proxy_protocol = true;
+    assert!(cfg.validate().is_ok());
+    cfg.tls = Some(c1m_io::tls::server_config(&cert, &key).unwrap());
+    let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+    let err = cfg.validate().unwrap_err();
+    assert!(
+        err.contains("--proxy-protocol") && err.contains("--tls-cert"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    cfg.proxy_protocol = false;
+    assert!(cfg.validate().is_ok());
+}
+
+const UPGRADE: &[u8] = b"GET /ws?id=aa:bb HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// Issue 10's read of the loop: `--graceful-expiry` sent its Close with
+/// a direct send while pending output might hold part of a frame, so
+/// the device could read the Close in the middle of a pong. Now the
+/// Close goes after whatever the driver holds, and the socket closes
+/// only once that is all out.
+#[test]
+fn graceful_expiry_queues_its_close_after_held_output_and_waits_for_it() {
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+    let mut s = shard(
+        true,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    // The device stops reading: its pong is held by the driver.
+    s.io.hold_output = true;
+    s.io.events.push_back(Fake::Data(ping));
+    s.turn_at(0);
+    assert_eq!(s.io.sent[1], [0x8a, 2, b'h', b'b']);
+    // Silent past the timeout: Close 1001 after the pong, no close yet.
+    s.turn_at(80);
+    assert_eq!(s.st.counters.expired, 1);
+    assert_eq!(s.io.sent[2], [0x88, 2, 0x03, 0xe9]);
+    assert!(s.io.closed.is_empty(), "closed before its output was out");
+    // The output drains: now the FIN.
+    s.io.events.push_back(Fake::Flushed);
+    s.turn_at(80);
+    assert_eq!(s.io.closed, [Close::Graceful]);
+    assert_eq!(
+        s.st.counters.closed(),
+        1,
+        "counted once: {:?}",
+        s.st.counters
+    );
+}
+
+/// A held Close that never drains is reset after the frame timeout, and
+/// the expiry is still counted once.
+#[test]
+fn an_expired_device_that_never_reads_its_close_is_reset_once() {
+    let mut s = shard(
+        true,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    s.io.hold_output = true;
+    s.turn_at(80);
+    assert_eq!(s.st.counters.expired, 1);
+    assert!(s.io.closed.is_empty());
+    s.turn_at(680);
+    assert_eq!(s.io.closed, [Close::Abortive]);
+    assert_eq!(s.st.counters.closed(), 1, "{:?}", s.st.counters);
+}
+
+/// Issue 10's read of the loop: re-adding the listener after the accept
+/// backoff used `?`, so an ENOMEM there stopped the shard and dropped
+/// every device it held. Now the shard warns and tries again later.
+#[test]
+fn a_failed_accept_resume_is_retried_not_fatal() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::AcceptFailed(libc::EMFILE)].into(),
+            resume_failures: 1,
+            ..Script::default()
+        },
+    );
+    assert!(s.turn_at(0).is_some());
+    assert_eq!(s.st.counters.accept_exhausted, 1);
+    assert!(s.turn_at(110).is_some(), "the shard goes on");
+    assert_eq!(s.io.resumes, 1);
+    assert!(s.turn_at(220).is_some());
+    assert_eq!(s.io.resumes, 2, "tried again");
+    assert!(s.st.accept.resume.is_none(), "accepting again");
+}
