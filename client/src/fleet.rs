@@ -637,6 +637,11 @@ impl State {
         d.attempt = d.attempt.saturating_add(1);
         d.stage = Stage::Backoff;
         d.io = Handle::NONE;
+        // Nothing of the failed attempt is read with the next one's answer
+        // (a 503 split across two reads left its first part here, and the
+        // next attempt's 101 was read as that 503 again).
+        d.carry.clear();
+        d.tls = None;
         // A new generation: nothing of the old socket is heard again.
         self.gen = self.gen.wrapping_add(1);
         d.gen = self.gen;
