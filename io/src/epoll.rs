@@ -112,14 +112,21 @@ const NOTIFY: u8 = 2;
 /// Registered while connecting: the first writable event is the connect's.
 const CONNECTING: u8 = 4;
 
+/// `pending` of a connection that holds no output.
+const NO_PENDING: u32 = u32::MAX;
+
+/// 24 bytes (the fd's niche and no `Vec` of its own): an idle connection,
+/// the common one, holds nothing else (issue 18).
 struct Conn {
     /// Owned, so that a loop that fails or panics still closes its sockets
     /// as it unwinds: their peers see the close.
     fd: OwnedFd,
     gen: u32,
     token: Token,
-    /// Output the socket did not take yet; empty (unallocated) when idle.
-    pending: Vec<u8>,
+    /// Index in the driver's `held` of the output the socket did not take
+    /// yet, or NO_PENDING (an idle connection holds no Vec, not even an
+    /// empty one).
+    pending: u32,
     flags: u8,
 }
 
@@ -134,6 +141,9 @@ struct Reading {
 pub struct EpollDriver {
     epoll: Epoll,
     conns: Slab<Conn>,
+    /// Output held for connections whose socket did not take it all
+    /// ([`Conn::pending`]).
+    held: Slab<Vec<u8>>,
     next_gen: u32,
     listener: Option<socket2::Socket>,
     wake: Option<OwnedFd>,
@@ -167,6 +177,7 @@ impl EpollDriver {
         Ok(EpollDriver {
             epoll: Epoll::new()?,
             conns: Slab::new(),
+            held: Slab::new(),
             next_gen: 1,
             listener: None,
             wake: None,
@@ -201,12 +212,14 @@ impl EpollDriver {
     /// Sends what `key` holds; Some(event) when that finished something.
     fn flush(&mut self, key: usize) -> Option<Event<'static>> {
         let c = &mut self.conns[key];
-        if c.pending.is_empty() || c.flags & HUNG != 0 {
+        if c.pending == NO_PENDING || c.flags & HUNG != 0 {
             return None;
         }
-        match socket::send(c.fd.as_raw_fd(), &c.pending) {
-            Ok(n) if n == c.pending.len() => {
-                c.pending = Vec::new();
+        let out = &mut self.held[c.pending as usize];
+        match socket::send(c.fd.as_raw_fd(), out) {
+            Ok(n) if n == out.len() => {
+                self.held
+                    .remove(std::mem::replace(&mut c.pending, NO_PENDING) as usize);
                 let token = c.gen as u64 | (key as u64) << 32;
                 if self
                     .epoll
@@ -222,7 +235,7 @@ impl EpollDriver {
                 None
             }
             Ok(n) => {
-                c.pending.drain(..n);
+                out.drain(..n);
                 None
             }
             Err(_) => Some(self.hang_up(key)),
@@ -301,7 +314,7 @@ impl Driver for EpollDriver {
             fd,
             gen,
             token,
-            pending: Vec::new(),
+            pending: NO_PENDING,
             flags: if connecting { CONNECTING } else { 0 },
         });
         if !connecting {
@@ -316,11 +329,12 @@ impl Driver for EpollDriver {
         if c.flags & HUNG != 0 {
             return Sent::Failed;
         }
-        if !c.pending.is_empty() {
-            if c.pending.len() + bytes.len() > self.max_pending {
+        if c.pending != NO_PENDING {
+            let out = &mut self.held[c.pending as usize];
+            if out.len() + bytes.len() > self.max_pending {
                 return Sent::Overflow;
             }
-            c.pending.extend_from_slice(bytes);
+            out.extend_from_slice(bytes);
             c.flags |= NOTIFY;
             return Sent::Queued;
         }
@@ -330,7 +344,7 @@ impl Driver for EpollDriver {
                 if bytes.len() - n > self.max_pending {
                     return Sent::Overflow;
                 }
-                c.pending.extend_from_slice(&bytes[n..]);
+                c.pending = self.held.insert(bytes[n..].to_vec()) as u32;
                 c.flags |= NOTIFY;
                 let token = c.gen as u64 | (key as u64) << 32;
                 match self
@@ -347,7 +361,7 @@ impl Driver for EpollDriver {
 
     fn is_flushed(&mut self, h: Handle) -> bool {
         let c = &mut self.conns[h.index()];
-        if c.pending.is_empty() {
+        if c.pending == NO_PENDING {
             return true;
         }
         c.flags |= NOTIFY;
@@ -356,6 +370,9 @@ impl Driver for EpollDriver {
 
     fn close(&mut self, h: Handle, how: Close) {
         let c = self.conns.remove(h.index());
+        if c.pending != NO_PENDING {
+            self.held.remove(c.pending as usize);
+        }
         // Closing the fd also drops it from the epoll set.
         socket::close(c.fd.into_raw_fd(), how == Close::Abortive);
     }
@@ -674,6 +691,7 @@ mod tests {
         drain(&b, &mut got);
         assert_eq!(flushed, 1, "one Flushed once all is out");
         assert!(d.is_flushed(h));
+        assert_eq!(d.held.len(), 0, "nothing held once flushed");
         assert_eq!(got.len(), want.len());
         assert!(got == want, "the bytes arrived out of order");
         // Idle again: a send goes straight out.
@@ -699,9 +717,19 @@ mod tests {
         }
         assert!(results.contains(&Sent::Queued), "{results:?}");
         assert_eq!(results.last(), Some(&Sent::Overflow), "{results:?}");
+        assert_eq!(d.held.len(), 1, "h2's output is held");
         d.close(h, Close::Abortive);
         d.close(h2, Close::Abortive);
         assert_eq!(d.conns.len(), 0);
+        assert_eq!(d.held.len(), 0, "and dropped with it");
+    }
+
+    /// Issue 18: the fd's niche and the output out of line keep a
+    /// connection's entry at 24 bytes (it was 48 with a Vec in each).
+    #[test]
+    fn a_connection_entry_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<Conn>(), 24);
+        assert_eq!(std::mem::size_of::<Option<Conn>>(), 24);
     }
 
     #[test]
