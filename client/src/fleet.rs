@@ -1238,3 +1238,199 @@ fn now_us(plan: &Plan, now: Instant) -> u64 {
 fn tick_of(plan: &Plan, now: Instant) -> u64 {
     now_us(plan, now) / TICK_US
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// How the fake server treats each device.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Serve {
+        /// 101, then a pong for every ping.
+        Pongs,
+        /// 503 with Retry-After.
+        Refuse503,
+        /// 101, then Close 4000 "replaced" at the first ping.
+        Replace,
+    }
+
+    /// A server on loopback that serves `how` until the test ends.
+    fn fake_server(how: Serve) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                std::thread::spawn(move || serve(s, how));
+            }
+        });
+        addr
+    }
+
+    fn serve(mut s: TcpStream, how: Serve) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read_exact(&mut b).is_err() {
+                return;
+            }
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        assert!(text.starts_with("GET /ws?id="), "{text}");
+        if how == Serve::Refuse503 {
+            let _ = s.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            return;
+        }
+        let key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("a key");
+        let mut out = Vec::new();
+        c1m_proto::handshake::write_accept(key.as_bytes().try_into().unwrap(), &mut out);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+        // Client frames: masked, short (a heartbeat or a close).
+        loop {
+            let mut h = [0u8; 2];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            assert_eq!(h[1] & 0x80, 0x80, "client frames are masked");
+            let len = (h[1] & 0x7f) as usize;
+            assert!(len < 126);
+            let mut mask = [0u8; 4];
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut mask).is_err() || s.read_exact(&mut payload).is_err() {
+                return;
+            }
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+            let reply = match (h[0] & 0x0f, how) {
+                (0x9, Serve::Pongs) => [&[0x8a, len as u8][..], &payload].concat(),
+                (0x9, _) => [&[0x88, 10, 0x0f, 0xa0][..], b"replaced"].concat(),
+                (0x8, _) => [&[0x88, 2][..], &payload[..2.min(len)]].concat(),
+                _ => continue,
+            };
+            if s.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn plan(server: SocketAddr, devices: u64, io: Backend) -> Plan {
+        Plan {
+            servers: vec![server],
+            sources: Vec::new(),
+            first_device: 0,
+            devices,
+            cores: 1,
+            rate_per_core: 0.0,
+            concurrency: 64,
+            heartbeat: Duration::from_millis(50),
+            kind: HeartbeatKind::Ping,
+            udp_heartbeat: false,
+            udp_heartbeat_every: 0,
+            udp_to: None,
+            silent: 0.0,
+            server_timeout: Duration::from_secs(1),
+            hold: Duration::from_millis(400),
+            expiry_window: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(2),
+            go_silent: false,
+            silent_after: None,
+            reconnect: 0.0,
+            reconnect_storm: None,
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(100),
+            id_prefix: "fleet-test".into(),
+            run_tag: 1,
+            origin: Instant::now(),
+            io,
+            auth: None,
+            tls: None,
+        }
+    }
+
+    /// Runs the plan on one core of each usable backend: its final counters.
+    fn run_plan(server: SocketAddr, devices: u64) -> Vec<Counters> {
+        let mut backends = vec![Backend::Epoll];
+        if Backend::usable(Backend::Uring).0 == Backend::Uring {
+            backends.push(Backend::Uring);
+        }
+        backends
+            .into_iter()
+            .map(|io| {
+                let (tx, rx) = mpsc::channel();
+                let stop = Arc::new(AtomicBool::new(false));
+                run(0, Arc::new(plan(server, devices, io)), stop, tx).unwrap();
+                let done = rx.try_iter().find_map(|r| match r {
+                    Report::Done {
+                        counters, error, ..
+                    } => Some((counters, error)),
+                    Report::Progress { .. } => None,
+                });
+                let (counters, error) = done.expect("a Done report");
+                assert_eq!(error, None);
+                counters
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fleet_upgrades_every_device_and_counts_the_pongs_of_its_heartbeats() {
+        let server = fake_server(Serve::Pongs);
+        for c in run_plan(server, 5) {
+            assert_eq!((c.attempted, c.established, c.failed), (5, 5, 0), "{c:?}");
+            // 400 ms of hold at one beat per 50 ms each.
+            assert!(c.heartbeats >= 5 * 4, "{c:?}");
+            assert!(c.replies + 5 >= c.heartbeats, "{c:?}");
+            assert!(c.replies > 0, "{c:?}");
+            assert_eq!(
+                (c.bad_frames, c.false_expiries, c.replaced),
+                (0, 0, 0),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fleet_with_no_server_counts_every_device_refused() {
+        // A port nothing listens on.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        for c in run_plan(addr, 3) {
+            assert_eq!((c.attempted, c.established), (3, 0), "{c:?}");
+            assert_eq!((c.failed, c.refused), (3, 3), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_503_is_a_failure_by_http_status_with_the_status_kept() {
+        let server = fake_server(Serve::Refuse503);
+        for c in run_plan(server, 4) {
+            assert_eq!((c.established, c.failed, c.http_status), (0, 4, 4), "{c:?}");
+            assert_eq!(c.last_http_status, 503, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_close_4000_from_the_server_is_counted_as_replaced_not_expired() {
+        let server = fake_server(Serve::Replace);
+        for c in run_plan(server, 3) {
+            assert_eq!(c.established, 3, "{c:?}");
+            assert_eq!(c.replaced, 3, "{c:?}");
+            assert_eq!((c.false_expiries, c.expired, c.open), (0, 0, 0), "{c:?}");
+        }
+    }
+}

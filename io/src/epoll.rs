@@ -112,14 +112,21 @@ const NOTIFY: u8 = 2;
 /// Registered while connecting: the first writable event is the connect's.
 const CONNECTING: u8 = 4;
 
+/// `pending` of a connection that holds no output.
+const NO_PENDING: u32 = u32::MAX;
+
+/// 24 bytes (the fd's niche and no `Vec` of its own): an idle connection,
+/// the common one, holds nothing else (issue 18).
 struct Conn {
     /// Owned, so that a loop that fails or panics still closes its sockets
     /// as it unwinds: their peers see the close.
     fd: OwnedFd,
     gen: u32,
     token: Token,
-    /// Output the socket did not take yet; empty (unallocated) when idle.
-    pending: Vec<u8>,
+    /// Index in the driver's `held` of the output the socket did not take
+    /// yet, or NO_PENDING (an idle connection holds no Vec, not even an
+    /// empty one).
+    pending: u32,
     flags: u8,
 }
 
@@ -134,6 +141,9 @@ struct Reading {
 pub struct EpollDriver {
     epoll: Epoll,
     conns: Slab<Conn>,
+    /// Output held for connections whose socket did not take it all
+    /// ([`Conn::pending`]).
+    held: Slab<Vec<u8>>,
     next_gen: u32,
     listener: Option<socket2::Socket>,
     wake: Option<OwnedFd>,
@@ -167,6 +177,7 @@ impl EpollDriver {
         Ok(EpollDriver {
             epoll: Epoll::new()?,
             conns: Slab::new(),
+            held: Slab::new(),
             next_gen: 1,
             listener: None,
             wake: None,
@@ -201,12 +212,14 @@ impl EpollDriver {
     /// Sends what `key` holds; Some(event) when that finished something.
     fn flush(&mut self, key: usize) -> Option<Event<'static>> {
         let c = &mut self.conns[key];
-        if c.pending.is_empty() || c.flags & HUNG != 0 {
+        if c.pending == NO_PENDING || c.flags & HUNG != 0 {
             return None;
         }
-        match socket::send(c.fd.as_raw_fd(), &c.pending) {
-            Ok(n) if n == c.pending.len() => {
-                c.pending = Vec::new();
+        let out = &mut self.held[c.pending as usize];
+        match socket::send(c.fd.as_raw_fd(), out) {
+            Ok(n) if n == out.len() => {
+                self.held
+                    .remove(std::mem::replace(&mut c.pending, NO_PENDING) as usize);
                 let token = Token::pack(key, c.gen).0;
                 if self
                     .epoll
@@ -222,7 +235,7 @@ impl EpollDriver {
                 None
             }
             Ok(n) => {
-                c.pending.drain(..n);
+                out.drain(..n);
                 None
             }
             Err(_) => Some(self.hang_up(key)),
@@ -303,7 +316,7 @@ impl Driver for EpollDriver {
             fd,
             gen,
             token,
-            pending: Vec::new(),
+            pending: NO_PENDING,
             flags: if connecting { CONNECTING } else { 0 },
         });
         if !connecting {
@@ -318,11 +331,12 @@ impl Driver for EpollDriver {
         if c.flags & HUNG != 0 {
             return Sent::Failed;
         }
-        if !c.pending.is_empty() {
-            if c.pending.len() + bytes.len() > self.max_pending {
+        if c.pending != NO_PENDING {
+            let out = &mut self.held[c.pending as usize];
+            if out.len() + bytes.len() > self.max_pending {
                 return Sent::Overflow;
             }
-            c.pending.extend_from_slice(bytes);
+            out.extend_from_slice(bytes);
             c.flags |= NOTIFY;
             return Sent::Queued;
         }
@@ -332,7 +346,7 @@ impl Driver for EpollDriver {
                 if bytes.len() - n > self.max_pending {
                     return Sent::Overflow;
                 }
-                c.pending.extend_from_slice(&bytes[n..]);
+                c.pending = self.held.insert(bytes[n..].to_vec()) as u32;
                 c.flags |= NOTIFY;
                 let token = Token::pack(key, c.gen).0;
                 match self
@@ -349,7 +363,7 @@ impl Driver for EpollDriver {
 
     fn is_flushed(&mut self, h: Handle) -> bool {
         let c = &mut self.conns[h.index()];
-        if c.pending.is_empty() {
+        if c.pending == NO_PENDING {
             return true;
         }
         c.flags |= NOTIFY;
@@ -358,6 +372,9 @@ impl Driver for EpollDriver {
 
     fn close(&mut self, h: Handle, how: Close) {
         let c = self.conns.remove(h.index());
+        if c.pending != NO_PENDING {
+            self.held.remove(c.pending as usize);
+        }
         // Closing the fd also drops it from the epoll set.
         socket::close(c.fd.into_raw_fd(), how == Close::Abortive);
     }
@@ -505,6 +522,13 @@ impl Driver for EpollDriver {
                     }
                     if events & !OUT != 0 {
                         self.reading = Some(Reading { key, gen, reads: 0 });
+                        // Bytes and the peer's FIN (or an error) in one
+                        // edge: a short read takes the bytes, and no edge
+                        // is left for the end. Read again next pass, where
+                        // recv says it.
+                        if events & (RDHUP | libc::EPOLLHUP as u32 | libc::EPOLLERR as u32) != 0 {
+                            self.again.push(Reading { key, gen, reads: 0 });
+                        }
                     }
                     if events & OUT != 0 {
                         if let Some(ev) = self.flush(key) {
@@ -518,5 +542,247 @@ impl Driver for EpollDriver {
 
     fn stats(&self) -> IoStats {
         self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver(max_pending: usize) -> EpollDriver {
+        EpollDriver::new(DriverConfig { max_pending }).unwrap()
+    }
+
+    /// A connected pair of Unix stream sockets, non-blocking.
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: fds is valid for two descriptors.
+        assert_eq!(
+            unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                    fds.as_mut_ptr(),
+                )
+            },
+            0
+        );
+        // SAFETY: both are new and owned here.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Everything `fd` holds now (non-blocking).
+    fn drain(fd: &OwnedFd, into: &mut Vec<u8>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = socket::recv(fd.as_raw_fd(), &mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The events of one wait, as owned values: (what, token, bytes).
+    fn pass(d: &mut EpollDriver, timeout: Duration) -> Vec<(&'static str, u64, Vec<u8>)> {
+        d.wait(timeout).unwrap();
+        let mut out = Vec::new();
+        while let Some(e) = d.next() {
+            out.push(match e {
+                Event::Data(t, b) => ("data", t.0, b.to_vec()),
+                Event::Hangup(t) => ("hangup", t.0, Vec::new()),
+                Event::Flushed(t) => ("flushed", t.0, Vec::new()),
+                Event::Connected(t) => ("connected", t.0, Vec::new()),
+                Event::Wake => ("wake", 0, Vec::new()),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn bytes_already_there_at_register_and_later_ones_are_reported_as_data() {
+        let mut d = driver(1 << 16);
+        let (a, b) = pair();
+        socket::send(b.as_raw_fd(), b"early").unwrap();
+        d.register(a, Token(7), false).unwrap();
+        assert_eq!(
+            pass(&mut d, Duration::ZERO),
+            [("data", 7, b"early".to_vec())]
+        );
+        // Nothing more: an idle connection reports nothing.
+        assert_eq!(pass(&mut d, Duration::from_millis(20)), []);
+        socket::send(b.as_raw_fd(), b"later").unwrap();
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("data", 7, b"later".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_peer_close_is_a_hangup_and_then_nothing() {
+        let mut d = driver(1 << 16);
+        let (a, b) = pair();
+        let h = d.register(a, Token(3), false).unwrap();
+        assert_eq!(pass(&mut d, Duration::ZERO), []);
+        socket::send(b.as_raw_fd(), b"last words").unwrap();
+        drop(b);
+        // The bytes, then the end (in the same pass or the next).
+        let mut seen = pass(&mut d, Duration::from_secs(1));
+        if seen.len() == 1 {
+            seen.extend(pass(&mut d, Duration::from_millis(200)));
+        }
+        assert_eq!(
+            seen,
+            [
+                ("data", 3, b"last words".to_vec()),
+                ("hangup", 3, Vec::new())
+            ]
+        );
+        // Hung up: sends fail, no more events come.
+        assert_eq!(d.send(h, b"x"), Sent::Failed);
+        assert_eq!(pass(&mut d, Duration::from_millis(20)), []);
+        d.close(h, Close::Abortive);
+        assert_eq!(d.conns.len(), 0);
+    }
+
+    #[test]
+    fn a_reset_peer_is_a_hangup() {
+        let mut d = driver(1 << 16);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        d.register(OwnedFd::from(s), Token(5), false).unwrap();
+        assert_eq!(pass(&mut d, Duration::ZERO), []);
+        // Linger 0: the close sends a RST.
+        socket::close(peer.into_raw_fd(), true);
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("hangup", 5, Vec::new())]
+        );
+    }
+
+    #[test]
+    fn output_the_socket_refuses_is_kept_and_flushed_in_order_when_writable() {
+        let mut d = driver(64 << 20);
+        let (a, b) = pair();
+        let h = d.register(a, Token(11), false).unwrap();
+        assert_eq!(pass(&mut d, Duration::ZERO), []);
+        // Far more than a socket buffer, in pieces: the first fills the
+        // socket, the rest queue behind it.
+        let want: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let mut results = Vec::new();
+        for piece in want.chunks(1 << 20) {
+            results.push(d.send(h, piece));
+        }
+        assert_eq!(results[0], Sent::Queued, "{results:?}");
+        assert!(results.iter().all(|r| *r == Sent::Queued), "{results:?}");
+        assert!(!d.is_flushed(h));
+        let mut got = Vec::new();
+        let mut flushed = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while flushed == 0 && std::time::Instant::now() < deadline {
+            drain(&b, &mut got);
+            for (what, token, _) in pass(&mut d, Duration::from_millis(10)) {
+                assert_eq!((what, token), ("flushed", 11));
+                flushed += 1;
+            }
+        }
+        drain(&b, &mut got);
+        assert_eq!(flushed, 1, "one Flushed once all is out");
+        assert!(d.is_flushed(h));
+        assert_eq!(d.held.len(), 0, "nothing held once flushed");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the bytes arrived out of order");
+        // Idle again: a send goes straight out.
+        assert_eq!(d.send(h, b"after"), Sent::Done);
+        got.clear();
+        drain(&b, &mut got);
+        assert_eq!(got, b"after");
+    }
+
+    #[test]
+    fn output_past_max_pending_is_an_overflow_and_close_drops_what_is_held() {
+        let mut d = driver(1 << 20);
+        let (a, _b) = pair();
+        let h = d.register(a, Token(2), false).unwrap();
+        let big = vec![7u8; 4 << 20];
+        // More than the socket takes plus max_pending.
+        assert_eq!(d.send(h, &big), Sent::Overflow);
+        let (a, _b2) = pair();
+        let h2 = d.register(a, Token(3), false).unwrap();
+        let mut results = Vec::new();
+        for _ in 0..8 {
+            results.push(d.send(h2, &big[..256 << 10]));
+        }
+        assert!(results.contains(&Sent::Queued), "{results:?}");
+        assert_eq!(results.last(), Some(&Sent::Overflow), "{results:?}");
+        assert_eq!(d.held.len(), 1, "h2's output is held");
+        d.close(h, Close::Abortive);
+        d.close(h2, Close::Abortive);
+        assert_eq!(d.conns.len(), 0);
+        assert_eq!(d.held.len(), 0, "and dropped with it");
+    }
+
+    /// Issue 18: the fd's niche and the output out of line keep a
+    /// connection's entry at 24 bytes (it was 48 with a Vec in each).
+    #[test]
+    fn a_connection_entry_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<Conn>(), 24);
+        assert_eq!(std::mem::size_of::<Option<Conn>>(), 24);
+    }
+
+    #[test]
+    fn a_stale_event_of_a_closed_connection_never_reaches_its_successor() {
+        let mut d = driver(1 << 16);
+        let (a, b) = pair();
+        let h = d.register(a, Token(1), false).unwrap();
+        assert_eq!(pass(&mut d, Duration::ZERO), []);
+        socket::send(b.as_raw_fd(), b"for the first").unwrap();
+        // The event is taken from epoll, then its connection closes and a
+        // new one takes the same slab key before the event is handled.
+        d.wait(Duration::from_secs(1)).unwrap();
+        assert_eq!(d.ready, 1);
+        let old_gen = d.conns[h.index()].gen;
+        d.close(h, Close::Abortive);
+        let (c, c_peer) = pair();
+        let h2 = d.register(c, Token(2), false).unwrap();
+        assert_eq!(h2.index(), h.index(), "the key is reused");
+        assert_ne!(d.conns[h2.index()].gen, old_gen, "with a new generation");
+        let mut seen = Vec::new();
+        while let Some(e) = d.next() {
+            seen.push(format!("{e:?}"));
+        }
+        assert!(seen.is_empty(), "{seen:?}");
+        // The successor's own bytes are its own.
+        socket::send(c_peer.as_raw_fd(), b"for the second").unwrap();
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("data", 2, b"for the second".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_connect_is_reported_once_then_data_flows() {
+        let mut d = driver(1 << 16);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = socket::connect_from(l.local_addr().unwrap(), None).unwrap();
+        let h = d.register(fd, Token(9), true).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("connected", 9, Vec::new())]
+        );
+        assert_eq!(d.socket_error(h), 0);
+        assert_eq!(d.send(h, b"hello"), Sent::Done);
+        let mut buf = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        std::io::Write::write_all(&mut s, b"back").unwrap();
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("data", 9, b"back".to_vec())]
+        );
     }
 }

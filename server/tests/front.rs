@@ -9,8 +9,10 @@
 //! it). A test that cannot find one fails saying so, unless
 //! C1M_SKIP_FRONT=1, when it prints that it was skipped.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -21,21 +23,7 @@ use c1m_proto::frame::{self, Opcode};
 use c1m_proto::proxy;
 use tungstenite::{Message, WebSocket};
 
-thread_local! {
-    static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("uring") };
-}
-
-fn with_io(io: &'static str, test: fn()) {
-    IO.with(|c| c.set(io));
-    test();
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use support::{field, free_socket_addr, io, make_certs};
 
 /// A c1m server with an admin port.
 struct Server {
@@ -47,10 +35,10 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let addr = free_addr();
-        let admin = free_addr();
+        let addr = free_socket_addr();
+        let admin = free_socket_addr();
         let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(["--io", IO.with(|c| c.get())])
+            .args(["--io", io()])
             .args(["--listen", &addr.to_string()])
             .args(["--admin", &admin.to_string()])
             .args(["--stats-interval", "100ms", "--cores", "0"])
@@ -139,18 +127,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The value of `key=` in a stats line.
-fn field(line: &str, key: &str) -> u64 {
-    let pat = format!(" {key}=");
-    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
-    line[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// A TCP connection to `to` from source address `from`.
@@ -436,31 +412,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A test CA and a certificate for localhost / 127.0.0.1 it signed, written
-/// to `dir` (cert.pem, key.pem, and both in front.pem for HAProxy); returns
-/// the CA's DER for the client's roots. Made now, never committed.
-fn make_certs(dir: &Path) -> Vec<u8> {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "c1m test CA");
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(
-        dir.join("front.pem"),
-        format!("{}{}", leaf.pem(), key.serialize_pem()),
-    )
-    .unwrap();
-    ca.der().to_vec()
-}
-
 /// deploy/`name` with its placeholders filled for this test (the same
 /// substitution as deploy/render.sh).
 fn render(
@@ -661,7 +612,7 @@ fn through_the_front(kind: Kind, test: &str) {
     ];
     let dir = TempDir::new(test);
     let ca = make_certs(&dir.0);
-    let (ws_addr, wss_addr) = (free_addr(), free_addr());
+    let (ws_addr, wss_addr) = (free_socket_addr(), free_socket_addr());
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     let _front = match kind {
         Kind::HaproxyTcp => {
@@ -764,17 +715,6 @@ fn through_nginx_stream_with_proxy_v1() {
 
 fn through_nginx_http_with_x_forwarded_for() {
     through_the_front(Kind::NginxHttp, "nginx-http");
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $( #[test] fn $name() { super::with_io("epoll", super::$name) } )*
-        }
-        mod uring {
-            $( #[test] fn $name() { super::with_io("uring", super::$name) } )*
-        }
-    };
 }
 
 on_both_backends!(

@@ -8,6 +8,8 @@
 
 mod c1m_bin;
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,14 +20,7 @@ use std::time::{Duration, Instant};
 
 use tungstenite::{Message, WebSocket};
 
-thread_local! {
-    static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("epoll") };
-}
-
-fn with_io(io: &'static str, test: fn()) {
-    IO.with(|c| c.set(io));
-    test();
-}
+use support::{field, io};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -197,7 +192,7 @@ impl Server {
     fn start(nats: &Nats, extra: &[&str]) -> Server {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_server"));
-        c.args(["--io", IO.with(|c| c.get())])
+        c.args(["--io", io()])
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--stats-interval", "100ms", "--nats", &nats.url()])
@@ -228,18 +223,6 @@ impl Server {
             l.contains(" total ") && pred(l)
         })
     }
-}
-
-/// The value of `key=` in a stats line.
-fn field(line: &str, key: &str) -> u64 {
-    let pat = format!(" {key}=");
-    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
-    line[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// `c1m watch-events --print` on this NATS: every event as JSON.
@@ -789,18 +772,7 @@ fn nats_exclusive_refuses_connect_events_from_too_far_ahead() {
     }
 }
 
-macro_rules! nats_on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $( #[test] fn $name() { super::with_io("epoll", super::$name) } )*
-        }
-        mod uring {
-            $( #[test] fn $name() { super::with_io("uring", super::$name) } )*
-        }
-    };
-}
-
-nats_on_both_backends!(
+on_both_backends!(
     nats_lifecycle_events_are_exact_and_in_order_per_device,
     nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected,
     nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes,

@@ -4,37 +4,17 @@
 //! the small start-up and protocol fixes. Small scale, seconds; every test
 //! on both I/O backends.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use tungstenite::{Message, WebSocket};
 
-thread_local! {
-    static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("epoll") };
-}
-
-fn with_io(io: &'static str, test: fn()) {
-    IO.with(|c| c.set(io));
-    test();
-}
-
-/// The server binary with this test's --io.
-fn server_command() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_server"));
-    c.args(["--io", IO.with(|c| c.get())]);
-    c
-}
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
+use support::free_addr;
 
 struct Server {
     child: Child,
@@ -50,7 +30,7 @@ impl Server {
 
     fn start_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let addr: SocketAddr = free_addr().parse().unwrap();
-        let child = server_command()
+        let child = support::server_command()
             .envs(env.iter().copied())
             .arg("--listen")
             .arg(addr.to_string())
@@ -135,7 +115,7 @@ impl Drop for Server {
 /// Runs the server with `args` and says what it printed on stderr and how
 /// it exited, or None if it was still running after 5 s (then killed).
 fn start_fails(args: &[&str]) -> Option<(ExitStatus, String)> {
-    let mut child = server_command()
+    let mut child = support::server_command()
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -527,7 +507,7 @@ fn a_worker_whose_link_fails_ends() {
         let (mut ours, theirs) = UnixStream::pair().unwrap();
         let fd = theirs.as_raw_fd();
         let addr: SocketAddr = free_addr().parse().unwrap();
-        let mut cmd = server_command();
+        let mut cmd = support::server_command();
         cmd.args(["--listen", &addr.to_string(), "--cores", "0", "--join"])
             .env("C1M_LINK", "3,0,1")
             .stdout(Stdio::null())
@@ -657,17 +637,6 @@ fn warnings_are_rate_limited_per_second_even_with_the_stats_line_off() {
         .filter(|l| l.contains("TLS handshake"))
         .collect();
     assert!(extra.is_empty(), "{extra:?}");
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $( #[test] fn $name() { super::with_io("epoll", super::$name) } )*
-        }
-        mod uring {
-            $( #[test] fn $name() { super::with_io("uring", super::$name) } )*
-        }
-    };
 }
 
 on_both_backends!(

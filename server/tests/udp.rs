@@ -2,6 +2,8 @@
 //! datagrams as heartbeats, steered by the kernel to the shard named in
 //! the ticket. Small scale, seconds; every test on both I/O backends.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -11,14 +13,7 @@ use std::time::{Duration, Instant};
 use c1m_proto::frame::{self, Opcode};
 use c1m_proto::ticket;
 
-thread_local! {
-    static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("uring") };
-}
-
-fn with_io(io: &'static str, test: fn()) {
-    IO.with(|c| c.set(io));
-    test();
-}
+use support::{field, io};
 
 struct Server {
     child: Child,
@@ -39,7 +34,7 @@ impl Server {
             }
         };
         let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
-            .args(["--io", IO.with(|c| c.get())])
+            .args(["--io", io()])
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--stats-interval", "100ms"])
@@ -113,17 +108,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn field(line: &str, key: &str) -> u64 {
-    let pat = format!(" {key}=");
-    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
-    line[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Sends `bytes` to `to` from a fresh socket (a fresh source port, as a
@@ -360,17 +344,6 @@ fn a_replaced_device_cannot_be_kept_alive_by_its_old_ticket() {
     }
     wait_closed(&mut second);
     server.wait_line("the expiry", |l| field(l, "expired") == 1);
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $name() { super::with_io("uring", super::$name) })*
-        }
-        mod epoll {
-            $(#[test] fn $name() { super::with_io("epoll", super::$name) })*
-        }
-    };
 }
 
 on_both_backends!(

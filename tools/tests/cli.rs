@@ -1,7 +1,7 @@
 //! The `c1m` binary's subcommands: their names and flags, and a token that
 //! the library's verifier accepts. (The NATS subcommands against a real
 //! broker and servers are in server/tests/nats.rs, token against a real
-//! server in server/tests/server.rs.)
+//! server in server/tests/auth.rs.)
 
 use std::process::Command;
 

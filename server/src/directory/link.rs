@@ -248,3 +248,176 @@ fn deliver(shards: &mut Peers, frame: Frame) {
         ),
     }
 }
+
+/// For the tests of the shards' side ([`super::mailbox`]): what is queued
+/// for the link now.
+#[cfg(test)]
+impl Outbox {
+    pub(super) fn queued(&self) -> Vec<Frame> {
+        self.rx.try_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use c1m_proto::device_id::DeviceId;
+    use c1m_proto::table::Location;
+
+    use crate::directory::mailbox::Ask;
+    use crate::directory::registry::Msg;
+
+    fn replaced(id: &str, key: u32) -> Mail {
+        Mail::Registry(Msg::Replaced {
+            id: DeviceId::new(id),
+            at: Location {
+                shard: 3,
+                key,
+                gen: 2,
+                since: 99,
+            },
+        })
+    }
+
+    /// Every frame read from `sock` until it ends, and how it ended.
+    fn read_everything(mut sock: UnixStream) -> (Vec<Frame>, Ended) {
+        let mut frames = Vec::new();
+        let ended = read_frames(&mut sock, |got| {
+            if let Some(bytes) = got {
+                let (frame, used) = Frame::decode(bytes)?.expect("a whole frame");
+                assert_eq!(used, bytes.len());
+                frames.push(frame);
+            }
+            Ok(())
+        });
+        (frames, ended)
+    }
+
+    #[test]
+    fn frames_cross_the_socket_intact_and_in_order_then_the_close_is_reported() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (link, outbox) = channel();
+        let writer = std::thread::spawn(move || write_all(a, outbox));
+        let reader = std::thread::spawn(move || read_everything(b));
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        for key in 0..1000 {
+            link.send(key as usize % 7, replaced(&format!("dev-{key}"), key));
+        }
+        link.send(
+            5,
+            Mail::Ask {
+                id: DeviceId::new("big"),
+                ask: Ask::Push {
+                    text: false,
+                    payload: payload.clone(),
+                },
+                at: None,
+                reply: Reply::Remote { req: 77 },
+            },
+        );
+        link.answer(78, Answer::Delivered);
+        // Said only inside a process: never sent.
+        link.send(1, Mail::Shutdown);
+        link.send(1, Mail::Present);
+        drop(link);
+        writer.join().unwrap(); // the channel closed: the writer ends, closing `a`
+        let (frames, ended) = reader.join().unwrap();
+        assert!(matches!(ended, Ended::Closed));
+        assert_eq!(frames.len(), 1002);
+        for (key, f) in frames[..1000].iter().enumerate() {
+            assert_eq!(f.to as usize, key % 7);
+            match &f.body {
+                Body::Registry(Msg::Replaced { id, at }) => {
+                    assert_eq!(id.as_str(), format!("dev-{key}"));
+                    assert_eq!((at.key, at.shard, at.gen, at.since), (key as u32, 3, 2, 99));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match &frames[1000].body {
+            Body::Ask {
+                req: 77,
+                ask:
+                    Ask::Push {
+                        text: false,
+                        payload: p,
+                    },
+                ..
+            } => assert!(*p == payload),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(frames[1000].to, 5);
+        assert_eq!(frames[1001].to, PARENT);
+        assert_eq!(
+            frames[1001].body,
+            Body::Answer {
+                req: 78,
+                answer: Answer::Delivered
+            }
+        );
+    }
+
+    #[test]
+    fn a_frame_split_across_reads_is_whole_and_each_read_ends_with_a_flush() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let mut bytes = Vec::new();
+        Frame {
+            to: 2,
+            body: Body::Answer {
+                req: 1,
+                answer: Answer::Kicked,
+            },
+        }
+        .encode(&mut bytes);
+        let writer = std::thread::spawn(move || {
+            for b in &bytes {
+                a.write_all(std::slice::from_ref(b)).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        let mut frames = 0;
+        let mut flushes = 0;
+        let ended = read_frames(&mut b, |got| {
+            match got {
+                Some(f) => {
+                    assert!(Frame::decode(f)?.is_some());
+                    frames += 1;
+                }
+                None => flushes += 1,
+            }
+            Ok(())
+        });
+        writer.join().unwrap();
+        assert!(matches!(ended, Ended::Closed));
+        assert_eq!(frames, 1);
+        assert!(flushes >= 2, "a flush per read: {flushes}");
+    }
+
+    #[test]
+    fn garbage_on_the_link_is_reported_malformed() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        // A length far past MAX_FRAME: no frame of ours.
+        a.write_all(&[0xff; 16]).unwrap();
+        let (frames, ended) = read_everything(b);
+        assert!(frames.is_empty());
+        assert!(matches!(ended, Ended::Malformed(_)), "not reported");
+    }
+
+    #[test]
+    fn a_local_question_that_strays_onto_the_link_is_answered_not_sent() {
+        let (link, outbox) = channel();
+        let (tx, rx) = mpsc::channel();
+        link.send(
+            3,
+            Mail::Ask {
+                id: DeviceId::new("x"),
+                ask: Ask::Kick,
+                at: None,
+                reply: Reply::Local(tx),
+            },
+        );
+        assert_eq!(rx.try_recv().unwrap(), Answer::NotConnected);
+        assert!(outbox.rx.try_recv().is_err(), "nothing queued");
+    }
+}

@@ -286,3 +286,127 @@ pub fn wire_span(n: usize, span: Span) -> io::Result<(Vec<Mailbox>, Vec<Peer>)> 
         .collect();
     Ok((shards, peers))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::directory::wire::{Body, Frame};
+
+    /// The eventfd's count, read (and so reset); 0 when nothing woke it.
+    fn woken(inbox: &Inbox) -> u64 {
+        let mut n = 0u64;
+        // SAFETY: an 8-byte read from a non-blocking eventfd into a u64.
+        let r = unsafe { libc::read(inbox.wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        if r == 8 {
+            n
+        } else {
+            0
+        }
+    }
+
+    fn replaced(id: &str, key: u32) -> Mail {
+        Mail::Registry(Msg::Replaced {
+            id: DeviceId::new(id),
+            at: Location {
+                shard: 1,
+                key,
+                gen: 1,
+                since: 0,
+            },
+        })
+    }
+
+    fn key_of(mail: Mail) -> u32 {
+        match mail {
+            Mail::Registry(Msg::Replaced { at, .. }) => at.key,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn mail_to_a_peer_shard_arrives_in_order_and_wakes_it_once_per_flush() {
+        let (mut shards, _outside) = wire(2).unwrap();
+        let (inbox1, _) = shards.pop().unwrap();
+        let (inbox0, mut peers0) = shards.pop().unwrap();
+        assert_eq!((peers0.len(), peers0.local(), peers0.base()), (2, 2, 0));
+        for key in 0..5 {
+            peers0.send(1, replaced("dev", key));
+        }
+        // Batched: queued, but nobody woken before the flush.
+        assert_eq!(woken(&inbox1), 0);
+        peers0.flush();
+        assert_eq!(woken(&inbox1), 1, "one wake-up for the batch");
+        assert_eq!(woken(&inbox0), 0, "the sender is not woken");
+        let keys: Vec<u32> = std::iter::from_fn(|| inbox1.next()).map(key_of).collect();
+        assert_eq!(keys, [0, 1, 2, 3, 4]);
+        assert!(inbox0.next().is_none());
+        // A flush with nothing sent wakes nobody.
+        peers0.flush();
+        assert_eq!(woken(&inbox1), 0);
+    }
+
+    #[test]
+    fn a_thread_outside_wakes_the_shard_at_once_and_gets_its_answer() {
+        let (mut shards, outside) = wire(2).unwrap();
+        let (inbox1, peers1) = shards.pop().unwrap();
+        let (tx, rx) = mpsc::channel();
+        outside[1].send_now(Mail::Ask {
+            id: DeviceId::new("dev-1"),
+            ask: Ask::Lookup,
+            at: None,
+            reply: Reply::Local(tx),
+        });
+        assert_eq!(woken(&inbox1), 1);
+        // The shard's wake descriptor is a clone of the same eventfd.
+        let clone = inbox1.wake_fd().unwrap();
+        outside[1].send_now(Mail::Present);
+        let mut n = 0u64;
+        // SAFETY: as in woken().
+        unsafe { libc::read(clone.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        assert_eq!(n, 1);
+        match inbox1.next() {
+            Some(Mail::Ask {
+                reply,
+                ask: Ask::Lookup,
+                ..
+            }) => peers1.reply(reply, Answer::NotConnected),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(inbox1.next(), Some(Mail::Present)));
+        assert_eq!(rx.try_recv().unwrap(), Answer::NotConnected);
+    }
+
+    #[test]
+    fn mail_for_a_shard_of_another_process_goes_over_the_link() {
+        let (link, outbox) = super::super::link::channel();
+        let span = Span {
+            base: 2,
+            total: 4,
+            link: Some(link),
+        };
+        let (mut shards, _) = wire_span(2, span).unwrap();
+        let (inbox3, _) = shards.pop().unwrap();
+        let (_, mut peers2) = shards.pop().unwrap();
+        assert_eq!((peers2.len(), peers2.local(), peers2.base()), (4, 2, 2));
+        // Local: shard 3 is index 1 here.
+        peers2.send(3, replaced("here", 7));
+        peers2.flush();
+        assert_eq!(key_of(inbox3.next().unwrap()), 7);
+        // Remote: shards 0 and 1 are another worker's.
+        peers2.send(0, replaced("there", 9));
+        peers2.reply(Reply::Remote { req: 42 }, Answer::Kicked);
+        let frames: Vec<Frame> = outbox.queued();
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames[0].to, 0);
+        assert!(matches!(&frames[0].body, Body::Registry(Msg::Replaced { at, .. }) if at.key == 9));
+        assert_eq!(
+            frames[1].body,
+            Body::Answer {
+                req: 42,
+                answer: Answer::Kicked
+            }
+        );
+        assert!(inbox3.next().is_none());
+    }
+}

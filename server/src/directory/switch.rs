@@ -195,3 +195,169 @@ fn write_all(mut sock: UnixStream, rx: Receiver<Vec<u8>>) {
     // A failed write is a worker that died: its replacement gets a new socket.
     let _ = write_batched(&mut sock, &rx, |bytes, buf| buf.extend_from_slice(&bytes));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::io::Write;
+
+    use c1m_proto::table::Location;
+
+    use super::super::link::{read_frames, Ended};
+
+    fn encode(frame: Frame) -> Vec<u8> {
+        let mut b = Vec::new();
+        frame.encode(&mut b);
+        b
+    }
+
+    /// The next frame a worker's end receives.
+    fn next_frame(sock: &mut UnixStream) -> Frame {
+        let mut got = None;
+        let _ = read_frames(sock, |f| {
+            if let Some(bytes) = f {
+                got = Some(Frame::decode(bytes)?.unwrap().0);
+                // Stop reading: one frame is enough.
+                return Err(wire::Malformed("got one"));
+            }
+            Ok(())
+        });
+        got.expect("a frame before the end")
+    }
+
+    #[test]
+    fn spans_and_places_number_shards_over_the_workers() {
+        let s = Switch::new(&[2, 3]);
+        assert_eq!(s.span(0), (0, 5));
+        assert_eq!(s.span(1), (2, 5));
+        assert_eq!(s.span_of(1), (2, 3));
+        assert_eq!(s.place(0), Some((0, 0)));
+        assert_eq!(s.place(1), Some((0, 1)));
+        assert_eq!(s.place(2), Some((1, 0)));
+        assert_eq!(s.place(4), Some((1, 2)));
+        assert_eq!(s.place(5), None);
+    }
+
+    #[test]
+    fn a_frame_from_one_worker_reaches_the_worker_of_its_shard_intact() {
+        let s = Switch::new(&[1, 2]);
+        let (p0, mut w0) = UnixStream::pair().unwrap();
+        let (p1, mut w1) = UnixStream::pair().unwrap();
+        s.attach(0, p0).unwrap();
+        s.attach(1, p1).unwrap();
+        let frame = Frame {
+            to: 2,
+            body: Body::Registry(registry::Msg::Replaced {
+                id: DeviceId::new("02:00:5e:00:00:01"),
+                at: Location {
+                    shard: 2,
+                    key: 41,
+                    gen: 7,
+                    since: 123,
+                },
+            }),
+        };
+        w0.write_all(&encode(frame.clone())).unwrap();
+        w1.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(next_frame(&mut w1), frame);
+        // And back, to worker 0's shard.
+        let back = Frame { to: 0, ..frame };
+        w1.write_all(&encode(back.clone())).unwrap();
+        w0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(next_frame(&mut w0), back);
+    }
+
+    #[test]
+    fn the_parents_question_goes_to_the_owner_and_its_answer_comes_back() {
+        let s = Switch::new(&[2, 2]);
+        let mut workers = Vec::new();
+        for i in 0..2 {
+            let (p, w) = UnixStream::pair().unwrap();
+            s.attach(i, p).unwrap();
+            w.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            workers.push(w);
+        }
+        let id = DeviceId::new("dev-7");
+        let owner = registry::owner(id.as_str(), 4) as u32;
+        let (w, _) = s.place(owner).unwrap();
+        let mut sock = workers.swap_remove(w);
+        let answering = std::thread::spawn(move || {
+            let f = next_frame(&mut sock);
+            let Body::Ask { req, ask, .. } = f.body else {
+                panic!("{f:?}");
+            };
+            assert_eq!(ask, Ask::Kick);
+            sock.write_all(&encode(Frame {
+                to: PARENT,
+                body: Body::Answer {
+                    req,
+                    answer: Answer::Kicked,
+                },
+            }))
+            .unwrap();
+            (f.to, sock)
+        });
+        let answer = s.ask(id, Ask::Kick, Duration::from_secs(5));
+        let (to, _sock) = answering.join().unwrap();
+        assert_eq!(to, owner);
+        assert_eq!(answer, Some(Answer::Kicked));
+    }
+
+    #[test]
+    fn a_question_to_a_worker_that_is_gone_gets_no_answer() {
+        let s = Switch::new(&[1]);
+        // Never attached: nothing to send to.
+        assert_eq!(
+            s.ask(DeviceId::new("a"), Ask::Lookup, Duration::from_millis(50)),
+            None
+        );
+        // Attached, then its end closed: the question is lost, not answered.
+        let (p, w) = UnixStream::pair().unwrap();
+        s.attach(0, p).unwrap();
+        drop(w);
+        let t = std::time::Instant::now();
+        assert_eq!(
+            s.ask(DeviceId::new("a"), Ask::Lookup, Duration::from_millis(200)),
+            None
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_writer_batches_what_is_queued_and_ends_when_the_socket_breaks() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let frames: Vec<Frame> = (0..300)
+            .map(|i| Frame {
+                to: i,
+                body: Body::Answer {
+                    req: i as u64,
+                    answer: Answer::Delivered,
+                },
+            })
+            .collect();
+        for f in &frames {
+            tx.send(encode(f.clone())).unwrap();
+        }
+        drop(tx);
+        write_all(a, rx); // returns when the channel is closed
+        let mut got = Vec::new();
+        let ended = read_frames(&mut b, |f| {
+            if let Some(bytes) = f {
+                got.push(Frame::decode(bytes)?.unwrap().0);
+            }
+            Ok(())
+        });
+        assert!(matches!(ended, Ended::Closed));
+        assert!(got == frames);
+        // A broken socket: the writer stops rather than spin.
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let (tx, rx) = mpsc::channel();
+        tx.send(vec![0; 1024]).unwrap();
+        tx.send(vec![0; 1024]).unwrap();
+        write_all(a, rx); // returns though tx is still open
+        drop(tx);
+    }
+}
