@@ -21,7 +21,7 @@ use c1m_io::socket;
 use c1m_io::tls::ClientSession;
 use c1m_io::uring::UringDriver;
 use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, Sent, Token};
-use c1m_proto::auth::{self, Keys};
+use c1m_proto::auth::Keys;
 use c1m_proto::carry::Carry;
 use c1m_proto::client_handshake::{self, key_for, Answer};
 use c1m_proto::frame::{self, code, Opcode};
@@ -825,7 +825,7 @@ impl State {
             .plan
             .auth
             .as_ref()
-            .map(|k| k.sign(&self.id, auth::unix_now() + TOKEN_TTL_S));
+            .map(|k| k.sign(&self.id, c1m_io::host::unix_secs() + TOKEN_TTL_S));
         client_handshake::write_request(
             &mut self.out,
             &self.hosts[dst],

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -31,9 +30,7 @@ pub fn utc_stamp(secs: u64) -> String {
 
 /// results/<UTC timestamp>-<conns>/ under the current directory.
 pub fn default_dir(conns: u64) -> PathBuf {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = c1m_io::host::unix_secs();
     PathBuf::from("results").join(format!("{}-{conns}", utc_stamp(now)))
 }
 

@@ -259,13 +259,6 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Seconds since the Unix epoch now (0 if the clock is before it).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

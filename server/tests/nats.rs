@@ -725,13 +725,6 @@ fn publish(nats: &Nats, subject: &str, payload: String) {
     })
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// --nats-exclusive obeys another server's connect event only when its
 /// time is at most 30 s ahead of this server's clock: one from an hour
 /// ahead (a wrong clock, or a forger on the events subject) is refused
@@ -746,7 +739,7 @@ fn nats_exclusive_refuses_connect_events_from_too_far_ahead() {
     let event = |ahead_ms: u64| {
         format!(
             r#"{{"event":"connected","id":"skewed","server":"elsewhere","worker":0,"time_ms":{}}}"#,
-            unix_ms() + ahead_ms
+            c1m_io::host::unix_ms() + ahead_ms
         )
     };
     // Until the server's subscription is up and has refused one.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use c1m::events::event::{self, Subjects};
+use c1m::events::event::Subjects;
 use c1m::events::publisher::{self, Auth};
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -139,7 +139,7 @@ pub fn watch(
                         let _ = out.write_all(&msg.payload);
                         let _ = out.write_all(b"\n");
                     }
-                    tally.add_message(&msg.payload, event::unix_ms());
+                    tally.add_message(&msg.payload, c1m_io::host::unix_ms());
                 }
                 Ok(None) => break,
                 Err(_) => {}

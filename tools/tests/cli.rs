@@ -69,7 +69,7 @@ fn a_token_is_printed_alone_and_verifies() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let keys = c1m_proto::auth::Keys::parse(secret.as_bytes(), "test").unwrap();
-    let now = c1m_proto::auth::unix_now();
+    let now = c1m_io::host::unix_secs();
     assert!(
         keys.verify("dev-t", Some(stdout.trim()), now).is_ok(),
         "{stdout}"

@@ -7,7 +7,20 @@ pub mod limits;
 pub mod signals;
 pub mod workers;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch now (0 if the clock is before it):
+/// the one wall clock of every binary here (events, tokens, presence).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seconds since the Unix epoch now: [`unix_ms`] in seconds.
+pub fn unix_secs() -> u64 {
+    unix_ms() / 1000
+}
 
 /// A /proc/meminfo field in bytes (`key` with its colon, e.g.
 /// `"MemAvailable:"`); None if it cannot be read.

@@ -386,13 +386,6 @@ pub fn parse_at_header(s: &str) -> Option<Location> {
     f.next().is_none().then_some(at)
 }
 
-/// Unix milliseconds now.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -363,7 +363,7 @@ async fn run(
             let body = event::snapshot_json(
                 &cfg.origin,
                 cfg.live.load(Ordering::Relaxed),
-                event::unix_ms(),
+                c1m_io::host::unix_ms(),
                 n,
             );
             if client
@@ -647,7 +647,7 @@ async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config, st
             if c.server == cfg.origin.server {
                 continue;
             }
-            if !believable(c.time_ms, event::unix_ms()) {
+            if !believable(c.time_ms, c1m_io::host::unix_ms()) {
                 // A clock far ahead, or a forged event: it would close
                 // every later connection of that id too.
                 stats.connects_refused.fetch_add(1, Ordering::Relaxed);

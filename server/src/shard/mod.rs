@@ -469,7 +469,7 @@ impl Now {
     pub fn read() -> Now {
         Now {
             at: Instant::now(),
-            unix_ms: crate::events::event::unix_ms(),
+            unix_ms: c1m_io::host::unix_ms(),
         }
     }
 }
