@@ -6,10 +6,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use tungstenite::{Message, WebSocket};
@@ -49,18 +49,8 @@ impl Server {
 
     /// Reads `child`'s stderr and waits until it listens on `addr`.
     fn attach(mut child: Child, addr: SocketAddr) -> Server {
-        let stderr = child.stderr.take().unwrap();
-        let (tx, errors) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "server did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let errors = support::lines_of(child.stderr.take().unwrap());
+        support::wait_listening(addr);
         Server {
             child,
             addr,

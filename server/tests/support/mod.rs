@@ -119,29 +119,9 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let (tx, errors) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Read to the end even when nobody listens, so the server never
-            // blocks on a full pipe.
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "server did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let lines = lines_of(child.stdout.take().unwrap());
+        let errors = lines_of(child.stderr.take().unwrap());
+        wait_listening(addr);
         Server {
             child,
             addr,
@@ -507,4 +487,28 @@ pub fn make_certs(dir: &Path) -> Vec<u8> {
     )
     .unwrap();
     ca.der().to_vec()
+}
+
+/// The lines `from` (a child's stdout or stderr) writes, read on a thread of
+/// their own to the end, so the child never blocks on a full pipe.
+pub fn lines_of(from: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits up to 10 s until something accepts on `addr`.
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "server did not start listening on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
