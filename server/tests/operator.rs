@@ -142,26 +142,7 @@ fn refused_in_one_sentence(args: &[&str], says: &[&str]) -> String {
 
 /// One HTTP request to the admin port with `headers` (each ending in
 /// CRLF) and `body`: (status, head, body).
-fn http(addr: &str, method: &str, path: &str, headers: &str, body: &[u8]) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {out:?}"));
-    (status, head.to_string(), body.to_string())
-}
+use support::http_raw as http;
 
 /// A request as an operator's tool sends it: Host is the admin address.
 fn get(admin: &str, path: &str, token: Option<&str>) -> u16 {

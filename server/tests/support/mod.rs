@@ -353,16 +353,35 @@ pub fn http_with(
     content_type: &str,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let ctype = if content_type.is_empty() {
         String::new()
     } else {
         format!("Content-Type: {content_type}\r\n")
     };
+    let (status, _, body) = http_raw(
+        addr,
+        method,
+        path,
+        &format!("Host: {addr}\r\n{ctype}"),
+        body,
+    );
+    (status, body)
+}
+
+/// An HTTP/1.1 request with the header lines `headers` (each ending in
+/// CRLF): (status, head, body).
+pub fn http_raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{ctype}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -375,7 +394,7 @@ pub fn http_with(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status in {out:?}"));
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// /metrics, read by an independent parser of the exposition format, with
