@@ -379,6 +379,35 @@ impl Driver for EpollDriver {
         socket::close(c.fd.into_raw_fd(), how == Close::Abortive);
     }
 
+    /// EPOLL_CTL_DEL and the socket back at once: nothing is in flight.
+    fn release(&mut self, h: Handle) -> io::Result<(OwnedFd, Vec<u8>)> {
+        let c = self.conns.remove(h.index());
+        let out = if c.pending != NO_PENDING {
+            self.held.remove(c.pending as usize)
+        } else {
+            Vec::new()
+        };
+        // Reads queued for its key in this pass check the generation, and
+        // the key is free: nothing of it is read again here, even if the
+        // delete failed (it cannot for a registered descriptor; an entry
+        // left behind would only report a key that no longer lives).
+        let _ = self.epoll.delete(c.fd.as_raw_fd());
+        Ok((c.fd, out))
+    }
+
+    fn take_listener(&mut self) -> Option<socket2::Socket> {
+        let l = self.listener.take()?;
+        self.accept_left = 0;
+        let _ = self.epoll.delete(l.as_raw_fd());
+        Some(l)
+    }
+
+    /// A socket from io_uring is blocking: made non-blocking first.
+    fn adopt(&mut self, fd: OwnedFd, token: Token) -> io::Result<Handle> {
+        socket::set_nonblocking(fd.as_raw_fd());
+        self.register(fd, token, false)
+    }
+
     fn socket_error(&self, h: Handle) -> i32 {
         socket::so_error(self.conns[h.index()].fd.as_raw_fd())
     }
@@ -761,6 +790,54 @@ mod tests {
             pass(&mut d, Duration::from_secs(1)),
             [("data", 2, b"for the second".to_vec())]
         );
+    }
+
+    /// Hot upgrade: release hands back the socket and the output held,
+    /// in order; the driver reads nothing of it after, and the bytes the
+    /// kernel holds stay in the socket for its next reader.
+    #[test]
+    fn release_hands_back_the_socket_and_its_held_output() {
+        let mut d = driver(64 << 20);
+        let (a, b) = pair();
+        let h = d.register(a, Token(4), false).unwrap();
+        assert_eq!(pass(&mut d, Duration::ZERO), []);
+        let big: Vec<u8> = (0..2 << 20).map(|i: u32| (i % 253) as u8).collect();
+        assert_eq!(d.send(h, &big), Sent::Queued);
+        socket::send(b.as_raw_fd(), b"unread").unwrap();
+        let (fd, held) = d.release(h).unwrap();
+        assert!(!held.is_empty() && held.len() < big.len());
+        assert_eq!(d.conns.len(), 0);
+        assert_eq!(d.held.len(), 0);
+        // Nothing more is reported for it, though bytes wait in it.
+        socket::send(b.as_raw_fd(), b" and more").unwrap();
+        assert_eq!(pass(&mut d, Duration::from_millis(20)), []);
+        // The next owner (any driver) reads what the kernel held.
+        let mut d2 = driver(1 << 16);
+        d2.adopt(fd, Token(5)).unwrap();
+        assert_eq!(
+            pass(&mut d2, Duration::from_millis(200)),
+            [("data", 5, b"unread and more".to_vec())]
+        );
+        // What the peer got, then the held part: the whole output in order.
+        let mut got = Vec::new();
+        drain(&b, &mut got);
+        got.extend_from_slice(&held);
+        assert!(got == big, "the output was cut or reordered");
+    }
+
+    #[test]
+    fn take_listener_stops_accepting_and_hands_the_socket_back_open() {
+        let mut d = driver(1 << 16);
+        let l = crate::listener::bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        d.listen(l).unwrap();
+        let l = d.take_listener().unwrap();
+        assert!(d.take_listener().is_none());
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        d.wait(Duration::from_millis(50)).unwrap();
+        assert!(d.next().is_none(), "no accept after the hand-back");
+        // Still listening: the connection waits in its queue.
+        assert!(matches!(listener::accept(&l), Accepted::Socket(_)));
     }
 
     #[test]

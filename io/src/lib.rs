@@ -138,7 +138,8 @@ pub struct IoStats {
     /// queue was full (FEAT_NODROP keeps them), counted per wait that saw it.
     pub cq_overflows: u64,
     /// io_uring: IORING_OP_ASYNC_CANCEL requests submitted. The design
-    /// submits none; this counter proves it.
+    /// submits none outside a hot upgrade ([`Driver::release`],
+    /// [`Driver::take_listener`]) and admission's pauses; this counter proves it.
     pub cancels: u64,
     /// io_uring: submits of a full submission queue (each try counted;
     /// past a bound the driver gives up and its wait fails).
@@ -201,6 +202,31 @@ pub trait Driver {
 
     /// Closes `h`; no event for it follows, and `h` is not to be used again.
     fn close(&mut self, h: Handle, how: Close);
+
+    /// Hot upgrade (docs/upgrade.md): stops reading `h` for good and hands
+    /// back its socket and the output it held and the kernel had not taken
+    /// yet, in order (the new owner sends it first); `h` is not to be used
+    /// again. Bytes the kernel holds for reading stay in the socket.
+    ///
+    /// `Err(WouldBlock)`: the stop is under way (io_uring: the recv's
+    /// cancel, or a send in flight, has not completed); events for `h` may
+    /// still come (bytes that raced the stop: handle them as usual), and
+    /// nothing more goes out (output is held for the hand-back). Call again
+    /// after the next wait. Any other error: the socket could not be
+    /// released; close `h`.
+    fn release(&mut self, h: Handle) -> io::Result<(OwnedFd, Vec<u8>)>;
+
+    /// Hot upgrade: stops accepting and hands back the listening socket
+    /// untouched (its queue and its place in the SO_REUSEPORT group go
+    /// with it), or None if there is none.
+    fn take_listener(&mut self) -> Option<socket2::Socket>;
+
+    /// Hot upgrade: takes a connected socket that another driver (perhaps
+    /// of another backend, in another process) read before, putting it in
+    /// the mode this driver needs, and starts reading it as [`Driver::register`].
+    fn adopt(&mut self, fd: OwnedFd, token: Token) -> io::Result<Handle> {
+        self.register(fd, token, false)
+    }
 
     /// SO_ERROR of `h`'s socket: 0 once a connect succeeded.
     fn socket_error(&self, h: Handle) -> i32;

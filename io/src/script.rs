@@ -34,6 +34,8 @@ pub struct Script {
     /// resume_accepting fails this many more times.
     pub resume_failures: u32,
     pub resumes: u32,
+    /// Connections handed back by [`Driver::release`].
+    pub released: u32,
 }
 
 impl Driver for Script {
@@ -72,6 +74,26 @@ impl Driver for Script {
     }
     fn close(&mut self, _: Handle, how: Close) {
         self.closed.push(how);
+    }
+    /// Hands back a placeholder descriptor (an eventfd) and what
+    /// `hold_output` kept, as the real drivers hand back the socket.
+    fn release(&mut self, _: Handle) -> io::Result<(OwnedFd, Vec<u8>)> {
+        self.released += 1;
+        let out = if std::mem::take(&mut self.held) {
+            self.sent.last().cloned().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        // SAFETY: a new eventfd, owned by the OwnedFd.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just made, nothing else owns it.
+        Ok((unsafe { OwnedFd::from_raw_fd(fd) }, out))
+    }
+    fn take_listener(&mut self) -> Option<Socket> {
+        None
     }
     fn socket_error(&self, _: Handle) -> i32 {
         0

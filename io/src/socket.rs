@@ -93,6 +93,18 @@ pub fn set_blocking(fd: RawFd) {
     }
 }
 
+/// Makes `fd` non-blocking (O_NONBLOCK): what the epoll driver's system
+/// calls need of a socket that came from io_uring, which keeps them blocking.
+pub fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on the caller's descriptor with plain integer flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
 /// Closes `fd`; `abortive` sets SO_LINGER 0 first ([`set_linger_zero`]).
 pub fn close(fd: RawFd, abortive: bool) {
     if abortive {

@@ -124,6 +124,10 @@ const NOTIFY: u16 = 16;
 const SHUT: u16 = 32;
 /// Closing with a reset.
 const ABORTIVE: u16 = 64;
+/// Being released for a hot upgrade ([`Driver::release`]): its recv was
+/// cancelled and is not re-armed, and nothing more is sent (output is held
+/// for the hand-back).
+const RELEASING: u16 = 128;
 
 const NO_SEND: u32 = u32::MAX;
 
@@ -339,6 +343,10 @@ pub struct UringDriver {
     listener: Option<socket2::Socket>,
     accept_armed: bool,
     accept_paused: bool,
+    /// The listener was handed over ([`Driver::take_listener`]): a
+    /// connection its cancelled accept still took is reported, not dropped
+    /// (the loop hands it over too).
+    listener_handed: bool,
     wake: Option<OwnedFd>,
     max_pending: usize,
     stats: IoStats,
@@ -477,6 +485,7 @@ impl UringDriver {
             listener: None,
             accept_armed: false,
             accept_paused: false,
+            listener_handed: false,
             wake: None,
             max_pending: cfg.max_pending,
             stats: IoStats::default(),
@@ -811,7 +820,7 @@ impl Driver for UringDriver {
         if c.flags & HUNG != 0 {
             return Sent::Failed;
         }
-        if c.inflight != NO_SEND {
+        if c.inflight != NO_SEND || c.flags & RELEASING != 0 {
             if c.pending == NO_SEND {
                 if bytes.len() > self.max_pending {
                     return Sent::Overflow;
@@ -852,6 +861,57 @@ impl Driver for UringDriver {
             self.take_pending(index);
         }
         self.advance_close(index);
+    }
+
+    /// Cancels the multishot recv (IORING_OP_ASYNC_CANCEL by its user
+    /// data, counted in `cancels`) and waits for its last completion and
+    /// for any send in flight: until then `WouldBlock`, and bytes that
+    /// raced the cancel are reported as usual. Then the socket and the
+    /// output held back are the caller's.
+    fn release(&mut self, h: Handle) -> io::Result<(OwnedFd, Vec<u8>)> {
+        let index = h.index();
+        let c = &mut self.conns[index];
+        if c.flags & RELEASING == 0 {
+            c.flags |= RELEASING;
+            if c.flags & RECV_ARMED != 0 {
+                self.push(
+                    opcode::AsyncCancel::new(Op::Recv.data(index))
+                        .build()
+                        .user_data(0),
+                );
+            }
+        }
+        let c = &self.conns[index];
+        if c.flags & (RECV_ARMED | CONNECTING) != 0 || c.inflight != NO_SEND {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the connection's recv or send has not completed yet",
+            ));
+        }
+        let out = self.take_pending(index);
+        Ok((self.conns.remove(index).fd, out))
+    }
+
+    /// Ends the multishot accept with a cancel (counted), never with
+    /// shutdown(2): the socket goes on listening for its next owner.
+    fn take_listener(&mut self) -> Option<socket2::Socket> {
+        let l = self.listener.take()?;
+        self.listener_handed = true;
+        if self.accept_armed && !self.accept_paused {
+            self.push(
+                opcode::AsyncCancel::new(Op::Accept.data(0))
+                    .build()
+                    .user_data(0),
+            );
+        }
+        self.accept_paused = true;
+        Some(l)
+    }
+
+    /// io_uring waits for a socket itself: one from epoll is made blocking.
+    fn adopt(&mut self, fd: OwnedFd, token: Token) -> io::Result<Handle> {
+        socket::set_blocking(fd.as_raw_fd());
+        self.register(fd, token, false)
     }
 
     fn socket_error(&self, h: Handle) -> i32 {
@@ -916,6 +976,10 @@ impl Driver for UringDriver {
                         // SAFETY: the kernel installed this descriptor for us.
                         let fd = unsafe { OwnedFd::from_raw_fd(res) };
                         if self.listener.is_none() {
+                            if self.listener_handed {
+                                // Taken just before the cancel: served here.
+                                return Some(Event::Accepted(fd));
+                            }
                             continue; // accepted as the listener stopped
                         }
                         self.arm_accept();
@@ -956,7 +1020,7 @@ impl Driver for UringDriver {
                             continue; // cannot happen: a recv with data names its buffer
                         };
                         let token = c.token;
-                        if !more {
+                        if !more && c.flags & RELEASING == 0 {
                             // Ended with data (the kernel's choice): re-arm.
                             self.arm_recv(index);
                         }
@@ -971,12 +1035,16 @@ impl Driver for UringDriver {
                     if let Some(b) = bid {
                         self.bufs.discard(b, res);
                     }
+                    let releasing = self.conns[index].flags & RELEASING != 0;
                     if res == -libc::ENOBUFS {
                         // Every buffer was taken by this wait's arrivals.
-                        if !more {
+                        if !more && !releasing {
                             self.arm_recv(index);
                         }
                         continue;
+                    }
+                    if releasing && res == -libc::ECANCELED {
+                        continue; // the release's cancel: its last completion
                     }
                     return Some(self.hang_up(index)); // end of stream or an error
                 }
@@ -999,7 +1067,7 @@ impl Driver for UringDriver {
                     if failed {
                         return Some(self.hang_up(index));
                     }
-                    if c.pending != NO_SEND {
+                    if c.pending != NO_SEND && c.flags & RELEASING == 0 {
                         let buf = self.take_pending(index);
                         self.start_send(index, buf);
                         continue;
@@ -1214,6 +1282,118 @@ mod tests {
             while d.next().is_some() {}
             assert_eq!(d.stats().cancels, 0);
         }
+    }
+
+    fn socketpair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: fds is valid for two descriptors.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: both are new and owned here.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Hot upgrade: release cancels the recv (one cancel, counted), waits
+    /// for its last completion, and hands back the socket; bytes that
+    /// raced the cancel were reported as Data first, the rest stay in the
+    /// socket: together, every byte once, in order. Output sent during the
+    /// release is held and handed back, not sent.
+    #[test]
+    fn release_cancels_the_recv_and_every_byte_is_read_once() {
+        let Some(mut d) = driver() else { return };
+        for round in 0..20u8 {
+            let (a, b) = socketpair();
+            let h = d.register(a, Token(round as u64), false).unwrap();
+            d.wait(Duration::ZERO).unwrap();
+            while d.next().is_some() {}
+            let sent: Vec<u8> = (0..200).map(|i| round.wrapping_add(i as u8)).collect();
+            socket::send(b.as_raw_fd(), &sent[..100]).unwrap();
+            let mut got = Vec::new();
+            let mut tries = 0;
+            let (fd, held) = loop {
+                match d.release(h) {
+                    Ok(x) => break x,
+                    Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+                }
+                if tries == 0 {
+                    // Bytes racing the cancel, and output during it.
+                    socket::send(b.as_raw_fd(), &sent[100..]).unwrap();
+                    assert_eq!(d.send(h, b"pong"), Sent::Queued);
+                }
+                tries += 1;
+                assert!(tries < 100, "the release never completed");
+                d.wait(Duration::from_millis(50)).unwrap();
+                while let Some(e) = d.next() {
+                    match e {
+                        Event::Data(t, bytes) => {
+                            assert_eq!(t, Token(round as u64));
+                            got.extend_from_slice(bytes);
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+            };
+            assert_eq!(held, b"pong", "held, not sent");
+            assert!(tries >= 1, "io_uring cannot release at once");
+            // The rest is in the socket.
+            socket::set_nonblocking(fd.as_raw_fd());
+            let mut buf = [0u8; 512];
+            while let Ok(n) = socket::recv(fd.as_raw_fd(), &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, sent, "round {round}");
+            // Nothing was sent to the peer during the release.
+            socket::set_nonblocking(b.as_raw_fd());
+            assert!(socket::recv(b.as_raw_fd(), &mut buf).is_err());
+        }
+        assert_eq!(d.conns.len(), 0);
+        assert_eq!(d.stats().cancels, 20, "one cancel per release");
+    }
+
+    /// A send in flight completes before the socket is handed back.
+    #[test]
+    fn release_waits_for_the_send_in_flight() {
+        let Some(mut d) = driver() else { return };
+        let (a, b) = socketpair();
+        let h = d.register(a, Token(1), false).unwrap();
+        assert_eq!(d.send(h, b"in flight"), Sent::Done);
+        assert!(d.release(h).is_err());
+        let fd = loop {
+            d.wait(Duration::from_millis(50)).unwrap();
+            while d.next().is_some() {}
+            if let Ok((fd, held)) = d.release(h) {
+                assert!(held.is_empty());
+                break fd;
+            }
+        };
+        let mut buf = [0u8; 16];
+        let n = socket::recv(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"in flight");
+        drop(fd);
+    }
+
+    #[test]
+    fn take_listener_cancels_the_accept_and_leaves_the_socket_listening() {
+        let Some(mut d) = driver() else { return };
+        let l = crate::listener::bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        d.listen(l).unwrap();
+        d.wait(Duration::ZERO).unwrap();
+        while d.next().is_some() {}
+        let l = d.take_listener().unwrap();
+        d.wait(Duration::from_millis(20)).unwrap();
+        while d.next().is_some() {}
+        assert_eq!(d.stats().cancels, 1);
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        d.wait(Duration::from_millis(50)).unwrap();
+        assert!(d.next().is_none(), "no accept after the hand-back");
+        l.set_nonblocking(true).unwrap();
+        assert!(l.accept().is_ok(), "still listening, the connection queued");
     }
 
     #[test]
