@@ -58,6 +58,7 @@ fn main() {
         registry: c1m::directory::registry::Registry::create(200_000).expect("registry"),
         udp: None,
         admission: None,
+        takeover: false,
     };
     let (io, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {

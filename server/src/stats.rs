@@ -73,9 +73,19 @@ pub const EVENTS_DROPPED: Family = family(
     "Lifecycle events (--nats) dropped because the publisher's queue was full (the broker down or slow).",
 );
 
+pub const HANDED_OVER: Family = family(
+    "c1m_handed_over_total",
+    "Connections this process handed to a new binary in a hot upgrade.",
+);
+
+pub const TAKEN_OVER: Family = family(
+    "c1m_taken_over_total",
+    "Connections this process took from the old binary in a hot upgrade.",
+);
+
 /// The counter families in the order /metrics lists them (then come the
 /// fields with a family of their own, [`Prom::Own`], in the table's order).
-pub const FAMILIES: [Family; 14] = [
+pub const FAMILIES: [Family; 16] = [
     ACCEPTED,
     UPGRADED,
     FRAMES,
@@ -90,6 +100,8 @@ pub const FAMILIES: [Family; 14] = [
     IO_CQ_OVERFLOWS,
     IO_CANCELS,
     EVENTS_DROPPED,
+    HANDED_OVER,
+    TAKEN_OVER,
 ];
 
 /// Where a field is in the stats line: every field is in its totals (after
@@ -232,6 +244,10 @@ c1m_proto::counter_table! {
         /// no work was done for them); and times accepting paused (`defer`).
         admission_refused: u64 = "admission_refused", Stat(Optional, Plain(ADMISSION_REFUSED));
         admission_paused: u64 = "admission_paused", Stat(Optional, Plain(ADMISSION_PAUSES));
+        /// Hot upgrade: connections handed to the new binary (old), taken
+        /// from the old one (new).
+        handed_over: u64 = "handed_over", Stat(Optional, Plain(HANDED_OVER));
+        taken_over: u64 = "taken_over", Stat(Optional, Plain(TAKEN_OVER));
     }
 }
 

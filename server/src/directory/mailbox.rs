@@ -40,6 +40,8 @@ pub enum Mail {
     /// of every device held, a few at a time, so presence lost with the
     /// broker, or dropped while it was away, is written again.
     Present,
+    /// Hot upgrade (docs/upgrade.md): from this process's handover thread.
+    Handover(crate::shard::handover::Order),
 }
 
 /// Where an [`Answer`] goes: a thread of this process waiting on a

@@ -153,6 +153,7 @@ impl State {
                 Mail::Ask { id, ask, at, reply } => self.on_ask(io, id, ask, at, reply),
                 // From the start again if a walk is under way: what it
                 // wrote may have gone with the broker too.
+                Mail::Handover(order) => self.on_order(io, order),
                 Mail::Present => {
                     if self.cfg.events.is_some() {
                         self.walk = Some(0);

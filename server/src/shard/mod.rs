@@ -52,6 +52,7 @@ mod bytes;
 mod directory;
 mod drain;
 mod expiry;
+pub mod handover;
 #[cfg(test)]
 mod tests;
 mod udp;
@@ -118,6 +119,10 @@ pub struct ShardConfig {
     /// server (each shard its share) and what the excess gets
     /// (admission.rs). None: no budget, no cost but one branch per accept.
     pub admission: Option<Budget>,
+    /// Started by a hot upgrade (docs/upgrade.md): connections handed over
+    /// come with last-heard times from before this process started, so the
+    /// wheel's tick 0 is put a horizon earlier to hold them.
+    pub takeover: bool,
 }
 
 /// See [`ShardConfig::inject_panic`].
@@ -295,6 +300,8 @@ struct State {
     /// Where the walk that writes presence again (`Mail::Present`) goes on
     /// from: the next slab key. None: no walk.
     walk: Option<usize>,
+    /// A hot upgrade handing this shard's connections over (None: off).
+    handing: Option<Box<handover::Handing>>,
 }
 
 impl<D: Driver> Shard<D> {
@@ -317,18 +324,24 @@ impl<D: Driver> Shard<D> {
         let timeout_ticks = ticks(cfg.timeout, cfg.tick);
         let handshake_ticks = ticks(cfg.handshake_timeout, cfg.tick);
         let frame_ticks = ticks(cfg.frame_timeout, cfg.tick);
-        let clock = Clock::new(
-            cfg.tick,
-            [timeout_ticks, handshake_ticks, frame_ticks],
-            Now::read(),
-        );
+        let horizon = timeout_ticks.max(handshake_ticks).max(frame_ticks) + 1;
+        let mut now = Now::read();
+        let mut back = Duration::ZERO;
+        if cfg.takeover {
+            let want = Duration::from_nanos((cfg.tick.as_nanos() as u64).saturating_mul(horizon + 1));
+            if let Some(at) = now.at.checked_sub(want) {
+                (now.at, back) = (at, want);
+            }
+        }
+        let mut clock = Clock::new(cfg.tick, [timeout_ticks, handshake_ticks, frame_ticks], now);
+        clock.start_ns = clock.start_ns.saturating_sub(back.as_nanos() as u64);
         let start = clock.start;
         Ok(Shard {
             io,
             st: State {
                 id,
                 slab: Slab::new(),
-                wheel: Wheel::new(timeout_ticks.max(handshake_ticks).max(frame_ticks) + 1, 0),
+                wheel: Wheel::new(horizon, 0),
                 // Seeded from the clock, so that a restarted --procs worker
                 // does not reuse its predecessor's (slot, generation) pairs,
                 // which other workers may still name for a moment.
@@ -357,6 +370,7 @@ impl<D: Driver> Shard<D> {
                 peers,
                 forwarded: None,
                 walk: None,
+                handing: None,
                 cfg,
             },
         })
@@ -391,7 +405,14 @@ impl<D: Driver> Shard<D> {
         self.pump();
         let busy = self.st.expire_due(&mut self.io, tick);
         self.st.housekeeping(&mut self.io, now);
-        let walk = self.st.walk_presence();
+        let mut walk = self.st.walk_presence();
+        if self.st.handing.is_some() {
+            let again = self.st.hand_over_some(&mut self.io);
+            walk = match (walk, again) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         self.st.peers.flush();
         if self.st.finished {
             return None;

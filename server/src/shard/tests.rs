@@ -96,6 +96,7 @@ fn config(graceful_expiry: bool) -> ShardConfig {
         registry: Registry::create(64).unwrap(),
         udp: None,
         admission: None,
+        takeover: false,
     }
 }
 

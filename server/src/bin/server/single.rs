@@ -77,6 +77,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             per_sec: args.max_upgrades_per_sec as f64,
             excess: args.upgrade_excess,
         }),
+        takeover: false,
     };
     cfg.validate()?;
 

@@ -1,0 +1,426 @@
+//! Hot upgrade, the shard's side (issue 22, docs/upgrade.md).
+//!
+//! The old process's shard hands its listener over at once, then its
+//! connections in budgets of [`BUDGET`] per loop turn (so that it keeps
+//! serving the rest): each stops being read ([`Driver::release`]) before it
+//! is offered, leaves the slab without an event or a registry release (the
+//! new process re-claims its entry), and goes to the handover thread as a
+//! [`Moved`]. Ended connections are not offered: this shard flushes and
+//! closes them. TLS connections get Close 1001 with the reconnect hint
+//! (v1 moves no TLS state).
+//!
+//! The new process's shard takes [`Moved`]s into its slab, driver and
+//! wheel: their output first, their silence carried over (the last-heard
+//! time is CLOCK_MONOTONIC, one clock for both processes).
+//!
+//! Off (no upgrade under way) this costs the loop one branch per turn.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use c1m_io::{Close, Driver, Token};
+use c1m_proto::conn::Conn;
+use c1m_proto::device_id::DeviceId;
+use c1m_proto::handover::{self, ConnRecord};
+use c1m_proto::table::{Claim, Location};
+use c1m_proto::wheel::Entry;
+
+use super::{Slot, State, DRAIN_REASON};
+use crate::directory::registry::Msg;
+use crate::events::Reason;
+
+/// Connections a shard starts to hand over per turn of its loop.
+pub const BUDGET: usize = 4096;
+
+/// What the handover thread tells a shard.
+pub enum Order {
+    /// Old: stop accepting and hand the listener back.
+    GiveListener(Sender<Out>),
+    /// Old: the handover failed: listen on this (our own listener) again.
+    Listen(Socket),
+    /// Old: hand every connection over, a budget per turn.
+    MoveConns(Sender<Out>),
+    /// New: take these; the count taken goes back on the sender.
+    Take(Vec<Moved>, Sender<u32>),
+}
+
+impl std::fmt::Debug for Order {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Order::GiveListener(_) => "GiveListener",
+            Order::Listen(_) => "Listen",
+            Order::MoveConns(_) => "MoveConns",
+            Order::Take(..) => "Take",
+        })
+    }
+}
+
+/// What an old shard hands the handover thread.
+pub enum Out {
+    Listener { shard: usize, sock: Option<Socket> },
+    Conns(Vec<Moved>),
+    /// Every connection was offered: `moved` of them; `tls_closed` got
+    /// Close 1001 instead; `lost` could not be released (closed).
+    End {
+        shard: usize,
+        moved: u32,
+        tls_closed: u32,
+        lost: u32,
+    },
+}
+
+/// One connection on its way: its socket and everything its slot held.
+pub struct Moved {
+    pub fd: OwnedFd,
+    pub state: MovedState,
+}
+
+/// A connection's slot as plain owned data (what a [`ConnRecord`] borrows).
+pub struct MovedState {
+    pub shard: u32,
+    pub key: u32,
+    pub gen: u32,
+    pub since_ns: u64,
+    pub last_heard_ns: u64,
+    pub deadline_ns: u64,
+    pub frame_deadline_ns: u64,
+    pub upgraded: bool,
+    pub registered: bool,
+    pub id: DeviceId,
+    pub remote: Option<SocketAddr>,
+    pub conn: Conn,
+    pub output: Vec<u8>,
+}
+
+impl MovedState {
+    /// The record of the handover format.
+    pub fn record(&self) -> ConnRecord<'_> {
+        ConnRecord {
+            shard: self.shard,
+            key: self.key,
+            gen: self.gen,
+            since_ns: self.since_ns,
+            last_heard_ns: self.last_heard_ns,
+            deadline_ns: self.deadline_ns,
+            frame_deadline_ns: self.frame_deadline_ns,
+            upgraded: self.upgraded,
+            registered: self.registered,
+            id: self.id.as_str(),
+            remote: self.remote,
+            state: self.conn.export(),
+            output: &self.output,
+        }
+    }
+
+    /// Back from a record (checked as `Conn::import` checks it).
+    pub fn from_record(r: &ConnRecord<'_>) -> Result<MovedState, handover::Error> {
+        Ok(MovedState {
+            shard: r.shard,
+            key: r.key,
+            gen: r.gen,
+            since_ns: r.since_ns,
+            last_heard_ns: r.last_heard_ns,
+            deadline_ns: r.deadline_ns,
+            frame_deadline_ns: r.frame_deadline_ns,
+            upgraded: r.upgraded,
+            registered: r.registered,
+            id: DeviceId::new(r.id),
+            remote: r.remote,
+            conn: Conn::import(&r.state, r.upgraded)?,
+            output: r.output.to_vec(),
+        })
+    }
+}
+
+/// An old shard's handover under way.
+pub(super) struct Handing {
+    tx: Sender<Out>,
+    /// The next slab key to offer.
+    cursor: usize,
+    /// Released but not yet handed back by the driver (io_uring: the
+    /// recv's last completion, a send in flight): key and generation.
+    releasing: Vec<(usize, u32)>,
+    moved: u32,
+    tls_closed: u32,
+    lost: u32,
+}
+
+impl State {
+    /// An order of the handover thread.
+    pub(super) fn on_order(&mut self, io: &mut impl Driver, order: Order) {
+        match order {
+            Order::GiveListener(tx) => {
+                let sock = io.take_listener();
+                self.accept.resume = None;
+                let _ = tx.send(Out::Listener {
+                    shard: self.id,
+                    sock,
+                });
+            }
+            Order::Listen(sock) => {
+                if let Err(e) = io.listen(sock) {
+                    eprintln!(
+                        "shard {}: cannot listen again after the failed upgrade ({e}): this shard accepts nothing more",
+                        self.id
+                    );
+                }
+            }
+            Order::MoveConns(tx) => {
+                self.handing = Some(Box::new(Handing {
+                    tx,
+                    cursor: 0,
+                    releasing: Vec::new(),
+                    moved: 0,
+                    tls_closed: 0,
+                    lost: 0,
+                }));
+            }
+            Order::Take(conns, reply) => {
+                let mut taken = 0;
+                for m in conns {
+                    taken += u32::from(self.take_over(io, m));
+                }
+                let _ = reply.send(taken);
+            }
+        }
+    }
+
+    /// One turn's share of the handover; how soon the loop should come
+    /// back (None: done).
+    pub(super) fn hand_over_some(&mut self, io: &mut impl Driver) -> Option<Duration> {
+        let mut h = self.handing.take()?;
+        let mut out = Vec::new();
+        // Those whose release was under way.
+        let mut i = 0;
+        while i < h.releasing.len() {
+            let (key, gen) = h.releasing[i];
+            match self.slab.get(key) {
+                Some(s) if s.gen == gen && s.ended => {
+                    // It ended meanwhile (bytes that raced the release):
+                    // its output goes out and it closes here.
+                    self.close(io, key, Close::Graceful);
+                    h.releasing.swap_remove(i);
+                }
+                Some(s) if s.gen == gen => match self.release(io, key, &mut out) {
+                    Ok(true) => {
+                        h.moved += 1;
+                        h.releasing.swap_remove(i);
+                    }
+                    Ok(false) => i += 1,
+                    Err(()) => {
+                        h.lost += 1;
+                        h.releasing.swap_remove(i);
+                    }
+                },
+                _ => {
+                    h.releasing.swap_remove(i); // closed meanwhile
+                }
+            }
+        }
+        let end = self.slab.capacity();
+        let mut started = 0;
+        while h.cursor < end && started < BUDGET {
+            let key = h.cursor;
+            h.cursor += 1;
+            let Some(slot) = self.slab.get(key) else {
+                continue;
+            };
+            if slot.ended {
+                continue; // flushed and closed here
+            }
+            started += 1;
+            if slot.tls.is_some() {
+                h.tls_closed += 1;
+                self.close_for_drain(io, key, DRAIN_REASON);
+                continue;
+            }
+            let gen = slot.gen;
+            match self.release(io, key, &mut out) {
+                Ok(true) => h.moved += 1,
+                Ok(false) => h.releasing.push((key, gen)),
+                Err(()) => h.lost += 1,
+            }
+        }
+        if !out.is_empty() {
+            let _ = h.tx.send(Out::Conns(out));
+        }
+        if h.cursor >= end && h.releasing.is_empty() {
+            let _ = h.tx.send(Out::End {
+                shard: self.id,
+                moved: h.moved,
+                tls_closed: h.tls_closed,
+                lost: h.lost,
+            });
+            self.counters.handed_over += u64::from(h.moved);
+            return None;
+        }
+        let again = if h.cursor < end {
+            Duration::ZERO
+        } else {
+            // Waiting for completions, which end the driver's wait anyway.
+            Duration::from_millis(1)
+        };
+        self.handing = Some(h);
+        Some(again)
+    }
+
+    /// Releases slot `key` from the driver; once the driver hands the
+    /// socket back, the slot leaves the slab (no event, no registry
+    /// release) into `out`. Ok(false): under way; Err: lost (closed).
+    fn release(&mut self, io: &mut impl Driver, key: usize, out: &mut Vec<Moved>) -> Result<bool, ()> {
+        let (fd, output) = match io.release(self.slab[key].io) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => {
+                self.warn(format_args!(
+                    "cannot hand a connection over ({e}): closed it"
+                ));
+                self.slab[key].why = Reason::Reset;
+                self.close(io, key, Close::Abortive);
+                return Err(());
+            }
+        };
+        let slot = self.slab.remove(key);
+        if slot.upgraded {
+            self.open -= 1;
+        }
+        out.push(Moved {
+            fd,
+            state: self.export(key, slot, output),
+        });
+        Ok(true)
+    }
+
+    /// A slot as [`MovedState`]: its ticks as CLOCK_MONOTONIC times.
+    fn export(&self, key: usize, slot: Slot, output: Vec<u8>) -> MovedState {
+        let c = &self.clock;
+        let tick_ns = c.tick.as_nanos() as u64;
+        let ns_of = |tick: u64| c.start_ns.saturating_add(tick.saturating_mul(tick_ns));
+        let at = self.place(key, slot.gen);
+        let held = slot.upgraded.then(|| self.cfg.registry.get(&slot.id)).flatten();
+        let registered = held.is_some_and(|l| l.shard == at.shard && l.key == at.key && l.gen == at.gen);
+        MovedState {
+            shard: at.shard,
+            key: at.key,
+            gen: slot.gen,
+            since_ns: held.filter(|_| registered).map_or(c.monotonic_ns(), |l| l.since),
+            // The end of its tick: the new process never expires it early.
+            last_heard_ns: ns_of(slot.last_seen + 1).saturating_sub(1),
+            deadline_ns: match slot.armed {
+                u64::MAX => ns_of(slot.last_seen + c.timeout_ticks + 1),
+                t => ns_of(t),
+            },
+            frame_deadline_ns: match slot.frame_deadline {
+                0 => 0,
+                t => ns_of(t),
+            },
+            upgraded: slot.upgraded,
+            registered,
+            id: slot.id,
+            remote: slot.remote.map(|r| *r),
+            conn: slot.conn,
+            output,
+        }
+    }
+
+    /// The tick (of this shard's wheel) of CLOCK_MONOTONIC time `ns`.
+    fn tick_of_ns(&self, ns: u64) -> u64 {
+        let c = &self.clock;
+        let at = if ns >= c.start_ns {
+            c.start.checked_add(Duration::from_nanos(ns - c.start_ns))
+        } else {
+            c.start.checked_sub(Duration::from_nanos(c.start_ns - ns))
+        };
+        at.map_or(0, |t| c.tick_at(t))
+    }
+
+    /// Takes a connection another process handed over; false if it could
+    /// not (its socket is then closed).
+    fn take_over(&mut self, io: &mut impl Driver, m: Moved) -> bool {
+        let Moved { fd, state: s } = m;
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let key = self.slab.vacant_key();
+        let h = match io.adopt(fd, Token::pack(key, gen)) {
+            Ok(h) => h,
+            Err(err) => {
+                self.warn(format_args!(
+                    "cannot watch a connection handed over ({err}): it is closed; check fs.epoll.max_user_watches and memory"
+                ));
+                return false;
+            }
+        };
+        // Silence carries over: its last frame's time, on this wheel (a
+        // tick later at most: never early).
+        let last_seen = self.tick_of_ns(s.last_heard_ns);
+        let frame_deadline = match s.frame_deadline_ns {
+            0 => 0,
+            ns => self.tick_of_ns(ns) + 1,
+        };
+        let armed = if s.upgraded {
+            let silent = last_seen + self.clock.timeout_ticks + 1;
+            match frame_deadline {
+                0 => silent,
+                f => silent.min(f),
+            }
+        } else {
+            self.tick_of_ns(s.deadline_ns) + 1
+        };
+        self.slab.insert(Slot {
+            io: h,
+            gen,
+            upgraded: s.upgraded,
+            ended: false,
+            last_seen,
+            armed,
+            frame_deadline,
+            conn: s.conn,
+            id: s.id,
+            remote: s.remote.map(Box::new),
+            why: Reason::Reset,
+            tls: None,
+        });
+        self.wheel.insert(Entry {
+            key: key as u32,
+            gen,
+            deadline: armed,
+        });
+        if s.upgraded {
+            self.open += 1;
+        }
+        self.counters.taken_over += 1;
+        // What the old driver held goes out before anything else.
+        if !s.output.is_empty() {
+            self.out.clear();
+            self.out.extend_from_slice(&s.output);
+            if !self.write(io, key) {
+                return true; // closed as any write failure is: counted
+            }
+        }
+        if s.registered {
+            let at = Location {
+                since: s.since_ns,
+                ..self.place(key, gen)
+            };
+            let id = self.slab[key].id.clone();
+            match self.cfg.registry.claim(&id, at) {
+                Claim::Displaced(old)
+                    if old.shard == s.shard && old.key == s.key && old.gen == s.gen => {}
+                Claim::Displaced(other) if other.since > s.since_ns => {
+                    // The device connected again meanwhile: the newer wins.
+                    self.cfg.registry.claim(&id, other);
+                    self.replaced(io, id, at);
+                }
+                Claim::Displaced(other) => {
+                    self.deliver(io, other.shard as usize, Msg::Replaced { id, at: other })
+                }
+                Claim::Fresh | Claim::Full => {}
+            }
+        }
+        true
+    }
+}
