@@ -213,6 +213,8 @@ pub struct Admin {
     view: Arc<Mutex<View>>,
     stop: Arc<AtomicBool>,
     addr: SocketAddr,
+    /// A duplicate of the listener, for a hot upgrade to hand over.
+    listener: TcpListener,
 }
 
 /// What every handler thread shares.
@@ -237,7 +239,23 @@ impl Admin {
         access.check_bind(addr)?;
         let listener =
             TcpListener::bind(addr).map_err(|e| format!("cannot serve --admin on {addr}: {e}"))?;
-        let addr = listener.local_addr().unwrap_or(addr);
+        Admin::start_on(listener, group, devices, access)
+    }
+
+    /// [`Admin::start`] on a listener already bound (a hot upgrade's, from
+    /// the old process).
+    pub fn start_on(
+        listener: TcpListener,
+        group: &'static str,
+        devices: Option<Devices>,
+        access: Access,
+    ) -> Result<Admin, String> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot serve --admin: {e}"))?;
+        let own = listener
+            .try_clone()
+            .map_err(|e| format!("cannot serve --admin on {addr}: {e}"))?;
         let view = Arc::new(Mutex::new(View::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(Ctx {
@@ -261,7 +279,17 @@ impl Admin {
             .name("admin".into())
             .spawn(move || accept_all(&listener, &tx, &s))
             .map_err(|e| format!("cannot start the admin thread: {e}"))?;
-        Ok(Admin { view, stop, addr })
+        Ok(Admin {
+            view,
+            stop,
+            addr,
+            listener: own,
+        })
+    }
+
+    /// A duplicate of the listening socket (a hot upgrade hands it over).
+    pub fn listener(&self) -> std::io::Result<TcpListener> {
+        self.listener.try_clone()
     }
 
     /// The address served (the port chosen, if `addr` asked for port 0).
@@ -592,6 +620,7 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 fn answer(status: u16, ctype: &str, body: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -650,6 +679,19 @@ fn route(req: Request, ctx: &Ctx) -> Out {
         )
     };
     match req.path.as_str() {
+        "/upgrade" if req.method == "POST" => {
+            // The same path as SIGUSR2: the process's signal thread starts
+            // it (or refuses, in one sentence in the server's log).
+            // SAFETY: kill(2) on our own pid with a signal every thread blocks.
+            unsafe { libc::kill(std::process::id() as libc::pid_t, libc::SIGUSR2) };
+            plain(202, "upgrade requested: the server's log says how it went\n")
+        }
+        "/upgrade" => (
+            405,
+            "text/plain",
+            "POST only\n".to_string(),
+            vec![("Allow", "POST")],
+        ),
         "/metrics" | "/healthz" if !get => get_only(),
         "/metrics" => {
             let v = lock(&ctx.view).clone();

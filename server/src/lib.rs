@@ -13,6 +13,8 @@
 //! - [`directory`]: one connection per device id across shards and workers
 //!   (the registry in shared memory), the messages shards exchange, and the
 //!   link that carries them between worker processes.
+//! - [`upgrade`]: the hot upgrade: listeners and connections handed to a
+//!   new binary without a disconnect (docs/upgrade.md).
 
 pub mod admin;
 pub mod admission;
@@ -24,3 +26,4 @@ pub mod procs;
 pub mod reporter;
 pub mod shard;
 pub mod stats;
+pub mod upgrade;

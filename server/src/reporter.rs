@@ -13,6 +13,9 @@ use c1m_io::host::signals::Signals;
 use crate::admin::Admin;
 use crate::stats::{Counters, Snapshot};
 
+/// The hot upgrade's trigger, as [`Reporter::wait`] names it.
+pub const UPGRADE_SIGNAL: &str = "SIGUSR2";
+
 pub struct Reporter {
     signals: Signals,
     admin: Option<Admin>,
@@ -70,7 +73,8 @@ impl Reporter {
     }
 
     /// Waits for SIGINT or SIGTERM, at most `poll` and until the next
-    /// stats line; its name if one came. Then the server is stopping:
+    /// stats line; its name if one came. SIGUSR2 ([`UPGRADE_SIGNAL`]) is
+    /// only named: the caller starts the upgrade. Else the server is stopping:
     /// /healthz says 503 and the drain is due after --drain-health-delay.
     /// Once stopping, signals are left alone and this only sleeps.
     pub fn wait(&mut self) -> Option<&'static str> {
@@ -86,6 +90,9 @@ impl Reporter {
             return None;
         }
         let signal = self.signals.wait(wait)?;
+        if signal == UPGRADE_SIGNAL {
+            return Some(signal); // the caller's to act on: nothing stops
+        }
         self.stop();
         self.drain_at = Some(Instant::now() + self.drain_health_delay);
         Some(signal)

@@ -1,4 +1,4 @@
-//! SIGINT and SIGTERM, taken by one thread: blocked before the worker
+//! SIGINT and SIGTERM (and SIGUSR2, the hot upgrade's trigger), taken by one thread: blocked before the worker
 //! threads start (they inherit the mask), then waited for with a timeout
 //! between the thread's other chores (stats lines, children).
 
@@ -17,8 +17,9 @@ impl Signals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err("cannot block SIGINT/SIGTERM".into());
+                return Err("cannot block SIGINT/SIGTERM/SIGUSR2".into());
             }
             Ok(Signals(set))
         }
@@ -34,6 +35,7 @@ impl Signals {
         match unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) } {
             libc::SIGINT => Some("SIGINT"),
             libc::SIGTERM => Some("SIGTERM"),
+            libc::SIGUSR2 => Some("SIGUSR2"),
             _ => None,
         }
     }

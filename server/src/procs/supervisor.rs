@@ -330,7 +330,10 @@ impl Supervisor {
         );
         let mut failure: Option<String> = None;
         loop {
-            if reporter.wait().is_some() && !self.drain_health_delay.is_zero() {
+            let signal = reporter.wait();
+            if signal == Some(crate::reporter::UPGRADE_SIGNAL) {
+                eprintln!("server: upgrade refused: a hot upgrade under --procs is not supported yet (v1 upgrades a single process); restart the workers instead");
+            } else if signal.is_some() && !self.drain_health_delay.is_zero() {
                 eprintln!(
                     "server: stopping: /healthz says 503 for {:?} while the workers serve, then SIGTERM to {} workers",
                     self.drain_health_delay,

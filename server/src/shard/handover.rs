@@ -44,6 +44,9 @@ pub enum Order {
     Listen(Socket),
     /// Old: hand every connection over, a budget per turn.
     MoveConns(Sender<Out>),
+    /// Old: the handover failed: start no more releases (those under way
+    /// finish and are sent, then End).
+    StopMoving,
     /// New: take these; the count taken goes back on the sender.
     Take(Vec<Moved>, Sender<u32>),
 }
@@ -54,6 +57,7 @@ impl std::fmt::Debug for Order {
             Order::GiveListener(_) => "GiveListener",
             Order::Listen(_) => "Listen",
             Order::MoveConns(_) => "MoveConns",
+            Order::StopMoving => "StopMoving",
             Order::Take(..) => "Take",
         })
     }
@@ -178,6 +182,11 @@ impl State {
                     tls_closed: 0,
                     lost: 0,
                 }));
+            }
+            Order::StopMoving => {
+                if let Some(h) = &mut self.handing {
+                    h.cursor = usize::MAX;
+                }
             }
             Order::Take(conns, reply) => {
                 let mut taken = 0;

@@ -27,6 +27,11 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         tls,
     } = checked;
     let print_stats = !args.stats_interval.is_zero();
+    // The binary a hot upgrade starts: the file at this path then (resolved
+    // now, while /proc/self/exe still names the path and not "(deleted)").
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map_err(|e| format!("cannot resolve /proc/self/exe: {e}"))?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Every connection is a descriptor: past RLIMIT_NOFILE accept fails with
     // EMFILE, so by default the shards stop at their share of it (and answer
     // 503) with a little room kept for the listeners and the executors.
@@ -104,10 +109,18 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     if let Some(why) = fallback {
         eprintln!("server: {why}");
     }
+    // Started by a hot upgrade: the old process's listeners, not ours.
+    let given = c1m::upgrade::new::begin(cores.len(), backend)?;
+    let mut cfg = cfg;
+    cfg.takeover = given.is_some();
 
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
-    if !args.join {
+    let (given_listeners, given_admin, taking) = match given {
+        Some(g) => (Some(g.listeners), g.admin, Some(g.taking)),
+        None => (None, None, None),
+    };
+    if !args.join && given_listeners.is_none() {
         c1m_io::listener::ensure_free(args.listen).map_err(|e| {
             format!(
                 "cannot listen on {}: {e}; is another server running there? (--join shares the port with it on purpose)",
@@ -115,8 +128,8 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             )
         })?;
     }
-    let mut listeners = Vec::new();
-    for _ in &cores {
+    let mut listeners = given_listeners.unwrap_or_default();
+    for _ in listeners.len()..cores.len() {
         listeners.push(c1m_io::listener::bind(args.listen, backlog).map_err(|e| {
             format!(
                 "cannot listen on {}: {e}; is another server running there?",
@@ -160,7 +173,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         None
     };
 
-    if args.reuseport_cpu {
+    if args.reuseport_cpu && taking.is_none() {
         // The program returns CPU % N as an index into the group in bind
         // order: right only when shard i is the i-th bound and runs on CPU i.
         if args.join || cores.iter().enumerate().any(|(i, &c)| i != c) {
@@ -205,7 +218,6 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // --nats: one publisher thread for this process; the shards get the
     // sending end of its bounded queue and never wait on it.
     let live = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut cfg = cfg;
     cfg.udp = udp;
     let publisher = match &args.nats {
         Some(url) => {
@@ -221,18 +233,26 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         }
         None => None,
     };
-    let admin = match args.admin {
-        Some(addr) => Some(c1m::admin::Admin::start(
-            addr,
+    let devices = Some(c1m::admin::Devices {
+        route: c1m::admin::Route::Local(outside.clone()),
+        max_message: args.max_message,
+    });
+    let admin = match (args.admin, given_admin) {
+        (Some(_), Some(l)) => Some(c1m::admin::Admin::start_on(
+            l,
             "shard",
-            Some(c1m::admin::Devices {
-                route: c1m::admin::Route::Local(outside.clone()),
-                max_message: args.max_message,
-            }),
+            devices,
             admin_access,
         )?),
-        None => None,
+        (Some(addr), None) => Some(c1m::admin::Admin::start(
+            addr,
+            "shard",
+            devices,
+            admin_access,
+        )?),
+        (None, _) => None,
     };
+    let admin_listener = admin.as_ref().and_then(|a| a.listener().ok());
 
     let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
     // A shard that ends before it was told to stop (its driver failed, or
@@ -269,6 +289,16 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     }
     drop(report_tx);
     drop(died_tx);
+    if let Some(t) = taking {
+        c1m::upgrade::new::serve(t, outside.clone())?;
+    }
+    let mut upgrade = Upgrade {
+        exe,
+        argv,
+        running: None,
+        admin: admin_listener,
+        udp: cfg.udp.is_some(),
+    };
     eprintln!(
         "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {}{})",
         args.listen,
@@ -337,8 +367,35 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                 std::process::exit(1);
             }
         }
+        if let Some(done) = upgrade.finished() {
+            match done {
+                Ok(s) => {
+                    eprintln!(
+                        "server: upgrade: handed {} listeners and {} connections to the new process (pid {}) in {} ms (hello {} ms){}{}; this process exits",
+                        s.listeners,
+                        s.moved,
+                        s.pid,
+                        s.took.as_millis(),
+                        s.hello.as_millis(),
+                        if s.tls_closed > 0 { format!(", {} TLS connections closed with 1001 (v1 moves no TLS state)", s.tls_closed) } else { String::new() },
+                        if s.lost > 0 { format!(", {} lost", s.lost) } else { String::new() },
+                    );
+                    if reporter.stop() {
+                        shutdown();
+                    }
+                }
+                Err(why) => eprintln!("server: {why}"),
+            }
+        }
         // Wait for a signal, at most until the next stats line.
-        if reporter.wait().is_some() {
+        let signal = reporter.wait();
+        if signal == Some(c1m::reporter::UPGRADE_SIGNAL) {
+            if reporter.stopping() {
+                eprintln!("server: upgrade refused: the server is stopping");
+            } else if let Err(why) = upgrade.start(&cfg, &outside, backend, cores.len()) {
+                eprintln!("server: {why}");
+            }
+        } else if signal.is_some() {
             let pace = match args.drain_rate {
                 0 => "to every device".to_string(),
                 r => format!("at {r} devices/s"),
@@ -414,6 +471,62 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         Ok(())
     } else {
         Err(failed.join("; "))
+    }
+}
+
+/// The hot upgrade's trigger side: one handover at a time.
+struct Upgrade {
+    exe: std::path::PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    running: Option<std::thread::JoinHandle<Result<c1m::upgrade::old::Summary, String>>>,
+    admin: Option<std::net::TcpListener>,
+    udp: bool,
+}
+
+impl Upgrade {
+    /// Starts a handover, or says in one sentence why not.
+    fn start(
+        &mut self,
+        cfg: &ShardConfig,
+        shards: &[c1m::directory::mailbox::Peer],
+        backend: Backend,
+        n: usize,
+    ) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("upgrade refused: one is under way already".into());
+        }
+        if self.udp {
+            return Err("upgrade refused: a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move in v1)".into());
+        }
+        let admin = match &self.admin {
+            Some(l) => Some(l.try_clone().map_err(|e| format!("upgrade refused: cannot duplicate the admin listener ({e})"))?),
+            None => None,
+        };
+        debug_assert_eq!(shards.len(), n);
+        let plan = c1m::upgrade::old::Plan {
+            exe: self.exe.clone(),
+            args: self.argv.clone(),
+            registry_fd: cfg.registry.fd(),
+            shards: shards.to_vec(),
+            backend,
+            tls: cfg.tls.is_some(),
+            admin,
+        };
+        eprintln!("server: upgrade: starting {} with the same arguments", self.exe.display());
+        self.running = Some(
+            c1m::upgrade::old::start(plan)
+                .map_err(|e| format!("upgrade refused: cannot start its thread ({e})"))?,
+        );
+        Ok(())
+    }
+
+    /// The handover's outcome, once its thread has ended.
+    fn finished(&mut self) -> Option<Result<c1m::upgrade::old::Summary, String>> {
+        if !self.running.as_ref()?.is_finished() {
+            return None;
+        }
+        let h = self.running.take()?;
+        Some(h.join().unwrap_or_else(|_| Err("upgrade: its thread panicked; this process keeps serving".into())))
     }
 }
 

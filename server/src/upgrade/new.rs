@@ -1,0 +1,230 @@
+//! The new process's side of a hot upgrade: started with
+//! [`super::ENV_FD`], it answers the old process's Hello, takes the
+//! listeners before its shards start (it binds none), then takes the
+//! connections on a thread of its own, each batch into the shards named
+//! by its records, acknowledging a batch once the shards hold it.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use c1m_io::handover::{pair, Batch, Channel};
+use c1m_io::Backend;
+use c1m_proto::handover::{self, Ack, ListenerRole, Record, Role};
+
+use super::{recv_hello, send, send_hello, ENV_FD, ENV_TEST_FAIL, HELLO_TIMEOUT};
+use crate::directory::mailbox::{Mail, Peer};
+use crate::shard::handover::{Moved, MovedState, Order};
+
+/// How long the new process waits for the old one's next batch.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the old process gave before the shards start.
+pub struct Given {
+    /// One per shard, in order.
+    pub listeners: Vec<Socket>,
+    pub admin: Option<std::net::TcpListener>,
+    pub taking: Taking,
+}
+
+/// The socket to the old process, for the connections.
+pub struct Taking {
+    ch: Channel,
+    old_pid: u32,
+    began: Instant,
+}
+
+/// Whether this process was started by a hot upgrade; then the Hello
+/// exchange and the listeners. None when it was not.
+pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
+    let Some(v) = std::env::var_os(ENV_FD) else {
+        return Ok(None);
+    };
+    let began = Instant::now();
+    let fd: RawFd = v
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{ENV_FD} is not a descriptor ({v:?}); it is set by an upgrading server only"))?;
+    // SAFETY: fcntl on a descriptor number, to see that it is open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(format!("{ENV_FD} names descriptor {fd}, which is not open"));
+    }
+    // SAFETY: the old process put our end of the handover socket here for
+    // this process; nothing else owns it.
+    let sock = unsafe { UnixStream::from_raw_fd(fd) };
+    let mut ch = Channel::new(sock).map_err(|e| format!("upgrade: the handover socket: {e}"))?;
+    ch.set_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|e| format!("upgrade: the handover socket: {e}"))?;
+    match std::env::var(ENV_TEST_FAIL).as_deref() {
+        Ok("exit") => {
+            eprintln!("server: {ENV_TEST_FAIL}=exit (test only): exiting before the hello");
+            std::process::exit(3);
+        }
+        Ok("hello") => {
+            eprintln!("server: {ENV_TEST_FAIL}=hello (test only): answering with a hello of format v999");
+            bad_hello(&mut ch, shards, io);
+            std::process::exit(3);
+        }
+        _ => {}
+    }
+    let (old_pid, _) = recv_hello(&mut ch, Role::Old).map_err(|e| format!("upgrade: the old process: {e}"))?;
+    send_hello(&mut ch, Role::New, shards, io).map_err(|e| format!("upgrade: cannot answer the old process's hello: {e}"))?;
+    ch.set_timeout(Some(BATCH_TIMEOUT))
+        .map_err(|e| format!("upgrade: the handover socket: {e}"))?;
+    let mut batch = Batch::default();
+    ch.recv(&mut batch)
+        .map_err(|e| format!("upgrade: the listeners did not come from the old process ({e})"))?;
+    let fds = std::mem::take(&mut batch.fds);
+    let records = pair(&batch.payload, fds).map_err(|e| format!("upgrade: the listeners' batch: {e}"))?;
+    let mut listeners: Vec<Option<Socket>> = (0..shards).map(|_| None).collect();
+    let mut admin = None;
+    let mut taken = 0;
+    for (rec, fd) in records {
+        let (Record::Listener(l), Some(fd)) = (rec, fd) else {
+            return Err("upgrade: the old process sent something else than its listeners".into());
+        };
+        taken += 1;
+        match l.role {
+            ListenerRole::Plain | ListenerRole::Tls => {
+                let Some(at) = listeners.get_mut(l.shard as usize) else {
+                    return Err(format!("upgrade: a listener for shard {} of {shards}", l.shard));
+                };
+                *at = Some(Socket::from(fd));
+            }
+            ListenerRole::Admin => admin = Some(std::net::TcpListener::from(fd)),
+            ListenerRole::Udp => return Err("upgrade: UDP sockets are not handed over in v1".into()),
+        }
+    }
+    let listeners: Vec<Socket> = listeners.into_iter().flatten().collect();
+    if listeners.len() != shards {
+        return Err(format!("upgrade: the old process gave {} listeners for {shards} shards", listeners.len()));
+    }
+    let ack = Record::Ack(Ack {
+        shard: 0,
+        seq: batch.seq,
+        taken,
+    });
+    send(&mut ch, 0, &[ack]).map_err(|e| format!("upgrade: cannot acknowledge the listeners: {e}"))?;
+    eprintln!(
+        "server: upgrade: took {} listeners{} from the old process (pid {old_pid}); accepting",
+        listeners.len(),
+        if admin.is_some() { " and the admin port" } else { "" }
+    );
+    Ok(Some(Given {
+        listeners,
+        admin,
+        taking: Taking { ch, old_pid, began },
+    }))
+}
+
+/// Test only: a Hello of format v999 (the version right after the magic).
+fn bad_hello(ch: &mut Channel, shards: usize, io: Backend) {
+    let mut payload = Vec::new();
+    let hello = Record::Hello(handover::Hello {
+        role: Role::New,
+        pid: std::process::id(),
+        shards: shards as u32,
+        backend: super::backend(io),
+        mono_ns: c1m_io::handover::monotonic_ns(),
+        build: super::build(),
+    });
+    if hello.encode(&mut payload).is_ok() {
+        let at = handover::HEADER + handover::MAGIC.len();
+        payload[at..at + 2].copy_from_slice(&999u16.to_le_bytes());
+        let _ = ch.send(0, &payload, &[]);
+    }
+}
+
+/// Takes the connections on a thread of its own until the old process's
+/// Done (or its end).
+pub fn serve(t: Taking, shards: Vec<Peer>) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || take_all(t, shards))
+        .map(drop)
+        .map_err(|e| format!("cannot start the handover thread: {e}"))
+}
+
+fn take_all(mut t: Taking, shards: Vec<Peer>) {
+    let n = shards.len();
+    let mut batch = Batch::default();
+    let mut total = 0u64;
+    loop {
+        if let Err(e) = t.ch.recv(&mut batch) {
+            eprintln!(
+                "server: upgrade: the old process (pid {}) ended the handover early ({e}): serving the {total} connections taken",
+                t.old_pid
+            );
+            return;
+        }
+        let fds = std::mem::take(&mut batch.fds);
+        let records = match pair(&batch.payload, fds) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("batch {} does not decode: {e}", batch.seq);
+                eprintln!("server: upgrade: {why}; stopping the handover, serving the {total} connections taken");
+                let _ = send(&mut t.ch, 0, &[Record::Abort(&why)]);
+                return;
+            }
+        };
+        let mut per: Vec<Vec<Moved>> = (0..n).map(|_| Vec::new()).collect();
+        let (mut conns, mut done, mut bad) = (0u32, false, 0u32);
+        let mut shard_of = 0;
+        for (rec, fd) in records {
+            match (rec, fd) {
+                (Record::Conn(c), Some(fd)) => {
+                    conns += 1;
+                    shard_of = c.shard;
+                    match MovedState::from_record(&c) {
+                        Ok(state) => per[c.shard as usize % n].push(Moved { fd, state }),
+                        Err(_) => bad += 1, // its socket closes here
+                    }
+                }
+                (Record::Done { .. }, _) => done = true,
+                _ => {} // ShardEnd: counts only
+            }
+        }
+        if conns > 0 {
+            let (tx, rx) = mpsc::channel();
+            let mut asked = 0;
+            for (i, group) in per.into_iter().enumerate() {
+                if !group.is_empty() {
+                    shards[i].send_now(Mail::Handover(Order::Take(group, tx.clone())));
+                    asked += 1;
+                }
+            }
+            let mut taken = 0;
+            for _ in 0..asked {
+                match rx.recv_timeout(BATCH_TIMEOUT) {
+                    Ok(k) => taken += k,
+                    Err(_) => break,
+                }
+            }
+            total += u64::from(taken);
+            if bad > 0 {
+                eprintln!("server: upgrade: {bad} connection records of batch {} were invalid: closed", batch.seq);
+            }
+            let ack = Record::Ack(Ack {
+                shard: shard_of,
+                seq: batch.seq,
+                taken,
+            });
+            if let Err(e) = send(&mut t.ch, 0, &[ack]) {
+                eprintln!("server: upgrade: cannot acknowledge batch {} ({e}); serving the {total} connections taken", batch.seq);
+                return;
+            }
+        }
+        if done {
+            let _ = send(&mut t.ch, 0, &[Record::Done { conns: total }]);
+            eprintln!(
+                "server: upgrade: took over {total} connections from the old process (pid {}) in {} ms",
+                t.old_pid,
+                t.began.elapsed().as_millis()
+            );
+            return;
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The old process's side of a hot upgrade: one thread, started by the
+//! trigger (SIGUSR2 or `POST /upgrade`), that starts the new binary, checks
+//! its Hello, hands it the listeners and then each shard's connections,
+//! and reports how it went. It blocks on the socket; the shards never do
+//! (they hand their connections to it by channel).
+
+use std::ffi::OsString;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use c1m_io::handover::{Batch, Channel, Outbox};
+use c1m_io::Backend;
+use c1m_proto::handover::{self, ListenerRole, Record, Role, ShardEnd};
+
+use super::{recv_hello, send, send_hello, ENV_FD, HELLO_TIMEOUT, STEP_TIMEOUT};
+use crate::directory::mailbox::{Mail, Peer};
+use crate::shard::handover::{Moved, Order, Out};
+
+/// Payload bytes after which a batch goes out even with room for more
+/// descriptors (connections carrying output or a fragmented message).
+const BATCH_BYTES: usize = 4 << 20;
+
+/// What the trigger needs to run a handover.
+pub struct Plan {
+    /// This binary's path, resolved from /proc/self/exe at startup (the
+    /// file now at that path is what starts).
+    pub exe: PathBuf,
+    /// The arguments this process started with (without argv[0]).
+    pub args: Vec<OsString>,
+    /// The registry's memfd: the new process maps the same table.
+    pub registry_fd: RawFd,
+    /// Every shard, in order.
+    pub shards: Vec<Peer>,
+    pub backend: Backend,
+    /// The listeners serve TLS (their connections are closed, not moved).
+    pub tls: bool,
+    /// A duplicate of the admin listener, handed over too.
+    pub admin: Option<std::net::TcpListener>,
+}
+
+/// How a handover went.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub pid: u32,
+    pub listeners: usize,
+    pub moved: u64,
+    pub tls_closed: u64,
+    pub lost: u64,
+    pub hello: Duration,
+    pub took: Duration,
+}
+
+/// Starts the handover on a thread of its own.
+pub fn start(plan: Plan) -> std::io::Result<std::thread::JoinHandle<Result<Summary, String>>> {
+    std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || run(plan))
+}
+
+fn run(plan: Plan) -> Result<Summary, String> {
+    let began = Instant::now();
+    let n = plan.shards.len();
+    let (mut ch, theirs) = Channel::pair()
+        .map_err(|e| format!("upgrade refused: cannot make the handover socket ({e}); this process keeps serving"))?;
+    let mut child = spawn(&plan, theirs.as_raw_fd())?;
+    // Ours is gone: its end closing is the child's EOF.
+    drop(theirs);
+    let pid = child.id();
+    let exe = plan.exe.display().to_string();
+    let refuse = |child: &mut Child, why: String| {
+        // SAFETY: kill(2) on our own child, which we reap just below.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = child.wait();
+        format!("upgrade refused: the new process (pid {pid}, {exe}) {why}; this process keeps serving")
+    };
+    if let Err(e) = ch.set_timeout(Some(HELLO_TIMEOUT)) {
+        return Err(refuse(&mut child, format!("could not be given a timeout ({e})")));
+    }
+    if let Err(e) = send_hello(&mut ch, Role::Old, n, plan.backend) {
+        return Err(refuse(&mut child, format!("did not take our hello ({e})")));
+    }
+    let shards = match recv_hello(&mut ch, Role::New) {
+        Ok((_, s)) => s,
+        Err(why) => return Err(refuse(&mut child, why)),
+    };
+    if shards as usize != n {
+        return Err(refuse(&mut child, format!("runs {shards} shards and this one {n}: v1 hands over between equal shard counts only")));
+    }
+    let hello = began.elapsed();
+    if let Err(e) = ch.set_timeout(Some(STEP_TIMEOUT)) {
+        return Err(refuse(&mut child, format!("could not be given a timeout ({e})")));
+    }
+    let mut h = Handover {
+        ch,
+        plan: &plan,
+        seq: 1,
+        sum: Summary {
+            pid,
+            hello,
+            ..Summary::default()
+        },
+    };
+    // The child lives on as the server from here: it is not waited for.
+    let (tx, rx) = mpsc::channel();
+    let socks = h.take_listeners(&tx, &rx)?;
+    let moved = socks.iter().filter(|s| s.is_some()).count();
+    match h.give_listeners(&socks) {
+        Ok(()) => h.sum.listeners = moved,
+        Err(why) => {
+            h.listen_again(socks);
+            return Err(refuse(&mut child, why));
+        }
+    }
+    for shard in 0..n {
+        if let Err(why) = h.move_shard(shard, &tx, &rx) {
+            h.listen_again(socks);
+            return Err(format!(
+                "upgrade failed after {} connections went to the new process (pid {pid}): {why}; this process listens again and serves what it still holds",
+                h.sum.moved
+            ));
+        }
+    }
+    if let Err(why) = h.finish() {
+        return Err(format!(
+            "upgrade: the new process (pid {pid}) did not confirm the end of the handover ({why}); it holds the {} connections handed over",
+            h.sum.moved
+        ));
+    }
+    h.sum.took = began.elapsed();
+    Ok(h.sum)
+}
+
+/// Starts the binary with our arguments, the handover socket and the
+/// registry's memfd inherited (in the child only: both stay close-on-exec
+/// here), stdout and stderr shared.
+fn spawn(plan: &Plan, theirs: RawFd) -> Result<Child, String> {
+    let reg = plan.registry_fd;
+    let mut cmd = Command::new(&plan.exe);
+    cmd.args(&plan.args)
+        .env(ENV_FD, theirs.to_string())
+        .env(crate::directory::registry::ENV, reg.to_string())
+        .stdin(Stdio::null());
+    // SAFETY: fcntl in the forked child before exec touches no shared state.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [theirs, reg] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| {
+        format!(
+            "upgrade refused: cannot start {} ({e}); this process keeps serving",
+            plan.exe.display()
+        )
+    })
+}
+
+struct Handover<'a> {
+    ch: Channel,
+    plan: &'a Plan,
+    seq: u32,
+    sum: Summary,
+}
+
+impl Handover<'_> {
+    /// Every shard stops accepting and hands its listener back.
+    fn take_listeners(
+        &mut self,
+        tx: &mpsc::Sender<Out>,
+        rx: &Receiver<Out>,
+    ) -> Result<Vec<Option<Socket>>, String> {
+        let n = self.plan.shards.len();
+        for p in &self.plan.shards {
+            p.send_now(Mail::Handover(Order::GiveListener(tx.clone())));
+        }
+        let mut socks: Vec<Option<Socket>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            match rx.recv_timeout(HELLO_TIMEOUT) {
+                Ok(Out::Listener { shard, sock }) if shard < n => socks[shard] = sock,
+                _ => {
+                    self.listen_again(socks);
+                    return Err("a shard did not hand its listener over in time".into());
+                }
+            }
+        }
+        Ok(socks)
+    }
+
+    /// The listeners (duplicates: ours stay open until the end) in one batch.
+    fn give_listeners(&mut self, socks: &[Option<Socket>]) -> Result<(), String> {
+        let role = if self.plan.tls {
+            ListenerRole::Tls
+        } else {
+            ListenerRole::Plain
+        };
+        let mut out = Outbox::default();
+        let mut put = |shard: usize, role, fd: std::io::Result<OwnedFd>, addr| {
+            let fd = fd.map_err(|e| format!("cannot duplicate a listener ({e})"))?;
+            let rec = Record::Listener(handover::Listener {
+                shard: shard as u32,
+                role,
+                addr,
+            });
+            out.push(&rec, Some(fd)).map_err(|e| e.to_string())
+        };
+        let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        for (shard, s) in socks.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let addr = s.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(any);
+            put(shard, role, s.try_clone().map(OwnedFd::from), addr)?;
+        }
+        if let Some(a) = &self.plan.admin {
+            let addr = a.local_addr().unwrap_or(any);
+            put(0, ListenerRole::Admin, a.try_clone().map(OwnedFd::from), addr)?;
+        }
+        self.flush(&mut out, 0)
+    }
+
+    /// Our listeners back to their shards (the handover failed).
+    fn listen_again(&self, socks: Vec<Option<Socket>>) {
+        for (shard, s) in socks.into_iter().enumerate() {
+            if let Some(s) = s {
+                self.plan.shards[shard].send_now(Mail::Handover(Order::Listen(s)));
+            }
+        }
+    }
+
+    /// Sends `out` as the next batch and waits for its Ack; our copies of
+    /// its descriptors close then.
+    fn flush(&mut self, out: &mut Outbox, shard: usize) -> Result<(), String> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        let copies = out
+            .flush(&mut self.ch, seq)
+            .map_err(|e| format!("cannot send batch {seq} ({e})"))?;
+        let taken = self.ack(seq)?;
+        if taken as usize != copies.len() {
+            // Counted, not fatal: the new process closed those it could not take.
+            self.sum.lost += (copies.len() as u64).saturating_sub(taken as u64);
+        }
+        let _ = shard;
+        drop(copies);
+        Ok(())
+    }
+
+    /// Waits for the Ack of batch `seq`; what the new process took.
+    fn ack(&mut self, seq: u32) -> Result<u32, String> {
+        let mut batch = Batch::default();
+        self.ch
+            .recv(&mut batch)
+            .map_err(|e| format!("no acknowledgement of batch {seq} ({e})"))?;
+        match handover::decode(&batch.payload) {
+            Ok((Record::Ack(a), _)) if a.seq == seq => Ok(a.taken),
+            Ok((Record::Abort(why), _)) => Err(format!("it gave up: {why}")),
+            Ok(_) => Err(format!("it answered batch {seq} with something else than its acknowledgement")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Shard `shard`'s connections, as it hands them over, in batches.
+    fn move_shard(
+        &mut self,
+        shard: usize,
+        tx: &mpsc::Sender<Out>,
+        rx: &Receiver<Out>,
+    ) -> Result<(), String> {
+        let peer = &self.plan.shards[shard];
+        peer.send_now(Mail::Handover(Order::MoveConns(tx.clone())));
+        let mut out = Outbox::default();
+        let mut sent = 0u32;
+        loop {
+            let got = match rx.recv_timeout(STEP_TIMEOUT) {
+                Ok(got) => got,
+                Err(_) => return Err(format!("shard {shard} did not hand its connections over within {STEP_TIMEOUT:?}")),
+            };
+            match got {
+                Out::Conns(conns) => {
+                    let mut conns = conns.into_iter();
+                    while let Some(Moved { fd, state }) = conns.next() {
+                        if out.is_full() || out.bytes() >= BATCH_BYTES {
+                            if let Err(why) = self.flush(&mut out, shard) {
+                                // Those not sent yet stay here.
+                                self.take_back(shard, rx, conns.collect());
+                                return Err(why);
+                            }
+                        }
+                        match out.push(&Record::Conn(state.record()), Some(fd)) {
+                            Ok(()) => sent += 1,
+                            Err(_) => self.sum.lost += 1, // closed: its record does not encode
+                        }
+                    }
+                }
+                Out::End {
+                    moved: _,
+                    tls_closed,
+                    lost,
+                    ..
+                } => {
+                    self.sum.tls_closed += u64::from(tls_closed);
+                    self.sum.lost += u64::from(lost);
+                    self.flush(&mut out, shard)?;
+                    self.sum.moved += u64::from(sent);
+                    let end = Record::ShardEnd(ShardEnd {
+                        shard: shard as u32,
+                        listeners: 1,
+                        conns: sent,
+                    });
+                    return send(&mut self.ch, 0, &[end]).map_err(|e| format!("cannot end shard {shard}'s part ({e})"));
+                }
+                Out::Listener { .. } => {}
+            }
+        }
+    }
+
+    /// The handover failed while shard `shard` handed over: it stops, and
+    /// what it handed over and is not sent yet goes back to it.
+    fn take_back(&self, shard: usize, rx: &Receiver<Out>, mut back: Vec<Moved>) {
+        let peer = &self.plan.shards[shard];
+        peer.send_now(Mail::Handover(Order::StopMoving));
+        loop {
+            match rx.recv_timeout(STEP_TIMEOUT) {
+                Ok(Out::Conns(more)) => back.extend(more),
+                Ok(Out::End { .. }) | Err(_) => break,
+                Ok(Out::Listener { .. }) => {}
+            }
+        }
+        if !back.is_empty() {
+            let (tx, _rx) = mpsc::channel();
+            peer.send_now(Mail::Handover(Order::Take(back, tx)));
+        }
+    }
+
+    /// Done, and the new process's Done back.
+    fn finish(&mut self) -> Result<(), String> {
+        send(&mut self.ch, 0, &[Record::Done { conns: self.sum.moved }]).map_err(|e| e.to_string())?;
+        let mut batch = Batch::default();
+        self.ch.recv(&mut batch).map_err(|e| e.to_string())?;
+        match handover::decode(&batch.payload) {
+            Ok((Record::Done { .. }, _)) => Ok(()),
+            Ok((Record::Abort(why), _)) => Err(format!("it gave up: {why}")),
+            _ => Err("it answered our Done with something else".into()),
+        }
+    }
+}
