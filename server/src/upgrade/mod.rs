@@ -68,22 +68,26 @@ pub fn recv_hello(ch: &mut Channel, want: Role) -> Result<(u32, u32), String> {
     let mut batch = Batch::default();
     ch.recv(&mut batch).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
-            "no hello within {HELLO_TIMEOUT:?}"
+            "sent no hello within {HELLO_TIMEOUT:?}"
         ),
-        io::ErrorKind::UnexpectedEof => "it closed the handover socket before its hello (did it start?)".into(),
-        _ => format!("its hello did not arrive ({e})"),
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => {
+            "closed the handover socket before its hello (did it start?)".into()
+        }
+        _ => format!("did not send its hello ({e})"),
     })?;
     let (hello, _) = handover::decode_hello(&batch.payload).map_err(|e| {
         if let Ok((Record::Abort(why), _)) = handover::decode(&batch.payload) {
-            return format!("it refused: {why}");
+            return format!("refused: {why}");
         }
-        e.to_string()
+        format!("answered with a hello this build cannot take ({e})")
     })?;
     if hello.role != want {
-        return Err("its hello names the wrong side of the handover".into());
+        return Err("answered with a hello from the wrong side of the handover".into());
     }
     if hello.mono_ns > monotonic_ns() + 1_000_000_000 {
-        return Err("its CLOCK_MONOTONIC is ahead of ours: not the same boot or time namespace".into());
+        return Err("has a CLOCK_MONOTONIC ahead of ours: not the same boot or time namespace".into());
     }
     Ok((hello.pid, hello.shards))
 }

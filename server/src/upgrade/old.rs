@@ -83,7 +83,7 @@ fn run(plan: Plan) -> Result<Summary, String> {
         return Err(refuse(&mut child, format!("could not be given a timeout ({e})")));
     }
     if let Err(e) = send_hello(&mut ch, Role::Old, n, plan.backend) {
-        return Err(refuse(&mut child, format!("did not take our hello ({e})")));
+        return Err(refuse(&mut child, format!("closed the handover socket before our hello ({e})")));
     }
     let shards = match recv_hello(&mut ch, Role::New) {
         Ok((_, s)) => s,
