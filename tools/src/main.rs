@@ -3,6 +3,8 @@
 //! - `c1m token`: a device token for a server's --auth-secret-file.
 //! - `c1m push`: a message to a device (or a load of them) through NATS.
 //! - `c1m watch-events`: counts the fleet's lifecycle events on NATS.
+//! - `c1m upgrade`: asks a server for a hot upgrade (`POST /upgrade` on its
+//!   admin port; the same as SIGUSR2).
 
 mod events;
 
@@ -30,6 +32,7 @@ enum Command {
     Token(TokenArgs),
     Push(PushArgs),
     WatchEvents(WatchArgs),
+    Upgrade(UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Token(a) => token(a),
         Command::Push(a) => push(a),
         Command::WatchEvents(a) => watch_events(a),
+        Command::Upgrade(a) => upgrade(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,6 +49,55 @@ fn main() -> ExitCode {
             eprintln!("c1m: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// asks a running server for a hot upgrade: it starts the binary now at
+/// its path with the same arguments and hands it every connection
+/// (docs/upgrade.md). The server's log says how it went.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "upgrade")]
+struct UpgradeArgs {
+    /// the server's admin address (its --admin), e.g. 127.0.0.1:9100
+    #[argh(option)]
+    admin: std::net::SocketAddr,
+    /// a file holding the admin port's bearer token, if it wants one
+    #[argh(option)]
+    admin_token_file: Option<PathBuf>,
+}
+
+fn upgrade(a: UpgradeArgs) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let auth = match &a.admin_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            format!(
+                "Authorization: Bearer {}\r\n",
+                t.lines().next().unwrap_or("").trim()
+            )
+        }
+        None => String::new(),
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&a.admin, Duration::from_secs(5))
+        .map_err(|e| format!("cannot reach the admin port {}: {e}", a.admin))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "POST /upgrade HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
+        a.admin
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("cannot ask {}: {e}", a.admin))?;
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = answer.split(' ').nth(1).unwrap_or("none");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    if status == "202" {
+        println!("{body}");
+        Ok(())
+    } else {
+        Err(format!("the server answered {status}: {body}"))
     }
 }
 

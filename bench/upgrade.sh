@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Hot upgrade under load (issue 22, docs/upgrade.md): a 2-core server on
+# loopback holds CONNS devices (default 15,000) heartbeating every 2 s, and
+# halfway through the hold `POST /upgrade` on its admin port hands every
+# connection to a new process of the same binary. Records the handover
+# time (the old process's and the new one's), the longest heartbeat round
+# trip any device saw (a ping sent as the handover begins is answered by
+# the new process), p99, the client's disconnects (false_expiries: a
+# heartbeating device the server closed), the RSS of both processes, and
+# the server's counters. Bounded: about a minute.
+# Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
+# client's), server.log (both processes' stderr), rss.txt, command.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+CONNS=${CONNS:-15000}
+PORT=${PORT:-9430}
+APORT=${APORT:-9431}
+IO=${IO:-epoll}
+HOLD=${HOLD:-40}
+cargo build --release --quiet --bin server --bin client
+out=$(new_results "upgrade" "CONNS=$CONNS IO=$IO HOLD=$HOLD bash $0 $*")
+work=$(mktemp -d)
+trap 'rm -rf "$work"; [ -n "${new:-}" ] && kill "$new" 2>/dev/null; [ -n "${old:-}" ] && kill "$old" 2>/dev/null; true' EXIT
+
+./target/release/server --listen 127.0.0.1:$PORT --admin 127.0.0.1:$APORT \
+  --io "$IO" --cores 0-1 --timeout 20s --tick 100ms --stats-interval 1s \
+  > "$work/stats.txt" 2> "$out/server.log" &
+old=$!
+wait_port $PORT
+./target/release/client --server 127.0.0.1:$PORT --ips 127.0.0.2-127.0.0.11 \
+  --conns "$CONNS" --heartbeat 2s --hold "${HOLD}s" --server-timeout 20s \
+  --cores 0-1 --out "$work/client" > "$work/client.txt" 2>&1 &
+client=$!
+
+# RSS of both processes every 100 ms (kB; the new one's pid once known).
+(
+  while kill -0 $client 2>/dev/null; do
+    n=$(grep -o 'new process (pid [0-9]*' "$out/server.log" 2>/dev/null | grep -o '[0-9]*$' | tail -1 || true)
+    o=$(awk '/VmRSS/{print $2}' /proc/$old/status 2>/dev/null || echo 0)
+    r=0
+    [ -n "$n" ] && r=$(awk '/VmRSS/{print $2}' /proc/"$n"/status 2>/dev/null || echo 0)
+    echo "$(date +%s.%N | cut -c1-14) ${o:-0} ${r:-0}"
+    sleep 0.1
+  done
+) > "$out/rss.txt" &
+
+# Wait for the fleet, then half the hold.
+for _ in $(seq 600); do
+  up=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1 | cut -d= -f2 || true)
+  [ "${up:-0}" -ge "$CONNS" ] && break
+  sleep 0.1
+done
+sleep $((HOLD / 2))
+before=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1)
+t0=$(date +%s%N)
+curl -s -X POST "http://127.0.0.1:$APORT/upgrade" > "$work/trigger.txt"
+for _ in $(seq 600); do
+  grep -q 'this process exits\|upgrade refused\|upgrade failed' "$out/server.log" && break
+  sleep 0.01
+done
+t1=$(date +%s%N)
+new=$(grep -o 'new process (pid [0-9]*' "$out/server.log" | grep -o '[0-9]*$' | tail -1 || true)
+wait $old || true
+old=""
+wait $client || true
+sleep 1
+[ -n "$new" ] && kill -TERM "$new" && sleep 2
+cp "$work/client/summary.json" "$out/summary.json" 2>/dev/null || true
+cp "$work/client.txt" "$out/client.txt"
+tail -3 "$work/stats.txt" > "$out/server-final.txt"
+
+handed=$(grep -o 'handed [0-9]* listeners and [0-9]* connections.* in [0-9]* ms' "$out/server.log" | head -1 || true)
+took=$(grep -o 'took over [0-9]* connections .* in [0-9]* ms' "$out/server.log" | head -1 || true)
+peak=$(awk '{s=$2+$3; if (s>m) m=s} END {print m/1024}' "$out/rss.txt")
+python3 - "$out" "$CONNS" "$IO" "$(( (t1 - t0) / 1000000 ))" "$handed" "$took" "$peak" "$before" <<'EOF'
+import json, sys
+out, conns, io, wall, handed, took, peak, before = sys.argv[1:]
+try:
+    s = json.load(open(f"{out}/summary.json"))
+except Exception:
+    s = {}
+g = lambda k: s.get(k)
+lines = [
+    f"# Hot upgrade under load: {conns} devices, io {io}",
+    "",
+    f"- fleet before the trigger: {before}",
+    f"- trigger (POST /upgrade) to the old process's last line: {wall} ms",
+    f"- old process: {handed or 'no handover line'}",
+    f"- new process: {took or 'no takeover line'}",
+    f"- heartbeat round trip over the whole hold (pings every 2 s): p50 {g('heartbeat_rtt_p50_ms')} ms, p99 {g('heartbeat_rtt_p99_ms')} ms, max {g('heartbeat_rtt_max_ms')} ms (the longest gap any device saw)",
+    f"- heartbeats {g('heartbeats')}, replies {g('heartbeat_replies')}",
+    f"- disconnects: false_expiries {g('false_expiries')} (heartbeating devices the server closed), expired_early {g('expired_early')}, bad_server_frames {g('bad_server_frames')}, replaced {g('replaced')}",
+    f"- established {g('established')} of {g('target_connections')}, failed {g('failed')}",
+    f"- peak RSS of both processes together: {float(peak):.1f} MiB (rss.txt: old, new, kB)",
+]
+open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo "results in $out"
