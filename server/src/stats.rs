@@ -495,6 +495,8 @@ mod tests {
             udp_stale: 34,
             admission_refused: 35,
             admission_paused: 36,
+            handed_over: 37,
+            taken_over: 38,
         };
         assert_eq!(parse(&format!("final {}", totals(&all))), Some((0, 0, all)));
         assert_eq!(parse("server: listening"), None);

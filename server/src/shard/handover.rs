@@ -337,7 +337,7 @@ impl State {
     }
 
     /// The tick (of this shard's wheel) of CLOCK_MONOTONIC time `ns`.
-    fn tick_of_ns(&self, ns: u64) -> u64 {
+    pub(super) fn tick_of_ns(&self, ns: u64) -> u64 {
         let c = &self.clock;
         let at = if ns >= c.start_ns {
             c.start.checked_add(Duration::from_nanos(ns - c.start_ns))

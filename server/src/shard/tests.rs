@@ -422,3 +422,62 @@ fn a_failed_accept_resume_is_retried_not_fatal() {
     assert_eq!(s.io.resumes, 2, "tried again");
     assert!(s.st.accept.resume.is_none(), "accepting again");
 }
+
+/// Hot upgrade on the scripted driver: a shard hands its upgraded device
+/// over (released from the driver, no close, no event, its registry entry
+/// left for the new process), and a shard of a process started by the
+/// upgrade takes it: same id, registered at its new place, silence carried
+/// over (last heard at the end of its tick, 20-30 ms), its output sent first.
+#[test]
+fn a_handed_over_device_leaves_without_a_close_and_is_taken_with_its_silence() {
+    use super::handover::{Order, Out};
+    let mut a = upgraded(false);
+    let mut ping = Vec::new();
+    frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+    a.io.events.push_back(Fake::Data(ping));
+    a.turn_at(25);
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.st.on_order(&mut a.io, Order::MoveConns(tx));
+    a.turn_at(26);
+    let Ok(Out::Conns(mut moved)) = rx.try_recv() else {
+        panic!("no connection handed over")
+    };
+    assert!(matches!(rx.try_recv(), Ok(Out::End { moved: 1, tls_closed: 0, lost: 0, .. })));
+    assert!(a.io.closed.is_empty(), "no close for a device handed over");
+    assert!(a.st.slab.is_empty());
+    assert_eq!((a.st.open, a.st.counters.handed_over), (0, 1));
+    let m = moved.pop().unwrap();
+    let registry = a.st.cfg.registry.clone();
+    let old = registry.get(&m.state.id).expect("still registered, at the old place");
+    assert_eq!((old.key, old.gen), (m.state.key, m.state.gen));
+    assert!(m.state.upgraded && m.state.registered);
+    let c = &a.st.clock;
+    assert_eq!(m.state.last_heard_ns, c.start_ns + 30_000_000 - 1, "the end of tick 2");
+
+    let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
+    let cfg = ShardConfig {
+        registry: registry.clone(),
+        takeover: true,
+        ..config(false)
+    };
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (stx, _) = std::sync::mpsc::channel();
+    let script = Script {
+        hold_output: false,
+        ..Script::default()
+    };
+    let mut b = Shard::new(0, cfg, script, listener, mail.remove(0), stx).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut m = m;
+    m.state.output = b"queued".to_vec();
+    let heard = m.state.last_heard_ns;
+    b.st.on_order(&mut b.io, Order::Take(vec![m], tx));
+    assert_eq!(rx.try_recv(), Ok(1));
+    assert_eq!((b.st.open, b.st.counters.taken_over), (1, 1));
+    assert_eq!(b.io.sent, [b"queued".to_vec()], "its output first");
+    let (key, slot) = b.st.slab.iter().next().unwrap();
+    assert_eq!(slot.last_seen, b.st.tick_of_ns(heard));
+    assert_eq!(slot.armed, slot.last_seen + b.st.clock.timeout_ticks + 1);
+    let now = registry.get(&slot.id).unwrap();
+    assert_eq!((now.key as usize, now.gen), (key, slot.gen), "re-claimed here");
+}

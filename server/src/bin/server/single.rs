@@ -200,6 +200,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // A --procs worker's shards are numbered over the whole server, and
     // reach the other workers' through the link to the parent.
     let link = c1m::directory::link::from_env()?;
+    let worker = link.is_some();
     let span = match &link {
         Some((_, base, total, (tx, _))) => c1m::directory::mailbox::Span {
             base: *base,
@@ -298,6 +299,8 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         running: None,
         admin: admin_listener,
         udp: cfg.udp.is_some(),
+        worker,
+        handed: false,
     };
     eprintln!(
         "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {}{})",
@@ -380,9 +383,10 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                         if s.tls_closed > 0 { format!(", {} TLS connections closed with 1001 (v1 moves no TLS state)", s.tls_closed) } else { String::new() },
                         if s.lost > 0 { format!(", {} lost", s.lost) } else { String::new() },
                     );
-                    if reporter.stop() {
-                        shutdown();
-                    }
+                    // The shards are empty: they end at once. /healthz is
+                    // not turned to 503: its port is the new process's now.
+                    upgrade.handed = true;
+                    shutdown();
                 }
                 Err(why) => eprintln!("server: {why}"),
             }
@@ -481,6 +485,10 @@ struct Upgrade {
     running: Option<std::thread::JoinHandle<Result<c1m::upgrade::old::Summary, String>>>,
     admin: Option<std::net::TcpListener>,
     udp: bool,
+    /// A --procs worker (its parent refuses upgrades in v1).
+    worker: bool,
+    /// The handover is done: this process is ending.
+    handed: bool,
 }
 
 impl Upgrade {
@@ -494,6 +502,12 @@ impl Upgrade {
     ) -> Result<(), String> {
         if self.running.is_some() {
             return Err("upgrade refused: one is under way already".into());
+        }
+        if self.handed {
+            return Err("upgrade refused: this process has handed everything over and is ending".into());
+        }
+        if self.worker {
+            return Err("upgrade refused: a --procs worker is not upgraded on its own (a hot upgrade under --procs is not supported yet)".into());
         }
         if self.udp {
             return Err("upgrade refused: a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move in v1)".into());
