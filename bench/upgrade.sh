@@ -18,10 +18,14 @@ PORT=${PORT:-9430}
 APORT=${APORT:-9431}
 IO=${IO:-epoll}
 HOLD=${HOLD:-40}
+# UPGRADE=0: the same run without the upgrade (the control).
+UPGRADE=${UPGRADE:-1}
 cargo build --release --quiet --bin server --bin client
-out=$(new_results "upgrade" "CONNS=$CONNS IO=$IO HOLD=$HOLD bash $0 $*")
+name=upgrade
+[ "$UPGRADE" = 1 ] || name=upgrade-control
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE bash $0 $*")
 work=$(mktemp -d)
-trap 'rm -rf "$work"; [ -n "${new:-}" ] && kill "$new" 2>/dev/null; [ -n "${old:-}" ] && kill "$old" 2>/dev/null; true' EXIT
+trap 'rm -rf "$work"; [ -z "${new:-}" ] || kill "$new" 2>/dev/null || true; [ -z "${old:-}" ] || kill "$old" 2>/dev/null || true' EXIT
 
 ./target/release/server --listen 127.0.0.1:$PORT --admin 127.0.0.1:$APORT \
   --io "$IO" --cores 0-1 --timeout 20s --tick 100ms --stats-interval 1s \
@@ -54,33 +58,42 @@ done
 sleep $((HOLD / 2))
 before=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1)
 t0=$(date +%s%N)
-curl -s -X POST "http://127.0.0.1:$APORT/upgrade" > "$work/trigger.txt"
-for _ in $(seq 600); do
+[ "$UPGRADE" = 1 ] && curl -s -X POST "http://127.0.0.1:$APORT/upgrade" > "$work/trigger.txt"
+for _ in $(seq "$((UPGRADE * 600))"); do
   grep -q 'this process exits\|upgrade refused\|upgrade failed' "$out/server.log" && break
   sleep 0.01
 done
 t1=$(date +%s%N)
 new=$(grep -o 'new process (pid [0-9]*' "$out/server.log" | grep -o '[0-9]*$' | tail -1 || true)
+wait $client || true
+[ "$UPGRADE" = 1 ] || kill -TERM $old
 wait $old || true
 old=""
-wait $client || true
 sleep 1
-[ -n "$new" ] && kill -TERM "$new" && sleep 2
+if [ -n "$new" ]; then kill -TERM "$new" 2>/dev/null || true; sleep 2; fi
+new=""
 cp "$work/client/summary.json" "$out/summary.json" 2>/dev/null || true
 cp "$work/client.txt" "$out/client.txt"
-tail -3 "$work/stats.txt" > "$out/server-final.txt"
+cp "$work/client/timeline.csv" "$out/timeline.csv" 2>/dev/null || true
+grep '^final ' "$work/stats.txt" > "$out/server-final.txt" || true
 
 handed=$(grep -o 'handed [0-9]* listeners and [0-9]* connections.* in [0-9]* ms' "$out/server.log" | head -1 || true)
 took=$(grep -o 'took over [0-9]* connections .* in [0-9]* ms' "$out/server.log" | head -1 || true)
 peak=$(awk '{s=$2+$3; if (s>m) m=s} END {print m/1024}' "$out/rss.txt")
 python3 - "$out" "$CONNS" "$IO" "$(( (t1 - t0) / 1000000 ))" "$handed" "$took" "$peak" "$before" <<'EOF'
-import json, sys
+import json, re, sys
 out, conns, io, wall, handed, took, peak, before = sys.argv[1:]
 try:
-    s = json.load(open(f"{out}/summary.json"))
+    s = json.load(open(f"{out}/summary.json"))["figures"]
 except Exception:
     s = {}
 g = lambda k: s.get(k)
+finals = open(f"{out}/server-final.txt").read().splitlines()
+def count(line, key):
+    m = re.search(rf" {key}=(\d+)", line)
+    return m.group(1) if m else "?"
+old_final = finals[0] if finals else ""
+new_final = finals[1] if len(finals) > 1 else ""
 lines = [
     f"# Hot upgrade under load: {conns} devices, io {io}",
     "",
@@ -89,12 +102,15 @@ lines = [
     f"- old process: {handed or 'no handover line'}",
     f"- new process: {took or 'no takeover line'}",
     f"- heartbeat round trip over the whole hold (pings every 2 s): p50 {g('heartbeat_rtt_p50_ms')} ms, p99 {g('heartbeat_rtt_p99_ms')} ms, max {g('heartbeat_rtt_max_ms')} ms (the longest gap any device saw)",
-    f"- heartbeats {g('heartbeats')}, replies {g('heartbeat_replies')}",
+    f"- heartbeats {g('heartbeats')}, replies {g('heartbeat_replies')} (a device counts one reply per outstanding ping: a reply lost before its last ping would show on its next reply as a round trip over 1.8 s, so a difference with max under that is pings of the hold's last moments, unanswered when the client closed)",
     f"- disconnects: false_expiries {g('false_expiries')} (heartbeating devices the server closed), expired_early {g('expired_early')}, bad_server_frames {g('bad_server_frames')}, replaced {g('replaced')}",
     f"- established {g('established')} of {g('target_connections')}, failed {g('failed')}",
     f"- peak RSS of both processes together: {float(peak):.1f} MiB (rss.txt: old, new, kB)",
+    f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
+    f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
 ]
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
 echo "results in $out"
+exit 0

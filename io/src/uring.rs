@@ -1377,6 +1377,50 @@ mod tests {
         drop(fd);
     }
 
+    /// The two sides of an upgrade may run different backends: a socket
+    /// released by io_uring is read by epoll after `adopt`, and back.
+    #[test]
+    fn a_socket_moves_between_backends_both_ways() {
+        let Some(mut u) = driver() else { return };
+        let mut e = crate::epoll::EpollDriver::new(DriverConfig {
+            max_pending: 1 << 16,
+        })
+        .unwrap();
+        let (a, b) = socketpair();
+        let h = u.register(a, Token(1), false).unwrap();
+        let fd = loop {
+            match u.release(h) {
+                Ok((fd, _)) => break fd,
+                Err(_) => {
+                    u.wait(Duration::from_millis(20)).unwrap();
+                    while u.next().is_some() {}
+                }
+            }
+        };
+        let read = |d: &mut dyn Driver| -> Vec<u8> {
+            let mut got = Vec::new();
+            for _ in 0..20 {
+                d.wait(Duration::from_millis(20)).unwrap();
+                while let Some(ev) = d.next() {
+                    if let Event::Data(_, bytes) = ev {
+                        got.extend_from_slice(bytes);
+                    }
+                }
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            got
+        };
+        socket::send(b.as_raw_fd(), b"to epoll").unwrap();
+        let h = e.adopt(fd, Token(2)).unwrap();
+        assert_eq!(read(&mut e), b"to epoll");
+        let (fd, _) = e.release(h).unwrap();
+        socket::send(b.as_raw_fd(), b"to uring").unwrap();
+        u.adopt(fd, Token(3)).unwrap();
+        assert_eq!(read(&mut u), b"to uring");
+    }
+
     #[test]
     fn take_listener_cancels_the_accept_and_leaves_the_socket_listening() {
         let Some(mut d) = driver() else { return };
