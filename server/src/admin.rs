@@ -684,7 +684,10 @@ fn route(req: Request, ctx: &Ctx) -> Out {
             // it (or refuses, in one sentence in the server's log).
             // SAFETY: kill(2) on our own pid with a signal every thread blocks.
             unsafe { libc::kill(std::process::id() as libc::pid_t, libc::SIGUSR2) };
-            plain(202, "upgrade requested: the server's log says how it went\n")
+            plain(
+                202,
+                "upgrade requested: the server's log says how it went\n",
+            )
         }
         "/upgrade" => (
             405,

@@ -29,7 +29,10 @@ impl Drop for NewServer {
 
 /// The pid in "... the new process (pid N) ...".
 fn new_pid(line: &str) -> u32 {
-    let at = line.find("(pid ").unwrap_or_else(|| panic!("no pid in {line}")) + 5;
+    let at = line
+        .find("(pid ")
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+        + 5;
     line[at..]
         .split(|c: char| !c.is_ascii_digit())
         .next()
@@ -92,7 +95,9 @@ fn devices_keep_their_connections_across_sigusr2() {
         other => panic!("d0 was not replaced: {other:?}"),
     }
     // The silent device expires on time: silence carried over.
-    silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut buf = [0u8; 16];
     let r = silent.read(&mut buf);
     let quiet = last.elapsed();

@@ -65,7 +65,10 @@ impl std::fmt::Debug for Order {
 
 /// What an old shard hands the handover thread.
 pub enum Out {
-    Listener { shard: usize, sock: Option<Socket> },
+    Listener {
+        shard: usize,
+        sock: Option<Socket>,
+    },
     Conns(Vec<Moved>),
     /// Every connection was offered: `moved` of them; `tls_closed` got
     /// Close 1001 instead; `lost` could not be released (closed).
@@ -280,7 +283,12 @@ impl State {
     /// Releases slot `key` from the driver; once the driver hands the
     /// socket back, the slot leaves the slab (no event, no registry
     /// release) into `out`. Ok(false): under way; Err: lost (closed).
-    fn release(&mut self, io: &mut impl Driver, key: usize, out: &mut Vec<Moved>) -> Result<bool, ()> {
+    fn release(
+        &mut self,
+        io: &mut impl Driver,
+        key: usize,
+        out: &mut Vec<Moved>,
+    ) -> Result<bool, ()> {
         let (fd, output) = match io.release(self.slab[key].io) {
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
@@ -310,13 +318,19 @@ impl State {
         let tick_ns = c.tick.as_nanos() as u64;
         let ns_of = |tick: u64| c.start_ns.saturating_add(tick.saturating_mul(tick_ns));
         let at = self.place(key, slot.gen);
-        let held = slot.upgraded.then(|| self.cfg.registry.get(&slot.id)).flatten();
-        let registered = held.is_some_and(|l| l.shard == at.shard && l.key == at.key && l.gen == at.gen);
+        let held = slot
+            .upgraded
+            .then(|| self.cfg.registry.get(&slot.id))
+            .flatten();
+        let registered =
+            held.is_some_and(|l| l.shard == at.shard && l.key == at.key && l.gen == at.gen);
         MovedState {
             shard: at.shard,
             key: at.key,
             gen: slot.gen,
-            since_ns: held.filter(|_| registered).map_or(c.monotonic_ns(), |l| l.since),
+            since_ns: held
+                .filter(|_| registered)
+                .map_or(c.monotonic_ns(), |l| l.since),
             // The end of its tick: the new process never expires it early.
             last_heard_ns: ns_of(slot.last_seen + 1).saturating_sub(1),
             deadline_ns: match slot.armed {

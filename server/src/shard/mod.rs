@@ -328,7 +328,8 @@ impl<D: Driver> Shard<D> {
         let mut now = Now::read();
         let mut back = Duration::ZERO;
         if cfg.takeover {
-            let want = Duration::from_nanos((cfg.tick.as_nanos() as u64).saturating_mul(horizon + 1));
+            let want =
+                Duration::from_nanos((cfg.tick.as_nanos() as u64).saturating_mul(horizon + 1));
             if let Some(at) = now.at.checked_sub(want) {
                 (now.at, back) = (at, want);
             }

@@ -442,17 +442,31 @@ fn a_handed_over_device_leaves_without_a_close_and_is_taken_with_its_silence() {
     let Ok(Out::Conns(mut moved)) = rx.try_recv() else {
         panic!("no connection handed over")
     };
-    assert!(matches!(rx.try_recv(), Ok(Out::End { moved: 1, tls_closed: 0, lost: 0, .. })));
+    assert!(matches!(
+        rx.try_recv(),
+        Ok(Out::End {
+            moved: 1,
+            tls_closed: 0,
+            lost: 0,
+            ..
+        })
+    ));
     assert!(a.io.closed.is_empty(), "no close for a device handed over");
     assert!(a.st.slab.is_empty());
     assert_eq!((a.st.open, a.st.counters.handed_over), (0, 1));
     let m = moved.pop().unwrap();
     let registry = a.st.cfg.registry.clone();
-    let old = registry.get(&m.state.id).expect("still registered, at the old place");
+    let old = registry
+        .get(&m.state.id)
+        .expect("still registered, at the old place");
     assert_eq!((old.key, old.gen), (m.state.key, m.state.gen));
     assert!(m.state.upgraded && m.state.registered);
     let c = &a.st.clock;
-    assert_eq!(m.state.last_heard_ns, c.start_ns + 30_000_000 - 1, "the end of tick 2");
+    assert_eq!(
+        m.state.last_heard_ns,
+        c.start_ns + 30_000_000 - 1,
+        "the end of tick 2"
+    );
 
     let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
     let cfg = ShardConfig {
@@ -479,5 +493,9 @@ fn a_handed_over_device_leaves_without_a_close_and_is_taken_with_its_silence() {
     assert_eq!(slot.last_seen, b.st.tick_of_ns(heard));
     assert_eq!(slot.armed, slot.last_seen + b.st.clock.timeout_ticks + 1);
     let now = registry.get(&slot.id).unwrap();
-    assert_eq!((now.key as usize, now.gen), (key, slot.gen), "re-claimed here");
+    assert_eq!(
+        (now.key as usize, now.gen),
+        (key, slot.gen),
+        "re-claimed here"
+    );
 }

@@ -67,9 +67,9 @@ pub fn send(ch: &mut Channel, seq: u32, records: &[Record<'_>]) -> io::Result<()
 pub fn recv_hello(ch: &mut Channel, want: Role) -> Result<(u32, u32), String> {
     let mut batch = Batch::default();
     ch.recv(&mut batch).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
-            "sent no hello within {HELLO_TIMEOUT:?}"
-        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("sent no hello within {HELLO_TIMEOUT:?}")
+        }
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::BrokenPipe => {
@@ -87,7 +87,9 @@ pub fn recv_hello(ch: &mut Channel, want: Role) -> Result<(u32, u32), String> {
         return Err("answered with a hello from the wrong side of the handover".into());
     }
     if hello.mono_ns > monotonic_ns() + 1_000_000_000 {
-        return Err("has a CLOCK_MONOTONIC ahead of ours: not the same boot or time namespace".into());
+        return Err(
+            "has a CLOCK_MONOTONIC ahead of ours: not the same boot or time namespace".into(),
+        );
     }
     Ok((hello.pid, hello.shards))
 }

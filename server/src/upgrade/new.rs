@@ -44,10 +44,9 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
         return Ok(None);
     };
     let began = Instant::now();
-    let fd: RawFd = v
-        .to_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{ENV_FD} is not a descriptor ({v:?}); it is set by an upgrading server only"))?;
+    let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        format!("{ENV_FD} is not a descriptor ({v:?}); it is set by an upgrading server only")
+    })?;
     // SAFETY: fcntl on a descriptor number, to see that it is open.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return Err(format!("{ENV_FD} names descriptor {fd}, which is not open"));
@@ -64,21 +63,26 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
             std::process::exit(3);
         }
         Ok("hello") => {
-            eprintln!("server: {ENV_TEST_FAIL}=hello (test only): answering with a hello of format v999");
+            eprintln!(
+                "server: {ENV_TEST_FAIL}=hello (test only): answering with a hello of format v999"
+            );
             bad_hello(&mut ch, shards, io);
             std::process::exit(3);
         }
         _ => {}
     }
-    let (old_pid, _) = recv_hello(&mut ch, Role::Old).map_err(|e| format!("upgrade: the old process: {e}"))?;
-    send_hello(&mut ch, Role::New, shards, io).map_err(|e| format!("upgrade: cannot answer the old process's hello: {e}"))?;
+    let (old_pid, _) =
+        recv_hello(&mut ch, Role::Old).map_err(|e| format!("upgrade: the old process: {e}"))?;
+    send_hello(&mut ch, Role::New, shards, io)
+        .map_err(|e| format!("upgrade: cannot answer the old process's hello: {e}"))?;
     ch.set_timeout(Some(BATCH_TIMEOUT))
         .map_err(|e| format!("upgrade: the handover socket: {e}"))?;
     let mut batch = Batch::default();
     ch.recv(&mut batch)
         .map_err(|e| format!("upgrade: the listeners did not come from the old process ({e})"))?;
     let fds = std::mem::take(&mut batch.fds);
-    let records = pair(&batch.payload, fds).map_err(|e| format!("upgrade: the listeners' batch: {e}"))?;
+    let records =
+        pair(&batch.payload, fds).map_err(|e| format!("upgrade: the listeners' batch: {e}"))?;
     let mut listeners: Vec<Option<Socket>> = (0..shards).map(|_| None).collect();
     let mut admin = None;
     let mut taken = 0;
@@ -90,28 +94,41 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
         match l.role {
             ListenerRole::Plain | ListenerRole::Tls => {
                 let Some(at) = listeners.get_mut(l.shard as usize) else {
-                    return Err(format!("upgrade: a listener for shard {} of {shards}", l.shard));
+                    return Err(format!(
+                        "upgrade: a listener for shard {} of {shards}",
+                        l.shard
+                    ));
                 };
                 *at = Some(Socket::from(fd));
             }
             ListenerRole::Admin => admin = Some(std::net::TcpListener::from(fd)),
-            ListenerRole::Udp => return Err("upgrade: UDP sockets are not handed over in v1".into()),
+            ListenerRole::Udp => {
+                return Err("upgrade: UDP sockets are not handed over in v1".into())
+            }
         }
     }
     let listeners: Vec<Socket> = listeners.into_iter().flatten().collect();
     if listeners.len() != shards {
-        return Err(format!("upgrade: the old process gave {} listeners for {shards} shards", listeners.len()));
+        return Err(format!(
+            "upgrade: the old process gave {} listeners for {shards} shards",
+            listeners.len()
+        ));
     }
     let ack = Record::Ack(Ack {
         shard: 0,
         seq: batch.seq,
         taken,
     });
-    send(&mut ch, 0, &[ack]).map_err(|e| format!("upgrade: cannot acknowledge the listeners: {e}"))?;
+    send(&mut ch, 0, &[ack])
+        .map_err(|e| format!("upgrade: cannot acknowledge the listeners: {e}"))?;
     eprintln!(
         "server: upgrade: took {} listeners{} from the old process (pid {old_pid}); accepting",
         listeners.len(),
-        if admin.is_some() { " and the admin port" } else { "" }
+        if admin.is_some() {
+            " and the admin port"
+        } else {
+            ""
+        }
     );
     Ok(Some(Given {
         listeners,
@@ -205,7 +222,10 @@ fn take_all(mut t: Taking, shards: Vec<Peer>) {
             }
             total += u64::from(taken);
             if bad > 0 {
-                eprintln!("server: upgrade: {bad} connection records of batch {} were invalid: closed", batch.seq);
+                eprintln!(
+                    "server: upgrade: {bad} connection records of batch {} were invalid: closed",
+                    batch.seq
+                );
             }
             let ack = Record::Ack(Ack {
                 shard: shard_of,

@@ -66,8 +66,11 @@ pub fn start(plan: Plan) -> std::io::Result<std::thread::JoinHandle<Result<Summa
 fn run(plan: Plan) -> Result<Summary, String> {
     let began = Instant::now();
     let n = plan.shards.len();
-    let (mut ch, theirs) = Channel::pair()
-        .map_err(|e| format!("upgrade refused: cannot make the handover socket ({e}); this process keeps serving"))?;
+    let (mut ch, theirs) = Channel::pair().map_err(|e| {
+        format!(
+            "upgrade refused: cannot make the handover socket ({e}); this process keeps serving"
+        )
+    })?;
     let mut child = spawn(&plan, theirs.as_raw_fd())?;
     // Ours is gone: its end closing is the child's EOF.
     drop(theirs);
@@ -77,13 +80,21 @@ fn run(plan: Plan) -> Result<Summary, String> {
         // SAFETY: kill(2) on our own child, which we reap just below.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
         let _ = child.wait();
-        format!("upgrade refused: the new process (pid {pid}, {exe}) {why}; this process keeps serving")
+        format!(
+            "upgrade refused: the new process (pid {pid}, {exe}) {why}; this process keeps serving"
+        )
     };
     if let Err(e) = ch.set_timeout(Some(HELLO_TIMEOUT)) {
-        return Err(refuse(&mut child, format!("could not be given a timeout ({e})")));
+        return Err(refuse(
+            &mut child,
+            format!("could not be given a timeout ({e})"),
+        ));
     }
     if let Err(e) = send_hello(&mut ch, Role::Old, n, plan.backend) {
-        return Err(refuse(&mut child, format!("closed the handover socket before our hello ({e})")));
+        return Err(refuse(
+            &mut child,
+            format!("closed the handover socket before our hello ({e})"),
+        ));
     }
     let shards = match recv_hello(&mut ch, Role::New) {
         Ok((_, s)) => s,
@@ -94,7 +105,10 @@ fn run(plan: Plan) -> Result<Summary, String> {
     }
     let hello = began.elapsed();
     if let Err(e) = ch.set_timeout(Some(STEP_TIMEOUT)) {
-        return Err(refuse(&mut child, format!("could not be given a timeout ({e})")));
+        return Err(refuse(
+            &mut child,
+            format!("could not be given a timeout ({e})"),
+        ));
     }
     let mut h = Handover {
         ch,
@@ -216,14 +230,23 @@ impl Handover<'_> {
         let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
         for (shard, s) in socks.iter().enumerate() {
             let Some(s) = s else { continue };
-            let addr = s.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(any);
+            let addr = s
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(any);
             put(shard, role, s.try_clone().map(OwnedFd::from), addr)?;
         }
         if let Some(a) = &self.plan.admin {
             let addr = a.local_addr().unwrap_or(any);
-            put(0, ListenerRole::Admin, a.try_clone().map(OwnedFd::from), addr)?;
+            put(
+                0,
+                ListenerRole::Admin,
+                a.try_clone().map(OwnedFd::from),
+                addr,
+            )?;
         }
-        self.flush(&mut out, 0)
+        self.flush(&mut out)
     }
 
     /// Our listeners back to their shards (the handover failed).
@@ -237,7 +260,7 @@ impl Handover<'_> {
 
     /// Sends `out` as the next batch and waits for its Ack; our copies of
     /// its descriptors close then.
-    fn flush(&mut self, out: &mut Outbox, shard: usize) -> Result<(), String> {
+    fn flush(&mut self, out: &mut Outbox) -> Result<(), String> {
         if out.is_empty() {
             return Ok(());
         }
@@ -251,7 +274,6 @@ impl Handover<'_> {
             // Counted, not fatal: the new process closed those it could not take.
             self.sum.lost += (copies.len() as u64).saturating_sub(taken as u64);
         }
-        let _ = shard;
         drop(copies);
         Ok(())
     }
@@ -265,7 +287,9 @@ impl Handover<'_> {
         match handover::decode(&batch.payload) {
             Ok((Record::Ack(a), _)) if a.seq == seq => Ok(a.taken),
             Ok((Record::Abort(why), _)) => Err(format!("it gave up: {why}")),
-            Ok(_) => Err(format!("it answered batch {seq} with something else than its acknowledgement")),
+            Ok(_) => Err(format!(
+                "it answered batch {seq} with something else than its acknowledgement"
+            )),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -284,14 +308,18 @@ impl Handover<'_> {
         loop {
             let got = match rx.recv_timeout(STEP_TIMEOUT) {
                 Ok(got) => got,
-                Err(_) => return Err(format!("shard {shard} did not hand its connections over within {STEP_TIMEOUT:?}")),
+                Err(_) => {
+                    return Err(format!(
+                        "shard {shard} did not hand its connections over within {STEP_TIMEOUT:?}"
+                    ))
+                }
             };
             match got {
                 Out::Conns(conns) => {
                     let mut conns = conns.into_iter();
                     while let Some(Moved { fd, state }) = conns.next() {
                         if out.is_full() || out.bytes() >= BATCH_BYTES {
-                            if let Err(why) = self.flush(&mut out, shard) {
+                            if let Err(why) = self.flush(&mut out) {
                                 // Those not sent yet stay here.
                                 self.take_back(shard, rx, conns.collect());
                                 return Err(why);
@@ -311,14 +339,15 @@ impl Handover<'_> {
                 } => {
                     self.sum.tls_closed += u64::from(tls_closed);
                     self.sum.lost += u64::from(lost);
-                    self.flush(&mut out, shard)?;
+                    self.flush(&mut out)?;
                     self.sum.moved += u64::from(sent);
                     let end = Record::ShardEnd(ShardEnd {
                         shard: shard as u32,
                         listeners: 1,
                         conns: sent,
                     });
-                    return send(&mut self.ch, 0, &[end]).map_err(|e| format!("cannot end shard {shard}'s part ({e})"));
+                    return send(&mut self.ch, 0, &[end])
+                        .map_err(|e| format!("cannot end shard {shard}'s part ({e})"));
                 }
                 Out::Listener { .. } => {}
             }
@@ -345,7 +374,14 @@ impl Handover<'_> {
 
     /// Done, and the new process's Done back.
     fn finish(&mut self) -> Result<(), String> {
-        send(&mut self.ch, 0, &[Record::Done { conns: self.sum.moved }]).map_err(|e| e.to_string())?;
+        send(
+            &mut self.ch,
+            0,
+            &[Record::Done {
+                conns: self.sum.moved,
+            }],
+        )
+        .map_err(|e| e.to_string())?;
         let mut batch = Batch::default();
         self.ch.recv(&mut batch).map_err(|e| e.to_string())?;
         match handover::decode(&batch.payload) {

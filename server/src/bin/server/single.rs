@@ -504,7 +504,9 @@ impl Upgrade {
             return Err("upgrade refused: one is under way already".into());
         }
         if self.handed {
-            return Err("upgrade refused: this process has handed everything over and is ending".into());
+            return Err(
+                "upgrade refused: this process has handed everything over and is ending".into(),
+            );
         }
         if self.worker {
             return Err("upgrade refused: a --procs worker is not upgraded on its own (a hot upgrade under --procs is not supported yet)".into());
@@ -513,7 +515,9 @@ impl Upgrade {
             return Err("upgrade refused: a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move in v1)".into());
         }
         let admin = match &self.admin {
-            Some(l) => Some(l.try_clone().map_err(|e| format!("upgrade refused: cannot duplicate the admin listener ({e})"))?),
+            Some(l) => Some(l.try_clone().map_err(|e| {
+                format!("upgrade refused: cannot duplicate the admin listener ({e})")
+            })?),
             None => None,
         };
         debug_assert_eq!(shards.len(), n);
@@ -526,7 +530,10 @@ impl Upgrade {
             tls: cfg.tls.is_some(),
             admin,
         };
-        eprintln!("server: upgrade: starting {} with the same arguments", self.exe.display());
+        eprintln!(
+            "server: upgrade: starting {} with the same arguments",
+            self.exe.display()
+        );
         self.running = Some(
             c1m::upgrade::old::start(plan)
                 .map_err(|e| format!("upgrade refused: cannot start its thread ({e})"))?,
@@ -540,7 +547,9 @@ impl Upgrade {
             return None;
         }
         let h = self.running.take()?;
-        Some(h.join().unwrap_or_else(|_| Err("upgrade: its thread panicked; this process keeps serving".into())))
+        Some(h.join().unwrap_or_else(|_| {
+            Err("upgrade: its thread panicked; this process keeps serving".into())
+        }))
     }
 }
 
