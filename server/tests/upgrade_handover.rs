@@ -113,9 +113,10 @@ fn devices_keep_their_connections_across_sigusr2() {
         quiet <= timeout + 2 * tick + Duration::from_millis(400),
         "expired late, after {quiet:?}"
     );
-    // The new process's stats line says what it took, and one expiry.
+    // The new process's stats line says what it took, and the expiry
+    // (the others, silent since their pings above, follow it).
     let l = server.wait_line("the new process's line", |l| {
-        l.contains("taken_over=") && field(l, "expired") == 1
+        l.contains("taken_over=") && field(l, "expired") >= 1
     });
     assert!(field(&l, "taken_over") >= 22, "{l}");
 }
