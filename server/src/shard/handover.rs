@@ -35,6 +35,10 @@ use crate::events::Reason;
 
 /// Connections a shard starts to hand over per turn of its loop.
 pub const BUDGET: usize = 4096;
+/// How long a release may wait for the driver (io_uring: a send in flight
+/// to a device that does not read) before the connection is given up:
+/// reset here and counted as lost, so one device cannot hold the upgrade.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the handover thread tells a shard.
 pub enum Order {
@@ -149,8 +153,9 @@ pub(super) struct Handing {
     /// The next slab key to offer.
     cursor: usize,
     /// Released but not yet handed back by the driver (io_uring: the
-    /// recv's last completion, a send in flight): key and generation.
-    releasing: Vec<(usize, u32)>,
+    /// recv's last completion, a send in flight): key, generation, and
+    /// when its release began.
+    releasing: Vec<(usize, u32, std::time::Instant)>,
     moved: u32,
     tls_closed: u32,
     lost: u32,
@@ -206,10 +211,12 @@ impl State {
     pub(super) fn hand_over_some(&mut self, io: &mut impl Driver) -> Option<Duration> {
         let mut h = self.handing.take()?;
         let mut out = Vec::new();
+        let now = self.clock.now.at;
         // Those whose release was under way.
         let mut i = 0;
         while i < h.releasing.len() {
-            let (key, gen) = h.releasing[i];
+            let (key, gen, began) = h.releasing[i];
+            let overdue = now >= began + RELEASE_TIMEOUT;
             match self.slab.get(key) {
                 Some(s) if s.gen == gen && s.ended => {
                     // It ended meanwhile (bytes that raced the release):
@@ -220,6 +227,16 @@ impl State {
                 Some(s) if s.gen == gen => match self.release(io, key, &mut out) {
                     Ok(true) => {
                         h.moved += 1;
+                        h.releasing.swap_remove(i);
+                    }
+                    Ok(false) if overdue => {
+                        self.warn(format_args!(
+                            "a connection's release did not complete within {RELEASE_TIMEOUT:?} (a send to a device that does not read?): reset it, counted as lost by the upgrade"
+                        ));
+                        self.slab[key].why = Reason::SlowReader;
+                        self.counters.slow_reader += 1;
+                        self.close(io, key, Close::Abortive);
+                        h.lost += 1;
                         h.releasing.swap_remove(i);
                     }
                     Ok(false) => i += 1,
@@ -253,7 +270,7 @@ impl State {
             let gen = slot.gen;
             match self.release(io, key, &mut out) {
                 Ok(true) => h.moved += 1,
-                Ok(false) => h.releasing.push((key, gen)),
+                Ok(false) => h.releasing.push((key, gen, now)),
                 Err(()) => h.lost += 1,
             }
         }
