@@ -358,7 +358,52 @@ fn tls_unusable_certificate_files_stop_the_server_with_one_clear_sentence() {
     }
 }
 
+/// A hot upgrade (docs/upgrade.md) moves no TLS state in v1: a wss device
+/// gets Close 1001 with the reconnect hint, counted in the old process's
+/// summary, and reconnects to the new process at once.
+fn tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect() {
+    let certs = Certs::new("upgrade");
+    let flags = certs.flags();
+    let mut args = vec!["--cores", "0"];
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&args);
+    let config = certs.client(&[&rustls::version::TLS13]);
+    let mut ws = wss(server.addr, &config, "wss-upgrade");
+    server.signal(libc::SIGUSR2);
+    match ws.read() {
+        Ok(Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 1001);
+            assert_eq!(f.reason, "draining: reconnect");
+        }
+        other => panic!("expected Close 1001, got {other:?}"),
+    }
+    let line = server.wait_error("this process exits");
+    let at = line.find("(pid ").unwrap() + 5;
+    let pid: i32 = line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the server this test started (by its upgrade).
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _new = Kill(pid);
+    assert!(
+        line.contains("1 TLS connections closed with 1001"),
+        "{line}"
+    );
+    let mut again = wss(server.addr, &config, "wss-upgrade");
+    again.send(Message::Ping(b"back".to_vec())).unwrap();
+    assert_eq!(again.read().unwrap(), Message::Pong(b"back".to_vec()));
+}
+
 on_both_backends!(
+    tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect,
     tls_device_upgrades_heartbeats_and_is_expired_like_a_ws_one,
     tls_1_2_and_1_3_both_negotiate_and_a_reconnect_resumes,
     tls_plaintext_request_on_the_tls_port_is_one_counted_logged_close,
