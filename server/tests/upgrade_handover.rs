@@ -146,6 +146,32 @@ fn a_new_binary_that_fails_leaves_the_old_serving() {
     }
 }
 
+/// A new process that dies with the connections' first batch unacked:
+/// those connections are lost (counted in the sentence), and the old
+/// process listens again and serves new devices.
+fn a_new_process_dying_mid_handover_leaves_the_old_listening() {
+    let server = Server::start_with(
+        &["--cores", "0"],
+        None,
+        &[("C1M_TEST_HANDOVER_FAIL", "conns")],
+    );
+    let mut lost: Vec<_> = (0..3).map(|i| server.ws(&format!("lost{i}"))).collect();
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_error("upgrade failed after");
+    assert!(
+        line.contains("0 connections went to the new process"),
+        "{line}"
+    );
+    assert!(line.contains("3 lost with it"), "{line}");
+    assert!(line.contains("listens again"), "{line}");
+    for ws in &mut lost {
+        assert!(ws.read().is_err(), "a lost connection ends");
+    }
+    let mut fresh = server.ws("after-failure");
+    fresh.send(Message::Ping(b"here".to_vec())).unwrap();
+    assert_eq!(fresh.read().unwrap(), Message::Pong(b"here".to_vec()));
+}
+
 /// Under --procs v1 refuses the trigger, in one sentence.
 #[test]
 fn an_upgrade_under_procs_is_refused_in_one_sentence() {
@@ -159,4 +185,5 @@ fn an_upgrade_under_procs_is_refused_in_one_sentence() {
 on_both_backends!(
     devices_keep_their_connections_across_sigusr2,
     a_new_binary_that_fails_leaves_the_old_serving,
+    a_new_process_dying_mid_handover_leaves_the_old_listening,
 );

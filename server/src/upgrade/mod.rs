@@ -19,7 +19,8 @@ pub mod old;
 /// The descriptor of the handover socket, in the new process only.
 pub const ENV_FD: &str = "C1M_HANDOVER_FD";
 /// Test-only: makes the new process fail its side of the handover:
-/// `hello` (a Hello of another version), `exit` (exits before any). Read
+/// `hello` (a Hello of another version), `exit` (exits before any),
+/// `conns` (exits at the first batch of connections, unacknowledged). Read
 /// only by a process started with [`ENV_FD`]; never set it in production.
 pub const ENV_TEST_FAIL: &str = "C1M_TEST_HANDOVER_FAIL";
 /// How long each side waits for the other's Hello.

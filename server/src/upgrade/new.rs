@@ -66,6 +66,9 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
             eprintln!(
                 "server: {ENV_TEST_FAIL}=hello (test only): answering with a hello of format v999"
             );
+            // As a build of another version would: the old one's hello
+            // first, then ours.
+            let _ = ch.recv(&mut Batch::default());
             bad_hello(&mut ch, shards, io);
             std::process::exit(3);
         }
@@ -176,6 +179,10 @@ fn take_all(mut t: Taking, shards: Vec<Peer>) {
                 t.old_pid
             );
             return;
+        }
+        if std::env::var(ENV_TEST_FAIL).as_deref() == Ok("conns") {
+            eprintln!("server: {ENV_TEST_FAIL}=conns (test only): exiting at the first batch of connections");
+            std::process::exit(3);
         }
         let fds = std::mem::take(&mut batch.fds);
         let records = match pair(&batch.payload, fds) {

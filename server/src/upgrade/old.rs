@@ -114,6 +114,7 @@ fn run(plan: Plan) -> Result<Summary, String> {
         ch,
         plan: &plan,
         seq: 1,
+        in_batch: 0,
         sum: Summary {
             pid,
             hello,
@@ -135,8 +136,8 @@ fn run(plan: Plan) -> Result<Summary, String> {
         if let Err(why) = h.move_shard(shard, &tx, &rx) {
             h.listen_again(socks);
             return Err(format!(
-                "upgrade failed after {} connections went to the new process (pid {pid}): {why}; this process listens again and serves what it still holds",
-                h.sum.moved
+                "upgrade failed after {} connections went to the new process (pid {pid}), {} lost with it: {why}; this process listens again and serves what it still holds",
+                h.sum.moved, h.sum.lost
             ));
         }
     }
@@ -184,6 +185,9 @@ struct Handover<'a> {
     plan: &'a Plan,
     seq: u32,
     sum: Summary,
+    /// Connections in the batch being filled: moved once it is acked,
+    /// lost if it fails.
+    in_batch: u64,
 }
 
 impl Handover<'_> {
@@ -266,15 +270,25 @@ impl Handover<'_> {
         }
         let seq = self.seq;
         self.seq += 1;
-        let copies = out
-            .flush(&mut self.ch, seq)
-            .map_err(|e| format!("cannot send batch {seq} ({e})"))?;
-        let taken = self.ack(seq)?;
-        if taken as usize != copies.len() {
-            // Counted, not fatal: the new process closed those it could not take.
-            self.sum.lost += (copies.len() as u64).saturating_sub(taken as u64);
-        }
-        drop(copies);
+        let conns = std::mem::take(&mut self.in_batch);
+        // Failed: its connections are lost (their sockets close with our
+        // copies, or died with the new process).
+        let sent = out.flush(&mut self.ch, seq).map_err(|e| {
+            self.sum.lost += conns;
+            format!("cannot send batch {seq} ({e})")
+        })?;
+        let taken = match self.ack(seq) {
+            Ok(t) => u64::from(t),
+            Err(why) => {
+                self.sum.lost += conns;
+                return Err(why);
+            }
+        };
+        // The new process closed those it could not take: counted.
+        let refused = (sent.len() as u64).saturating_sub(taken);
+        self.sum.lost += refused.min(conns);
+        self.sum.moved += conns - refused.min(conns);
+        drop(sent);
         Ok(())
     }
 
@@ -326,7 +340,10 @@ impl Handover<'_> {
                             }
                         }
                         match out.push(&Record::Conn(state.record()), Some(fd)) {
-                            Ok(()) => sent += 1,
+                            Ok(()) => {
+                                sent += 1;
+                                self.in_batch += 1;
+                            }
                             Err(_) => self.sum.lost += 1, // closed: its record does not encode
                         }
                     }
@@ -340,7 +357,6 @@ impl Handover<'_> {
                     self.sum.tls_closed += u64::from(tls_closed);
                     self.sum.lost += u64::from(lost);
                     self.flush(&mut out)?;
-                    self.sum.moved += u64::from(sent);
                     let end = Record::ShardEnd(ShardEnd {
                         shard: shard as u32,
                         listeners: 1,
