@@ -255,13 +255,8 @@ fn map(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
 mod tests {
     use super::*;
 
-    fn at(shard: u32, key: u32, since: u64) -> Location {
-        Location {
-            shard,
-            key,
-            gen: 1,
-            since,
-        }
+    fn at(shard: u32, key: u32, gen: u32) -> Location {
+        Location { shard, key, gen }
     }
 
     #[test]
