@@ -505,12 +505,11 @@ mod tests {
     fn server_cpu_per_connection_net_of_the_ramps_heartbeats() {
         // 1,000 connections at 20 us each; 500 heartbeats during the ramp
         // and 2,000 in the hold, 4 us each.
-        let counters = |established, heartbeats| {
-            let mut c = Counters::default();
-            c.attempted = established;
-            c.established = established;
-            c.heartbeats = heartbeats;
-            c
+        let counters = |established, heartbeats| Counters {
+            attempted: established,
+            established,
+            heartbeats,
+            ..Counters::default()
         };
         let mark = |t_s, established, heartbeats, server_cpu_ns| Mark {
             t_s,
