@@ -11,9 +11,9 @@
 # server's I/O arms in the kernel: compare rows, the client is the same).
 # The load is the client (target/release/client, one pinned executor per
 # CPU, 512 upgrades in flight each); bench/client_json.py turns its
-# summary.json into the runs.jsonl line. Figures before 2026-12-06 were
-# measured with server/examples/loadgen.rs (docs/benchmarks.md compares the
-# two).
+# summary.json into the runs.jsonl line. Runs before results/20261206T222326Z
+# were measured with server/examples/loadgen.rs, which read the server's CPU
+# some 10-20% lower (docs/benchmarks.md compares the two).
 # Servers: tokio (examples/tokio_peer.rs: tuned tokio-tungstenite, the
 # budget's peer), uring2/epoll2 (c1m on 2 shards, CPUs 0-1, with --io uring or
 # --io epoll), uring1/epoll1 (1 shard on CPU 0), uring2cpu/epoll2cpu (2
