@@ -32,6 +32,7 @@ KIND = {
     'udp': 'UDP heartbeats against pings and the bare receiver (bench/udp-heartbeat.sh)',
     'udp-expiry': 'expiry lag and the --go-silent burst with UDP heartbeats (bench/udp-expiry.sh)',
     'udp-idle': 'the UDP server\'s ticks and stats at rest (bench/udp-idle.sh)',
+    'loadgen-vs-client': 'bench/core.sh measured by loadgen and by the client in one sitting: the change of measuring tool',
     '1m': 'one million devices on this machine (bench/one-million.sh)',
     '1m-udp': 'one million devices with UDP heartbeats (UDP=1 bench/one-million.sh)',
 }
