@@ -9,11 +9,16 @@
 # heartbeat (schedstat ns, all threads), server RSS per idle connection, and
 # the host's kernel slab per connection (both loopback ends plus what the
 # server's I/O arms in the kernel: compare rows, the client is the same).
+# The load is the client (target/release/client, one pinned executor per
+# CPU, 512 upgrades in flight each); bench/client_json.py turns its
+# summary.json into the runs.jsonl line. Runs before results/20261206T222326Z
+# were measured with server/examples/loadgen.rs, which read the server's CPU
+# some 10-20% lower (docs/benchmarks.md compares the two).
 # Servers: tokio (examples/tokio_peer.rs: tuned tokio-tungstenite, the
 # budget's peer), uring2/epoll2 (c1m on 2 shards, CPUs 0-1, with --io uring or
 # --io epoll), uring1/epoll1 (1 shard on CPU 0), uring2cpu/epoll2cpu (2
-# shards with --reuseport-cpu; pair them with LOADGEN_FLAGS=--pin so that
-# each load thread's connections are received on its own CPU), threads (the shard loop on
+# shards with --reuseport-cpu; the client's executor i runs on CPU i, so
+# each one's connections are received on its own CPU), threads (the shard loop on
 # plain threads, no glommio, epoll), stock128/stock4096 (a glommio TcpStream
 # task per connection, ring depth 128 / 4096). Rounds are interleaved so
 # machine noise hits every variant alike; the summary quotes medians. To
@@ -33,9 +38,9 @@ CASES=${CASES:-"2000:1s 15000:1s 15000:7500ms"}
 IMPLS=${IMPLS:-"uring2 epoll2 uring1 epoll1"}
 PORT=${PORT:-9400}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
-LOADGEN_FLAGS=${LOADGEN_FLAGS:-}
+CLIENT_FLAGS=${CLIENT_FLAGS:-}  # more client flags, e.g. --io uring
 
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --examples
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client --examples
 BASE_SERVER=${BASE_SERVER:-}
 BASE_FLAGS=${BASE_FLAGS:-}  # extra flags for the base server, e.g. --io epoll
 # A second old build in the same run (impl base2, the same BASE_FLAGS):
@@ -47,7 +52,7 @@ esac
 case " $IMPLS " in
   *" base2 "*) [ -x "$BASE2_SERVER" ] || { echo "bench: IMPLS has base2 but BASE2_SERVER ('$BASE2_SERVER') is not an executable server" >&2; exit 2; } ;;
 esac
-out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${LOADGEN_FLAGS:+ LOADGEN_FLAGS='$LOADGEN_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER}${BASE_FLAGS:+ BASE_FLAGS='$BASE_FLAGS'}${BASE2_SERVER:+ BASE2_SERVER=$BASE2_SERVER} bench/core.sh")
+out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'${CLIENT_FLAGS:+ CLIENT_FLAGS='$CLIENT_FLAGS'}${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER}${BASE_FLAGS:+ BASE_FLAGS='$BASE_FLAGS'}${BASE2_SERVER:+ BASE2_SERVER=$BASE2_SERVER} bench/core.sh")
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "kernel: $(uname -r)"
@@ -56,10 +61,13 @@ out=$(new_results core "ROUNDS=$ROUNDS HOLD=$HOLD CASES='$CASES' IMPLS='$IMPLS'$
   echo "RLIMIT_NOFILE: $(ulimit -n)"
   echo "net.core.somaxconn: $(cat /proc/sys/net/core/somaxconn)"
   echo "net.ipv4.ip_local_port_range: $(cat /proc/sys/net/ipv4/ip_local_port_range)"
+  echo "load: target/release/client $CLIENT_FLAGS"
 } > "$out/machine.txt"
+# Each client run's own results directory (histograms, plots): read, then dropped.
+raw=$(mktemp -d /tmp/core-client.XXXXXX)
 
 server_pid=""
-cleanup() { [ -n "$server_pid" ] && kill -9 "$server_pid" 2>/dev/null || true; }
+cleanup() { [ -n "$server_pid" ] && kill -9 "$server_pid" 2>/dev/null || true; rm -rf "$raw"; }
 trap cleanup EXIT
 
 start_server() {
@@ -98,8 +106,14 @@ for round in $(seq "$ROUNDS"); do
       start_server "$impl"
       sleep 1 # shards finish starting after the listeners are bound
       nstat -n >/dev/null 2>&1 || true
-      json=$(timeout 180 ./target/release/examples/loadgen $LOADGEN_FLAGS --server 127.0.0.1:$PORT --conns "$n" \
-        --hold "$HOLD" --ping-interval "$interval" --ips "$IPS" --server-pid "$server_pid" 2>/dev/null)
+      run="$raw/$impl-$round-$n-$interval"
+      rc=0
+      timeout 180 ./target/release/client --concurrency 512 $CLIENT_FLAGS --server 127.0.0.1:$PORT --conns "$n" \
+        --hold "$HOLD" --heartbeat "$interval" --ips "$IPS" --server-pid "$server_pid" --quiet --out "$run" \
+        >/dev/null 2>>"$out/client.err" || rc=$?
+      # 2: the run completed and the server closed heartbeating devices (counted in the figures).
+      [ "$rc" = 0 ] || [ "$rc" = 2 ] || { echo "bench: the client failed (exit $rc) against $impl, $case: see $out/client.err" >&2; exit 1; }
+      json=$(python3 bench/client_json.py "$run")
       overflows=$(nstat -az TcpExtListenOverflows TcpExtListenDrops 2>/dev/null | awk 'NR>1{s+=$2} END{print s+0}')
       stop_server
       line="{\"impl\":\"$impl\",\"round\":$round,\"listen_overflows_drops\":$overflows,${json#\{}"

@@ -6,17 +6,22 @@
 # the deletion rate from the server's 100 ms stats lines, and connect
 # latency of 3,000 new devices during the wave against the same with no wave.
 # The wave runs once per backend in IOS (default "uring epoll"), one after
-# the other in the same run, each in its own subdirectory.
+# the other in the same run, each in its own subdirectory. The devices are
+# the client's (target/release/client); bench/client_json.py turns each of
+# its runs into the JSON files below.
 # Usage: bench/expiry.sh   (about 30 s per backend; CONNS and IOS override)
-# Writes: results/<UTC time>-expiry/{summary.md,<io>/{summary.md,fleet.json,connect-*.json,server-stats.txt},command.txt}
+# Writes: results/<UTC time>-expiry/{summary.md,<io>/{summary.md,fleet.json,connect-*.json,server-stats.txt,client.err},command.txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 CONNS=${CONNS:-15000}
 IOS=${IOS:-"uring epoll"}
 PORT=${PORT:-9406}
-cargo build --release --quiet --bin server --example loadgen
+cargo build --release --quiet --bin server --bin client
 top=$(new_results expiry "CONNS=$CONNS IOS='$IOS' bench/expiry.sh")
+# The client's own results directories (histograms, plots): read, then dropped.
+raw=$(mktemp -d /tmp/expiry-client.XXXXXX)
+trap 'rm -rf "$raw"' EXIT
 : > "$top/summary.md"
 for io in $IOS; do
 out=$top/$io
@@ -24,29 +29,32 @@ mkdir -p "$out"
 ./target/release/server --io "$io" --listen 127.0.0.1:$PORT --timeout 5s --tick 100ms --stats-interval 100ms \
   > "$out/server-stats.txt" 2> "$out/server.err" &
 server=$!
-trap 'kill -9 $server 2>/dev/null || true' EXIT
+trap 'kill -9 $server 2>/dev/null || true; rm -rf "$raw"' EXIT
 wait_port $PORT
 sleep 1
 
-probe() { # 3,000 connects at a gentle pace (8 in flight), then close
-  timeout 60 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns 3000 --concurrency 4 \
-    --threads 1 --hold 0s --ips 127.0.0.31-127.0.0.40 2>/dev/null
+probe() { # NAME: 3,000 connects at a gentle pace (4 in flight, one core), then close
+  timeout 60 ./target/release/client --server 127.0.0.1:$PORT --conns 3000 --concurrency 4 \
+    --cores 0 --hold 0s --ips 127.0.0.31-127.0.0.40 --quiet --out "$raw/$io-$1" >/dev/null 2>>"$out/client.err" || true
+  python3 bench/client_json.py "$raw/$io-$1" > "$out/$1.json"
 }
-probe > "$out/connect-quiet.json"
+probe connect-quiet
 sleep 1
 
-start=$(date +%s.%N)
-timeout 120 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$CONNS" --silent 1 \
-  --hold 10s --server-timeout 5s --ips 127.0.0.2-127.0.0.21 --server-pid $server \
-  > "$out/fleet.json" 2>/dev/null &
+# The silent fleet, as fast as 2 cores with 512 upgrades in flight each allow.
+# (Exit status 2 would be false, early or missed expiries: in the summary.)
+timeout 120 ./target/release/client --server 127.0.0.1:$PORT --conns "$CONNS" --silent 1 --concurrency 512 \
+  --hold 10s --server-timeout 5s --ips 127.0.0.2-127.0.0.21 --server-pid $server --quiet --out "$raw/$io-fleet" \
+  >/dev/null 2>>"$out/client.err" &
 fleet=$!
 # The fleet opens over about a second; each device is deleted 5.0-5.1 s after
 # it opened. Probe while the wave runs.
 sleep 5.2
-probe > "$out/connect-during-expiry.json"
-wait $fleet
+probe connect-during-expiry
+wait $fleet || true
+python3 bench/client_json.py "$raw/$io-fleet" > "$out/fleet.json"
 kill -TERM $server; wait $server || true
-trap - EXIT
+trap 'rm -rf "$raw"' EXIT
 
 python3 - "$out" <<'PY' > "$out/summary.md"
 import json, sys, re

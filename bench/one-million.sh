@@ -38,17 +38,30 @@ SILENT_AFTER=${SILENT_AFTER:-60}
 HEARTBEAT=${HEARTBEAT:-30}
 IO=${IO:-epoll}         # the I/O backend of the server and of the clients
 UDP=${UDP:-0}           # 1: heartbeats as UDP datagrams (--udp-heartbeat)
+# An older server build to run in the same sitting (issue 18: a slow day's
+# time targets are read against it), e.g. SERVER_BIN=/work/builds/ba9adbc/server;
+# it gets no --io (builds before the driver have none); the client is this one.
+SERVER_BIN=${SERVER_BIN:-}
 udp=()
 [ "$UDP" = 1 ] && udp=(--udp-heartbeat)
+server_bin=./target/release/server
+server_io=(--io "$IO")
+if [ -n "$SERVER_BIN" ]; then
+  [ -x "$SERVER_BIN" ] || { echo "one-million: SERVER_BIN ('$SERVER_BIN') is not an executable server" >&2; exit 2; }
+  [ "$UDP" = 1 ] && { echo "one-million: UDP=1 needs this build's server, not SERVER_BIN" >&2; exit 2; }
+  server_bin=$SERVER_BIN
+  server_io=()
+fi
 [ "$(id -u)" -eq 0 ] || { echo "one-million: needs root to apply (and restore) sysctls" >&2; exit 1; }
 
 cargo build --release --quiet --bin server --bin client
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "$CONNS" = 1000000 ]; then name="1m-$stamp"; else name="$stamp-scale-$CONNS"; fi
 [ "$UDP" = 1 ] && name="$name-udp"
+[ -n "$SERVER_BIN" ] && name="$name-base"
 out="results/$name"
 mkdir -p "$out"
-echo "IO=$IO UDP=$UDP CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
+echo "${SERVER_BIN:+SERVER_BIN=$SERVER_BIN }IO=$IO UDP=$UDP CONNS=$CONNS PROCS=$PROCS HOLD=$HOLD RATE=$RATE PROBE=$PROBE HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT SILENT_AFTER=$SILENT_AFTER bash $0 $*" > "$out/command.txt"
 echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty)" > "$out/git.txt"
 
 if ! bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-before.txt"; then
@@ -78,7 +91,7 @@ cat /proc/net/snmp > "$out/snmp-before.txt"
 # per connection apart from the client's (cgroup-server-fleet.txt).
 cg=$(cgroup_make "c1m-server-$stamp")
 C1M_CG="$cg" sh -c '[ -n "$C1M_CG" ] && echo $$ > "$C1M_CG/cgroup.procs"; exec "$@"' server \
-  ./target/release/server --io "$IO" --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
+  "$server_bin" "${server_io[@]}" --listen 127.0.0.1:$PORT --procs "$PROCS" --timeout "${TIMEOUT}s" --tick 1s \
   --stats-interval 5s "${udp[@]}" > "$out/server.log" 2>&1 &
 server=$!
 pids+=("$server")

@@ -15,7 +15,11 @@
 #   - dhat (heap bytes live at the peak, by allocation site) with 2 shards
 #     (--cores 0-1, as bench/core.sh runs it; 1 shard on uring) at each N,
 #     conn phase held 3 s.
-#   - native RSS per connection from loadgen (2 shards, one run each).
+#   - native RSS per connection from the client (2 shards, one run each).
+# The load is the client (target/release/client, 512 upgrades in flight per
+# core, a connect timeout of 600 s for valgrind's pace); phases without
+# heartbeats give it --heartbeat 86400s (each device's first at a random
+# point of the day: a handful in a run, counted in the pings column).
 # Usage: bench/profile-budget.sh   (about 30-40 minutes on a busy 2-core box)
 #   NS="2000 15000" IOS="epoll uring" BASE=ae7924c BASE_BIN=/work/builds/ae7924c
 #   PHASES="idle conn hb expiry" (callgrind) DHAT=1 NATIVE=1 SKIP_BUILD=1
@@ -41,7 +45,7 @@ PORT=${PORT:-9450}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
 command -v valgrind >/dev/null || { echo "profile-budget: valgrind is not installed" >&2; exit 1; }
 
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --example loadgen
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin server --bin client
 if [ ! -x "$BASE_BIN/server" ]; then
   src="target/profile-base-$BASE"
   [ -d "$src" ] || git worktree add --detach "$src" "$BASE"
@@ -49,7 +53,7 @@ if [ ! -x "$BASE_BIN/server" ]; then
   mkdir -p "$BASE_BIN" && cp "$src/target/release/server" "$BASE_BIN/server"
 fi
 MAIN_BIN=./target/release/server
-LOADGEN=./target/release/examples/loadgen
+CLIENT=./target/release/client
 out=$(new_results budget-profile "BASE=$BASE BASE_BIN=$BASE_BIN NS='$NS' IOS='$IOS' PHASES='$PHASES' EXPIRY_NS='$EXPIRY_NS' DHAT=$DHAT NATIVE=$NATIVE HB_HOLD=$HB_HOLD HB_INTERVAL=$HB_INTERVAL bench/profile-budget.sh")
 echo "main: $(git rev-parse --short HEAD); base: $BASE ($BASE_BIN/server)" >> "$out/command.txt"
 raw=$(mktemp -d /tmp/profile-budget.XXXXXX)
@@ -60,7 +64,7 @@ server_pid=""
 cleanup() { [ -n "$server_pid" ] && kill -9 "$server_pid" 2>/dev/null || true; }
 trap cleanup EXIT
 
-# jfield FILE KEY: a number from loadgen's one-line JSON (0 when absent).
+# jfield FILE KEY: a number from bench/client_json.py's one-line JSON (0 when absent).
 jfield() { grep -o "\"$2\":[0-9.]*" "$1" 2>/dev/null | head -1 | cut -d: -f2 || true; }
 
 # poke PORT MAX [always]: up to MAX connections opened and closed at once,
@@ -110,16 +114,23 @@ run() {
   sleep 1
   case $phase in
     idle|idlepoke|idle2) lg=() ;;
-    conn|conn2) lg=(--conns "$n" --hold 1s --ping-interval 3600s) ;;
-    mem) lg=(--conns "$n" --hold 3s --ping-interval 3600s) ;;
-    hb) lg=(--conns "$n" --hold "$HB_HOLD" --ping-interval "$HB_INTERVAL") ;;
-    expiry) lg=(--conns "$n" --hold 6s --ping-interval 3600s --silent 1 --server-timeout 2s) ;;
-    native) lg=(--conns "$n" --hold 3s --ping-interval 1s --server-pid "$server_pid") ;;
+    conn|conn2) lg=(--conns "$n" --hold 1s --heartbeat 86400s) ;;
+    mem) lg=(--conns "$n" --hold 3s --heartbeat 86400s) ;;
+    hb) lg=(--conns "$n" --hold "$HB_HOLD" --heartbeat "$HB_INTERVAL") ;;
+    expiry) lg=(--conns "$n" --hold 6s --heartbeat 86400s --silent 1 --server-timeout 2s) ;;
+    native) lg=(--conns "$n" --hold 3s --heartbeat 1s --server-pid "$server_pid") ;;
   esac
   : > "$raw/$tag.lg.json"
   if [ ${#lg[@]} -gt 0 ]; then
-    timeout 900 "$LOADGEN" --server 127.0.0.1:$port --ips "$IPS" --ramp-timeout 600s "${lg[@]}" \
-      > "$raw/$tag.lg.json" 2>/dev/null || echo "profile-budget: loadgen failed in $tag" >&2
+    local rc=0
+    timeout 900 "$CLIENT" --server 127.0.0.1:$port --ips "$IPS" --concurrency 512 --connect-timeout 600s \
+      --quiet --out "$raw/$tag.client" "${lg[@]}" > /dev/null 2>> "$raw/$tag.client.err" || rc=$?
+    # 2: completed, with false, early or missed expiries (in the figures).
+    if [ "$rc" = 0 ] || [ "$rc" = 2 ]; then
+      python3 bench/client_json.py "$raw/$tag.client" > "$raw/$tag.lg.json"
+    else
+      echo "profile-budget: the client failed (exit $rc) in $tag: see $raw/$tag.client.err" >&2
+    fi
   fi
   if [ "$phase" = idlepoke ]; then poke $port 2000 always; fi
   # valgrind 3.19 holds its thread lock through io_uring_enter (not marked

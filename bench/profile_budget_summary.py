@@ -89,7 +89,7 @@ if dh:
                 print(f"| {io} | marginal {lo:,}->{hi:,} | {per['base']:,.0f} | {per['main']:,.0f} | {per['main'] - per['base']:+,.0f} |")
 nat = [r for r in rows if r["tool"] == "native"]
 if nat:
-    print("\n## Native RSS per connection (loadgen, 2 shards, 15,000, one run each: noisy)\n")
+    print("\n## Native RSS per connection (the client, 2 shards, 15,000, one run each: noisy)\n")
     print("| io | build | RSS B/conn |")
     print("|---|---|---|")
     for r in nat:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System calls per heartbeat: a count that machine noise does not blur. For
 # each case (N:interval) the server holds N devices pinging once per interval
-# (loadgen) and `perf stat` counts the server's system calls over 4 s of the
+# (the client, +-10% each) and `perf stat` counts the server's system calls over 4 s of the
 # hold, in all and by kind. A heartbeat needs at least a recv and a send;
 # the rest is waiting for sockets (epoll_wait, poll, io_uring_enter) and
 # anything else. Each case runs the server with every backend in IOS
@@ -20,10 +20,11 @@ BASE_SERVER=${BASE_SERVER:-}
 PORT=${PORT:-9402}
 command -v perf >/dev/null || { echo "syscalls: perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 [ -z "$BASE_SERVER" ] || [ -x "$BASE_SERVER" ] || { echo "syscalls: BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; }
-cargo build --release --quiet --bin server --example loadgen
+cargo build --release --quiet --bin server --bin client
 out=$(new_results syscalls "CASES='$CASES' IOS='$IOS'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/syscalls.sh")
+raw=$(mktemp -d /tmp/syscalls-client.XXXXXX)
 server_pid=""
-trap '[ -n "$server_pid" ] && kill -9 $server_pid 2>/dev/null || true' EXIT
+trap '[ -n "$server_pid" ] && kill -9 $server_pid 2>/dev/null || true; rm -rf "$raw"' EXIT
 
 echo "server,conns,interval,heartbeats_per_s,syscalls_per_s,syscalls_per_heartbeat,recv_per_heartbeat,send_per_heartbeat,wait_per_heartbeat,cpu_per_heartbeat_us" > "$out/runs.csv"
 events=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_poll,syscalls:sys_enter_io_uring_enter
@@ -38,12 +39,15 @@ for case in $CASES; do
     server_pid=$!
     wait_port $PORT
     sleep 1
-    timeout 60 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$n" --hold 8s \
-      --ping-interval "$interval" --ips 127.0.0.2-127.0.0.11 --server-pid $server_pid > "$out/loadgen.json" 2>/dev/null &
-    loadgen=$!
+    rm -rf "$raw/run"
+    timeout 60 ./target/release/client --server 127.0.0.1:$PORT --conns "$n" --hold 8s --heartbeat "$interval" \
+      --concurrency 512 --ips 127.0.0.2-127.0.0.11 --server-pid $server_pid --quiet --out "$raw/run" \
+      >/dev/null 2>>"$out/client.err" &
+    client=$!
     sleep 3.5 # the ramp and the first pings; then count the middle of the hold
     perf stat -e $events -x, -o "$out/perf.txt" -p $server_pid -- sleep 4 >/dev/null 2>&1
-    wait $loadgen
+    wait $client || true
+    python3 bench/client_json.py "$raw/run" > "$out/client.json"
     kill -TERM $server_pid; wait $server_pid 2>/dev/null || true
     server_pid=""
     python3 - "$impl" "$n" "$interval" "$out" >> "$out/runs.csv" <<'PY'
@@ -55,7 +59,7 @@ for line in open(f"{out}/perf.txt"):
     f = line.strip().split(",")
     if len(f) > 2 and "sys_enter" in f[2]:
         counts[f[2]] = int(f[0]) if f[0].isdigit() else 0
-lg = json.load(open(f"{out}/loadgen.json"))
+lg = json.load(open(f"{out}/client.json"))
 hb = n / secs * 4  # heartbeats in the 4 s counted
 per = lambda *ks: sum(counts.get(k, 0) for k in ks) / hb
 print(
@@ -69,7 +73,7 @@ PY
     sleep 1
   done
 done
-rm -f "$out/perf.txt" "$out/loadgen.json"
+rm -f "$out/perf.txt" "$out/client.json"
 {
   echo "Server system calls over 4 s of the hold (perf stat), per heartbeat:"
   echo "in all, recv, send, and waiting for sockets (epoll_wait + poll + io_uring_enter)."

@@ -16,26 +16,28 @@ cd "$(dirname "$0")/.."
 CONNS=${CONNS:-15000}
 PORT=${PORT:-9409}
 command -v perf >/dev/null || { echo "uring-cancels: perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
-cargo build --release --quiet --bin server --example loadgen
+cargo build --release --quiet --bin server --bin client
 out=$(new_results uring-cancels "CONNS=$CONNS bench/uring-cancels.sh")
+raw=$(mktemp -d /tmp/uring-cancels-client.XXXXXX)
 server=""
-trap '[ -n "$server" ] && kill -9 $server 2>/dev/null || true' EXIT
+trap '[ -n "$server" ] && kill -9 $server 2>/dev/null || true; rm -rf "$raw"' EXIT
 # (io_poll_remove_entries is a request's own poll ending, not a cancel.)
 syms='io_poll_find|io_async_cancel|io_try_cancel|io_poll_cancel|io_cancel_req_match|io_poll_remove\b'
 
-profile() { # name, server flags, loadgen flags, seconds before, seconds recorded
+profile() { # name, server flags, client flags, seconds before, seconds recorded
   local name=$1 sflags=$2 lflags=$3 before=$4 secs=$5
   ./target/release/server --io uring --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 1s $sflags \
     > "$out/$name-server.txt" 2>/dev/null &
   server=$!
   wait_port $PORT
   sleep 1
-  timeout 60 ./target/release/examples/loadgen --server 127.0.0.1:$PORT --conns "$CONNS" \
-    --ips 127.0.0.2-127.0.0.11 --server-pid $server $lflags > "$out/$name-loadgen.json" 2>/dev/null &
+  timeout 60 ./target/release/client --server 127.0.0.1:$PORT --conns "$CONNS" --concurrency 512 \
+    --ips 127.0.0.2-127.0.0.11 --server-pid $server $lflags --quiet --out "$raw/$name" >/dev/null 2>>"$out/client.err" &
   local lg=$!
   sleep "$before"
   perf record -F 2000 -g -p $server -o "$out/perf.data" -- sleep "$secs" >/dev/null 2>&1
   wait $lg || true
+  python3 bench/client_json.py "$raw/$name" > "$out/$name-client.json"
   kill -TERM $server; wait $server 2>/dev/null || true
   server=""
   perf report -i "$out/perf.data" --children --sort sym --percent-limit 0 --stdio -g none 2>/dev/null \
@@ -56,7 +58,7 @@ profile() { # name, server flags, loadgen flags, seconds before, seconds recorde
   echo "| phase | samples | cancel-path symbols (share incl. callees) | cancels counted by the driver |"
   echo "|---|---|---|---|"
 } > "$out/summary.md"
-profile hold "" "--hold 8s --ping-interval 1s" 3 4
+profile hold "" "--hold 8s --heartbeat 1s" 3 4
 profile wave "--timeout 3s --tick 100ms" "--silent 1 --hold 7s --server-timeout 3s" 2.5 4
 cat "$out/summary.md"
 echo "uring-cancels: wrote $out" >&2

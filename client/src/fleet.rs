@@ -118,6 +118,11 @@ pub struct Plan {
     /// After the hold, every device sends one last heartbeat and stops, so
     /// that the server deletes the whole fleet.
     pub go_silent: bool,
+    /// A Close from the server is neither answered nor acted on: the
+    /// device keeps its connection (and its heartbeats) until the server
+    /// ends it, as a peer that ignores Close 1001 would, so a draining
+    /// server runs to its --drain-timeout (bench/faults.sh).
+    pub ignore_close: bool,
     /// The silent fraction heartbeats until this long into the hold, then
     /// stops (each after its last beat); None: silent from its upgrade.
     pub silent_after: Option<Duration>,
@@ -1079,6 +1084,7 @@ impl State {
             Opcode::Close if payload.starts_with(&code::REPLACED.to_be_bytes()) => {
                 Break(self.replaced(key))
             }
+            Opcode::Close if self.plan.ignore_close => Continue(()),
             Opcode::Close => Break(self.server_closed(key)),
             Opcode::Continuation => Continue(()),
         }
@@ -1256,7 +1262,17 @@ mod tests {
         Refuse503,
         /// 101, then Close 4000 "replaced" at the first ping.
         Replace,
+        /// 101, then Close 1001 "going away" at the first ping; what the
+        /// device sends after it is counted in `AFTER_CLOSE[i]`.
+        GoingAway(usize),
     }
+
+    /// Per `Serve::GoingAway` server: (pings after its Close, Close frames
+    /// from the device, connections that ended without a Close reply).
+    static AFTER_CLOSE: [[std::sync::atomic::AtomicU64; 3]; 2] = [
+        [const { std::sync::atomic::AtomicU64::new(0) }; 3],
+        [const { std::sync::atomic::AtomicU64::new(0) }; 3],
+    ];
 
     /// A server on loopback that serves `how` until the test ends.
     fn fake_server(how: Serve) -> SocketAddr {
@@ -1298,9 +1314,13 @@ mod tests {
             return;
         }
         // Client frames: masked, short (a heartbeat or a close).
+        let mut closed = false;
         loop {
             let mut h = [0u8; 2];
             if s.read_exact(&mut h).is_err() {
+                if let (Serve::GoingAway(i), true) = (how, closed) {
+                    AFTER_CLOSE[i][2].fetch_add(1, Relaxed);
+                }
                 return;
             }
             assert_eq!(h[1] & 0x80, 0x80, "client frames are masked");
@@ -1314,8 +1334,20 @@ mod tests {
             for (i, b) in payload.iter_mut().enumerate() {
                 *b ^= mask[i % 4];
             }
+            if let (Serve::GoingAway(i), true) = (how, closed) {
+                let what = if h[0] & 0x0f == 0x8 { 1 } else { 0 };
+                AFTER_CLOSE[i][what].fetch_add(1, Relaxed);
+                if what == 1 {
+                    return;
+                }
+                continue;
+            }
             let reply = match (h[0] & 0x0f, how) {
                 (0x9, Serve::Pongs) => [&[0x8a, len as u8][..], &payload].concat(),
+                (0x9, Serve::GoingAway(_)) => {
+                    closed = true;
+                    [&[0x88, 12, 0x03, 0xe9][..], b"going away"].concat()
+                }
                 (0x9, _) => [&[0x88, 10, 0x0f, 0xa0][..], b"replaced"].concat(),
                 (0x8, _) => [&[0x88, 2][..], &payload[..2.min(len)]].concat(),
                 _ => continue,
@@ -1346,6 +1378,7 @@ mod tests {
             expiry_window: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(2),
             go_silent: false,
+            ignore_close: false,
             silent_after: None,
             reconnect: 0.0,
             reconnect_storm: None,
@@ -1362,6 +1395,11 @@ mod tests {
 
     /// Runs the plan on one core of each usable backend: its final counters.
     fn run_plan(server: SocketAddr, devices: u64) -> Vec<Counters> {
+        run_plan_with(server, devices, |_| {})
+    }
+
+    /// [`run_plan`] with the plan changed by `tweak` first.
+    fn run_plan_with(server: SocketAddr, devices: u64, tweak: fn(&mut Plan)) -> Vec<Counters> {
         let mut backends = vec![Backend::Epoll];
         if Backend::usable(Backend::Uring).0 == Backend::Uring {
             backends.push(Backend::Uring);
@@ -1371,7 +1409,9 @@ mod tests {
             .map(|io| {
                 let (tx, rx) = mpsc::channel();
                 let stop = Arc::new(AtomicBool::new(false));
-                run(0, Arc::new(plan(server, devices, io)), stop, tx).unwrap();
+                let mut p = plan(server, devices, io);
+                tweak(&mut p);
+                run(0, Arc::new(p), stop, tx).unwrap();
                 let done = rx.try_iter().find_map(|r| match r {
                     Report::Done {
                         counters, error, ..
@@ -1432,5 +1472,38 @@ mod tests {
             assert_eq!(c.replaced, 3, "{c:?}");
             assert_eq!((c.false_expiries, c.expired, c.open), (0, 0, 0), "{c:?}");
         }
+    }
+
+    #[test]
+    fn ignore_close_keeps_the_connection_and_its_heartbeats_after_a_close() {
+        // Acted on (the default): the device resets without a Close reply
+        // and counts the server's close as a false expiry.
+        let server = fake_server(Serve::GoingAway(0));
+        let runs = run_plan(server, 3);
+        for c in &runs {
+            assert_eq!(
+                (c.established, c.false_expiries, c.open),
+                (3, 3, 0),
+                "{c:?}"
+            );
+        }
+        let tally = |i: usize| AFTER_CLOSE[i].each_ref().map(|a| a.load(Relaxed));
+        let ends = 3 * runs.len() as u64;
+        // The fake server's threads see the resets a little later.
+        let waited = Instant::now();
+        while tally(0)[2] < ends && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(tally(0), [0, 0, ends]);
+
+        // Ignored: no reply and no close; it goes on heartbeating (every
+        // 50 ms for the 400 ms hold) until the run's end closes it.
+        let server = fake_server(Serve::GoingAway(1));
+        for c in run_plan_with(server, 3, |p| p.ignore_close = true) {
+            assert_eq!((c.established, c.false_expiries), (3, 0), "{c:?}");
+        }
+        let [pings, closes, _] = tally(1);
+        assert_eq!(closes, 0);
+        assert!(pings >= ends * 3, "{pings} pings after the Close");
     }
 }

@@ -216,13 +216,26 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
             );
             if let Some(h) = &o.hold_end {
                 let beats = h.counters.heartbeats.saturating_sub(r.counters.heartbeats);
+                let hold_us = h.server_cpu_ns.saturating_sub(r.server_cpu_ns) as f64 / 1e3;
                 f.insert(
                     "server_cpu_per_heartbeat_us".into(),
-                    ratio(
-                        h.server_cpu_ns.saturating_sub(r.server_cpu_ns) as f64 / 1e3,
-                        beats as f64,
-                    ),
+                    ratio(hold_us, beats as f64),
                 );
+                // As the client's own: the ramp's server CPU less the
+                // heartbeats of the devices already up, priced at the
+                // hold's CPU per heartbeat (bench/core.sh's per-connection
+                // figure; loadgen, before it, sent none during its ramp).
+                if beats > 0 {
+                    let ramp_us =
+                        r.server_cpu_ns.saturating_sub(o.start.server_cpu_ns) as f64 / 1e3;
+                    f.insert(
+                        "server_cpu_per_conn_net_us".into(),
+                        ratio(
+                            ramp_us - hold_us / beats as f64 * r.counters.heartbeats as f64,
+                            est,
+                        ),
+                    );
+                }
                 f.insert(
                     "hold_measured_s".into(),
                     json!(((h.t_s - r.t_s) * 1000.0).round() / 1000.0),
@@ -448,6 +461,10 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
             ),
         ),
         (
+            "Server CPU per connection net of the ramp's heartbeats (us)",
+            num("server_cpu_per_conn_net_us"),
+        ),
+        (
             "Server RSS per connection (B)",
             num("server_rss_per_conn_bytes"),
         ),
@@ -476,4 +493,49 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
         s.push_str(&format!("\nError: {}\n", e.as_str().unwrap_or("")));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Counters, Measured};
+    use crate::run::Mark;
+
+    #[test]
+    fn server_cpu_per_connection_net_of_the_ramps_heartbeats() {
+        // 1,000 connections at 20 us each; 500 heartbeats during the ramp
+        // and 2,000 in the hold, 4 us each.
+        let counters = |established, heartbeats| Counters {
+            attempted: established,
+            established,
+            heartbeats,
+            ..Counters::default()
+        };
+        let mark = |t_s, established, heartbeats, server_cpu_ns| Mark {
+            t_s,
+            counters: counters(established, heartbeats),
+            server_cpu_ns,
+            ..Mark::default()
+        };
+        let o = Outcome {
+            counters: counters(1000, 2500),
+            measured: Measured::new(),
+            rows: Vec::new(),
+            start: Mark::default(),
+            ramp_end: Some(mark(2.0, 1000, 500, 22_000_000)),
+            hold_end: Some(mark(7.0, 1000, 2500, 30_000_000)),
+            ramp_s: Some(1.5),
+            errors: Vec::new(),
+            interrupted: false,
+            elapsed_s: 7.5,
+        };
+        let f = figures(&o, 1000, true);
+        assert_eq!(f["server_cpu_per_conn_us"], json!(22.0));
+        assert_eq!(f["server_cpu_per_heartbeat_us"], json!(4.0));
+        assert_eq!(f["server_cpu_per_conn_net_us"], json!(20.0));
+        assert!(markdown(&f, "client", "dir").contains("| 20 |"));
+        // Unmeasured server: no server figures at all.
+        let f = figures(&o, 1000, false);
+        assert!(f.get("server_cpu_per_conn_net_us").is_none());
+    }
 }

@@ -1,10 +1,12 @@
 //! A device's id, as the connection keeps it: 1 to 64 bytes of
 //! `[0-9A-Za-z:._-]` (the handshake checked them). Ids of up to 23 bytes (a
 //! MAC address is 17) are stored inline, with no allocation; longer ones
-//! go to the heap. 32 bytes either way.
+//! go to the heap. 24 bytes either way: the inline length is kept plus one
+//! in a `NonZeroU8`, whose zero is the niche that marks the heap form.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::num::NonZeroU8;
 
 const INLINE: usize = 23;
 
@@ -15,8 +17,18 @@ pub struct DeviceId(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    Inline { len: u8, bytes: [u8; INLINE] },
+    /// `len1` is the length plus one (1..=24).
+    Inline {
+        len1: NonZeroU8,
+        bytes: [u8; INLINE],
+    },
     Heap(Box<str>),
+}
+
+/// The inline form's length field for `len` bytes (`len <= INLINE`).
+fn len1(len: usize) -> NonZeroU8 {
+    debug_assert!(len <= INLINE);
+    NonZeroU8::MIN.saturating_add(len as u8)
 }
 
 impl DeviceId {
@@ -25,7 +37,7 @@ impl DeviceId {
             let mut bytes = [0; INLINE];
             bytes[..id.len()].copy_from_slice(id.as_bytes());
             DeviceId(Repr::Inline {
-                len: id.len() as u8,
+                len1: len1(id.len()),
                 bytes,
             })
         } else {
@@ -39,8 +51,8 @@ impl DeviceId {
             // so these bytes are UTF-8. Checking again cost 160
             // instructions a call, four calls per connection (callgrind,
             // results/20261206T165501Z-budget-profile).
-            Repr::Inline { len, bytes } => unsafe {
-                std::str::from_utf8_unchecked(&bytes[..*len as usize])
+            Repr::Inline { len1, bytes } => unsafe {
+                std::str::from_utf8_unchecked(&bytes[..len1.get() as usize - 1])
             },
             Repr::Heap(s) => s,
         }
@@ -50,7 +62,7 @@ impl DeviceId {
 impl Default for DeviceId {
     fn default() -> DeviceId {
         DeviceId(Repr::Inline {
-            len: 0,
+            len1: len1(0),
             bytes: [0; INLINE],
         })
     }
@@ -89,7 +101,7 @@ mod tests {
     #[test]
     fn short_ids_are_inline_long_ones_on_the_heap_and_equal_by_text() {
         let mac = DeviceId::new("02:00:5e:00:00:01");
-        assert!(matches!(mac.0, Repr::Inline { len: 17, .. }));
+        assert!(matches!(mac.0, Repr::Inline { len1, .. } if len1.get() == 18));
         assert_eq!(mac.as_str(), "02:00:5e:00:00:01");
         let long = "x".repeat(64);
         let l = DeviceId::new(&long);
@@ -100,6 +112,8 @@ mod tests {
             DeviceId::new(&"a".repeat(23))
         );
         assert_ne!(mac, l);
-        assert_eq!(std::mem::size_of::<DeviceId>(), 32);
+        assert_eq!(std::mem::size_of::<DeviceId>(), 24);
+        assert_eq!(DeviceId::default().as_str(), "");
+        assert_eq!(DeviceId::new(&"b".repeat(24)).as_str().len(), 24);
     }
 }

@@ -201,7 +201,7 @@ pub struct ConnRecord<'a> {
     pub shard: u32,
     pub key: u32,
     pub gen: u32,
-    /// When it upgraded (its registry entry's `since`), monotonic ns.
+    /// When it upgraded (its slot's `since`), monotonic ns.
     pub since_ns: u64,
     /// When its last complete frame (or its upgrade) arrived, monotonic ns.
     pub last_heard_ns: u64,

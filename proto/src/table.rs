@@ -36,24 +36,55 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::device_id::DeviceId;
 
 /// Where a connection lives: its shard (index over all shards), its slot
-/// there and the slot's generation, and when it upgraded (monotonic
-/// nanoseconds, comparable across the shards of a host).
+/// there and the slot's generation. Packed into 64 bits in an entry:
+/// [`SHARD_BITS`], [`KEY_BITS`] and [`GEN_BITS`] bits, so a server has at
+/// most 4,096 shards of at most 16.7M slots (checked at its start), and a
+/// shard's generations wrap at 2^28 ([`next_gen`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Location {
     pub shard: u32,
     pub key: u32,
     pub gen: u32,
-    pub since: u64,
+}
+
+pub const SHARD_BITS: u32 = 12;
+pub const KEY_BITS: u32 = 24;
+pub const GEN_BITS: u32 = 28;
+/// Shards a server may have.
+pub const MAX_SHARDS: usize = 1 << SHARD_BITS;
+/// Slots a shard may have (its slab keys are below this).
+pub const MAX_KEYS: usize = 1 << KEY_BITS;
+
+/// The generation after `gen`: 1 to 2^28 - 1, wrapping (0 is never used,
+/// so a zeroed place names no connection).
+pub fn next_gen(gen: u32) -> u32 {
+    (gen.wrapping_add(1) & ((1 << GEN_BITS) - 1)).max(1)
 }
 
 impl Location {
-    /// The same connection (the upgrade time aside).
-    fn same(&self, other: &Location) -> bool {
-        (self.shard, self.key, self.gen) == (other.shard, other.key, other.gen)
+    /// The 64 bits an entry keeps, or None when the location is out of
+    /// range (unreachable with a checked configuration).
+    fn pack(&self) -> Option<u64> {
+        let fits = (self.shard as usize) < MAX_SHARDS
+            && (self.key as usize) < MAX_KEYS
+            && self.gen < 1 << GEN_BITS;
+        fits.then_some(
+            (self.shard as u64) << (KEY_BITS + GEN_BITS)
+                | (self.key as u64) << GEN_BITS
+                | self.gen as u64,
+        )
+    }
+
+    fn unpack(place: u64) -> Location {
+        Location {
+            shard: (place >> (KEY_BITS + GEN_BITS)) as u32,
+            key: ((place >> GEN_BITS) & ((1 << KEY_BITS) - 1)) as u32,
+            gen: (place & ((1 << GEN_BITS) - 1)) as u32,
+        }
     }
 }
 
-/// Entries per stripe: a power of two. A stripe is 32 KiB of entries.
+/// Entries per stripe: a power of two. A stripe is 16 KiB of entries.
 pub const PER_STRIPE: usize = 1024;
 /// A stripe holds at most this many: probes stay short, and a full stripe
 /// is a table sized too small, not a hash that went long.
@@ -64,7 +95,8 @@ const STRIPE_LIMIT: u32 = (PER_STRIPE * 15 / 16) as u32;
 const SLACK: (usize, usize) = (4, 3);
 
 const MAGIC: u64 = 0x6331_6d2d_7265_6731; // "c1m-reg1"
-const VERSION: u32 = 1;
+/// 2: 16-byte entries (the upgrade time left the table).
+const VERSION: u32 = 2;
 
 /// The table's first 64 bytes.
 #[repr(C)]
@@ -87,37 +119,23 @@ struct Stripe {
     len: AtomicU32,
 }
 
-/// One id's claim: 32 bytes. `digest == 0` is an empty entry.
+/// One id's claim: 16 bytes (a connection's upgrade time is its shard's
+/// to keep). `digest == 0` is an empty entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Entry {
     digest: u64,
-    shard: u32,
-    key: u32,
-    gen: u32,
-    _pad: u32,
-    since: u64,
+    /// [`Location::pack`]ed.
+    place: u64,
 }
 
 impl Entry {
     fn at(&self) -> Location {
-        Location {
-            shard: self.shard,
-            key: self.key,
-            gen: self.gen,
-            since: self.since,
-        }
+        Location::unpack(self.place)
     }
 
-    fn new(digest: u64, at: Location) -> Entry {
-        Entry {
-            digest,
-            shard: at.shard,
-            key: at.key,
-            gen: at.gen,
-            _pad: 0,
-            since: at.since,
-        }
+    fn shard(&self) -> u32 {
+        self.at().shard
     }
 }
 
@@ -130,7 +148,9 @@ pub enum Claim {
     /// and is to be told to close it.
     Displaced(Location),
     /// The id's stripe is full: the table was sized for fewer connections
-    /// than are held. The connection is served, unregistered.
+    /// than are held (or the location is out of [`Location`]'s range,
+    /// which a checked configuration never makes). The connection is
+    /// served, unregistered.
     Full,
 }
 
@@ -226,7 +246,7 @@ impl Table {
         self.stripes
     }
 
-    /// Entries the table has room for in all (its bytes are 32 each).
+    /// Entries the table has room for in all (its bytes are 16 each).
     pub fn slots(&self) -> usize {
         self.stripes * PER_STRIPE
     }
@@ -275,20 +295,23 @@ impl Table {
 
     /// Makes `at` the connection that holds `id`.
     pub fn claim(&self, id: &DeviceId, at: Location) -> Claim {
+        let Some(place) = at.pack() else {
+            return Claim::Full;
+        };
         let d = self.digest(id);
         let mut t = self.lock(self.stripe_of(d));
         match t.find(d) {
             Some(i) => {
                 let held = t.entries()[i];
-                if held.at().same(&at) {
+                if held.place == place {
                     return Claim::Fresh;
                 }
-                t.entries()[i] = Entry::new(d, at);
+                t.entries()[i].place = place;
                 Claim::Displaced(held.at())
             }
             None if t.len() >= STRIPE_LIMIT => Claim::Full,
             None => {
-                t.insert(Entry::new(d, at));
+                t.insert(Entry { digest: d, place });
                 Claim::Fresh
             }
         }
@@ -297,10 +320,11 @@ impl Table {
     /// Forgets `id` if `at` is the connection that holds it (a released
     /// claim that a newer one displaced leaves the newer alone).
     pub fn release(&self, id: &DeviceId, at: Location) {
+        let Some(place) = at.pack() else { return };
         let d = self.digest(id);
         let mut t = self.lock(self.stripe_of(d));
         if let Some(i) = t.find(d) {
-            if t.entries()[i].at().same(&at) {
+            if t.entries()[i].place == place {
                 t.remove(i);
             }
         }
@@ -341,7 +365,7 @@ impl Table {
                 Ok(_) => Locked { reg: self, s },
                 Err(_) => self.lock(s),
             };
-            forgotten += t.rebuild(|e| !shards.contains(&e.shard));
+            forgotten += t.rebuild(|e| !shards.contains(&e.shard()));
         }
         forgotten
     }
@@ -493,13 +517,8 @@ mod tests {
         }
     }
 
-    fn at(shard: u32, key: u32, since: u64) -> Location {
-        Location {
-            shard,
-            key,
-            gen: 1,
-            since,
-        }
+    fn at(shard: u32, key: u32, gen: u32) -> Location {
+        Location { shard, key, gen }
     }
 
     #[test]
@@ -518,10 +537,10 @@ mod tests {
         assert!(r.is_empty());
     }
 
-    /// The slot the shard keeps no upgrade time in: the entry does.
+    /// Every byte of an entry is in every connection's budget.
     #[test]
-    fn an_entry_is_32_bytes_and_a_stripe_a_cache_line() {
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    fn an_entry_is_16_bytes_and_a_stripe_a_cache_line() {
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
         assert_eq!(std::mem::size_of::<Stripe>(), 64);
         assert_eq!(std::mem::size_of::<Header>(), 64);
     }
@@ -531,12 +550,53 @@ mod tests {
         let stripes = stripes_for(1_000_000);
         let slots = stripes * PER_STRIPE;
         assert!((1_333_333..1_333_333 + PER_STRIPE).contains(&slots));
-        // 43 bytes per connection the server can hold, shared by all workers.
+        // 22 bytes per connection the server can hold, shared by all workers.
         assert!(
-            bytes_for(stripes) / 1_000_000 <= 44,
+            bytes_for(stripes) / 1_000_000 <= 22,
             "{}",
             bytes_for(stripes)
         );
+    }
+
+    #[test]
+    fn a_location_packs_to_the_bits_it_has_and_no_further() {
+        let far = Location {
+            shard: MAX_SHARDS as u32 - 1,
+            key: MAX_KEYS as u32 - 1,
+            gen: (1 << GEN_BITS) - 1,
+        };
+        assert_eq!(Location::unpack(far.pack().unwrap()), far);
+        let near = at(3, 5, 7);
+        assert_eq!(Location::unpack(near.pack().unwrap()), near);
+        for beyond in [
+            Location {
+                shard: MAX_SHARDS as u32,
+                ..near
+            },
+            Location {
+                key: MAX_KEYS as u32,
+                ..near
+            },
+            Location {
+                gen: 1 << GEN_BITS,
+                ..near
+            },
+        ] {
+            assert_eq!(beyond.pack(), None);
+        }
+        let r = Heap::new(10);
+        let id = DeviceId::new("aa:bb");
+        let beyond = Location {
+            key: MAX_KEYS as u32,
+            ..near
+        };
+        assert_eq!(r.claim(&id, beyond), Claim::Full);
+        r.release(&id, beyond);
+        assert!(r.is_empty());
+        // Generations wrap inside their bits and skip 0.
+        assert_eq!(next_gen(1), 2);
+        assert_eq!(next_gen((1 << GEN_BITS) - 1), 1);
+        assert_eq!(next_gen(u32::MAX), 1);
     }
 
     #[test]
@@ -648,7 +708,7 @@ mod tests {
                     // digest: a small home (low bits) and a distinct tag.
                     let d = ((n + 1) << 32) | (homeish * 333 % PER_STRIPE as u64);
                     match (t.find(d), add) {
-                        (None, true) => { t.insert(Entry { digest: d, key: n as u32, ..Entry::default() }); model.insert(d, n as u32); }
+                        (None, true) => { t.insert(Entry { digest: d, place: n }); model.insert(d, n as u32); }
                         (Some(i), false) => { t.remove(i); model.remove(&d); }
                         _ => {}
                     }
@@ -656,7 +716,7 @@ mod tests {
                     for (&d, &k) in &model {
                         let i = t.find(d);
                         prop_assert!(i.is_some(), "lost {:x}", d);
-                        prop_assert_eq!(t.entries()[i.unwrap()].key, k);
+                        prop_assert_eq!(t.entries()[i.unwrap()].place, k as u64);
                     }
                 }
             }
@@ -736,7 +796,7 @@ mod tests {
                     match op {
                         Op::Connect { shard, id } => {
                             let shard = shard % shards;
-                            let at = Location { shard: shard as u32, key: conns.len() as u32, gen: 1, since: clock as u64 };
+                            let at = Location { shard: shard as u32, key: conns.len() as u32, gen: 1 + clock as u32 % 3 };
                             let id = ids[id].clone();
                             conns.push(Conn { id: id.clone(), at, open: true });
                             if let Claim::Displaced(old) = r.claim(&id, at) {

@@ -160,6 +160,11 @@ struct Args {
     /// nothing; the run waits for the server to delete the whole fleet
     #[argh(switch)]
     go_silent: bool,
+    /// devices neither answer nor act on the server's Close: each keeps its
+    /// connection, heartbeating, until the server ends it, so a draining
+    /// server runs to its --drain-timeout (default: a Close ends the device)
+    #[argh(switch)]
+    ignore_close: bool,
     /// run this many worker processes, each with its share of the devices
     /// and of --cores, for hosts where RLIMIT_NOFILE cannot be raised; one
     /// merged results directory, each worker's own in worker-N/ (default 1)
@@ -448,6 +453,7 @@ fn run(args: Args) -> Result<i32, String> {
         expiry_window: args.expiry_window,
         connect_timeout: args.connect_timeout,
         go_silent: args.go_silent,
+        ignore_close: args.ignore_close,
         silent_after: args.silent_after,
         reconnect: args.reconnect_fraction.clamp(0.0, 1.0),
         reconnect_storm: args.reconnect_storm,
@@ -494,6 +500,7 @@ fn run(args: Args) -> Result<i32, String> {
         "expiry_window_s": args.expiry_window.as_secs_f64(),
         "connect_timeout_s": args.connect_timeout.as_secs_f64(),
         "go_silent": args.go_silent,
+        "ignore_close": args.ignore_close,
         "reconnect_storm_s": args.reconnect_storm.map(|d| d.as_secs_f64()),
         "backoff_base_s": args.backoff_base.as_secs_f64(),
         "backoff_cap_s": args.backoff_cap.as_secs_f64(),

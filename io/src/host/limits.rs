@@ -2,6 +2,8 @@
 //! exceeds it. The arithmetic is plain functions over [`Host`]; only
 //! [`Host::read`] looks at the system.
 
+use c1m_proto::table;
+
 /// Descriptors kept for listeners, epoll sets, eventfds, io_uring and stdio.
 pub const RESERVED_FDS: u64 = 64;
 
@@ -74,7 +76,12 @@ impl Host {
     /// shard's `--max-conns`, or by default its share of what the process
     /// can hold (as the server sizes its shards).
     pub fn per_shard(&self, shards: usize, max_conns: Option<usize>) -> usize {
-        max_conns.unwrap_or((self.capacity().0 / shards.max(1) as u64).max(1) as usize)
+        // The default stays within what a shard's slab may address (the
+        // registry's entry: c1m_proto::table); an explicit one is checked.
+        max_conns.unwrap_or(
+            (self.capacity().0 / shards.max(1) as u64).clamp(1, table::MAX_KEYS as u64 / 2)
+                as usize,
+        )
     }
 
     /// Connections the whole machine can hold (files, memory), whatever

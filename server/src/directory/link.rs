@@ -275,7 +275,6 @@ mod tests {
                 shard: 3,
                 key,
                 gen: 2,
-                since: 99,
             },
         })
     }
@@ -330,7 +329,7 @@ mod tests {
             match &f.body {
                 Body::Registry(Msg::Replaced { id, at }) => {
                     assert_eq!(id.as_str(), format!("dev-{key}"));
-                    assert_eq!((at.key, at.shard, at.gen, at.since), (key as u32, 3, 2, 99));
+                    assert_eq!((at.key, at.shard, at.gen), (key as u32, 3, 2));
                 }
                 other => panic!("{other:?}"),
             }

@@ -314,7 +314,6 @@ mod tests {
                 shard: 1,
                 key,
                 gen: 1,
-                since: 0,
             },
         })
     }

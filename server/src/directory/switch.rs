@@ -254,7 +254,6 @@ mod tests {
                     shard: 2,
                     key: 41,
                     gen: 7,
-                    since: 123,
                 },
             }),
         };

@@ -224,7 +224,6 @@ fn put_loc(out: &mut Vec<u8>, at: &Location) {
     out.extend_from_slice(&at.shard.to_le_bytes());
     out.extend_from_slice(&at.key.to_le_bytes());
     out.extend_from_slice(&at.gen.to_le_bytes());
-    out.extend_from_slice(&at.since.to_le_bytes());
 }
 
 fn put_addr(out: &mut Vec<u8>, a: Option<SocketAddr>) {
@@ -290,7 +289,6 @@ impl<'a> Reader<'a> {
             shard: self.u32()?,
             key: self.u32()?,
             gen: self.u32()?,
-            since: self.u64()?,
         })
     }
 
@@ -319,14 +317,11 @@ mod tests {
     use super::*;
 
     fn loc() -> impl Strategy<Value = Location> {
-        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
-            |(shard, key, gen, since)| Location {
-                shard,
-                key,
-                gen,
-                since,
-            },
-        )
+        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(shard, key, gen)| Location {
+            shard,
+            key,
+            gen,
+        })
     }
 
     fn id() -> impl Strategy<Value = DeviceId> {
@@ -435,7 +430,6 @@ mod tests {
                     shard: u32::MAX,
                     key: u32::MAX,
                     gen: u32::MAX,
-                    since: u64::MAX,
                 }),
             },
         };
@@ -455,7 +449,6 @@ mod tests {
                     shard: 0,
                     key: 0,
                     gen: 0,
-                    since: 0,
                 },
             }),
         }

@@ -359,12 +359,7 @@ impl Presence {
         Some(Presence {
             server: server.into(),
             worker,
-            at: Location {
-                shard,
-                key,
-                gen,
-                since: 0,
-            },
+            at: Location { shard, key, gen },
         })
     }
 }
@@ -381,7 +376,6 @@ pub fn parse_at_header(s: &str) -> Option<Location> {
         shard: f.next()?.parse().ok()?,
         key: f.next()?.parse().ok()?,
         gen: f.next()?.parse().ok()?,
-        since: 0,
     };
     f.next().is_none().then_some(at)
 }
@@ -395,7 +389,6 @@ mod tests {
             shard: 1,
             key: 7,
             gen: 3,
-            since: 99,
         }
     }
 
@@ -595,7 +588,7 @@ mod tests {
         let p = Presence {
             server: "h:1".into(),
             worker: 4,
-            at: Location { since: 0, ..at() },
+            at: at(),
         };
         let mut v = String::new();
         write_presence_value(&mut v, &p.server, p.worker, &p.at);
@@ -603,10 +596,7 @@ mod tests {
         assert_eq!(Presence::parse(b"h:1 4 1 7"), None);
         assert_eq!(Presence::parse(b"h.1 4 1 7 3"), None);
         assert_eq!(Presence::parse(b"\xff"), None);
-        assert_eq!(
-            parse_at_header(&at_header(&at())),
-            Some(Location { since: 0, ..at() })
-        );
+        assert_eq!(parse_at_header(&at_header(&at())), Some(at()));
         assert_eq!(parse_at_header("1.2"), None);
         assert_eq!(parse_at_header("1.2.x"), None);
     }

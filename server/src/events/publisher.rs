@@ -839,7 +839,6 @@ mod tests {
                 shard: 5,
                 key: n as u32 * 1000,
                 gen: 7 + n as u32,
-                since: 1,
             };
             let ev = Event {
                 kind: Kind::Present,

@@ -119,7 +119,6 @@ mod tests {
                 shard: 0,
                 key: n,
                 gen: 1,
-                since: 0,
             },
             remote: None,
             time_ms: 0,

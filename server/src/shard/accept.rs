@@ -10,9 +10,10 @@ use c1m_io::tls::ServerSession;
 use c1m_io::{Close, Driver, Token};
 use c1m_proto::conn::Conn;
 use c1m_proto::device_id::DeviceId;
+
 use c1m_proto::wheel::Entry;
 
-use super::{Slot, State};
+use super::{table, Slot, State};
 use crate::admission::{Bucket, Excess, REFUSAL};
 use crate::events::Reason;
 
@@ -97,7 +98,8 @@ impl State {
     /// deadline on the wheel.
     pub(super) fn admit_now(&mut self, io: &mut impl Driver, fd: OwnedFd) {
         let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        // Within the registry entry's bits (2^28, then 1 again).
+        self.next_gen = table::next_gen(self.next_gen);
         let key = self.slab.vacant_key();
         // The driver reads the request at once if it came with the
         // connection (under a burst, 9 accepts in 10 find it queued).
@@ -133,6 +135,7 @@ impl State {
             last_seen: now,
             armed: deadline,
             frame_deadline: 0,
+            since: 0,
             conn: if self.cfg.proxy_protocol {
                 Conn::new_proxied()
             } else {

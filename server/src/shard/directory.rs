@@ -110,11 +110,9 @@ impl State {
         key: usize,
         since: u64,
     ) -> Option<(DeviceId, Location)> {
+        self.slab[key].since = since;
         let slot = &self.slab[key];
-        let at = Location {
-            since,
-            ..self.place(key, slot.gen)
-        };
+        let at = self.place(key, slot.gen);
         if self.cfg.events.is_some() {
             let (id, last_seen) = (slot.id.clone(), slot.last_seen);
             let remote = self.device_addr(io, key);
@@ -202,7 +200,7 @@ impl State {
             Answer::NotConnected
         } else {
             match ask {
-                Ask::Lookup => Answer::Found(self.info(io, key, at)),
+                Ask::Lookup => Answer::Found(self.info(io, key)),
                 // Nothing after our Close (a drain's, or a kick's in
                 // flight): RFC 6455 5.5.1.
                 Ask::Push { .. } if self.slab[key].conn.phase() != Phase::Open => {
@@ -219,7 +217,7 @@ impl State {
                     }
                 }
                 Ask::Supersede { unix_ms } => {
-                    if self.unix_ms_of(at.since) < unix_ms {
+                    if self.unix_ms_of(self.slab[key].since) < unix_ms {
                         self.replaced(io, id, at);
                         Answer::Kicked
                     } else {
@@ -250,13 +248,13 @@ impl State {
     }
 
     /// What `GET /devices/<id>` shows of the device in slot `key`.
-    pub(super) fn info(&self, io: &impl Driver, key: usize, at: Location) -> DeviceInfo {
+    pub(super) fn info(&self, io: &impl Driver, key: usize) -> DeviceInfo {
         let slot = &self.slab[key];
         let Now { at: now, unix_ms } = self.clock.now;
         let ago_ms = |then: Instant| now.saturating_duration_since(then).as_millis() as u64;
         DeviceInfo {
             shard: self.me() as u32,
-            connected_since_ms: self.unix_ms_of(at.since),
+            connected_since_ms: self.unix_ms_of(slot.since),
             last_heard_ms: unix_ms.saturating_sub(ago_ms(self.clock.instant_of(slot.last_seen))),
             remote: self.device_addr(io, key),
         }

@@ -26,11 +26,10 @@ use c1m_io::{Close, Driver, Token};
 use c1m_proto::conn::Conn;
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::handover::{self, ConnRecord};
-use c1m_proto::table::{Claim, Location};
+use c1m_proto::table::{self, Claim};
 use c1m_proto::wheel::Entry;
 
 use super::{Slot, State, DRAIN_REASON};
-use crate::directory::registry::Msg;
 use crate::events::Reason;
 
 /// Connections a shard starts to hand over per turn of its loop.
@@ -345,9 +344,7 @@ impl State {
             shard: at.shard,
             key: at.key,
             gen: slot.gen,
-            since_ns: held
-                .filter(|_| registered)
-                .map_or(c.monotonic_ns(), |l| l.since),
+            since_ns: if slot.upgraded { slot.since } else { 0 },
             // The end of its tick: the new process never expires it early.
             last_heard_ns: ns_of(slot.last_seen + 1).saturating_sub(1),
             deadline_ns: match slot.armed {
@@ -383,7 +380,7 @@ impl State {
     fn take_over(&mut self, io: &mut impl Driver, m: Moved) -> bool {
         let Moved { fd, state: s } = m;
         let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.next_gen = table::next_gen(self.next_gen);
         let key = self.slab.vacant_key();
         let h = match io.adopt(fd, Token::pack(key, gen)) {
             Ok(h) => h,
@@ -418,6 +415,7 @@ impl State {
             last_seen,
             armed,
             frame_deadline,
+            since: if s.upgraded { s.since_ns } else { 0 },
             conn: s.conn,
             id: s.id,
             remote: s.remote.map(Box::new),
@@ -442,21 +440,17 @@ impl State {
             }
         }
         if s.registered {
-            let at = Location {
-                since: s.since_ns,
-                ..self.place(key, gen)
-            };
+            let at = self.place(key, gen);
             let id = self.slab[key].id.clone();
             match self.cfg.registry.claim(&id, at) {
                 Claim::Displaced(old)
                     if old.shard == s.shard && old.key == s.key && old.gen == s.gen => {}
-                Claim::Displaced(other) if other.since > s.since_ns => {
-                    // The device connected again meanwhile: the newer wins.
+                Claim::Displaced(other) => {
+                    // The table held another connection of the device than
+                    // the one moved: it claimed after it, so it is the newer
+                    // and wins; the moved one is replaced.
                     self.cfg.registry.claim(&id, other);
                     self.replaced(io, id, at);
-                }
-                Claim::Displaced(other) => {
-                    self.deliver(io, other.shard as usize, Msg::Replaced { id, at: other })
                 }
                 Claim::Fresh | Claim::Full => {}
             }

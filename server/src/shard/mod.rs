@@ -37,7 +37,7 @@ use c1m_io::uring::UringDriver;
 use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Token};
 use c1m_proto::conn::{Conn, Limits, Phase};
 use c1m_proto::device_id::DeviceId;
-use c1m_proto::table::Location;
+use c1m_proto::table::{self, Location};
 use c1m_proto::wheel::{Wheel, MAX_HORIZON};
 
 use crate::admission::{Bucket, Budget};
@@ -152,8 +152,13 @@ impl ShardConfig {
                 ));
             }
         }
-        if self.max_conns == 0 || self.max_conns > u32::MAX as usize / 2 {
-            return Err("--max-conns must be between 1 and 2^31".into());
+        // Slab keys stay below the registry entry's 2^24 (a slot ending
+        // while new ones open makes the slab briefly hold more).
+        if self.max_conns == 0 || self.max_conns > table::MAX_KEYS / 2 {
+            return Err(format!(
+                "--max-conns must be between 1 and {} per shard (the registry names a slot in 24 bits): run more shards for more",
+                table::MAX_KEYS / 2
+            ));
         }
         // The PROXY header comes in plaintext before the TLS handshake; it
         // is parsed by the connection's core, which sees only what TLS
@@ -242,6 +247,10 @@ struct Slot {
     armed: u64,
     /// Tick by which the frame in progress must be complete; 0: none.
     frame_deadline: u64,
+    /// When it upgraded (CLOCK_MONOTONIC ns; 0 before): what lookups show
+    /// and `--nats-exclusive` compares. Here, not in the registry's entry,
+    /// which is shared and sized for every connection the server can hold.
+    since: u64,
     conn: Conn,
     /// The device's id, from its upgrade request (empty before it).
     id: DeviceId,
@@ -318,6 +327,13 @@ impl<D: Driver> Shard<D> {
         report: Sender<Snapshot>,
     ) -> io::Result<Shard<D>> {
         cfg.validate().map_err(io::Error::other)?;
+        if peers.base() + id >= table::MAX_SHARDS {
+            return Err(io::Error::other(format!(
+                "shard {} is past the {} shards a server may have (the registry's entries name a shard in 12 bits): use fewer --cores or --procs",
+                peers.base() + id,
+                table::MAX_SHARDS
+            )));
+        }
         io.listen(listener)?;
         io.watch_wake(inbox.wake_fd()?)?;
         udp::watch(&cfg.udp, id, peers.base() + id, &mut io)?;
@@ -346,7 +362,7 @@ impl<D: Driver> Shard<D> {
                 // Seeded from the clock, so that a restarted --procs worker
                 // does not reuse its predecessor's (slot, generation) pairs,
                 // which other workers may still name for a moment.
-                next_gen: (monotonic_ns() as u32) | 1,
+                next_gen: table::next_gen(monotonic_ns() as u32),
                 open: 0,
                 counters: Counters::default(),
                 clock,
@@ -675,7 +691,6 @@ impl State {
             shard: self.me() as u32,
             key: key as u32,
             gen,
-            since: 0,
         }
     }
 

@@ -9,7 +9,7 @@ use crate::directory::mailbox::{Answer, Ask, Mail, Reply};
 /// The slot is what every idle device costs in user space: what only
 /// some connections have (a TLS session, a front's address, a partial
 /// frame or message) sits behind optional pointers, 8 bytes each.
-/// The registry's entry is 32 bytes (crate::directory::registry's test).
+/// The registry's entry is 16 bytes (c1m_proto::table's test).
 #[test]
 fn a_slot_stays_small() {
     let size = std::mem::size_of::<Slot>();
