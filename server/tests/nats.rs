@@ -765,7 +765,74 @@ fn nats_exclusive_refuses_connect_events_from_too_far_ahead() {
     }
 }
 
+/// A hot upgrade (docs/upgrade.md) publishes neither a disconnect (old
+/// process) nor a connect (new one) for the devices it moves; a moved
+/// device's later end is published once, by the new process.
+fn nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves() {
+    let Some(nats) = Nats::start(false) else {
+        return;
+    };
+    let mut watch = Watch::start(&nats);
+    let server = Server::start(&nats, &["--server-id", "test-up", "--cores", "0"]);
+    let mut leaves = server.ws("leaves");
+    let mut stays = server.ws("stays");
+    watch.until("2 connects", |s| connects(s) >= 2);
+    server.proc.signal(libc::SIGUSR2);
+    // The old process's last line: it has handed everything over.
+    server.proc.wait_line(
+        "the old process's final line",
+        Duration::from_secs(15),
+        |l| l.starts_with("final "),
+    );
+    // The new process: the other server on this address.
+    let listen = server.addr.to_string();
+    let old = server.proc.child.id();
+    let new: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid as u32 != old)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&listen))
+        })
+        .collect();
+    struct Kill(Vec<i32>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                // SAFETY: kill(2) on the server this test started (by its upgrade).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    assert_eq!(new.len(), 1, "one new process: {new:?}");
+    let _new = Kill(new);
+    for ws in [&mut leaves, &mut stays] {
+        ws.send(Message::Ping(b"after".to_vec())).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::Pong(b"after".to_vec()));
+    }
+    leaves.close(None).unwrap();
+    let _ = leaves.read();
+    watch.until("the one disconnect", |s| disconnects(s) >= 1);
+    // Anything else the old or the new process would publish comes within
+    // this: collect it.
+    let quiet = Instant::now() + Duration::from_millis(700);
+    while let Some(left) = quiet.checked_duration_since(Instant::now()) {
+        match watch.proc.lines.recv_timeout(left) {
+            Ok(l) if l.starts_with('{') => watch.seen.push(serde_json::from_str(&l).unwrap()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let by = watch.by_device();
+    assert_eq!(by["stays"], ["connected"], "{by:?}");
+    assert_eq!(by["leaves"].len(), 2, "{by:?}");
+    assert_eq!(by["leaves"][0], "connected", "{by:?}");
+    assert_eq!((connects(&watch.seen), disconnects(&watch.seen)), (2, 1));
+}
+
 on_both_backends!(
+    nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves,
     nats_lifecycle_events_are_exact_and_in_order_per_device,
     nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected,
     nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes,
