@@ -125,11 +125,15 @@ const SHUT: u16 = 32;
 /// Closing with a reset.
 const ABORTIVE: u16 = 64;
 /// Being released for a hot upgrade ([`Driver::release`]): its recv was
-/// cancelled and is not re-armed, and nothing more is sent (output is held
-/// for the hand-back).
+/// cancelled and is not re-armed; once no send is in flight, output is
+/// held for the hand-back ([`HOLD`]), not sent.
 const RELEASING: u16 = 128;
 
 const NO_SEND: u32 = u32::MAX;
+/// `inflight` of a connection being released with no send in flight: sends
+/// take the held path (nothing more goes out), at no cost to `send`'s
+/// common path, which tests `inflight` anyway.
+const HOLD: u32 = u32::MAX - 1;
 
 /// 24 bytes, and so is its slab entry (OwnedFd's niche holds the vacant
 /// tag): every byte here is paid per connection slot.
@@ -820,7 +824,7 @@ impl Driver for UringDriver {
         if c.flags & HUNG != 0 {
             return Sent::Failed;
         }
-        if c.inflight != NO_SEND || c.flags & RELEASING != 0 {
+        if c.inflight != NO_SEND {
             if c.pending == NO_SEND {
                 if bytes.len() > self.max_pending {
                     return Sent::Overflow;
@@ -854,6 +858,9 @@ impl Driver for UringDriver {
     fn close(&mut self, h: Handle, how: Close) {
         let index = h.index();
         let c = &mut self.conns[index];
+        if c.inflight == HOLD {
+            c.inflight = NO_SEND; // a release given up: nothing is in flight
+        }
         c.flags |= CLOSING;
         if how == Close::Abortive {
             c.flags |= ABORTIVE;
@@ -881,8 +888,11 @@ impl Driver for UringDriver {
                 );
             }
         }
-        let c = &self.conns[index];
-        if c.flags & (RECV_ARMED | CONNECTING) != 0 || c.inflight != NO_SEND {
+        let c = &mut self.conns[index];
+        if c.inflight == NO_SEND {
+            c.inflight = HOLD; // from now on output is held
+        }
+        if c.flags & (RECV_ARMED | CONNECTING) != 0 || c.inflight != HOLD {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 "the connection's recv or send has not completed yet",
@@ -1067,7 +1077,7 @@ impl Driver for UringDriver {
                     if failed {
                         return Some(self.hang_up(index));
                     }
-                    if c.pending != NO_SEND && c.flags & RELEASING == 0 {
+                    if c.pending != NO_SEND {
                         let buf = self.take_pending(index);
                         self.start_send(index, buf);
                         continue;
