@@ -162,7 +162,7 @@ fn a_new_process_dying_mid_handover_leaves_the_old_listening() {
         line.contains("0 connections went to the new process"),
         "{line}"
     );
-    assert!(line.contains("3 lost with it"), "{line}");
+    assert!(line.contains("they and 3 more are lost"), "{line}");
     assert!(line.contains("listens again"), "{line}");
     for ws in &mut lost {
         assert!(ws.read().is_err(), "a lost connection ends");

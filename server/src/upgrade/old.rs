@@ -54,6 +54,8 @@ pub struct Summary {
     pub lost: u64,
     pub hello: Duration,
     pub took: Duration,
+    /// The new process did not answer Done (but lives): why.
+    pub unconfirmed: Option<String>,
 }
 
 /// Starts the handover on a thread of its own.
@@ -123,7 +125,10 @@ fn run(plan: Plan) -> Result<Summary, String> {
     };
     // The child lives on as the server from here: it is not waited for.
     let (tx, rx) = mpsc::channel();
-    let socks = h.take_listeners(&tx, &rx)?;
+    let socks = match h.take_listeners(&tx, &rx) {
+        Ok(s) => s,
+        Err(why) => return Err(refuse(&mut child, why)),
+    };
     let moved = socks.iter().filter(|s| s.is_some()).count();
     match h.give_listeners(&socks) {
         Ok(()) => h.sum.listeners = moved,
@@ -134,18 +139,27 @@ fn run(plan: Plan) -> Result<Summary, String> {
     }
     for shard in 0..n {
         if let Err(why) = h.move_shard(shard, &tx, &rx) {
+            // One owner for every socket: the new process goes (if it has
+            // not), with the connections it took; this one serves the rest.
+            let _ = refuse(&mut child, String::new());
             h.listen_again(socks);
             return Err(format!(
-                "upgrade failed after {} connections went to the new process (pid {pid}), {} lost with it: {why}; this process listens again and serves what it still holds",
+                "upgrade failed after {} connections went to the new process (pid {pid}), which is killed: they and {} more are lost (their devices reconnect): {why}; this process listens again and serves what it still holds",
                 h.sum.moved, h.sum.lost
             ));
         }
     }
     if let Err(why) = h.finish() {
-        return Err(format!(
-            "upgrade: the new process (pid {pid}) did not confirm the end of the handover ({why}); it holds the {} connections handed over",
-            h.sum.moved
-        ));
+        if matches!(child.try_wait(), Ok(None)) {
+            // It lives and holds everything: the handover stands.
+            h.sum.unconfirmed = Some(why);
+        } else {
+            h.listen_again(socks);
+            return Err(format!(
+                "upgrade failed at its end: the new process (pid {pid}) ended ({why}) with the {} connections handed over (their devices reconnect); this process listens again",
+                h.sum.moved
+            ));
+        }
     }
     h.sum.took = began.elapsed();
     Ok(h.sum)

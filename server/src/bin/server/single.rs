@@ -383,6 +383,9 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                         if s.tls_closed > 0 { format!(", {} TLS connections closed with 1001 (v1 moves no TLS state)", s.tls_closed) } else { String::new() },
                         if s.lost > 0 { format!(", {} lost", s.lost) } else { String::new() },
                     );
+                    if let Some(why) = &s.unconfirmed {
+                        eprintln!("server: upgrade: the new process did not confirm the end of the handover ({why}) but runs: it holds everything now");
+                    }
                     // The shards are empty: they end at once. /healthz is
                     // not turned to 503: its port is the new process's now.
                     upgrade.handed = true;
