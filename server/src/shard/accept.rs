@@ -104,6 +104,7 @@ impl State {
         let h = match io.register(fd, Token::pack(key, gen), false) {
             Ok(h) => h,
             Err(err) => {
+                self.counters.admit_dropped += 1;
                 self.warn(format_args!(
                     "cannot watch a new connection ({err}): dropping new connections; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
                 ));
@@ -115,6 +116,7 @@ impl State {
             Some(config) => match ServerSession::server(config) {
                 Ok(s) => Some(Box::new(s)),
                 Err(err) => {
+                    self.counters.admit_dropped += 1;
                     io.close(h, Close::Abortive);
                     self.warn(format_args!(
                         "cannot start TLS on a new connection ({err}): dropped it"

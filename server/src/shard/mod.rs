@@ -661,6 +661,7 @@ impl State {
         let mut totals = self.counters;
         totals.io_cq_overflows = io.cq_overflows;
         totals.io_cancels = io.cancels;
+        totals.io_sq_full = io.sq_full;
         let _ = self.report.tx.send(Snapshot {
             shard: self.id,
             open: self.open,

@@ -421,3 +421,39 @@ fn a_failed_accept_resume_is_retried_not_fatal() {
     assert_eq!(s.io.resumes, 2, "tried again");
     assert!(s.st.accept.resume.is_none(), "accepting again");
 }
+
+/// A socket the driver cannot watch is dropped in admission: counted
+/// (admit_dropped, in the stats line and /metrics), not as accepted.
+#[test]
+fn a_socket_dropped_in_admission_is_counted() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            register_failures: 1,
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    let c = s.st.counters;
+    assert_eq!((c.admit_dropped, c.accepted, c.upgraded), (1, 1, 1), "{c:?}");
+}
+
+/// The stats a shard reports carry the driver's counters: io_uring's
+/// submits of a full queue (retries included) reach the stats line and
+/// /metrics as sq_full.
+#[test]
+fn the_drivers_submit_retries_reach_the_report() {
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut s = Shard::new(0, config(false), Script::default(), listener, mail.remove(0), tx).unwrap();
+    s.io.io_stats.sq_full = 7;
+    s.io.io_stats.cq_overflows = 2;
+    s.turn_at(3_600_000);
+    let snap = rx.try_recv().expect("a report");
+    assert_eq!(
+        (snap.totals.io_sq_full, snap.totals.io_cq_overflows),
+        (7, 2)
+    );
+}
