@@ -14,7 +14,6 @@ use c1m_proto::wheel::Entry;
 
 use super::{Slot, State};
 use crate::admission::{Bucket, Excess, REFUSAL};
-use crate::events::Reason;
 
 /// Connections a shard holds accepted over its budget (`defer`), waiting
 /// for it to refill.
@@ -131,7 +130,7 @@ impl State {
             io: h,
             gen,
             upgraded: false,
-            ended: false,
+            ended: None,
             last_seen: now,
             armed: deadline,
             frame_deadline: 0,
@@ -142,7 +141,6 @@ impl State {
             },
             id: DeviceId::default(),
             remote: None,
-            why: Reason::Reset,
             tls,
         });
         self.wheel.insert(Entry {
