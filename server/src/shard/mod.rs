@@ -594,7 +594,10 @@ impl State {
             self.pace_drain(io, now);
         }
         if let Some(deadline) = self.drain.deadline {
-            if self.slab.is_empty() || now >= deadline {
+            // Done once every device is gone and the driver has closed
+            // every socket (io_uring: a close waits for its recv to end;
+            // leaving before would reset devices that just answered).
+            if (self.slab.is_empty() && io.closing() == 0) || now >= deadline {
                 self.close_all(io);
                 self.send_report(io.stats());
                 self.finished = true;
