@@ -98,7 +98,8 @@ print("\nThe span is the client's: its first and last close by the server of a h
 print("device (HdrHistogram, 3 significant digits: 0.1%). Each shard closes its devices at")
 print("its half of the rate, so the span is that of the shard holding more (SO_REUSEPORT")
 print("splits them about evenly). `<io>-server.log`: the server's stats lines;")
-print("`<io>-client.json`: the client's figures.")
+print("`<io>-client.json`: the client's figures. The server's one peer_gone is bench/lib.sh's")
+print("wait_port probe (a connection opened and closed before the devices).")
 PY
 cat "$top/summary.md"
 echo "bench: wrote $top" >&2
