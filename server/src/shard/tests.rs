@@ -427,7 +427,10 @@ fn a_failed_accept_resume_is_retried_not_fatal() {
 /// returned queue; the Connected event is taken.
 fn upgraded_with_events(
     graceful_expiry: bool,
-) -> (Shard<Script>, std::sync::mpsc::Receiver<crate::events::Event>) {
+) -> (
+    Shard<Script>,
+    std::sync::mpsc::Receiver<crate::events::Event>,
+) {
     let mut s = shard(
         graceful_expiry,
         Script {
@@ -566,7 +569,12 @@ fn a_protocol_error_after_the_drains_close_writes_no_second_close() {
     // An unmasked frame from a device: 1002.
     s.io.events.push_back(Fake::Data(vec![0x89, 0]));
     s.turn_at(10);
-    assert_eq!(s.io.sent.len(), 2, "a frame after our Close: {:?}", s.io.sent);
+    assert_eq!(
+        s.io.sent.len(),
+        2,
+        "a frame after our Close: {:?}",
+        s.io.sent
+    );
     assert_eq!(s.st.counters.protocol_error, 1);
     assert_eq!(s.st.counters.closed(), 1, "{:?}", s.st.counters);
 }
@@ -601,7 +609,9 @@ fn a_101_that_fails_to_send_ends_as_it_began() {
 
     // Refused (404: another path) and its answer fails: no event.
     let refused = UPGRADE.to_vec();
-    let refused = String::from_utf8(refused).unwrap().replace("/ws?", "/nope?");
+    let refused = String::from_utf8(refused)
+        .unwrap()
+        .replace("/ws?", "/nope?");
     let mut s = shard(
         false,
         Script {
@@ -613,10 +623,17 @@ fn a_101_that_fails_to_send_ends_as_it_began() {
     let (tx, rx, _bell) = crate::events::queue::channel(16);
     s.st.cfg.events = Some(tx);
     s.turn_at(0);
-    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 404 "), "{:?}", s.io.sent);
+    assert!(
+        s.io.sent[0].starts_with(b"HTTP/1.1 404 "),
+        "{:?}",
+        s.io.sent
+    );
     let c = s.st.counters;
     assert_eq!((c.upgraded, c.rejected, c.closed()), (0, 1, 1), "{c:?}");
-    assert!(rx.try_recv().is_err(), "an event for a connection never upgraded");
+    assert!(
+        rx.try_recv().is_err(),
+        "an event for a connection never upgraded"
+    );
     assert_eq!((s.st.open, s.st.slab.len()), (0, 0));
 }
 
@@ -634,7 +651,11 @@ fn a_socket_dropped_in_admission_is_counted() {
     );
     s.turn_at(0);
     let c = s.st.counters;
-    assert_eq!((c.admit_dropped, c.accepted, c.upgraded), (1, 1, 1), "{c:?}");
+    assert_eq!(
+        (c.admit_dropped, c.accepted, c.upgraded),
+        (1, 1, 1),
+        "{c:?}"
+    );
 }
 
 /// The stats a shard reports carry the driver's counters: io_uring's
@@ -645,7 +666,15 @@ fn the_drivers_submit_retries_reach_the_report() {
     let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut s = Shard::new(0, config(false), Script::default(), listener, mail.remove(0), tx).unwrap();
+    let mut s = Shard::new(
+        0,
+        config(false),
+        Script::default(),
+        listener,
+        mail.remove(0),
+        tx,
+    )
+    .unwrap();
     s.io.io_stats.sq_full = 7;
     s.io.io_stats.cq_overflows = 2;
     s.turn_at(3_600_000);
