@@ -41,6 +41,8 @@ RATE=${RATE:-3000}
 STORM_AT=${STORM_AT:-8}   # seconds into the storm fleet's hold
 HOLD=${HOLD:-30}          # the storm fleet's hold, seconds
 PORT=${PORT:-9710}
+HEARTBEAT=${HEARTBEAT:-10}  # the storm fleet's heartbeat, seconds (30 at 1M: see one-million.sh)
+TIMEOUT=${TIMEOUT:-30}      # the server's --timeout, seconds (more than HEARTBEAT + 10%)
 PROCS=${PROCS:-$(( (SIZE + 14999) / 15000 ))}
 # The clients' backend. epoll: an io_uring client finishes its closes
 # asynchronously (a Close SQE after the last completion of the socket's
@@ -49,9 +51,10 @@ PROCS=${PROCS:-$(( (SIZE + 14999) / 15000 ))}
 # EMFILE); and its resets reach the server late (the server then sees
 # each reconnect displace the old connection: replaced, not peer_gone).
 CLIENT_IO=${CLIENT_IO:-epoll}
+IPS=${IPS:-127.0.0.2-127.0.0.21}  # the storm fleet's source addresses (1M: 127.0.0.2-127.0.0.41)
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD bash bench/reconnect-storm.sh")
+top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS bash bench/reconnect-storm.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
 
 pids=()
@@ -77,7 +80,7 @@ for case in $CASES; do
     defer:*) flags=(--max-upgrades-per-sec "${case#*:}" --upgrade-excess defer) ;;
     *) echo "reconnect-storm: unknown case $case (off, 503:N, defer:N)" >&2; exit 1 ;;
   esac
-  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout 30s --tick 100ms \
+  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout "${TIMEOUT}s" --tick 100ms \
     --stats-interval 1s "${flags[@]}" > "$out/server.log" 2>&1 &
   server=$!
   pids+=("$server")
@@ -88,8 +91,8 @@ for case in $CASES; do
 
   # The storm fleet: heartbeat 10 s, STORM_AT into its hold every device resets.
   timeout $((SIZE / RATE + HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
-    --ips 127.0.0.2-127.0.0.21 "${procs[@]}" --conns "$SIZE" --rate "$RATE" --heartbeat 10s \
-    --server-timeout 30s --hold "${HOLD}s" --reconnect-storm "${STORM_AT}s" \
+    --ips "$IPS" "${procs[@]}" --conns "$SIZE" --rate "$RATE" --heartbeat "${HEARTBEAT}s" \
+    --server-timeout "${TIMEOUT}s" --hold "${HOLD}s" --reconnect-storm "${STORM_AT}s" \
     --server-pid "$server" --quiet --out "$out/storm" > "$out/storm.txt" 2>&1 &
   storm=$!
   pids+=("$storm")
@@ -98,7 +101,7 @@ for case in $CASES; do
   sleep $((SIZE / RATE + 2))
   timeout $((HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
     --ips 127.0.0.31-127.0.0.32 --conns "$PROBE" --rate 1000 --heartbeat 1s --id-prefix probe- \
-    --server-timeout 30s --hold "$((HOLD - 2))s" --quiet --out "$out/probe" > "$out/probe.txt" 2>&1 &
+    --server-timeout "${TIMEOUT}s" --hold "$((HOLD - 2))s" --quiet --out "$out/probe" > "$out/probe.txt" 2>&1 &
   probe=$!
   pids+=("$probe")
   wait "$storm" || true

@@ -9,6 +9,8 @@ os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 KIND = {
     'core': 'server core: CPU per connection and per heartbeat, conn/s, RSS (bench/core.sh)',
     'syscalls': 'system calls per heartbeat, by kind (bench/syscalls.sh)',
+    'drain': 'the paced drain: first to last Close 1001 against devices / --drain-rate (bench/drain.sh)',
+    'reconnect-storm': 'the whole fleet resets and reconnects: time back, connect latency, probe RTT (bench/reconnect-storm.sh)',
     'expiry': 'an expiry wave of silent devices: lag, deletion rate, connects during it (bench/expiry.sh)',
     'profile': 'perf profile of the server during a heartbeat hold (bench/profile.sh)',
     'autobahn': 'Autobahn RFC 6455 conformance (conformance/autobahn.sh)',

@@ -1202,6 +1202,8 @@ impl State {
             }
         } else {
             self.counters.false_expiries += 1;
+            let now = now_us(&self.plan, Instant::now());
+            hgrm::record(&mut self.measured.server_closes, now);
         }
         self.forget_open(key);
         self.forget(key)

@@ -197,6 +197,11 @@ pub struct Measured {
     /// its upgrade again (its p99 and max: the time to 99% and 100% back).
     pub reconnect_connect: Histogram<u64>,
     pub reconnect_back: Histogram<u64>,
+    /// When the server closed a heartbeating device (a Close frame, EOF or
+    /// a reset; a false expiry unless the server was draining), in
+    /// microseconds since the run's origin: its min and max are the first
+    /// and last close of a drain (bench/drain.sh).
+    pub server_closes: Histogram<u64>,
 }
 
 impl Measured {
@@ -208,6 +213,7 @@ impl Measured {
             storm_lag: crate::hgrm::new_histogram(),
             reconnect_connect: crate::hgrm::new_histogram(),
             reconnect_back: crate::hgrm::new_histogram(),
+            server_closes: crate::hgrm::new_histogram(),
         }
     }
 
@@ -219,6 +225,7 @@ impl Measured {
             (&mut self.storm_lag, &o.storm_lag),
             (&mut self.reconnect_connect, &o.reconnect_connect),
             (&mut self.reconnect_back, &o.reconnect_back),
+            (&mut self.server_closes, &o.server_closes),
         ] {
             a.add(b).map_err(|e| format!("merging histograms: {e:?}"))?;
         }

@@ -75,6 +75,14 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
     f.insert("heartbeat_rtt_p50_ms".into(), ms(&m.heartbeat_rtt, 0.5));
     f.insert("heartbeat_rtt_p99_ms".into(), ms(&m.heartbeat_rtt, 0.99));
     f.insert("heartbeat_rtt_max_ms".into(), max_ms(&m.heartbeat_rtt));
+    // A drain (bench/drain.sh): the server's first and last close of a
+    // heartbeating device, seconds since the run began (to 0.1%).
+    if !m.server_closes.is_empty() {
+        let s = |us: u64| json!((us as f64 / 1e3).round() / 1e3);
+        f.insert("server_closes".into(), json!(m.server_closes.len()));
+        f.insert("server_close_first_s".into(), s(m.server_closes.min()));
+        f.insert("server_close_last_s".into(), s(m.server_closes.max()));
+    }
     f.insert("expiry_lag_p50_ms".into(), ms(&m.expiry_lag, 0.5));
     f.insert("expiry_lag_p99_ms".into(), ms(&m.expiry_lag, 0.99));
     f.insert("expiry_lag_max_ms".into(), max_ms(&m.expiry_lag));

@@ -200,6 +200,13 @@ pub trait Driver {
     /// false, and an [`Event::Flushed`] follows once it is all out.
     fn is_flushed(&mut self, h: Handle) -> bool;
 
+    /// Sockets closed by the user whose close is still under way (io_uring:
+    /// a last send in flight, or the recv not yet ended). A loop that exits
+    /// waits for 0, so that their last words and FIN go out, not a reset.
+    fn closing(&self) -> usize {
+        0
+    }
+
     /// Closes `h`; no event for it follows, and `h` is not to be used again.
     fn close(&mut self, h: Handle, how: Close);
 

@@ -29,6 +29,14 @@ pub struct Script {
     /// that stopped reading).
     pub hold_output: bool,
     pub held: bool,
+    /// What the next sends answer, in order (recorded in `sent` all the
+    /// same): Failed (the peer is gone), Overflow (too much held), Queued.
+    /// Empty: as `hold_output` says.
+    pub send_results: VecDeque<Sent>,
+    /// register fails this many more times (ENOMEM).
+    pub register_failures: u32,
+    /// What stats() reports.
+    pub io_stats: IoStats,
     pub sent: Vec<Vec<u8>>,
     pub closed: Vec<Close>,
     /// resume_accepting fails this many more times.
@@ -58,11 +66,19 @@ impl Driver for Script {
         Ok(())
     }
     fn register(&mut self, _: OwnedFd, token: Token, _: bool) -> io::Result<Handle> {
+        if self.register_failures > 0 {
+            self.register_failures -= 1;
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
         self.token = Some(token);
         Ok(Handle(0))
     }
     fn send(&mut self, _: Handle, bytes: &[u8]) -> Sent {
         self.sent.push(bytes.to_vec());
+        if let Some(r) = self.send_results.pop_front() {
+            self.held |= r == Sent::Queued;
+            return r;
+        }
         if self.hold_output {
             self.held = true;
             return Sent::Queued;
@@ -121,6 +137,6 @@ impl Driver for Script {
         })
     }
     fn stats(&self) -> IoStats {
-        IoStats::default()
+        self.io_stats
     }
 }

@@ -360,6 +360,9 @@ pub struct UringDriver {
     backlog: VecDeque<cqueue::Entry>,
     /// Why the ring cannot go on: the next wait returns it.
     stuck: Option<String>,
+    /// Connections closed by the user and still in `conns` (see
+    /// [`Driver::closing`]).
+    closing: usize,
     /// Tests: every submit fails with this errno.
     #[cfg(test)]
     fail_submits: Option<i32>,
@@ -496,6 +499,7 @@ impl UringDriver {
             fault: super::FaultHook::from_env(),
             backlog: VecDeque::new(),
             stuck: None,
+            closing: 0,
             #[cfg(test)]
             fail_submits: None,
         })
@@ -652,6 +656,7 @@ impl UringDriver {
             return;
         }
         let fd = self.conns.remove(index).fd.into_raw_fd();
+        self.closing -= 1;
         let e = opcode::Close::new(types::Fd(fd))
             .build()
             .user_data(Op::Close.data(0));
@@ -702,8 +707,11 @@ impl Drop for UringDriver {
         // owned descriptor would: a loop that fails or panics still lets
         // its peers see the close.
         let _ = self.submitter.submit();
+        // A graceful close under way (the loop gave up waiting for it)
+        // still ends with a FIN; the rest with a reset.
         for (_, c) in std::mem::take(&mut self.conns) {
-            socket::close(c.fd.into_raw_fd(), true);
+            let graceful = c.flags & (CLOSING | ABORTIVE) == CLOSING;
+            socket::close(c.fd.into_raw_fd(), !graceful);
         }
         let _ = self.submitter.unregister_buf_ring(BGID);
         if self.udp.is_some() {
@@ -846,6 +854,10 @@ impl Driver for UringDriver {
         Sent::Done
     }
 
+    fn closing(&self) -> usize {
+        self.closing
+    }
+
     fn is_flushed(&mut self, h: Handle) -> bool {
         let c = &mut self.conns[h.index()];
         if c.inflight == NO_SEND && c.pending == NO_SEND {
@@ -862,6 +874,7 @@ impl Driver for UringDriver {
             c.inflight = NO_SEND; // a release given up: nothing is in flight
         }
         c.flags |= CLOSING;
+        self.closing += 1;
         if how == Close::Abortive {
             c.flags |= ABORTIVE;
             socket::set_linger_zero(c.raw());

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod directory;
+pub mod ended;
 pub mod events;
 pub mod hist;
 pub mod procs;

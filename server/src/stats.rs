@@ -64,6 +64,14 @@ pub const IO_CQ_OVERFLOWS: Family = family(
     "c1m_io_cq_overflows_total",
     "io_uring waits that found completions held back by a full completion queue.",
 );
+pub const IO_SQ_FULL: Family = family(
+    "c1m_io_sq_full_total",
+    "io_uring submits tried because the submission queue was full, retries after EBUSY or EAGAIN included (past 1,000 for one request the shard stops, in one sentence).",
+);
+pub const ADMIT_DROPPED: Family = family(
+    "c1m_admit_dropped_total",
+    "Connections accepted and dropped before they were served: the driver could not watch them, or TLS could not start (not in accepted).",
+);
 pub const IO_CANCELS: Family = family(
     "c1m_io_cancels_total",
     "io_uring cancel requests submitted.",
@@ -97,7 +105,9 @@ pub const FAMILIES: [Family; 16] = [
     ADMISSION_REFUSED,
     ADMISSION_PAUSES,
     ACCEPT_EXHAUSTED,
+    ADMIT_DROPPED,
     IO_CQ_OVERFLOWS,
+    IO_SQ_FULL,
     IO_CANCELS,
     EVENTS_DROPPED,
     HANDED_OVER,
@@ -216,6 +226,11 @@ c1m_proto::counter_table! {
         io_cq_overflows: u64 = "cq_overflows", Stat(Optional, Plain(IO_CQ_OVERFLOWS));
         /// io_uring: cancel requests submitted (the design submits none).
         io_cancels: u64 = "cancels", Stat(Optional, Plain(IO_CANCELS));
+        /// io_uring: submits of a full submission queue, retries included.
+        io_sq_full: u64 = "sq_full", Stat(Optional, Plain(IO_SQ_FULL));
+        /// Accepted sockets dropped in admission: the driver could not
+        /// watch them, or TLS could not start (not counted in `accepted`).
+        admit_dropped: u64 = "admit_dropped", Stat(Optional, Plain(ADMIT_DROPPED));
         /// `rejected`, by HTTP status, in the order of [`REJECT_STATUSES`].
         rejected_by_status: ByStatus = "rejected_by_status", Stat(Optional, Own(|c, out|
             c.rejected_by_status.render(out, "c1m_rejected_total",
@@ -480,6 +495,8 @@ mod tests {
             tls_resumed: 31,
             io_cq_overflows: 15,
             io_cancels: 16,
+            io_sq_full: 37,
+            admit_dropped: 38,
             rejected_by_status: ByStatus([1, 2, 3, 0, 0, 0, 4]),
             expiry_lag: Hist {
                 counts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],

@@ -134,7 +134,39 @@ fn drain_ends_at_the_timeout_when_devices_never_answer() {
     assert_eq!(field(&final_line, "shutdown"), 1, "{final_line}");
 }
 
+/// Devices that answer the drain's Close 1001 get an orderly close: the
+/// server's FIN after its Close (a read returns 0), not a reset, even when
+/// their answer is the last the shard waits for (it then exits at once).
+fn devices_that_answer_the_drain_get_a_fin_not_a_reset() {
+    use std::io::{Read, Write};
+    let mut server = Server::start(&["--cores", "0", "--drain-timeout", "5s"]);
+    let mut devices: Vec<_> = (0..8).map(|_| raw_ws(server.addr)).collect();
+    server.wait_line("8 devices", |l| field(l, "conns") == 8);
+    server.signal(libc::SIGTERM);
+    for s in &mut devices {
+        let (op, payload) = read_frame(s);
+        assert_eq!((op, close_code(&payload)), (8, 1001));
+    }
+    // Each answers (the last answer ends the drain), then reads to the end.
+    for s in &mut devices {
+        s.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe9]).unwrap(); // Close 1001, masked
+    }
+    for (i, s) in devices.iter_mut().enumerate() {
+        let mut rest = [0u8; 64];
+        match s.read(&mut rest) {
+            Ok(0) => {}
+            Ok(n) => panic!("device {i}: {n} bytes after the Close"),
+            Err(e) => panic!("device {i}: {e} instead of the server's FIN"),
+        }
+    }
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let final_line = server.wait_line("the final totals", |l| l.starts_with("final "));
+    assert_eq!(field(&final_line, "client_close"), 8, "{final_line}");
+}
+
 on_both_backends!(
+    devices_that_answer_the_drain_get_a_fin_not_a_reset,
     sigterm_sends_1001_and_exits_zero,
     a_paced_drain_says_503_first_then_spreads_its_closes,
     drain_ends_at_the_timeout_when_devices_never_answer,

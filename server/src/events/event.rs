@@ -11,52 +11,14 @@ use std::net::SocketAddr;
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::table::Location;
 
-/// Why a connection ended, as the disconnect event says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// Silent past --timeout and deleted.
-    Expired,
-    /// The device sent a Close frame.
-    ClosedByDevice,
-    /// EOF or a reset without a Close frame.
-    Reset,
-    /// A newer connection took the id (Close 4000).
-    Replaced,
-    /// An operator kicked it (Close 4001).
-    Kicked,
-    /// A protocol violation, with the Close code sent (1002, 1007, 1009).
-    ProtocolError(u16),
-    /// The server is stopping.
-    Shutdown,
-    /// A frame begun and not finished within --frame-timeout.
-    FrameTimeout,
-    /// It did not read its output.
-    SlowReader,
-    /// Handling it hit a bug (a contained panic).
-    InternalError,
-}
-
-impl Reason {
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::Expired => "expired",
-            Reason::ClosedByDevice => "closed_by_device",
-            Reason::Reset => "reset",
-            Reason::Replaced => "replaced",
-            Reason::Kicked => "kicked",
-            Reason::ProtocolError(_) => "protocol_error",
-            Reason::Shutdown => "shutdown",
-            Reason::FrameTimeout => "frame_timeout",
-            Reason::SlowReader => "slow_reader",
-            Reason::InternalError => "internal_error",
-        }
-    }
-}
+/// How a connection ended: its disconnect event's `reason` is
+/// [`Ended::event`].
+pub use crate::ended::Ended;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Connected,
-    Disconnected(Reason),
+    Disconnected(Ended),
     /// Not an event: a connection still held, offered when the publisher
     /// asks the shards to write presence again (after the broker came
     /// back). It only writes presence; no message of events carries it.
@@ -192,8 +154,8 @@ pub fn write_json(out: &mut Vec<u8>, ev: &Event, origin: &Origin) {
     }
     let _ = write!(out, r#","time_ms":{}"#, ev.time_ms);
     if let Kind::Disconnected(why) = ev.kind {
-        let _ = write!(out, r#","reason":"{}""#, why.name());
-        if let Reason::ProtocolError(code) = why {
+        let _ = write!(out, r#","reason":"{}""#, why.event());
+        if let Ended::ProtocolError(code) = why {
             let _ = write!(out, r#","code":{code}"#);
         }
         let _ = write!(out, r#","last_heard_ms":{}"#, ev.last_heard_ms);
@@ -440,7 +402,7 @@ mod tests {
     #[test]
     fn disconnected_json_has_reason_code_and_last_heard() {
         let mut ev = Event {
-            kind: Kind::Disconnected(Reason::ProtocolError(1007)),
+            kind: Kind::Disconnected(Ended::ProtocolError(1007)),
             id: DeviceId::new("dev.1"),
             at: at(),
             remote: Some("[::1]:5".parse().unwrap()),
@@ -453,7 +415,7 @@ mod tests {
         assert_eq!(v["code"], 1007);
         assert_eq!(v["last_heard_ms"], 5);
         assert_eq!(v["remote"], "[::1]:5");
-        ev.kind = Kind::Disconnected(Reason::Expired);
+        ev.kind = Kind::Disconnected(Ended::Expired);
         ev.remote = None;
         let v = json(&ev);
         assert_eq!(v["reason"], "expired");
@@ -486,7 +448,7 @@ mod tests {
         for n in 0..500u32 {
             // Runs of connects and disconnects of varying lengths.
             let kind = if (n / 7) % 3 == 2 {
-                Kind::Disconnected(Reason::Expired)
+                Kind::Disconnected(Ended::Expired)
             } else {
                 Kind::Connected
             };
@@ -539,7 +501,7 @@ mod tests {
         write_json(
             &mut line,
             &Event {
-                kind: Kind::Disconnected(Reason::Expired),
+                kind: Kind::Disconnected(Ended::Expired),
                 ..ev
             },
             &origin(),

@@ -12,5 +12,5 @@ pub mod event;
 pub mod publisher;
 pub mod queue;
 
-pub use event::{Event, Kind, Reason};
+pub use event::{Ended, Event, Kind};
 pub use queue::EventTx;

@@ -15,7 +15,6 @@ use c1m_proto::wheel::Entry;
 
 use super::{table, Slot, State};
 use crate::admission::{Bucket, Excess, REFUSAL};
-use crate::events::Reason;
 
 /// Connections a shard holds accepted over its budget (`defer`), waiting
 /// for it to refill.
@@ -106,6 +105,7 @@ impl State {
         let h = match io.register(fd, Token::pack(key, gen), false) {
             Ok(h) => h,
             Err(err) => {
+                self.counters.admit_dropped += 1;
                 self.warn(format_args!(
                     "cannot watch a new connection ({err}): dropping new connections; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
                 ));
@@ -117,6 +117,7 @@ impl State {
             Some(config) => match ServerSession::server(config) {
                 Ok(s) => Some(Box::new(s)),
                 Err(err) => {
+                    self.counters.admit_dropped += 1;
                     io.close(h, Close::Abortive);
                     self.warn(format_args!(
                         "cannot start TLS on a new connection ({err}): dropped it"
@@ -131,7 +132,7 @@ impl State {
             io: h,
             gen,
             upgraded: false,
-            ended: false,
+            ended: None,
             last_seen: now,
             armed: deadline,
             frame_deadline: 0,
@@ -143,7 +144,6 @@ impl State {
             },
             id: DeviceId::default(),
             remote: None,
-            why: Reason::Reset,
             tls,
         });
         self.wheel.insert(Entry {

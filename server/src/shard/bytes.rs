@@ -10,25 +10,10 @@ use c1m_proto::conn::{End, Phase};
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::handshake::{Reject, Upgrade};
 
-use super::{monotonic_ns, show, State};
+use super::{monotonic_ns, show, Slot, State};
 use crate::directory::registry::Msg;
-use crate::events::Reason;
+use crate::ended::Ended;
 use crate::hist::HEARTBEAT_INTERVAL_MS;
-
-/// How a connection ends, as the shard counts it: the protocol's ends, and
-/// the TLS layer's.
-#[derive(Debug)]
-pub(super) enum Ending {
-    Conn(End),
-    /// The TLS handshake or a record failed: why.
-    TlsFailed(String),
-    /// The first bytes on the TLS port were not a TLS handshake.
-    PlainOnTls,
-    /// The first bytes on the plaintext port were a TLS handshake.
-    TlsOnPlain,
-    /// TLS close_notify: the device is going away.
-    PeerClosed,
-}
 
 /// What a plaintext request on the TLS port gets (as nginx answers it).
 pub(super) const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 44\r\nConnection: close\r\n\r\nthis port speaks TLS: connect with wss://.\r\n";
@@ -43,7 +28,7 @@ impl State {
         &mut self,
         key: usize,
         bytes: &mut [u8],
-    ) -> (Option<u64>, Option<Ending>) {
+    ) -> (Option<u64>, Option<Ended>) {
         let full = self.open >= self.cfg.max_conns as u64;
         let now = self.clock.now_tick;
         let unix_s = self.clock.now.unix_ms / 1000;
@@ -57,22 +42,22 @@ impl State {
         let data: &mut [u8] = match &mut slot.tls {
             None => {
                 if !slot.upgraded {
-                    if slot.ended {
+                    if slot.ended.is_some() {
                         return (None, None);
                     }
                     if bytes.first() == Some(&HANDSHAKE_RECORD) && slot.conn.buffered() == 0 {
-                        return (None, Some(Ending::TlsOnPlain));
+                        return (None, Some(Ended::TlsOnPlain));
                     }
                 }
                 bytes
             }
-            Some(_) if slot.ended => return (None, None),
+            Some(_) if slot.ended.is_some() => return (None, None),
             Some(tls) => {
                 self.plain.clear();
                 self.sealed.clear();
                 match tls.feed(bytes, &mut self.plain, &mut self.sealed) {
                     Ok(fed) if fed.peer_closed && self.plain.is_empty() => {
-                        return (None, Some(Ending::PeerClosed));
+                        return (None, Some(slot.gone()));
                     }
                     Ok(_) => {}
                     Err(TlsError::NotTls) => {
@@ -80,9 +65,14 @@ impl State {
                         slot.tls = None;
                         self.sealed.clear();
                         self.out.extend_from_slice(PLAIN_ON_TLS);
-                        return (None, Some(Ending::PlainOnTls));
+                        return (None, Some(Ended::PlainOnTls));
                     }
-                    Err(err) => return (None, Some(Ending::TlsFailed(err.to_string()))),
+                    Err(err) => {
+                        use std::fmt::Write as _;
+                        self.detail.clear();
+                        let _ = write!(self.detail, "{err}");
+                        return (None, Some(Ended::TlsFailed));
+                    }
                 }
                 if self.plain.is_empty() {
                     // Handshake progress, or part of a record: a record
@@ -161,7 +151,19 @@ impl State {
         // Read now, not the turn's time: a claim's time orders it against
         // the device's next connection, whose turn on another shard may
         // have begun before this 101 went out.
-        (r.upgraded.then(monotonic_ns), r.end.map(Ending::Conn))
+        let end = r.end.map(|end| match end {
+            // It answered our Close 1001 (or closed on its own during the drain).
+            End::ClientClose if self.drain.deadline.is_some() => Ended::AnsweredDrain,
+            End::ClientClose => Ended::ClientClose,
+            End::ProtocolError(code) => Ended::ProtocolError(code),
+            End::Rejected(status) => Ended::Rejected(status),
+            End::BadProxy(why) => {
+                self.detail.clear();
+                self.detail.push_str(why);
+                Ended::ProxyBad
+            }
+        });
+        (r.upgraded.then(monotonic_ns), end)
     }
 
     /// Sends what [`State::on_bytes`] left in `self.out`, registers the
@@ -171,7 +173,7 @@ impl State {
         io: &mut impl Driver,
         key: usize,
         upgraded: Option<u64>,
-        end: Option<Ending>,
+        end: Option<Ended>,
     ) {
         let forwarded = self.forwarded.take();
         if upgraded.is_some() {
@@ -184,72 +186,69 @@ impl State {
             }
             self.register(io, key, since)
         });
-        let wrote = (self.out.is_empty() && self.sealed.is_empty()) || self.write(io, key);
+        match end {
+            None => {
+                if !(self.out.is_empty() && self.sealed.is_empty()) {
+                    self.write(io, key);
+                }
+            }
+            Some(why) => {
+                self.warn_end(io, key, why);
+                // Gone: nothing to say to it.
+                let how = match why {
+                    Ended::PeerGone | Ended::Shutdown => Close::Abortive,
+                    _ => Close::Graceful,
+                };
+                self.end(io, key, why, how);
+            }
+        }
         // After the 101 went out (closing the displaced one reuses
         // `self.out`), and even if it could not: the claim was made.
         if let Some((id, at)) = displaced {
             self.deliver(io, at.shard as usize, Msg::Replaced { id, at });
         }
-        if !wrote {
-            return;
-        }
-        let Some(end) = end else { return };
-        self.slab[key].why = match end {
-            Ending::Conn(End::ClientClose) => {
-                self.counters.client_close += 1;
-                if self.drain.deadline.is_some() {
-                    Reason::Shutdown // it answered our Close 1001
-                } else {
-                    Reason::ClosedByDevice
-                }
-            }
-            Ending::Conn(End::ProtocolError(code)) => {
-                self.counters.protocol_error += 1;
-                Reason::ProtocolError(code)
-            }
-            Ending::Conn(End::Rejected(status)) => {
-                self.counters.reject(status);
-                Reason::Reset // never upgraded: no event
-            }
-            Ending::Conn(End::BadProxy(why)) => {
-                self.counters.proxy_bad += 1;
-                let peer = io.peer_addr(self.slab[key].io);
+    }
+
+    /// The warning an end read in a connection's bytes deserves, if any
+    /// (at most one a second: [`State::warn`]); `self.detail` says why.
+    fn warn_end(&mut self, io: &impl Driver, key: usize, why: Ended) {
+        let peer = || io.peer_addr(self.slab[key].io);
+        // Taken for the warning and given back (its capacity kept).
+        let detail = std::mem::take(&mut self.detail);
+        match why {
+            Ended::ProxyBad => {
+                let peer = peer();
                 self.warn(format_args!(
-                    "closed a connection from {} without a valid PROXY protocol header ({why}); --proxy-protocol is on: connect through a front that sends one (nginx proxy_protocol on, HAProxy send-proxy)",
-                    peer.map_or("?".into(), |a| a.to_string())
+                    "closed a connection from {} without a valid PROXY protocol header ({}); --proxy-protocol is on: connect through a front that sends one (nginx proxy_protocol on, HAProxy send-proxy)",
+                    peer.map_or("?".into(), |a| a.to_string()),
+                    detail
                 ));
-                Reason::Reset // never upgraded: no event
             }
-            Ending::PeerClosed => return self.peer_gone(io, key),
-            Ending::TlsFailed(why) => {
-                self.counters.tls_failed += 1;
-                let peer = io.peer_addr(self.slab[key].io);
+            Ended::TlsFailed => {
+                let peer = peer();
                 self.warn(format_args!(
-                    "TLS with {} failed ({why}): closed it, counted as tls_failed",
-                    show(peer)
+                    "TLS with {} failed ({}): closed it, counted as tls_failed",
+                    show(peer),
+                    detail
                 ));
-                Reason::Reset
             }
-            Ending::PlainOnTls => {
-                self.counters.plain_on_tls += 1;
-                let peer = io.peer_addr(self.slab[key].io);
+            Ended::PlainOnTls => {
+                let peer = peer();
                 self.warn(format_args!(
                     "{} sent plaintext to the TLS port: answered 400 and closed, counted as plain_on_tls (devices must use wss://)",
                     show(peer)
                 ));
-                Reason::Reset // never upgraded: no event
             }
-            Ending::TlsOnPlain => {
-                self.counters.tls_on_plain += 1;
-                let peer = io.peer_addr(self.slab[key].io);
+            Ended::TlsOnPlain => {
+                let peer = peer();
                 self.warn(format_args!(
                     "{} sent a TLS handshake to this plaintext port: closed, counted as tls_on_plain (start the server with --tls-cert/--tls-key for wss://, or connect with ws://)",
                     show(peer)
                 ));
-                Reason::Reset // never upgraded: no event
             }
-        };
-        self.finish(io, key);
+            _ => {}
+        }
+        self.detail = detail;
     }
 
     /// The upgrade in slot `key` carried X-Forwarded-For `ip`: it becomes
@@ -276,37 +275,33 @@ impl State {
         }
     }
 
-    /// The connection's end is counted: close it once its output is out.
-    /// A peer that does not read it gets the frame timeout, then a reset.
-    pub(super) fn finish(&mut self, io: &mut impl Driver, key: usize) {
-        let due = self.clock.now_tick + self.clock.frame_ticks + 1;
-        let slot = &mut self.slab[key];
-        slot.ended = true;
-        if io.is_flushed(slot.io) {
-            self.close(io, key, Close::Graceful);
-        } else {
-            slot.bring_forward(key, due, &mut self.wheel);
+    /// Sends `self.out` on the connection. False when it could not, and
+    /// the connection was ended for that ([`State::end`]: a slow reader, a
+    /// peer gone, a TLS failure).
+    pub(super) fn write(&mut self, io: &mut impl Driver, key: usize) -> bool {
+        match self.send(io, key) {
+            Ok(()) => true,
+            Err(why) => {
+                self.end(io, key, why, Close::Abortive);
+                false
+            }
         }
     }
 
-    /// Sends `self.out` on the connection. False when it had to be closed.
-    /// With TLS, `self.out` is sealed after whatever `self.sealed` holds
-    /// (handshake records from the same read), and that is sent.
-    pub(super) fn write(&mut self, io: &mut impl Driver, key: usize) -> bool {
+    /// Sends `self.out`; with TLS, sealed after whatever `self.sealed`
+    /// holds (handshake records from the same read). When it cannot, the
+    /// end that means, for the caller to make ([`State::end`]).
+    pub(super) fn send(&mut self, io: &mut impl Driver, key: usize) -> Result<(), Ended> {
         let slot = &mut self.slab[key];
         let bytes: &[u8] = match &mut slot.tls {
             None => &self.out,
             Some(tls) => {
                 if let Err(err) = tls.seal(&self.out, &mut self.sealed) {
                     self.sealed.clear();
-                    if !slot.ended {
-                        self.counters.tls_failed += 1; // else counted already
-                    }
                     self.warn(format_args!(
-                        "cannot encrypt for a device ({err}): closed it, counted as tls_failed"
+                        "cannot encrypt for a device ({err}): closed it, counted as tls_failed unless it had ended"
                     ));
-                    self.close(io, key, Close::Abortive);
-                    return false;
+                    return Err(Ended::TlsFailed);
                 }
                 &self.sealed
             }
@@ -314,46 +309,40 @@ impl State {
         let sent = io.send(slot.io, bytes);
         self.sealed.clear();
         match sent {
-            Sent::Done | Sent::Queued => true,
-            Sent::Overflow => {
-                self.counters.slow_reader += 1;
-                self.slab[key].why = Reason::SlowReader;
-                self.close(io, key, Close::Abortive);
-                false
-            }
-            Sent::Failed => {
-                self.peer_gone(io, key);
-                false
-            }
+            Sent::Done | Sent::Queued => Ok(()),
+            Sent::Overflow => Err(Ended::SlowReader),
+            Sent::Failed => Err(self.slab[key].gone()),
         }
     }
 
     /// A panic while handling one connection: log it, count it, drop that
     /// connection (its state may be half-updated); the shard goes on.
     pub(super) fn internal_error(&mut self, io: &mut impl Driver, key: usize, cause: &str) {
-        self.counters.internal_error += 1;
         eprintln!(
             "shard {}: internal error on one connection ({cause}): closed it, the others are unaffected; please report this",
             self.id
         );
-        if let Some(slot) = self.slab.get_mut(key) {
-            slot.why = Reason::InternalError;
-            self.close(io, key, Close::Abortive);
+        if self.slab.contains(key) {
+            self.end(io, key, Ended::InternalError, Close::Abortive);
         }
     }
 
-    /// EOF or a socket error: the device went away without a Close frame.
+    /// EOF or a socket error: the device went away without a Close frame
+    /// (or, ended already, before its last words were out).
     pub(super) fn peer_gone(&mut self, io: &mut impl Driver, key: usize) {
-        let slot = &mut self.slab[key];
-        if slot.ended {
-            // Counted already; it only waited for its output.
-        } else if slot.conn.phase() == Phase::Closing {
-            self.counters.shutdown += 1;
-            slot.why = Reason::Shutdown;
+        let why = self.slab[key].gone();
+        self.end(io, key, why, Close::Abortive);
+    }
+}
+
+impl Slot {
+    /// How it ends when its peer is gone: with our Close 1001 out (a
+    /// drain), the server was stopping; else it reset.
+    pub(super) fn gone(&self) -> Ended {
+        if self.conn.phase() == Phase::Closing {
+            Ended::Shutdown
         } else {
-            self.counters.peer_gone += 1;
-            slot.why = Reason::Reset;
+            Ended::PeerGone
         }
-        self.close(io, key, Close::Abortive);
     }
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use c1m_io::Driver;
+use c1m_io::{Close, Driver};
 use c1m_proto::conn::Phase;
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::frame::{self, code, Opcode};
@@ -15,7 +15,8 @@ use c1m_proto::table::{Claim, Location};
 use super::{Now, State};
 use crate::directory::mailbox::{Answer, Ask, DeviceInfo, Mail, Reply};
 use crate::directory::registry::Msg;
-use crate::events::{Event as Lifecycle, Kind, Reason};
+use crate::ended::Ended;
+use crate::events::{Event as Lifecycle, Kind};
 
 /// Slots a presence walk looks at per turn of the loop: a walk of a
 /// million devices is a thousand short turns between the shard's own work.
@@ -39,7 +40,7 @@ impl State {
             let Some(slot) = self.slab.get(key) else {
                 continue;
             };
-            if !slot.upgraded || slot.ended {
+            if !slot.upgraded || slot.ended.is_some() {
                 continue;
             }
             let ev = Lifecycle {
@@ -195,7 +196,7 @@ impl State {
         let held = self
             .slab
             .get(key)
-            .is_some_and(|s| s.gen == at.gen && s.upgraded && !s.ended && s.id == id);
+            .is_some_and(|s| s.gen == at.gen && s.upgraded && s.ended.is_none() && s.id == id);
         let answer = if !held {
             Answer::NotConnected
         } else {
@@ -225,15 +226,11 @@ impl State {
                     }
                 }
                 Ask::Kick => {
-                    self.counters.kicked += 1;
-                    self.slab[key].why = Reason::Kicked;
                     self.out.clear();
                     self.slab[key]
                         .conn
                         .end(&mut self.out, code::KICKED, b"kicked");
-                    if self.write(io, key) {
-                        self.finish(io, key);
-                    }
+                    self.end(io, key, Ended::Kicked, Close::Graceful);
                     Answer::Kicked
                 }
             }
@@ -278,14 +275,10 @@ impl State {
     pub(super) fn replaced(&mut self, io: &mut impl Driver, id: DeviceId, at: Location) {
         let key = at.key as usize;
         match self.slab.get_mut(key) {
-            Some(slot) if slot.gen == at.gen && !slot.ended && slot.id == id => {
-                self.counters.replaced += 1;
-                slot.why = Reason::Replaced;
+            Some(slot) if slot.gen == at.gen && slot.ended.is_none() && slot.id == id => {
                 self.out.clear();
                 slot.conn.end(&mut self.out, code::REPLACED, b"replaced");
-                if self.write(io, key) {
-                    self.finish(io, key);
-                }
+                self.end(io, key, Ended::Replaced, Close::Graceful);
             }
             _ => {} // it ended meanwhile
         }

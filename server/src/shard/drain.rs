@@ -7,7 +7,7 @@ use c1m_io::{Close, Driver};
 use c1m_proto::conn::Phase;
 
 use super::State;
-use crate::events::Reason;
+use crate::ended::Ended;
 
 /// A paced drain's Close reason: the device may reconnect at once (its
 /// front sends it to another server: /healthz said 503 first).
@@ -86,7 +86,7 @@ impl State {
         let (mut key, mut closed) = (p.next_key, p.closed);
         let end = self.slab.capacity();
         while closed < due && key < end {
-            if self.slab.get(key).is_some_and(|s| !s.ended) {
+            if self.slab.get(key).is_some_and(|s| s.ended.is_none()) {
                 self.close_for_drain(io, key, DRAIN_REASON);
                 closed += 1;
             }
@@ -103,16 +103,16 @@ impl State {
     /// on its way out already; one still in its handshake just ends.
     pub(super) fn close_for_drain(&mut self, io: &mut impl Driver, key: usize, reason: &[u8]) {
         let slot = &mut self.slab[key];
-        if slot.ended {
+        if slot.ended.is_some() {
             return;
         }
         self.out.clear();
         slot.conn.start_close_with(&mut self.out, reason);
         if slot.conn.phase() == Phase::Done {
-            self.counters.shutdown += 1;
-            slot.why = Reason::Shutdown;
-            self.close(io, key, Close::Abortive);
+            self.end(io, key, Ended::Shutdown, Close::Abortive);
         } else {
+            // Not an end yet: it has --drain-timeout to answer (a send
+            // that fails ends it, counted once: State::write).
             self.write(io, key);
         }
     }
@@ -121,11 +121,8 @@ impl State {
     pub(super) fn close_all(&mut self, io: &mut impl Driver) {
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
-            if !self.slab[key].ended {
-                self.counters.shutdown += 1;
-                self.slab[key].why = Reason::Shutdown;
-            }
-            self.close(io, key, Close::Abortive);
+            // Counted once: those ended already are only closed.
+            self.end(io, key, Ended::Shutdown, Close::Abortive);
         }
     }
 }

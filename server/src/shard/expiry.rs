@@ -6,7 +6,7 @@ use c1m_proto::conn::Phase;
 use c1m_proto::wheel::{Entry, Wheel};
 
 use super::{Slot, State};
-use crate::events::Reason;
+use crate::ended::Ended;
 use crate::hist::EXPIRY_LAG_MS;
 
 /// Wheel entries handled per loop iteration: a mass expiry is spread over
@@ -62,30 +62,26 @@ impl State {
             }
             // Its live entry is spent: whatever follows arms a new one.
             slot.armed = u64::MAX;
-            if slot.ended {
+            if slot.ended.is_some() {
                 // Its final output was never read: counted already.
                 self.close(io, key, Close::Abortive);
                 continue;
             }
             match slot.conn.phase() {
                 Phase::Proxy => {
-                    self.counters.proxy_missing += 1;
                     let peer = io.peer_addr(slot.io);
-                    self.close(io, key, Close::Abortive);
+                    self.end(io, key, Ended::ProxyMissing, Close::Abortive);
                     self.warn(format_args!(
                         "closed a connection from {} that sent no PROXY protocol header within --handshake-timeout; --proxy-protocol is on: connect through a front that sends one",
                         peer.map_or("?".into(), |a| a.to_string())
                     ));
                 }
                 Phase::Handshake => {
-                    self.counters.handshake_timeout += 1;
-                    self.close(io, key, Close::Abortive);
+                    self.end(io, key, Ended::HandshakeTimeout, Close::Abortive);
                 }
                 Phase::Done => {
                     // Not reached: a Done connection has ended (above).
-                    self.counters.slow_reader += 1;
-                    slot.why = Reason::SlowReader;
-                    self.close(io, key, Close::Abortive);
+                    self.end(io, key, Ended::SlowReader, Close::Abortive);
                 }
                 Phase::Open | Phase::Closing => {
                     let silent_due = slot.last_seen + self.clock.timeout_ticks + 1;
@@ -94,12 +90,8 @@ impl State {
                         d => d,
                     };
                     if frame_due <= now {
-                        self.counters.frame_timeout += 1;
-                        slot.why = Reason::FrameTimeout;
-                        self.close(io, key, Close::Abortive);
+                        self.end(io, key, Ended::FrameTimeout, Close::Abortive);
                     } else if silent_due <= now {
-                        self.counters.expired += 1;
-                        slot.why = Reason::Expired;
                         // From the start of its last frame's tick: at most a
                         // tick above the true lag.
                         let last_seen = slot.last_seen;
@@ -127,12 +119,10 @@ impl State {
     /// never in the middle of it.
     pub(super) fn expire(&mut self, io: &mut impl Driver, key: usize) {
         if !self.cfg.graceful_expiry {
-            return self.close(io, key, Close::Abortive);
+            return self.end(io, key, Ended::Expired, Close::Abortive);
         }
         self.out.clear();
         self.slab[key].conn.expire(&mut self.out);
-        if self.write(io, key) {
-            self.finish(io, key);
-        }
+        self.end(io, key, Ended::Expired, Close::Graceful);
     }
 }

@@ -11,7 +11,8 @@
 //! It never yields to glommio ([`c1m_io::epoll::Epoll::wait`] says why).
 //!
 //! A file per job: this one the loop (run, turn, pump, next deadline,
-//! housekeeping) and what they all share (the slot, close, warnings);
+//! housekeeping) and what they all share (the slot, `end`, the one
+//! function that ends a connection and counts it, close, warnings);
 //! `accept` the accept policy (admission, backoff); `bytes` reads, frames,
 //! writes and the upgrade answer; `expiry` the wheel; `directory` the
 //! registry's claims and messages, operators' asks, the presence walk and
@@ -35,7 +36,7 @@ use c1m_io::epoll::EpollDriver;
 use c1m_io::tls::ServerSession;
 use c1m_io::uring::UringDriver;
 use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Token};
-use c1m_proto::conn::{Conn, Limits, Phase};
+use c1m_proto::conn::{Conn, Limits};
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::table::{self, Location};
 use c1m_proto::wheel::{Wheel, MAX_HORIZON};
@@ -43,7 +44,8 @@ use c1m_proto::wheel::{Wheel, MAX_HORIZON};
 use crate::admission::{Bucket, Budget};
 use crate::directory::mailbox::{Inbox, Peers};
 use crate::directory::registry::Registry;
-use crate::events::{EventTx, Kind, Reason};
+use crate::ended::Ended;
+use crate::events::{EventTx, Kind};
 
 use crate::stats::{Counters, Snapshot};
 
@@ -238,8 +240,10 @@ struct Slot {
     io: Handle,
     gen: u32,
     upgraded: bool,
-    /// Its end is counted; it waits only for its output to flush.
-    ended: bool,
+    /// How it ended, once it has ([`State::end`] counted it; its
+    /// disconnect event says it): it waits only for its output to flush.
+    /// None while it lives.
+    ended: Option<Ended>,
     /// Tick of the last complete frame (or of the upgrade).
     last_seen: u64,
     /// Deadline of this connection's live wheel entry; entries with another
@@ -258,8 +262,6 @@ struct Slot {
     /// PROXY header, or a trusted X-Forwarded-For. None: the socket peer.
     /// Boxed: 8 bytes in every slot, 32 only behind a front.
     remote: Option<Box<SocketAddr>>,
-    /// Why it ended (what its disconnect event says), set with the counter.
-    why: Reason,
     /// Its TLS session (--tls-cert); None on a plaintext port (8 bytes).
     tls: Option<Box<ServerSession>>,
 }
@@ -292,6 +294,9 @@ struct State {
     /// output, then `out` sealed). Per shard; empty when TLS is off.
     plain: Vec<u8>,
     sealed: Vec<u8>,
+    /// Why the bytes just read ended their connection, for its warning
+    /// (a TLS error, a bad PROXY header); written only then.
+    detail: String,
     /// Accept policy: the backoff, the upgrade budget, the deferred.
     accept: Accepting,
     /// Shutdown, once begun.
@@ -369,6 +374,7 @@ impl<D: Driver> Shard<D> {
                 out: Vec::with_capacity(4096),
                 plain: Vec::new(),
                 sealed: Vec::new(),
+                detail: String::new(),
                 drain: Draining::default(),
                 accept: Accepting {
                     resume: None,
@@ -474,7 +480,9 @@ impl<D: Driver> Shard<D> {
                 Event::Flushed(token) => {
                     if let Some(key) = st.live(token) {
                         let slot = &st.slab[key];
-                        if slot.ended || slot.conn.phase() == Phase::Done {
+                        // Ended: its last words are out (a Done core has
+                        // always ended: State::end).
+                        if slot.ended.is_some() {
                             st.close(io, key, Close::Graceful);
                         }
                     }
@@ -624,7 +632,10 @@ impl State {
             self.pace_drain(io, now);
         }
         if let Some(deadline) = self.drain.deadline {
-            if self.slab.is_empty() || now >= deadline {
+            // Done once every device is gone and the driver has closed
+            // every socket (io_uring: a close waits for its recv to end;
+            // leaving before would reset devices that just answered).
+            if (self.slab.is_empty() && io.closing() == 0) || now >= deadline {
                 self.close_all(io);
                 self.send_report(io.stats());
                 self.finished = true;
@@ -653,6 +664,43 @@ impl State {
         }
     }
 
+    /// Ends the connection in slot `key` for `why`: the one place an end
+    /// is counted and its reason set (its disconnect event says it), and
+    /// for a connection already ended, nothing is counted again.
+    ///
+    /// Graceful: what `self.out` holds (its last words: a Close frame, an
+    /// HTTP answer; may be empty) is sent, and the socket closes once all
+    /// its output is out (a peer that does not read it gets the frame
+    /// timeout, then a reset); last words that cannot be sent mean a reset
+    /// at once, still counted as `why`. Abortive: a reset at once, also
+    /// for one already ended (its peer is gone, or its time is up).
+    pub(super) fn end(&mut self, io: &mut impl Driver, key: usize, why: Ended, how: Close) {
+        let slot = &mut self.slab[key];
+        if slot.ended.is_some() {
+            if how == Close::Abortive {
+                self.close(io, key, Close::Abortive);
+            }
+            return;
+        }
+        slot.ended = Some(why);
+        why.count(&mut self.counters);
+        if how == Close::Abortive
+            || (!(self.out.is_empty() && self.sealed.is_empty()) && self.send(io, key).is_err())
+        {
+            return self.close(io, key, Close::Abortive);
+        }
+        let slot = &mut self.slab[key];
+        if io.is_flushed(slot.io) {
+            self.close(io, key, Close::Graceful);
+        } else {
+            let due = self.clock.now_tick + self.clock.frame_ticks + 1;
+            slot.bring_forward(key, due, &mut self.wheel);
+        }
+    }
+
+    /// Takes the socket away from slot `key` (a disconnect event for an
+    /// upgraded device, its claim released). Only [`State::end`] and a
+    /// connection it ended close one.
     fn close(&mut self, io: &mut impl Driver, key: usize, how: Close) {
         let slot = self.slab.remove(key);
         if slot.upgraded && self.cfg.events.is_some() {
@@ -664,7 +712,7 @@ impl State {
                 .copied()
                 .or_else(|| io.peer_addr(slot.io));
             self.event(
-                Kind::Disconnected(slot.why),
+                Kind::Disconnected(slot.ended.unwrap_or(Ended::PeerGone)),
                 &slot.id,
                 self.place(key, slot.gen),
                 remote,
@@ -698,6 +746,7 @@ impl State {
         let mut totals = self.counters;
         totals.io_cq_overflows = io.cq_overflows;
         totals.io_cancels = io.cancels;
+        totals.io_sq_full = io.sq_full;
         let _ = self.report.tx.send(Snapshot {
             shard: self.id,
             open: self.open,

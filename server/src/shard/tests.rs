@@ -1,6 +1,7 @@
 //! The shard on the scripted driver (c1m_io::script): no sockets.
 
 use c1m_io::script::{Fake, Script};
+use c1m_io::Sent;
 use c1m_proto::frame::{self, Opcode};
 
 use super::*;
@@ -497,5 +498,267 @@ fn a_handed_over_device_leaves_without_a_close_and_is_taken_with_its_silence() {
         (now.key as usize, now.gen),
         (key, slot.gen),
         "re-claimed here"
+    );
+}
+
+/// A shard with one upgraded device ("aa:bb") whose events go to the
+/// returned queue; the Connected event is taken.
+fn upgraded_with_events(
+    graceful_expiry: bool,
+) -> (
+    Shard<Script>,
+    std::sync::mpsc::Receiver<crate::events::Event>,
+) {
+    let mut s = shard(
+        graceful_expiry,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            ..Script::default()
+        },
+    );
+    let (tx, rx, _bell) = crate::events::queue::channel(16);
+    s.st.cfg.events = Some(tx);
+    s.turn_at(0);
+    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    assert_eq!(rx.try_recv().unwrap().kind, Kind::Connected);
+    (s, rx)
+}
+
+/// The ways the shard ends a device with its last words (a Close frame
+/// it sends itself), and what each is counted as.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Replace,
+    Kick,
+    GracefulExpiry,
+    Shutdown,
+}
+
+impl Path {
+    fn run(self, s: &mut Shard<Script>) {
+        let id = DeviceId::new("aa:bb");
+        match self {
+            Path::Replace => {
+                let at = s.st.cfg.registry.get(&id).expect("claimed");
+                s.st.replaced(&mut s.io, id, at);
+            }
+            Path::Kick => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                s.st.on_ask(&mut s.io, id, Ask::Kick, None, Reply::Local(tx));
+                assert_eq!(rx.recv().unwrap(), Answer::Kicked);
+            }
+            Path::GracefulExpiry => {
+                s.turn_at(80);
+            }
+            Path::Shutdown => {
+                // Before its expiry (due at 50 ms).
+                s.turn_at(30);
+                s.st.begin_shutdown(&mut s.io);
+                s.turn_at(30);
+            }
+        }
+    }
+}
+
+/// Section 3 of issue 20: replace, kick, graceful expiry and shutdown
+/// counted their end, then their send of the Close counted the same
+/// connection again when it failed (peer_gone) or overflowed
+/// (slow_reader), and the event said `reset`. Now every path ends the
+/// connection once: one close counted, as the path's own (a drain's
+/// Close that cannot go out: the device is gone as the server stops, or
+/// it is a slow reader), one reset, one Disconnected event with it.
+#[test]
+fn every_path_with_a_failing_or_overflowing_send_counts_one_close() {
+    for path in [
+        Path::Replace,
+        Path::Kick,
+        Path::GracefulExpiry,
+        Path::Shutdown,
+    ] {
+        for sent in [Sent::Failed, Sent::Overflow] {
+            let (mut s, rx) = upgraded_with_events(true);
+            s.io.send_results.push_back(sent);
+            path.run(&mut s);
+            let c = &s.st.counters;
+            let (counted, reason) = match (path, sent) {
+                (Path::Replace, _) => (c.replaced, Ended::Replaced),
+                (Path::Kick, _) => (c.kicked, Ended::Kicked),
+                (Path::GracefulExpiry, _) => (c.expired, Ended::Expired),
+                (Path::Shutdown, Sent::Failed) => (c.shutdown, Ended::Shutdown),
+                (Path::Shutdown, _) => (c.slow_reader, Ended::SlowReader),
+            };
+            let at = format!("{path:?} with {sent:?}: {c:?}");
+            assert_eq!(c.closed(), 1, "{at}");
+            assert_eq!(counted, 1, "{at}");
+            assert_eq!(s.io.closed, [Close::Abortive], "{at}");
+            assert!(s.st.slab.is_empty(), "{at}");
+            assert_eq!(s.st.open, 0, "{at}");
+            let ev = rx.try_recv().expect("its Disconnected event");
+            assert_eq!(ev.kind, Kind::Disconnected(reason), "{at}");
+            assert!(rx.try_recv().is_err(), "{at}: one event");
+            // Nothing later counts it again: the drain ends, expiry finds nothing.
+            s.st.begin_shutdown(&mut s.io);
+            s.turn_at(2_000);
+            assert_eq!(s.st.counters.closed(), 1, "{at}");
+        }
+    }
+}
+
+/// The same paths when the Close goes out: counted once, as the path's,
+/// and closed with a FIN once the output is out (the drain's once the
+/// device answers).
+#[test]
+fn every_path_whose_close_goes_out_counts_one_close() {
+    for path in [
+        Path::Replace,
+        Path::Kick,
+        Path::GracefulExpiry,
+        Path::Shutdown,
+    ] {
+        let (mut s, rx) = upgraded_with_events(true);
+        path.run(&mut s);
+        if let Path::Shutdown = path {
+            let mut close = Vec::new();
+            frame::write_masked_frame(&mut close, Opcode::Close, true, &[3, 0xe9], [1, 2, 3, 4]);
+            s.io.events.push_back(Fake::Data(close));
+            s.turn_at(35);
+        }
+        let c = &s.st.counters;
+        let (counted, reason) = match path {
+            Path::Replace => (c.replaced, Ended::Replaced),
+            Path::Kick => (c.kicked, Ended::Kicked),
+            Path::GracefulExpiry => (c.expired, Ended::Expired),
+            Path::Shutdown => (c.client_close, Ended::AnsweredDrain),
+        };
+        assert_eq!((c.closed(), counted), (1, 1), "{path:?}: {c:?}");
+        assert_eq!(s.io.closed, [Close::Graceful], "{path:?}");
+        let ev = rx.try_recv().expect("its Disconnected event");
+        assert_eq!(ev.kind, Kind::Disconnected(reason), "{path:?}");
+    }
+}
+
+/// RFC 6455 5.5.1 during a drain: a device that breaks the protocol
+/// after our Close 1001 gets no second Close, and is counted once.
+#[test]
+fn a_protocol_error_after_the_drains_close_writes_no_second_close() {
+    let (mut s, _rx) = upgraded_with_events(false);
+    s.st.begin_shutdown(&mut s.io);
+    assert_eq!(&s.io.sent[1][..4], &[0x88, 2, 0x03, 0xe9], "Close 1001");
+    // An unmasked frame from a device: 1002.
+    s.io.events.push_back(Fake::Data(vec![0x89, 0]));
+    s.turn_at(10);
+    assert_eq!(
+        s.io.sent.len(),
+        2,
+        "a frame after our Close: {:?}",
+        s.io.sent
+    );
+    assert_eq!(s.st.counters.protocol_error, 1);
+    assert_eq!(s.st.counters.closed(), 1, "{:?}", s.st.counters);
+}
+
+/// Issue 20: a 101 that fails to send. The claim and the Connected
+/// event come before the 101 goes out (claim before the 101), so its end
+/// is their pair: one Disconnected event after the Connected, the claim
+/// released, counted once (peer_gone). A connection refused before any
+/// upgrade whose answer fails has neither: no event, nothing released.
+#[test]
+fn a_101_that_fails_to_send_ends_as_it_began() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            send_results: [Sent::Failed].into(),
+            ..Script::default()
+        },
+    );
+    let (tx, rx, _bell) = crate::events::queue::channel(16);
+    s.st.cfg.events = Some(tx);
+    s.turn_at(0);
+    assert!(s.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    let c = s.st.counters;
+    assert_eq!((c.upgraded, c.peer_gone, c.closed()), (1, 1, 1), "{c:?}");
+    assert_eq!(rx.try_recv().unwrap().kind, Kind::Connected);
+    let gone = rx.try_recv().unwrap();
+    assert_eq!(gone.kind, Kind::Disconnected(Ended::PeerGone));
+    assert!(rx.try_recv().is_err());
+    assert_eq!(s.st.cfg.registry.get(&DeviceId::new("aa:bb")), None);
+    assert_eq!((s.st.open, s.st.slab.len()), (0, 0));
+
+    // Refused (404: another path) and its answer fails: no event.
+    let refused = UPGRADE.to_vec();
+    let refused = String::from_utf8(refused)
+        .unwrap()
+        .replace("/ws?", "/nope?");
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Data(refused.into_bytes())].into(),
+            send_results: [Sent::Failed].into(),
+            ..Script::default()
+        },
+    );
+    let (tx, rx, _bell) = crate::events::queue::channel(16);
+    s.st.cfg.events = Some(tx);
+    s.turn_at(0);
+    assert!(
+        s.io.sent[0].starts_with(b"HTTP/1.1 404 "),
+        "{:?}",
+        s.io.sent
+    );
+    let c = s.st.counters;
+    assert_eq!((c.upgraded, c.rejected, c.closed()), (0, 1, 1), "{c:?}");
+    assert!(
+        rx.try_recv().is_err(),
+        "an event for a connection never upgraded"
+    );
+    assert_eq!((s.st.open, s.st.slab.len()), (0, 0));
+}
+
+/// A socket the driver cannot watch is dropped in admission: counted
+/// (admit_dropped, in the stats line and /metrics), not as accepted.
+#[test]
+fn a_socket_dropped_in_admission_is_counted() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+            register_failures: 1,
+            ..Script::default()
+        },
+    );
+    s.turn_at(0);
+    let c = s.st.counters;
+    assert_eq!(
+        (c.admit_dropped, c.accepted, c.upgraded),
+        (1, 1, 1),
+        "{c:?}"
+    );
+}
+
+/// The stats a shard reports carry the driver's counters: io_uring's
+/// submits of a full queue (retries included) reach the stats line and
+/// /metrics as sq_full.
+#[test]
+fn the_drivers_submit_retries_reach_the_report() {
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut s = Shard::new(
+        0,
+        config(false),
+        Script::default(),
+        listener,
+        mail.remove(0),
+        tx,
+    )
+    .unwrap();
+    s.io.io_stats.sq_full = 7;
+    s.io.io_stats.cq_overflows = 2;
+    s.turn_at(3_600_000);
+    let snap = rx.try_recv().expect("a report");
+    assert_eq!(
+        (snap.totals.io_sq_full, snap.totals.io_cq_overflows),
+        (7, 2)
     );
 }

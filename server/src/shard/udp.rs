@@ -83,7 +83,7 @@ impl State {
         let now = self.clock.now_tick;
         let key = &u.key;
         match self.slab.get_mut(t.key as usize) {
-            Some(slot) if slot.gen == t.gen && slot.upgraded && !slot.ended => {
+            Some(slot) if slot.gen == t.gen && slot.upgraded && slot.ended.is_none() => {
                 if !key.verify(bytes, slot.id.as_str().as_bytes()) {
                     self.counters.udp_bad += 1;
                     return;
