@@ -93,7 +93,7 @@ pub const TAKEN_OVER: Family = family(
 
 /// The counter families in the order /metrics lists them (then come the
 /// fields with a family of their own, [`Prom::Own`], in the table's order).
-pub const FAMILIES: [Family; 16] = [
+pub const FAMILIES: [Family; 18] = [
     ACCEPTED,
     UPGRADED,
     FRAMES,

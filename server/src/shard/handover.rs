@@ -30,7 +30,7 @@ use c1m_proto::table::{self, Claim};
 use c1m_proto::wheel::Entry;
 
 use super::{Slot, State, DRAIN_REASON};
-use crate::events::Reason;
+use crate::ended::Ended;
 
 /// Connections a shard starts to hand over per turn of its loop.
 pub const BUDGET: usize = 4096;
@@ -217,7 +217,7 @@ impl State {
             let (key, gen, began) = h.releasing[i];
             let overdue = now >= began + RELEASE_TIMEOUT;
             match self.slab.get(key) {
-                Some(s) if s.gen == gen && s.ended => {
+                Some(s) if s.gen == gen && s.ended.is_some() => {
                     // It ended meanwhile (bytes that raced the release):
                     // its output goes out and it closes here.
                     self.close(io, key, Close::Graceful);
@@ -232,9 +232,7 @@ impl State {
                         self.warn(format_args!(
                             "a connection's release did not complete within {RELEASE_TIMEOUT:?} (a send to a device that does not read?): reset it, counted as lost by the upgrade"
                         ));
-                        self.slab[key].why = Reason::SlowReader;
-                        self.counters.slow_reader += 1;
-                        self.close(io, key, Close::Abortive);
+                        self.end(io, key, Ended::SlowReader, Close::Abortive);
                         h.lost += 1;
                         h.releasing.swap_remove(i);
                     }
@@ -257,7 +255,7 @@ impl State {
             let Some(slot) = self.slab.get(key) else {
                 continue;
             };
-            if slot.ended {
+            if slot.ended.is_some() {
                 continue; // flushed and closed here
             }
             started += 1;
@@ -312,8 +310,7 @@ impl State {
                 self.warn(format_args!(
                     "cannot hand a connection over ({e}): closed it"
                 ));
-                self.slab[key].why = Reason::Reset;
-                self.close(io, key, Close::Abortive);
+                self.end(io, key, Ended::PeerGone, Close::Abortive);
                 return Err(());
             }
         };
@@ -411,7 +408,7 @@ impl State {
             io: h,
             gen,
             upgraded: s.upgraded,
-            ended: false,
+            ended: None,
             last_seen,
             armed,
             frame_deadline,
@@ -419,7 +416,6 @@ impl State {
             conn: s.conn,
             id: s.id,
             remote: s.remote.map(Box::new),
-            why: Reason::Reset,
             tls: None,
         });
         self.wheel.insert(Entry {
