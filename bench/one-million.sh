@@ -84,6 +84,11 @@ bash kernel-tuning/check.sh "$CONNS" "$PROCS" > "$out/kernel-check-applied.txt" 
 cat /proc/meminfo > "$out/meminfo-before.txt"
 cat /proc/net/sockstat > "$out/sockstat-before.txt"
 cat /proc/net/snmp > "$out/snmp-before.txt"
+# Where the kernel dropped packets, if it did (a loopback burst past
+# net.core.netdev_max_backlog shows in softnet_stat's second column; TCP's
+# own drops and retransmissions in TcpExt): before and after, absolute.
+cat /proc/net/softnet_stat > "$out/softnet-before.txt"
+nstat -az > "$out/nstat-before.txt" 2>/dev/null || true
 
 # The server runs on its own (not --spawn-server), so that it outlives the
 # fleet client for the storm probe; the client measures it by pid.
@@ -132,6 +137,8 @@ pids=()
 cat /proc/meminfo > "$out/meminfo-after.txt"
 cat /proc/net/sockstat > "$out/sockstat-after.txt"
 cat /proc/net/snmp > "$out/snmp-after.txt"
+cat /proc/net/softnet_stat > "$out/softnet-after.txt"
+nstat -az > "$out/nstat-after.txt" 2>/dev/null || true
 cat "$out/fleet.stdout"
 echo "storm probe:"; grep -E "Connect latency|established" "$out/storm-probe.stdout" || true
 echo "results: $out"

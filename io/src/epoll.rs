@@ -256,6 +256,10 @@ impl Driver for EpollDriver {
         "epoll"
     }
 
+    fn reads_after_wait(&self) -> bool {
+        true
+    }
+
     fn listen(&mut self, listener: socket2::Socket) -> io::Result<()> {
         self.epoll.add(listener.as_raw_fd(), IN, LISTENER)?;
         self.listener = Some(listener);

@@ -152,6 +152,17 @@ pub trait Driver {
     /// Which backend this is ("epoll" or "io_uring").
     fn name(&self) -> &'static str;
 
+    /// True when [`Driver::next`] reads its sockets as it goes (epoll:
+    /// `recv` after the wait), so an [`Event::Data`] or
+    /// [`Event::Datagram`] may hold bytes that arrived after the wait
+    /// returned; false when every byte it reports had arrived by then
+    /// (io_uring: completions). A user that stamps bytes with the time it
+    /// read before its turn must read the clock again per such event, or
+    /// it stamps them early.
+    fn reads_after_wait(&self) -> bool {
+        false
+    }
+
     /// Starts accepting on `listener` (a non-blocking listening socket).
     fn listen(&mut self, listener: socket2::Socket) -> io::Result<()>;
 

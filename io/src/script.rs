@@ -44,11 +44,16 @@ pub struct Script {
     pub resumes: u32,
     /// Connections handed back by [`Driver::release`].
     pub released: u32,
+    /// What [`Driver::reads_after_wait`] answers (as epoll does: true).
+    pub reads_after_wait: bool,
 }
 
 impl Driver for Script {
     fn name(&self) -> &'static str {
         "script"
+    }
+    fn reads_after_wait(&self) -> bool {
+        self.reads_after_wait
     }
     fn listen(&mut self, _: Socket) -> io::Result<()> {
         Ok(())

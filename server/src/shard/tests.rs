@@ -115,6 +115,38 @@ fn upgraded(graceful_expiry: bool) -> Shard<Script> {
     s
 }
 
+/// A driver that reads as it goes (epoll) may hand a turn bytes that
+/// arrived after the turn's clock read: they are stamped with the time
+/// they were read, not the turn's, or the device would be deleted before
+/// --timeout had passed since they came (a deletion storm's turns run for
+/// seconds). Here the turn runs at 0 ms while the ping is read at least
+/// 60 ms (6 ticks) after the shard began.
+#[test]
+fn bytes_read_after_the_turns_clock_read_are_stamped_when_read() {
+    for reads_after_wait in [true, false] {
+        let mut s = shard(
+            false,
+            Script {
+                events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+                reads_after_wait,
+                ..Script::default()
+            },
+        );
+        s.turn_at(0);
+        std::thread::sleep(Duration::from_millis(60));
+        let mut ping = Vec::new();
+        frame::write_masked_frame(&mut ping, Opcode::Ping, true, b"hb", [1, 2, 3, 4]);
+        s.io.events.push_back(Fake::Data(ping));
+        s.turn_at(0);
+        let (_, slot) = s.st.slab.iter().next().expect("the device");
+        if reads_after_wait {
+            assert!(slot.last_seen >= 6, "stamped at tick {}", slot.last_seen);
+        } else {
+            assert_eq!(slot.last_seen, 0, "the turn's tick: it came before");
+        }
+    }
+}
+
 /// Expiry on plain times: a device heard at 25 ms (tick 2) is deleted at
 /// the start of tick 2 + 4 + 1 (70 ms), within `timeout + tick` of its
 /// last frame and not before `timeout`; its wheel entry from the upgrade
