@@ -36,7 +36,7 @@ PORT=${PORT:-9600}
 TIMEOUT=${TIMEOUT:-90}  # the server's --timeout, seconds
 SILENT_AFTER=${SILENT_AFTER:-60}
 HEARTBEAT=${HEARTBEAT:-30}
-IO=${IO:-epoll}         # the I/O backend of the server and of the clients
+IO=${IO:-uring}         # the I/O backend of the server and of the clients (the server's default)
 UDP=${UDP:-0}           # 1: heartbeats as UDP datagrams (--udp-heartbeat)
 # An older server build to run in the same sitting (issue 18: a slow day's
 # time targets are read against it), e.g. SERVER_BIN=/work/builds/ba9adbc/server;

@@ -132,11 +132,12 @@ pub struct Args {
     /// process, and devices whose traffic arrives spread over those CPUs
     #[argh(switch)]
     pub reuseport_cpu: bool,
-    /// the I/O backend, epoll or uring (each shard's own io_uring); epoll
-    /// by default because it held 1M devices in less memory and connected
-    /// them faster here (README, Benchmarks); where io_uring is unusable
-    /// the server says why and runs on epoll (default epoll)
-    #[argh(option, default = "Backend::Epoll")]
+    /// the I/O backend, uring (each shard's own io_uring) or epoll; uring
+    /// by default: at 15,000 and at 1M here it costs less CPU per heartbeat
+    /// and deletes a storm faster, for 1.4% more memory per connection
+    /// (docs/benchmarks.md); where io_uring is unusable the server says
+    /// why and runs on epoll (default uring)
+    #[argh(option, default = "Backend::Uring")]
     pub io: Backend,
     /// require device tokens (401 without a good one), signed with the
     /// secrets in this file: one per line, the first current, a second
