@@ -51,10 +51,11 @@ PROCS=${PROCS:-$(( (SIZE + 14999) / 15000 ))}
 # EMFILE); and its resets reach the server late (the server then sees
 # each reconnect displace the old connection: replaced, not peer_gone).
 CLIENT_IO=${CLIENT_IO:-epoll}
+SERVER_FLAGS=${SERVER_FLAGS:-}  # more server flags for every case, e.g. '--backlog 512'
 IPS=${IPS:-127.0.0.2-127.0.0.21}  # the storm fleet's source addresses (1M: 127.0.0.2-127.0.0.41)
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS bash bench/reconnect-storm.sh")
+top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS${SERVER_FLAGS:+ SERVER_FLAGS='$SERVER_FLAGS'} bash bench/reconnect-storm.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
 
 pids=()
@@ -81,7 +82,7 @@ for case in $CASES; do
     *) echo "reconnect-storm: unknown case $case (off, 503:N, defer:N)" >&2; exit 1 ;;
   esac
   ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout "${TIMEOUT}s" --tick 100ms \
-    --stats-interval 1s "${flags[@]}" > "$out/server.log" 2>&1 &
+    --stats-interval 1s "${flags[@]}" $SERVER_FLAGS > "$out/server.log" 2>&1 &
   server=$!
   pids+=("$server")
   wait_port $PORT
