@@ -369,7 +369,8 @@ impl Clock {
     }
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds.
+/// CLOCK_MONOTONIC now, in nanoseconds: one clock for every shard and
+/// process of a host (the one c1m-server stamps upgrades with).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -32,7 +32,10 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::Socket;
 
+// The same clock for every shard and process of a host: upgrade times
+// compare across them (and cross a hot upgrade).
 use c1m_io::epoll::EpollDriver;
+use c1m_io::handover::monotonic_ns;
 use c1m_io::tls::ServerSession;
 use c1m_io::uring::UringDriver;
 use c1m_io::{Backend, Close, Driver, DriverConfig, Event, Handle, IoStats, Token};
@@ -215,18 +218,6 @@ pub fn run(
 /// A peer's address for a log line.
 fn show(peer: Option<std::net::SocketAddr>) -> String {
     peer.map_or_else(|| "a device".into(), |a| a.to_string())
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the same clock for every shard and
-/// process of a host, so upgrade times compare across them.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is valid for the call; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Output held for one connection at most: two largest messages (an echo
