@@ -70,7 +70,7 @@ pub const IO_SQ_FULL: Family = family(
 );
 pub const ADMIT_DROPPED: Family = family(
     "c1m_admit_dropped_total",
-    "Connections accepted and dropped before they were served: the driver could not watch them, or TLS could not start (not in accepted).",
+    "Connections accepted and dropped before they were served: the driver could not watch them, TLS could not start, or shutdown had begun (not in accepted).",
 );
 pub const IO_CANCELS: Family = family(
     "c1m_io_cancels_total",

@@ -62,7 +62,10 @@ impl State {
 
     pub(super) fn admit(&mut self, io: &mut impl Driver, fd: OwnedFd) {
         if self.drain.deadline.is_some() {
-            return; // accepted as shutdown began: dropping it closes it
+            // Accepted as shutdown began (a completion already on its way
+            // when the listener went): dropping it closes it, counted.
+            self.counters.admit_dropped += 1;
+            return;
         }
         if let Some(budget) = &mut self.accept.budget {
             // Before any work for it: no registration, TLS or parsing.

@@ -50,7 +50,9 @@ impl State {
         let now = self.clock.now.at;
         io.unlisten();
         self.accept.resume = None;
-        self.accept.deferred.clear(); // closed: they were never served
+        // Closed unserved: counted as dropped in admission.
+        self.counters.admit_dropped += self.accept.deferred.len() as u64;
+        self.accept.deferred.clear();
         let rate = self.drain_rate();
         if rate > 0.0 {
             // The last Close goes out after held / rate; then the devices

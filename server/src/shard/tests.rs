@@ -794,3 +794,22 @@ fn the_drivers_submit_retries_reach_the_report() {
         (7, 2)
     );
 }
+
+/// Issue 20: a connection whose accept completed just as shutdown began
+/// (io_uring's multishot accept can hand one over after the listener is
+/// gone) is closed unserved, and counted as dropped in admission.
+#[test]
+fn a_socket_accepted_as_shutdown_begins_is_counted() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept].into(),
+            ..Script::default()
+        },
+    );
+    s.st.begin_shutdown(&mut s.io);
+    s.turn_at(0);
+    let c = s.st.counters;
+    assert_eq!((c.admit_dropped, c.accepted), (1, 0), "{c:?}");
+    assert!(s.st.slab.is_empty());
+}
