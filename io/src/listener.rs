@@ -97,6 +97,29 @@ pub fn somaxconn() -> Option<i32> {
         .ok()
 }
 
+/// The listen queue of the whole server by default, split over its
+/// listeners (every shard of every `--procs` worker): about a second of
+/// upgrades on the box these figures come from (15,000-30,000 a second).
+/// A connection that waits longer than that in a storm is one whose device
+/// may already have given up (its attempt timeout, often 10 s, counts the
+/// SYN retries too), and the server would then serve the dead first: with
+/// somaxconn (65,535) per listener, 60 workers queued 3.9M connections
+/// (docs/storms.md). Past the queue the kernel drops the SYN, which the
+/// device retries: a wait that costs the server nothing.
+pub const LISTEN_QUEUE_TOTAL: usize = 16_384;
+
+/// The least backlog a listener gets, however many share the total.
+pub const MIN_BACKLOG: i32 = 128;
+
+/// The default backlog of each of `listeners` listeners: its share of
+/// [`LISTEN_QUEUE_TOTAL`], at least [`MIN_BACKLOG`], at most `somaxconn`
+/// (the kernel's cap, which it would apply silently).
+pub fn default_backlog(listeners: usize, somaxconn: Option<i32>) -> i32 {
+    let share = (LISTEN_QUEUE_TOTAL / listeners.max(1)).min(i32::MAX as usize) as i32;
+    let cap = somaxconn.unwrap_or(4096).max(MIN_BACKLOG);
+    share.clamp(MIN_BACKLOG, cap)
+}
+
 /// What `accept` said.
 pub enum Accepted {
     Socket(RawFd),
@@ -128,5 +151,23 @@ pub fn accept(listener: &Socket) -> Accepted {
         Some(libc::EAGAIN) => Accepted::Empty,
         Some(e) if super::is_one_connections(e) => Accepted::Skipped,
         _ => Accepted::Exhausted(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_backlog_is_a_share_of_the_servers_queue() {
+        // One process, 2 shards: half each, under a tuned somaxconn.
+        assert_eq!(default_backlog(2, Some(65_535)), 8_192);
+        // ...and never past somaxconn (this box's default 4,096).
+        assert_eq!(default_backlog(2, Some(4_096)), 4_096);
+        // 60 workers of one shard: 273 each, 16,380 in all.
+        assert_eq!(default_backlog(60, Some(65_535)), 273);
+        // Many listeners: at least the floor.
+        assert_eq!(default_backlog(1_000, Some(65_535)), MIN_BACKLOG);
+        assert_eq!(default_backlog(0, None), 4_096);
     }
 }

@@ -66,7 +66,10 @@ pub struct Args {
         from_str_fn(parse_duration)
     )]
     pub frame_timeout: Duration,
-    /// listen backlog per shard (default: net.core.somaxconn)
+    /// listen backlog per shard (default: each shard's share of 16,384 over
+    /// the whole server, all --procs workers included, at least 128 and at
+    /// most net.core.somaxconn: about a second of upgrades here, so that a
+    /// reconnect storm never queues connections past their devices' patience)
     #[argh(option)]
     pub backlog: Option<i32>,
     /// echo data messages back (for conformance suites)

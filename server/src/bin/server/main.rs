@@ -54,13 +54,24 @@ fn supervise(args: &Args, checked: Checked) -> Result<(), String> {
         })
         .sum();
     let registry_capacity = workers.min(host.machine_capacity()).max(1) as usize;
+    // Each worker re-runs these arguments; without --backlog it gets its
+    // share of the server's listen queue (each would otherwise take a
+    // single process's share: 60 workers would queue 60 times as much).
+    let mut worker_args: Vec<String> = std::env::args().skip(1).collect();
+    if args.backlog.is_none() {
+        let listeners = (0..args.procs)
+            .map(|i| c1m_io::host::workers::cpus_for(i, args.procs, &cores).len())
+            .sum();
+        let backlog = c1m_io::listener::default_backlog(listeners, c1m_io::listener::somaxconn());
+        worker_args.extend(["--backlog".into(), backlog.to_string()]);
+    }
     let signals = Signals::block()?;
     c1m::procs::supervisor::Supervisor {
         procs: args.procs,
         cpus: cores,
         listen: args.listen,
         join: args.join,
-        args: std::env::args().skip(1).collect(),
+        args: worker_args,
         stats_interval: args.stats_interval,
         worker_stats: args.worker_stats,
         admin: args.admin,

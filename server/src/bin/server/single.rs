@@ -89,10 +89,11 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     if let Some(said) = host.advice((cores.len() as u64).saturating_mul(max_conns as u64)) {
         eprintln!("server: --max-conns asks for more than fits: {said}");
     }
-    let backlog = args
-        .backlog
-        .or_else(c1m_io::listener::somaxconn)
-        .unwrap_or(4096);
+    // By default each shard's share of the server's listen queue (a
+    // --procs worker gets its share from the parent as --backlog).
+    let backlog = args.backlog.unwrap_or_else(|| {
+        c1m_io::listener::default_backlog(cores.len(), c1m_io::listener::somaxconn())
+    });
     // What does not stop the server but shapes it: a listen queue shorter
     // than the backlog asked for, TCP buffer memory short of the sockets.
     let sockets = (cores.len() as u64).saturating_mul(max_conns as u64);
