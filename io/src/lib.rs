@@ -163,6 +163,17 @@ pub trait Driver {
         false
     }
 
+    /// Lets [`Driver::wait`] gather events for up to `window` once one has
+    /// come (io_uring's min-wait, Linux 6.12+), so that a loop woken by a
+    /// trickle of heartbeats handles them in batches: one wake-up per batch
+    /// rather than per event, at the price of up to `window` of latency.
+    /// Returns false where the driver cannot (epoll; older kernels):
+    /// nothing changes then.
+    fn set_batch_wait(&mut self, window: std::time::Duration) -> bool {
+        let _ = window;
+        false
+    }
+
     /// Starts accepting on `listener` (a non-blocking listening socket).
     fn listen(&mut self, listener: socket2::Socket) -> io::Result<()>;
 

@@ -43,6 +43,7 @@ fn main() {
         timeout: Duration::from_secs(90),
         tick: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(10),
+        batch_wait: Duration::ZERO,
         frame_timeout: Duration::from_secs(10),
         max_conns: 1_000_000,
         graceful_expiry: false,

@@ -75,6 +75,9 @@ pub struct ShardConfig {
     /// Wheel resolution: deletion happens within `timeout + tick` of the last frame.
     pub tick: Duration,
     pub handshake_timeout: Duration,
+    /// --io-batch-wait: io_uring gathers completions this long once one has
+    /// come ([`c1m_io::Driver::set_batch_wait`]); zero: off.
+    pub batch_wait: Duration,
     /// Time an upgraded device has to finish a frame it began (a device that
     /// trickles a frame header holds a buffer, so it gets less than --timeout).
     pub frame_timeout: Duration,
@@ -210,7 +213,11 @@ pub fn run(
             Shard::new(id, cfg, EpollDriver::new(dcfg)?, listener, mail, report)?.run()
         }
         Backend::Uring => {
-            Shard::new(id, cfg, UringDriver::new(dcfg)?, listener, mail, report)?.run()
+            let mut io = UringDriver::new(dcfg)?;
+            // Without the kernel's min-wait (6.12+) the flag does nothing
+            // (the start-up line said so once).
+            io.set_batch_wait(cfg.batch_wait);
+            Shard::new(id, cfg, io, listener, mail, report)?.run()
         }
     }
 }

@@ -82,6 +82,7 @@ fn config(graceful_expiry: bool) -> ShardConfig {
         timeout: Duration::from_millis(40),
         tick: Duration::from_millis(10),
         handshake_timeout: Duration::from_millis(500),
+        batch_wait: Duration::ZERO,
         frame_timeout: Duration::from_millis(500),
         max_conns: 10,
         graceful_expiry,

@@ -66,6 +66,12 @@ pub struct Args {
         from_str_fn(parse_duration)
     )]
     pub frame_timeout: Duration,
+    /// io_uring: once a completion has come, gather more for up to this long
+    /// before handling them (the kernel's min-wait, Linux 6.12+): fewer
+    /// wake-ups per heartbeat when many worker processes share few cores,
+    /// at the price of up to this much latency; 0 turns it off (default 0s)
+    #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
+    pub io_batch_wait: Duration,
     /// listen backlog per shard (default: each shard's share of 16,384 over
     /// the whole server, all --procs workers included, at least 128 and at
     /// most net.core.somaxconn: about a second of upgrades here, so that a

@@ -57,6 +57,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         timeout: args.timeout,
         tick: args.tick,
         handshake_timeout: args.handshake_timeout,
+        batch_wait: args.io_batch_wait,
         frame_timeout: args.frame_timeout,
         max_conns,
         graceful_expiry: args.graceful_expiry,
