@@ -10,7 +10,10 @@
 # from 4 source addresses and holds until well after the drain.
 # Bounded: about SIZE / RATE + 20 s per backend; every process is stopped
 # by its pid. Loopback only.
-# Usage: bash bench/drain.sh   (SIZE=10000 RATE=1000 DELAY=1s IOS="epoll uring")
+# PROCS=N runs the server as N worker processes (--procs N: each worker's
+# shards close at their share of RATE); the client runs one process per
+# 15,000 devices (RLIMIT_NOFILE is 20,000 here).
+# Usage: bash bench/drain.sh   (SIZE=10000 RATE=1000 DELAY=1s IOS="epoll uring" PROCS=1)
 # Writes: results/<UTC time>-drain/{summary.md,command.txt,git.txt,machine.txt,
 #         <io>-server.log (its stats lines), <io>-client.json (the client's figures)}
 set -euo pipefail
@@ -21,9 +24,12 @@ RATE=${RATE:-1000}
 DELAY=${DELAY:-1s}
 IOS=${IOS:-"epoll uring"}
 PORT=${PORT:-9730}
+PROCS=${PROCS:-1}
+procs=(); [ "$PROCS" -gt 1 ] && procs=(--procs "$PROCS")
+client_procs=$(( (SIZE + 14999) / 15000 ))
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results drain "SIZE=$SIZE RATE=$RATE DELAY=$DELAY IOS='$IOS' bash bench/drain.sh")
+top=$(new_results drain "SIZE=$SIZE RATE=$RATE DELAY=$DELAY IOS='$IOS' PROCS=$PROCS bash bench/drain.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
 tmp=$(mktemp -d)
 
@@ -38,7 +44,7 @@ trap cleanup EXIT
 
 drain_s=$(( (SIZE + RATE - 1) / RATE ))
 for io in $IOS; do
-  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT --timeout 60s --tick 100ms \
+  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout 60s --tick 100ms \
     --stats-interval 1s --drain-rate "$RATE" --drain-health-delay "$DELAY" --drain-timeout 5s \
     > "$top/$io-server.log" 2>&1 &
   server=$!
@@ -46,7 +52,7 @@ for io in $IOS; do
   wait_port $PORT
   hold=$(( SIZE / 5000 + 8 + drain_s + 10 ))
   timeout $(( hold + 60 )) ./target/release/client --io epoll --server 127.0.0.1:$PORT \
-    --ips 127.0.0.2-127.0.0.5 --conns "$SIZE" --rate 5000 --heartbeat 10s \
+    --ips 127.0.0.2-127.0.0.5 --procs "$client_procs" --conns "$SIZE" --rate 5000 --heartbeat 10s \
     --server-timeout 60s --hold "${hold}s" --quiet --out "$tmp/$io" > "$tmp/$io-client.txt" 2>&1 &
   client=$!
   pids+=("$client")
@@ -96,7 +102,7 @@ for io in ("epoll", "uring"):
           f"| {'-' if span is None else f'{span:.2f}'} | {ratio} | {g('client_close')}, {g('shutdown')}, {g('peer_gone')} | {ex} |")
 print("\nThe span is the client's: its first and last close by the server of a heartbeating")
 print("device (HdrHistogram, 3 significant digits: 0.1%). Each shard closes its devices at")
-print("its half of the rate, so the span is that of the shard holding more (SO_REUSEPORT")
+print("its share of the rate, so the span is that of the shard holding the most (SO_REUSEPORT")
 print("splits them about evenly). `<io>-server.log`: the server's stats lines;")
 print("`<io>-client.json`: the client's figures. The server's one peer_gone is bench/lib.sh's")
 print("wait_port probe (a connection opened and closed before the devices).")
