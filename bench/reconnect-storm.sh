@@ -53,16 +53,36 @@ PROCS=${PROCS:-$(( (SIZE + 14999) / 15000 ))}
 CLIENT_IO=${CLIENT_IO:-epoll}
 SERVER_FLAGS=${SERVER_FLAGS:-}  # more server flags for every case, e.g. '--backlog 512'
 IPS=${IPS:-127.0.0.2-127.0.0.21}  # the storm fleet's source addresses (1M: 127.0.0.2-127.0.0.41)
+# TLS=1: wss (a P-256 certificate for localhost from a CA made here with
+# openssl); both fleets resume with the tickets their process was given
+# (TLS_CLIENT_FLAGS='--tls-no-resume' makes every reconnect a full handshake).
+TLS=${TLS:-0}
+TLS_CLIENT_FLAGS=${TLS_CLIENT_FLAGS:-}
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS${SERVER_FLAGS:+ SERVER_FLAGS='$SERVER_FLAGS'} bash bench/reconnect-storm.sh")
+top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS${SERVER_FLAGS:+ SERVER_FLAGS='$SERVER_FLAGS'}$( [ "$TLS" = 1 ] && echo ' TLS=1')${TLS_CLIENT_FLAGS:+ TLS_CLIENT_FLAGS='$TLS_CLIENT_FLAGS'} bash bench/reconnect-storm.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
+
+tls_server=(); tls_client=()
+if [ "$TLS" = 1 ]; then
+  pki=$(mktemp -d)
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$pki/ca.key" -out "$pki/ca.pem" -days 2 -subj "/CN=c1m bench CA" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$pki/key.pem" -out "$pki/req.csr" -subj /CN=localhost 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$pki/ext.cnf"
+  openssl x509 -req -in "$pki/req.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" \
+    -CAcreateserial -out "$pki/cert.pem" -days 2 -extfile "$pki/ext.cnf" 2>/dev/null
+  tls_server=(--tls-cert "$pki/cert.pem" --tls-key "$pki/key.pem")
+  tls_client=(--tls --tls-ca "$pki/ca.pem" $TLS_CLIENT_FLAGS)
+fi
 
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   sleep 1
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  [ -z "${pki:-}" ] || rm -rf "$pki"
 }
 trap cleanup EXIT
 
@@ -82,7 +102,7 @@ for case in $CASES; do
     *) echo "reconnect-storm: unknown case $case (off, 503:N, defer:N)" >&2; exit 1 ;;
   esac
   ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout "${TIMEOUT}s" --tick 100ms \
-    --stats-interval 1s "${flags[@]}" $SERVER_FLAGS > "$out/server.log" 2>&1 &
+    --stats-interval 1s "${flags[@]}" "${tls_server[@]}" $SERVER_FLAGS > "$out/server.log" 2>&1 &
   server=$!
   pids+=("$server")
   wait_port $PORT
@@ -94,7 +114,7 @@ for case in $CASES; do
   timeout $((SIZE / RATE + HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
     --ips "$IPS" "${procs[@]}" --conns "$SIZE" --rate "$RATE" --heartbeat "${HEARTBEAT}s" \
     --server-timeout "${TIMEOUT}s" --hold "${HOLD}s" --reconnect-storm "${STORM_AT}s" \
-    --server-pid "$server" --quiet --out "$out/storm" > "$out/storm.txt" 2>&1 &
+    --server-pid "$server" "${tls_client[@]}" --quiet --out "$out/storm" > "$out/storm.txt" 2>&1 &
   storm=$!
   pids+=("$storm")
   # The probe fleet connects once the storm fleet is up and heartbeats every
@@ -102,7 +122,7 @@ for case in $CASES; do
   sleep $((SIZE / RATE + 2))
   timeout $((HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
     --ips 127.0.0.31-127.0.0.32 --conns "$PROBE" --rate 1000 --heartbeat 1s --id-prefix probe- \
-    --server-timeout "${TIMEOUT}s" --hold "$((HOLD - 2))s" --quiet --out "$out/probe" > "$out/probe.txt" 2>&1 &
+    --server-timeout "${TIMEOUT}s" --hold "$((HOLD - 2))s" "${tls_client[@]}" --quiet --out "$out/probe" > "$out/probe.txt" 2>&1 &
   probe=$!
   pids+=("$probe")
   wait "$storm" || true
@@ -113,6 +133,7 @@ for case in $CASES; do
 done
 done
 trap - EXIT
+[ -z "${pki:-}" ] || rm -rf "$pki"
 
 python3 - "$top" <<'PY' > "$top/summary.md"
 import json, os, re, sys
