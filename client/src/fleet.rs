@@ -210,14 +210,15 @@ pub fn run(
     core: usize,
     plan: Arc<Plan>,
     stop: Arc<AtomicBool>,
+    go: Arc<AtomicBool>,
     reports: Sender<Report>,
 ) -> io::Result<()> {
     let cfg = DriverConfig {
         max_pending: MAX_PENDING,
     };
     match plan.io {
-        Backend::Epoll => Fleet::new(core, plan, EpollDriver::new(cfg)?, stop, reports).run(),
-        Backend::Uring => Fleet::new(core, plan, UringDriver::new(cfg)?, stop, reports).run(),
+        Backend::Epoll => Fleet::new(core, plan, EpollDriver::new(cfg)?, stop, go, reports).run(),
+        Backend::Uring => Fleet::new(core, plan, UringDriver::new(cfg)?, stop, go, reports).run(),
     }
     Ok(())
 }
@@ -271,6 +272,12 @@ struct State {
     batch_ticks: u64,
     server_timeout_us: u64,
     stop: Arc<AtomicBool>,
+    /// Set once every core of the whole client (every --procs worker's
+    /// too) has finished its ramp: the holds begin together, so that the
+    /// --go-silent and --reconnect-storm moments, which follow the hold's
+    /// start, fall at one time for the whole fleet rather than spread over
+    /// the cores' ramp ends (20 s apart at 1M over 60 processes).
+    go: Arc<AtomicBool>,
     reports: Sender<Report>,
     next_progress: Instant,
     /// What a device sends next: an upgrade request, a heartbeat, or the
@@ -293,6 +300,7 @@ impl<D: Driver> Fleet<D> {
         plan: Arc<Plan>,
         io: D,
         stop: Arc<AtomicBool>,
+        go: Arc<AtomicBool>,
         reports: Sender<Report>,
     ) -> Fleet<D> {
         let cores = plan.cores.max(1) as u64;
@@ -339,6 +347,7 @@ impl<D: Driver> Fleet<D> {
                 batch_ticks: BATCH_TICKS,
                 server_timeout_us: plan.server_timeout.as_micros() as u64,
                 stop,
+                go,
                 reports,
                 next_progress: plan.origin + Duration::from_secs(1),
                 out: Vec::with_capacity(512),
@@ -539,9 +548,13 @@ impl State {
     /// silent device or the expiry window closed.
     fn advance(&mut self, io: &mut impl Driver, now: Instant) {
         if self.phase == Phase::Ramp && self.next_k == self.mine && self.inflight == 0 {
+            self.phase = Phase::Ramped;
+            self.ramp_done_us = Some(now_us(&self.plan, now));
+        }
+        // (A fleet waits here at most MAX_SLEEP past the word.)
+        if self.phase == Phase::Ramped && self.go.load(Relaxed) {
             self.phase = Phase::Hold;
             self.hold_end = Some(now + self.plan.hold);
-            self.ramp_done_us = Some(now_us(&self.plan, now));
             self.mute_at = self.plan.silent_after.map(|d| now + d);
             self.storm_at = self.plan.reconnect_storm.map(|d| now + d);
         }
@@ -1400,6 +1413,38 @@ mod tests {
         run_plan_with(server, devices, |_| {})
     }
 
+    /// A fleet whose ramp is over waits for the word that every core of the
+    /// client has ramped before its hold begins (and with it the hold's
+    /// clock, --go-silent and --reconnect-storm): the holds of all the
+    /// cores and --procs workers begin together.
+    #[test]
+    fn the_hold_begins_on_the_word_that_every_core_has_ramped() {
+        let (tx, _rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let go = Arc::new(AtomicBool::new(false));
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let io = EpollDriver::new(DriverConfig { max_pending: 4096 }).unwrap();
+        // No devices: this core's ramp is over at its first step.
+        let mut f = Fleet::new(
+            0,
+            Arc::new(plan(unused, 0, Backend::Epoll)),
+            io,
+            stop,
+            go.clone(),
+            tx,
+        );
+        for _ in 0..3 {
+            assert!(!matches!(f.step(), Step::Finished));
+            assert_eq!(f.st.phase, Phase::Ramped);
+            assert!(f.st.ramp_done_us.is_some(), "its own ramp's end is kept");
+            assert_eq!(f.st.hold_end, None, "no hold before the word");
+        }
+        go.store(true, Relaxed);
+        f.step();
+        assert_eq!(f.st.phase, Phase::Hold);
+        assert!(f.st.hold_end.is_some());
+    }
+
     /// [`run_plan`] with the plan changed by `tweak` first.
     fn run_plan_with(server: SocketAddr, devices: u64, tweak: fn(&mut Plan)) -> Vec<Counters> {
         let mut backends = vec![Backend::Epoll];
@@ -1411,9 +1456,11 @@ mod tests {
             .map(|io| {
                 let (tx, rx) = mpsc::channel();
                 let stop = Arc::new(AtomicBool::new(false));
+                // One fleet alone: its hold begins with its ramp's end.
+                let go = Arc::new(AtomicBool::new(true));
                 let mut p = plan(server, devices, io);
                 tweak(&mut p);
-                run(0, Arc::new(p), stop, tx).unwrap();
+                run(0, Arc::new(p), stop, go, tx).unwrap();
                 let done = rx.try_iter().find_map(|r| match r {
                     Report::Done {
                         counters, error, ..

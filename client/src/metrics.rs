@@ -159,6 +159,9 @@ impl Counters {
 pub enum Phase {
     /// Opening connections.
     Ramp,
+    /// This core's ramp is over; heartbeating while the other cores (and
+    /// --procs workers) finish theirs, so that every hold begins together.
+    Ramped,
     /// Holding the fleet with heartbeats.
     Hold,
     /// Hold over; waiting for the server to expire the silent devices.
@@ -171,6 +174,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Ramp => "ramp",
+            Phase::Ramped => "ramped",
             Phase::Hold => "hold",
             Phase::Expiry => "expiry",
             Phase::Done => "done",
@@ -178,9 +182,15 @@ impl Phase {
     }
 
     pub fn from_name(s: &str) -> Option<Phase> {
-        [Phase::Ramp, Phase::Hold, Phase::Expiry, Phase::Done]
-            .into_iter()
-            .find(|p| p.name() == s)
+        [
+            Phase::Ramp,
+            Phase::Ramped,
+            Phase::Hold,
+            Phase::Expiry,
+            Phase::Done,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
     }
 }
 

@@ -23,6 +23,7 @@ pub fn thousands(n: u64) -> String {
 pub fn line(row: &Row, sum: &Counters, target: u64, phase: Phase, eta_s: Option<f64>) -> String {
     let phase = match phase {
         Phase::Ramp => "connecting",
+        Phase::Ramped => "waiting for the other cores' ramps",
         Phase::Hold => "holding",
         Phase::Expiry => "awaiting expiries",
         Phase::Done => "done",

@@ -78,9 +78,14 @@ pub struct Outcome {
 
 /// Runs the plan to its end (or a signal) and returns what was measured.
 pub fn run(opts: Options) -> Result<Outcome, String> {
-    let signals = c1m_io::host::signals::Signals::block()?;
+    let signals = c1m_io::host::signals::Signals::block_with_usr1()?;
     let plan = Arc::new(opts.plan);
     let stop = Arc::new(AtomicBool::new(false));
+    // Every core's hold begins together (fleet::State::go): set here once
+    // every local core has ramped, or, in a --procs worker, on its
+    // parent's SIGUSR1, which the parent sends once every worker has.
+    let go = Arc::new(AtomicBool::new(false));
+    let mut go_said = false;
     let (tx, rx) = mpsc::channel();
     let me = std::process::id();
     let server_pid = opts.server_pid;
@@ -135,7 +140,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
         &[]
     };
     for (core, &cpu) in cpus.iter().enumerate() {
-        let (plan, stop, tx) = (plan.clone(), stop.clone(), tx.clone());
+        let (plan, stop, go, tx) = (plan.clone(), stop.clone(), go.clone(), tx.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("client-{core}"))
             // The fleet's sockets live in its own I/O driver, not in
@@ -144,7 +149,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             .spawn(move || async move {
                 // The fleet builds its driver on this thread, which alone
                 // may use an io_uring ring (SINGLE_ISSUER).
-                if let Err(e) = fleet::run(core, plan, stop, tx.clone()) {
+                if let Err(e) = fleet::run(core, plan, stop, go, tx.clone()) {
                     let _ = tx.send(Report::Done {
                         core,
                         counters: Counters::default(),
@@ -185,7 +190,10 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
     let mut next = plan.origin + Duration::from_secs(1) + READ_AFTER;
     while done < cores {
         let signal = signals.wait(next.saturating_duration_since(Instant::now()));
-        if let Some(sig) = signal {
+        if signal == Some("SIGUSR1") {
+            // A --procs parent: every worker has ramped.
+            go.store(true, Relaxed);
+        } else if let Some(sig) = signal {
             if !interrupted {
                 interrupted = true;
                 stop.store(true, Relaxed);
@@ -237,6 +245,17 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
                 }
             }
         }
+        // Every core (every worker) past its ramp: the holds begin.
+        if !go_said && latest.iter().all(|l| l.0 >= Phase::Ramped) {
+            go_said = true;
+            if !children.is_empty() {
+                for c in &children {
+                    c1m_io::host::workers::signal(c.id(), libc::SIGUSR1);
+                }
+            } else if !opts.report_lines {
+                go.store(true, Relaxed);
+            }
+        }
         let now = Instant::now();
         if now < next && done < cores {
             continue;
@@ -268,7 +287,7 @@ pub fn run(opts: Options) -> Result<Outcome, String> {
             server_rss_bytes: m.server_rss,
             ..counts_row(t_s, &sum, &prev.counters)
         };
-        if ramp_end.is_none() && min_phase >= Phase::Hold {
+        if ramp_end.is_none() && min_phase >= Phase::Ramped {
             ramp_end = Some(m);
         }
         if hold_end.is_none() && max_phase >= Phase::Expiry {

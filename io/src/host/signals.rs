@@ -25,6 +25,23 @@ impl Signals {
         }
     }
 
+    /// [`Signals::block`] and SIGUSR1 too: a `--procs` client parent's
+    /// word to its workers (every worker has finished its ramp).
+    pub fn block_with_usr1() -> Result<Signals, String> {
+        let mut signals = Signals::block()?;
+        // SAFETY: sigset operations on our set; pthread_sigmask on this thread.
+        unsafe {
+            let mut one: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut one);
+            libc::sigaddset(&mut one, libc::SIGUSR1);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &one, std::ptr::null_mut()) != 0 {
+                return Err("cannot block SIGUSR1".into());
+            }
+            libc::sigaddset(&mut signals.0, libc::SIGUSR1);
+        }
+        Ok(signals)
+    }
+
     /// Waits up to `timeout` for SIGINT or SIGTERM; its name if one came.
     pub fn wait(&self, timeout: Duration) -> Option<&'static str> {
         let ts = libc::timespec {
@@ -36,6 +53,7 @@ impl Signals {
             libc::SIGINT => Some("SIGINT"),
             libc::SIGTERM => Some("SIGTERM"),
             libc::SIGUSR2 => Some("SIGUSR2"),
+            libc::SIGUSR1 => Some("SIGUSR1"),
             _ => None,
         }
     }
