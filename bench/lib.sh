@@ -121,3 +121,17 @@ PY
 cgroup_remove() {
   [ -n "${1:-}" ] && [ -d "$1" ] && rmdir "$1" 2>/dev/null || true
 }
+
+# make_test_pki DIR: a CA and a certificate for localhost it signed, in DIR
+# (ca.pem, cert.pem, key.pem): P-256, as a fleet would use (the cheapest
+# signature for the server to make per full handshake). Needs openssl.
+make_test_pki() {
+  local pki=$1
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$pki/ca.key" -out "$pki/ca.pem" -days 2 -subj "/CN=c1m bench CA" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$pki/key.pem" -out "$pki/req.csr" -subj /CN=localhost 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$pki/ext.cnf"
+  openssl x509 -req -in "$pki/req.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" \
+    -CAcreateserial -out "$pki/cert.pem" -days 2 -extfile "$pki/ext.cnf" 2>/dev/null
+}

@@ -66,13 +66,7 @@ top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$
 tls_server=(); tls_client=()
 if [ "$TLS" = 1 ]; then
   pki=$(mktemp -d)
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-    -keyout "$pki/ca.key" -out "$pki/ca.pem" -days 2 -subj "/CN=c1m bench CA" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-    -keyout "$pki/key.pem" -out "$pki/req.csr" -subj /CN=localhost 2>/dev/null
-  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$pki/ext.cnf"
-  openssl x509 -req -in "$pki/req.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" \
-    -CAcreateserial -out "$pki/cert.pem" -days 2 -extfile "$pki/ext.cnf" 2>/dev/null
+  make_test_pki "$pki"
   tls_server=(--tls-cert "$pki/cert.pem" --tls-key "$pki/key.pem")
   tls_client=(--tls --tls-ca "$pki/ca.pem" $TLS_CLIENT_FLAGS)
 fi

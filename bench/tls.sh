@@ -36,15 +36,7 @@ out=$(new_results tls "N=$N PROCS=$PROCS REPS=$REPS CPU_N=$CPU_N CONC=$CONC HOLD
 pki=$(mktemp -d)
 trap 'rm -rf "$pki"' EXIT
 
-# A CA and a certificate for localhost it signed (P-256, as a fleet would
-# use: the cheapest signature for the server to make per full handshake).
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-  -keyout "$pki/ca.key" -out "$pki/ca.pem" -days 2 -subj "/CN=c1m bench CA" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-  -keyout "$pki/key.pem" -out "$pki/req.csr" -subj /CN=localhost 2>/dev/null
-printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$pki/ext.cnf"
-openssl x509 -req -in "$pki/req.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" \
-  -CAcreateserial -out "$pki/cert.pem" -days 2 -extfile "$pki/ext.cnf" 2>/dev/null
+make_test_pki "$pki"
 TLS_SERVER="--tls-cert $pki/cert.pem --tls-key $pki/key.pem"
 TLS_CLIENT="--tls --tls-ca $pki/ca.pem"
 
