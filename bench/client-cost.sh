@@ -33,9 +33,8 @@ PORT=${PORT:-9470}
 IPS=${IPS:-127.0.0.2-127.0.0.11}
 [ -x "$SERVER_BIN" ] || { echo "client-cost: no server at $SERVER_BIN" >&2; exit 2; }
 out=$(new_results client-cost "CLIENTS='$CLIENTS' IOS='$IOS' N_LO=$N_LO N_HI=$N_HI SERVER_BIN=$SERVER_BIN TOOLS='$TOOLS' CONCURRENCY=$CONCURRENCY bash bench/client-cost.sh")
-echo "tree: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')" >> "$out/command.txt"
 raw=$(mktemp -d /tmp/client-cost.XXXXXX)
-echo "raw files: $raw (not kept)" >> "$out/command.txt"
+echo "client-cost: raw files in $raw (not kept)" >&2
 printf "tool\tclient\tio\tn\testablished\tfleet_ir\tmain_ir\tsyscalls\n" > "$out/runs.tsv"
 
 server_pid=""
@@ -104,7 +103,8 @@ import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lo, hi = sys.argv[2], sys.argv[3]
 by = {(r["tool"], r["client"], r["io"], r["n"]): r for r in rows}
-print(f"Per connection = (run of {hi} devices - run of {lo}) / its extra established devices; one fleet core.\n")
+print(f"Per connection = (run of {hi} devices - run of {lo}) / its extra established devices; one fleet core.")
+print("The main thread's work is once a second (timeline, progress): it follows the runs' length, not their connections.\n")
 print("| client | io | fleet thread Ir/conn | main thread Ir/conn | syscalls/conn |")
 print("|---|---|---|---|---|")
 keys = sorted({(r["client"], r["io"]) for r in rows}, key=lambda k: (k[1], k[0]))

@@ -715,7 +715,9 @@ impl Drop for UringDriver {
         // still ends with a FIN; the rest with a reset.
         for (_, c) in std::mem::take(&mut self.conns) {
             let graceful = c.flags & (CLOSING | ABORTIVE) == CLOSING;
-            socket::close(c.fd.into_raw_fd(), !graceful);
+            // Closed abortively by the user: SO_LINGER 0 is set already
+            // (one setsockopt fewer per device when a client's fleet ends).
+            socket::close(c.fd.into_raw_fd(), !graceful && c.flags & ABORTIVE == 0);
         }
         let _ = self.submitter.unregister_buf_ring(BGID);
         if self.udp.is_some() {

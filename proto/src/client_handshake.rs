@@ -186,8 +186,9 @@ mod tests {
         );
     }
 
-    /// Lines an answer is made of in the property test: the usual ones,
-    /// with odd cases, odd bytes and odd spacing among them.
+    /// Answers of usual and odd lines (odd cases, bytes, spacing, line
+    /// ends, cuts): httparse's ground. The real 101, which the exact
+    /// reading takes, is the next test's.
     fn answer_lines() -> impl Strategy<Value = Vec<u8>> {
         let status = prop_oneof![
             Just(b"HTTP/1.1 101 Switching Protocols".to_vec()),
