@@ -22,6 +22,8 @@ KIND = {
     '15000': 'the load client against a 2-core server, 15,000 devices (bench/client-15k.sh)',
     'scale-200000': 'a 200,000-device exploration run of the client',
     'client-ab': 'client and server of an older build against this one (bench/client-ab.sh)',
+    'client-pair': 'two clients against the same server binary, each its own CPU per connection (bench/client-pair.sh)',
+    'client-cost': "the client's user instructions (callgrind) and system calls (strace) per connection, by client build (bench/client-cost.sh)",
     'devices': 'device takeovers and lookups at scale (bench/devices.sh)',
     'idle': 'an idle server: RSS and CPU under glommio and on plain threads (bench/idle.sh)',
     'uring-cancels': 'no kernel cancel path in an io_uring profile (bench/uring-cancels.sh)',

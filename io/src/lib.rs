@@ -257,7 +257,9 @@ pub trait Driver {
         self.register(fd, token, false)
     }
 
-    /// SO_ERROR of `h`'s socket: 0 once a connect succeeded.
+    /// SO_ERROR of `h`'s socket: 0 once a connect succeeded. After an
+    /// [`Event::Connected`] whose readiness showed no error or hang-up,
+    /// both backends answer 0 without asking the kernel.
     fn socket_error(&self, h: Handle) -> i32;
 
     /// The peer's address of `h`'s socket.

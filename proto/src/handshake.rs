@@ -306,12 +306,16 @@ fn valid_key(key: &[u8]) -> Option<[u8; 24]> {
 
 /// Appends the `101 Switching Protocols` answer for `key` to `out`.
 pub fn write_accept(key: &[u8; 24], out: &mut Vec<u8>) {
-    out.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
-    );
+    out.extend_from_slice(ACCEPT_HEAD);
     out.extend_from_slice(&accept_key(key));
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(ACCEPT_END);
 }
+
+/// The `101 Switching Protocols` answer up to its accept key, and after it
+/// (the client recognises the whole answer by them).
+pub(crate) const ACCEPT_HEAD: &[u8] =
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ";
+pub(crate) const ACCEPT_END: &[u8] = b"\r\n\r\n";
 
 /// Sec-WebSocket-Accept: base64(SHA-1(key + GUID)), computed without allocating.
 pub fn accept_key(key: &[u8]) -> [u8; 28] {
