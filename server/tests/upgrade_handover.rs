@@ -326,10 +326,71 @@ fn procs_a_new_binary_that_fails_leaves_every_worker_serving() {
     }
 }
 
+/// A new binary that fails at the second worker (its Hello): the first
+/// worker stays upgraded, the second serves as before with its pid, the
+/// rollout stops in one sentence, and every device is served.
+fn procs_a_failure_at_the_second_worker_leaves_the_first_upgraded() {
+    let admin = free_addr();
+    let server = Server::start_with(
+        &["--procs", "2", "--cores", "0", "--admin", &admin],
+        None,
+        &[("C1M_TEST_HANDOVER_FAIL", "hello@1")],
+    );
+    let started = server.wait_error("started 2 worker processes");
+    let pids: Vec<u32> = started
+        .rsplit("pids ")
+        .next()
+        .unwrap()
+        .split(',')
+        .map(|p| p.trim().parse().unwrap())
+        .collect();
+    let mut devices: Vec<_> = (0..12).map(|i| server.ws(&format!("s{i}"))).collect();
+    server.signal(libc::SIGUSR2);
+    let first = server.wait_error("upgrade: worker 0 (1 of 2)");
+    assert!(
+        first.contains(&format!("pid {} handed over", pids[0])),
+        "{first}"
+    );
+    let new0: u32 = first
+        .split("handed over to pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {first}"));
+    let stopped = server.wait_error("upgrade stopped at worker 1 of 2");
+    assert!(
+        stopped.contains(&format!("worker 1 (pid {}) serves as before", pids[1])),
+        "{stopped}"
+    );
+    assert!(
+        stopped.contains(&format!("workers 0 to 0 run the new binary (pids {new0})")),
+        "{stopped}"
+    );
+    assert_eq!(sorted(workers_of(&server, 2)), sorted(vec![new0, pids[1]]));
+    for (i, ws) in devices.iter_mut().enumerate() {
+        ws.send(Message::Ping(b"still".to_vec())).unwrap();
+        assert_eq!(
+            ws.read().unwrap(),
+            Message::Pong(b"still".to_vec()),
+            "device {i}"
+        );
+    }
+    for (i, old) in devices.iter_mut().enumerate() {
+        let mut again = server.ws(&format!("s{i}"));
+        match old.read() {
+            Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4000),
+            other => panic!("s{i} was not replaced: {other:?}"),
+        }
+        again.send(Message::Ping(b"again".to_vec())).unwrap();
+        assert_eq!(again.read().unwrap(), Message::Pong(b"again".to_vec()));
+    }
+}
+
 on_both_backends!(
     devices_keep_their_connections_across_sigusr2,
     a_new_binary_that_fails_leaves_the_old_serving,
     a_new_process_dying_mid_handover_leaves_the_old_listening,
     procs_devices_keep_their_connections_across_sigusr2,
     procs_a_new_binary_that_fails_leaves_every_worker_serving,
+    procs_a_failure_at_the_second_worker_leaves_the_first_upgraded,
 );

@@ -4,6 +4,13 @@
 //! holds no connections: it forwards SIGINT/SIGTERM, restarts a worker that
 //! dies (and says so), and prints one stats line for the whole server from
 //! its workers' lines, and one `final` line when they have all exited.
+//!
+//! A hot upgrade (SIGUSR2, `POST /upgrade`) goes worker by worker
+//! ([`Rollout`], docs/upgrade.md): the supervisor starts each new worker
+//! from the binary at its path with one end of a handover socket, gives the
+//! old worker the other end over its control socket, and adopts the new
+//! one once the old one has handed everything over and exited. The
+//! supervisor itself stays the binary it was started as.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;

@@ -27,8 +27,9 @@ pub const ENV_FD: &str = "C1M_HANDOVER_FD";
 pub const ENV_CONTROL: &str = "C1M_UPGRADE_CONTROL";
 /// Test-only: makes the new process fail its side of the handover:
 /// `hello` (a Hello of another version), `exit` (exits before any),
-/// `conns` (exits at the first batch of connections, unacknowledged). Read
-/// only by a process started with [`ENV_FD`]; never set it in production.
+/// `conns` (exits at the first batch of connections, unacknowledged);
+/// `MODE@N` fails so in `--procs` worker N only. Read only by a process
+/// started with [`ENV_FD`]; never set it in production.
 pub const ENV_TEST_FAIL: &str = "C1M_TEST_HANDOVER_FAIL";
 /// How long each side waits for the other's Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
