@@ -209,6 +209,10 @@ fn procs_devices_keep_their_connections_across_sigusr2() {
     let mut half = Vec::new();
     frame::write_masked_frame(&mut half, Opcode::Ping, true, b"split", [1, 2, 3, 4]);
     split.write_all(&half[..4]).unwrap();
+    // A worker signalled on its own refuses: its supervisor upgrades it.
+    // SAFETY: kill(2) on a worker of the server this test started.
+    unsafe { libc::kill(before[0] as i32, libc::SIGUSR2) };
+    server.wait_error("upgraded by its supervisor only");
 
     server.signal(libc::SIGUSR2);
     let mut during = Vec::new();

@@ -458,9 +458,14 @@ impl Supervisor {
                 let p = r.pending.take()?;
                 drop(p.standby);
                 Some(format!(
-                    "upgrade stopped at worker {k} of {n}: its old process (pid {}) and its new one (pid {}) both exited ({old}, {new}); it is restarted; {}",
+                    "upgrade stopped at worker {k} of {n}: its old process (pid {}) and its new one (pid {}) both exited ({old}, {new}); {}; {}",
                     p.old_pid,
                     p.new.child.id(),
+                    if stopping {
+                        "the server is stopping"
+                    } else {
+                        "it is restarted"
+                    },
                     upgraded(r)
                 ))
             }

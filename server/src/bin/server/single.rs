@@ -508,14 +508,8 @@ impl Upgrade {
         backend: Backend,
         n: usize,
     ) -> Result<(), String> {
-        if self.running.is_some() {
-            return Err("upgrade refused: one is under way already".into());
-        }
-        if self.handed {
-            return Err(
-                "upgrade refused: this process has handed everything over and is ending".into(),
-            );
-        }
+        // A worker's handover socket first: taken (and dropped, closing
+        // it, if refused below) so that none is left for a later trigger.
         let given = match (self.worker, self.control.as_mut()) {
             (false, _) => None,
             (true, None) => return Err("upgrade refused: this --procs worker has no control socket from its supervisor (a supervisor of an older build?); upgrade through the supervisor".into()),
@@ -525,6 +519,14 @@ impl Upgrade {
                 Err(why) => return Err(format!("upgrade refused: {why}")),
             },
         };
+        if self.running.is_some() {
+            return Err("upgrade refused: one is under way already".into());
+        }
+        if self.handed {
+            return Err(
+                "upgrade refused: this process has handed everything over and is ending".into(),
+            );
+        }
         if self.udp {
             return Err("upgrade refused: a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move in v1)".into());
         }
