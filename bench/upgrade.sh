@@ -8,6 +8,11 @@
 # the new process), p99, the client's disconnects (false_expiries: a
 # heartbeating device the server closed), the RSS of both processes, and
 # the server's counters. Bounded: about a minute.
+# PROCS=N: the server runs --procs N, and the trigger goes to its
+# supervisor, which hands each worker over to a new process in turn; the
+# figures are then per worker and summed (rss.txt: the supervisor and all
+# its workers, old and new). The client runs as enough processes for
+# RLIMIT_NOFILE (CLIENT_PROCS, one per 15,000 devices by default).
 # Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
 # client's), server.log (both processes' stderr), rss.txt, command.txt.
 set -euo pipefail
@@ -18,28 +23,44 @@ PORT=${PORT:-9430}
 APORT=${APORT:-9431}
 IO=${IO:-epoll}
 HOLD=${HOLD:-40}
+PROCS=${PROCS:-0}
+CLIENT_PROCS=${CLIENT_PROCS:-$(( (CONNS + 14999) / 15000 ))}
 # UPGRADE=0: the same run without the upgrade (the control).
 UPGRADE=${UPGRADE:-1}
 cargo build --release --quiet --bin server --bin client
 name=upgrade
-[ "$UPGRADE" = 1 ] || name=upgrade-control
-out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE bash $0 $*")
+[ "$PROCS" = 0 ] || name=upgrade-procs$PROCS
+[ "$UPGRADE" = 1 ] || name=$name-control
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS bash $0 $*")
+procs_flag=()
+[ "$PROCS" = 0 ] || procs_flag=(--procs "$PROCS")
 work=$(mktemp -d)
 trap 'rm -rf "$work"; [ -z "${new:-}" ] || kill "$new" 2>/dev/null || true; [ -z "${old:-}" ] || kill "$old" 2>/dev/null || true' EXIT
 
 ./target/release/server --listen 127.0.0.1:$PORT --admin 127.0.0.1:$APORT \
-  --io "$IO" --cores 0-1 --timeout 20s --tick 100ms --stats-interval 1s \
+  --io "$IO" --cores 0-1 "${procs_flag[@]}" --timeout 20s --tick 100ms --stats-interval 1s \
   > "$work/stats.txt" 2> "$out/server.log" &
 old=$!
 wait_port $PORT
 ./target/release/client --server 127.0.0.1:$PORT --ips 127.0.0.2-127.0.0.11 \
   --conns "$CONNS" --heartbeat 2s --hold "${HOLD}s" --server-timeout 20s \
-  --cores 0-1 --out "$work/client" > "$work/client.txt" 2>&1 &
+  --cores 0-1 --procs "$CLIENT_PROCS" --out "$work/client" > "$work/client.txt" 2>&1 &
 client=$!
 
 # RSS of both processes every 100 ms (kB; the new one's pid once known).
+# Under --procs: the supervisor's, and its workers' together (old and new).
 (
-  while kill -0 $client 2>/dev/null; do
+  while [ "$PROCS" != 0 ] && kill -0 $client 2>/dev/null; do
+    s=$(awk '/VmRSS/{print $2}' /proc/$old/status 2>/dev/null || echo 0)
+    w=0
+    for k in $(cat /proc/$old/task/*/children 2>/dev/null); do
+      r=$(awk '/VmRSS/{print $2}' /proc/"$k"/status 2>/dev/null || true)
+      w=$(( w + ${r:-0} ))
+    done
+    echo "$(date +%s.%N | cut -c1-14) ${s:-0} $w"
+    sleep 0.1
+  done
+  while [ "$PROCS" = 0 ] && kill -0 $client 2>/dev/null; do
     n=$(grep -o 'new process (pid [0-9]*' "$out/server.log" 2>/dev/null | grep -o '[0-9]*$' | tail -1 || true)
     o=$(awk '/VmRSS/{print $2}' /proc/$old/status 2>/dev/null || echo 0)
     r=0
@@ -59,14 +80,17 @@ sleep $((HOLD / 2))
 before=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1)
 t0=$(date +%s%N)
 [ "$UPGRADE" = 1 ] && curl -s -X POST "http://127.0.0.1:$APORT/upgrade" > "$work/trigger.txt"
-for _ in $(seq "$((UPGRADE * 600))"); do
-  grep -q 'this process exits\|upgrade refused\|upgrade failed' "$out/server.log" && break
+done_re='this process exits\|upgrade refused\|upgrade failed'
+[ "$PROCS" = 0 ] || done_re='workers handed over to new processes\|upgrade stopped\|upgrade refused'
+for _ in $(seq "$((UPGRADE * 6000))"); do
+  grep -q "$done_re" "$out/server.log" && break
   sleep 0.01
 done
 t1=$(date +%s%N)
-new=$(grep -o 'new process (pid [0-9]*' "$out/server.log" | grep -o '[0-9]*$' | tail -1 || true)
+new=""
+[ "$PROCS" != 0 ] || new=$(grep -o 'new process (pid [0-9]*' "$out/server.log" | grep -o '[0-9]*$' | tail -1 || true)
 wait $client || true
-[ "$UPGRADE" = 1 ] || kill -TERM $old
+[ "$UPGRADE" = 1 ] && [ "$PROCS" = 0 ] || kill -TERM $old
 wait $old || true
 old=""
 sleep 1
@@ -77,12 +101,14 @@ cp "$work/client.txt" "$out/client.txt"
 cp "$work/client/timeline.csv" "$out/timeline.csv" 2>/dev/null || true
 grep '^final ' "$work/stats.txt" > "$out/server-final.txt" || true
 
-handed=$(grep -o 'handed [0-9]* listeners and [0-9]* connections.* in [0-9]* ms' "$out/server.log" | head -1 || true)
-took=$(grep -o 'took over [0-9]* connections .* in [0-9]* ms' "$out/server.log" | head -1 || true)
+handed=$(grep -o 'handed [0-9]* listeners and [0-9]* connections.* in [0-9]* ms' "$out/server.log" | paste -sd';' || true)
+took=$(grep -o 'took over [0-9]* connections .* in [0-9]* ms' "$out/server.log" | paste -sd';' || true)
+rollout=$(grep -o 'upgrade: worker [0-9]* .*handed over to pid [0-9]* in [0-9]* ms\|upgrade: all [0-9]* workers .*\|upgrade stopped.*' "$out/server.log" | paste -sd';' || true)
 peak=$(awk '{s=$2+$3; if (s>m) m=s} END {print m/1024}' "$out/rss.txt")
-python3 - "$out" "$CONNS" "$IO" "$(( (t1 - t0) / 1000000 ))" "$handed" "$took" "$peak" "$before" <<'EOF'
+python3 - "$out" "$CONNS" "$IO" "$(( (t1 - t0) / 1000000 ))" "$handed" "$took" "$peak" "$before" "$PROCS" "$rollout" <<'EOF'
 import json, re, sys
-out, conns, io, wall, handed, took, peak, before = sys.argv[1:]
+out, conns, io, wall, handed, took, peak, before, procs, rollout = sys.argv[1:]
+procs = int(procs)
 try:
     s = json.load(open(f"{out}/summary.json"))["figures"]
 except Exception:
@@ -94,21 +120,48 @@ def count(line, key):
     return m.group(1) if m else "?"
 old_final = finals[0] if finals else ""
 new_final = finals[1] if len(finals) > 1 else ""
-lines = [
-    f"# Hot upgrade under load: {conns} devices, io {io}",
-    "",
-    f"- fleet before the trigger: {before}",
-    f"- trigger (POST /upgrade) to the old process's last line: {wall} ms",
-    f"- old process: {handed or 'no handover line'}",
-    f"- new process: {took or 'no takeover line'}",
+def ms(text):
+    return [int(m) for m in re.findall(r"in (\d+) ms", text)]
+def conns_of(text, pat):
+    return sum(int(m) for m in re.findall(pat, text))
+if procs:
+    steps = [s for s in rollout.split(";") if "handed over to pid" in s]
+    moved = conns_of(handed, r"and (\d+) connections")
+    taken = conns_of(took, r"took over (\d+) connections")
+    head = [
+        f"# Hot upgrade under load: {conns} devices, io {io}, --procs {procs}",
+        "",
+        f"- fleet before the trigger: {before}",
+        f"- trigger (POST /upgrade to the supervisor) to its last rollout line: {wall} ms",
+        f"- supervisor: {rollout or 'no rollout line'}",
+        f"- per worker, new process started to old exited (ms): {[ms(s)[0] for s in steps if ms(s)]}",
+        f"- old workers: {moved} connections handed over in all; per worker (ms): {ms(handed)}",
+        f"- new workers: {taken} taken over in all; per worker (ms): {ms(took)}",
+    ]
+else:
+    head = [
+        f"# Hot upgrade under load: {conns} devices, io {io}",
+        "",
+        f"- fleet before the trigger: {before}",
+        f"- trigger (POST /upgrade) to the old process's last line: {wall} ms",
+        f"- old process: {handed or 'no handover line'}",
+        f"- new process: {took or 'no takeover line'}",
+    ]
+lines = head + [
     f"- heartbeat round trip over the whole hold (pings every 2 s): p50 {g('heartbeat_rtt_p50_ms')} ms, p99 {g('heartbeat_rtt_p99_ms')} ms, max {g('heartbeat_rtt_max_ms')} ms (the longest gap any device saw)",
     f"- heartbeats {g('heartbeats')}, replies {g('heartbeat_replies')} (a device counts one reply per outstanding ping: a reply lost before its last ping would show on its next reply as a round trip over 1.8 s, so a difference with max under that is pings of the hold's last moments, unanswered when the client closed)",
     f"- disconnects: false_expiries {g('false_expiries')} (heartbeating devices the server closed), expired_early {g('expired_early')}, bad_server_frames {g('bad_server_frames')}, replaced {g('replaced')}",
     f"- established {g('established')} of {g('target_connections')}, failed {g('failed')}",
-    f"- peak RSS of both processes together: {float(peak):.1f} MiB (rss.txt: old, new, kB)",
-    f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
-    f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
+    f"- peak RSS of both processes together: {float(peak):.1f} MiB (rss.txt: old, new, kB)" if not procs else
+    f"- peak RSS of the supervisor and all its workers (old and new) together: {float(peak):.1f} MiB (rss.txt: supervisor, workers, kB)",
 ]
+if procs:
+    lines.append(f"- server final (every worker incarnation summed; after the client left): handed_over={count(old_final, 'handed_over')} taken_over={count(old_final, 'taken_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}")
+else:
+    lines += [
+        f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
+        f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
+    ]
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -38,6 +38,8 @@ KIND = {
     'udp-idle': 'the UDP server\'s ticks and stats at rest (bench/udp-idle.sh)',
     'upgrade': 'hot upgrade under load: every connection handed to a new process (bench/upgrade.sh)',
     'upgrade-control': 'the same run as bench/upgrade.sh without the upgrade (UPGRADE=0)',
+    'upgrade-procs4': 'hot upgrade under --procs 4: the supervisor hands each worker to a new process in turn (bench/upgrade.sh PROCS=4)',
+    'upgrade-procs4-control': 'the same run as bench/upgrade.sh PROCS=4 without the upgrade (UPGRADE=0)',
     'loadgen-vs-client': 'bench/core.sh measured by loadgen and by the client in one sitting: the change of measuring tool',
     '1m': 'one million devices on this machine (bench/one-million.sh)',
     '1m-udp': 'one million devices with UDP heartbeats (UDP=1 bench/one-million.sh)',

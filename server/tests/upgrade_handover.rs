@@ -3,7 +3,8 @@
 //! every connection; devices see no close, their pings are answered, a
 //! silent one still expires on time, the registry still knows them, and
 //! new connections are accepted throughout. A new binary that fails its
-//! hello (or exits) leaves the old one serving.
+//! hello (or exits) leaves the old one serving. Under --procs the
+//! supervisor does the same worker by worker.
 
 mod support;
 
@@ -172,18 +173,228 @@ fn a_new_process_dying_mid_handover_leaves_the_old_listening() {
     assert_eq!(fresh.read().unwrap(), Message::Pong(b"here".to_vec()));
 }
 
-/// Under --procs v1 refuses the trigger, in one sentence.
-#[test]
-fn an_upgrade_under_procs_is_refused_in_one_sentence() {
-    IO.with(|c| c.set("epoll"));
-    let server = Server::start(&["--procs", "2", "--cores", "0"]);
+/// The worker of `--procs` that holds `id`, from the supervisor's admin.
+fn held_by(admin: &str, id: &str) -> u64 {
+    let (status, body) = http(admin, "GET", &format!("/devices/{id}"));
+    assert_eq!(status, 200, "GET /devices/{id}: {body}");
+    let at = body.find("\"worker\":").expect("a worker field") + 9;
+    let digits: String = body[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().expect("a worker number")
+}
+
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort_unstable();
+    v
+}
+
+/// Under --procs the supervisor hands each worker over to a new process,
+/// one after the other: devices on both workers keep their connections
+/// (no close, pings answered), devices connecting during and after are
+/// served, every worker's pid changes and the supervisor's does not, and
+/// the registry still spans the workers (a second connection of an id
+/// replaces the first across them).
+fn procs_devices_keep_their_connections_across_sigusr2() {
+    let admin = free_addr();
+    let mut server = Server::start(&["--procs", "2", "--cores", "0", "--admin", &admin]);
+    let before = sorted(workers_of(&server, 2));
+    let mut devices: Vec<_> = (0..20).map(|i| server.ws(&format!("p{i}"))).collect();
+    let on: std::collections::BTreeSet<u64> =
+        (0..20).map(|i| held_by(&admin, &format!("p{i}"))).collect();
+    assert_eq!(on.len(), 2, "20 devices all on one worker: {on:?}");
+    // One frame split across the handover: its first bytes before.
+    let mut split = raw_ws(server.addr);
+    let mut half = Vec::new();
+    frame::write_masked_frame(&mut half, Opcode::Ping, true, b"split", [1, 2, 3, 4]);
+    split.write_all(&half[..4]).unwrap();
+    // A worker signalled on its own refuses: its supervisor upgrades it.
+    // SAFETY: kill(2) on a worker of the server this test started.
+    unsafe { libc::kill(before[0] as i32, libc::SIGUSR2) };
+    server.wait_error("upgraded by its supervisor only");
+
     server.signal(libc::SIGUSR2);
-    let line = server.wait_error("upgrade refused");
-    assert!(line.contains("not supported yet"), "{line}");
+    let mut during = Vec::new();
+    for i in 0..5 {
+        during.push(server.ws(&format!("during{i}")));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line = server.wait_error("workers handed over to new processes");
+    assert!(line.contains("all 2 workers"), "{line}");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the supervisor runs on"
+    );
+    let after = sorted(workers_of(&server, 2));
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "every worker is a new process: {before:?} then {after:?}"
+    );
+    for pid in &before {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "old worker {pid} still runs"
+        );
+    }
+
+    for (i, ws) in devices.iter_mut().chain(during.iter_mut()).enumerate() {
+        let p = format!("after{i}").into_bytes();
+        ws.send(Message::Ping(p.clone())).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::Pong(p), "device {i}");
+    }
+    split.write_all(&half[4..]).unwrap();
+    assert_eq!(read_frame(&mut split), (10, b"split".to_vec()));
+    let mut late = server.ws("late");
+    late.send(Message::Ping(b"late".to_vec())).unwrap();
+    assert_eq!(late.read().unwrap(), Message::Pong(b"late".to_vec()));
+
+    // One connection per id, across the new workers: a second connection
+    // replaces the moved one (Close 4000), on whichever worker it lands.
+    let mut crossed = 0;
+    for (i, old) in devices.iter_mut().enumerate() {
+        let id = format!("p{i}");
+        let was = held_by(&admin, &id);
+        let mut again = server.ws(&id);
+        match old.read() {
+            Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4000, "{id}"),
+            other => panic!("{id} was not replaced: {other:?}"),
+        }
+        again.send(Message::Ping(b"again".to_vec())).unwrap();
+        assert_eq!(again.read().unwrap(), Message::Pong(b"again".to_vec()));
+        if held_by(&admin, &id) != was {
+            crossed += 1;
+        }
+    }
+    assert!(
+        crossed > 0,
+        "no second connection landed on the other worker"
+    );
+    server.wait_line("the replacements", |l| field(l, "replaced") >= 20);
+}
+
+/// A new binary that fails (its hello, or at start) under --procs: the
+/// rollout stops at worker 0 in one sentence, and every worker serves on
+/// as before, with its pid; the next trigger is taken again.
+fn procs_a_new_binary_that_fails_leaves_every_worker_serving() {
+    for (fail, said) in [("hello", "v999"), ("exit", "closed the handover socket")] {
+        let admin = free_addr();
+        let server = Server::start_with(
+            &["--procs", "2", "--cores", "0", "--admin", &admin],
+            None,
+            &[("C1M_TEST_HANDOVER_FAIL", fail)],
+        );
+        let before = sorted(workers_of(&server, 2));
+        let mut devices: Vec<_> = (0..8).map(|i| server.ws(&format!("f{i}"))).collect();
+        for round in 0..2 {
+            let (status, body) = http(&admin, "POST", "/upgrade");
+            assert_eq!(status, 202, "{body}");
+            // Both sentences: the old worker's (why) and the supervisor's.
+            let (mut why, mut stopped) = (None, None);
+            while why.is_none() || stopped.is_none() {
+                let l = server.wait_error("upgrade");
+                if l.contains("worker 0: upgrade refused") {
+                    why = Some(l);
+                } else if l.contains("upgrade stopped at worker 0 of 2") {
+                    stopped = Some(l);
+                }
+            }
+            let (why, stopped) = (why.unwrap(), stopped.unwrap());
+            assert!(why.contains(said), "{fail}: {why}");
+            assert!(why.contains("this process keeps serving"), "{why}");
+            assert!(stopped.contains("serves as before"), "{stopped}");
+            assert!(stopped.contains("no worker was upgraded"), "{stopped}");
+            assert_eq!(sorted(workers_of(&server, 2)), before, "{fail} {round}");
+            for (i, ws) in devices.iter_mut().enumerate() {
+                ws.send(Message::Ping(b"still".to_vec())).unwrap();
+                assert_eq!(
+                    ws.read().unwrap(),
+                    Message::Pong(b"still".to_vec()),
+                    "{fail}: device {i}"
+                );
+            }
+            let mut fresh = server.ws(&format!("fresh{round}"));
+            fresh.send(Message::Ping(b"new".to_vec())).unwrap();
+            assert_eq!(fresh.read().unwrap(), Message::Pong(b"new".to_vec()));
+            assert_eq!(http(&admin, "GET", "/healthz").0, 200);
+        }
+        // The registry still routes across the workers: every device
+        // replaced by a second connection.
+        for (i, old) in devices.iter_mut().enumerate() {
+            let _again = server.ws(&format!("f{i}"));
+            match old.read() {
+                Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4000),
+                other => panic!("f{i} was not replaced: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A new binary that fails at the second worker (its Hello): the first
+/// worker stays upgraded, the second serves as before with its pid, the
+/// rollout stops in one sentence, and every device is served.
+fn procs_a_failure_at_the_second_worker_leaves_the_first_upgraded() {
+    let admin = free_addr();
+    let server = Server::start_with(
+        &["--procs", "2", "--cores", "0", "--admin", &admin],
+        None,
+        &[("C1M_TEST_HANDOVER_FAIL", "hello@1")],
+    );
+    let started = server.wait_error("started 2 worker processes");
+    let pids: Vec<u32> = started
+        .rsplit("pids ")
+        .next()
+        .unwrap()
+        .split(',')
+        .map(|p| p.trim().parse().unwrap())
+        .collect();
+    let mut devices: Vec<_> = (0..12).map(|i| server.ws(&format!("s{i}"))).collect();
+    server.signal(libc::SIGUSR2);
+    let first = server.wait_error("upgrade: worker 0 (1 of 2)");
+    assert!(
+        first.contains(&format!("pid {} handed over", pids[0])),
+        "{first}"
+    );
+    let new0: u32 = first
+        .split("handed over to pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {first}"));
+    let stopped = server.wait_error("upgrade stopped at worker 1 of 2");
+    assert!(
+        stopped.contains(&format!("worker 1 (pid {}) serves as before", pids[1])),
+        "{stopped}"
+    );
+    assert!(
+        stopped.contains(&format!("workers 0 to 0 run the new binary (pids {new0})")),
+        "{stopped}"
+    );
+    assert_eq!(sorted(workers_of(&server, 2)), sorted(vec![new0, pids[1]]));
+    for (i, ws) in devices.iter_mut().enumerate() {
+        ws.send(Message::Ping(b"still".to_vec())).unwrap();
+        assert_eq!(
+            ws.read().unwrap(),
+            Message::Pong(b"still".to_vec()),
+            "device {i}"
+        );
+    }
+    for (i, old) in devices.iter_mut().enumerate() {
+        let mut again = server.ws(&format!("s{i}"));
+        match old.read() {
+            Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4000),
+            other => panic!("s{i} was not replaced: {other:?}"),
+        }
+        again.send(Message::Ping(b"again".to_vec())).unwrap();
+        assert_eq!(again.read().unwrap(), Message::Pong(b"again".to_vec()));
+    }
 }
 
 on_both_backends!(
     devices_keep_their_connections_across_sigusr2,
     a_new_binary_that_fails_leaves_the_old_serving,
     a_new_process_dying_mid_handover_leaves_the_old_listening,
+    procs_devices_keep_their_connections_across_sigusr2,
+    procs_a_new_binary_that_fails_leaves_every_worker_serving,
+    procs_a_failure_at_the_second_worker_leaves_the_first_upgraded,
 );

@@ -74,6 +74,11 @@ pub struct Inherit {
     /// Descriptors of the parent kept open in the worker at their own
     /// numbers (none of them at a number in `place`).
     pub keep: Vec<RawFd>,
+    /// The binary to start: this one's path when None. A parent that
+    /// upgrades its workers names the path it resolved at its start, so
+    /// that a worker started later runs the file now at that path (the
+    /// running binary's own may be gone, "(deleted)").
+    pub exe: Option<std::path::PathBuf>,
 }
 
 /// Starts this binary as worker `worker` with `args`; its stdout and stderr
@@ -93,7 +98,10 @@ pub fn spawn_generation(
     lines: &Sender<Line>,
     inherit: Inherit,
 ) -> Result<Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let exe = match inherit.exe {
+        Some(exe) => exe,
+        None => std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
+    };
     let mut cmd = Command::new(&exe);
     for (name, value) in &inherit.env {
         cmd.env(name, value);

@@ -24,6 +24,11 @@ use super::mailbox::{Answer, Ask};
 use super::registry;
 use super::wire::{self, Body, Frame, PARENT};
 
+/// A worker's previous writer, replaced by [`Switch::attach`]: its thread
+/// (and its end of the socket) lives as long as this value.
+#[must_use]
+pub struct Standby(Option<Sender<Vec<u8>>>);
+
 #[derive(Clone)]
 pub struct Switch {
     inner: Arc<Inner>,
@@ -85,13 +90,16 @@ impl Switch {
     }
 
     /// Routes for worker `i`'s new incarnation over `sock` (the parent's
-    /// end of its socket pair); the previous one's writer is let go.
-    pub fn attach(&self, i: usize, sock: UnixStream) -> Result<(), String> {
+    /// end of its socket pair). The previous one's writer is returned: it
+    /// lives while that is held (a hot upgrade keeps it to route to the
+    /// old process again if the new one fails), and ends when it drops.
+    /// The previous one's reader goes on routing what it still sends.
+    pub fn attach(&self, i: usize, sock: UnixStream) -> Result<Standby, String> {
         let read_half = sock
             .try_clone()
             .map_err(|e| format!("cannot use the socket to worker {i}: {e}"))?;
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        lock(&self.inner.writers)[i] = Some(tx);
+        let previous = lock(&self.inner.writers)[i].replace(tx);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name)
@@ -107,7 +115,16 @@ impl Switch {
         spawn(
             format!("from-worker{i}"),
             Box::new(move || me.route_all(i, read_half)),
-        )
+        )?;
+        Ok(Standby(previous))
+    }
+
+    /// Routes to worker `i` over the writer `attach` returned again (a hot
+    /// upgrade whose new process failed: the old one serves on).
+    pub fn restore(&self, i: usize, standby: Standby) {
+        if let Some(tx) = standby.0 {
+            lock(&self.inner.writers)[i] = Some(tx);
+        }
     }
 
     /// Asks the owner shard of `id`, and waits up to `timeout` for the
@@ -244,8 +261,8 @@ mod tests {
         let s = Switch::new(&[1, 2]);
         let (p0, mut w0) = UnixStream::pair().unwrap();
         let (p1, mut w1) = UnixStream::pair().unwrap();
-        s.attach(0, p0).unwrap();
-        s.attach(1, p1).unwrap();
+        drop(s.attach(0, p0).unwrap());
+        drop(s.attach(1, p1).unwrap());
         let frame = Frame {
             to: 2,
             body: Body::Registry(registry::Msg::Replaced {
@@ -273,7 +290,7 @@ mod tests {
         let mut workers = Vec::new();
         for i in 0..2 {
             let (p, w) = UnixStream::pair().unwrap();
-            s.attach(i, p).unwrap();
+            drop(s.attach(i, p).unwrap());
             w.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             workers.push(w);
         }
@@ -313,7 +330,7 @@ mod tests {
         );
         // Attached, then its end closed: the question is lost, not answered.
         let (p, w) = UnixStream::pair().unwrap();
-        s.attach(0, p).unwrap();
+        drop(s.attach(0, p).unwrap());
         drop(w);
         let t = std::time::Instant::now();
         assert_eq!(

@@ -4,20 +4,29 @@
 //! holds no connections: it forwards SIGINT/SIGTERM, restarts a worker that
 //! dies (and says so), and prints one stats line for the whole server from
 //! its workers' lines, and one `final` line when they have all exited.
+//!
+//! A hot upgrade (SIGUSR2, `POST /upgrade`) goes worker by worker
+//! ([`Rollout`], docs/upgrade.md): the supervisor starts each new worker
+//! from the binary at its path with one end of a handover socket, gives the
+//! old worker the other end over its control socket, and adopts the new
+//! one once the old one has handed everything over and exited. The
+//! supervisor itself stays the binary it was started as.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use c1m_io::handover::Channel;
 use c1m_io::host::signals::Signals;
 use c1m_io::host::workers::{self, Line};
 
 use crate::directory::registry::Registry;
-use crate::directory::switch::Switch;
-use crate::procs::workers::{spawn_generation, LINK_FD};
+use crate::directory::switch::{Standby, Switch};
+use crate::procs::workers::{spawn_generation, Given, LINK_FD};
 use crate::reporter::Reporter;
 use crate::stats::{self, Counters, Snapshot};
 
@@ -68,6 +77,48 @@ struct Worker {
     tally: Tally,
     quick_deaths: u32,
     exited: Option<std::process::ExitStatus>,
+    /// Our end of its upgrade control socket: a hot upgrade gives it the
+    /// handover socket's old end here.
+    control: Channel,
+    /// The highest generation started for this slot (a failed upgrade's
+    /// new worker used one too).
+    last_gen: u64,
+}
+
+/// How long one worker's handover may take, from its new process's start
+/// to its old one's exit, before the new one is killed (the old one's own
+/// steps time out well before: 5 s for the hello, 30 s per step).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What starting a worker needs besides its number.
+struct Common<'a> {
+    tx: &'a mpsc::Sender<Line>,
+    switch: &'a Switch,
+    registry: &'a Registry,
+    udp: &'a [socket2::Socket],
+    /// The binary workers are started from: the file at this path at each
+    /// start (resolved once, at the supervisor's start).
+    exe: &'a Path,
+}
+
+/// A hot upgrade under way: worker by worker, in order.
+struct Rollout {
+    began: Instant,
+    /// The worker to upgrade next (or being upgraded: `pending`).
+    next: usize,
+    pending: Option<Pending>,
+    /// Old pid -> new pid of each worker upgraded so far.
+    done: Vec<(u32, u32)>,
+}
+
+/// Worker `worker`'s new process, started, taking over from the old one.
+struct Pending {
+    worker: usize,
+    new: Worker,
+    /// The old process's link writer: routed to again if the new one fails.
+    standby: Standby,
+    old_pid: u32,
+    began: Instant,
 }
 
 /// What one worker slot has counted, over all its incarnations. Pure
@@ -210,47 +261,226 @@ impl Supervisor {
         args
     }
 
+    /// Starts worker `i`'s incarnation `generation` (with the new end of a
+    /// handover socket: a hot upgrade's new worker) and routes its shards'
+    /// messages to it; returns it and the previous incarnation's writer.
     fn start(
         &self,
         i: usize,
         generation: u64,
-        tx: &mpsc::Sender<Line>,
-        switch: &Switch,
-        registry: &Registry,
-        udp: &[socket2::Socket],
-    ) -> Result<Worker, String> {
+        c: &Common<'_>,
+        handover: Option<&Channel>,
+    ) -> Result<(Worker, Standby), String> {
         let cpus = workers::cpus_for(i, self.procs, &self.cpus);
         // The worker's link to the others: a socket pair, the parent's end
         // routed by the switch, the other end the child's alone.
         let (ours, theirs) = UnixStream::pair()
             .map_err(|e| format!("cannot make a socket pair for worker {i}: {e}"))?;
-        switch.attach(i, ours)?;
-        let (base, total) = switch.span(i);
+        let (control, their_control) = Channel::pair()
+            .map_err(|e| format!("cannot make a control socket for worker {i}: {e}"))?;
+        let (base, total) = c.switch.span(i);
         let link = (theirs.as_raw_fd(), format!("{},{base},{total}", LINK_FD));
-        let inherit: Vec<i32> = udp
+        let inherit: Vec<i32> = c
+            .udp
             .iter()
             .skip(base as usize)
             .take(cpus.len())
             .map(|s| s.as_raw_fd())
             .collect();
-        let child = spawn_generation(
+        let mut child = spawn_generation(
             i,
             generation,
             &self.worker_args(&cpus),
-            tx,
-            Some(link),
-            Some(registry.fd()),
-            &inherit,
+            c.tx,
+            Given {
+                link: Some(link),
+                registry: Some(c.registry.fd()),
+                udp: &inherit,
+                control: Some(their_control.as_raw_fd()),
+                handover: handover.map(|h| h.as_raw_fd()),
+                exe: Some(c.exe.to_path_buf()),
+            },
         )?;
-        drop(theirs); // the child has its copy; its exit must end ours
-        Ok(Worker {
+        // The child has its copies; its exit must end ours.
+        drop(theirs);
+        drop(their_control);
+        let standby = match c.switch.attach(i, ours) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let worker = Worker {
             child,
             cpus,
             started: Instant::now(),
             tally: Tally::new(i),
             quick_deaths: 0,
             exited: None,
+            control,
+            last_gen: generation,
+        };
+        Ok((worker, standby))
+    }
+
+    /// Starts the hot upgrade of worker `k`: its new process (from the
+    /// binary at the path), the old one given the handover socket's other
+    /// end over its control socket, then its SIGUSR2.
+    fn begin(&self, k: usize, ws: &mut [Worker], c: &Common<'_>) -> Result<Pending, String> {
+        let (old_end, new_end) =
+            Channel::pair().map_err(|e| format!("cannot make the handover socket ({e})"))?;
+        let generation = ws[k].last_gen + 1;
+        let (mut new, standby) = self.start(k, generation, c, Some(&new_end))?;
+        drop(new_end);
+        ws[k].last_gen = generation;
+        let old_pid = ws[k].child.id();
+        if let Err(e) = crate::upgrade::give_handover(&mut ws[k].control, &old_end) {
+            let _ = new.child.kill();
+            let _ = new.child.wait();
+            c.switch.restore(k, standby);
+            return Err(format!(
+                "cannot give its old process (pid {old_pid}) the handover socket ({e})"
+            ));
+        }
+        drop(old_end);
+        workers::signal(old_pid, libc::SIGUSR2);
+        Ok(Pending {
+            worker: k,
+            new,
+            standby,
+            old_pid,
+            began: Instant::now(),
         })
+    }
+
+    /// One look at a rollout: starts the next worker's handover, or sees
+    /// how the one under way went. The sentence that ends it, once it has.
+    fn step(
+        &self,
+        r: &mut Rollout,
+        ws: &mut [Worker],
+        c: &Common<'_>,
+        stopping: bool,
+    ) -> Option<String> {
+        let n = ws.len();
+        let upgraded = |r: &Rollout| match r.done.len() {
+            0 => "no worker was upgraded".to_string(),
+            d => format!(
+                "workers 0 to {} run the new binary (pids {})",
+                d - 1,
+                r.done
+                    .iter()
+                    .map(|(_, p)| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
+        let Some(p) = &mut r.pending else {
+            if stopping {
+                return Some(format!(
+                    "upgrade stopped before worker {} of {n}: the server is stopping; {}",
+                    r.next,
+                    upgraded(r)
+                ));
+            }
+            if r.next == n {
+                return Some(format!(
+                    "upgrade: all {n} workers handed over to new processes of {} in {} ms (pids {} now {}); the supervisor (pid {}) stays as it was and starts any worker from that path",
+                    c.exe.display(),
+                    r.began.elapsed().as_millis(),
+                    r.done.iter().map(|(o, _)| o.to_string()).collect::<Vec<_>>().join(","),
+                    r.done.iter().map(|(_, p)| p.to_string()).collect::<Vec<_>>().join(","),
+                    std::process::id(),
+                ));
+            }
+            let k = r.next;
+            match self.begin(k, ws, c) {
+                Ok(p) => r.pending = Some(p),
+                Err(why) => {
+                    return Some(format!(
+                        "upgrade stopped at worker {k} of {n}: {why}; it serves as before; {}",
+                        upgraded(r)
+                    ))
+                }
+            }
+            return None;
+        };
+        let k = p.worker;
+        let old = ws[k].child.try_wait();
+        let new = p.new.child.try_wait();
+        match (old, new) {
+            (Ok(Some(status)), Ok(None)) => {
+                let p = r.pending.take()?;
+                let new_pid = p.new.child.id();
+                let took = p.began.elapsed();
+                let generation = p.new.last_gen;
+                let mut fresh = p.new;
+                fresh.tally = std::mem::take(&mut ws[k].tally);
+                fresh.tally.restart(generation);
+                ws[k] = fresh;
+                // Its writer goes: the old process has ended.
+                drop(p.standby);
+                r.done.push((p.old_pid, new_pid));
+                if !status.success() {
+                    // A stripe it held locked when it died is repaired;
+                    // its entries are the new process's now: none forgotten.
+                    let (first, _) = c.switch.span_of(k);
+                    c.registry.sweep(p.old_pid, first..first);
+                    return Some(format!(
+                        "upgrade stopped at worker {k} of {n}: its old process (pid {}) exited ({status}) during the handover, and its new one (pid {new_pid}) serves what it was given; {}",
+                        p.old_pid,
+                        upgraded(r)
+                    ));
+                }
+                eprintln!(
+                    "server: upgrade: worker {k} ({} of {n}): pid {} handed over to pid {new_pid} in {} ms",
+                    k + 1,
+                    p.old_pid,
+                    took.as_millis()
+                );
+                r.next += 1;
+                None
+            }
+            (Ok(None), Ok(Some(status))) => {
+                let p = r.pending.take()?;
+                c.switch.restore(k, p.standby);
+                Some(format!(
+                    "upgrade stopped at worker {k} of {n}: its new process (pid {}) exited ({status}) before it took over (the worker's line says why); worker {k} (pid {}) serves as before; {}",
+                    p.new.child.id(),
+                    p.old_pid,
+                    upgraded(r)
+                ))
+            }
+            (Ok(Some(old)), Ok(Some(new))) => {
+                // Both gone: the slot restarts as after any death.
+                let p = r.pending.take()?;
+                drop(p.standby);
+                Some(format!(
+                    "upgrade stopped at worker {k} of {n}: its old process (pid {}) and its new one (pid {}) both exited ({old}, {new}); {}; {}",
+                    p.old_pid,
+                    p.new.child.id(),
+                    if stopping {
+                        "the server is stopping"
+                    } else {
+                        "it is restarted"
+                    },
+                    upgraded(r)
+                ))
+            }
+            _ => {
+                if p.began.elapsed() > HANDOVER_TIMEOUT {
+                    // Seen as a failed new process at the next look.
+                    eprintln!(
+                        "server: upgrade: worker {k}'s handover has taken over {HANDOVER_TIMEOUT:?}: killing its new process (pid {})",
+                        p.new.child.id()
+                    );
+                    let _ = p.new.child.kill();
+                }
+                None
+            }
+        }
     }
 
     /// Runs the workers until a signal (taken from `signals`) and their exit.
@@ -298,11 +528,22 @@ impl Supervisor {
             )?),
             None => None,
         };
+        // The path workers start from (a hot upgrade's new ones, and
+        // restarts after it): resolved now, while /proc/self/exe names it.
+        let exe: PathBuf = std::fs::read_link("/proc/self/exe")
+            .map_err(|e| format!("cannot resolve /proc/self/exe: {e}"))?;
         let (tx, rx) = mpsc::channel::<Line>();
+        let common = Common {
+            tx: &tx,
+            switch: &switch,
+            registry: &registry,
+            udp: &udp,
+            exe: &exe,
+        };
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {
-            match self.start(i, 0, &tx, &switch, &registry, &udp) {
-                Ok(w) => ws.push(w),
+            match self.start(i, 0, &common, None) {
+                Ok((w, _)) => ws.push(w),
                 Err(e) => {
                     stop_all(&mut ws);
                     return Err(e);
@@ -329,10 +570,41 @@ impl Supervisor {
             false,
         );
         let mut failure: Option<String> = None;
+        let mut rollout: Option<Rollout> = None;
         loop {
             let signal = reporter.wait();
             if signal == Some(crate::reporter::UPGRADE_SIGNAL) {
-                eprintln!("server: upgrade refused: a hot upgrade under --procs is not supported yet (v1 upgrades a single process); restart the workers instead");
+                let refused = if reporter.stopping() {
+                    Some("the server is stopping".to_string())
+                } else if let Some(r) = &rollout {
+                    Some(format!(
+                        "one is under way already (at worker {} of {})",
+                        r.next,
+                        ws.len()
+                    ))
+                } else if self.udp_heartbeat {
+                    Some("a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move)".into())
+                } else {
+                    ws.iter()
+                        .position(|w| w.exited.is_some())
+                        .map(|i| format!("worker {i} is not running"))
+                };
+                match refused {
+                    Some(why) => eprintln!("server: upgrade refused: {why}"),
+                    None => {
+                        eprintln!(
+                            "server: upgrade: handing each of {} workers over to a new process of {}, one after the other",
+                            ws.len(),
+                            exe.display()
+                        );
+                        rollout = Some(Rollout {
+                            began: Instant::now(),
+                            next: 0,
+                            pending: None,
+                            done: Vec::new(),
+                        });
+                    }
+                }
             } else if signal.is_some() && !self.drain_health_delay.is_zero() {
                 eprintln!(
                     "server: stopping: /healthz says 503 for {:?} while the workers serve, then SIGTERM to {} workers",
@@ -348,7 +620,22 @@ impl Supervisor {
                 for w in ws.iter().filter(|w| w.exited.is_none()) {
                     workers::signal(w.child.id(), libc::SIGTERM);
                 }
+                if let Some(p) = rollout.as_ref().and_then(|r| r.pending.as_ref()) {
+                    workers::signal(p.new.child.id(), libc::SIGTERM);
+                }
             }
+            if let Some(r) = &mut rollout {
+                if let Some(said) = self.step(r, &mut ws, &common, reporter.stopping()) {
+                    eprintln!("server: {said}");
+                    rollout = None;
+                }
+            }
+            // The worker being handed over: its old process's exit is the
+            // rollout's to see, not a death to restart.
+            let handing = rollout
+                .as_ref()
+                .and_then(|r| r.pending.as_ref())
+                .map(|p| p.worker);
             let mut fresh = false;
             while let Ok(line) = rx.try_recv() {
                 self.on_line(&mut ws, line);
@@ -359,7 +646,7 @@ impl Supervisor {
                 reporter.publish(&snaps, &total(&ws));
             }
             for i in 0..ws.len() {
-                if ws[i].exited.is_some() {
+                if ws[i].exited.is_some() || handing == Some(i) {
                     continue;
                 }
                 let Ok(Some(status)) = ws[i].child.try_wait() else {
@@ -395,14 +682,14 @@ impl Supervisor {
                     }
                     continue;
                 }
-                let generation = w.tally.generation + 1;
+                let generation = w.last_gen + 1;
                 // Everything its shards held is gone: out of the registry
                 // with it (and any stripe it held locked, repaired) before
                 // its successor claims anything.
                 let (first, count) = switch.span_of(i);
                 registry.sweep(w.child.id(), first..first + count);
-                match self.start(i, generation, &tx, &switch, &registry, &udp) {
-                    Ok(mut fresh) => {
+                match self.start(i, generation, &common, None) {
+                    Ok((mut fresh, _)) => {
                         fresh.tally = std::mem::take(&mut w.tally);
                         fresh.tally.restart(generation);
                         fresh.quick_deaths = deaths;
@@ -423,7 +710,7 @@ impl Supervisor {
                     stats::grouped_line("workers", w.elapsed, &snaps, &w.prev, &sum, w.secs)
                 );
             }
-            if reporter.stopping() && ws.iter().all(|w| w.exited.is_some()) {
+            if reporter.stopping() && rollout.is_none() && ws.iter().all(|w| w.exited.is_some()) {
                 break;
             }
         }

@@ -1,9 +1,11 @@
 //! What the server hands each `--procs` worker besides its arguments: its
-//! link to the parent, the shared device registry and its UDP sockets, at
-//! the descriptors and in the variables the worker looks for them. The
-//! starting itself is `c1m_io::host::workers`.
+//! link to the parent, the shared device registry, its UDP sockets, its
+//! upgrade control socket (and, for a worker started by a hot upgrade, its
+//! end of the handover socket), at the descriptors and in the variables
+//! the worker looks for them. The starting itself is `c1m_io::host::workers`.
 
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::process::Child;
 use std::sync::mpsc::Sender;
 
@@ -17,40 +19,71 @@ pub const LINK_FD: i32 = 3;
 /// [`crate::directory::registry::ENV`]).
 pub const REGISTRY_FD: i32 = 4;
 
-/// [`workers::spawn_generation`] for a server worker: its link socket
-/// (with the link's variable), the registry's memfd and its UDP sockets
-/// (`--udp-heartbeat`), each where the worker looks.
+/// The descriptor a worker finds its upgrade control socket at (see
+/// [`crate::upgrade::ENV_CONTROL`]).
+pub const CONTROL_FD: i32 = 5;
+
+/// The descriptor a worker started by a hot upgrade finds its end of the
+/// handover socket at (see [`crate::upgrade::ENV_FD`]).
+pub const HANDOVER_FD: i32 = 6;
+
+/// What a worker gets besides its arguments.
+#[derive(Debug, Default)]
+pub struct Given<'a> {
+    /// Its link socket and the link's variable.
+    pub link: Option<(RawFd, String)>,
+    /// The registry's memfd.
+    pub registry: Option<RawFd>,
+    /// Its UDP sockets (`--udp-heartbeat`).
+    pub udp: &'a [RawFd],
+    /// Its end of the upgrade control socket.
+    pub control: Option<RawFd>,
+    /// Its end of the handover socket (a hot upgrade's new worker).
+    pub handover: Option<RawFd>,
+    /// The binary to start (this one's path when None).
+    pub exe: Option<PathBuf>,
+}
+
+/// [`workers::spawn_generation`] for a server worker: what `given` holds,
+/// each where the worker looks.
 pub fn spawn_generation(
     worker: usize,
     generation: u64,
     args: &[String],
     lines: &Sender<Line>,
-    link: Option<(RawFd, String)>,
-    registry: Option<RawFd>,
-    inherit: &[RawFd],
+    given: Given<'_>,
 ) -> Result<Child, String> {
-    let mut given = Inherit::default();
-    if let Some((_, env)) = &link {
-        given
+    let mut inherit = Inherit {
+        exe: given.exe,
+        ..Inherit::default()
+    };
+    if let Some((_, env)) = &given.link {
+        inherit
             .env
             .push((crate::directory::link::ENV.to_string(), env.clone()));
     }
-    if registry.is_some() {
-        given.env.push((
-            crate::directory::registry::ENV.to_string(),
-            REGISTRY_FD.to_string(),
-        ));
+    let placed = [
+        (given.registry, REGISTRY_FD, crate::directory::registry::ENV),
+        (given.control, CONTROL_FD, crate::upgrade::ENV_CONTROL),
+        (given.handover, HANDOVER_FD, crate::upgrade::ENV_FD),
+    ];
+    for (fd, at, env) in placed {
+        if let Some(fd) = fd {
+            inherit.env.push((env.to_string(), at.to_string()));
+            inherit.place.push((fd, at));
+        }
     }
-    if !inherit.is_empty() {
-        let list: Vec<String> = inherit.iter().map(|fd| fd.to_string()).collect();
-        given
+    if !given.udp.is_empty() {
+        let list: Vec<String> = given.udp.iter().map(|fd| fd.to_string()).collect();
+        inherit
             .env
             .push((c1m_io::udp::ENV.to_string(), list.join(",")));
     }
-    given.place.extend(registry.map(|fd| (fd, REGISTRY_FD)));
-    given.place.extend(link.map(|(fd, _)| (fd, LINK_FD)));
+    inherit
+        .place
+        .extend(given.link.map(|(fd, _)| (fd, LINK_FD)));
     // Its UDP sockets stay open across exec in this child only: none is at
-    // LINK_FD or REGISTRY_FD (see udp::PARENT_FD_MIN).
-    given.keep = inherit.to_vec();
-    workers::spawn_generation(worker, generation, args, lines, given)
+    // a placed number (see udp::PARENT_FD_MIN).
+    inherit.keep = given.udp.to_vec();
+    workers::spawn_generation(worker, generation, args, lines, inherit)
 }

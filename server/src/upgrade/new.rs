@@ -57,12 +57,12 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
     let mut ch = Channel::new(sock).map_err(|e| format!("upgrade: the handover socket: {e}"))?;
     ch.set_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| format!("upgrade: the handover socket: {e}"))?;
-    match std::env::var(ENV_TEST_FAIL).as_deref() {
-        Ok("exit") => {
+    match test_fail().as_deref() {
+        Some("exit") => {
             eprintln!("server: {ENV_TEST_FAIL}=exit (test only): exiting before the hello");
             std::process::exit(3);
         }
-        Ok("hello") => {
+        Some("hello") => {
             eprintln!(
                 "server: {ENV_TEST_FAIL}=hello (test only): answering with a hello of format v999"
             );
@@ -140,6 +140,19 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
     }))
 }
 
+/// Test only: the failure [`ENV_TEST_FAIL`] asks of this process: its
+/// value, or `MODE@N` for `--procs` worker N only (the others upgrade).
+fn test_fail() -> Option<String> {
+    let v = std::env::var(ENV_TEST_FAIL).ok()?;
+    match v.split_once('@') {
+        None => Some(v),
+        Some((mode, worker)) => {
+            let me = std::env::var("C1M_WORKER").ok()?;
+            (me == worker).then(|| mode.to_string())
+        }
+    }
+}
+
 /// Test only: a Hello of format v999 (the version right after the magic).
 fn bad_hello(ch: &mut Channel, shards: usize, io: Backend) {
     let mut payload = Vec::new();
@@ -180,7 +193,7 @@ fn take_all(mut t: Taking, shards: Vec<Peer>) {
             );
             return;
         }
-        if std::env::var(ENV_TEST_FAIL).as_deref() == Ok("conns") {
+        if test_fail().as_deref() == Some("conns") {
             eprintln!("server: {ENV_TEST_FAIL}=conns (test only): exiting at the first batch of connections");
             std::process::exit(3);
         }

@@ -42,6 +42,10 @@ pub struct Plan {
     pub tls: bool,
     /// A duplicate of the admin listener, handed over too.
     pub admin: Option<std::net::TcpListener>,
+    /// A `--procs` worker's: the handover socket its supervisor gave it,
+    /// the new worker (which the supervisor started) at its other end.
+    /// None: this process starts the new one itself.
+    pub given: Option<Channel>,
 }
 
 /// How a handover went.
@@ -65,52 +69,50 @@ pub fn start(plan: Plan) -> std::io::Result<std::thread::JoinHandle<Result<Summa
         .spawn(move || run(plan))
 }
 
-fn run(plan: Plan) -> Result<Summary, String> {
+fn run(mut plan: Plan) -> Result<Summary, String> {
     let began = Instant::now();
     let n = plan.shards.len();
-    let (mut ch, theirs) = Channel::pair().map_err(|e| {
-        format!(
-            "upgrade refused: cannot make the handover socket ({e}); this process keeps serving"
-        )
-    })?;
-    let mut child = spawn(&plan, theirs.as_raw_fd())?;
-    // Ours is gone: its end closing is the child's EOF.
-    drop(theirs);
-    let pid = child.id();
-    let exe = plan.exe.display().to_string();
-    let refuse = |child: &mut Child, why: String| {
-        // SAFETY: kill(2) on our own child, which we reap just below.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-        let _ = child.wait();
-        format!(
-            "upgrade refused: the new process (pid {pid}, {exe}) {why}; this process keeps serving"
-        )
+    let (mut ch, mut new) = match plan.given.take() {
+        // A --procs worker: its supervisor started the new worker.
+        Some(ch) => (ch, New::Sibling(None)),
+        None => {
+            let (ch, theirs) = Channel::pair().map_err(|e| {
+                format!(
+                    "upgrade refused: cannot make the handover socket ({e}); this process keeps serving"
+                )
+            })?;
+            let child = spawn(&plan, theirs.as_raw_fd())?;
+            // Ours is gone: its end closing is the child's EOF.
+            drop(theirs);
+            (ch, New::Child(child))
+        }
     };
+    let exe = plan.exe.display().to_string();
     if let Err(e) = ch.set_timeout(Some(HELLO_TIMEOUT)) {
-        return Err(refuse(
-            &mut child,
-            format!("could not be given a timeout ({e})"),
-        ));
+        return Err(new.refuse(&exe, format!("could not be given a timeout ({e})")));
     }
     if let Err(e) = send_hello(&mut ch, Role::Old, n, plan.backend) {
-        return Err(refuse(
-            &mut child,
+        return Err(new.refuse(
+            &exe,
             format!("closed the handover socket before our hello ({e})"),
         ));
     }
     let shards = match recv_hello(&mut ch, Role::New) {
-        Ok((_, s)) => s,
-        Err(why) => return Err(refuse(&mut child, why)),
+        Ok((their_pid, s)) => {
+            if let New::Sibling(pid) = &mut new {
+                *pid = Some(their_pid);
+            }
+            s
+        }
+        Err(why) => return Err(new.refuse(&exe, why)),
     };
+    let pid = new.pid().unwrap_or_default();
     if shards as usize != n {
-        return Err(refuse(&mut child, format!("runs {shards} shards and this one {n}: v1 hands over between equal shard counts only")));
+        return Err(new.refuse(&exe, format!("runs {shards} shards and this one {n}: v1 hands over between equal shard counts only")));
     }
     let hello = began.elapsed();
     if let Err(e) = ch.set_timeout(Some(STEP_TIMEOUT)) {
-        return Err(refuse(
-            &mut child,
-            format!("could not be given a timeout ({e})"),
-        ));
+        return Err(new.refuse(&exe, format!("could not be given a timeout ({e})")));
     }
     let mut h = Handover {
         ch,
@@ -127,21 +129,21 @@ fn run(plan: Plan) -> Result<Summary, String> {
     let (tx, rx) = mpsc::channel();
     let socks = match h.take_listeners(&tx, &rx) {
         Ok(s) => s,
-        Err(why) => return Err(refuse(&mut child, why)),
+        Err(why) => return Err(new.refuse(&exe, why)),
     };
     let moved = socks.iter().filter(|s| s.is_some()).count();
     match h.give_listeners(&socks) {
         Ok(()) => h.sum.listeners = moved,
         Err(why) => {
             h.listen_again(socks);
-            return Err(refuse(&mut child, why));
+            return Err(new.refuse(&exe, why));
         }
     }
     for shard in 0..n {
         if let Err(why) = h.move_shard(shard, &tx, &rx) {
             // One owner for every socket: the new process goes (if it has
             // not), with the connections it took; this one serves the rest.
-            let _ = refuse(&mut child, String::new());
+            let _ = new.refuse(&exe, String::new());
             h.listen_again(socks);
             return Err(format!(
                 "upgrade failed after {} connections went to the new process (pid {pid}), which is killed: they and {} more are lost (their devices reconnect): {why}; this process listens again and serves what it still holds",
@@ -150,7 +152,7 @@ fn run(plan: Plan) -> Result<Summary, String> {
         }
     }
     if let Err(why) = h.finish() {
-        if matches!(child.try_wait(), Ok(None)) {
+        if new.runs() {
             // It lives and holds everything: the handover stands.
             h.sum.unconfirmed = Some(why);
         } else {
@@ -163,6 +165,55 @@ fn run(plan: Plan) -> Result<Summary, String> {
     }
     h.sum.took = began.elapsed();
     Ok(h.sum)
+}
+
+/// The new process: our child (a single process), or the supervisor's (a
+/// `--procs` worker), whose pid its Hello tells.
+enum New {
+    Child(Child),
+    Sibling(Option<u32>),
+}
+
+impl New {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            New::Child(c) => Some(c.id()),
+            New::Sibling(pid) => *pid,
+        }
+    }
+
+    /// Kills it (one owner for every socket), and says why in a sentence.
+    fn refuse(&mut self, exe: &str, why: String) -> String {
+        let pid = self.pid();
+        match self {
+            New::Child(child) => {
+                // SAFETY: kill(2) on our own child, which we reap just below.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+                let _ = child.wait();
+            }
+            // The supervisor's child, which it reaps only once it has
+            // ended: its pid is not reused before that (and pids are
+            // handed out cyclically). Without a Hello there is no pid: our
+            // end of the socket closing ends it.
+            New::Sibling(Some(pid)) => unsafe {
+                // SAFETY: kill(2) on the new worker whose Hello named it.
+                libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+            },
+            New::Sibling(None) => {}
+        }
+        let pid = pid.map(|p| format!("pid {p}, ")).unwrap_or_default();
+        format!("upgrade refused: the new process ({pid}{exe}) {why}; this process keeps serving")
+    }
+
+    /// It still runs (a sibling is taken to: its supervisor watches it).
+    fn runs(&mut self) -> bool {
+        match self {
+            New::Child(child) => matches!(child.try_wait(), Ok(None)),
+            // SAFETY: kill(2) with signal 0 only checks that it exists.
+            New::Sibling(Some(pid)) => unsafe { libc::kill(*pid as libc::pid_t, 0) == 0 },
+            New::Sibling(None) => false,
+        }
+    }
 }
 
 /// Starts the binary with our arguments, the handover socket and the

@@ -203,6 +203,8 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // reach the other workers' through the link to the parent.
     let link = c1m::directory::link::from_env()?;
     let worker = link.is_some();
+    // A --procs worker's line from its supervisor for hot upgrades.
+    let control = c1m::upgrade::control_from_env()?;
     let span = match &link {
         Some((_, base, total, (tx, _))) => c1m::directory::mailbox::Span {
             base: *base,
@@ -302,6 +304,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         admin: admin_listener,
         udp: cfg.udp.is_some(),
         worker,
+        control,
         handed: false,
     };
     eprintln!(
@@ -490,8 +493,10 @@ struct Upgrade {
     running: Option<std::thread::JoinHandle<Result<c1m::upgrade::old::Summary, String>>>,
     admin: Option<std::net::TcpListener>,
     udp: bool,
-    /// A --procs worker (its parent refuses upgrades in v1).
+    /// A --procs worker: upgraded by its supervisor only, which gives it
+    /// the handover socket over `control` before its SIGUSR2.
     worker: bool,
+    control: Option<c1m_io::handover::Channel>,
     /// The handover is done: this process is ending.
     handed: bool,
 }
@@ -505,6 +510,17 @@ impl Upgrade {
         backend: Backend,
         n: usize,
     ) -> Result<(), String> {
+        // A worker's handover socket first: taken (and dropped, closing
+        // it, if refused below) so that none is left for a later trigger.
+        let given = match (self.worker, self.control.as_mut()) {
+            (false, _) => None,
+            (true, None) => return Err("upgrade refused: this --procs worker has no control socket from its supervisor (a supervisor of an older build?); upgrade through the supervisor".into()),
+            (true, Some(ctl)) => match c1m::upgrade::take_handover(ctl) {
+                Ok(Some(ch)) => Some(ch),
+                Ok(None) => return Err("upgrade refused: a --procs worker is upgraded by its supervisor only (send SIGUSR2 to the supervisor, or POST /upgrade on its admin port)".into()),
+                Err(why) => return Err(format!("upgrade refused: {why}")),
+            },
+        };
         if self.running.is_some() {
             return Err("upgrade refused: one is under way already".into());
         }
@@ -512,9 +528,6 @@ impl Upgrade {
             return Err(
                 "upgrade refused: this process has handed everything over and is ending".into(),
             );
-        }
-        if self.worker {
-            return Err("upgrade refused: a --procs worker is not upgraded on its own (a hot upgrade under --procs is not supported yet)".into());
         }
         if self.udp {
             return Err("upgrade refused: a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move in v1)".into());
@@ -534,11 +547,16 @@ impl Upgrade {
             backend,
             tls: cfg.tls.is_some(),
             admin,
+            given,
         };
-        eprintln!(
-            "server: upgrade: starting {} with the same arguments",
-            self.exe.display()
-        );
+        if plan.given.is_some() {
+            eprintln!("server: upgrade: handing over to the new worker the supervisor started");
+        } else {
+            eprintln!(
+                "server: upgrade: starting {} with the same arguments",
+                self.exe.display()
+            );
+        }
         self.running = Some(
             c1m::upgrade::old::start(plan)
                 .map_err(|e| format!("upgrade refused: cannot start its thread ({e})"))?,
