@@ -4,6 +4,7 @@
 //! ([`limits`]) and worker processes past it ([`workers`]).
 
 pub mod limits;
+pub mod notify;
 pub mod signals;
 pub mod workers;
 

@@ -557,6 +557,9 @@ impl Supervisor {
             self.listen,
             ws.iter().map(|w| w.child.id().to_string()).collect::<Vec<_>>().join(",")
         );
+        // systemd (Type=notify): the supervisor is the service's process
+        // (a hot upgrade keeps it: its pid never changes).
+        c1m_io::host::notify::ready_or_warn(None);
         // The workers drain themselves: the parent's stats lines end at
         // the signal. SIGTERM goes to the workers when the drain is due: at
         // the signal, or after --drain-health-delay (the parent's /healthz

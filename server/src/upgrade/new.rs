@@ -258,6 +258,9 @@ fn take_all(mut t: Taking, shards: Vec<Peer>) {
             }
         }
         if done {
+            // systemd follows the service to this process before the old
+            // one, told Done, exits (Type=notify, NotifyAccess=all).
+            c1m_io::host::notify::ready_or_warn(Some(std::process::id()));
             let _ = send(&mut t.ch, 0, &[Record::Done { conns: total }]);
             eprintln!(
                 "server: upgrade: took over {total} connections from the old process (pid {}) in {} ms",
