@@ -42,6 +42,8 @@ pub struct Script {
     /// resume_accepting fails this many more times.
     pub resume_failures: u32,
     pub resumes: u32,
+    /// Times [`Driver::pause_accepting`] was called.
+    pub pauses: u32,
     /// Connections handed back by [`Driver::release`].
     pub released: u32,
     /// What [`Driver::reads_after_wait`] answers (as epoll does: true).
@@ -59,6 +61,9 @@ impl Driver for Script {
         Ok(())
     }
     fn unlisten(&mut self) {}
+    fn pause_accepting(&mut self) {
+        self.pauses += 1;
+    }
     fn resume_accepting(&mut self) -> io::Result<()> {
         self.resumes += 1;
         if self.resume_failures > 0 {

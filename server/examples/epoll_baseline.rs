@@ -44,6 +44,7 @@ fn main() {
         tick: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(10),
         batch_wait: Duration::ZERO,
+        max_handshakes: 0,
         frame_timeout: Duration::from_secs(10),
         max_conns: 1_000_000,
         graceful_expiry: false,

@@ -28,6 +28,11 @@ pub(super) struct Accepting {
     /// accept takes a burst before its cancel lands), admitted first when
     /// the budget refills; at most [`DEFER_MAX`], 503 past it.
     pub(super) deferred: VecDeque<OwnedFd>,
+    /// --max-handshakes: this shard's share (0: no bound), and whether
+    /// accepting is paused because it holds that many connections not yet
+    /// upgraded (it resumes at half).
+    pub(super) max_handshakes: usize,
+    pub(super) full: bool,
 }
 
 pub(super) const DEFER_MAX: usize = 4096;
@@ -58,6 +63,47 @@ impl State {
         self.warn(format_args!(
             "accept failed ({err}) while holding {held} sockets: pausing accepts for {ACCEPT_BACKOFF:?}; raise RLIMIT_NOFILE or lower the load (see kernel-tuning/)"
         ));
+    }
+
+    /// Connections held that are not open devices: in their handshake (or
+    /// ended and flushing their last words, a few).
+    pub(super) fn handshaking(&self) -> usize {
+        self.slab.len() - self.open as usize
+    }
+
+    /// --max-handshakes: past this shard's share of connections in their
+    /// handshake, stop accepting: the rest wait in the listen queue (short
+    /// by default: docs/storms.md) and past it the kernel drops their SYNs,
+    /// rather than the shard holding sockets its devices have not yet
+    /// spoken on (at 1M, 350,000 of them, which then hit
+    /// --handshake-timeout). Resumed at half ([`State::resume_if_room`]).
+    fn pause_if_full(&mut self, io: &mut impl Driver) {
+        let max = self.accept.max_handshakes;
+        if max > 0 && !self.accept.full && self.handshaking() >= max {
+            self.accept.full = true;
+            self.counters.admission_paused += 1;
+            io.pause_accepting();
+        }
+    }
+
+    /// Accepts again once the connections in handshake are down to half of
+    /// --max-handshakes (and no other pause holds).
+    pub(super) fn resume_if_room(&mut self, io: &mut impl Driver) {
+        if !self.accept.full || self.drain.deadline.is_some() {
+            return;
+        }
+        if self.handshaking() > self.accept.max_handshakes / 2 {
+            return;
+        }
+        self.accept.full = false;
+        if self.accept.resume.is_none() {
+            if let Err(err) = io.resume_accepting() {
+                self.accept.resume = Some(self.clock.now.at + ACCEPT_BACKOFF);
+                self.warn(format_args!(
+                    "cannot resume accepting ({err}): trying again in {ACCEPT_BACKOFF:?}; check fs.epoll.max_user_watches and memory (see kernel-tuning/)"
+                ));
+            }
+        }
     }
 
     pub(super) fn admit(&mut self, io: &mut impl Driver, fd: OwnedFd) {
@@ -155,5 +201,6 @@ impl State {
             deadline,
         });
         self.counters.accepted += 1;
+        self.pause_if_full(io);
     }
 }

@@ -75,6 +75,10 @@ pub struct ShardConfig {
     /// Wheel resolution: deletion happens within `timeout + tick` of the last frame.
     pub tick: Duration,
     pub handshake_timeout: Duration,
+    /// --max-handshakes: connections in their handshake over the whole
+    /// server (each shard its share); past a shard's share it stops
+    /// accepting until half of them are done; 0: no bound.
+    pub max_handshakes: u32,
     /// --io-batch-wait: io_uring gathers completions this long once one has
     /// come ([`c1m_io::Driver::set_batch_wait`]); zero: off.
     pub batch_wait: Duration,
@@ -380,6 +384,10 @@ impl<D: Driver> Shard<D> {
                         Bucket::new(b.per_sec / peers.len().max(1) as f64, b.excess, start)
                     }),
                     deferred: Default::default(),
+                    // The server's bound, split over every shard of every
+                    // --procs worker (as the upgrade budget is).
+                    max_handshakes: (cfg.max_handshakes as usize).div_ceil(peers.len().max(1)),
+                    full: false,
                 },
                 report: Reporting {
                     tx: report,
@@ -642,7 +650,7 @@ impl State {
             // `defer`: those held over the budget go first; if they spend
             // it, the pause goes on.
             self.admit_deferred(io, now);
-            if self.accept.resume.is_none() {
+            if self.accept.resume.is_none() && !self.accept.full {
                 if let Err(err) = io.resume_accepting() {
                     // Not fatal: the devices held keep being served; try again.
                     self.accept.resume = Some(now + ACCEPT_BACKOFF);
@@ -652,6 +660,7 @@ impl State {
                 }
             }
         }
+        self.resume_if_room(io);
         if self.drain.pacing.is_some() {
             self.pace_drain(io, now);
         }

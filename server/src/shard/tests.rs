@@ -83,6 +83,7 @@ fn config(graceful_expiry: bool) -> ShardConfig {
         tick: Duration::from_millis(10),
         handshake_timeout: Duration::from_millis(500),
         batch_wait: Duration::ZERO,
+        max_handshakes: 0,
         frame_timeout: Duration::from_millis(500),
         max_conns: 10,
         graceful_expiry,
@@ -813,4 +814,34 @@ fn a_socket_accepted_as_shutdown_begins_is_counted() {
     let c = s.st.counters;
     assert_eq!((c.admit_dropped, c.accepted), (1, 0), "{c:?}");
     assert!(s.st.slab.is_empty());
+}
+
+/// --max-handshakes: a shard that holds its share of connections not yet
+/// upgraded stops accepting (the rest wait in the listen queue), and
+/// accepts again once half of them are done, not at the first one.
+#[test]
+fn a_shard_at_its_handshake_bound_pauses_accepting_until_half_are_done() {
+    let mut s = shard(
+        false,
+        Script {
+            events: [Fake::Accept, Fake::Accept, Fake::Accept, Fake::Accept].into(),
+            ..Script::default()
+        },
+    );
+    s.st.accept.max_handshakes = 4;
+    s.turn_at(0);
+    assert_eq!(s.st.handshaking(), 4);
+    assert!(s.st.accept.full);
+    assert_eq!((s.io.pauses, s.st.counters.admission_paused), (1, 1));
+    // One upgrade: 3 still in their handshake, more than half: still paused.
+    s.io.events.push_back(Fake::Data(UPGRADE.to_vec()));
+    s.turn_at(10);
+    assert_eq!((s.st.handshaking(), s.st.accept.full, s.io.resumes), (3, true, 0));
+    // The handshake timeout ends the other three: accepting resumes, once.
+    s.turn_at(2_000);
+    assert_eq!(s.st.handshaking(), 0);
+    assert!(!s.st.accept.full);
+    assert_eq!(s.io.resumes, 1);
+    s.turn_at(2_100);
+    assert_eq!((s.io.pauses, s.io.resumes), (1, 1));
 }

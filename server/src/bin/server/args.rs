@@ -66,6 +66,15 @@ pub struct Args {
         from_str_fn(parse_duration)
     )]
     pub frame_timeout: Duration,
+    /// connections in their handshake (accepted, not yet upgraded) over the
+    /// whole server, each shard its share: past it a shard stops accepting
+    /// until half of its share is done, and new devices wait in the listen
+    /// queue (and past it the kernel drops their SYNs) instead of the
+    /// server holding sockets their devices cannot yet serve; a slow or
+    /// silent handshake holds its place at most --handshake-timeout; 0: no
+    /// bound (default 16384)
+    #[argh(option, default = "16384")]
+    pub max_handshakes: u32,
     /// io_uring: once a completion has come, gather more for up to this long
     /// before handling them (the kernel's min-wait, Linux 6.12+): fewer
     /// wake-ups per heartbeat when many worker processes share few cores,

@@ -58,6 +58,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         tick: args.tick,
         handshake_timeout: args.handshake_timeout,
         batch_wait: args.io_batch_wait,
+        max_handshakes: args.max_handshakes,
         frame_timeout: args.frame_timeout,
         max_conns,
         graceful_expiry: args.graceful_expiry,
@@ -294,6 +295,9 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     }
     drop(report_tx);
     drop(died_tx);
+    // systemd (Type=notify): ready now, unless this process takes over
+    // from an old one (it says MAINPID= with READY=1 once it has).
+    let takes_over = taking.is_some();
     if let Some(t) = taking {
         c1m::upgrade::new::serve(t, outside.clone())?;
     }
@@ -328,6 +332,10 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             String::new()
         }
     );
+
+    if !takes_over {
+        c1m_io::host::notify::ready_or_warn(None);
+    }
 
     // The shards drain themselves, and their stats lines go on meanwhile.
     let mut reporter = Reporter::new(
