@@ -58,7 +58,7 @@ pub const ADMISSION_REFUSED: Family = family(
 );
 pub const ADMISSION_PAUSES: Family = family(
     "c1m_admission_pauses_total",
-    "Times a shard stopped accepting for a moment, over --max-upgrades-per-sec (--upgrade-excess defer).",
+    "Times a shard stopped accepting for a moment: over --max-upgrades-per-sec (--upgrade-excess defer), or at its share of --max-handshakes.",
 );
 pub const IO_CQ_OVERFLOWS: Family = family(
     "c1m_io_cq_overflows_total",
