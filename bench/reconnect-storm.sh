@@ -105,7 +105,7 @@ for case in $CASES; do
   cat /proc/loadavg > "$out/loadavg-before.txt"
 
   # The storm fleet: heartbeat 10 s, STORM_AT into its hold every device resets.
-  timeout $((SIZE / RATE + HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
+  timeout $((2 * SIZE / RATE + HOLD + 60)) ./target/release/client --io "$CLIENT_IO" --server 127.0.0.1:$PORT \
     --ips "$IPS" "${procs[@]}" --conns "$SIZE" --rate "$RATE" --heartbeat "${HEARTBEAT}s" \
     --server-timeout "${TIMEOUT}s" --hold "${HOLD}s" --reconnect-storm "${STORM_AT}s" \
     --server-pid "$server" "${tls_client[@]}" --quiet --out "$out/storm" > "$out/storm.txt" 2>&1 &
