@@ -18,7 +18,9 @@ fn target() -> Option<String> {
     if std::env::var_os("C1M_WORKER").is_some() {
         return None;
     }
-    std::env::var("NOTIFY_SOCKET").ok().filter(|s| !s.is_empty())
+    std::env::var("NOTIFY_SOCKET")
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 /// Sends `state` (lines such as `READY=1`) to systemd. Ok(false) outside
@@ -76,7 +78,9 @@ mod tests {
         assert_eq!(&buf[..n], b"MAINPID=4242\nREADY=1");
 
         let name = format!("c1m-notify-test-{}", std::process::id());
-        let abs = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let abs =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
         std::env::set_var("NOTIFY_SOCKET", format!("@{name}"));
         assert!(ready(None).unwrap());
         let n = abs.recv(&mut buf).unwrap();

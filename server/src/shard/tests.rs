@@ -836,7 +836,10 @@ fn a_shard_at_its_handshake_bound_pauses_accepting_until_half_are_done() {
     // One upgrade: 3 still in their handshake, more than half: still paused.
     s.io.events.push_back(Fake::Data(UPGRADE.to_vec()));
     s.turn_at(10);
-    assert_eq!((s.st.handshaking(), s.st.accept.full, s.io.resumes), (3, true, 0));
+    assert_eq!(
+        (s.st.handshaking(), s.st.accept.full, s.io.resumes),
+        (3, true, 0)
+    );
     // The handshake timeout ends the other three: accepting resumes, once.
     s.turn_at(2_000);
     assert_eq!(s.st.handshaking(), 0);
