@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use c1m_proto::frame::{self, Opcode};
-use tungstenite::Message;
+use tungstenite::{Message, WebSocket};
 
 use support::*;
 
@@ -40,6 +40,28 @@ fn new_pid(line: &str) -> u32 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// After a handover: every device (those from before, those that came
+/// during it) has its ping answered, the frame split across it is finished
+/// and answered, and a new connection is served.
+fn served_after(
+    server: &Server,
+    devices: &mut [WebSocket<TcpStream>],
+    during: &mut [WebSocket<TcpStream>],
+    split: &mut TcpStream,
+    rest_of_split: &[u8],
+) {
+    for (i, ws) in devices.iter_mut().chain(during.iter_mut()).enumerate() {
+        let p = format!("after{i}").into_bytes();
+        ws.send(Message::Ping(p.clone())).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::Pong(p), "device {i}");
+    }
+    split.write_all(rest_of_split).unwrap();
+    assert_eq!(read_frame(split), (10, b"split".to_vec()));
+    let mut late = server.ws("late");
+    late.send(Message::Ping(b"late".to_vec())).unwrap();
+    assert_eq!(late.read().unwrap(), Message::Pong(b"late".to_vec()));
 }
 
 fn ping(s: &mut TcpStream, payload: &[u8]) {
@@ -76,18 +98,9 @@ fn devices_keep_their_connections_across_sigusr2() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "the old process exits 0: {status:?}");
 
-    // Every device: no close, its ping answered by the new process.
-    for (i, ws) in devices.iter_mut().chain(during.iter_mut()).enumerate() {
-        let p = format!("after{i}").into_bytes();
-        ws.send(Message::Ping(p.clone())).unwrap();
-        assert_eq!(ws.read().unwrap(), Message::Pong(p), "device {i}");
-    }
-    split.write_all(&half[4..]).unwrap();
-    assert_eq!(read_frame(&mut split), (10, b"split".to_vec()));
-    // New connections after it.
-    let mut late = server.ws("late");
-    late.send(Message::Ping(b"late".to_vec())).unwrap();
-    assert_eq!(late.read().unwrap(), Message::Pong(b"late".to_vec()));
+    // Every device: no close, its ping answered by the new process; the
+    // split frame finished; new connections after it.
+    served_after(&server, &mut devices, &mut during, &mut split, &half[4..]);
     // The registry came along: a second connection of d0 replaces the
     // moved one (Close 4000).
     let _again = server.ws("d0");
@@ -238,16 +251,7 @@ fn procs_devices_keep_their_connections_across_sigusr2() {
         );
     }
 
-    for (i, ws) in devices.iter_mut().chain(during.iter_mut()).enumerate() {
-        let p = format!("after{i}").into_bytes();
-        ws.send(Message::Ping(p.clone())).unwrap();
-        assert_eq!(ws.read().unwrap(), Message::Pong(p), "device {i}");
-    }
-    split.write_all(&half[4..]).unwrap();
-    assert_eq!(read_frame(&mut split), (10, b"split".to_vec()));
-    let mut late = server.ws("late");
-    late.send(Message::Ping(b"late".to_vec())).unwrap();
-    assert_eq!(late.read().unwrap(), Message::Pong(b"late".to_vec()));
+    served_after(&server, &mut devices, &mut during, &mut split, &half[4..]);
 
     // One connection per id, across the new workers: a second connection
     // replaces the moved one (Close 4000), on whichever worker it lands.
