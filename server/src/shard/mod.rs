@@ -219,7 +219,7 @@ pub fn run(
         Backend::Uring => {
             let mut io = UringDriver::new(dcfg)?;
             // Without the kernel's min-wait (6.12+) the flag does nothing
-            // (the start-up line said so once).
+            // (docs/operating.md says so; so it does on epoll).
             io.set_batch_wait(cfg.batch_wait);
             Shard::new(id, cfg, io, listener, mail, report)?.run()
         }
