@@ -371,7 +371,7 @@ fn procs_a_failure_at_the_second_worker_leaves_the_first_upgraded() {
         "{stopped}"
     );
     assert!(
-        stopped.contains(&format!("workers 0 to 0 run the new binary (pids {new0})")),
+        stopped.contains(&format!("workers 0 run the new binary (pids {new0})")),
         "{stopped}"
     );
     assert_eq!(sorted(workers_of(&server, 2)), sorted(vec![new0, pids[1]]));

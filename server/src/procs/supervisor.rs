@@ -5,12 +5,13 @@
 //! dies (and says so), and prints one stats line for the whole server from
 //! its workers' lines, and one `final` line when they have all exited.
 //!
-//! A hot upgrade (SIGUSR2, `POST /upgrade`) goes worker by worker
-//! ([`Rollout`], docs/upgrade.md): the supervisor starts each new worker
-//! from the binary at its path with one end of a handover socket, gives the
-//! old worker the other end over its control socket, and adopts the new
-//! one once the old one has handed everything over and exited. The
-//! supervisor itself stays the binary it was started as.
+//! A hot upgrade (SIGUSR2, `POST /upgrade`) goes worker by worker, up to
+//! `--upgrade-parallel` at once ([`Rollout`], docs/upgrade.md): the
+//! supervisor starts each new worker from the binary at its path with one
+//! end of a handover socket, gives the old worker the other end over its
+//! control socket, and adopts the new one once the old one has handed
+//! everything over and exited. The supervisor itself stays the binary it
+//! was started as.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -62,6 +63,9 @@ pub struct Supervisor {
     /// sockets at the same positions. Its new process has a new ticket key,
     /// so its predecessor's tickets count as bad, as its connections are gone.
     pub udp_heartbeat: bool,
+    /// `--upgrade-parallel`: how many workers a hot upgrade hands over at
+    /// once (at least 1).
+    pub upgrade_parallel: usize,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -101,14 +105,43 @@ struct Common<'a> {
     exe: &'a Path,
 }
 
-/// A hot upgrade under way: worker by worker, in order.
+/// A hot upgrade under way: workers in order, up to `--upgrade-parallel`
+/// of them at once.
 struct Rollout {
     began: Instant,
-    /// The worker to upgrade next (or being upgraded: `pending`).
+    /// The next worker to start handing over.
     next: usize,
-    pending: Option<Pending>,
-    /// Old pid -> new pid of each worker upgraded so far.
-    done: Vec<(u32, u32)>,
+    /// The handovers under way.
+    pending: Vec<Pending>,
+    /// Worker, old pid, new pid of each worker upgraded so far.
+    done: Vec<(usize, u32, u32)>,
+    /// Why it stopped early, a clause per failed worker: no more are
+    /// started, those under way finish, then one sentence says it all.
+    failed: Vec<String>,
+}
+
+impl Rollout {
+    /// The workers a rollout touches now: their old process's exit is its
+    /// to see, not a death to restart.
+    fn handing(&self, k: usize) -> bool {
+        self.pending.iter().any(|p| p.worker == k)
+    }
+
+    /// What runs the new binary so far, for the sentence that ends it.
+    fn upgraded(&self) -> String {
+        if self.done.is_empty() {
+            return "no worker was upgraded".into();
+        }
+        let mut done = self.done.clone();
+        done.sort_unstable();
+        let list =
+            |f: fn(&(usize, u32, u32)) -> String| done.iter().map(f).collect::<Vec<_>>().join(",");
+        format!(
+            "workers {} run the new binary (pids {})",
+            list(|d| d.0.to_string()),
+            list(|d| d.2.to_string())
+        )
+    }
 }
 
 /// Worker `worker`'s new process, started, taking over from the old one.
@@ -355,8 +388,9 @@ impl Supervisor {
         })
     }
 
-    /// One look at a rollout: starts the next worker's handover, or sees
-    /// how the one under way went. The sentence that ends it, once it has.
+    /// One look at a rollout: sees how each handover under way went,
+    /// starts the next ones while fewer than `--upgrade-parallel` run, and
+    /// returns the sentence that ends it, once it has.
     fn step(
         &self,
         r: &mut Rollout,
@@ -365,122 +399,118 @@ impl Supervisor {
         stopping: bool,
     ) -> Option<String> {
         let n = ws.len();
-        let upgraded = |r: &Rollout| match r.done.len() {
-            0 => "no worker was upgraded".to_string(),
-            d => format!(
-                "workers 0 to {} run the new binary (pids {})",
-                d - 1,
-                r.done
-                    .iter()
-                    .map(|(_, p)| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-        };
-        let Some(p) = &mut r.pending else {
-            if stopping {
-                return Some(format!(
-                    "upgrade stopped before worker {} of {n}: the server is stopping; {}",
-                    r.next,
-                    upgraded(r)
-                ));
-            }
-            if r.next == n {
-                return Some(format!(
-                    "upgrade: all {n} workers handed over to new processes of {} in {} ms (pids {} now {}); the supervisor (pid {}) stays as it was and starts any worker from that path",
-                    c.exe.display(),
-                    r.began.elapsed().as_millis(),
-                    r.done.iter().map(|(o, _)| o.to_string()).collect::<Vec<_>>().join(","),
-                    r.done.iter().map(|(_, p)| p.to_string()).collect::<Vec<_>>().join(","),
-                    std::process::id(),
-                ));
-            }
-            let k = r.next;
-            match self.begin(k, ws, c) {
-                Ok(p) => r.pending = Some(p),
-                Err(why) => {
-                    return Some(format!(
-                        "upgrade stopped at worker {k} of {n}: {why}; it serves as before; {}",
-                        upgraded(r)
-                    ))
+        let mut i = 0;
+        while i < r.pending.len() {
+            match look(&mut r.pending[i], ws) {
+                None => i += 1,
+                Some(outcome) => {
+                    let p = r.pending.swap_remove(i);
+                    let k = p.worker;
+                    match outcome {
+                        Outcome::Adopted(status) => {
+                            let new_pid = p.new.child.id();
+                            let took = p.began.elapsed();
+                            let generation = p.new.last_gen;
+                            let mut fresh = p.new;
+                            fresh.tally = std::mem::take(&mut ws[k].tally);
+                            fresh.tally.restart(generation);
+                            ws[k] = fresh;
+                            // Its writer goes: the old process has ended.
+                            drop(p.standby);
+                            r.done.push((k, p.old_pid, new_pid));
+                            if status.success() {
+                                eprintln!(
+                                    "server: upgrade: worker {k} ({} of {n}): pid {} handed over to pid {new_pid} in {} ms",
+                                    r.done.len(),
+                                    p.old_pid,
+                                    took.as_millis()
+                                );
+                            } else {
+                                // A stripe it held locked when it died is
+                                // repaired; its entries are the new
+                                // process's now: none forgotten.
+                                let (first, _) = c.switch.span_of(k);
+                                c.registry.sweep(p.old_pid, first..first);
+                                r.failed.push(format!(
+                                    "at worker {k} of {n}: its old process (pid {}) exited ({status}) during the handover, and its new one (pid {new_pid}) serves what it was given",
+                                    p.old_pid
+                                ));
+                            }
+                        }
+                        Outcome::NewExited(status) => {
+                            c.switch.restore(k, p.standby);
+                            r.failed.push(format!(
+                                "at worker {k} of {n}: its new process (pid {}) exited ({status}) before it took over (the worker's line says why); worker {k} (pid {}) serves as before",
+                                p.new.child.id(),
+                                p.old_pid
+                            ));
+                        }
+                        Outcome::BothExited(old, new) => {
+                            // Both gone: the slot restarts as after any death.
+                            drop(p.standby);
+                            r.failed.push(format!(
+                                "at worker {k} of {n}: its old process (pid {}) and its new one (pid {}) both exited ({old}, {new}); {}",
+                                p.old_pid,
+                                p.new.child.id(),
+                                if stopping {
+                                    "the server is stopping"
+                                } else {
+                                    "it is restarted"
+                                }
+                            ));
+                        }
+                    }
                 }
-            }
-            return None;
-        };
-        let k = p.worker;
-        let old = ws[k].child.try_wait();
-        let new = p.new.child.try_wait();
-        match (old, new) {
-            (Ok(Some(status)), Ok(None)) => {
-                let p = r.pending.take()?;
-                let new_pid = p.new.child.id();
-                let took = p.began.elapsed();
-                let generation = p.new.last_gen;
-                let mut fresh = p.new;
-                fresh.tally = std::mem::take(&mut ws[k].tally);
-                fresh.tally.restart(generation);
-                ws[k] = fresh;
-                // Its writer goes: the old process has ended.
-                drop(p.standby);
-                r.done.push((p.old_pid, new_pid));
-                if !status.success() {
-                    // A stripe it held locked when it died is repaired;
-                    // its entries are the new process's now: none forgotten.
-                    let (first, _) = c.switch.span_of(k);
-                    c.registry.sweep(p.old_pid, first..first);
-                    return Some(format!(
-                        "upgrade stopped at worker {k} of {n}: its old process (pid {}) exited ({status}) during the handover, and its new one (pid {new_pid}) serves what it was given; {}",
-                        p.old_pid,
-                        upgraded(r)
-                    ));
-                }
-                eprintln!(
-                    "server: upgrade: worker {k} ({} of {n}): pid {} handed over to pid {new_pid} in {} ms",
-                    k + 1,
-                    p.old_pid,
-                    took.as_millis()
-                );
-                r.next += 1;
-                None
-            }
-            (Ok(None), Ok(Some(status))) => {
-                let p = r.pending.take()?;
-                c.switch.restore(k, p.standby);
-                Some(format!(
-                    "upgrade stopped at worker {k} of {n}: its new process (pid {}) exited ({status}) before it took over (the worker's line says why); worker {k} (pid {}) serves as before; {}",
-                    p.new.child.id(),
-                    p.old_pid,
-                    upgraded(r)
-                ))
-            }
-            (Ok(Some(old)), Ok(Some(new))) => {
-                // Both gone: the slot restarts as after any death.
-                let p = r.pending.take()?;
-                drop(p.standby);
-                Some(format!(
-                    "upgrade stopped at worker {k} of {n}: its old process (pid {}) and its new one (pid {}) both exited ({old}, {new}); {}; {}",
-                    p.old_pid,
-                    p.new.child.id(),
-                    if stopping {
-                        "the server is stopping"
-                    } else {
-                        "it is restarted"
-                    },
-                    upgraded(r)
-                ))
-            }
-            _ => {
-                if p.began.elapsed() > HANDOVER_TIMEOUT {
-                    // Seen as a failed new process at the next look.
-                    eprintln!(
-                        "server: upgrade: worker {k}'s handover has taken over {HANDOVER_TIMEOUT:?}: killing its new process (pid {})",
-                        p.new.child.id()
-                    );
-                    let _ = p.new.child.kill();
-                }
-                None
             }
         }
+        let more = r.failed.is_empty() && !stopping;
+        while more && r.next < n && r.pending.len() < self.upgrade_parallel {
+            let k = r.next;
+            r.next += 1;
+            match self.begin(k, ws, c) {
+                Ok(p) => r.pending.push(p),
+                Err(why) => {
+                    r.failed
+                        .push(format!("at worker {k} of {n}: {why}; it serves as before"));
+                    break;
+                }
+            }
+        }
+        if !r.pending.is_empty() {
+            return None;
+        }
+        if !r.failed.is_empty() {
+            return Some(format!(
+                "upgrade stopped {}; {}",
+                r.failed.join("; "),
+                r.upgraded()
+            ));
+        }
+        if r.next < n {
+            // Only a stop keeps workers from starting.
+            return Some(format!(
+                "upgrade stopped before worker {} of {n}: the server is stopping; {}",
+                r.next,
+                r.upgraded()
+            ));
+        }
+        let mut done = r.done.clone();
+        done.sort_unstable();
+        let pids = |f: fn(&(usize, u32, u32)) -> u32| {
+            done.iter()
+                .map(|d| f(d).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        Some(format!(
+            "upgrade: all {n} workers handed over to new processes of {} in {} ms, up to {} at once (pids {} now {}); the supervisor (pid {}) stays as it was and starts any worker from that path",
+            c.exe.display(),
+            r.began.elapsed().as_millis(),
+            self.upgrade_parallel.min(n),
+            pids(|d| d.1),
+            pids(|d| d.2),
+            std::process::id(),
+        ))
     }
 
     /// Runs the workers until a signal (taken from `signals`) and their exit.
@@ -581,8 +611,8 @@ impl Supervisor {
                     Some("the server is stopping".to_string())
                 } else if let Some(r) = &rollout {
                     Some(format!(
-                        "one is under way already (at worker {} of {})",
-                        r.next,
+                        "one is under way already ({} of {} workers handed over)",
+                        r.done.len(),
                         ws.len()
                     ))
                 } else if self.udp_heartbeat {
@@ -596,15 +626,17 @@ impl Supervisor {
                     Some(why) => eprintln!("server: upgrade refused: {why}"),
                     None => {
                         eprintln!(
-                            "server: upgrade: handing each of {} workers over to a new process of {}, one after the other",
+                            "server: upgrade: handing each of {} workers over to a new process of {}, up to {} at once",
                             ws.len(),
-                            exe.display()
+                            exe.display(),
+                            self.upgrade_parallel.min(ws.len())
                         );
                         rollout = Some(Rollout {
                             began: Instant::now(),
                             next: 0,
-                            pending: None,
+                            pending: Vec::new(),
                             done: Vec::new(),
+                            failed: Vec::new(),
                         });
                     }
                 }
@@ -623,7 +655,7 @@ impl Supervisor {
                 for w in ws.iter().filter(|w| w.exited.is_none()) {
                     workers::signal(w.child.id(), libc::SIGTERM);
                 }
-                if let Some(p) = rollout.as_ref().and_then(|r| r.pending.as_ref()) {
+                for p in rollout.iter().flat_map(|r| &r.pending) {
                     workers::signal(p.new.child.id(), libc::SIGTERM);
                 }
             }
@@ -633,12 +665,6 @@ impl Supervisor {
                     rollout = None;
                 }
             }
-            // The worker being handed over: its old process's exit is the
-            // rollout's to see, not a death to restart.
-            let handing = rollout
-                .as_ref()
-                .and_then(|r| r.pending.as_ref())
-                .map(|p| p.worker);
             let mut fresh = false;
             while let Ok(line) = rx.try_recv() {
                 self.on_line(&mut ws, line);
@@ -649,7 +675,7 @@ impl Supervisor {
                 reporter.publish(&snaps, &total(&ws));
             }
             for i in 0..ws.len() {
-                if ws[i].exited.is_some() || handing == Some(i) {
+                if ws[i].exited.is_some() || rollout.as_ref().is_some_and(|r| r.handing(i)) {
                     continue;
                 }
                 let Ok(Some(status)) = ws[i].child.try_wait() else {
@@ -762,6 +788,39 @@ impl Supervisor {
         tally.stats(line.generation, is_final, open, sockets, totals);
         if !is_final && self.worker_stats {
             println!("worker {}: {}", line.worker, line.text);
+        }
+    }
+}
+
+/// How a worker's handover ended.
+enum Outcome {
+    /// The old process exited (with this status) and the new one runs.
+    Adopted(std::process::ExitStatus),
+    /// The new process exited before the old one: the old one serves on.
+    NewExited(std::process::ExitStatus),
+    /// Both exited (old, new).
+    BothExited(std::process::ExitStatus, std::process::ExitStatus),
+}
+
+/// One look at a handover under way: how it ended, if it has (a new
+/// process past the timeout is killed, and seen at a later look).
+fn look(p: &mut Pending, ws: &mut [Worker]) -> Option<Outcome> {
+    let old = ws[p.worker].child.try_wait();
+    let new = p.new.child.try_wait();
+    match (old, new) {
+        (Ok(Some(status)), Ok(None)) => Some(Outcome::Adopted(status)),
+        (Ok(None), Ok(Some(status))) => Some(Outcome::NewExited(status)),
+        (Ok(Some(old)), Ok(Some(new))) => Some(Outcome::BothExited(old, new)),
+        _ => {
+            if p.began.elapsed() > HANDOVER_TIMEOUT {
+                eprintln!(
+                    "server: upgrade: worker {}'s handover has taken over {HANDOVER_TIMEOUT:?}: killing its new process (pid {})",
+                    p.worker,
+                    p.new.child.id()
+                );
+                let _ = p.new.child.kill();
+            }
+            None
         }
     }
 }

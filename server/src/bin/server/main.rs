@@ -80,6 +80,7 @@ fn supervise(args: &Args, checked: Checked) -> Result<(), String> {
         registry_capacity,
         udp_heartbeat: args.udp_heartbeat,
         drain_health_delay: args.drain_health_delay,
+        upgrade_parallel: args.upgrade_parallel,
     }
     .run(signals)
 }
