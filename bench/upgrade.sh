@@ -13,6 +13,12 @@
 # figures are then per worker and summed (rss.txt: the supervisor and all
 # its workers, old and new). The client runs as enough processes for
 # RLIMIT_NOFILE (CLIENT_PROCS, one per 15,000 devices by default).
+# At scale (e.g. CONNS=1000000 PROCS=60 HEARTBEAT=30 TIMEOUT=90): IPS
+# (the client's source aliases; 40 past 250,000 devices), HEARTBEAT and
+# TIMEOUT (seconds), RATE (the client's connects per second, 0 = as fast
+# as it can), SERVER_FLAGS (e.g. "--upgrade-parallel 8"); past 100,000
+# devices kernel-tuning/ is applied with a backup and restored at the end
+# (root).
 # Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
 # client's), server.log (both processes' stderr), rss.txt, command.txt.
 set -euo pipefail
@@ -25,40 +31,58 @@ IO=${IO:-epoll}
 HOLD=${HOLD:-40}
 PROCS=${PROCS:-0}
 CLIENT_PROCS=${CLIENT_PROCS:-$(( (CONNS + 14999) / 15000 ))}
+HEARTBEAT=${HEARTBEAT:-2}
+TIMEOUT=${TIMEOUT:-20}
+RATE=${RATE:-0}
+SERVER_FLAGS=${SERVER_FLAGS:-}
+if [ "$CONNS" -gt 250000 ]; then IPS=${IPS:-127.0.0.2-127.0.0.41}; else IPS=${IPS:-127.0.0.2-127.0.0.11}; fi
+TUNE=0
+[ "$CONNS" -gt 100000 ] && TUNE=1
 # UPGRADE=0: the same run without the upgrade (the control).
 UPGRADE=${UPGRADE:-1}
 cargo build --release --quiet --bin server --bin client
 name=upgrade
 [ "$PROCS" = 0 ] || name=upgrade-procs$PROCS
 [ "$UPGRADE" = 1 ] || name=$name-control
-out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS bash $0 $*")
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS' bash $0 $*")
 procs_flag=()
 [ "$PROCS" = 0 ] || procs_flag=(--procs "$PROCS")
+read -r -a server_flags <<< "$SERVER_FLAGS"
 work=$(mktemp -d)
-trap 'rm -rf "$work"; [ -z "${new:-}" ] || kill "$new" 2>/dev/null || true; [ -z "${old:-}" ] || kill "$old" 2>/dev/null || true' EXIT
+restore() {
+  [ "$TUNE" = 1 ] || return 0
+  bash kernel-tuning/apply.sh --restore "$PWD/$out/sysctl-backup.conf" >> "$out/kernel-apply.txt" 2>&1
+}
+trap 'rm -rf "$work"; [ -z "${new:-}" ] || kill "$new" 2>/dev/null || true; [ -z "${old:-}" ] || kill "$old" 2>/dev/null || true; [ -z "${client:-}" ] || kill "$client" 2>/dev/null || true; restore' EXIT
+if [ "$TUNE" = 1 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "upgrade: $CONNS devices need kernel-tuning/ applied, which needs root" >&2; exit 1; }
+  C1M_BACKUP="$PWD/$out/sysctl-backup.conf" bash kernel-tuning/apply.sh 2> "$out/kernel-apply.txt"
+fi
 
 ./target/release/server --listen 127.0.0.1:$PORT --admin 127.0.0.1:$APORT \
-  --io "$IO" --cores 0-1 "${procs_flag[@]}" --timeout 20s --tick 100ms --stats-interval 1s \
-  > "$work/stats.txt" 2> "$out/server.log" &
+  --io "$IO" --cores 0-1 "${procs_flag[@]}" --timeout "${TIMEOUT}s" --tick 100ms --stats-interval 1s \
+  "${server_flags[@]}" > "$work/stats.txt" 2> "$out/server.log" &
 old=$!
 wait_port $PORT
-./target/release/client --server 127.0.0.1:$PORT --ips 127.0.0.2-127.0.0.11 \
-  --conns "$CONNS" --heartbeat 2s --hold "${HOLD}s" --server-timeout 20s \
+./target/release/client --server 127.0.0.1:$PORT --ips "$IPS" --rate "$RATE" \
+  --conns "$CONNS" --heartbeat "${HEARTBEAT}s" --hold "${HOLD}s" --server-timeout "${TIMEOUT}s" \
   --cores 0-1 --procs "$CLIENT_PROCS" --out "$work/client" > "$work/client.txt" 2>&1 &
 client=$!
 
 # RSS of both processes every 100 ms (kB; the new one's pid once known).
-# Under --procs: the supervisor's, and its workers' together (old and new).
+# Under --procs: the supervisor's, and its workers' together (old and new),
+# in one awk per sample (every 0.5 s past 8 workers: forks cost CPU here).
+every=0.1
+[ "$PROCS" -gt 8 ] && every=0.5
 (
   while [ "$PROCS" != 0 ] && kill -0 $client 2>/dev/null; do
     s=$(awk '/VmRSS/{print $2}' /proc/$old/status 2>/dev/null || echo 0)
+    files=()
+    for k in $(cat /proc/$old/task/*/children 2>/dev/null); do files+=("/proc/$k/status"); done
     w=0
-    for k in $(cat /proc/$old/task/*/children 2>/dev/null); do
-      r=$(awk '/VmRSS/{print $2}' /proc/"$k"/status 2>/dev/null || true)
-      w=$(( w + ${r:-0} ))
-    done
-    echo "$(date +%s.%N | cut -c1-14) ${s:-0} $w"
-    sleep 0.1
+    [ "${#files[@]}" = 0 ] || w=$(awk '/VmRSS/{s+=$2} END{print s+0}' "${files[@]}" 2>/dev/null || echo 0)
+    echo "$(date +%s.%N | cut -c1-14) ${s:-0} ${w:-0}"
+    sleep $every
   done
   while [ "$PROCS" = 0 ] && kill -0 $client 2>/dev/null; do
     n=$(grep -o 'new process (pid [0-9]*' "$out/server.log" 2>/dev/null | grep -o '[0-9]*$' | tail -1 || true)
@@ -70,8 +94,8 @@ client=$!
   done
 ) > "$out/rss.txt" &
 
-# Wait for the fleet, then half the hold.
-for _ in $(seq 600); do
+# Wait for the fleet (up to 60 s plus a second per 10,000), then half the hold.
+for _ in $(seq $(( 600 + CONNS / 1000 ))); do
   up=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1 | cut -d= -f2 || true)
   [ "${up:-0}" -ge "$CONNS" ] && break
   sleep 0.1
@@ -105,9 +129,9 @@ handed=$(grep -o 'handed [0-9]* listeners and [0-9]* connections.* in [0-9]* ms'
 took=$(grep -o 'took over [0-9]* connections .* in [0-9]* ms' "$out/server.log" | paste -sd';' || true)
 rollout=$(grep -o 'upgrade: worker [0-9]* .*handed over to pid [0-9]* in [0-9]* ms\|upgrade: all [0-9]* workers .*\|upgrade stopped.*' "$out/server.log" | paste -sd';' || true)
 peak=$(awk '{s=$2+$3; if (s>m) m=s} END {print m/1024}' "$out/rss.txt")
-python3 - "$out" "$CONNS" "$IO" "$(( (t1 - t0) / 1000000 ))" "$handed" "$took" "$peak" "$before" "$PROCS" "$rollout" <<'EOF'
+python3 - "$out" "$CONNS" "$IO" "$(( (t1 - t0) / 1000000 ))" "$handed" "$took" "$peak" "$before" "$PROCS" "$rollout" "$HEARTBEAT" <<'EOF'
 import json, re, sys
-out, conns, io, wall, handed, took, peak, before, procs, rollout = sys.argv[1:]
+out, conns, io, wall, handed, took, peak, before, procs, rollout, heartbeat = sys.argv[1:]
 procs = int(procs)
 try:
     s = json.load(open(f"{out}/summary.json"))["figures"]
@@ -126,6 +150,7 @@ def conns_of(text, pat):
     return sum(int(m) for m in re.findall(pat, text))
 if procs:
     steps = [s for s in rollout.split(";") if "handed over to pid" in s]
+    per = [ms(s)[0] for s in steps if ms(s)]
     moved = conns_of(handed, r"and (\d+) connections")
     taken = conns_of(took, r"took over (\d+) connections")
     head = [
@@ -134,7 +159,8 @@ if procs:
         f"- fleet before the trigger: {before}",
         f"- trigger (POST /upgrade to the supervisor) to its last rollout line: {wall} ms",
         f"- supervisor: {rollout or 'no rollout line'}",
-        f"- per worker, new process started to old exited (ms): {[ms(s)[0] for s in steps if ms(s)]}",
+        f"- per worker, new process started to old exited (ms): {per}" + (f" (median {sorted(per)[len(per) // 2]}, max {max(per)})" if per else ""),
+        f"- the whole handover per 100,000 connections: {int(wall) * 100000 // max(int(conns), 1)} ms",
         f"- old workers: {moved} connections handed over in all; per worker (ms): {ms(handed)}",
         f"- new workers: {taken} taken over in all; per worker (ms): {ms(took)}",
     ]
@@ -148,8 +174,8 @@ else:
         f"- new process: {took or 'no takeover line'}",
     ]
 lines = head + [
-    f"- heartbeat round trip over the whole hold (pings every 2 s): p50 {g('heartbeat_rtt_p50_ms')} ms, p99 {g('heartbeat_rtt_p99_ms')} ms, max {g('heartbeat_rtt_max_ms')} ms (the longest gap any device saw)",
-    f"- heartbeats {g('heartbeats')}, replies {g('heartbeat_replies')} (a device counts one reply per outstanding ping: a reply lost before its last ping would show on its next reply as a round trip over 1.8 s, so a difference with max under that is pings of the hold's last moments, unanswered when the client closed)",
+    f"- heartbeat round trip over the whole hold (pings every {heartbeat} s): p50 {g('heartbeat_rtt_p50_ms')} ms, p99 {g('heartbeat_rtt_p99_ms')} ms, max {g('heartbeat_rtt_max_ms')} ms (the longest gap any device saw)",
+    f"- heartbeats {g('heartbeats')}, replies {g('heartbeat_replies')} (a device counts one reply per outstanding ping: a reply lost before its last ping would show on its next reply as a round trip over {0.9 * float(heartbeat):g} s, so a difference with max under that is pings of the hold's last moments, unanswered when the client closed)",
     f"- disconnects: false_expiries {g('false_expiries')} (heartbeating devices the server closed), expired_early {g('expired_early')}, bad_server_frames {g('bad_server_frames')}, replaced {g('replaced')}",
     f"- established {g('established')} of {g('target_connections')}, failed {g('failed')}",
     f"- peak RSS of both processes together: {float(peak):.1f} MiB (rss.txt: old, new, kB)" if not procs else
