@@ -16,7 +16,8 @@
 # At scale (e.g. CONNS=1000000 PROCS=60 HEARTBEAT=30 TIMEOUT=90): IPS
 # (the client's source aliases; 40 past 250,000 devices), HEARTBEAT and
 # TIMEOUT (seconds), RATE (the client's connects per second, 0 = as fast
-# as it can), SERVER_FLAGS (e.g. "--upgrade-parallel 8"); past 100,000
+# as it can), CONCURRENCY (its connects in flight per core; 64 past
+# 250,000), SERVER_FLAGS (e.g. "--upgrade-parallel 8"); past 100,000
 # devices kernel-tuning/ is applied with a backup and restored at the end
 # (root).
 # Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
@@ -35,7 +36,8 @@ HEARTBEAT=${HEARTBEAT:-2}
 TIMEOUT=${TIMEOUT:-20}
 RATE=${RATE:-0}
 SERVER_FLAGS=${SERVER_FLAGS:-}
-if [ "$CONNS" -gt 250000 ]; then IPS=${IPS:-127.0.0.2-127.0.0.41}; else IPS=${IPS:-127.0.0.2-127.0.0.11}; fi
+if [ "$CONNS" -gt 250000 ]; then IPS=${IPS:-127.0.0.2-127.0.0.41}; CONCURRENCY=${CONCURRENCY:-64}; else IPS=${IPS:-127.0.0.2-127.0.0.11}; fi
+CONCURRENCY=${CONCURRENCY:-256}
 TUNE=0
 [ "$CONNS" -gt 100000 ] && TUNE=1
 # UPGRADE=0: the same run without the upgrade (the control).
@@ -44,7 +46,7 @@ cargo build --release --quiet --bin server --bin client
 name=upgrade
 [ "$PROCS" = 0 ] || name=upgrade-procs$PROCS
 [ "$UPGRADE" = 1 ] || name=$name-control
-out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS' bash $0 $*")
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS' bash $0 $*")
 procs_flag=()
 [ "$PROCS" = 0 ] || procs_flag=(--procs "$PROCS")
 read -r -a server_flags <<< "$SERVER_FLAGS"
@@ -64,7 +66,7 @@ fi
   "${server_flags[@]}" > "$work/stats.txt" 2> "$out/server.log" &
 old=$!
 wait_port $PORT
-./target/release/client --server 127.0.0.1:$PORT --ips "$IPS" --rate "$RATE" \
+./target/release/client --server 127.0.0.1:$PORT --ips "$IPS" --rate "$RATE" --concurrency "$CONCURRENCY" \
   --conns "$CONNS" --heartbeat "${HEARTBEAT}s" --hold "${HOLD}s" --server-timeout "${TIMEOUT}s" \
   --cores 0-1 --procs "$CLIENT_PROCS" --out "$work/client" > "$work/client.txt" 2>&1 &
 client=$!
@@ -94,10 +96,11 @@ every=0.1
   done
 ) > "$out/rss.txt" &
 
-# Wait for the fleet (up to 60 s plus a second per 10,000), then half the hold.
+# Wait for the fleet's hold (the client says "holding" once every core has
+# ramped; up to 60 s plus a second per 10,000 devices), then half the hold.
 for _ in $(seq $(( 600 + CONNS / 1000 ))); do
-  up=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1 | cut -d= -f2 || true)
-  [ "${up:-0}" -ge "$CONNS" ] && break
+  grep -q "holding" "$work/client.txt" 2>/dev/null && break
+  kill -0 $client 2>/dev/null || break
   sleep 0.1
 done
 sleep $((HOLD / 2))
