@@ -245,6 +245,14 @@ pub trait Driver {
     /// released; close `h`.
     fn release(&mut self, h: Handle) -> io::Result<(OwnedFd, Vec<u8>)>;
 
+    /// A count that grows whenever a release under way may have become
+    /// ready (io_uring: a releasing connection's recv ended or its send
+    /// completed). A caller with thousands of releases under way asks
+    /// again only when it changed, not every turn for every one.
+    fn release_progress(&self) -> u64 {
+        0
+    }
+
     /// Hot upgrade: stops accepting and hands back the listening socket
     /// untouched (its queue and its place in the SO_REUSEPORT group go
     /// with it), or None if there is none.

@@ -38,6 +38,9 @@ pub const BUDGET: usize = 4096;
 /// to a device that does not read) before the connection is given up:
 /// reset here and counted as lost, so one device cannot hold the upgrade.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the releases under way are looked at without news from the
+/// driver (for those overdue, or ended meanwhile).
+const RELEASE_SWEEP: Duration = Duration::from_millis(100);
 
 /// What the handover thread tells a shard.
 pub enum Order {
@@ -155,6 +158,12 @@ pub(super) struct Handing {
     /// recv's last completion, a send in flight): key, generation, and
     /// when its release began.
     releasing: Vec<(usize, u32, std::time::Instant)>,
+    /// The driver's [`Driver::release_progress`] at the last look at
+    /// `releasing`, and when that was: it is looked at again only when
+    /// the driver has news or every [`RELEASE_SWEEP`] (a look is one call
+    /// per release under way: every turn, thousands).
+    progress: u64,
+    looked: std::time::Instant,
     moved: u32,
     tls_closed: u32,
     lost: u32,
@@ -185,6 +194,8 @@ impl State {
                     tx,
                     cursor: 0,
                     releasing: Vec::new(),
+                    progress: io.release_progress(),
+                    looked: self.clock.now.at,
                     moved: 0,
                     tls_closed: 0,
                     lost: 0,
@@ -211,8 +222,15 @@ impl State {
         let mut h = self.handing.take()?;
         let mut out = Vec::new();
         let now = self.clock.now.at;
-        // Those whose release was under way.
-        let mut i = 0;
+        // Those whose release was under way, when there may be news.
+        let progress = io.release_progress();
+        let mut i = if progress != h.progress || now >= h.looked + RELEASE_SWEEP {
+            h.progress = progress;
+            h.looked = now;
+            0
+        } else {
+            h.releasing.len()
+        };
         while i < h.releasing.len() {
             let (key, gen, began) = h.releasing[i];
             let overdue = now >= began + RELEASE_TIMEOUT;
