@@ -48,9 +48,17 @@ pub struct Script {
     pub released: u32,
     /// What [`Driver::reads_after_wait`] answers (as epoll does: true).
     pub reads_after_wait: bool,
+    /// [`Driver::release`] answers WouldBlock (as io_uring does until the
+    /// recv's cancel completes), and what [`Driver::release_progress`] says.
+    pub release_waits: bool,
+    pub release_progress: u64,
 }
 
 impl Driver for Script {
+    fn release_progress(&self) -> u64 {
+        self.release_progress
+    }
+
     fn name(&self) -> &'static str {
         "script"
     }
@@ -104,6 +112,9 @@ impl Driver for Script {
     /// Hands back a placeholder descriptor (an eventfd) and what
     /// `hold_output` kept, as the real drivers hand back the socket.
     fn release(&mut self, _: Handle) -> io::Result<(OwnedFd, Vec<u8>)> {
+        if self.release_waits {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.released += 1;
         let out = if std::mem::take(&mut self.held) {
             self.sent.last().cloned().unwrap_or_default()

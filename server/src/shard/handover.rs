@@ -34,9 +34,12 @@ use crate::ended::Ended;
 
 /// Connections a shard starts to hand over per turn of its loop.
 pub const BUDGET: usize = 4096;
-/// How long a release may wait for the driver (io_uring: a send in flight
-/// to a device that does not read) before the connection is given up:
-/// reset here and counted as lost, so one device cannot hold the upgrade.
+/// How long the releases under way may all wait without any of them
+/// making progress (io_uring: a send in flight to a device that does not
+/// read) before those left are given up: reset here and counted as lost,
+/// so one device cannot hold the upgrade. Not a bound on each release: a
+/// shard short of CPU (1M devices on 2 cores) sees its cancels complete
+/// late, and must not lose the devices they were for.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the releases under way are looked at without news from the
 /// driver (for those overdue, or ended meanwhile).
@@ -155,15 +158,16 @@ pub(super) struct Handing {
     /// The next slab key to offer.
     cursor: usize,
     /// Released but not yet handed back by the driver (io_uring: the
-    /// recv's last completion, a send in flight): key, generation, and
-    /// when its release began.
-    releasing: Vec<(usize, u32, std::time::Instant)>,
+    /// recv's last completion, a send in flight): key and generation.
+    releasing: Vec<(usize, u32)>,
     /// The driver's [`Driver::release_progress`] at the last look at
     /// `releasing`, and when that was: it is looked at again only when
     /// the driver has news or every [`RELEASE_SWEEP`] (a look is one call
     /// per release under way: every turn, thousands).
     progress: u64,
     looked: std::time::Instant,
+    /// When a release under way last made progress (or the first began).
+    moving: std::time::Instant,
     moved: u32,
     tls_closed: u32,
     lost: u32,
@@ -196,6 +200,7 @@ impl State {
                     releasing: Vec::new(),
                     progress: io.release_progress(),
                     looked: self.clock.now.at,
+                    moving: self.clock.now.at,
                     moved: 0,
                     tls_closed: 0,
                     lost: 0,
@@ -224,7 +229,11 @@ impl State {
         let now = self.clock.now.at;
         // Those whose release was under way, when there may be news.
         let progress = io.release_progress();
-        let mut i = if progress != h.progress || now >= h.looked + RELEASE_SWEEP {
+        if progress != h.progress || h.releasing.is_empty() {
+            h.moving = now;
+        }
+        let overdue = now >= h.moving + RELEASE_TIMEOUT;
+        let mut i = if progress != h.progress || overdue || now >= h.looked + RELEASE_SWEEP {
             h.progress = progress;
             h.looked = now;
             0
@@ -232,8 +241,7 @@ impl State {
             h.releasing.len()
         };
         while i < h.releasing.len() {
-            let (key, gen, began) = h.releasing[i];
-            let overdue = now >= began + RELEASE_TIMEOUT;
+            let (key, gen) = h.releasing[i];
             match self.slab.get(key) {
                 Some(s) if s.gen == gen && s.ended.is_some() => {
                     // It ended meanwhile (bytes that raced the release):
@@ -248,7 +256,7 @@ impl State {
                     }
                     Ok(false) if overdue => {
                         self.warn(format_args!(
-                            "a connection's release did not complete within {RELEASE_TIMEOUT:?} (a send to a device that does not read?): reset it, counted as lost by the upgrade"
+                            "a connection's release did not complete while no release made progress for {RELEASE_TIMEOUT:?} (a send to a device that does not read?): reset it, counted as lost by the upgrade"
                         ));
                         self.end(io, key, Ended::SlowReader, Close::Abortive);
                         h.lost += 1;
@@ -285,7 +293,7 @@ impl State {
             let gen = slot.gen;
             match self.release(io, key, &mut out) {
                 Ok(true) => h.moved += 1,
-                Ok(false) => h.releasing.push((key, gen, now)),
+                Ok(false) => h.releasing.push((key, gen)),
                 Err(()) => h.lost += 1,
             }
         }

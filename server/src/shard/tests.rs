@@ -458,6 +458,54 @@ fn a_failed_accept_resume_is_retried_not_fatal() {
     assert!(s.st.accept.resume.is_none(), "accepting again");
 }
 
+/// Hot upgrade: a release that waits on the driver (io_uring: its cancel
+/// not completed yet) is not given up while releases make progress (a
+/// shard short of CPU sees its cancels complete late, and must not lose
+/// their devices), only once none has for RELEASE_TIMEOUT: then it is
+/// reset and counted lost.
+#[test]
+fn a_waiting_release_is_given_up_only_when_none_makes_progress() {
+    use super::handover::{Order, Out, RELEASE_TIMEOUT};
+    let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
+    let cfg = ShardConfig {
+        timeout: Duration::from_secs(60),
+        ..config(false)
+    };
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (stx, _) = std::sync::mpsc::channel();
+    let script = Script {
+        events: [Fake::Accept, Fake::Data(UPGRADE.to_vec())].into(),
+        ..Script::default()
+    };
+    let mut a = Shard::new(0, cfg, script, listener, mail.remove(0), stx).unwrap();
+    a.turn_at(0);
+    assert!(a.io.sent[0].starts_with(b"HTTP/1.1 101 "));
+    a.io.release_waits = true;
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.st.on_order(&mut a.io, Order::MoveConns(tx));
+    let t = RELEASE_TIMEOUT.as_millis() as u64;
+    a.turn_at(10);
+    // Progress just before the timeout, then turns up to just under the
+    // timeout after it: never given up.
+    a.io.release_progress += 1;
+    a.turn_at(t - 10);
+    a.turn_at(2 * t - 20);
+    assert!(rx.try_recv().is_err(), "still under way");
+    assert!(a.io.closed.is_empty(), "not given up: progress was made");
+    // No progress for the whole timeout: reset, counted lost.
+    a.turn_at(2 * t);
+    assert!(matches!(
+        rx.try_recv(),
+        Ok(Out::End {
+            moved: 0,
+            lost: 1,
+            ..
+        })
+    ));
+    assert_eq!(a.io.closed, [Close::Abortive]);
+    assert!(a.st.slab.is_empty());
+}
+
 /// Hot upgrade on the scripted driver: a shard hands its upgraded device
 /// over (released from the driver, no close, no event, its registry entry
 /// left for the new process), and a shard of a process started by the

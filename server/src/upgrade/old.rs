@@ -4,6 +4,7 @@
 //! and reports how it went. It blocks on the socket; the shards never do
 //! (they hand their connections to it by channel).
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -119,6 +120,7 @@ fn run(mut plan: Plan) -> Result<Summary, String> {
         plan: &plan,
         seq: 1,
         in_batch: 0,
+        in_flight: VecDeque::new(),
         sum: Summary {
             pid,
             hello,
@@ -253,7 +255,22 @@ struct Handover<'a> {
     /// Connections in the batch being filled: moved once it is acked,
     /// lost if it fails.
     in_batch: u64,
+    /// Batches sent and not yet acknowledged, oldest first: at most
+    /// [`WINDOW`], so that this side releases and encodes the next while
+    /// the new process takes the last.
+    in_flight: VecDeque<Sent>,
 }
+
+/// A batch sent, awaiting its Ack: our copies of its descriptors close
+/// then; its connections are moved once acked, lost if it fails.
+struct Sent {
+    seq: u32,
+    conns: u64,
+    fds: Vec<OwnedFd>,
+}
+
+/// Batches in flight at once (each up to 253 connections).
+const WINDOW: usize = 4;
 
 impl Handover<'_> {
     /// Every shard stops accepting and hands its listener back.
@@ -315,7 +332,9 @@ impl Handover<'_> {
                 addr,
             )?;
         }
-        self.flush(&mut out)
+        // Acknowledged before any connection moves.
+        self.flush(&mut out)?;
+        self.settle()
     }
 
     /// Our listeners back to their shards (the handover failed).
@@ -327,8 +346,8 @@ impl Handover<'_> {
         }
     }
 
-    /// Sends `out` as the next batch and waits for its Ack; our copies of
-    /// its descriptors close then.
+    /// Sends `out` as the next batch; once [`WINDOW`] are in flight, waits
+    /// for the oldest one's Ack.
     fn flush(&mut self, out: &mut Outbox) -> Result<(), String> {
         if out.is_empty() {
             return Ok(());
@@ -337,23 +356,47 @@ impl Handover<'_> {
         self.seq += 1;
         let conns = std::mem::take(&mut self.in_batch);
         // Failed: its connections are lost (their sockets close with our
-        // copies, or died with the new process).
-        let sent = out.flush(&mut self.ch, seq).map_err(|e| {
-            self.sum.lost += conns;
-            format!("cannot send batch {seq} ({e})")
-        })?;
-        let taken = match self.ack(seq) {
+        // copies, or died with the new process), and those in flight.
+        let fds = match out.flush(&mut self.ch, seq) {
+            Ok(fds) => fds,
+            Err(e) => {
+                self.sum.lost += conns + self.in_flight.drain(..).map(|b| b.conns).sum::<u64>();
+                return Err(format!("cannot send batch {seq} ({e})"));
+            }
+        };
+        self.in_flight.push_back(Sent { seq, conns, fds });
+        while self.in_flight.len() >= WINDOW {
+            self.settle_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch in flight to be acknowledged.
+    fn settle(&mut self) -> Result<(), String> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// The oldest batch in flight's Ack: its connections counted moved
+    /// (or lost: those the new process could not take, or all of those
+    /// in flight if it failed).
+    fn settle_oldest(&mut self) -> Result<(), String> {
+        let Some(b) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let taken = match self.ack(b.seq) {
             Ok(t) => u64::from(t),
             Err(why) => {
-                self.sum.lost += conns;
+                self.sum.lost += b.conns + self.in_flight.drain(..).map(|b| b.conns).sum::<u64>();
                 return Err(why);
             }
         };
         // The new process closed those it could not take: counted.
-        let refused = (sent.len() as u64).saturating_sub(taken);
-        self.sum.lost += refused.min(conns);
-        self.sum.moved += conns - refused.min(conns);
-        drop(sent);
+        let refused = (b.fds.len() as u64).saturating_sub(taken);
+        self.sum.lost += refused.min(b.conns);
+        self.sum.moved += b.conns - refused.min(b.conns);
         Ok(())
     }
 
@@ -422,6 +465,8 @@ impl Handover<'_> {
                     self.sum.tls_closed += u64::from(tls_closed);
                     self.sum.lost += u64::from(lost);
                     self.flush(&mut out)?;
+                    // A failure shows here, with this shard's part.
+                    self.settle()?;
                     let end = Record::ShardEnd(ShardEnd {
                         shard: shard as u32,
                         listeners: 1,
@@ -455,6 +500,7 @@ impl Handover<'_> {
 
     /// Done, and the new process's Done back.
     fn finish(&mut self) -> Result<(), String> {
+        self.settle()?;
         send(
             &mut self.ch,
             0,
