@@ -44,6 +44,11 @@ pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the releases under way are looked at without news from the
 /// driver (for those overdue, or ended meanwhile).
 const RELEASE_SWEEP: Duration = Duration::from_millis(100);
+/// And only after this many turns without progress: a shard that did not
+/// run for seconds (60 workers on 2 cores) first gets to collect the
+/// completions that came meanwhile (io_uring with DEFER_TASKRUN posts them
+/// only in a wait that asks for events).
+const RELEASE_STILL_TURNS: u32 = 8;
 
 /// What the handover thread tells a shard.
 pub enum Order {
@@ -166,8 +171,10 @@ pub(super) struct Handing {
     /// per release under way: every turn, thousands).
     progress: u64,
     looked: std::time::Instant,
-    /// When a release under way last made progress (or the first began).
+    /// When a release under way last made progress (or the first began),
+    /// and the turns since.
     moving: std::time::Instant,
+    still: u32,
     moved: u32,
     tls_closed: u32,
     lost: u32,
@@ -201,6 +208,7 @@ impl State {
                     progress: io.release_progress(),
                     looked: self.clock.now.at,
                     moving: self.clock.now.at,
+                    still: 0,
                     moved: 0,
                     tls_closed: 0,
                     lost: 0,
@@ -231,8 +239,11 @@ impl State {
         let progress = io.release_progress();
         if progress != h.progress || h.releasing.is_empty() {
             h.moving = now;
+            h.still = 0;
+        } else {
+            h.still = h.still.saturating_add(1);
         }
-        let overdue = now >= h.moving + RELEASE_TIMEOUT;
+        let overdue = now >= h.moving + RELEASE_TIMEOUT && h.still >= RELEASE_STILL_TURNS;
         let mut i = if progress != h.progress || overdue || now >= h.looked + RELEASE_SWEEP {
             h.progress = progress;
             h.looked = now;
