@@ -19,7 +19,9 @@
 # as it can), CONCURRENCY (its connects in flight per core; 64 past
 # 250,000), SERVER_FLAGS (e.g. "--upgrade-parallel 8"); past 100,000
 # devices kernel-tuning/ is applied with a backup and restored at the end
-# (root).
+# (root). CLIENT_NICE=N runs the client at that nice level: on this box the
+# load generator shares the 2 cores with the server, which a real server
+# of 1M devices does not; niced, the client yields the CPU to the server.
 # Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
 # client's), server.log (both processes' stderr), rss.txt, command.txt.
 set -euo pipefail
@@ -36,6 +38,7 @@ HEARTBEAT=${HEARTBEAT:-2}
 TIMEOUT=${TIMEOUT:-20}
 RATE=${RATE:-0}
 SERVER_FLAGS=${SERVER_FLAGS:-}
+CLIENT_NICE=${CLIENT_NICE:-0}
 if [ "$CONNS" -gt 250000 ]; then IPS=${IPS:-127.0.0.2-127.0.0.41}; CONCURRENCY=${CONCURRENCY:-64}; else IPS=${IPS:-127.0.0.2-127.0.0.11}; fi
 CONCURRENCY=${CONCURRENCY:-256}
 TUNE=0
@@ -46,7 +49,7 @@ cargo build --release --quiet --bin server --bin client
 name=upgrade
 [ "$PROCS" = 0 ] || name=upgrade-procs$PROCS
 [ "$UPGRADE" = 1 ] || name=$name-control
-out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS' bash $0 $*")
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY CLIENT_NICE=$CLIENT_NICE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS' bash $0 $*")
 procs_flag=()
 [ "$PROCS" = 0 ] || procs_flag=(--procs "$PROCS")
 read -r -a server_flags <<< "$SERVER_FLAGS"
@@ -66,7 +69,7 @@ fi
   "${server_flags[@]}" > "$work/stats.txt" 2> "$out/server.log" &
 old=$!
 wait_port $PORT
-./target/release/client --server 127.0.0.1:$PORT --ips "$IPS" --rate "$RATE" --concurrency "$CONCURRENCY" \
+nice -n "$CLIENT_NICE" ./target/release/client --server 127.0.0.1:$PORT --ips "$IPS" --rate "$RATE" --concurrency "$CONCURRENCY" \
   --conns "$CONNS" --heartbeat "${HEARTBEAT}s" --hold "${HOLD}s" --server-timeout "${TIMEOUT}s" \
   --cores 0-1 --procs "$CLIENT_PROCS" --out "$work/client" > "$work/client.txt" 2>&1 &
 client=$!
