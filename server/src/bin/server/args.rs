@@ -143,8 +143,10 @@ pub struct Args {
     #[argh(option, default = "1")]
     pub procs: usize,
     /// with --procs, how many workers a hot upgrade hands over to new
-    /// processes at once (default 4: 60 workers of 1M devices in about
-    /// 5 s here, each device's worker moving in well under a second)
+    /// processes at once; the rest serve untouched meanwhile, and at most
+    /// this many workers' connections are doubled in memory (default 4:
+    /// a worker's handover is mostly waiting, so 4 at once took a third of
+    /// one at a time's wall time; 8 was no faster)
     #[argh(option, default = "4")]
     pub upgrade_parallel: usize,
     /// with --procs, also print each worker's stats lines (prefixed)
