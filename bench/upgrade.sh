@@ -23,7 +23,8 @@
 # load generator shares the 2 cores with the server, which a real server
 # of 1M devices does not; niced, the client yields the CPU to the server.
 # Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
-# client's), server.log (both processes' stderr), rss.txt, command.txt.
+# client's), server.log (both processes' stderr), rss.txt, cpu.txt (the
+# box's CPU every 2 s, the trigger marked), command.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -99,6 +100,22 @@ every=0.1
   done
 ) > "$out/rss.txt" &
 
+# The box's CPU every 2 s (percent of all CPUs, from /proc/stat): how much
+# of it the fleet's heartbeats leave for a handover.
+echo "unix_s busy_pct user_pct system_pct softirq_pct" > "$out/cpu.txt"
+(
+  read -r -a a < /proc/stat
+  while kill -0 $client 2>/dev/null; do
+    sleep 2
+    read -r -a b < /proc/stat
+    t=0
+    for k in 1 2 3 4 5 6 7 8; do t=$(( t + b[k] - a[k] )); done
+    idle=$(( b[4] - a[4] + b[5] - a[5] ))
+    [ "$t" -gt 0 ] && echo "$(date +%s) $(( 100 * (t - idle) / t )) $(( 100 * (b[1] - a[1]) / t )) $(( 100 * (b[3] - a[3]) / t )) $(( 100 * (b[7] - a[7]) / t ))"
+    a=("${b[@]}")
+  done
+) >> "$out/cpu.txt" &
+
 # Wait for the fleet's hold (the client says "holding" once every core has
 # ramped; up to 60 s plus a second per 10,000 devices), then half the hold.
 for _ in $(seq $(( 600 + CONNS / 1000 ))); do
@@ -109,6 +126,7 @@ done
 sleep $((HOLD / 2))
 before=$(grep -o 'conns=[0-9]*' "$work/stats.txt" | tail -1)
 t0=$(date +%s%N)
+echo "$(date +%s) trigger" >> "$out/cpu.txt"
 [ "$UPGRADE" = 1 ] && curl -s -X POST "http://127.0.0.1:$APORT/upgrade" > "$work/trigger.txt"
 done_re='this process exits\|upgrade refused\|upgrade failed'
 [ "$PROCS" = 0 ] || done_re='workers handed over to new processes\|upgrade stopped\|upgrade refused'
@@ -117,6 +135,7 @@ for _ in $(seq "$((UPGRADE * 6000))"); do
   sleep 0.01
 done
 t1=$(date +%s%N)
+echo "$(date +%s) rollout-end" >> "$out/cpu.txt"
 new=""
 [ "$PROCS" != 0 ] || new=$(grep -o 'new process (pid [0-9]*' "$out/server.log" | grep -o '[0-9]*$' | tail -1 || true)
 wait $client || true
@@ -194,6 +213,21 @@ else:
         f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
         f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
     ]
+def cpu_between(lo, hi):
+    v = []
+    for l in open(f"{out}/cpu.txt").read().splitlines()[1:]:
+        f = l.split()
+        if len(f) == 5 and lo < int(f[0]) <= hi:
+            v.append(int(f[1]))
+    return f"{sum(v) / len(v):.0f}%" if v else "-"
+marks = {}
+for l in open(f"{out}/cpu.txt").read().splitlines()[1:]:
+    f = l.split()
+    if len(f) == 2:
+        marks[f[1]] = int(f[0])
+if "trigger" in marks:
+    end = marks.get("rollout-end", marks["trigger"])
+    lines.append(f"- the box's CPU busy (cpu.txt, all CPUs): {cpu_between(marks['trigger'] - 20, marks['trigger'])} in the 20 s before the trigger, {cpu_between(marks['trigger'], end + 2)} during the rollout")
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
