@@ -127,20 +127,27 @@ impl Rollout {
         self.pending.iter().any(|p| p.worker == k)
     }
 
+    /// The workers upgraded so far, in order, as comma lists: their
+    /// numbers, old pids and new pids.
+    fn lists(&self) -> [String; 3] {
+        let mut done = self.done.clone();
+        done.sort_unstable();
+        let join =
+            |f: fn(&(usize, u32, u32)) -> String| done.iter().map(f).collect::<Vec<_>>().join(",");
+        [
+            join(|d| d.0.to_string()),
+            join(|d| d.1.to_string()),
+            join(|d| d.2.to_string()),
+        ]
+    }
+
     /// What runs the new binary so far, for the sentence that ends it.
     fn upgraded(&self) -> String {
         if self.done.is_empty() {
             return "no worker was upgraded".into();
         }
-        let mut done = self.done.clone();
-        done.sort_unstable();
-        let list =
-            |f: fn(&(usize, u32, u32)) -> String| done.iter().map(f).collect::<Vec<_>>().join(",");
-        format!(
-            "workers {} run the new binary (pids {})",
-            list(|d| d.0.to_string()),
-            list(|d| d.2.to_string())
-        )
+        let [workers, _, new] = self.lists();
+        format!("workers {workers} run the new binary (pids {new})")
     }
 }
 
@@ -494,21 +501,12 @@ impl Supervisor {
                 r.upgraded()
             ));
         }
-        let mut done = r.done.clone();
-        done.sort_unstable();
-        let pids = |f: fn(&(usize, u32, u32)) -> u32| {
-            done.iter()
-                .map(|d| f(d).to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let [_, old, new] = r.lists();
         Some(format!(
-            "upgrade: all {n} workers handed over to new processes of {} in {} ms, up to {} at once (pids {} now {}); the supervisor (pid {}) stays as it was and starts any worker from that path",
+            "upgrade: all {n} workers handed over to new processes of {} in {} ms, up to {} at once (pids {old} now {new}); the supervisor (pid {}) stays as it was and starts any worker from that path",
             c.exe.display(),
             r.began.elapsed().as_millis(),
             self.upgrade_parallel.min(n),
-            pids(|d| d.1),
-            pids(|d| d.2),
             std::process::id(),
         ))
     }

@@ -360,7 +360,8 @@ impl Handover<'_> {
         let fds = match out.flush(&mut self.ch, seq) {
             Ok(fds) => fds,
             Err(e) => {
-                self.sum.lost += conns + self.in_flight.drain(..).map(|b| b.conns).sum::<u64>();
+                self.sum.lost += conns;
+                self.lose_in_flight();
                 return Err(format!("cannot send batch {seq} ({e})"));
             }
         };
@@ -369,6 +370,12 @@ impl Handover<'_> {
             self.settle_oldest()?;
         }
         Ok(())
+    }
+
+    /// The handover failed: the batches in flight are lost (their
+    /// sockets close with our copies, or died with the new process).
+    fn lose_in_flight(&mut self) {
+        self.sum.lost += self.in_flight.drain(..).map(|b| b.conns).sum::<u64>();
     }
 
     /// Waits for every batch in flight to be acknowledged.
@@ -389,7 +396,8 @@ impl Handover<'_> {
         let taken = match self.ack(b.seq) {
             Ok(t) => u64::from(t),
             Err(why) => {
-                self.sum.lost += b.conns + self.in_flight.drain(..).map(|b| b.conns).sum::<u64>();
+                self.sum.lost += b.conns;
+                self.lose_in_flight();
                 return Err(why);
             }
         };
