@@ -13,7 +13,12 @@
 # PROCS=N runs the server as N worker processes (--procs N: each worker's
 # shards close at their share of RATE); the client runs one process per
 # 15,000 devices (RLIMIT_NOFILE is 20,000 here).
+# At scale: CLIENT_RATE (the ramp, 0 = as fast as it goes), HEARTBEAT
+# (seconds; the server's --timeout is 3x), IPS (source addresses, 25,000
+# devices each at most); past 100,000 devices kernel-tuning/ is applied
+# with a backup in the results directory and restored at the end (root).
 # Usage: bash bench/drain.sh   (SIZE=10000 RATE=1000 DELAY=1s IOS="epoll uring" PROCS=1)
+#   1M: SIZE=1000000 RATE=20000 PROCS=60 CLIENT_RATE=0 HEARTBEAT=30 IPS=127.0.0.2-127.0.0.41 IOS=uring bash bench/drain.sh
 # Writes: results/<UTC time>-drain/{summary.md,command.txt,git.txt,machine.txt,
 #         <io>-server.log (its stats lines), <io>-client.json (the client's figures)}
 set -euo pipefail
@@ -25,11 +30,17 @@ DELAY=${DELAY:-1s}
 IOS=${IOS:-"epoll uring"}
 PORT=${PORT:-9730}
 PROCS=${PROCS:-1}
+CLIENT_RATE=${CLIENT_RATE:-5000}
+HEARTBEAT=${HEARTBEAT:-10}
+IPS=${IPS:-127.0.0.2-127.0.0.5}
+TIMEOUT=$(( HEARTBEAT * 3 < 60 ? 60 : HEARTBEAT * 3 ))
+TUNE=0
+[ "$SIZE" -gt 100000 ] && TUNE=1
 procs=(); [ "$PROCS" -gt 1 ] && procs=(--procs "$PROCS")
 client_procs=$(( (SIZE + 14999) / 15000 ))
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results drain "SIZE=$SIZE RATE=$RATE DELAY=$DELAY IOS='$IOS' PROCS=$PROCS bash bench/drain.sh")
+top=$(new_results drain "SIZE=$SIZE RATE=$RATE DELAY=$DELAY IOS='$IOS' PROCS=$PROCS CLIENT_RATE=$CLIENT_RATE HEARTBEAT=$HEARTBEAT IPS=$IPS bash bench/drain.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
 tmp=$(mktemp -d)
 
@@ -39,25 +50,37 @@ cleanup() {
   sleep 1
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   rm -rf "$tmp"
+  if [ "$TUNE" = 1 ] && [ -s "$top/sysctl-backup.conf" ]; then
+    bash kernel-tuning/apply.sh --restore "$PWD/$top/sysctl-backup.conf" >> "$top/kernel-apply.txt" 2>&1
+  fi
 }
 trap cleanup EXIT
+if [ "$TUNE" = 1 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "drain: $SIZE devices need kernel-tuning/ applied, which needs root" >&2; exit 1; }
+  C1M_BACKUP="$PWD/$top/sysctl-backup.conf" bash kernel-tuning/apply.sh 2> "$top/kernel-apply.txt"
+fi
 
 drain_s=$(( (SIZE + RATE - 1) / RATE ))
 for io in $IOS; do
-  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout 60s --tick 100ms \
+  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout "${TIMEOUT}s" --tick 100ms \
     --stats-interval 1s --drain-rate "$RATE" --drain-health-delay "$DELAY" --drain-timeout 5s \
     > "$top/$io-server.log" 2>&1 &
   server=$!
   pids+=("$server")
   wait_port $PORT
-  hold=$(( SIZE / 5000 + 8 + drain_s + 10 ))
-  timeout $(( hold + 60 )) ./target/release/client --io epoll --server 127.0.0.1:$PORT \
-    --ips 127.0.0.2-127.0.0.5 --procs "$client_procs" --conns "$SIZE" --rate 5000 --heartbeat 10s \
-    --server-timeout 60s --hold "${hold}s" --quiet --out "$tmp/$io" > "$tmp/$io-client.txt" 2>&1 &
+  # The hold begins once the ramp ends: the wait below, the delay, the
+  # drain and a margin. The ramp itself: SIZE / CLIENT_RATE, or up to
+  # SIZE / 5,000 s as fast as it goes on this box.
+  ramp_s=$(( CLIENT_RATE > 0 ? SIZE / CLIENT_RATE : SIZE / 5000 ))
+  hold=$(( 8 + drain_s + 10 ))
+  [ "$CLIENT_RATE" -gt 0 ] && hold=$(( hold + ramp_s ))
+  timeout $(( ramp_s + hold + 60 )) ./target/release/client --io epoll --server 127.0.0.1:$PORT \
+    --ips "$IPS" --procs "$client_procs" --conns "$SIZE" --rate "$CLIENT_RATE" --heartbeat "${HEARTBEAT}s" \
+    --server-timeout "${TIMEOUT}s" --hold "${hold}s" --quiet --out "$tmp/$io" > "$tmp/$io-client.txt" 2>&1 &
   client=$!
   pids+=("$client")
   # Every device up (the stats line's conns), then SIGTERM.
-  for _ in $(seq 300); do
+  for _ in $(seq $(( 300 + ramp_s * 10 ))); do
     n=$( (grep -o ' conns=[0-9]*' "$top/$io-server.log" || true) | tail -1 | cut -d= -f2)
     [ "${n:-0}" -ge "$SIZE" ] && break
     sleep 0.1

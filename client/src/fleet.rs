@@ -1082,7 +1082,11 @@ impl State {
         match opcode {
             Opcode::Pong | Opcode::Text | Opcode::Binary => {
                 if d.ping_sent_us != 0 {
-                    hgrm::record(&mut self.measured.heartbeat_rtt, now - d.ping_sent_us);
+                    let rtt = now - d.ping_sent_us;
+                    hgrm::record(&mut self.measured.heartbeat_rtt, rtt);
+                    if self.phase == Phase::Hold {
+                        hgrm::record(&mut self.measured.heartbeat_rtt_hold, rtt);
+                    }
                     d.ping_sent_us = 0;
                     self.counters.replies += 1;
                 }

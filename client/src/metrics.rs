@@ -198,6 +198,9 @@ impl Phase {
 pub struct Measured {
     pub connect: Histogram<u64>,
     pub heartbeat_rtt: Histogram<u64>,
+    /// The round trips of the hold alone (every core ramped, the ramp's
+    /// connects no longer competing with the heartbeats for the CPU).
+    pub heartbeat_rtt_hold: Histogram<u64>,
     /// Devices that fell silent on their own (`--silent`).
     pub expiry_lag: Histogram<u64>,
     /// Devices silenced together by `--go-silent`: the deletion storm.
@@ -219,6 +222,7 @@ impl Measured {
         Measured {
             connect: crate::hgrm::new_histogram(),
             heartbeat_rtt: crate::hgrm::new_histogram(),
+            heartbeat_rtt_hold: crate::hgrm::new_histogram(),
             expiry_lag: crate::hgrm::new_histogram(),
             storm_lag: crate::hgrm::new_histogram(),
             reconnect_connect: crate::hgrm::new_histogram(),
@@ -231,6 +235,7 @@ impl Measured {
         for (a, b) in [
             (&mut self.connect, &o.connect),
             (&mut self.heartbeat_rtt, &o.heartbeat_rtt),
+            (&mut self.heartbeat_rtt_hold, &o.heartbeat_rtt_hold),
             (&mut self.expiry_lag, &o.expiry_lag),
             (&mut self.storm_lag, &o.storm_lag),
             (&mut self.reconnect_connect, &o.reconnect_connect),

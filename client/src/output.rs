@@ -60,6 +60,7 @@ pub fn write(
 ) -> Result<(Value, String), String> {
     write_histogram(dir, "connect", &o.measured.connect)?;
     write_histogram(dir, "heartbeat_rtt", &o.measured.heartbeat_rtt)?;
+    write_histogram(dir, "heartbeat_rtt_hold", &o.measured.heartbeat_rtt_hold)?;
     write_histogram(dir, "expiry_lag", &o.measured.expiry_lag)?;
     write_histogram(dir, "storm_lag", &o.measured.storm_lag)?;
     write_histogram(dir, "reconnect_connect", &o.measured.reconnect_connect)?;

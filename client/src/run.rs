@@ -439,6 +439,7 @@ pub fn load_measured(dir: &Path) -> Result<Measured, String> {
     Ok(Measured {
         connect: read("connect")?,
         heartbeat_rtt: read("heartbeat_rtt")?,
+        heartbeat_rtt_hold: read("heartbeat_rtt_hold")?,
         expiry_lag: read("expiry_lag")?,
         storm_lag: read("storm_lag")?,
         reconnect_connect: read("reconnect_connect")?,

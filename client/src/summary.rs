@@ -75,6 +75,14 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
     f.insert("heartbeat_rtt_p50_ms".into(), ms(&m.heartbeat_rtt, 0.5));
     f.insert("heartbeat_rtt_p99_ms".into(), ms(&m.heartbeat_rtt, 0.99));
     f.insert("heartbeat_rtt_max_ms".into(), max_ms(&m.heartbeat_rtt));
+    f.insert(
+        "heartbeat_rtt_hold_p50_ms".into(),
+        ms(&m.heartbeat_rtt_hold, 0.5),
+    );
+    f.insert(
+        "heartbeat_rtt_hold_p99_ms".into(),
+        ms(&m.heartbeat_rtt_hold, 0.99),
+    );
     // A drain (bench/drain.sh): the server's first and last close of a
     // heartbeating device, seconds since the run began (to 0.1%).
     if !m.server_closes.is_empty() {
@@ -351,6 +359,14 @@ pub fn markdown(f: &Value, command: &str, dir: &str) -> String {
                 num("heartbeat_rtt_p50_ms"),
                 num("heartbeat_rtt_p99_ms"),
                 num("heartbeat_rtt_max_ms")
+            ),
+        ),
+        (
+            "Heartbeat RTT p50 / p99 (ms), the hold alone",
+            format!(
+                "{} / {}",
+                num("heartbeat_rtt_hold_p50_ms"),
+                num("heartbeat_rtt_hold_p99_ms")
             ),
         ),
         ("Silent devices expired by the server", num("expired")),

@@ -827,6 +827,35 @@ fn a_socket_dropped_in_admission_is_counted() {
     );
 }
 
+/// A TLS session that cannot be started (rustls refuses the config: here
+/// a record size it does not allow) drops the socket in admission: closed
+/// abortively, counted in admit_dropped, never accepted or on the wheel.
+#[test]
+fn a_socket_whose_tls_cannot_start_is_dropped_and_counted() {
+    let (cert, key) = make_cert("tls-setup-fails");
+    let good = c1m_io::tls::server_config(&cert, &key).unwrap();
+    let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+    let mut bad = (*good).clone();
+    // rustls takes 32..=16,389 and refuses a session on anything else.
+    bad.max_fragment_size = Some(1);
+    let mut cfg = config(false);
+    cfg.tls = Some(std::sync::Arc::new(bad));
+    let listener = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (mut mail, _peers) = crate::directory::mailbox::wire(1).unwrap();
+    let (tx, _) = std::sync::mpsc::channel();
+    let script = Script {
+        events: [Fake::Accept, Fake::Accept].into(),
+        ..Script::default()
+    };
+    let mut s = Shard::new(0, cfg, script, listener, mail.remove(0), tx).unwrap();
+    s.turn_at(0);
+    let c = s.st.counters;
+    assert_eq!((c.admit_dropped, c.accepted), (2, 0), "{c:?}");
+    assert_eq!(s.io.closed, [Close::Abortive, Close::Abortive]);
+    assert!(s.st.slab.is_empty());
+    assert_eq!(s.st.open, 0);
+}
+
 /// The stats a shard reports carry the driver's counters: io_uring's
 /// submits of a full queue (retries included) reach the stats line and
 /// /metrics as sq_full.
