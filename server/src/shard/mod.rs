@@ -628,10 +628,7 @@ impl State {
             Some(self.report.next),
             self.drain.deadline,
             self.accept.resume,
-            self.drain
-                .pacing
-                .as_ref()
-                .map(|p| p.next_due(self.drain_rate())),
+            self.drain.pacing.as_ref().map(|p| p.next_due()),
         ]
         .into_iter()
         .flatten()
