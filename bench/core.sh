@@ -114,7 +114,7 @@ for round in $(seq "$ROUNDS"); do
       # 2: the run completed and the server closed heartbeating devices (counted in the figures).
       [ "$rc" = 0 ] || [ "$rc" = 2 ] || { echo "bench: the client failed (exit $rc) against $impl, $case: see $out/client.err" >&2; exit 1; }
       json=$(python3 bench/client_json.py "$run")
-      overflows=$(nstat -az TcpExtListenOverflows TcpExtListenDrops 2>/dev/null | awk 'NR>1{s+=$2} END{print s+0}')
+      overflows=$(nstat -z TcpExtListenOverflows TcpExtListenDrops 2>/dev/null | awk 'NR>1{s+=$2} END{print s+0}')
       stop_server
       line="{\"impl\":\"$impl\",\"round\":$round,\"listen_overflows_drops\":$overflows,${json#\{}"
       echo "$line" >> "$out/runs.jsonl"

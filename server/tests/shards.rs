@@ -1,4 +1,5 @@
-//! Shards and the port: both shards take connections, --reuseport-cpu
+//! Shards and the port: both shards take connections (on SCHED_BATCH
+//! unless --sched normal), --reuseport-cpu
 //! steers by receiving CPU, a second server on the port is refused unless
 //! --join, and a server without io_uring says so and runs on epoll.
 
@@ -137,7 +138,45 @@ fn without_io_uring_the_server_says_so_and_runs_on_epoll() {
     let _ = child.wait();
 }
 
+/// The scheduling policies (sched(7)) of the server's threads whose name
+/// begins with "shard": field 41 of /proc/<pid>/task/<tid>/stat.
+fn shard_thread_policies(pid: u32) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("shard") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // After the ")" that ends the name come fields 3 onwards.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        policies.push(rest.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+    }
+    policies
+}
+
+/// --sched batch (the default): each shard's loop runs on SCHED_BATCH
+/// (3); --sched normal leaves every thread on SCHED_OTHER (0).
+fn shard_threads_run_sched_batch_unless_told_normal() {
+    const SCHED_BATCH: u32 = 3;
+    for (flags, batch) in [(&[][..], 2), (&["--sched", "normal"][..], 0)] {
+        let server = Server::start(&[&["--cores", "0-1"][..], flags].concat());
+        // Both shards up: each took a connection.
+        let sockets: Vec<_> = (0..16).map(|i| server.ws(&format!("sc{i}"))).collect();
+        server.wait_line("16 connections", |l| field(l, "conns") == 16);
+        let policies = shard_thread_policies(server.child.id());
+        assert_eq!(
+            policies.iter().filter(|&&p| p == SCHED_BATCH).count(),
+            batch,
+            "{flags:?}: shard threads' policies {policies:?}"
+        );
+        drop(sockets);
+    }
+}
+
 on_both_backends!(
+    shard_threads_run_sched_batch_unless_told_normal,
     reuseport_cpu_steers_each_connection_to_the_receiving_cpus_shard,
     both_shards_take_connections,
     a_second_server_on_the_same_port_is_refused,

@@ -5,6 +5,7 @@
 
 pub mod limits;
 pub mod notify;
+pub mod sched;
 pub mod signals;
 pub mod workers;
 

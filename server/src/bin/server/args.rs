@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use c1m::config::{parse_cidr, Cidr};
+use c1m_io::host::sched::Sched;
 use c1m_io::host::{allowed_cpus, parse_bytes, parse_cpus, parse_duration};
 use c1m_io::Backend;
 use c1m_proto::auth::Keys;
@@ -81,6 +82,12 @@ pub struct Args {
     /// at the price of up to this much latency; 0 turns it off (default 0s)
     #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
     pub io_batch_wait: Duration,
+    /// the shard threads' scheduling policy: batch (SCHED_BATCH: a shard
+    /// woken by a completion does not preempt what runs on its core, and
+    /// finds many completions when it runs; docs/benchmarks.md measures
+    /// it) or normal (SCHED_OTHER) (default batch)
+    #[argh(option, default = "Sched::Batch")]
+    pub sched: Sched,
     /// listen backlog per shard (default: each shard's share of 16,384 over
     /// the whole server, all --procs workers included, at least 128 and at
     /// most net.core.somaxconn: about a second of upgrades here, so that a

@@ -267,6 +267,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // that shard owned lost from the registry.
     let (died_tx, died_rx) = mpsc::channel::<String>();
     let mut handles = Vec::new();
+    let sched = args.sched;
     for (id, ((&cpu, listener), mail)) in cores.iter().zip(listeners).zip(mail).enumerate() {
         let cfg = cfg.clone();
         let tx = report_tx.clone();
@@ -278,6 +279,10 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             // gigabytes. 64 KiB is glommio's minimum.
             .io_memory(64 << 10)
             .spawn(move || async move {
+                if let Err(e) = sched.apply() {
+                    // Served all the same, at the policy it has.
+                    eprintln!("server: shard {id} keeps its scheduling policy: --sched {sched} failed ({e})");
+                }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     shard::run(backend, id, cfg, listener, mail, tx)
                 }));
