@@ -4,7 +4,8 @@
 # devices connect, summed over its threads from /proc/<pid>/task/*/status
 # before and after the client's ramp (no heartbeats). For c1m with each
 # shard policy (--sched batch, the default, and --sched normal), both
-# backends, and the tuned tokio-tungstenite peer (server/examples/tokio_peer.rs).
+# backends, and the tuned tokio-tungstenite peer (server/examples/tokio_peer.rs)
+# on SCHED_OTHER and on SCHED_BATCH (chrt -b 0).
 # ROUNDS rounds, interleaved; medians.
 # Bounded: about 10 s per run; every process is stopped by its pid.
 # Usage: bash bench/switches.sh   (ROUNDS=3 CONNS=15000)
@@ -29,12 +30,15 @@ switches() {
   echo "$v $n"
 }
 cases=("uring-batch:--io uring --sched batch" "uring-normal:--io uring --sched normal"
-       "epoll-batch:--io epoll --sched batch" "epoll-normal:--io epoll --sched normal" "tokio:")
+       "epoll-batch:--io epoll --sched batch" "epoll-normal:--io epoll --sched normal" "tokio:" "tokio-batch:")
 for round in $(seq "$ROUNDS"); do
   for c in "${cases[@]}"; do
     name=${c%%:*}; flags=${c#*:}
     if [ "$name" = tokio ]; then
       ./target/release/examples/tokio_peer --listen 127.0.0.1:$PORT --lifetime 60s >/dev/null 2>&1 &
+    elif [ "$name" = tokio-batch ]; then
+      # The same policy for the peer's threads (chrt(1): SCHED_BATCH, priority 0).
+      chrt -b 0 ./target/release/examples/tokio_peer --listen 127.0.0.1:$PORT --lifetime 60s >/dev/null 2>&1 &
     else
       # shellcheck disable=SC2086
       ./target/release/server --listen 127.0.0.1:$PORT --cores 0-1 --stats-interval 0 $flags >/dev/null 2>&1 &
