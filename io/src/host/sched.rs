@@ -60,9 +60,14 @@ impl Sched {
         }
         Ok(())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sched;
 
     /// The calling thread's policy now, as one of these (None: another).
-    pub fn current() -> Option<Sched> {
+    fn current() -> Option<Sched> {
         // SAFETY: pid 0 is the calling thread.
         match unsafe { libc::sched_getscheduler(0) } {
             libc::SCHED_BATCH => Some(Sched::Batch),
@@ -70,11 +75,6 @@ impl Sched {
             _ => None,
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Sched;
 
     /// An unprivileged thread may move between the two (both are
     /// time-sharing, priority 0), and the kernel says it did.
@@ -82,9 +82,9 @@ mod tests {
     fn a_thread_takes_batch_and_goes_back() {
         std::thread::spawn(|| {
             Sched::Batch.apply().unwrap();
-            assert_eq!(Sched::current(), Some(Sched::Batch));
+            assert_eq!(current(), Some(Sched::Batch));
             Sched::Normal.apply().unwrap();
-            assert_eq!(Sched::current(), Some(Sched::Normal));
+            assert_eq!(current(), Some(Sched::Normal));
         })
         .join()
         .unwrap();
