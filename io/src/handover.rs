@@ -446,6 +446,7 @@ mod tests {
             shard: i % 2,
             key: i,
             gen: 1,
+            ticket_key: i,
             since_ns: 10,
             last_heard_ns: 20,
             deadline_ns: 30,

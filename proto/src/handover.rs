@@ -15,7 +15,7 @@
 //! 1 Hello    magic "c1m-hand" | version u16 | role u8 | pid u32 | shards u32
 //!            | backend u8 | mono_ns u64 | build: len u8 + bytes (<= 64, printable)
 //! 2 Listener shard u32 | role u8 | addr                                  (1 fd)
-//! 3 Conn     shard u32 | key u32 | gen u32 | since_ns u64 | last_heard_ns u64
+//! 3 Conn     shard u32 | key u32 | gen u32 | ticket_key u32 | since_ns u64 | last_heard_ns u64
 //!            | deadline_ns u64 | frame_deadline_ns u64 | flags u8 | id: len u8 + bytes
 //!            | remote: opt addr | phase u8 | carry: len u32 + bytes
 //!            | message: tag u8 (0 none, 1 binary, 2 text)
@@ -25,12 +25,13 @@
 //! 5 Ack      shard u32 | seq u32 | taken u32
 //! 6 Abort    reason: len u16 + UTF-8 (<= 1024)
 //! 7 Done     conns u64
+//! 8 TicketKey key[16]                    (the UDP ticket key, old to new)
 //! addr       tag u8: 4 -> ip[4] port u16; 6 -> ip[16] port u16 flowinfo u32 scope u32
 //! opt addr   tag 0 (none) or an addr
 //! ```
 //!
 //! A Hello's kind, magic and version never move: whatever a later version
-//! puts after them, a v1 reader answers a peer of another version with
+//! puts after them, a reader of any version answers a peer of another with
 //! [`Error::Version`], not a parse error.
 //!
 //! # Times
@@ -62,7 +63,7 @@ use crate::handshake::valid_id;
 /// The first bytes of a Hello's body.
 pub const MAGIC: [u8; 8] = *b"c1m-hand";
 /// The format this build speaks. Bump it on any change to a record's body.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of a record's kind and length.
 pub const HEADER: usize = 5;
 /// Longest build id in a Hello.
@@ -77,6 +78,7 @@ const SHARD_END: u8 = 4;
 const ACK: u8 = 5;
 const ABORT: u8 = 6;
 const DONE: u8 = 7;
+const TICKET_KEY: u8 = 8;
 
 const UPGRADED: u8 = 1;
 const REGISTERED: u8 = 2;
@@ -201,6 +203,9 @@ pub struct ConnRecord<'a> {
     pub shard: u32,
     pub key: u32,
     pub gen: u32,
+    /// The slab key its UDP ticket names (with `gen`): `key`, unless it
+    /// moved in an earlier handover and kept the ticket it had then.
+    pub ticket_key: u32,
     /// When it upgraded (its slot's `since`), monotonic ns.
     pub since_ns: u64,
     /// When its last complete frame (or its upgrade) arrived, monotonic ns.
@@ -254,6 +259,10 @@ pub enum Record<'a> {
     Done {
         conns: u64,
     },
+    /// Old to new, with the listeners (`--udp-heartbeat`): the key its
+    /// tickets are sealed with, which the new process seals and checks
+    /// with from then on, so that every device's ticket stays good.
+    TicketKey([u8; 16]),
 }
 
 impl Record<'_> {
@@ -301,7 +310,7 @@ impl Record<'_> {
                 put_addr(out, &l.addr);
             }
             Record::Conn(c) => {
-                for v in [c.shard, c.key, c.gen] {
+                for v in [c.shard, c.key, c.gen, c.ticket_key] {
                     put32(out, v);
                 }
                 for v in [
@@ -351,6 +360,7 @@ impl Record<'_> {
                 out.extend_from_slice(why.as_bytes());
             }
             Record::Done { conns } => put64(out, *conns),
+            Record::TicketKey(k) => out.extend_from_slice(k),
         }
         let len = out.len() - start - HEADER;
         if len > u32::MAX as usize {
@@ -370,6 +380,7 @@ impl Record<'_> {
             Record::Ack(_) => ACK,
             Record::Abort(_) => ABORT,
             Record::Done { .. } => DONE,
+            Record::TicketKey(_) => TICKET_KEY,
         }
     }
 
@@ -448,7 +459,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), Error> {
             addr: r.addr()?,
         }),
         CONN => {
-            let (shard, key, gen) = (r.u32()?, r.u32()?, r.u32()?);
+            let (shard, key, gen, ticket_key) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
             let (since_ns, last_heard_ns) = (r.u64()?, r.u64()?);
             let (deadline_ns, frame_deadline_ns) = (r.u64()?, r.u64()?);
             let flags = r.u8()?;
@@ -491,6 +502,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), Error> {
                 shard,
                 key,
                 gen,
+                ticket_key,
                 since_ns,
                 last_heard_ns,
                 deadline_ns,
@@ -529,6 +541,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), Error> {
             )
         }
         DONE => Record::Done { conns: r.u64()? },
+        TICKET_KEY => Record::TicketKey(r.take(16)?.try_into().map_err(|_| Error::Truncated)?),
         other => return Err(Error::Kind(other)),
     };
     if !r.0.is_empty() {
@@ -827,7 +840,7 @@ mod tests {
 
     impl Owned {
         fn record(&self) -> Record<'_> {
-            match self.kind % 7 {
+            match self.kind % 8 {
                 0 => Record::Hello(Hello {
                     role: if self.upgraded { Role::New } else { Role::Old },
                     pid: self.a,
@@ -862,7 +875,13 @@ mod tests {
                     taken: self.c,
                 }),
                 5 => Record::Abort(&self.text),
-                _ => Record::Done { conns: self.t[1] },
+                6 => Record::Done { conns: self.t[1] },
+                _ => {
+                    let mut k = [0u8; 16];
+                    k[..8].copy_from_slice(&self.t[2].to_le_bytes());
+                    k[8..].copy_from_slice(&self.t[3].to_le_bytes());
+                    Record::TicketKey(k)
+                }
             }
         }
 
@@ -871,6 +890,7 @@ mod tests {
                 shard: self.a,
                 key: self.b,
                 gen: self.c,
+                ticket_key: self.a ^ self.b,
                 since_ns: self.t[0],
                 last_heard_ns: self.t[1],
                 deadline_ns: self.t[2],
@@ -963,7 +983,7 @@ mod tests {
                         t,
                         upgraded,
                         registered: upgraded && reg,
-                        id: if upgraded || kind % 7 == 0 {
+                        id: if upgraded || kind % 8 == 0 {
                             id
                         } else {
                             String::new()
@@ -995,7 +1015,7 @@ mod tests {
                 let (back, n) = decode(&buf[before..]).unwrap();
                 prop_assert_eq!(back, o.record());
                 prop_assert_eq!(n, buf.len() - before);
-                prop_assert_eq!(back.fds(), usize::from(matches!(o.kind % 7, 1 | 2)));
+                prop_assert_eq!(back.fds(), usize::from(matches!(o.kind % 8, 1 | 2)));
             }
             let all: Vec<_> = records(&buf).collect::<Result<_, _>>().unwrap();
             prop_assert_eq!(all, recs.iter().map(Owned::record).collect::<Vec<_>>());
@@ -1048,7 +1068,7 @@ mod tests {
             // Through the wire format, as the handover carries it.
             let id = if upgraded { "dev-1" } else { "" };
             let rec = Record::Conn(ConnRecord {
-                shard: 0, key: 7, gen: 3, since_ns: 1, last_heard_ns: 2, deadline_ns: 3,
+                shard: 0, key: 7, gen: 3, ticket_key: 7, since_ns: 1, last_heard_ns: 2, deadline_ns: 3,
                 frame_deadline_ns: 0, upgraded, registered: upgraded, id, remote: None,
                 state: old.export(), output: &out,
             });
@@ -1129,20 +1149,20 @@ mod tests {
         // A later version whose hello is longer: still "version", not a
         // parse error, and the sentence names both versions.
         let mut v2 = v.clone();
-        v2[HEADER + 8..HEADER + 10].copy_from_slice(&2u16.to_le_bytes());
+        v2[HEADER + 8..HEADER + 10].copy_from_slice(&3u16.to_le_bytes());
         v2.extend_from_slice(&[0xAA; 40]);
         let len = (v2.len() - HEADER) as u32;
         v2[1..5].copy_from_slice(&len.to_le_bytes());
         let e = decode_hello(&v2).unwrap_err();
-        assert_eq!(e, Error::Version { theirs: 2 });
+        assert_eq!(e, Error::Version { theirs: 3 });
         assert_eq!(
             e.to_string(),
-            "the peer speaks handover format v2 and this build v1"
+            "the peer speaks handover format v3 and this build v2"
         );
         // Even with only its magic and version there.
         assert_eq!(
             decode(&v2[..HEADER + 10]).unwrap_err(),
-            Error::Version { theirs: 2 }
+            Error::Version { theirs: 3 }
         );
 
         // Not a hello at all: an old binary that prints its usage, or
@@ -1279,11 +1299,12 @@ mod tests {
 
     /// The format's bytes are fixed: a change to them must bump VERSION.
     #[test]
-    fn the_v1_encoding_is_pinned() {
+    fn the_v2_encoding_is_pinned() {
         let v = enc(&Record::Conn(ConnRecord {
             shard: 1,
             key: 2,
             gen: 3,
+            ticket_key: 9,
             since_ns: 4,
             last_heard_ns: 5,
             deadline_ns: 6,
@@ -1299,7 +1320,9 @@ mod tests {
             },
             output: b"hi",
         }));
-        let mut want = vec![CONN, 68, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0];
+        let mut want = vec![
+            CONN, 72, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0,
+        ];
         for t in [4u64, 5, 6, 0] {
             want.extend_from_slice(&t.to_le_bytes());
         }
@@ -1309,7 +1332,11 @@ mod tests {
         let h = enc(&hello("g1"));
         assert_eq!(
             &h[..HEADER + 10],
-            &[HELLO, 31, 0, 0, 0, b'c', b'1', b'm', b'-', b'h', b'a', b'n', b'd', 1, 0]
+            &[HELLO, 31, 0, 0, 0, b'c', b'1', b'm', b'-', b'h', b'a', b'n', b'd', 2, 0]
         );
+        let k: [u8; 16] = std::array::from_fn(|i| i as u8);
+        let mut want = vec![TICKET_KEY, 16, 0, 0, 0];
+        want.extend_from_slice(&k);
+        assert_eq!(enc(&Record::TicketKey(k)), want);
     }
 }

@@ -27,7 +27,8 @@
 //! that difference is most of a core. Its 64-bit tag means a forger
 //! guesses right once in 2^64 tries, and the server answers no datagram,
 //! so a guess cannot even be checked except by watching the device stay
-//! up; the key is random per process and never leaves it.
+//! up; the key is random per process and leaves it only in a hot upgrade,
+//! to the new process (which goes on checking the same tickets).
 
 use siphasher::sip::SipHasher24;
 use std::hash::Hasher;
@@ -94,6 +95,16 @@ impl Key {
             k0: u64::from_le_bytes(a.try_into().unwrap_or_default()),
             k1: u64::from_le_bytes(c.try_into().unwrap_or_default()),
         }
+    }
+
+    /// Its 16 bytes, as [`Key::from_bytes`] takes them: for a hot upgrade
+    /// only, which hands the key to the new process over a Unix socket
+    /// pair (SECURITY.md), so that the tickets devices hold stay good.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.k0.to_le_bytes());
+        b[8..].copy_from_slice(&self.k1.to_le_bytes());
+        b
     }
 
     fn mac(&self, head: &[u8; HEAD], id: &[u8]) -> u64 {
@@ -190,6 +201,16 @@ mod tests {
         let mut h = SipHasher24::new_with_keys(k.k0, k.k1);
         h.write(&msg);
         assert_eq!(h.finish(), 0xa129ca6149be45e5);
+        // Its bytes come back as they went in: a hot upgrade's new
+        // process checks the old one's tickets with them.
+        assert_eq!(k.to_bytes(), std::array::from_fn::<u8, 16, _>(|i| i as u8));
+        let t = Ticket {
+            shard: 3,
+            key: 4,
+            gen: 5,
+        };
+        let sealed = key().seal(t, b"dev");
+        assert!(Key::from_bytes(key().to_bytes()).verify(&sealed, b"dev"));
     }
 
     #[test]

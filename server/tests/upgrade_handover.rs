@@ -13,6 +13,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use c1m_proto::frame::{self, Opcode};
+use c1m_proto::ticket;
 use tungstenite::{Message, WebSocket};
 
 use support::*;
@@ -394,7 +395,213 @@ fn procs_a_failure_at_the_second_worker_leaves_the_first_upgraded() {
     }
 }
 
+/// An upgraded raw socket for device `id` and the UDP ticket of its 101.
+fn device_with_ticket(addr: std::net::SocketAddr, id: &str) -> (TcpStream, [u8; ticket::LEN]) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&upgrade_request(&format!("/ws?id={id}"), ""))
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let text = String::from_utf8(head).unwrap();
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+    let t = text
+        .lines()
+        .find_map(|l| l.strip_prefix("C1M-Heartbeat-Ticket: "))
+        .and_then(|v| ticket::from_text(v.as_bytes()))
+        .unwrap_or_else(|| panic!("no ticket in {text}"));
+    (s, t)
+}
+
+/// Waits until process `pid` (not our child) has exited.
+fn gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            // Exited, not yet reaped by whoever adopted it.
+            Ok(st)
+                if st
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => {}
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The connection is still open: nothing to read, no reset or FIN.
+fn still_open(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 16];
+    let open = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
+/// Sends each ticket as a datagram to `to` every 100 ms until `stop`.
+fn heartbeat_by_datagram(
+    to: std::net::SocketAddr,
+    tickets: Vec<[u8; ticket::LEN]>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for t in &tickets {
+                u.send_to(t, to).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// `--udp-heartbeat`: the tickets devices hold stay good across a hot
+/// upgrade, twice. The new process takes the UDP sockets and the old
+/// one's key, and each connection keeps the ticket it had even where the
+/// new slab puts it at another key (here: the old slab had holes). Devices
+/// that heartbeat by datagram only outlive several timeouts across both
+/// handovers, not one datagram of theirs is refused as forged (`udp_bad`),
+/// and a device that sends nothing still expires.
+fn udp_tickets_stay_good_across_sigusr2() {
+    let mut server = Server::start(&[
+        "--cores",
+        "0",
+        "--timeout",
+        "1500ms",
+        "--tick",
+        "50ms",
+        "--udp-heartbeat",
+    ]);
+    let mut all: Vec<_> = (0..6)
+        .map(|i| device_with_ticket(server.addr, &format!("u{i}")))
+        .collect();
+    // Holes in the old slab (keys 0 and 2): the new one packs the rest
+    // at other keys than their tickets name.
+    drop(all.remove(2));
+    drop(all.remove(0));
+    server.wait_line("the two closes", |l| field(l, "conns") == 4);
+    let mut silent = all.pop().unwrap().0;
+    let tickets: Vec<_> = all.iter().map(|(_, t)| *t).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = heartbeat_by_datagram(server.addr, tickets, stop.clone());
+
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_error("this process exits");
+    let first = NewServer(new_pid(&line));
+    assert!(server.child.wait().unwrap().success());
+    while server.lines.try_recv().is_ok() {}
+    // The new process counts the datagrams as heartbeats, refuses none.
+    let l = server.wait_line("the first new process's datagrams", |l| {
+        field(l, "taken_over") == 4 && field(l, "udp_heartbeats") >= 30
+    });
+    assert_eq!(field(&l, "udp_bad"), 0, "{l}");
+
+    // Again, from the new process: its connections (and one that came
+    // after the first upgrade, at a key of its own) move on.
+    let (late, late_ticket) = device_with_ticket(server.addr, "late");
+    let stop_late = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late_beats = heartbeat_by_datagram(server.addr, vec![late_ticket], stop_late.clone());
+    // SAFETY: kill(2) on the server process this test started (via the upgrade).
+    unsafe { libc::kill(first.0 as i32, libc::SIGUSR2) };
+    let line = server.wait_error("this process exits");
+    let _second = NewServer(new_pid(&line));
+    assert_ne!(new_pid(&line), first.0);
+    // Only the second new process's lines from here.
+    gone(first.0);
+    while server.lines.try_recv().is_ok() {}
+    let l = server.wait_line("the second new process's datagrams", |l| {
+        field(l, "taken_over") >= 3 && field(l, "udp_heartbeats") >= 60
+    });
+    assert_eq!(field(&l, "udp_bad"), 0, "{l}");
+    std::thread::sleep(Duration::from_millis(1600));
+    for (i, (s, _)) in all.iter_mut().enumerate() {
+        assert!(still_open(s), "device {i} expired while its datagrams came");
+    }
+    let mut late = late;
+    assert!(still_open(&mut late), "the late device expired");
+    // The silent one expired: a reset (or a FIN), not a timeout.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = silent.read(&mut [0u8; 16]);
+    assert!(
+        matches!(r, Ok(0))
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the silent device was not expired: {r:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop_late.store(true, std::sync::atomic::Ordering::Relaxed);
+    beats.join().unwrap();
+    late_beats.join().unwrap();
+    let l = server.wait_line("no forged datagram", |l| field(l, "udp_heartbeats") > 0);
+    assert_eq!(field(&l, "udp_bad"), 0, "{l}");
+}
+
+/// The same under --procs: the supervisor's new workers inherit the UDP
+/// group as any worker does and take each old worker's ticket key.
+fn procs_udp_tickets_stay_good_across_sigusr2() {
+    let admin = free_addr();
+    let server = Server::start(&[
+        "--procs",
+        "2",
+        "--cores",
+        "0",
+        "--admin",
+        &admin,
+        "--timeout",
+        "1500ms",
+        "--tick",
+        "50ms",
+        "--udp-heartbeat",
+    ]);
+    let all: Vec<_> = (0..24)
+        .map(|i| device_with_ticket(server.addr, &format!("pu{i}")))
+        .collect();
+    // Every other one goes: holes in both workers' slabs.
+    let mut all: Vec<_> = all.into_iter().skip(1).step_by(2).collect();
+    server.wait_line("the closes", |l| field(l, "conns") == 12);
+    let on: std::collections::BTreeSet<u64> = (0..12)
+        .map(|i| held_by(&admin, &format!("pu{}", 2 * i + 1)))
+        .collect();
+    assert_eq!(on.len(), 2, "12 devices all on one worker: {on:?}");
+    let tickets: Vec<_> = all.iter().map(|(_, t)| *t).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = heartbeat_by_datagram(server.addr, tickets, stop.clone());
+    let before = sorted(workers_of(&server, 2));
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_error("workers handed over to new processes");
+    assert!(line.contains("all 2 workers"), "{line}");
+    let after = sorted(workers_of(&server, 2));
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} then {after:?}"
+    );
+    // Two timeouts on datagrams alone, on the new workers.
+    std::thread::sleep(Duration::from_millis(3000));
+    for (i, (s, _)) in all.iter_mut().enumerate() {
+        assert!(still_open(s), "device {i} expired while its datagrams came");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    beats.join().unwrap();
+    let l = server.wait_line("the datagrams", |l| field(l, "udp_heartbeats") >= 300);
+    assert_eq!(field(&l, "udp_bad"), 0, "{l}");
+    assert_eq!(field(&l, "expired"), 0, "{l}");
+}
+
 on_both_backends!(
+    udp_tickets_stay_good_across_sigusr2,
+    procs_udp_tickets_stay_good_across_sigusr2,
     devices_keep_their_connections_across_sigusr2,
     a_new_binary_that_fails_leaves_the_old_serving,
     a_new_process_dying_mid_handover_leaves_the_old_listening,

@@ -613,8 +613,6 @@ impl Supervisor {
                         r.done.len(),
                         ws.len()
                     ))
-                } else if self.udp_heartbeat {
-                    Some("a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move)".into())
                 } else {
                     ws.iter()
                         .position(|w| w.exited.is_some())

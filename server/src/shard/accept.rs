@@ -180,6 +180,7 @@ impl State {
         self.slab.insert(Slot {
             io: h,
             gen,
+            ticket_key: key as u32,
             upgraded: false,
             ended: None,
             last_seen: now,

@@ -26,7 +26,7 @@ use c1m_io::{Close, Driver, Token};
 use c1m_proto::conn::Conn;
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::handover::{self, ConnRecord};
-use c1m_proto::table::{self, Claim};
+use c1m_proto::table::Claim;
 use c1m_proto::wheel::Entry;
 
 use super::{Slot, State, DRAIN_REASON};
@@ -105,6 +105,7 @@ pub struct MovedState {
     pub shard: u32,
     pub key: u32,
     pub gen: u32,
+    pub ticket_key: u32,
     pub since_ns: u64,
     pub last_heard_ns: u64,
     pub deadline_ns: u64,
@@ -124,6 +125,7 @@ impl MovedState {
             shard: self.shard,
             key: self.key,
             gen: self.gen,
+            ticket_key: self.ticket_key,
             since_ns: self.since_ns,
             last_heard_ns: self.last_heard_ns,
             deadline_ns: self.deadline_ns,
@@ -139,10 +141,15 @@ impl MovedState {
 
     /// Back from a record (checked as `Conn::import` checks it).
     pub fn from_record(r: &ConnRecord<'_>) -> Result<MovedState, handover::Error> {
+        // The new slot keeps it (what the UDP ticket and registry name).
+        if r.gen == 0 || r.gen >= 1 << c1m_proto::table::GEN_BITS {
+            return Err(handover::Error::Invalid("a generation out of range"));
+        }
         Ok(MovedState {
             shard: r.shard,
             key: r.key,
             gen: r.gen,
+            ticket_key: r.ticket_key,
             since_ns: r.since_ns,
             last_heard_ns: r.last_heard_ns,
             deadline_ns: r.deadline_ns,
@@ -351,7 +358,7 @@ impl State {
                 return Err(());
             }
         };
-        let slot = self.slab.remove(key);
+        let slot = self.remove(key);
         if slot.upgraded {
             self.open -= 1;
         }
@@ -378,6 +385,7 @@ impl State {
             shard: at.shard,
             key: at.key,
             gen: slot.gen,
+            ticket_key: slot.ticket_key,
             since_ns: if slot.upgraded { slot.since } else { 0 },
             // The end of its tick: the new process never expires it early.
             last_heard_ns: ns_of(slot.last_seen + 1).saturating_sub(1),
@@ -413,8 +421,9 @@ impl State {
     /// not (its socket is then closed).
     fn take_over(&mut self, io: &mut impl Driver, m: Moved) -> bool {
         let Moved { fd, state: s } = m;
-        let gen = self.next_gen;
-        self.next_gen = table::next_gen(self.next_gen);
+        // Its generation comes along: with the slab key it keeps in
+        // `ticket_key`, it is what the device's UDP ticket names.
+        let gen = s.gen;
         let key = self.slab.vacant_key();
         let h = match io.adopt(fd, Token::pack(key, gen)) {
             Ok(h) => h,
@@ -441,9 +450,13 @@ impl State {
         } else {
             self.tick_of_ns(s.deadline_ns) + 1
         };
+        if s.ticket_key as usize != key && self.cfg.udp.is_some() {
+            self.moved_tickets.insert(s.ticket_key, gen, key);
+        }
         self.slab.insert(Slot {
             io: h,
             gen,
+            ticket_key: s.ticket_key,
             upgraded: s.upgraded,
             ended: None,
             last_seen,

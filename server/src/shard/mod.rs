@@ -241,6 +241,10 @@ fn max_pending(limits: &Limits) -> usize {
 struct Slot {
     io: Handle,
     gen: u32,
+    /// The slab key its UDP ticket names (with `gen`): its own, unless it
+    /// came in a hot upgrade and keeps the ticket it had before (then
+    /// [`udp::MovedTickets`] finds it by that one). In the slot's padding.
+    ticket_key: u32,
     upgraded: bool,
     /// How it ended, once it has ([`State::end`] counted it; its
     /// disconnect event says it): it waits only for its output to flush.
@@ -318,6 +322,9 @@ struct State {
     walk: Option<usize>,
     /// A hot upgrade handing this shard's connections over (None: off).
     handing: Option<Box<handover::Handing>>,
+    /// `--udp-heartbeat`: the tickets of connections a hot upgrade moved
+    /// here, to the slots that now hold them (empty otherwise).
+    moved_tickets: udp::MovedTickets,
 }
 
 impl<D: Driver> Shard<D> {
@@ -400,6 +407,7 @@ impl<D: Driver> Shard<D> {
                 forwarded: None,
                 walk: None,
                 handing: None,
+                moved_tickets: udp::MovedTickets::default(),
                 cfg,
             },
         })
@@ -732,7 +740,7 @@ impl State {
     /// upgraded device, its claim released). Only [`State::end`] and a
     /// connection it ended close one.
     fn close(&mut self, io: &mut impl Driver, key: usize, how: Close) {
-        let slot = self.slab.remove(key);
+        let slot = self.remove(key);
         if slot.upgraded && self.cfg.events.is_some() {
             // Before the close, while the socket still knows its peer (or
             // the address a front gave).
@@ -757,6 +765,15 @@ impl State {
             let at = self.place(key, slot.gen);
             self.cfg.registry.release(&slot.id, at);
         }
+    }
+
+    /// Slot `key` out of the slab, and its moved ticket (if any) with it.
+    fn remove(&mut self, key: usize) -> Slot {
+        let slot = self.slab.remove(key);
+        if slot.ticket_key as usize != key {
+            self.moved_tickets.forget(slot.ticket_key, slot.gen);
+        }
+        slot
     }
 
     /// This shard's number over the whole server (all `--procs` workers).

@@ -592,6 +592,89 @@ fn a_handed_over_device_leaves_without_a_close_and_is_taken_with_its_silence() {
     );
 }
 
+/// `--udp-heartbeat` across a hot upgrade: a connection taken at another
+/// slab key than its ticket names keeps its ticket (key and generation),
+/// is found by it (its datagrams are heartbeats), and the map forgets it
+/// when the connection ends (a datagram then is stale, and nothing stays).
+#[test]
+fn a_moved_ticket_finds_its_slot_until_the_connection_ends() {
+    use super::handover::{Moved, MovedState, Order};
+    use c1m_proto::conn::Phase;
+    use c1m_proto::handover::ConnState;
+    use c1m_proto::ticket::{Key, Ticket};
+    let mut b = shard(false, Script::default());
+    let key = Key::from_bytes([7; 16]);
+    let udp = Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    b.st.cfg.udp = Some(UdpHeartbeat {
+        key: key.clone(),
+        sockets: std::sync::Arc::new(vec![udp]),
+    });
+    let open = ConnState {
+        phase: Phase::Open,
+        carry: &[],
+        message: None,
+    };
+    let state = MovedState {
+        shard: 0,
+        key: 5,
+        gen: 9,
+        ticket_key: 5,
+        since_ns: 1,
+        last_heard_ns: b.st.clock.start_ns,
+        deadline_ns: 0,
+        frame_deadline_ns: 0,
+        upgraded: true,
+        registered: false,
+        id: DeviceId::new("aa:bb"),
+        remote: None,
+        conn: Conn::import(&open, true).unwrap(),
+        output: Vec::new(),
+    };
+    let fd = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.st.on_order(
+        &mut b.io,
+        Order::Take(
+            vec![Moved {
+                fd: fd.into(),
+                state,
+            }],
+            tx,
+        ),
+    );
+    assert_eq!(rx.try_recv(), Ok(1));
+    let (k, slot) = b.st.slab.iter().next().unwrap();
+    assert_eq!((k, slot.ticket_key, slot.gen), (0, 5, 9));
+    assert_eq!(b.st.moved_tickets.len(), 1);
+    let t = key.seal(
+        Ticket {
+            shard: 0,
+            key: 5,
+            gen: 9,
+        },
+        b"aa:bb",
+    );
+    b.st.on_datagram(&t);
+    assert_eq!(b.st.counters.udp_heartbeats, 1);
+    // Another device's ticket for the same place verifies for no one.
+    b.st.on_datagram(&key.seal(
+        Ticket {
+            shard: 0,
+            key: 5,
+            gen: 9,
+        },
+        b"cc:dd",
+    ));
+    assert_eq!(b.st.counters.udp_bad, 1);
+    b.st.close(&mut b.io, 0, Close::Abortive);
+    assert_eq!(b.st.moved_tickets.len(), 0, "forgotten with its connection");
+    b.st.on_datagram(&t);
+    assert_eq!(
+        (b.st.counters.udp_heartbeats, b.st.counters.udp_stale),
+        (1, 1)
+    );
+}
+
 /// A shard with one upgraded device ("aa:bb") whose events go to the
 /// returned queue; the Connected event is taken.
 fn upgraded_with_events(

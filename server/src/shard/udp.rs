@@ -14,7 +14,15 @@
 //!
 //! Off (`ShardConfig::udp` None) the shard has no UDP socket, the driver
 //! no buffers for one, and the 101 path one branch on a None.
+//!
+//! A hot upgrade keeps every ticket good: the new process takes the old
+//! one's UDP sockets and key, and a connection keeps its generation and
+//! the slab key its ticket names (`Slot::ticket_key`); where the new slab
+//! put it elsewhere, [`MovedTickets`] maps the ticket to its slot. A
+//! datagram looks there only when the slot its ticket names is not its
+//! connection, so the common case pays nothing.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
@@ -23,7 +31,7 @@ use socket2::Socket;
 use c1m_io::Driver;
 use c1m_proto::ticket::{self, Key, Ticket};
 
-use super::State;
+use super::{Slot, State};
 use crate::hist::HEARTBEAT_INTERVAL_MS;
 
 /// What the shards of one process share for UDP heartbeats.
@@ -58,6 +66,42 @@ pub(super) fn watch(
     io.watch_datagrams(sock.try_clone()?)
 }
 
+/// The tickets of connections a hot upgrade moved into this shard whose
+/// slab key differs from the one their ticket names: (ticket key,
+/// generation) to the slot. An entry lives as long as its connection
+/// (`State::remove` forgets it), about 32 bytes per moved connection
+/// while the server runs with `--udp-heartbeat`; nothing otherwise.
+#[derive(Debug, Default)]
+pub(super) struct MovedTickets(HashMap<u64, u32>);
+
+impl MovedTickets {
+    fn id(key: u32, gen: u32) -> u64 {
+        u64::from(key) << 32 | u64::from(gen)
+    }
+
+    pub(super) fn insert(&mut self, ticket_key: u32, gen: u32, slot: usize) {
+        self.0.insert(Self::id(ticket_key, gen), slot as u32);
+    }
+
+    pub(super) fn forget(&mut self, ticket_key: u32, gen: u32) {
+        if !self.0.is_empty() {
+            self.0.remove(&Self::id(ticket_key, gen));
+        }
+    }
+
+    fn get(&self, ticket_key: u32, gen: u32) -> Option<usize> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.get(&Self::id(ticket_key, gen)).map(|&k| k as usize)
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 impl State {
     /// Puts the ticket of the connection in slot `key`, which just
     /// upgraded, into the 101 in `self.out` (before it is sent).
@@ -66,7 +110,7 @@ impl State {
         let slot = &self.slab[key];
         let t = Ticket {
             shard: self.me() as u16,
-            key: key as u32,
+            key: slot.ticket_key,
             gen: slot.gen,
         };
         let sealed = u.key.seal(t, slot.id.as_str().as_bytes());
@@ -81,10 +125,16 @@ impl State {
             return;
         };
         let now = self.clock.now_tick;
-        let key = &u.key;
-        match self.slab.get_mut(t.key as usize) {
-            Some(slot) if slot.gen == t.gen && slot.upgraded && slot.ended.is_none() => {
-                if !key.verify(bytes, slot.id.as_str().as_bytes()) {
+        let names = |s: &Slot| s.gen == t.gen && s.ticket_key == t.key;
+        // The slot the ticket names; else, after a hot upgrade, the one
+        // its connection moved to.
+        let at = match self.slab.get(t.key as usize) {
+            Some(s) if names(s) => Some(t.key as usize),
+            _ => self.moved_tickets.get(t.key, t.gen),
+        };
+        match at.and_then(|k| self.slab.get_mut(k)) {
+            Some(slot) if names(slot) && slot.upgraded && slot.ended.is_none() => {
+                if !u.key.verify(bytes, slot.id.as_str().as_bytes()) {
                     self.counters.udp_bad += 1;
                     return;
                 }

@@ -27,6 +27,10 @@ pub struct Given {
     /// One per shard, in order.
     pub listeners: Vec<Socket>,
     pub admin: Option<std::net::TcpListener>,
+    /// `--udp-heartbeat`: the old process's UDP sockets, one per shard in
+    /// order (empty when it had none), and its ticket key.
+    pub udp: Vec<Socket>,
+    pub ticket_key: Option<c1m_proto::ticket::Key>,
     pub taking: Taking,
 }
 
@@ -87,34 +91,57 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
     let records =
         pair(&batch.payload, fds).map_err(|e| format!("upgrade: the listeners' batch: {e}"))?;
     let mut listeners: Vec<Option<Socket>> = (0..shards).map(|_| None).collect();
+    let mut udp: Vec<Option<Socket>> = (0..shards).map(|_| None).collect();
     let mut admin = None;
+    let mut ticket_key = None;
     let mut taken = 0;
     for (rec, fd) in records {
-        let (Record::Listener(l), Some(fd)) = (rec, fd) else {
-            return Err("upgrade: the old process sent something else than its listeners".into());
+        let (l, fd) = match (rec, fd) {
+            (Record::Listener(l), Some(fd)) => (l, fd),
+            (Record::TicketKey(k), None) => {
+                ticket_key = Some(c1m_proto::ticket::Key::from_bytes(k));
+                continue;
+            }
+            _ => {
+                return Err(
+                    "upgrade: the old process sent something else than its listeners".into(),
+                )
+            }
         };
         taken += 1;
-        match l.role {
-            ListenerRole::Plain | ListenerRole::Tls => {
-                let Some(at) = listeners.get_mut(l.shard as usize) else {
-                    return Err(format!(
-                        "upgrade: a listener for shard {} of {shards}",
-                        l.shard
-                    ));
-                };
-                *at = Some(Socket::from(fd));
+        let at = match l.role {
+            ListenerRole::Plain | ListenerRole::Tls => listeners.get_mut(l.shard as usize),
+            ListenerRole::Udp => udp.get_mut(l.shard as usize),
+            ListenerRole::Admin => {
+                admin = Some(std::net::TcpListener::from(fd));
+                continue;
             }
-            ListenerRole::Admin => admin = Some(std::net::TcpListener::from(fd)),
-            ListenerRole::Udp => {
-                return Err("upgrade: UDP sockets are not handed over in v1".into())
-            }
-        }
+        };
+        let Some(at) = at else {
+            return Err(format!(
+                "upgrade: a listener for shard {} of {shards}",
+                l.shard
+            ));
+        };
+        *at = Some(Socket::from(fd));
     }
     let listeners: Vec<Socket> = listeners.into_iter().flatten().collect();
     if listeners.len() != shards {
         return Err(format!(
             "upgrade: the old process gave {} listeners for {shards} shards",
             listeners.len()
+        ));
+    }
+    let udp: Vec<Socket> = udp.into_iter().flatten().collect();
+    if !udp.is_empty() && (udp.len() != shards || ticket_key.is_none()) {
+        return Err(format!(
+            "upgrade: the old process gave {} UDP sockets for {shards} shards{}",
+            udp.len(),
+            if ticket_key.is_none() {
+                " and no ticket key"
+            } else {
+                ""
+            }
         ));
     }
     let ack = Record::Ack(Ack {
@@ -125,17 +152,24 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
     send(&mut ch, 0, &[ack])
         .map_err(|e| format!("upgrade: cannot acknowledge the listeners: {e}"))?;
     eprintln!(
-        "server: upgrade: took {} listeners{} from the old process (pid {old_pid}); accepting",
+        "server: upgrade: took {} listeners{}{} from the old process (pid {old_pid}); accepting",
         listeners.len(),
         if admin.is_some() {
             " and the admin port"
         } else {
             ""
+        },
+        if udp.is_empty() {
+            ""
+        } else {
+            ", its UDP sockets and ticket key"
         }
     );
     Ok(Some(Given {
         listeners,
         admin,
+        udp,
+        ticket_key,
         taking: Taking { ch, old_pid, began },
     }))
 }

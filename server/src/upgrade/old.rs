@@ -43,6 +43,9 @@ pub struct Plan {
     pub tls: bool,
     /// A duplicate of the admin listener, handed over too.
     pub admin: Option<std::net::TcpListener>,
+    /// `--udp-heartbeat`: the UDP sockets (duplicates go over) and the
+    /// ticket key, so that the tickets devices hold stay good.
+    pub udp: Option<crate::shard::UdpHeartbeat>,
     /// A `--procs` worker's: the handover socket its supervisor gave it,
     /// the new worker (which the supervisor started) at its other end.
     /// None: this process starts the new one itself.
@@ -331,6 +334,25 @@ impl Handover<'_> {
                 a.try_clone().map(OwnedFd::from),
                 addr,
             )?;
+        }
+        if let Some(u) = &self.plan.udp {
+            // Ours stay open until we exit, as the listeners do: a socket
+            // of the group closing would move another into its place.
+            for (shard, s) in u.sockets.iter().enumerate() {
+                let addr = s
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(any);
+                put(
+                    shard,
+                    ListenerRole::Udp,
+                    s.try_clone().map(OwnedFd::from),
+                    addr,
+                )?;
+            }
+            out.push(&Record::TicketKey(u.key.to_bytes()), None)
+                .map_err(|e| e.to_string())?;
         }
         // Acknowledged before any connection moves.
         self.flush(&mut out)?;

@@ -120,8 +120,16 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
     let (given_listeners, given_admin, taking) = match given {
-        Some(g) => (Some(g.listeners), g.admin, Some(g.taking)),
+        Some(g) => (
+            Some(g.listeners),
+            g.admin,
+            Some((g.taking, g.udp, g.ticket_key)),
+        ),
         None => (None, None, None),
+    };
+    let (taking, given_udp, given_key) = match taking {
+        Some((t, udp, key)) => (Some(t), udp, key),
+        None => (None, Vec::new(), None),
     };
     if !args.join && given_listeners.is_none() {
         c1m_io::listener::ensure_free(args.listen).map_err(|e| {
@@ -146,7 +154,11 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // the whole server's group), kept open until the server exits.
     let udp = if args.udp_heartbeat {
         let sockets = match c1m_io::udp::inherited()? {
+            // A --procs worker's (a new one's too: the old one's copies
+            // that came with a hot upgrade are the same sockets).
             Some(s) => s,
+            // A hot upgrade's: the old process's group, in shard order.
+            None if !given_udp.is_empty() => given_udp,
             None if args.join => {
                 return Err("--udp-heartbeat with --join is not supported: the kernel steers each datagram by its socket's position in the port's UDP group, which servers started apart cannot agree on; run one server with --procs N instead".into())
             }
@@ -164,10 +176,18 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                 cores.len()
             ));
         }
-        let mut random = [0u8; 16];
-        c1m_io::host::random_bytes(&mut random)
-            .map_err(|e| format!("--udp-heartbeat: cannot draw a random ticket key: {e}"))?;
-        let key = c1m_proto::ticket::Key::from_bytes(random);
+        // A hot upgrade's new process seals and checks with the old one's
+        // key, so that the tickets its devices hold stay good.
+        let key = match given_key {
+            Some(k) => k,
+            None => {
+                let mut random = [0u8; 16];
+                c1m_io::host::random_bytes(&mut random).map_err(|e| {
+                    format!("--udp-heartbeat: cannot draw a random ticket key: {e}")
+                })?;
+                c1m_proto::ticket::Key::from_bytes(random)
+            }
+        };
         Some(shard::UdpHeartbeat {
             key,
             sockets: Arc::new(sockets),
@@ -311,7 +331,6 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         argv,
         running: None,
         admin: admin_listener,
-        udp: cfg.udp.is_some(),
         worker,
         control,
         handed: false,
@@ -505,7 +524,6 @@ struct Upgrade {
     argv: Vec<std::ffi::OsString>,
     running: Option<std::thread::JoinHandle<Result<c1m::upgrade::old::Summary, String>>>,
     admin: Option<std::net::TcpListener>,
-    udp: bool,
     /// A --procs worker: upgraded by its supervisor only, which gives it
     /// the handover socket over `control` before its SIGUSR2.
     worker: bool,
@@ -542,9 +560,6 @@ impl Upgrade {
                 "upgrade refused: this process has handed everything over and is ending".into(),
             );
         }
-        if self.udp {
-            return Err("upgrade refused: a hot upgrade with --udp-heartbeat is not supported yet (the UDP sockets and tickets do not move in v1)".into());
-        }
         let admin = match &self.admin {
             Some(l) => Some(l.try_clone().map_err(|e| {
                 format!("upgrade refused: cannot duplicate the admin listener ({e})")
@@ -560,6 +575,7 @@ impl Upgrade {
             backend,
             tls: cfg.tls.is_some(),
             admin,
+            udp: cfg.udp.clone(),
             given,
         };
         if plan.given.is_some() {
