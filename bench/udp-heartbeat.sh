@@ -11,6 +11,10 @@
 #          still hands out the tickets), measured over the hold;
 #   paced  fed by a paced sender on CPU 1 at the same datagram rate.
 # ROUNDS=n runs n rounds, each all six measurements in turn.
+# BASE_SERVER=path (e.g. /work/builds/<hash>/server): each round also runs
+# ping and UDP against that build (heartbeat "ping-base", "udp-base"), to
+# price a change against the previous landing in one sitting; the summary
+# then adds a this/base column. FLOOR=0 skips the floor runs.
 # SYSCALLS=1 (default) adds one more pass: the same runs again, with
 # `perf stat -e raw_syscalls:sys_enter,...` on the server process (every
 # thread) or the floor's receiver thread for $WINDOW seconds of the hold;
@@ -45,12 +49,19 @@ hold_s=$(secs_of "$HOLD")
 ROUNDS=${ROUNDS:-1}
 DEVICES=${DEVICES:-15000}
 SYSCALLS=${SYSCALLS:-1}
+BASE_SERVER=${BASE_SERVER:-}
+FLOOR=${FLOOR:-1}
+MODES="ping udp"
+if [ -n "$BASE_SERVER" ]; then
+  [ -x "$BASE_SERVER" ] || { echo "udp-heartbeat: BASE_SERVER ('$BASE_SERVER') is not an executable server" >&2; exit 2; }
+  MODES="ping udp ping-base udp-base"
+fi
 WINDOW=${WINDOW:-10}
 SKIP=4   # seconds from the client's start to well inside the hold
 [ "$(python3 -c "print(int($hold_s >= $SKIP + $WINDOW + 2))")" = 1 ] || { echo "udp-heartbeat: HOLD ($HOLD) must be at least $((SKIP + WINDOW + 2))s" >&2; exit 1; }
 rate=$(python3 -c "print(int($DEVICES / $hb_s))")
 cargo build --release --quiet --bin server --bin client --example udp_floor
-out=$(new_results "udp" "HB=$HB HOLD=$HOLD ROUNDS=$ROUNDS DEVICES=$DEVICES SYSCALLS=$SYSCALLS WINDOW=$WINDOW bash $0 $*")
+out=$(new_results "udp" "${BASE_SERVER:+BASE_SERVER=$BASE_SERVER }FLOOR=$FLOOR HB=$HB HOLD=$HOLD ROUNDS=$ROUNDS DEVICES=$DEVICES SYSCALLS=$SYSCALLS WINDOW=$WINDOW bash $0 $*")
 printf 'round\tio\theartbeat\theartbeats\tserver_cpu_per_heartbeat_us\tfalse_expiries\tudp_rcvbuf_errors\n' > "$out/runs.tsv"
 : > "$out/floor.txt"
 bg=()
@@ -62,9 +73,10 @@ client_cmd() {
   local run=$1 io=$2 mode=$3; shift 3
   local sflags="--timeout 30s --tick 100ms --cores 0-1 --io $io"
   local cflags=()
+  case $mode in *-base) cflags=(--server-bin "$BASE_SERVER"); mode=${mode%-base} ;; esac
   if [ "$mode" != ping ]; then
     sflags="$sflags --udp-heartbeat"
-    cflags=(--udp-heartbeat)
+    cflags+=(--udp-heartbeat)
   fi
   local port; port=$(free_port)
   echo timeout 300 ./target/release/client --out "$run" --spawn-server --server "127.0.0.1:$port" \
@@ -100,7 +112,7 @@ floor_run() { # DIR EXTRA_SECONDS_LOG: the client-fed floor; prints the floor's 
 
 for r in $(seq "$ROUNDS"); do
   for io in epoll uring; do
-    for mode in ping udp; do
+    for mode in $MODES; do
       run="$out/$io-$mode-$r"
       s0=$(udp_snmp)
       eval "$(client_cmd "$run" "$io" "$mode")" > "$run.log" 2>&1 || true
@@ -111,6 +123,7 @@ for r in $(seq "$ROUNDS"); do
       grep -q "cannot listen" "$run/server.log" 2>/dev/null && { echo "the spawned server did not start: $run/server.log" >&2; exit 1; }
     done
   done
+  [ "$FLOOR" = 1 ] || continue
   floor_run "$out/floor-$r" | tee -a "$out/floor.txt"
   ./target/release/examples/udp_floor "$rate" 10 0 1 | sed 's/^udp_floor /udp_floor fed=paced /' | tee -a "$out/floor.txt"
 done
@@ -217,7 +230,18 @@ if fc:
 if fp:
     lines.append(f"Floor fed by a paced sender at the same rate: {med(fp):.2f} us per datagram "
                  f"(median of {len(fp)}: {', '.join(f'{x:.2f}' for x in fp)}).")
-errs = [int(r["udp_rcvbuf_errors"]) for r in rows if r["heartbeat"] == "udp"]
+base = [(io, m) for io in ("epoll", "uring") for m in ("ping", "udp")
+        if any(r["io"] == io and r["heartbeat"] == m + "-base" for r in rows)]
+if base:
+    lines += ["", "Against BASE_SERVER in the same rounds (server CPU per heartbeat, us, medians):", "",
+              "| backend | heartbeat | this build | base | this / base |", "|---|---|---|---|---|"]
+    for io, m in base:
+        v = lambda m: [float(r["server_cpu_per_heartbeat_us"]) for r in rows if r["io"] == io and r["heartbeat"] == m]
+        t, b = v(m), v(m + "-base")
+        if t and b:
+            lines.append(f"| {io} | {m} | {med(t):.2f} [{', '.join(f'{x:.2f}' for x in t)}] | "
+                         f"{med(b):.2f} [{', '.join(f'{x:.2f}' for x in b)}] | {med(t)/med(b):.2f}x |")
+errs = [int(r["udp_rcvbuf_errors"]) for r in rows if r["heartbeat"].startswith("udp")]
 lines.append(f"UDP receive-buffer drops (kernel RcvbufErrors) during the UDP runs: {errs}; false expiries: "
              f"{sorted(set(r['false_expiries'] for r in rows))}.")
 if os.path.exists(f"{out}/syscalls.tsv"):

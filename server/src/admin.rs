@@ -212,6 +212,9 @@ pub fn host_allowed(host: &str, addr: SocketAddr, names: &[String]) -> bool {
 pub struct Admin {
     view: Arc<Mutex<View>>,
     stop: Arc<AtomicBool>,
+    /// Set while a hot upgrade's new process serves the port: this one
+    /// accepts nothing more (the listening socket is one, shared).
+    handed: Arc<AtomicBool>,
     addr: SocketAddr,
     /// A duplicate of the listener, for a hot upgrade to hand over.
     listener: TcpListener,
@@ -220,6 +223,8 @@ pub struct Admin {
 /// What every handler thread shares.
 struct Ctx {
     view: Arc<Mutex<View>>,
+    /// [`Admin::handed_switch`].
+    handed: Arc<AtomicBool>,
     group: &'static str,
     devices: Option<Devices>,
     access: Access,
@@ -258,8 +263,10 @@ impl Admin {
             .map_err(|e| format!("cannot serve --admin on {addr}: {e}"))?;
         let view = Arc::new(Mutex::new(View::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let handed = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(Ctx {
             view: view.clone(),
+            handed: handed.clone(),
             group,
             devices,
             access,
@@ -274,14 +281,15 @@ impl Admin {
                 .spawn(move || handle_all(&rx, &ctx))
                 .map_err(|e| format!("cannot start an admin thread: {e}"))?;
         }
-        let s = stop.clone();
+        let (s, h) = (stop.clone(), handed.clone());
         std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || accept_all(&listener, &tx, &s))
+            .spawn(move || accept_all(&listener, &tx, &s, &h))
             .map_err(|e| format!("cannot start the admin thread: {e}"))?;
         Ok(Admin {
             view,
             stop,
+            handed,
             addr,
             listener: own,
         })
@@ -290,6 +298,15 @@ impl Admin {
     /// A duplicate of the listening socket (a hot upgrade hands it over).
     pub fn listener(&self) -> std::io::Result<TcpListener> {
         self.listener.try_clone()
+    }
+
+    /// The switch a hot upgrade sets once the new process serves the
+    /// port (and clears if the handover fails): set, this process stops
+    /// accepting on it within [`ACCEPT_POLL`], so that every request goes
+    /// to the process that now holds the devices (asked here, a push to a
+    /// device already moved would be answered "not connected").
+    pub fn handed_switch(&self) -> Arc<AtomicBool> {
+        self.handed.clone()
     }
 
     /// The address served (the port chosen, if `addr` asked for port 0).
@@ -332,8 +349,29 @@ impl Drop for Admin {
 /// (out of descriptors or memory): never a tight loop, never the end.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-fn accept_all(listener: &TcpListener, tx: &SyncSender<TcpStream>, stop: &AtomicBool) {
+/// How often the accepting thread looks at the handover switch.
+pub const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+fn accept_all(
+    listener: &TcpListener,
+    tx: &SyncSender<TcpStream>,
+    stop: &AtomicBool,
+    handed: &AtomicBool,
+) {
     loop {
+        // Wait for a connection a while at a time, so that a hot upgrade's
+        // switch is seen (the socket's blocking mode is shared with the new
+        // process, so it cannot be made non-blocking here).
+        if handed.load(Ordering::SeqCst) {
+            std::thread::sleep(ACCEPT_POLL);
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            continue;
+        }
+        if !readable(listener, ACCEPT_POLL) && !stop.load(Ordering::SeqCst) {
+            continue;
+        }
         let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {
             return;
@@ -367,6 +405,20 @@ fn accept_all(listener: &TcpListener, tx: &SyncSender<TcpStream>, stop: &AtomicB
             Err(TrySendError::Disconnected(_)) => return,
         }
     }
+}
+
+/// The listener has a connection to accept within `wait` (or poll failed:
+/// then the accept decides).
+fn readable(listener: &TcpListener, wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on the stack, for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, wait.as_millis() as libc::c_int) };
+    n != 0
 }
 
 fn handle_all(rx: &Mutex<Receiver<TcpStream>>, ctx: &Ctx) {
@@ -451,6 +503,15 @@ fn serve_one(mut s: TcpStream, ctx: &Ctx) {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
     let (status, ctype, body, extra) = match read_request(&mut s, deadline, ctx) {
+        // Accepted here in the moment a hot upgrade handed the port to
+        // the new process: a clear answer, not one about devices that
+        // have left this process.
+        Ok(_) if ctx.handed.load(Ordering::SeqCst) => (
+            503,
+            "text/plain",
+            "upgrading: this process has handed its admin port over; retry\n".to_string(),
+            vec![("Retry-After", "1")],
+        ),
         Ok(req) => route(req, ctx),
         Err(refusal) => refusal,
     };

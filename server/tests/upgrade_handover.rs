@@ -395,6 +395,74 @@ fn procs_a_failure_at_the_second_worker_leaves_the_first_upgraded() {
     }
 }
 
+/// Pushes in flight across a handover reach their devices. The admin
+/// port moves first, so a push for a device not moved yet (or on its way)
+/// is asked of the new process's shard, which holds the ask until the
+/// device arrives and then delivers it (200): none is answered "not
+/// connected" while its device is connected. The new process takes each
+/// batch 150 ms late here (test hook `slow`), so that the pushes land
+/// while the devices move.
+fn pushes_in_flight_reach_their_devices_across_the_handover() {
+    let admin = free_addr();
+    let server = Server::start_with(
+        &["--cores", "0", "--admin", &admin],
+        None,
+        &[("C1M_TEST_HANDOVER_FAIL", "slow")],
+    );
+    let n = 600;
+    let mut devices: Vec<_> = (0..n).map(|i| server.ws(&format!("q{i}"))).collect();
+    server.signal(libc::SIGUSR2);
+    // The new process has the admin port: the pushes go to it from here.
+    server.wait_error("from the old process (pid");
+    let pushers: Vec<_> = (0..4)
+        .map(|t| {
+            let admin = admin.clone();
+            std::thread::spawn(move || {
+                (0..n)
+                    .skip(t * 10)
+                    .step_by(40)
+                    .map(|i| {
+                        let path = format!("/devices/q{i}/messages");
+                        let body = format!("push to q{i}");
+                        // A 503 (the old process's admin thread, in the
+                        // moment it hands the port over) asks for a retry.
+                        let mut tries = 0;
+                        loop {
+                            let (status, said) =
+                                http_with(&admin, "POST", &path, "text/plain", body.as_bytes());
+                            tries += 1;
+                            if status != 503 || tries == 5 {
+                                break (i, status, said);
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let line = server.wait_error("this process exits");
+    let _new = NewServer(new_pid(&line));
+    let mut pushed = Vec::new();
+    for p in pushers {
+        pushed.extend(p.join().unwrap());
+    }
+    assert_eq!(pushed.len(), 60);
+    for (i, status, said) in &pushed {
+        assert_eq!(*status, 200, "the push to q{i} during the handover: {said}");
+        assert_eq!(
+            devices[*i].read().unwrap(),
+            Message::Text(format!("push to q{i}")),
+            "device q{i}"
+        );
+    }
+    // Every device is still served.
+    for (i, ws) in devices.iter_mut().enumerate().step_by(50) {
+        ws.send(Message::Ping(b"p".to_vec())).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::Pong(b"p".to_vec()), "q{i}");
+    }
+}
+
 /// An upgraded raw socket for device `id` and the UDP ticket of its 101.
 fn device_with_ticket(addr: std::net::SocketAddr, id: &str) -> (TcpStream, [u8; ticket::LEN]) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -600,6 +668,7 @@ fn procs_udp_tickets_stay_good_across_sigusr2() {
 }
 
 on_both_backends!(
+    pushes_in_flight_reach_their_devices_across_the_handover,
     udp_tickets_stay_good_across_sigusr2,
     procs_udp_tickets_stay_good_across_sigusr2,
     devices_keep_their_connections_across_sigusr2,

@@ -197,6 +197,15 @@ impl State {
             .slab
             .get(key)
             .is_some_and(|s| s.gen == at.gen && s.upgraded && s.ended.is_none() && s.id == id);
+        if !held && self.waiting.as_ref().is_some_and(|w| w.has_room()) {
+            // Taking connections over from an old process: the device may
+            // be on its way here. It is answered when it arrives, or at
+            // the handover's end.
+            if let Some(w) = self.waiting.as_mut() {
+                w.park(id, ask, reply);
+            }
+            return;
+        }
         let answer = if !held {
             Answer::NotConnected
         } else {

@@ -15,6 +15,7 @@
 //!
 //! Off (no upgrade under way) this costs the loop one branch per turn.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::Sender;
@@ -30,6 +31,7 @@ use c1m_proto::table::Claim;
 use c1m_proto::wheel::Entry;
 
 use super::{Slot, State, DRAIN_REASON};
+use crate::directory::mailbox::{Answer, Ask, Reply};
 use crate::ended::Ended;
 
 /// Connections a shard starts to hand over per turn of its loop.
@@ -63,6 +65,10 @@ pub enum Order {
     StopMoving,
     /// New: take these; the count taken goes back on the sender.
     Take(Vec<Moved>, Sender<u32>),
+    /// New: the handover has ended (every connection taken, or the old
+    /// process gone): asks still waiting for their device are answered
+    /// "not connected".
+    Taken,
 }
 
 impl std::fmt::Debug for Order {
@@ -73,7 +79,50 @@ impl std::fmt::Debug for Order {
             Order::MoveConns(_) => "MoveConns",
             Order::StopMoving => "StopMoving",
             Order::Take(..) => "Take",
+            Order::Taken => "Taken",
         })
+    }
+}
+
+/// The new process's shard, while it takes connections over: asks (a
+/// push, a lookup, a kick) for a device it does not hold, which may be on
+/// its way from the old process (or not moved yet). Each waits for its
+/// device to arrive, then is answered as if it came then; those left at
+/// the handover's end ([`Order::Taken`]) are answered "not connected".
+/// Without this, a push to a device in transit was answered "not
+/// connected" while the device was connected. At most [`MAX_WAITING`]
+/// per shard; past it, an ask is answered at once, as before.
+#[derive(Default)]
+pub(super) struct Waiting {
+    asks: HashMap<DeviceId, Vec<(Ask, Reply)>>,
+    count: usize,
+}
+
+/// Asks a shard holds for devices in transit, at most.
+pub const MAX_WAITING: usize = 4096;
+
+impl Waiting {
+    pub(super) fn has_room(&self) -> bool {
+        self.count < MAX_WAITING
+    }
+
+    pub(super) fn park(&mut self, id: DeviceId, ask: Ask, reply: Reply) {
+        self.count += 1;
+        self.asks.entry(id).or_default().push((ask, reply));
+    }
+
+    /// The asks waiting for `id`, if any (one lookup while none wait).
+    fn take(&mut self, id: &DeviceId) -> Option<Vec<(Ask, Reply)>> {
+        if self.count == 0 {
+            return None;
+        }
+        let asks = self.asks.remove(id)?;
+        self.count -= asks.len();
+        Some(asks)
+    }
+
+    fn into_replies(self) -> impl Iterator<Item = Reply> {
+        self.asks.into_values().flatten().map(|(_, reply)| reply)
     }
 }
 
@@ -229,9 +278,28 @@ impl State {
             Order::Take(conns, reply) => {
                 let mut taken = 0;
                 for m in conns {
+                    let waited = self
+                        .waiting
+                        .as_mut()
+                        .and_then(|w| w.take(&m.state.id))
+                        .map(|asks| (m.state.id.clone(), asks));
                     taken += u32::from(self.take_over(io, m));
+                    // Asked for while on its way: answered now that it is
+                    // here (or "not connected" if it could not be taken).
+                    if let Some((id, asks)) = waited {
+                        for (ask, reply) in asks {
+                            self.on_ask(io, id.clone(), ask, None, reply);
+                        }
+                    }
                 }
                 let _ = reply.send(taken);
+            }
+            Order::Taken => {
+                if let Some(w) = self.waiting.take() {
+                    for reply in w.into_replies() {
+                        self.peers.reply(reply, Answer::NotConnected);
+                    }
+                }
             }
         }
     }

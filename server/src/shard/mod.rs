@@ -322,6 +322,9 @@ struct State {
     walk: Option<usize>,
     /// A hot upgrade handing this shard's connections over (None: off).
     handing: Option<Box<handover::Handing>>,
+    /// A process started by a hot upgrade, until the handover ends: asks
+    /// for devices that may be on their way here (None: off).
+    waiting: Option<Box<handover::Waiting>>,
     /// `--udp-heartbeat`: the tickets of connections a hot upgrade moved
     /// here, to the slots that now hold them (empty otherwise).
     moved_tickets: udp::MovedTickets,
@@ -367,6 +370,7 @@ impl<D: Driver> Shard<D> {
         let mut clock = Clock::new(cfg.tick, [timeout_ticks, handshake_ticks, frame_ticks], now);
         clock.start_ns = clock.start_ns.saturating_sub(back.as_nanos() as u64);
         let start = clock.start;
+        let takeover = cfg.takeover;
         Ok(Shard {
             io,
             st: State {
@@ -407,6 +411,7 @@ impl<D: Driver> Shard<D> {
                 forwarded: None,
                 walk: None,
                 handing: None,
+                waiting: takeover.then(Box::default),
                 moved_tickets: udp::MovedTickets::default(),
                 cfg,
             },

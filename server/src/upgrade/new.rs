@@ -216,6 +216,15 @@ pub fn serve(t: Taking, shards: Vec<Peer>) -> Result<(), String> {
 }
 
 fn take_all(mut t: Taking, shards: Vec<Peer>) {
+    take_batches(&mut t, &shards);
+    // However it ended: the asks the shards held for devices in transit
+    // are answered now (those whose device came already were).
+    for s in &shards {
+        s.send_now(Mail::Handover(Order::Taken));
+    }
+}
+
+fn take_batches(t: &mut Taking, shards: &[Peer]) {
     let n = shards.len();
     let mut batch = Batch::default();
     let mut total = 0u64;
@@ -227,9 +236,15 @@ fn take_all(mut t: Taking, shards: Vec<Peer>) {
             );
             return;
         }
-        if test_fail().as_deref() == Some("conns") {
-            eprintln!("server: {ENV_TEST_FAIL}=conns (test only): exiting at the first batch of connections");
-            std::process::exit(3);
+        match test_fail().as_deref() {
+            Some("conns") => {
+                eprintln!("server: {ENV_TEST_FAIL}=conns (test only): exiting at the first batch of connections");
+                std::process::exit(3);
+            }
+            // Not a failure: each batch taken late, so that a test's
+            // pushes land while devices are in transit.
+            Some("slow") => std::thread::sleep(Duration::from_millis(150)),
+            _ => {}
         }
         let fds = std::mem::take(&mut batch.fds);
         let records = match pair(&batch.payload, fds) {

@@ -43,6 +43,9 @@ pub struct Plan {
     pub tls: bool,
     /// A duplicate of the admin listener, handed over too.
     pub admin: Option<std::net::TcpListener>,
+    /// Set once the new process has the admin listener: our admin thread
+    /// stops accepting on it (cleared if the handover fails).
+    pub admin_handed: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// `--udp-heartbeat`: the UDP sockets (duplicates go over) and the
     /// ticket key, so that the tickets devices hold stay good.
     pub udp: Option<crate::shard::UdpHeartbeat>,
@@ -138,7 +141,10 @@ fn run(mut plan: Plan) -> Result<Summary, String> {
     };
     let moved = socks.iter().filter(|s| s.is_some()).count();
     match h.give_listeners(&socks) {
-        Ok(()) => h.sum.listeners = moved,
+        Ok(()) => {
+            h.sum.listeners = moved;
+            h.admin_handed(true);
+        }
         Err(why) => {
             h.listen_again(socks);
             return Err(new.refuse(&exe, why));
@@ -359,8 +365,17 @@ impl Handover<'_> {
         self.settle()
     }
 
-    /// Our listeners back to their shards (the handover failed).
+    /// Whether our admin thread leaves the admin port to the new process.
+    fn admin_handed(&self, handed: bool) {
+        if let Some(h) = &self.plan.admin_handed {
+            h.store(handed, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Our listeners back to their shards (the handover failed), and the
+    /// admin port to our admin thread.
     fn listen_again(&self, socks: Vec<Option<Socket>>) {
+        self.admin_handed(false);
         for (shard, s) in socks.into_iter().enumerate() {
             if let Some(s) = s {
                 self.plan.shards[shard].send_now(Mail::Handover(Order::Listen(s)));

@@ -279,6 +279,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         (None, _) => None,
     };
     let admin_listener = admin.as_ref().and_then(|a| a.listener().ok());
+    let admin_handed = admin.as_ref().map(|a| a.handed_switch());
 
     let (report_tx, report_rx) = mpsc::channel::<Snapshot>();
     // A shard that ends before it was told to stop (its driver failed, or
@@ -331,6 +332,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         argv,
         running: None,
         admin: admin_listener,
+        admin_handed,
         worker,
         control,
         handed: false,
@@ -524,6 +526,8 @@ struct Upgrade {
     argv: Vec<std::ffi::OsString>,
     running: Option<std::thread::JoinHandle<Result<c1m::upgrade::old::Summary, String>>>,
     admin: Option<std::net::TcpListener>,
+    /// Set once the new process serves the admin port.
+    admin_handed: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// A --procs worker: upgraded by its supervisor only, which gives it
     /// the handover socket over `control` before its SIGUSR2.
     worker: bool,
@@ -575,6 +579,7 @@ impl Upgrade {
             backend,
             tls: cfg.tls.is_some(),
             admin,
+            admin_handed: self.admin_handed.clone(),
             udp: cfg.udp.clone(),
             given,
         };
