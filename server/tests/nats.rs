@@ -766,9 +766,11 @@ fn nats_exclusive_refuses_connect_events_from_too_far_ahead() {
 }
 
 /// A hot upgrade (docs/upgrade.md) publishes neither a disconnect (old
-/// process) nor a connect (new one) for the devices it moves; a moved
-/// device's later end is published once, by the new process.
-fn nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves() {
+/// process) nor a connect (new one) for the devices it moves, but one
+/// `upgrade` event (both pids, the connections moved) from the new
+/// process; a moved device's later end is published once, by the new
+/// process.
+fn nats_a_hot_upgrade_publishes_one_event_and_nothing_for_the_devices_it_moves() {
     let Some(nats) = Nats::start(false) else {
         return;
     };
@@ -806,6 +808,7 @@ fn nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves() {
         }
     }
     assert_eq!(new.len(), 1, "one new process: {new:?}");
+    let new_pid = new[0] as u64;
     let _new = Kill(new);
     for ws in [&mut leaves, &mut stays] {
         ws.send(Message::Ping(b"after".to_vec())).unwrap();
@@ -813,7 +816,9 @@ fn nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves() {
     }
     leaves.close(None).unwrap();
     let _ = leaves.read();
-    watch.until("the one disconnect", |s| disconnects(s) >= 1);
+    watch.until("the one disconnect and the upgrade event", |s| {
+        disconnects(s) >= 1 && s.iter().any(|e| e["event"] == "upgrade")
+    });
     // Anything else the old or the new process would publish comes within
     // this: collect it.
     let quiet = Instant::now() + Duration::from_millis(700);
@@ -824,6 +829,28 @@ fn nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves() {
             Err(_) => break,
         }
     }
+    let up: Vec<_> = watch
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "upgrade")
+        .collect();
+    assert_eq!(up.len(), 1, "one upgrade event: {:#?}", watch.seen);
+    assert_eq!(
+        (
+            up[0]["server"].as_str(),
+            up[0]["old_pid"].as_u64(),
+            up[0]["pid"].as_u64(),
+            up[0]["connections"].as_u64(),
+        ),
+        (
+            Some("test-up"),
+            Some(u64::from(old)),
+            Some(new_pid),
+            Some(2)
+        ),
+        "{:#?}",
+        up[0]
+    );
     let by = watch.by_device();
     assert_eq!(by["stays"], ["connected"], "{by:?}");
     assert_eq!(by["leaves"].len(), 2, "{by:?}");
@@ -832,7 +859,7 @@ fn nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves() {
 }
 
 on_both_backends!(
-    nats_a_hot_upgrade_publishes_nothing_for_the_devices_it_moves,
+    nats_a_hot_upgrade_publishes_one_event_and_nothing_for_the_devices_it_moves,
     nats_lifecycle_events_are_exact_and_in_order_per_device,
     nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected,
     nats_down_and_restarted_the_shards_keep_serving_and_publishing_resumes,

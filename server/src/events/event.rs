@@ -56,6 +56,8 @@ pub struct Subjects {
     pub connected: String,
     pub disconnected: String,
     pub snapshot: String,
+    /// One per hot upgrade, from the new process: `<prefix>.events.upgrade`.
+    pub upgrade: String,
     /// Pushes from backends: `<prefix>.push.<device id>`, subscribed as `<prefix>.push.>`.
     pub push_wildcard: String,
     push_head: String,
@@ -68,6 +70,7 @@ impl Subjects {
             connected: format!("{prefix}.events.connected"),
             disconnected: format!("{prefix}.events.disconnected"),
             snapshot: format!("{prefix}.events.snapshot"),
+            upgrade: format!("{prefix}.events.upgrade"),
             push_wildcard: format!("{prefix}.push.>"),
             push_head: format!("{prefix}.push."),
             deliver_head: format!("{prefix}.deliver."),
@@ -266,6 +269,27 @@ pub fn snapshot_json(origin: &Origin, connections: u64, time_ms: u64, connects: 
     format!(
         r#"{{"event":"snapshot","server":"{}","worker":{},"connections":{connections},"time_ms":{time_ms},"broker_connects":{connects}}}"#,
         origin.server, origin.worker
+    )
+}
+
+/// A hot upgrade, said by the new process once it holds every connection
+/// the old one handed over (docs/upgrade.md). The devices it moved get no
+/// event of their own: for a consumer of presence nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upgrade {
+    pub old_pid: u32,
+    pub pid: u32,
+    /// Connections taken over.
+    pub connections: u64,
+    /// From the new process's start to the old one's Done.
+    pub took_ms: u64,
+    pub time_ms: u64,
+}
+
+pub fn upgrade_json(origin: &Origin, u: &Upgrade) -> String {
+    format!(
+        r#"{{"event":"upgrade","server":"{}","worker":{},"old_pid":{},"pid":{},"connections":{},"took_ms":{},"time_ms":{}}}"#,
+        origin.server, origin.worker, u.old_pid, u.pid, u.connections, u.took_ms, u.time_ms
     )
 }
 

@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use c1m_proto::device_id::DeviceId;
 
-use super::event::{self, Batcher, Event, Kind, Origin, Presence, Subjects, Topic};
+use super::event::{self, Batcher, Event, Kind, Origin, Presence, Subjects, Topic, Upgrade};
 use super::queue::{self, Doorbell, EventTx};
 use crate::directory::mailbox::{Answer, Ask, Mail, Peer, Reply};
 
@@ -97,10 +97,35 @@ pub struct Stats {
     pub connects_refused: AtomicU64,
 }
 
+/// What other threads of the process ask the publisher to say (not the
+/// shards' events, which have their queue): a hot upgrade's event.
+#[derive(Clone)]
+pub struct Notices {
+    upgrades: Arc<Mutex<Vec<Upgrade>>>,
+    bell: Arc<Doorbell>,
+}
+
+impl Notices {
+    /// Publishes `u` on `<prefix>.events.upgrade` (once the broker is
+    /// reached; never waits).
+    pub fn upgrade(&self, u: Upgrade) {
+        self.upgrades
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(u);
+        self.bell.ring_always();
+    }
+
+    fn take(&self) -> Vec<Upgrade> {
+        std::mem::take(&mut *self.upgrades.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The running publisher.
 pub struct Publisher {
     stop: Arc<AtomicBool>,
     bell: Arc<Doorbell>,
+    pub notices: Notices,
     stopping: Arc<Notify>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<Stats>,
@@ -176,9 +201,18 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
         .build()
         .map_err(|e| format!("cannot start the NATS publisher's runtime: {e}"))?;
     let stopping = Arc::new(Notify::new());
+    let notices = Notices {
+        upgrades: Arc::new(Mutex::new(Vec::new())),
+        bell: bell.clone(),
+    };
     let thread = {
-        let (stop, stats, bell, stopping) =
-            (stop.clone(), stats.clone(), bell.clone(), stopping.clone());
+        let (stop, stats, bell, stopping, notices) = (
+            stop.clone(),
+            stats.clone(),
+            bell.clone(),
+            stopping.clone(),
+            notices.clone(),
+        );
         std::thread::Builder::new()
             .name("nats".into())
             .spawn(move || {
@@ -188,7 +222,7 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
                         tokio::time::sleep(FINAL_GRACE).await;
                     };
                     tokio::select! {
-                        _ = run(cfg, opts, rx, bell, stop, stats) => {}
+                        _ = run(cfg, opts, rx, bell, stop, stats, notices) => {}
                         _ = stopped => eprintln!("server: NATS: stopped without the broker's confirmation of the last events (it is away or slow); they may be lost"),
                     }
                 });
@@ -200,6 +234,7 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
         Publisher {
             stop,
             bell,
+            notices,
             stopping,
             thread: Some(thread),
             stats,
@@ -252,6 +287,7 @@ async fn run(
     bell: Arc<Doorbell>,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
+    notices: Notices,
 ) {
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel::<()>();
     let url = cfg.url.clone();
@@ -373,6 +409,17 @@ async fn run(
             {
                 stats.publish_errors.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        let said = notices.take();
+        for u in &said {
+            let body = event::upgrade_json(&cfg.origin, u);
+            match client.publish(subjects.upgrade.clone(), body.into()).await {
+                Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
+                Err(_) => stats.publish_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        if !said.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
         }
         let mut n = 0;
         let mut ended = false;

@@ -207,16 +207,31 @@ fn bad_hello(ch: &mut Channel, shards: usize, io: Backend) {
 
 /// Takes the connections on a thread of its own until the old process's
 /// Done (or its end).
-pub fn serve(t: Taking, shards: Vec<Peer>) -> Result<(), String> {
+pub fn serve(
+    t: Taking,
+    shards: Vec<Peer>,
+    nats: Option<crate::events::publisher::Notices>,
+) -> Result<(), String> {
     std::thread::Builder::new()
         .name("handover".into())
-        .spawn(move || take_all(t, shards))
+        .spawn(move || take_all(t, shards, nats))
         .map(drop)
         .map_err(|e| format!("cannot start the handover thread: {e}"))
 }
 
-fn take_all(mut t: Taking, shards: Vec<Peer>) {
-    take_batches(&mut t, &shards);
+fn take_all(mut t: Taking, shards: Vec<Peer>, nats: Option<crate::events::publisher::Notices>) {
+    let taken = take_batches(&mut t, &shards);
+    // --nats: one `upgrade` event, once every connection is here (none
+    // for the devices themselves: for presence nothing changed).
+    if let (Some(n), Some(connections)) = (&nats, taken) {
+        n.upgrade(crate::events::event::Upgrade {
+            old_pid: t.old_pid,
+            pid: std::process::id(),
+            connections,
+            took_ms: t.began.elapsed().as_millis() as u64,
+            time_ms: c1m_io::host::unix_ms(),
+        });
+    }
     // However it ended: the asks the shards held for devices in transit
     // are answered now (those whose device came already were).
     for s in &shards {
@@ -224,7 +239,9 @@ fn take_all(mut t: Taking, shards: Vec<Peer>) {
     }
 }
 
-fn take_batches(t: &mut Taking, shards: &[Peer]) {
+/// Every batch until the old process's Done: the connections taken (None
+/// if the handover ended early).
+fn take_batches(t: &mut Taking, shards: &[Peer]) -> Option<u64> {
     let n = shards.len();
     let mut batch = Batch::default();
     let mut total = 0u64;
@@ -234,7 +251,7 @@ fn take_batches(t: &mut Taking, shards: &[Peer]) {
                 "server: upgrade: the old process (pid {}) ended the handover early ({e}): serving the {total} connections taken",
                 t.old_pid
             );
-            return;
+            return None;
         }
         match test_fail().as_deref() {
             Some("conns") => {
@@ -253,7 +270,7 @@ fn take_batches(t: &mut Taking, shards: &[Peer]) {
                 let why = format!("batch {} does not decode: {e}", batch.seq);
                 eprintln!("server: upgrade: {why}; stopping the handover, serving the {total} connections taken");
                 let _ = send(&mut t.ch, 0, &[Record::Abort(&why)]);
-                return;
+                return None;
             }
         };
         let mut per: Vec<Vec<Moved>> = (0..n).map(|_| Vec::new()).collect();
@@ -303,7 +320,7 @@ fn take_batches(t: &mut Taking, shards: &[Peer]) {
             });
             if let Err(e) = send(&mut t.ch, 0, &[ack]) {
                 eprintln!("server: upgrade: cannot acknowledge batch {} ({e}); serving the {total} connections taken", batch.seq);
-                return;
+                return None;
             }
         }
         if done {
@@ -316,7 +333,7 @@ fn take_batches(t: &mut Taking, shards: &[Peer]) {
                 t.old_pid,
                 t.began.elapsed().as_millis()
             );
-            return;
+            return Some(total);
         }
     }
 }

@@ -325,7 +325,8 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     // from an old one (it says MAINPID= with READY=1 once it has).
     let takes_over = taking.is_some();
     if let Some(t) = taking {
-        c1m::upgrade::new::serve(t, outside.clone())?;
+        let nats = publisher.as_ref().map(|p| p.notices.clone());
+        c1m::upgrade::new::serve(t, outside.clone(), nats)?;
     }
     let mut upgrade = Upgrade {
         exe,
