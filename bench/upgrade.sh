@@ -39,6 +39,12 @@ HEARTBEAT=${HEARTBEAT:-2}
 TIMEOUT=${TIMEOUT:-20}
 RATE=${RATE:-0}
 SERVER_FLAGS=${SERVER_FLAGS:-}
+# CLIENT_FLAGS: more client flags, e.g. with SERVER_FLAGS=--udp-heartbeat:
+# CLIENT_FLAGS="--udp-heartbeat --udp-heartbeat-every 10" (UDP datagrams,
+# a WebSocket ping every 10th heartbeat; the summary adds the servers' UDP
+# counters: a datagram read by the process not holding its connection at
+# that moment is udp_stale).
+CLIENT_FLAGS=${CLIENT_FLAGS:-}
 CLIENT_NICE=${CLIENT_NICE:-0}
 if [ "$CONNS" -gt 250000 ]; then IPS=${IPS:-127.0.0.2-127.0.0.41}; CONCURRENCY=${CONCURRENCY:-64}; else IPS=${IPS:-127.0.0.2-127.0.0.11}; fi
 CONCURRENCY=${CONCURRENCY:-256}
@@ -50,10 +56,12 @@ cargo build --release --quiet --bin server --bin client
 name=upgrade
 [ "$PROCS" = 0 ] || name=upgrade-procs$PROCS
 [ "$UPGRADE" = 1 ] || name=$name-control
-out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY CLIENT_NICE=$CLIENT_NICE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS' bash $0 $*")
+case " $SERVER_FLAGS " in *" --udp-heartbeat "*) name=$name-udp ;; esac
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY CLIENT_NICE=$CLIENT_NICE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS'${CLIENT_FLAGS:+ CLIENT_FLAGS='$CLIENT_FLAGS'} bash $0 $*")
 procs_flag=()
 [ "$PROCS" = 0 ] || procs_flag=(--procs "$PROCS")
 read -r -a server_flags <<< "$SERVER_FLAGS"
+read -r -a client_flags <<< "$CLIENT_FLAGS"
 work=$(mktemp -d)
 restore() {
   [ "$TUNE" = 1 ] || return 0
@@ -72,7 +80,7 @@ old=$!
 wait_port $PORT
 nice -n "$CLIENT_NICE" ./target/release/client --server 127.0.0.1:$PORT --ips "$IPS" --rate "$RATE" --concurrency "$CONCURRENCY" \
   --conns "$CONNS" --heartbeat "${HEARTBEAT}s" --hold "${HOLD}s" --server-timeout "${TIMEOUT}s" \
-  --cores 0-1 --procs "$CLIENT_PROCS" --out "$work/client" > "$work/client.txt" 2>&1 &
+  --cores 0-1 --procs "$CLIENT_PROCS" --out "$work/client" "${client_flags[@]}" > "$work/client.txt" 2>&1 &
 client=$!
 
 # RSS of both processes every 100 ms (kB; the new one's pid once known).
@@ -213,6 +221,10 @@ else:
         f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
         f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
     ]
+if " udp_heartbeats=" in old_final:
+    lines.append("- UDP heartbeats (old process, then new): " + "; ".join(
+        " ".join(f"{k}={count(f, k)}" for k in ("udp_heartbeats", "udp_stale", "udp_bad"))
+        for f in (old_final, new_final) if f))
 def cpu_between(lo, hi):
     v = []
     for l in open(f"{out}/cpu.txt").read().splitlines()[1:]:
