@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use c1m_proto::frame::{self, Opcode};
 use c1m_proto::ticket;
 
-use support::{field, io};
+use support::{field, io, still_open};
 
 struct Server {
     child: Child,
@@ -75,23 +75,8 @@ impl Server {
     /// An upgraded raw socket for device `id`, and the ticket of its 101
     /// (None when the 101 has none).
     fn device(&self, id: &str) -> (TcpStream, Option<[u8; ticket::LEN]>) {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let req = format!("GET /ws?id={id} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
-        s.write_all(req.as_bytes()).unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        let text = String::from_utf8(head).unwrap();
-        assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
-        let t = text
-            .lines()
-            .find_map(|l| l.strip_prefix("C1M-Heartbeat-Ticket: "))
-            .map(|v| ticket::from_text(v.as_bytes()).expect("a well-formed ticket"));
-        (s, t)
+        let (s, head) = support::raw_ws_head(self.addr, id);
+        (s, support::ticket_of(&head))
     }
 }
 
@@ -107,15 +92,6 @@ impl Drop for Server {
 fn send(to: SocketAddr, bytes: &[u8]) {
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert_eq!(u.send_to(bytes, to).unwrap(), bytes.len());
-}
-
-/// The connection is still open: nothing to read, no reset or FIN.
-fn still_open(s: &mut TcpStream) -> bool {
-    s.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 16];
-    let open = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-    s.set_nonblocking(false).unwrap();
-    open
 }
 
 /// Blocks until the server ends `s`; how long that took.

@@ -465,23 +465,8 @@ fn pushes_in_flight_reach_their_devices_across_the_handover() {
 
 /// An upgraded raw socket for device `id` and the UDP ticket of its 101.
 fn device_with_ticket(addr: std::net::SocketAddr, id: &str) -> (TcpStream, [u8; ticket::LEN]) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&upgrade_request(&format!("/ws?id={id}"), ""))
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    let text = String::from_utf8(head).unwrap();
-    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
-    let t = text
-        .lines()
-        .find_map(|l| l.strip_prefix("C1M-Heartbeat-Ticket: "))
-        .and_then(|v| ticket::from_text(v.as_bytes()))
-        .unwrap_or_else(|| panic!("no ticket in {text}"));
+    let (s, head) = raw_ws_head(addr, id);
+    let t = ticket_of(&head).unwrap_or_else(|| panic!("no ticket in {head}"));
     (s, t)
 }
 
@@ -505,15 +490,6 @@ fn gone(pid: u32) {
         assert!(Instant::now() < deadline, "process {pid} did not exit");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The connection is still open: nothing to read, no reset or FIN.
-fn still_open(s: &mut TcpStream) -> bool {
-    s.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 16];
-    let open = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-    s.set_nonblocking(false).unwrap();
-    open
 }
 
 /// Sends each ticket as a datagram to `to` every 100 ms until `stop`.

@@ -211,9 +211,14 @@ pub fn upgrade_request(target: &str, extra: &str) -> Vec<u8> {
 pub fn raw_ws(addr: SocketAddr) -> TcpStream {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    raw_ws_head(addr, &format!("raw-{n}")).0
+}
+
+/// An upgraded raw socket for device `id`, and the head of its 101.
+pub fn raw_ws_head(addr: SocketAddr, id: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&upgrade_request(&format!("/ws?id=raw-{n}"), ""))
+    s.write_all(&upgrade_request(&format!("/ws?id={id}"), ""))
         .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -221,8 +226,25 @@ pub fn raw_ws(addr: SocketAddr) -> TcpStream {
         s.read_exact(&mut b).unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101 "));
-    s
+    let text = String::from_utf8(head).unwrap();
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+    (s, text)
+}
+
+/// The UDP heartbeat ticket a 101 head offers (`--udp-heartbeat`).
+pub fn ticket_of(head: &str) -> Option<[u8; c1m_proto::ticket::LEN]> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("C1M-Heartbeat-Ticket: "))
+        .map(|v| c1m_proto::ticket::from_text(v.as_bytes()).expect("a well-formed ticket"))
+}
+
+/// The connection is still open: nothing to read, no reset or FIN.
+pub fn still_open(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 16];
+    let open = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
 }
 
 /// Reads one server frame: (opcode bits, payload).
