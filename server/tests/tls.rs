@@ -358,8 +358,8 @@ fn tls_unusable_certificate_files_stop_the_server_with_one_clear_sentence() {
     }
 }
 
-/// A hot upgrade (docs/upgrade.md) moves no TLS state in v1: a wss device
-/// gets Close 1001 with the reconnect hint, counted in the old process's
+/// A hot upgrade (docs/upgrade.md) moves no TLS state: a wss device gets
+/// Close 1001 with the reconnect hint, counted in the old process's
 /// summary, and reconnects to the new process at once.
 fn tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect() {
     let certs = Certs::new("upgrade");
@@ -402,7 +402,81 @@ fn tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect() {
     assert_eq!(again.read().unwrap(), Message::Pong(b"back".to_vec()));
 }
 
+/// With `--upgrade-tls-window`, a hot upgrade's Closes to its wss devices
+/// are spread over the window (not all at once, so that they do not all
+/// reconnect to the new process together), and a device is served by the
+/// old process until its Close comes: its ping is answered.
+fn tls_a_hot_upgrade_spreads_its_closes_over_the_window() {
+    let certs = Certs::new("upgrade-window");
+    let flags = certs.flags();
+    let mut args = vec!["--cores", "0", "--upgrade-tls-window", "1s"];
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&args);
+    let config = certs.client(&[&rustls::version::TLS13]);
+    let devices: Vec<_> = (0..8)
+        .map(|i| wss(server.addr, &config, &format!("wss-w{i}")))
+        .collect();
+    let began = std::time::Instant::now();
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_error("this process exits");
+    let at = line.find("(pid ").unwrap() + 5;
+    let pid: i32 = line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the server this test started (by its upgrade).
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _new = Kill(pid);
+    assert!(
+        line.contains("8 TLS connections closed with 1001 over 1s"),
+        "{line}"
+    );
+    let readers: Vec<_> = devices
+        .into_iter()
+        .map(|mut ws| {
+            std::thread::spawn(move || {
+                // Served until its Close: a ping answered (or the Close
+                // came first).
+                ws.send(Message::Ping(b"still".to_vec())).unwrap();
+                loop {
+                    match ws.read() {
+                        Ok(Message::Pong(p)) => assert_eq!(p, b"still".to_vec()),
+                        Ok(Message::Close(Some(f))) => {
+                            assert_eq!(u16::from(f.code), 1001);
+                            assert_eq!(f.reason, "draining: reconnect");
+                            return std::time::Instant::now();
+                        }
+                        other => panic!("expected a Pong or Close 1001, got {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut at: Vec<_> = readers
+        .into_iter()
+        .map(|r| r.join().unwrap().duration_since(began))
+        .collect();
+    at.sort();
+    let spread = at[7] - at[0];
+    assert!(
+        spread >= std::time::Duration::from_millis(600),
+        "the Closes came within {spread:?}: {at:?}"
+    );
+    assert!(
+        at[7] <= std::time::Duration::from_secs(4),
+        "the last Close came late: {at:?}"
+    );
+}
+
 on_both_backends!(
+    tls_a_hot_upgrade_spreads_its_closes_over_the_window,
     tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect,
     tls_device_upgrades_heartbeats_and_is_expired_like_a_ws_one,
     tls_1_2_and_1_3_both_negotiate_and_a_reconnect_resumes,

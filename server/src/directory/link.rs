@@ -53,7 +53,7 @@ impl Link {
                 return;
             }
             // Said to a process's own shards, never across.
-            Mail::Shutdown | Mail::Present | Mail::Handover(_) => return,
+            Mail::Shutdown | Mail::ShutdownOver(_) | Mail::Present | Mail::Handover(_) => return,
         };
         // A closed channel means the writer ended (the parent is gone, and
         // this worker is being stopped): nothing left to tell.

@@ -26,6 +26,10 @@ pub enum Mail {
     Registry(Msg),
     /// Stop accepting, close every device with 1001, drain, end.
     Shutdown,
+    /// The same after a hot upgrade, for what the handover left here (TLS
+    /// devices): their Closes spread over this window (zero: at once),
+    /// whatever --drain-rate says.
+    ShutdownOver(std::time::Duration),
     /// An operator's question about device `id`: sent to the id's owner,
     /// which forwards it (with `at`) to the shard holding the device; that
     /// shard answers on `reply`. Nobody waits on a shard: the asker waits

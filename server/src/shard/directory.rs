@@ -149,6 +149,7 @@ impl State {
             match mail {
                 Mail::Registry(msg) => self.on_registry(io, msg),
                 Mail::Shutdown => self.begin_shutdown(io),
+                Mail::ShutdownOver(window) => self.begin_shutdown_over(io, window),
                 Mail::Ask { id, ask, at, reply } => self.on_ask(io, id, ask, at, reply),
                 // From the start again if a walk is under way: what it
                 // wrote may have gone with the broker too.

@@ -66,37 +66,66 @@ impl State {
         if self.drain.deadline.is_some() {
             return;
         }
-        let now = self.clock.now.at;
+        self.stop_accepting(io);
+        if self.cfg.drain_rate > 0.0 {
+            // The last Close goes out after held / rate; then the devices
+            // have --drain-timeout to answer, as without pacing. The
+            // registry's count walks its stripes once, here only.
+            let rate = shard_pace(
+                self.slab.len(),
+                self.cfg.registry.len(),
+                self.cfg.drain_rate,
+                self.peers.len(),
+            );
+            return self.begin_paced(io, rate);
+        }
+        self.close_everyone(io, b"");
+    }
+
+    /// After a hot upgrade: what the handover left here (TLS devices)
+    /// closed over `window`, each shard spreading its own so that all end
+    /// together (`--upgrade-tls-window`; zero: at once).
+    pub(super) fn begin_shutdown_over(&mut self, io: &mut impl Driver, window: Duration) {
+        if self.drain.deadline.is_some() {
+            return;
+        }
+        self.stop_accepting(io);
+        let held = self.slab.len();
+        if window.is_zero() || held == 0 {
+            return self.close_everyone(io, DRAIN_REASON);
+        }
+        self.begin_paced(io, held as f64 / window.as_secs_f64());
+    }
+
+    fn stop_accepting(&mut self, io: &mut impl Driver) {
         io.unlisten();
         self.accept.resume = None;
         // Closed unserved: counted as dropped in admission.
         self.counters.admit_dropped += self.accept.deferred.len() as u64;
         self.accept.deferred.clear();
-        if self.cfg.drain_rate > 0.0 {
-            // The last Close goes out after held / rate; then the devices
-            // have --drain-timeout to answer, as without pacing. The
-            // registry's count walks its stripes once, here only.
-            let held = self.slab.len();
-            let rate = shard_pace(
-                held,
-                self.cfg.registry.len(),
-                self.cfg.drain_rate,
-                self.peers.len(),
-            );
-            let pacing = Duration::from_secs_f64(held as f64 / rate);
-            self.drain.deadline = Some(now + pacing + self.cfg.drain_timeout);
-            self.drain.pacing = Some(Pacing {
-                began: now,
-                next_key: 0,
-                closed: 0,
-                rate,
-            });
-            return self.pace_drain(io, now);
-        }
+    }
+
+    /// A drain at `rate` Closes per second for this shard.
+    fn begin_paced(&mut self, io: &mut impl Driver, rate: f64) {
+        let now = self.clock.now.at;
+        let pacing = Duration::from_secs_f64(self.slab.len() as f64 / rate);
+        self.drain.deadline = Some(now + pacing + self.cfg.drain_timeout);
+        self.drain.pacing = Some(Pacing {
+            began: now,
+            next_key: 0,
+            closed: 0,
+            rate,
+        });
+        self.pace_drain(io, now)
+    }
+
+    /// Close 1001 to every device at once; --drain-timeout for answers.
+    fn close_everyone(&mut self, io: &mut impl Driver, reason: &[u8]) {
+        let now = self.clock.now.at;
         self.drain.deadline = Some(now + self.cfg.drain_timeout);
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.close_for_drain(io, key, b"");
+            self.close_for_drain(io, key, reason);
         }
     }
 

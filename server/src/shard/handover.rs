@@ -6,8 +6,9 @@
 //! is offered, leaves the slab without an event or a registry release (the
 //! new process re-claims its entry), and goes to the handover thread as a
 //! [`Moved`]. Ended connections are not offered: this shard flushes and
-//! closes them. TLS connections get Close 1001 with the reconnect hint
-//! (v1 moves no TLS state).
+//! closes them. TLS connections stay (their TLS state does not move):
+//! served until the drain after the handover closes them with 1001 and
+//! the reconnect hint, spread over `--upgrade-tls-window`.
 //!
 //! The new process's shard takes [`Moved`]s into its slab, driver and
 //! wheel: their output first, their silence carried over (the last-heard
@@ -30,7 +31,7 @@ use c1m_proto::handover::{self, ConnRecord};
 use c1m_proto::table::Claim;
 use c1m_proto::wheel::Entry;
 
-use super::{Slot, State, DRAIN_REASON};
+use super::{Slot, State};
 use crate::directory::mailbox::{Answer, Ask, Reply};
 use crate::ended::Ended;
 
@@ -372,8 +373,10 @@ impl State {
             }
             started += 1;
             if slot.tls.is_some() {
+                // Its TLS state does not move: it stays, served, until the
+                // drain after the handover closes it with 1001, paced
+                // (`--upgrade-tls-window`, Mail::ShutdownOver).
                 h.tls_closed += 1;
-                self.close_for_drain(io, key, DRAIN_REASON);
                 continue;
             }
             let gen = slot.gen;

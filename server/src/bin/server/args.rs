@@ -119,6 +119,17 @@ pub struct Args {
         from_str_fn(parse_duration)
     )]
     pub drain_timeout: Duration,
+    /// a hot upgrade closes its TLS devices (their TLS state does not
+    /// move) with Close 1001 "draining: reconnect" spread over this window,
+    /// so that they do not all reconnect to the new process at once; the
+    /// old process lives that much longer (at most 60s; 0s: all at once;
+    /// default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    pub upgrade_tls_window: Duration,
     /// on SIGINT/SIGTERM, close devices at this pace, devices per second
     /// over the whole server (Close 1001 "draining: reconnect"), so that a
     /// rolling restart does not send the fleet back all at once; the drain
@@ -274,6 +285,12 @@ impl Args {
         }
         if self.upgrade_parallel == 0 {
             return Err("--upgrade-parallel must be at least 1 (one worker at a time)".into());
+        }
+        if self.upgrade_tls_window > Duration::from_secs(60) {
+            return Err(format!(
+                "--upgrade-tls-window {:?} is over 60s: a --procs supervisor gives each worker's handover 120 s in all; use 60s or less",
+                self.upgrade_tls_window
+            ));
         }
         if let Some(admin) = self.admin.filter(|&a| c1m::admin::clashes(a, self.listen)) {
             return Err(format!(

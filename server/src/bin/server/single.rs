@@ -378,6 +378,14 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             shard.send_now(c1m::directory::mailbox::Mail::Shutdown);
         }
     };
+    // After a hot upgrade: the TLS devices left here closed over the window.
+    let shutdown_after_upgrade = || {
+        for shard in &outside {
+            shard.send_now(c1m::directory::mailbox::Mail::ShutdownOver(
+                args.upgrade_tls_window,
+            ));
+        }
+    };
     let mut latest = vec![Snapshot::default(); cores.len()];
     // Set when a shard died: what ends the process with a failure, and the
     // moment past which it no longer waits for the others to drain.
@@ -420,16 +428,17 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                         s.pid,
                         s.took.as_millis(),
                         s.hello.as_millis(),
-                        if s.tls_closed > 0 { format!(", {} TLS connections closed with 1001 (v1 moves no TLS state)", s.tls_closed) } else { String::new() },
+                        if s.tls_closed > 0 { format!(", {} TLS connections closed with 1001 over {:?} (their TLS state does not move)", s.tls_closed, args.upgrade_tls_window) } else { String::new() },
                         if s.lost > 0 { format!(", {} lost", s.lost) } else { String::new() },
                     );
                     if let Some(why) = &s.unconfirmed {
                         eprintln!("server: upgrade: the new process did not confirm the end of the handover ({why}) but runs: it holds everything now");
                     }
-                    // The shards are empty: they end at once. /healthz is
-                    // not turned to 503: its port is the new process's now.
+                    // The shards end once their TLS devices (if any) are
+                    // closed. /healthz is not turned to 503: its port is
+                    // the new process's now.
                     upgrade.handed = true;
-                    shutdown();
+                    shutdown_after_upgrade();
                 }
                 Err(why) => eprintln!("server: {why}"),
             }
