@@ -221,7 +221,7 @@ else:
         f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
         f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
     ]
-if " udp_heartbeats=" in old_final:
+if any(count(f, k) not in ("0", "?") for f in (old_final, new_final) for k in ("udp_heartbeats", "udp_stale", "udp_bad")):
     lines.append("- UDP heartbeats (old process, then new): " + "; ".join(
         " ".join(f"{k}={count(f, k)}" for k in ("udp_heartbeats", "udp_stale", "udp_bad"))
         for f in (old_final, new_final) if f))
