@@ -119,17 +119,15 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
 
     // Bind every listener before starting any shard, so a taken port is one
     // clear error rather than a half-started server.
-    let (given_listeners, given_admin, taking) = match given {
+    let (given_listeners, given_admin, taking, given_udp, given_key) = match given {
         Some(g) => (
             Some(g.listeners),
             g.admin,
-            Some((g.taking, g.udp, g.ticket_key)),
+            Some(g.taking),
+            g.udp,
+            g.ticket_key,
         ),
-        None => (None, None, None),
-    };
-    let (taking, given_udp, given_key) = match taking {
-        Some((t, udp, key)) => (Some(t), udp, key),
-        None => (None, Vec::new(), None),
+        None => (None, None, None, Vec::new(), None),
     };
     if !args.join && given_listeners.is_none() {
         c1m_io::listener::ensure_free(args.listen).map_err(|e| {
