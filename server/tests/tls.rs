@@ -358,6 +358,29 @@ fn tls_unusable_certificate_files_stop_the_server_with_one_clear_sentence() {
     }
 }
 
+/// A hot upgrade's new process, named in the old one's last line ("...
+/// (pid N) ..."): not our child, so killed by pid when the test ends.
+struct NewServer(i32);
+
+impl NewServer {
+    fn named_in(line: &str) -> NewServer {
+        let at = line.find("(pid ").expect("a pid in the line") + 5;
+        let pid = line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a pid in the line");
+        NewServer(pid)
+    }
+}
+
+impl Drop for NewServer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server this test started (by its upgrade).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
 /// A hot upgrade (docs/upgrade.md) moves no TLS state: a wss device gets
 /// Close 1001 with the reconnect hint, counted in the old process's
 /// summary, and reconnects to the new process at once.
@@ -378,21 +401,7 @@ fn tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect() {
         other => panic!("expected Close 1001, got {other:?}"),
     }
     let line = server.wait_error("this process exits");
-    let at = line.find("(pid ").unwrap() + 5;
-    let pid: i32 = line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the server this test started (by its upgrade).
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let _new = Kill(pid);
+    let _new = NewServer::named_in(&line);
     assert!(
         line.contains("1 TLS connections closed with 1001"),
         "{line}"
@@ -419,21 +428,7 @@ fn tls_a_hot_upgrade_spreads_its_closes_over_the_window() {
     let began = std::time::Instant::now();
     server.signal(libc::SIGUSR2);
     let line = server.wait_error("this process exits");
-    let at = line.find("(pid ").unwrap() + 5;
-    let pid: i32 = line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the server this test started (by its upgrade).
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let _new = Kill(pid);
+    let _new = NewServer::named_in(&line);
     assert!(
         line.contains("8 TLS connections closed with 1001 over 1s"),
         "{line}"
