@@ -30,6 +30,7 @@ pub mod listener;
 pub mod script;
 pub mod socket;
 pub mod tls;
+pub mod tls_tickets;
 pub mod udp;
 pub mod uring;
 

@@ -59,9 +59,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Reads the certificate chain and private key in PEM files into a server
 /// config: TLS 1.3 and 1.2, ALPN `http/1.1`, stateless resumption tickets
-/// (TLS 1.3 and 1.2), no session cache shared between shards. Built once
-/// per process and shared by every shard. The error is one sentence.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+/// (TLS 1.3 and 1.2) sealed by `tickets` (one key for every process of the
+/// server: see [`crate::tls_tickets`]), no session cache shared between
+/// shards. Built once per process and shared by every shard. The error is
+/// one sentence.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    tickets: Arc<crate::tls_tickets::Ticketer>,
+) -> Result<Arc<ServerConfig>, String> {
     let certs = read_certs(cert, "--tls-cert")?;
     let key_pem =
         std::fs::read(key).map_err(|e| format!("cannot read --tls-key {}: {e}", key.display()))?;
@@ -88,8 +94,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
     config.ignore_client_order = true;
     // Stateless tickets, for TLS 1.2 too; no stateful cache (a lock shared
     // by the shards, and memory per session).
-    config.ticketer =
-        provider::Ticketer::new().map_err(|e| format!("cannot make a ticket key: {e}"))?;
+    config.ticketer = tickets;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     // One ticket per TLS 1.3 handshake: a device reconnects with it and
     // gets the next one then; each ticket costs an encryption and ~200 B.
@@ -645,7 +650,8 @@ pub(crate) mod tests {
     fn both_versions_negotiate_with_alpn_and_carry_data_both_ways() {
         let certs_versions = make_certs("versions");
         let (ca, cert, key) = certs_versions.paths();
-        let server = server_config(&cert, &key).unwrap();
+        let server =
+            server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap();
         for (version, want) in [
             (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
             (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
@@ -688,7 +694,8 @@ pub(crate) mod tests {
     fn a_reconnect_resumes_with_a_ticket_on_both_versions() {
         let certs_resume = make_certs("resume");
         let (ca, cert, key) = certs_resume.paths();
-        let server = server_config(&cert, &key).unwrap();
+        let server =
+            server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap();
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             let client = client_only(&ca, version);
             let (c, s, _) = connect(&server, &client);
@@ -717,10 +724,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_reconnect_to_another_process_resumes_when_they_share_the_ticket_keys() {
+        use crate::tls_tickets::{TicketKeys, Ticketer};
+        let certs = make_certs("shared-tickets");
+        let (ca, cert, key) = certs.paths();
+        // Two processes of one server: the second given the first's state,
+        // as a --procs worker is given its parent's.
+        let first = Ticketer::random().unwrap();
+        let second = Ticketer::new(TicketKeys::from_bytes(&first.state().to_bytes()).unwrap());
+        let a = server_config(&cert, &key, first).unwrap();
+        let b = server_config(&cert, &key, second).unwrap();
+        // A process of another server (its own keys): a full handshake.
+        let stranger = server_config(&cert, &key, Ticketer::random().unwrap()).unwrap();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let client = client_only(&ca, version);
+            connect(&a, &client);
+            let (c, s, got) = connect(&b, &client);
+            assert_eq!(got, b"GET /ws");
+            assert_eq!(
+                c.handshake_kind(),
+                Some(HandshakeKind::Resumed),
+                "{version:?}"
+            );
+            assert_eq!(
+                s.handshake_kind(),
+                Some(HandshakeKind::Resumed),
+                "{version:?}"
+            );
+            // And back: b's ticket opens at a.
+            let (c, _, _) = connect(&a, &client);
+            assert_eq!(
+                c.handshake_kind(),
+                Some(HandshakeKind::Resumed),
+                "{version:?}"
+            );
+            let (c, _, _) = connect(&stranger, &client);
+            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full), "{version:?}");
+        }
+    }
+
+    #[test]
     fn plaintext_on_a_tls_session_is_refused_at_once() {
         let certs_plain = make_certs("plain");
         let (_, cert, key) = certs_plain.paths();
-        let server = server_config(&cert, &key).unwrap();
+        let server =
+            server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap();
         let mut s = ServerSession::server(&server).unwrap();
         let mut req = b"GET /ws?id=a HTTP/1.1\r\n\r\n".to_vec();
         let r = s.feed(&mut req, &mut Vec::new(), &mut Vec::new());
@@ -739,7 +787,8 @@ pub(crate) mod tests {
         let (_, cert, key) = certs_badcert_a.paths();
         let certs_badcert_b = make_certs("badcert-b");
         let (other_ca, _, _) = certs_badcert_b.paths();
-        let server = server_config(&cert, &key).unwrap();
+        let server =
+            server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap();
         let client = client_config(&other_ca, true).unwrap();
         let mut hello = Vec::new();
         let mut c =
@@ -756,18 +805,34 @@ pub(crate) mod tests {
         let certs_config = make_certs("config");
         let (ca, cert, key) = certs_config.paths();
         let missing = Path::new("/nonexistent/cert.pem");
-        let e = server_config(missing, &key).unwrap_err();
+        let e = server_config(
+            missing,
+            &key,
+            crate::tls_tickets::Ticketer::random().unwrap(),
+        )
+        .unwrap_err();
         assert!(
             e.starts_with("cannot read --tls-cert /nonexistent/cert.pem"),
             "{e}"
         );
-        let e = server_config(&key, &key).unwrap_err();
+        let e =
+            server_config(&key, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap_err();
         assert!(e.contains("holds no PEM certificate"), "{e}");
-        let e = server_config(&cert, &cert).unwrap_err();
+        let e = server_config(
+            &cert,
+            &cert,
+            crate::tls_tickets::Ticketer::random().unwrap(),
+        )
+        .unwrap_err();
         assert!(e.contains("holds no PEM private key"), "{e}");
         let certs_config_other = make_certs("config-other");
         let (_, _, other_key) = certs_config_other.paths();
-        let e = server_config(&cert, &other_key).unwrap_err();
+        let e = server_config(
+            &cert,
+            &other_key,
+            crate::tls_tickets::Ticketer::random().unwrap(),
+        )
+        .unwrap_err();
         assert!(e.contains("does not fit --tls-cert"), "{e}");
         assert!(client_config(&ca, true).is_ok());
         let e = client_config(&key, true).unwrap_err();
@@ -827,7 +892,7 @@ pub(crate) mod tests {
         let certs_hostile = make_certs("hostile");
         let (ca, cert, key) = certs_hostile.paths();
         (
-            server_config(&cert, &key).unwrap(),
+            server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap(),
             client_config(&ca, true).unwrap(),
         )
     }

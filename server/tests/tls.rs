@@ -407,8 +407,75 @@ fn tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect() {
         "{line}"
     );
     let mut again = wss(server.addr, &config, "wss-upgrade");
+    // The new process was given the old one's ticket keys: the device
+    // resumes its session rather than paying a full handshake.
+    assert_eq!(
+        again.get_ref().conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
     again.send(Message::Ping(b"back".to_vec())).unwrap();
     assert_eq!(again.read().unwrap(), Message::Pong(b"back".to_vec()));
+}
+
+/// Under --procs every worker seals and opens session tickets with the
+/// parent's keys, so a reconnect resumes on whichever worker the kernel
+/// hands it to (with a key per worker, each reconnect would resume only
+/// when it landed where the last one did: half the time with two), a
+/// restarted worker included.
+fn tls_a_reconnect_resumes_on_any_procs_worker_a_restarted_one_too() {
+    let certs = Certs::new("procs-resume");
+    let flags = certs.flags();
+    let mut args = vec!["--procs", "2", "--cores", "0-1"];
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&args);
+    let workers = workers_of(&server, 2);
+    let reconnects = |config: &std::sync::Arc<rustls::ClientConfig>, tag: &str| {
+        (0..12)
+            .map(|round| {
+                let mut ws = wss(server.addr, config, &format!("{tag}-{round}"));
+                let kind = ws.get_ref().conn.handshake_kind().unwrap();
+                ws.send(Message::Ping(b"x".to_vec())).unwrap();
+                assert_eq!(ws.read().unwrap(), Message::Pong(b"x".to_vec()));
+                let _ = ws.close(None);
+                let _ = ws.flush();
+                kind
+            })
+            .collect::<Vec<_>>()
+    };
+    let resumed = |kinds: &[rustls::HandshakeKind]| {
+        kinds
+            .iter()
+            .filter(|&&k| k == rustls::HandshakeKind::Resumed)
+            .count()
+    };
+    for (version, tag) in [
+        (&rustls::version::TLS13, "v13"),
+        (&rustls::version::TLS12, "v12"),
+    ] {
+        let config = certs.client(&[version]);
+        let kinds = reconnects(&config, tag);
+        assert_eq!(kinds[0], rustls::HandshakeKind::Full, "{tag}: {kinds:?}");
+        assert_eq!(resumed(&kinds), 11, "{tag}: {kinds:?}");
+    }
+    // A worker that dies is restarted with the keys of the moment.
+    let config = certs.client(&[&rustls::version::TLS13]);
+    reconnects(&config, "before");
+    // SAFETY: kill on a grandchild this test started.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = children(server.child.id());
+        if now.len() == 2 && !now.contains(&workers[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker not restarted: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.wait_line("the restarted worker's stats", |l| {
+        l.contains("workers=[0,")
+    });
+    let kinds = reconnects(&config, "after");
+    assert_eq!(resumed(&kinds), 12, "{kinds:?}");
 }
 
 /// With `--upgrade-tls-window`, a hot upgrade's Closes to its wss devices
@@ -471,6 +538,7 @@ fn tls_a_hot_upgrade_spreads_its_closes_over_the_window() {
 }
 
 on_both_backends!(
+    tls_a_reconnect_resumes_on_any_procs_worker_a_restarted_one_too,
     tls_a_hot_upgrade_spreads_its_closes_over_the_window,
     tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect,
     tls_device_upgrades_heartbeats_and_is_expired_like_a_ws_one,

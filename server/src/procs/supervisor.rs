@@ -66,6 +66,11 @@ pub struct Supervisor {
     /// `--upgrade-parallel`: how many workers a hot upgrade hands over at
     /// once (at least 1).
     pub upgrade_parallel: usize,
+    /// `--tls-cert`: the session-ticket keys every worker is given at its
+    /// start (the ratchet's state then), so that a device resumes its TLS
+    /// session on whichever worker its reconnect lands on, a restarted or
+    /// upgraded one's too.
+    pub tls_tickets: Option<std::sync::Arc<c1m_io::tls_tickets::Ticketer>>,
 }
 
 /// A worker that dies this soon after starting, this many times in a row,
@@ -103,6 +108,7 @@ struct Common<'a> {
     /// The binary workers are started from: the file at this path at each
     /// start (resolved once, at the supervisor's start).
     exe: &'a Path,
+    tls_tickets: Option<&'a c1m_io::tls_tickets::Ticketer>,
 }
 
 /// A hot upgrade under way: workers in order, up to `--upgrade-parallel`
@@ -327,6 +333,15 @@ impl Supervisor {
             .take(cpus.len())
             .map(|s| s.as_raw_fd())
             .collect();
+        // The ticket keys' state now, in a pipe the child reads at its start
+        // (ours closes when this returns).
+        let tickets = match c.tls_tickets {
+            Some(t) => Some(
+                t.to_pipe()
+                    .map_err(|e| format!("cannot hand worker {i} the TLS ticket keys: {e}"))?,
+            ),
+            None => None,
+        };
         let mut child = spawn_generation(
             i,
             generation,
@@ -338,6 +353,7 @@ impl Supervisor {
                 udp: &inherit,
                 control: Some(their_control.as_raw_fd()),
                 handover: handover.map(|h| h.as_raw_fd()),
+                tls_tickets: tickets.as_ref().map(|p| p.as_raw_fd()),
                 exe: Some(c.exe.to_path_buf()),
             },
         )?;
@@ -567,6 +583,7 @@ impl Supervisor {
             registry: &registry,
             udp: &udp,
             exe: &exe,
+            tls_tickets: self.tls_tickets.as_deref(),
         };
         let mut ws = Vec::with_capacity(self.procs);
         for i in 0..self.procs {

@@ -1,7 +1,7 @@
 //! What the server hands each `--procs` worker besides its arguments: its
 //! link to the parent, the shared device registry, its UDP sockets, its
-//! upgrade control socket (and, for a worker started by a hot upgrade, its
-//! end of the handover socket), at the descriptors and in the variables
+//! upgrade control socket, its TLS ticket keys (and, for a worker started
+//! by a hot upgrade, its end of the handover socket), at the descriptors and in the variables
 //! the worker looks for them. The starting itself is `c1m_io::host::workers`.
 
 use std::os::fd::RawFd;
@@ -27,6 +27,10 @@ pub const CONTROL_FD: i32 = 5;
 /// handover socket at (see [`crate::upgrade::ENV_FD`]).
 pub const HANDOVER_FD: i32 = 6;
 
+/// The descriptor a worker finds its TLS ticket keys' pipe at (see
+/// [`c1m_io::tls_tickets::ENV`]).
+pub const TLS_TICKETS_FD: i32 = c1m_io::tls_tickets::FD;
+
 /// What a worker gets besides its arguments.
 #[derive(Debug, Default)]
 pub struct Given<'a> {
@@ -40,6 +44,8 @@ pub struct Given<'a> {
     pub control: Option<RawFd>,
     /// Its end of the handover socket (a hot upgrade's new worker).
     pub handover: Option<RawFd>,
+    /// The read end of a pipe holding the TLS ticket keys (`--tls-cert`).
+    pub tls_tickets: Option<RawFd>,
     /// The binary to start (this one's path when None).
     pub exe: Option<PathBuf>,
 }
@@ -66,6 +72,7 @@ pub fn spawn_generation(
         (given.registry, REGISTRY_FD, crate::directory::registry::ENV),
         (given.control, CONTROL_FD, crate::upgrade::ENV_CONTROL),
         (given.handover, HANDOVER_FD, crate::upgrade::ENV_FD),
+        (given.tls_tickets, TLS_TICKETS_FD, c1m_io::tls_tickets::ENV),
     ];
     for (fd, at, env) in placed {
         if let Some(fd) = fd {

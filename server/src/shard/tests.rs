@@ -361,7 +361,14 @@ fn proxy_protocol_with_tls_is_refused_in_one_sentence() {
     let mut cfg = shard(false, Script::default()).st.cfg.clone();
     cfg.proxy_protocol = true;
     assert!(cfg.validate().is_ok());
-    cfg.tls = Some(c1m_io::tls::server_config(&cert, &key).unwrap());
+    cfg.tls = Some(
+        c1m_io::tls::server_config(
+            &cert,
+            &key,
+            c1m_io::tls_tickets::Ticketer::random().unwrap(),
+        )
+        .unwrap(),
+    );
     let _ = std::fs::remove_dir_all(cert.parent().unwrap());
     let err = cfg.validate().unwrap_err();
     assert!(
@@ -916,7 +923,12 @@ fn a_socket_dropped_in_admission_is_counted() {
 #[test]
 fn a_socket_whose_tls_cannot_start_is_dropped_and_counted() {
     let (cert, key) = make_cert("tls-setup-fails");
-    let good = c1m_io::tls::server_config(&cert, &key).unwrap();
+    let good = c1m_io::tls::server_config(
+        &cert,
+        &key,
+        c1m_io::tls_tickets::Ticketer::random().unwrap(),
+    )
+    .unwrap();
     let _ = std::fs::remove_dir_all(cert.parent().unwrap());
     let mut bad = (*good).clone();
     // rustls takes 32..=16,389 and refuses a session on anything else.

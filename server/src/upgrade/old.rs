@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -49,6 +49,11 @@ pub struct Plan {
     /// `--udp-heartbeat`: the UDP sockets (duplicates go over) and the
     /// ticket key, so that the tickets devices hold stay good.
     pub udp: Option<crate::shard::UdpHeartbeat>,
+    /// `--tls-cert`: the session-ticket keys, handed to the new process it
+    /// starts (a pipe at its start: see `c1m_io::tls_tickets`), so that the
+    /// wss devices closed here resume their sessions there. A `--procs`
+    /// worker's new worker gets them from the supervisor.
+    pub tls_tickets: Option<std::sync::Arc<c1m_io::tls_tickets::Ticketer>>,
     /// A `--procs` worker's: the handover socket its supervisor gave it,
     /// the new worker (which the supervisor started) at its other end.
     /// None: this process starts the new one itself.
@@ -227,20 +232,32 @@ impl New {
     }
 }
 
-/// Starts the binary with our arguments, the handover socket and the
-/// registry's memfd inherited (in the child only: both stay close-on-exec
-/// here), stdout and stderr shared.
+/// Starts the binary with our arguments, the handover socket, the
+/// registry's memfd and the TLS ticket keys' pipe inherited (in the child
+/// only: all stay close-on-exec here), stdout and stderr shared.
 fn spawn(plan: &Plan, theirs: RawFd) -> Result<Child, String> {
     let reg = plan.registry_fd;
+    let tickets = match &plan.tls_tickets {
+        Some(t) => Some(t.to_pipe().map_err(|e| {
+            format!("upgrade refused: cannot hand over the TLS ticket keys ({e}); this process keeps serving")
+        })?),
+        None => None,
+    };
+    let tickets_fd = tickets.as_ref().map(|p| p.as_raw_fd());
     let mut cmd = Command::new(&plan.exe);
     cmd.args(&plan.args)
         .env(ENV_FD, theirs.to_string())
         .env(crate::directory::registry::ENV, reg.to_string())
+        // Ours (if we were given keys) names a descriptor gone by now.
+        .env_remove(c1m_io::tls_tickets::ENV)
         .stdin(Stdio::null());
+    if let Some(fd) = tickets_fd {
+        cmd.env(c1m_io::tls_tickets::ENV, fd.to_string());
+    }
     // SAFETY: fcntl in the forked child before exec touches no shared state.
     unsafe {
         cmd.pre_exec(move || {
-            for fd in [theirs, reg] {
+            for fd in [Some(theirs), Some(reg), tickets_fd].into_iter().flatten() {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

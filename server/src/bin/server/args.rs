@@ -274,6 +274,10 @@ pub struct Checked {
     pub auth: Option<Arc<Keys>>,
     /// `--tls-cert`, `--tls-key`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The session-ticket keys `tls` seals with: the parent's (a `--procs`
+    /// worker's, a hot upgrade's new process's), else this process's own;
+    /// handed to every process this one starts.
+    pub tls_tickets: Option<Arc<c1m_io::tls_tickets::Ticketer>>,
 }
 
 impl Args {
@@ -339,17 +343,24 @@ impl Args {
         };
         // Loaded here too, so that a bad certificate or key is one error
         // before any worker starts; --procs workers re-read the same paths.
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(c1m_io::tls::server_config(cert, key)?),
-            (None, None) => None,
-            (Some(_), None) => {
+        let tls_tickets = match &self.tls_cert {
+            Some(_) => Some(c1m_io::tls_tickets::Ticketer::inherited_or_new()?),
+            None => None,
+        };
+        let tls = match (&self.tls_cert, &self.tls_key, &tls_tickets) {
+            (Some(cert), Some(key), Some(tickets)) => {
+                Some(c1m_io::tls::server_config(cert, key, tickets.clone())?)
+            }
+            (None, None, _) => None,
+            (Some(_), None, _) => {
                 return Err(
                     "--tls-cert needs --tls-key (the certificate's private key, PEM)".into(),
                 )
             }
-            (None, Some(_)) => {
+            (None, Some(_), _) => {
                 return Err("--tls-key needs --tls-cert (the certificate chain, PEM)".into())
             }
+            (Some(_), Some(_), None) => unreachable!("the ticket keys are made with --tls-cert"),
         };
         if self.nats_exclusive && self.nats.is_none() {
             return Err("--nats-exclusive needs --nats URL (the broker the servers share)".into());
@@ -359,6 +370,7 @@ impl Args {
             admin_access,
             auth,
             tls,
+            tls_tickets,
         })
     }
 }

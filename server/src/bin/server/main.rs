@@ -42,6 +42,7 @@ fn supervise(args: &Args, checked: Checked) -> Result<(), String> {
     let Checked {
         cores,
         admin_access,
+        tls_tickets,
         ..
     } = checked;
     // The shared registry holds what every worker can: each sizes its
@@ -81,6 +82,7 @@ fn supervise(args: &Args, checked: Checked) -> Result<(), String> {
         udp_heartbeat: args.udp_heartbeat,
         drain_health_delay: args.drain_health_delay,
         upgrade_parallel: args.upgrade_parallel,
+        tls_tickets,
     }
     .run(signals)
 }

@@ -25,6 +25,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         admin_access,
         auth,
         tls,
+        tls_tickets,
     } = checked;
     let print_stats = !args.stats_interval.is_zero();
     // The binary a hot upgrade starts: the file at this path then (resolved
@@ -335,6 +336,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         worker,
         control,
         handed: false,
+        tls_tickets,
     };
     eprintln!(
         "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {}{})",
@@ -542,6 +544,9 @@ struct Upgrade {
     control: Option<c1m_io::handover::Channel>,
     /// The handover is done: this process is ending.
     handed: bool,
+    /// `--tls-cert`: the session-ticket keys the new process is given, so
+    /// that the wss devices it gets back resume their sessions.
+    tls_tickets: Option<Arc<c1m_io::tls_tickets::Ticketer>>,
 }
 
 impl Upgrade {
@@ -589,6 +594,7 @@ impl Upgrade {
             admin,
             admin_handed: self.admin_handed.clone(),
             udp: cfg.udp.clone(),
+            tls_tickets: self.tls_tickets.clone(),
             given,
         };
         if plan.given.is_some() {
