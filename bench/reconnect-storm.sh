@@ -28,6 +28,8 @@
 # false expiries of both fleets (must be 0).
 # Bounded: about 50 s per case and backend (SIZE 15,000); every process is
 # stopped by its pid.
+# SERVERS="this=./target/release/server base=/path/to/server" runs every case
+# on each binary in turn (a change against its base, in one sitting).
 # Usage: bash bench/reconnect-storm.sh
 # Writes: results/<UTC time>-reconnect-storm/{summary.md,command.txt,<io>-<case>/{storm/,probe/,server.log,nstat-*.txt}}
 set -euo pipefail
@@ -58,9 +60,12 @@ IPS=${IPS:-127.0.0.2-127.0.0.21}  # the storm fleet's source addresses (1M: 127.
 # (TLS_CLIENT_FLAGS='--tls-no-resume' makes every reconnect a full handshake).
 TLS=${TLS:-0}
 TLS_CLIENT_FLAGS=${TLS_CLIENT_FLAGS:-}
+# SERVERS='this=./target/release/server base=/path/to/server': each case on
+# each of these servers, in turn, in one sitting (a change against its base).
+SERVERS=${SERVERS:-this=./target/release/server}
 
 cargo build --release --quiet --bin server --bin client
-top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS${SERVER_FLAGS:+ SERVER_FLAGS='$SERVER_FLAGS'}$( [ "$TLS" = 1 ] && echo ' TLS=1')${TLS_CLIENT_FLAGS:+ TLS_CLIENT_FLAGS='$TLS_CLIENT_FLAGS'} bash bench/reconnect-storm.sh")
+top=$(new_results reconnect-storm "SIZE=$SIZE PROBE=$PROBE CASES='$CASES' IOS='$IOS' CLIENT_IO=$CLIENT_IO RATE=$RATE STORM_AT=$STORM_AT HOLD=$HOLD HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT IPS=$IPS${SERVER_FLAGS:+ SERVER_FLAGS='$SERVER_FLAGS'}$( [ "$SERVERS" = this=./target/release/server ] || echo " SERVERS='$SERVERS'")$( [ "$TLS" = 1 ] && echo ' TLS=1')${TLS_CLIENT_FLAGS:+ TLS_CLIENT_FLAGS='$TLS_CLIENT_FLAGS'} bash bench/reconnect-storm.sh")
 { echo "loadavg at start: $(cat /proc/loadavg)"; nproc; uname -r; } > "$top/machine.txt"
 
 tls_server=(); tls_client=()
@@ -84,9 +89,12 @@ listen_counters() { nstat -asz TcpExtListenOverflows TcpExtListenDrops 2>/dev/nu
 procs=()
 [ "$PROCS" -gt 1 ] && procs=(--procs "$PROCS")
 
+for named in $SERVERS; do
+server_bin=${named#*=}
 for io in $IOS; do
 for case in $CASES; do
   out=$top/$io-${case/:/-}
+  [ "$SERVERS" = this=./target/release/server ] || out=$top/${named%%=*}-$io-${case/:/-}
   mkdir -p "$out"
   flags=()
   case $case in
@@ -95,7 +103,7 @@ for case in $CASES; do
     defer:*) flags=(--max-upgrades-per-sec "${case#*:}" --upgrade-excess defer) ;;
     *) echo "reconnect-storm: unknown case $case (off, 503:N, defer:N)" >&2; exit 1 ;;
   esac
-  ./target/release/server --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout "${TIMEOUT}s" --tick 100ms \
+  "$server_bin" --io "$io" --listen 127.0.0.1:$PORT "${procs[@]}" --timeout "${TIMEOUT}s" --tick 100ms \
     --stats-interval 1s "${flags[@]}" "${tls_server[@]}" $SERVER_FLAGS > "$out/server.log" 2>&1 &
   server=$!
   pids+=("$server")
@@ -126,6 +134,7 @@ for case in $CASES; do
   sleep 2
 done
 done
+done
 trap - EXIT
 [ -z "${pki:-}" ] || rm -rf "$pki"
 
@@ -148,8 +157,9 @@ def v(x, fmt="{:,}"):
 cmd = open(f"{top}/command.txt").read().strip()
 print(f"# Reconnect storm\n\n`{cmd}`\n")
 print(open(f"{top}/machine.txt").read().splitlines()[0] + " (2 cores shared with other work: figures move with it)\n")
-print("| backend, case | reset / back / not back | 99% / 100% back (s) | reconnect connect p50 / p99 / max (ms) | attempts; failed: 503, reset, timeout, refused, other | 503s / pauses (server) | ListenOverflows / ListenDrops | probe RTT p50 / p99 / max (ms) | false expiries (storm, probe) |")
-print("|---|---|---|---|---|---|---|---|---|")
+tls = "TLS=1" in cmd
+print("| backend, case | reset / back / not back | 99% / 100% back (s) | reconnect connect p50 / p99 / max (ms) | attempts; failed: 503, reset, timeout, refused, other | 503s / pauses (server) | ListenOverflows / ListenDrops | probe RTT p50 / p99 / max (ms) | false expiries (storm, probe) |" + (" TLS handshakes; resumed (server) |" if tls else ""))
+print("|---|---|---|---|---|---|---|---|---|" + ("---|" if tls else ""))
 for d in sorted(os.listdir(top)):
     p = f"{top}/{d}"
     if not os.path.isdir(p) or not os.path.exists(f"{p}/server.log"):
@@ -167,7 +177,8 @@ for d in sorted(os.listdir(top)):
           f"| {g('admission_refused')} / {g('admission_paused')} "
           f"| {dl('TcpExtListenOverflows'):,} / {dl('TcpExtListenDrops'):,} "
           f"| {v(q.get('heartbeat_rtt_p50_ms'), '{}')} / {v(q.get('heartbeat_rtt_p99_ms'), '{}')} / {v(q.get('heartbeat_rtt_max_ms'), '{}')} "
-          f"| {v(s.get('false_expiries'))}, {v(q.get('false_expiries'))} |")
+          f"| {v(s.get('false_expiries'))}, {v(q.get('false_expiries'))} |"
+          + (f" {g('tls_handshakes')}; {g('tls_resumed')} |" if tls else ""))
 print("\nPer case: `storm/` (the storm fleet: summary.md/json, connect, heartbeat_rtt,")
 print("reconnect_connect and reconnect_back histograms, timeline), `probe/` (the undisturbed")
 print("fleet, 1 s heartbeats across the storm), `server.log` (stats line each second),")

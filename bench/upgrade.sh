@@ -22,6 +22,8 @@
 # (root). CLIENT_NICE=N runs the client at that nice level: on this box the
 # load generator shares the 2 cores with the server, which a real server
 # of 1M devices does not; niced, the client yields the CPU to the server.
+# TLS=1 runs a wss fleet (its devices reconnect when the old process
+# closes them; see below); SERVER=path runs another build (a base).
 # Writes results/<UTC time>-upgrade/: summary.md, summary.json (the
 # client's), server.log (both processes' stderr), rss.txt, cpu.txt (the
 # box's CPU every 2 s, the trigger marked), command.txt.
@@ -45,6 +47,15 @@ SERVER_FLAGS=${SERVER_FLAGS:-}
 # counters: a datagram read by the process not holding its connection at
 # that moment is udp_stale).
 CLIENT_FLAGS=${CLIENT_FLAGS:-}
+# TLS=1: wss (a certificate for localhost from a CA made here); the old
+# process closes its wss devices with 1001 over --upgrade-tls-window and
+# the client's devices reconnect (--redial-on-close, the storm's backoff):
+# the summary says how many came back, how long they were away, and how
+# many of the new process's handshakes resumed a session.
+TLS=${TLS:-0}
+# SERVER: the binary to run (and upgrade to: the file at that path), e.g.
+# a base build to compare against in one sitting.
+SERVER=${SERVER:-./target/release/server}
 CLIENT_NICE=${CLIENT_NICE:-0}
 if [ "$CONNS" -gt 250000 ]; then IPS=${IPS:-127.0.0.2-127.0.0.41}; CONCURRENCY=${CONCURRENCY:-64}; else IPS=${IPS:-127.0.0.2-127.0.0.11}; fi
 CONCURRENCY=${CONCURRENCY:-256}
@@ -57,12 +68,18 @@ name=upgrade
 [ "$PROCS" = 0 ] || name=upgrade-procs$PROCS
 [ "$UPGRADE" = 1 ] || name=$name-control
 case " $SERVER_FLAGS " in *" --udp-heartbeat "*) name=$name-udp ;; esac
-out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY CLIENT_NICE=$CLIENT_NICE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS'${CLIENT_FLAGS:+ CLIENT_FLAGS='$CLIENT_FLAGS'} bash $0 $*")
+[ "$TLS" = 1 ] && name=$name-tls
+out=$(new_results "$name" "CONNS=$CONNS IO=$IO HOLD=$HOLD UPGRADE=$UPGRADE PROCS=$PROCS CLIENT_PROCS=$CLIENT_PROCS HEARTBEAT=$HEARTBEAT TIMEOUT=$TIMEOUT RATE=$RATE CONCURRENCY=$CONCURRENCY CLIENT_NICE=$CLIENT_NICE IPS=$IPS SERVER_FLAGS='$SERVER_FLAGS'${CLIENT_FLAGS:+ CLIENT_FLAGS='$CLIENT_FLAGS'}$( [ "$TLS" = 1 ] && echo ' TLS=1')$( [ "$SERVER" = ./target/release/server ] || echo " SERVER=$SERVER") bash $0 $*")
 procs_flag=()
 [ "$PROCS" = 0 ] || procs_flag=(--procs "$PROCS")
 read -r -a server_flags <<< "$SERVER_FLAGS"
 read -r -a client_flags <<< "$CLIENT_FLAGS"
 work=$(mktemp -d)
+if [ "$TLS" = 1 ]; then
+  mkdir -p "$work/pki" && make_test_pki "$work/pki"
+  server_flags+=(--tls-cert "$work/pki/cert.pem" --tls-key "$work/pki/key.pem")
+  client_flags+=(--tls --tls-ca "$work/pki/ca.pem" --redial-on-close)
+fi
 restore() {
   [ "$TUNE" = 1 ] || return 0
   bash kernel-tuning/apply.sh --restore "$PWD/$out/sysctl-backup.conf" >> "$out/kernel-apply.txt" 2>&1
@@ -73,7 +90,7 @@ if [ "$TUNE" = 1 ]; then
   C1M_BACKUP="$PWD/$out/sysctl-backup.conf" bash kernel-tuning/apply.sh 2> "$out/kernel-apply.txt"
 fi
 
-./target/release/server --listen 127.0.0.1:$PORT --admin 127.0.0.1:$APORT \
+"$SERVER" --listen 127.0.0.1:$PORT --admin 127.0.0.1:$APORT \
   --io "$IO" --cores 0-1 "${procs_flag[@]}" --timeout "${TIMEOUT}s" --tick 100ms --stats-interval 1s \
   "${server_flags[@]}" > "$work/stats.txt" 2> "$out/server.log" &
 old=$!
@@ -221,6 +238,9 @@ else:
         f"- old process final: handed_over={count(old_final, 'handed_over')} cancels={count(old_final, 'cancels')} expired={count(old_final, 'expired')}",
         f"- new process final (after the client left: its peer_gone are the fleet's end): taken_over={count(new_final, 'taken_over')} expired={count(new_final, 'expired')} cancels={count(new_final, 'cancels')}",
     ]
+if g('drain_closes') is not None or "TLS=1" in open(f"{out}/command.txt").read():
+    lines.append(f"- wss devices the server closed with 1001 (the client reconnects them, backoff with full jitter from 100 ms): {g('drain_closes')}, back {g('drain_back')}, not back by the hold's end {g('drain_unrecovered')}; attempts {g('drain_attempts')}, failed {g('drain_failed')}; away (Close to 101 again) p50 {g('drain_away_p50_ms')} ms, p99 {g('drain_away_p99_ms')} ms, max {g('drain_away_max_ms')} ms")
+    lines.append(f"- TLS handshakes (client, ramp and reconnects): {g('tls_handshakes')}, resumed {g('tls_resumed')}" + ("" if procs else f"; the new process's (the reconnects'): {count(new_final, 'tls_handshakes')}, resumed {count(new_final, 'tls_resumed')}"))
 if any(count(f, k) not in ("0", "?") for f in (old_final, new_final) for k in ("udp_heartbeats", "udp_stale", "udp_bad")):
     lines.append("- UDP heartbeats (old process, then new): " + "; ".join(
         " ".join(f"{k}={count(f, k)}" for k in ("udp_heartbeats", "udp_stale", "udp_bad"))

@@ -137,6 +137,10 @@ pub struct Plan {
     /// at most `backoff_cap`), retrying after each failure (refused, 503,
     /// reset, timeout) the same way. None: no storm.
     pub reconnect_storm: Option<Duration>,
+    /// A Close 1001 from the server (a drain, a hot upgrade's wss close)
+    /// makes a heartbeating device reconnect, after the same backoff as a
+    /// storm's, instead of ending: as device firmware does.
+    pub redial_on_close: bool,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub id_prefix: String,
@@ -159,7 +163,8 @@ pub struct Plan {
 /// Where a device is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// --reconnect-storm: waiting out its backoff, without a socket.
+    /// --reconnect-storm or --redial-on-close: waiting out its backoff,
+    /// without a socket.
     Backoff,
     Connecting,
     Upgrading,
@@ -190,10 +195,20 @@ struct Device {
     twin: bool,
     /// Its TLS session (--tls), from its connect on.
     tls: Option<Box<ClientSession>>,
-    /// --reconnect-storm: reset by the storm and not back yet; its failed
-    /// attempts so far (the backoff's exponent).
-    storm: bool,
+    /// Without its connection and dialing again (and why), until it is
+    /// back; its failed attempts so far (the backoff's exponent).
+    redial: Option<Redial>,
     attempt: u16,
+}
+
+/// Why a device is dialing again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redial {
+    /// --reconnect-storm reset it.
+    Storm,
+    /// --redial-on-close: the server closed it with 1001 at this time
+    /// (microseconds since the origin).
+    Drained { at_us: u64 },
 }
 
 pub enum Step {
@@ -630,7 +645,7 @@ impl State {
             self.forget_open(key);
             let d = &mut self.devices[key];
             io.close(d.io, Close::Abortive);
-            d.storm = true;
+            d.redial = Some(Redial::Storm);
             d.attempt = 0;
             d.twin = false;
             d.silent = false; // a chosen device mutes again once back
@@ -671,13 +686,16 @@ impl State {
         });
     }
 
-    /// A storm device's backoff is over: a new socket, as [`State::connect`]
-    /// opens one, in the device's own slot.
+    /// A redialing device's backoff is over: a new socket, as
+    /// [`State::connect`] opens one, in the device's own slot.
     fn redial(&mut self, io: &mut impl Driver, key: usize) {
         let now = Instant::now();
-        self.counters.storm_attempts += 1;
         let plan = &self.plan;
         let d = &self.devices[key];
+        match d.redial {
+            Some(Redial::Storm) => self.counters.storm_attempts += 1,
+            _ => self.counters.drain_attempts += 1,
+        }
         let (src, dst) = route(d.n, plan.sources.len(), plan.servers.len());
         let token = Token::pack(key, d.gen);
         let h = socket::connect_from(plan.servers[dst], plan.sources.get(src).copied())
@@ -685,7 +703,7 @@ impl State {
         let h = match h {
             Ok(h) => h,
             Err(e) => {
-                self.storm_failed(Failure::from_errno(e.raw_os_error()));
+                self.redial_failed(key, Failure::from_errno(e.raw_os_error()));
                 return self.back_off(key, now);
             }
         };
@@ -705,9 +723,13 @@ impl State {
         self.inflight += 1;
     }
 
-    /// Counts a storm device's failed attempt by its cause.
-    fn storm_failed(&mut self, why: Failure) {
+    /// Counts a redialing device's failed attempt: a storm's by its cause.
+    fn redial_failed(&mut self, key: usize, why: Failure) {
         let c = &mut self.counters;
+        if self.devices[key].redial != Some(Redial::Storm) {
+            c.drain_failed += 1;
+            return;
+        }
         *match why {
             Failure::HttpStatus(503) => &mut c.storm_failed_503,
             Failure::Reset => &mut c.storm_failed_reset,
@@ -749,8 +771,10 @@ impl State {
             self.silent_open
         };
         for d in self.devices.drain() {
-            if d.storm {
-                self.counters.storm_unrecovered += 1;
+            match d.redial {
+                Some(Redial::Storm) => self.counters.storm_unrecovered += 1,
+                Some(Redial::Drained { .. }) => self.counters.drain_unrecovered += 1,
+                None => {}
             }
             if d.io != Handle::NONE {
                 io.close(d.io, Close::Abortive);
@@ -809,7 +833,7 @@ impl State {
             carry: Carry::default(),
             twin,
             tls: None,
-            storm: false,
+            redial: None,
             attempt: 0,
         });
         self.inflight += 1;
@@ -1004,9 +1028,14 @@ impl State {
             }
         }
         self.inflight -= 1;
-        if d.storm {
-            d.storm = false;
+        let redial = d.redial.take();
+        if redial.is_some() {
             d.attempt = 0;
+        }
+        if let Some(Redial::Drained { at_us }) = redial {
+            hgrm::record(&mut self.measured.drain_back, at.saturating_sub(at_us));
+            self.counters.drain_back += 1;
+        } else if redial == Some(Redial::Storm) {
             hgrm::record(&mut self.measured.reconnect_connect, at - d.started_us);
             hgrm::record(
                 &mut self.measured.reconnect_back,
@@ -1102,6 +1131,14 @@ impl State {
                 Break(self.replaced(key))
             }
             Opcode::Close if self.plan.ignore_close => Continue(()),
+            Opcode::Close
+                if self.plan.redial_on_close
+                    && !d.silent
+                    && d.stage == Stage::Open
+                    && payload.starts_with(&code::GOING_AWAY.to_be_bytes()) =>
+            {
+                Break(self.drained(key))
+            }
             Opcode::Close => Break(self.server_closed(key)),
             Opcode::Continuation => Continue(()),
         }
@@ -1226,6 +1263,23 @@ impl State {
         self.forget(key)
     }
 
+    /// --redial-on-close: the server closed heartbeating device `key` with
+    /// 1001; it backs off and dials again. Returns the old connection's
+    /// handle for the caller to close.
+    fn drained(&mut self, key: usize) -> Handle {
+        let at_us = now_us(&self.plan, Instant::now());
+        self.forget_open(key);
+        self.counters.drain_closes += 1;
+        let d = &mut self.devices[key];
+        let gone = d.io;
+        d.redial = Some(Redial::Drained { at_us });
+        d.attempt = 0;
+        d.twin = false;
+        d.ping_sent_us = 0;
+        self.back_off(key, Instant::now());
+        gone
+    }
+
     /// A newer connection with this device's id took over: the takeover
     /// the server must make, not an expiry. Returns the handle to close.
     fn replaced(&mut self, key: usize) -> Handle {
@@ -1239,8 +1293,8 @@ impl State {
     /// A storm device stays, and backs off to try again.
     fn fail(&mut self, key: usize, why: Failure) -> Handle {
         self.inflight -= 1;
-        if self.devices[key].storm {
-            self.storm_failed(why);
+        if self.devices[key].redial.is_some() {
+            self.redial_failed(key, why);
             let gone = self.devices[key].io;
             self.back_off(key, Instant::now());
             return gone;
@@ -1288,7 +1342,8 @@ mod tests {
 
     /// Per `Serve::GoingAway` server: (pings after its Close, Close frames
     /// from the device, connections that ended without a Close reply).
-    static AFTER_CLOSE: [[std::sync::atomic::AtomicU64; 3]; 2] = [
+    static AFTER_CLOSE: [[std::sync::atomic::AtomicU64; 3]; 3] = [
+        [const { std::sync::atomic::AtomicU64::new(0) }; 3],
         [const { std::sync::atomic::AtomicU64::new(0) }; 3],
         [const { std::sync::atomic::AtomicU64::new(0) }; 3],
     ];
@@ -1401,6 +1456,7 @@ mod tests {
             silent_after: None,
             reconnect: 0.0,
             reconnect_storm: None,
+            redial_on_close: false,
             backoff_base: Duration::from_millis(10),
             backoff_cap: Duration::from_millis(100),
             id_prefix: "fleet-test".into(),
@@ -1558,5 +1614,28 @@ mod tests {
         let [pings, closes, _] = tally(1);
         assert_eq!(closes, 0);
         assert!(pings >= ends * 3, "{pings} pings after the Close");
+    }
+
+    #[test]
+    fn redial_on_close_brings_a_device_closed_with_1001_back() {
+        // The server closes each connection with 1001 at its first ping:
+        // every device comes back, again and again, never a false expiry.
+        let server = fake_server(Serve::GoingAway(2));
+        for c in run_plan_with(server, 3, |p| p.redial_on_close = true) {
+            assert_eq!((c.established, c.false_expiries), (3, 0), "{c:?}");
+            // 400 ms of hold, a ping 50 ms after each upgrade, backoff up
+            // to 10 ms: several rounds each.
+            assert!(c.drain_closes >= 3 * 2, "{c:?}");
+            assert!(c.drain_back + 3 >= c.drain_closes, "{c:?}");
+            assert!(c.drain_back >= 3, "{c:?}");
+            // Each attempt came back, failed, or was under way at the end.
+            assert!(c.drain_attempts >= c.drain_back, "{c:?}");
+            assert!(
+                c.drain_attempts <= c.drain_back + c.drain_failed + 3,
+                "{c:?}"
+            );
+            assert_eq!(c.drain_failed, 0, "{c:?}");
+            assert!(c.drain_unrecovered <= 3, "{c:?}");
+        }
     }
 }

@@ -109,6 +109,15 @@ c1m_proto::counter_table! {
         storm_failed_timeout: u64 = "storm_failed_timeout", Sum;
         storm_failed_refused: u64 = "storm_failed_refused", Sum;
         storm_failed_other: u64 = "storm_failed_other", Sum;
+        /// --redial-on-close: heartbeating devices the server closed with
+        /// 1001 (a drain, a hot upgrade's wss close); of them, back (upgraded
+        /// again) and not back by the end of the hold; their attempts, and
+        /// the failed ones (each then backs off and retries).
+        drain_closes: u64 = "drain_closes", Sum;
+        drain_back: u64 = "drain_back", Sum;
+        drain_unrecovered: u64 = "drain_unrecovered", Sum;
+        drain_attempts: u64 = "drain_attempts", Sum;
+        drain_failed: u64 = "drain_failed", Sum;
     }
 }
 
@@ -210,6 +219,9 @@ pub struct Measured {
     /// its upgrade again (its p99 and max: the time to 99% and 100% back).
     pub reconnect_connect: Histogram<u64>,
     pub reconnect_back: Histogram<u64>,
+    /// --redial-on-close: each device's time from the server's Close 1001
+    /// to its upgrade again.
+    pub drain_back: Histogram<u64>,
     /// When the server closed a heartbeating device (a Close frame, EOF or
     /// a reset; a false expiry unless the server was draining), in
     /// microseconds since the run's origin: its min and max are the first
@@ -227,6 +239,7 @@ impl Measured {
             storm_lag: crate::hgrm::new_histogram(),
             reconnect_connect: crate::hgrm::new_histogram(),
             reconnect_back: crate::hgrm::new_histogram(),
+            drain_back: crate::hgrm::new_histogram(),
             server_closes: crate::hgrm::new_histogram(),
         }
     }
@@ -240,6 +253,7 @@ impl Measured {
             (&mut self.storm_lag, &o.storm_lag),
             (&mut self.reconnect_connect, &o.reconnect_connect),
             (&mut self.reconnect_back, &o.reconnect_back),
+            (&mut self.drain_back, &o.drain_back),
             (&mut self.server_closes, &o.server_closes),
         ] {
             a.add(b).map_err(|e| format!("merging histograms: {e:?}"))?;
@@ -296,7 +310,7 @@ mod tests {
         };
         b.add(&a);
         assert_eq!((b.failed, b.established, b.last_http_status), (10, 3, 503));
-        assert_eq!(b.fields().len(), 35);
+        assert_eq!(b.fields().len(), 40);
         // Every field survives a worker's report line.
         let mut all = Counters::default();
         for (i, (k, _)) in Counters::default().fields().iter().enumerate() {

@@ -65,6 +65,7 @@ pub fn write(
     write_histogram(dir, "storm_lag", &o.measured.storm_lag)?;
     write_histogram(dir, "reconnect_connect", &o.measured.reconnect_connect)?;
     write_histogram(dir, "reconnect_back", &o.measured.reconnect_back)?;
+    write_histogram(dir, "drain_back", &o.measured.drain_back)?;
     write_histogram(dir, "server_closes", &o.measured.server_closes)?;
     let tl = dir.join("timeline.csv");
     timeline::write_csv(create(&tl)?, &o.rows)

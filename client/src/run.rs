@@ -444,6 +444,7 @@ pub fn load_measured(dir: &Path) -> Result<Measured, String> {
         storm_lag: read("storm_lag")?,
         reconnect_connect: read("reconnect_connect")?,
         reconnect_back: read("reconnect_back")?,
+        drain_back: read("drain_back")?,
         server_closes: read("server_closes")?,
     })
 }

@@ -169,6 +169,13 @@ pub fn figures(o: &Outcome, target: u64, server_measured: bool) -> Value {
             ),
         );
     }
+    // --redial-on-close: how long the devices the server closed with 1001
+    // were away.
+    if c.drain_closes > 0 {
+        f.insert("drain_away_p50_ms".into(), ms(&m.drain_back, 0.5));
+        f.insert("drain_away_p99_ms".into(), ms(&m.drain_back, 0.99));
+        f.insert("drain_away_max_ms".into(), max_ms(&m.drain_back));
+    }
     if let Some(r) = &o.ramp_end {
         let est = r.counters.established as f64;
         f.insert(

@@ -118,10 +118,11 @@ fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, S
 }
 
 /// A client config that trusts the CA certificates in `ca` (PEM), offers
-/// TLS 1.3 and 1.2 and ALPN `http/1.1`, and with `resume` keeps session
-/// tickets in memory (shared by every connection made with this config, so
-/// one per process lets reconnects resume). The error is one sentence.
-pub fn client_config(ca: &Path, resume: bool) -> Result<Arc<ClientConfig>, String> {
+/// TLS 1.3 and 1.2 and ALPN `http/1.1`, and with `resume: Some(devices)`
+/// keeps session tickets in memory for that many devices ([`TicketPool`],
+/// shared by every connection made with this config: one per process lets
+/// reconnects resume). The error is one sentence.
+pub fn client_config(ca: &Path, resume: Option<usize>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca, "--tls-ca")? {
         roots
@@ -134,10 +135,100 @@ pub fn client_config(ca: &Path, resume: bool) -> Result<Arc<ClientConfig>, Strin
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
-    if !resume {
-        config.resumption = Resumption::disabled();
-    }
+    config.resumption = match resume {
+        Some(devices) => Resumption::store(Arc::new(TicketPool::new(devices))),
+        None => Resumption::disabled(),
+    };
     Ok(Arc::new(config))
+}
+
+/// The TLS 1.3 tickets of a fleet of devices, as the devices would hold
+/// them: one each, used oldest first. rustls' own store keeps 8 tickets
+/// per server name (newest first), which a fleet of thousands of devices
+/// behind one name exhausts at once, so that its reconnects did full
+/// handshakes that real devices (each with the ticket of its last
+/// connection) would not; and its newest-first order resumed a
+/// reconnect after a hot upgrade with a ticket the new process had just
+/// issued, where a real device holds one from the old process. Oldest
+/// first, a fleet that reconnects once each uses the ticket each device
+/// got last. At most `devices` tickets (the oldest go first); TLS 1.2
+/// sessions as rustls keeps them. A ticket is about a kilobyte (the
+/// server's certificate chain comes with it).
+#[derive(Debug)]
+pub struct TicketPool {
+    tls13: std::sync::Mutex<std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>>,
+    devices: usize,
+    rest: rustls::client::ClientSessionMemoryCache,
+}
+
+impl TicketPool {
+    pub fn new(devices: usize) -> TicketPool {
+        TicketPool {
+            tls13: Default::default(),
+            devices: devices.max(1),
+            rest: rustls::client::ClientSessionMemoryCache::new(16),
+        }
+    }
+
+    fn tickets(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>,
+    > {
+        // A panic while holding it left whole tickets behind.
+        self.tls13.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketPool {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.rest.set_kx_hint(name, group)
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.rest.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        name: ServerName<'static>,
+        v: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.rest.set_tls12_session(name, v)
+    }
+
+    fn tls12_session(
+        &self,
+        name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.rest.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.rest.remove_tls12_session(name)
+    }
+
+    // One server name per fleet (the client dials one name): the pool is
+    // not keyed by it.
+    fn insert_tls13_ticket(
+        &self,
+        _: ServerName<'static>,
+        v: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut t = self.tickets();
+        if t.len() >= self.devices {
+            t.pop_front();
+        }
+        t.push_back(v);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.tickets().pop_front()
+    }
 }
 
 /// The name a client checks the server's certificate against (and sends as SNI).
@@ -715,12 +806,79 @@ pub(crate) mod tests {
             );
         }
         // The client's own config (resumption on) resumes too; off, never.
-        for (resume, want) in [(true, HandshakeKind::Resumed), (false, HandshakeKind::Full)] {
+        for (resume, want) in [
+            (Some(16), HandshakeKind::Resumed),
+            (None, HandshakeKind::Full),
+        ] {
             let client = client_config(&ca, resume).unwrap();
             connect(&server, &client);
             let (c, _, _) = connect(&server, &client);
             assert_eq!(c.handshake_kind(), Some(want));
         }
+    }
+
+    /// `n` devices of the fleet `client` begin their handshakes with
+    /// `server` at once (each takes its ticket, if any, as it says hello),
+    /// then finish them: the kinds.
+    fn at_once(
+        server: &Arc<ServerConfig>,
+        client: &Arc<ClientConfig>,
+        n: usize,
+    ) -> Vec<HandshakeKind> {
+        let hellos: Vec<_> = (0..n)
+            .map(|_| {
+                let mut hello = Vec::new();
+                let c =
+                    ClientSession::client(client, server_name("localhost").unwrap(), &mut hello)
+                        .unwrap();
+                (c, hello)
+            })
+            .collect();
+        hellos
+            .into_iter()
+            .map(|(mut c, hello)| {
+                let mut s = ServerSession::server(server).unwrap();
+                pump(&mut c, &mut s, hello).2.unwrap();
+                c.handshake_kind().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fleet_keeps_a_ticket_per_device_and_uses_the_oldest_first() {
+        use crate::tls_tickets::Ticketer;
+        use HandshakeKind::{Full, Resumed};
+        let certs = make_certs("pool");
+        let (ca, cert, key) = certs.paths();
+        let old = server_config(&cert, &key, Ticketer::random().unwrap()).unwrap();
+        // A new process with keys of its own (a build before the shared
+        // keys): the tickets of the old one open nothing there.
+        let new = server_config(&cert, &key, Ticketer::random().unwrap()).unwrap();
+        // TLS 1.3 only: its tickets are the pool's.
+        let tls13 = |devices| {
+            let mut c = (*client_only(&ca, &rustls::version::TLS13)).clone();
+            c.resumption = Resumption::store(Arc::new(TicketPool::new(devices)));
+            Arc::new(c)
+        };
+        // Three devices connect, then reconnect one by one to a new
+        // process: each offers the ticket of its own last connection (the
+        // old process's) first; a newest-first store (rustls' own) would
+        // offer the new process's at the second reconnect.
+        let fleet = tls13(8);
+        assert_eq!(at_once(&old, &fleet, 3), [Full, Full, Full]);
+        assert_eq!(at_once(&new, &fleet, 1), [Full]);
+        assert_eq!(at_once(&new, &fleet, 1), [Full]);
+        assert_eq!(at_once(&new, &fleet, 1), [Full]);
+        assert_eq!(at_once(&new, &fleet, 1), [Resumed]);
+        // At most one ticket per device: the oldest go first.
+        let two = tls13(2);
+        assert_eq!(at_once(&old, &two, 3), [Full, Full, Full]);
+        assert_eq!(at_once(&old, &two, 3), [Resumed, Resumed, Full]);
+        // Twelve devices reconnecting at once all resume (rustls' store
+        // keeps 8 per server name).
+        let many = tls13(12);
+        at_once(&old, &many, 12);
+        assert_eq!(at_once(&old, &many, 12), [Resumed; 12]);
     }
 
     #[test]
@@ -789,7 +947,7 @@ pub(crate) mod tests {
         let (other_ca, _, _) = certs_badcert_b.paths();
         let server =
             server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap();
-        let client = client_config(&other_ca, true).unwrap();
+        let client = client_config(&other_ca, Some(16)).unwrap();
         let mut hello = Vec::new();
         let mut c =
             ClientSession::client(&client, server_name("localhost").unwrap(), &mut hello).unwrap();
@@ -834,8 +992,8 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(e.contains("does not fit --tls-cert"), "{e}");
-        assert!(client_config(&ca, true).is_ok());
-        let e = client_config(&key, true).unwrap_err();
+        assert!(client_config(&ca, Some(16)).is_ok());
+        let e = client_config(&key, Some(16)).unwrap_err();
         assert!(
             e.contains("--tls-ca") && e.contains("holds no PEM certificate"),
             "{e}"
@@ -893,7 +1051,7 @@ pub(crate) mod tests {
         let (ca, cert, key) = certs_hostile.paths();
         (
             server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap(),
-            client_config(&ca, true).unwrap(),
+            client_config(&ca, Some(16)).unwrap(),
         )
     }
 

@@ -90,7 +90,13 @@ struct Args {
     /// (default: no storm)
     #[argh(option, from_str_fn(parse_duration))]
     reconnect_storm: Option<Duration>,
-    /// with --reconnect-storm: the first backoff's ceiling; attempt k waits
+    /// a heartbeating device the server closes with 1001 (a paced drain, a
+    /// hot upgrade's wss close) reconnects after the backoff below, as
+    /// firmware does, instead of ending; the summary counts them
+    /// (drain_closes, drain_back) and how long they were away
+    #[argh(switch)]
+    redial_on_close: bool,
+    /// with --reconnect-storm or --redial-on-close: the first backoff's ceiling; attempt k waits
     /// a uniform random time in [0, min(cap, base * 2^k)] (default 100ms)
     #[argh(
         option,
@@ -98,7 +104,8 @@ struct Args {
         from_str_fn(parse_duration)
     )]
     backoff_base: Duration,
-    /// with --reconnect-storm: the longest backoff (default 30s)
+    /// with --reconnect-storm or --redial-on-close: the longest backoff
+    /// (default 30s)
     #[argh(
         option,
         default = "Duration::from_secs(30)",
@@ -309,6 +316,9 @@ fn run(args: Args) -> Result<i32, String> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
+    if args.redial_on_close && args.ignore_close {
+        return Err("--redial-on-close and --ignore-close contradict: a device either acts on the server's Close 1001 by reconnecting or ignores it; pick one".into());
+    }
     let rate = match args.ramp {
         Some(r) if r.is_zero() => return Err("--ramp must be longer than 0s".into()),
         Some(r) => args.conns as f64 / r.as_secs_f64(),
@@ -356,11 +366,15 @@ fn run(args: Args) -> Result<i32, String> {
         Some(path) => Some(std::sync::Arc::new(c1m_proto::auth::Keys::load(path)?)),
         None => None,
     };
-    // One config per process: its in-memory ticket store is what lets a
+    // One config per process: its in-memory ticket store (a ticket per
+    // device of this process, its share of --conns) is what lets a
     // reconnect resume.
     let tls = match (args.tls, &args.tls_ca) {
         (true, Some(ca)) => Some((
-            c1m_io::tls::client_config(ca, !args.tls_no_resume)?,
+            c1m_io::tls::client_config(
+                ca,
+                (!args.tls_no_resume).then(|| args.conns.div_ceil(args.procs.max(1)) as usize),
+            )?,
             c1m_io::tls::server_name(&args.tls_server_name)?,
         )),
         (true, None) => {
@@ -457,6 +471,7 @@ fn run(args: Args) -> Result<i32, String> {
         silent_after: args.silent_after,
         reconnect: args.reconnect_fraction.clamp(0.0, 1.0),
         reconnect_storm: args.reconnect_storm,
+        redial_on_close: args.redial_on_close,
         backoff_base: args.backoff_base,
         backoff_cap: args.backoff_cap.max(args.backoff_base),
         id_prefix: args.id_prefix.clone(),
@@ -501,6 +516,7 @@ fn run(args: Args) -> Result<i32, String> {
         "connect_timeout_s": args.connect_timeout.as_secs_f64(),
         "go_silent": args.go_silent,
         "ignore_close": args.ignore_close,
+        "redial_on_close": args.redial_on_close,
         "reconnect_storm_s": args.reconnect_storm.map(|d| d.as_secs_f64()),
         "backoff_base_s": args.backoff_base.as_secs_f64(),
         "backoff_cap_s": args.backoff_cap.as_secs_f64(),
