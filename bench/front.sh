@@ -210,7 +210,10 @@ run_case() { # CASE DIR HOLD
   local case=$1 dir=$2 hold=$3 tls_flags=()
   case $case in
     *-relay) ;;
-    wss-*) tls_flags=(--tls --tls-ca "$tmp/ca.pem") ;;
+    # --tls-share-tickets: the ramp resumes with the process's tickets, as
+    # this bench's runs before 2026-12-07 did (by default a device's first
+    # connection has no ticket).
+    wss-*) tls_flags=(--tls --tls-ca "$tmp/ca.pem" --tls-share-tickets) ;;
   esac
   start_side "$case"
   case $case in *-relay) start_relay ;; esac

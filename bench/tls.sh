@@ -7,7 +7,9 @@
 #     one client process, CONC upgrades in flight per core: server CPU per
 #     connection for ws, wss with full handshakes only (--tls-no-resume) and
 #     wss resuming with the tickets the client process keeps (one
-#     ClientConfig per process); the TLS share is the difference to ws;
+#     ClientConfig per process; --tls-share-tickets: a first connection
+#     resumes with another device's ticket, so that a ramp is of resumed
+#     handshakes); the TLS share is the difference to ws;
 #  3. heartbeat CPU: CPU_N devices heartbeating every second (a Ping, and
 #     the server's Pong: one record each way) for HOLD, ws against wss:
 #     server CPU per heartbeat over the hold.
@@ -64,7 +66,7 @@ run warmup "--cores 0-1" "--conns $CPU_N --concurrency $CONC"
 part cpu && for rep in $(seq "$REPS"); do
   run "cpu-ws-$rep" "--cores 0-1" "--conns $CPU_N --concurrency $CONC"
   run "cpu-wss-full-$rep" "--cores 0-1 $TLS_SERVER" "--conns $CPU_N --concurrency $CONC $TLS_CLIENT --tls-no-resume"
-  run "cpu-wss-resumed-$rep" "--cores 0-1 $TLS_SERVER" "--conns $CPU_N --concurrency $CONC $TLS_CLIENT"
+  run "cpu-wss-resumed-$rep" "--cores 0-1 $TLS_SERVER" "--conns $CPU_N --concurrency $CONC $TLS_CLIENT --tls-share-tickets"
 done
 part mem && for rep in $(seq "$REPS"); do
   run "mem-ws-$rep" "--procs $PROCS" "--conns $N --procs $PROCS"

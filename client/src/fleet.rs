@@ -152,10 +152,11 @@ pub struct Plan {
     pub io: Backend,
     /// --auth-secret-file: each device signs its own token (valid one day).
     pub auth: Option<Arc<Keys>>,
-    /// --tls: the process's one client config (its ticket store lets
-    /// reconnects resume) and the server's name; None: plaintext.
+    /// --tls: the process's client configs (a device's first connection,
+    /// and its reconnects: their ticket pool lets reconnects resume) and
+    /// the server's name; None: plaintext.
     pub tls: Option<(
-        Arc<rustls::ClientConfig>,
+        c1m_io::tls::FleetConfigs,
         rustls_pki_types::ServerName<'static>,
     )>,
 }
@@ -875,7 +876,13 @@ impl State {
             &key_for(d.n, self.plan.run_tag as u64),
             token.as_ref().map(|t| t.as_str()),
         );
-        if let Some((config, name)) = &self.plan.tls {
+        if let Some((configs, name)) = &self.plan.tls {
+            // A device that had a connection before has its ticket.
+            let config = if d.redial.is_some() || d.twin {
+                &configs.again
+            } else {
+                &configs.first
+            };
             // The ClientHello goes first; the request waits in the session
             // until the handshake allows it (with the client's Finished).
             self.sealed.clear();

@@ -117,11 +117,64 @@ fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, S
     Ok(certs)
 }
 
+/// How a fleet's devices keep their TLS session tickets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// None: every handshake is a full one.
+    Off,
+    /// As devices do: a device's first connection has no ticket; each
+    /// connection's ticket goes into a pool (one per device, at most this
+    /// many), and a device's reconnect resumes with the oldest there.
+    PerDevice(usize),
+    /// Every connection, a first one too, resumes with the newest ticket
+    /// any device of the process got: not what devices do, but it makes a
+    /// ramp of resumed handshakes to measure (bench/tls.sh).
+    Shared(usize),
+}
+
+/// A fleet's client configs (one pair per process): both trust the CA
+/// certificates in `ca` (PEM) and offer TLS 1.3 and 1.2 and ALPN
+/// `http/1.1`; `first` is for a device's first connection, `again` for its
+/// reconnects, sharing one [`TicketPool`] as `resume` says. The error is
+/// one sentence.
+pub fn fleet_configs(ca: &Path, resume: Resume) -> Result<FleetConfigs, String> {
+    let base = client_config(ca, None)?;
+    let with = |pool: Option<TicketPool>| {
+        let mut c = ClientConfig::clone(&base);
+        if let Some(p) = pool {
+            c.resumption = Resumption::store(Arc::new(p));
+        }
+        Arc::new(c)
+    };
+    let (first, again) = match resume {
+        Resume::Off => (None, None),
+        Resume::PerDevice(n) => {
+            let pool = TicketPool::new(n);
+            (Some(pool.view(Take::Never)), Some(pool.view(Take::Oldest)))
+        }
+        Resume::Shared(n) => {
+            let pool = TicketPool::new(n);
+            (Some(pool.view(Take::Newest)), Some(pool.view(Take::Newest)))
+        }
+    };
+    Ok(FleetConfigs {
+        first: with(first),
+        again: with(again),
+    })
+}
+
+/// See [`fleet_configs`].
+#[derive(Debug, Clone)]
+pub struct FleetConfigs {
+    pub first: Arc<ClientConfig>,
+    pub again: Arc<ClientConfig>,
+}
+
 /// A client config that trusts the CA certificates in `ca` (PEM), offers
 /// TLS 1.3 and 1.2 and ALPN `http/1.1`, and with `resume: Some(devices)`
-/// keeps session tickets in memory for that many devices ([`TicketPool`],
-/// shared by every connection made with this config: one per process lets
-/// reconnects resume). The error is one sentence.
+/// keeps session tickets in a [`TicketPool`] of that many, shared by every
+/// connection made with this config (reconnects resume with the oldest).
+/// The error is one sentence.
 pub fn client_config(ca: &Path, resume: Option<usize>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca, "--tls-ca")? {
@@ -136,37 +189,65 @@ pub fn client_config(ca: &Path, resume: Option<usize>) -> Result<Arc<ClientConfi
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.resumption = match resume {
-        Some(devices) => Resumption::store(Arc::new(TicketPool::new(devices))),
+        Some(devices) => Resumption::store(Arc::new(TicketPool::new(devices).view(Take::Oldest))),
         None => Resumption::disabled(),
     };
     Ok(Arc::new(config))
 }
 
+/// Which ticket a view of a [`TicketPool`] hands to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// None (a device's first connection): it only adds the one it gets.
+    Never,
+    Oldest,
+    Newest,
+}
+
 /// The TLS 1.3 tickets of a fleet of devices, as the devices would hold
-/// them: one each, used oldest first. rustls' own store keeps 8 tickets
-/// per server name (newest first), which a fleet of thousands of devices
-/// behind one name exhausts at once, so that its reconnects did full
-/// handshakes that real devices (each with the ticket of its last
-/// connection) would not; and its newest-first order resumed a
-/// reconnect after a hot upgrade with a ticket the new process had just
-/// issued, where a real device holds one from the old process. Oldest
-/// first, a fleet that reconnects once each uses the ticket each device
-/// got last. At most `devices` tickets (the oldest go first); TLS 1.2
-/// sessions as rustls keeps them. A ticket is about a kilobyte (the
-/// server's certificate chain comes with it).
-#[derive(Debug)]
+/// them: one each. rustls' own store keeps 8 tickets per server name
+/// (newest first), which a fleet of thousands of devices behind one name
+/// exhausts at once, so that its reconnects did full handshakes that real
+/// devices (each with the ticket of its last connection) would not; and
+/// its newest-first order resumed a reconnect after a hot upgrade with a
+/// ticket the new process had just issued, where a real device holds one
+/// from the old process. Here the tickets of a process's connections go
+/// into one pool (at most `devices`, the oldest dropped first) and a
+/// reconnect takes the oldest: a fleet that reconnects once each uses the
+/// ticket each device got last. TLS 1.2 sessions are kept as rustls keeps
+/// them, and not offered by a [`Take::Never`] view. A ticket is about a
+/// kilobyte (the server's certificate chain comes with it).
+#[derive(Debug, Clone)]
 pub struct TicketPool {
+    shared: Arc<PoolShared>,
+    take: Take,
+}
+
+#[derive(Debug)]
+struct PoolShared {
     tls13: std::sync::Mutex<std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>>,
     devices: usize,
     rest: rustls::client::ClientSessionMemoryCache,
 }
 
 impl TicketPool {
+    /// An empty pool for `devices` tickets; its views hand them out.
     pub fn new(devices: usize) -> TicketPool {
         TicketPool {
-            tls13: Default::default(),
-            devices: devices.max(1),
-            rest: rustls::client::ClientSessionMemoryCache::new(16),
+            shared: Arc::new(PoolShared {
+                tls13: Default::default(),
+                devices: devices.max(1),
+                rest: rustls::client::ClientSessionMemoryCache::new(16),
+            }),
+            take: Take::Oldest,
+        }
+    }
+
+    /// The same pool, handing tickets out as `take` says.
+    pub fn view(&self, take: Take) -> TicketPool {
+        TicketPool {
+            shared: self.shared.clone(),
+            take,
         }
     }
 
@@ -177,17 +258,17 @@ impl TicketPool {
         std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>,
     > {
         // A panic while holding it left whole tickets behind.
-        self.tls13.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.tls13.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl rustls::client::ClientSessionStore for TicketPool {
     fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
-        self.rest.set_kx_hint(name, group)
+        self.shared.rest.set_kx_hint(name, group)
     }
 
     fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.rest.kx_hint(name)
+        self.shared.rest.kx_hint(name)
     }
 
     fn set_tls12_session(
@@ -195,18 +276,21 @@ impl rustls::client::ClientSessionStore for TicketPool {
         name: ServerName<'static>,
         v: rustls::client::Tls12ClientSessionValue,
     ) {
-        self.rest.set_tls12_session(name, v)
+        self.shared.rest.set_tls12_session(name, v)
     }
 
     fn tls12_session(
         &self,
         name: &ServerName<'_>,
     ) -> Option<rustls::client::Tls12ClientSessionValue> {
-        self.rest.tls12_session(name)
+        match self.take {
+            Take::Never => None,
+            _ => self.shared.rest.tls12_session(name),
+        }
     }
 
     fn remove_tls12_session(&self, name: &ServerName<'static>) {
-        self.rest.remove_tls12_session(name)
+        self.shared.rest.remove_tls12_session(name)
     }
 
     // One server name per fleet (the client dials one name): the pool is
@@ -217,7 +301,7 @@ impl rustls::client::ClientSessionStore for TicketPool {
         v: rustls::client::Tls13ClientSessionValue,
     ) {
         let mut t = self.tickets();
-        if t.len() >= self.devices {
+        if t.len() >= self.shared.devices {
             t.pop_front();
         }
         t.push_back(v);
@@ -227,7 +311,11 @@ impl rustls::client::ClientSessionStore for TicketPool {
         &self,
         _: &ServerName<'static>,
     ) -> Option<rustls::client::Tls13ClientSessionValue> {
-        self.tickets().pop_front()
+        match self.take {
+            Take::Never => None,
+            Take::Oldest => self.tickets().pop_front(),
+            Take::Newest => self.tickets().pop_back(),
+        }
     }
 }
 
@@ -879,6 +967,19 @@ pub(crate) mod tests {
         let many = tls13(12);
         at_once(&old, &many, 12);
         assert_eq!(at_once(&old, &many, 12), [Resumed; 12]);
+        // A fleet's pair: a device's first connection has no ticket (its
+        // ticket goes into the pool), its reconnect has one.
+        let f = fleet_configs(&ca, Resume::PerDevice(4)).unwrap();
+        assert_eq!(at_once(&old, &f.first, 2), [Full, Full]);
+        assert_eq!(at_once(&old, &f.first, 1), [Full]);
+        assert_eq!(at_once(&old, &f.again, 3), [Resumed; 3]);
+        // Shared: a first connection resumes with another's ticket.
+        let f = fleet_configs(&ca, Resume::Shared(4)).unwrap();
+        assert_eq!(at_once(&old, &f.first, 1), [Full]);
+        assert_eq!(at_once(&old, &f.first, 1), [Resumed]);
+        let f = fleet_configs(&ca, Resume::Off).unwrap();
+        at_once(&old, &f.first, 1);
+        assert_eq!(at_once(&old, &f.again, 1), [Full]);
     }
 
     #[test]

@@ -203,10 +203,16 @@ struct Args {
     #[argh(option, default = "\"localhost\".into()")]
     tls_server_name: String,
     /// with --tls: keep no session tickets, so that every handshake is a
-    /// full one (by default a process keeps the tickets its connections
-    /// get, and later connections resume with them)
+    /// full one (by default a device keeps the ticket its connection got,
+    /// and its reconnects resume with it)
     #[argh(switch)]
     tls_no_resume: bool,
+    /// with --tls: a device's first connection resumes too, with the
+    /// newest ticket any device of the process got (not what devices do:
+    /// for a ramp of resumed handshakes to measure); by default only a
+    /// reconnect resumes, with a ticket of its own
+    #[argh(switch)]
+    tls_share_tickets: bool,
 }
 
 fn main() {
@@ -316,6 +322,9 @@ fn run(args: Args) -> Result<i32, String> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
+    if args.tls_share_tickets && args.tls_no_resume {
+        return Err("--tls-share-tickets and --tls-no-resume contradict: sharing tickets needs them kept; pick one".into());
+    }
     if args.redial_on_close && args.ignore_close {
         return Err("--redial-on-close and --ignore-close contradict: a device either acts on the server's Close 1001 by reconnecting or ignores it; pick one".into());
     }
@@ -371,10 +380,17 @@ fn run(args: Args) -> Result<i32, String> {
     // reconnect resume.
     let tls = match (args.tls, &args.tls_ca) {
         (true, Some(ca)) => Some((
-            c1m_io::tls::client_config(
-                ca,
-                (!args.tls_no_resume).then(|| args.conns.div_ceil(args.procs.max(1)) as usize),
-            )?,
+            {
+                let devices = args.conns.div_ceil(args.procs.max(1)) as usize;
+                c1m_io::tls::fleet_configs(
+                    ca,
+                    match (args.tls_no_resume, args.tls_share_tickets) {
+                        (true, _) => c1m_io::tls::Resume::Off,
+                        (false, true) => c1m_io::tls::Resume::Shared(devices),
+                        (false, false) => c1m_io::tls::Resume::PerDevice(devices),
+                    },
+                )?
+            },
             c1m_io::tls::server_name(&args.tls_server_name)?,
         )),
         (true, None) => {
