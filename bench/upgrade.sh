@@ -260,6 +260,8 @@ for l in open(f"{out}/cpu.txt").read().splitlines()[1:]:
 if "trigger" in marks:
     end = marks.get("rollout-end", marks["trigger"])
     lines.append(f"- the box's CPU busy (cpu.txt, all CPUs): {cpu_between(marks['trigger'] - 20, marks['trigger'])} in the 20 s before the trigger, {cpu_between(marks['trigger'], end + 2)} during the rollout")
+    if "TLS=1" in open(f"{out}/command.txt").read():
+        lines.append(f"- the box's CPU busy in the 12 s after the trigger (the default 10 s window of wss closes, and their reconnects): {cpu_between(marks['trigger'], marks['trigger'] + 12)}")
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
