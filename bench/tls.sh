@@ -33,8 +33,11 @@ PORT=${PORT:-17643}
 IPS=${IPS:-127.0.0.2-127.0.0.41}
 HOLD=${HOLD:-20s}
 PARTS=${PARTS:-cpu mem hb}
+# BASE_SERVER=path: the handshake CPU part also runs that server binary
+# (a base build), interleaved, in the same sitting (rows "base ...").
+BASE_SERVER=${BASE_SERVER:-}
 cargo build --release --quiet --bin server --bin client
-out=$(new_results tls "N=$N PROCS=$PROCS REPS=$REPS CPU_N=$CPU_N CONC=$CONC HOLD=$HOLD PARTS='$PARTS' bench/tls.sh")
+out=$(new_results tls "N=$N PROCS=$PROCS REPS=$REPS CPU_N=$CPU_N CONC=$CONC HOLD=$HOLD PARTS='$PARTS'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/tls.sh")
 pki=$(mktemp -d)
 trap 'rm -rf "$pki"' EXIT
 
@@ -67,6 +70,10 @@ part cpu && for rep in $(seq "$REPS"); do
   run "cpu-ws-$rep" "--cores 0-1" "--conns $CPU_N --concurrency $CONC"
   run "cpu-wss-full-$rep" "--cores 0-1 $TLS_SERVER" "--conns $CPU_N --concurrency $CONC $TLS_CLIENT --tls-no-resume"
   run "cpu-wss-resumed-$rep" "--cores 0-1 $TLS_SERVER" "--conns $CPU_N --concurrency $CONC $TLS_CLIENT --tls-share-tickets"
+  if [ -n "$BASE_SERVER" ]; then
+    run "cpu-base_wss-full-$rep" "--cores 0-1 $TLS_SERVER" "--server-bin $BASE_SERVER --conns $CPU_N --concurrency $CONC $TLS_CLIENT --tls-no-resume"
+    run "cpu-base_wss-resumed-$rep" "--cores 0-1 $TLS_SERVER" "--server-bin $BASE_SERVER --conns $CPU_N --concurrency $CONC $TLS_CLIENT --tls-share-tickets"
+  fi
 done
 part mem && for rep in $(seq "$REPS"); do
   run "mem-ws-$rep" "--procs $PROCS" "--conns $N --procs $PROCS"
@@ -106,8 +113,10 @@ print(f"## Handshake CPU: {int(cpu_n):,} devices, one server process (2 shards),
 print("| kind | runs | TLS handshakes / resumed (each run) | server CPU per conn, us (median; each run) | TLS share of it, us | client CPU per conn, us (median) | conn/s mean (median) |")
 print("|---|---|---|---|---|---|---|")
 ws = med(runs("cpu-ws"), "server_cpu_per_conn_us")
-for kind, label in [("ws", "ws"), ("wss-full", "wss, full handshakes (--tls-no-resume)"), ("wss-resumed", "wss, resuming with the process's tickets")]:
+for kind, label in [("ws", "ws"), ("wss-full", "wss, full handshakes (--tls-no-resume)"), ("wss-resumed", "wss, resuming with the process's tickets"), ("base_wss-full", "base server: wss, full"), ("base_wss-resumed", "base server: wss, resumed")]:
     r = runs(f"cpu-{kind}")
+    if not r and kind.startswith("base"):
+        continue
     hs = ", ".join(f"{x.get('tls_handshakes')}/{x.get('tls_resumed')}" for x in r)
     m = med(r, "server_cpu_per_conn_us")
     share = "-" if kind == "ws" else f"{m - ws:.1f}"
