@@ -870,6 +870,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// A connection of `client` to `server` resumes on both sides, and
+    /// carries the request.
+    fn resumes(
+        server: &Arc<ServerConfig>,
+        client: &Arc<ClientConfig>,
+        version: &rustls::SupportedProtocolVersion,
+    ) {
+        let (c, s, got) = connect(server, client);
+        assert_eq!(got, b"GET /ws");
+        let kinds = (c.handshake_kind(), s.handshake_kind());
+        let resumed = Some(HandshakeKind::Resumed);
+        assert_eq!(kinds, (resumed, resumed), "{version:?}");
+    }
+
     #[test]
     fn a_reconnect_resumes_with_a_ticket_on_both_versions() {
         let certs_resume = make_certs("resume");
@@ -881,18 +895,7 @@ pub(crate) mod tests {
             let (c, s, _) = connect(&server, &client);
             assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full));
             assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full));
-            let (c, s, got) = connect(&server, &client);
-            assert_eq!(got, b"GET /ws");
-            assert_eq!(
-                c.handshake_kind(),
-                Some(HandshakeKind::Resumed),
-                "{version:?}"
-            );
-            assert_eq!(
-                s.handshake_kind(),
-                Some(HandshakeKind::Resumed),
-                "{version:?}"
-            );
+            resumes(&server, &client, version);
         }
         // The client's own config (resumption on) resumes too; off, never.
         for (resume, want) in [
@@ -999,18 +1002,7 @@ pub(crate) mod tests {
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             let client = client_only(&ca, version);
             connect(&a, &client);
-            let (c, s, got) = connect(&b, &client);
-            assert_eq!(got, b"GET /ws");
-            assert_eq!(
-                c.handshake_kind(),
-                Some(HandshakeKind::Resumed),
-                "{version:?}"
-            );
-            assert_eq!(
-                s.handshake_kind(),
-                Some(HandshakeKind::Resumed),
-                "{version:?}"
-            );
+            resumes(&b, &client, version);
             // And back: b's ticket opens at a.
             let (c, _, _) = connect(&a, &client);
             assert_eq!(

@@ -343,24 +343,23 @@ impl Args {
         };
         // Loaded here too, so that a bad certificate or key is one error
         // before any worker starts; --procs workers re-read the same paths.
-        let tls_tickets = match &self.tls_cert {
-            Some(_) => Some(c1m_io::tls_tickets::Ticketer::inherited_or_new()?),
-            None => None,
-        };
-        let tls = match (&self.tls_cert, &self.tls_key, &tls_tickets) {
-            (Some(cert), Some(key), Some(tickets)) => {
-                Some(c1m_io::tls::server_config(cert, key, tickets.clone())?)
+        // The session-ticket keys: the parent's, or drawn here (a --procs
+        // parent hands them to its workers).
+        let (tls, tls_tickets) = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tickets = c1m_io::tls_tickets::Ticketer::inherited_or_new()?;
+                let config = c1m_io::tls::server_config(cert, key, tickets.clone())?;
+                (Some(config), Some(tickets))
             }
-            (None, None, _) => None,
-            (Some(_), None, _) => {
+            (None, None) => (None, None),
+            (Some(_), None) => {
                 return Err(
                     "--tls-cert needs --tls-key (the certificate's private key, PEM)".into(),
                 )
             }
-            (None, Some(_), _) => {
+            (None, Some(_)) => {
                 return Err("--tls-key needs --tls-cert (the certificate chain, PEM)".into())
             }
-            (Some(_), Some(_), None) => unreachable!("the ticket keys are made with --tls-cert"),
         };
         if self.nats_exclusive && self.nats.is_none() {
             return Err("--nats-exclusive needs --nats URL (the broker the servers share)".into());
