@@ -36,8 +36,10 @@ PARTS=${PARTS:-cpu mem hb}
 # BASE_SERVER=path: the handshake CPU part also runs that server binary
 # (a base build), interleaved, in the same sitting (rows "base ...").
 BASE_SERVER=${BASE_SERVER:-}
+# IO=epoll|uring: the servers' --io (default: the server's own default).
+IO=${IO:-}
 cargo build --release --quiet --bin server --bin client
-out=$(new_results tls "N=$N PROCS=$PROCS REPS=$REPS CPU_N=$CPU_N CONC=$CONC HOLD=$HOLD PARTS='$PARTS'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER} bench/tls.sh")
+out=$(new_results tls "N=$N PROCS=$PROCS REPS=$REPS CPU_N=$CPU_N CONC=$CONC HOLD=$HOLD PARTS='$PARTS'${BASE_SERVER:+ BASE_SERVER=$BASE_SERVER}${IO:+ IO=$IO} bench/tls.sh")
 pki=$(mktemp -d)
 trap 'rm -rf "$pki"' EXIT
 
@@ -58,7 +60,7 @@ run() {
   echo "bench: $name" >&2
   # shellcheck disable=SC2086
   timeout 600 ./target/release/client --spawn-server --server 127.0.0.1:$((PORT + runs)) \
-    --server-flags "--timeout 600s --tick 1s $sflags" \
+    --server-flags "--timeout 600s --tick 1s${IO:+ --io $IO} $sflags" \
     --ips "$IPS" --heartbeat "${RUN_HB:-300s}" --hold "${RUN_HOLD:-5s}" --quiet $cflags \
     --out "$out/$name" > "$out/$name.log" 2>&1 || echo "bench: $name exited $?" >&2
   sleep 2 # the port and the sockets' memory settle
