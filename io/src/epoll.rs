@@ -429,6 +429,10 @@ impl Driver for EpollDriver {
         socket::peer_addr(self.conns[h.index()].fd.as_raw_fd())
     }
 
+    fn peer_left(&self, h: Handle) -> Option<crate::PeerLeft> {
+        socket::peer_left(self.conns[h.index()].fd.as_raw_fd())
+    }
+
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         self.fault.fire()?;
         if self.cursor < self.ready || self.reading.is_some() || !self.fresh.is_empty() {

@@ -271,6 +271,10 @@ pub trait Driver {
     /// both backends answer 0 without asking the kernel.
     fn socket_error(&self, h: Handle) -> i32;
 
+    /// Whether `h`'s peer has left (its FIN or reset arrived), whatever is
+    /// still queued to read: for work not worth doing for a peer gone.
+    fn peer_left(&self, h: Handle) -> Option<PeerLeft>;
+
     /// The peer's address of `h`'s socket.
     fn peer_addr(&self, h: Handle) -> Option<std::net::SocketAddr>;
 
@@ -282,6 +286,15 @@ pub trait Driver {
     fn next(&mut self) -> Option<Event<'_>>;
 
     fn stats(&self) -> IoStats;
+}
+
+/// How a peer left ([`Driver::peer_left`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLeft {
+    /// Its FIN arrived: it sends no more, and may still read.
+    Fin,
+    /// Its reset arrived: it is gone.
+    Reset,
 }
 
 /// Which backend to run.

@@ -138,6 +138,9 @@ impl Driver for Script {
     fn peer_addr(&self, _: Handle) -> Option<std::net::SocketAddr> {
         None
     }
+    fn peer_left(&self, _: Handle) -> Option<crate::PeerLeft> {
+        None
+    }
     fn wait(&mut self, _: Duration) -> io::Result<()> {
         Ok(())
     }

@@ -150,6 +150,34 @@ pub fn connect_from(server: SocketAddr, source: Option<IpAddr>) -> io::Result<Ow
     Ok(s.into())
 }
 
+/// Whether the peer of TCP socket `fd` has left, and how: its FIN
+/// (TCP_INFO's state CLOSE_WAIT) or its reset (CLOSE) has arrived,
+/// whatever bytes are still queued to read. One `getsockopt` copying one
+/// byte.
+pub fn peer_left(fd: RawFd) -> Option<crate::PeerLeft> {
+    // Linux's TCP states (include/net/tcp_states.h).
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    let mut state = 0u8;
+    let mut len: libc::socklen_t = 1;
+    // SAFETY: getsockopt writes at most `len` (1) byte into `state`; the
+    // kernel copies min(len, sizeof(struct tcp_info)), the state first.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut state as *mut u8).cast(),
+            &mut len,
+        )
+    };
+    match (r, len, state) {
+        (0, 1, TCP_CLOSE_WAIT) => Some(crate::PeerLeft::Fin),
+        (0, 1, TCP_CLOSE) => Some(crate::PeerLeft::Reset),
+        _ => None,
+    }
+}
+
 /// The socket's pending error (SO_ERROR): 0 once a connect succeeded.
 pub fn so_error(fd: RawFd) -> i32 {
     let mut err: libc::c_int = 0;

@@ -974,6 +974,10 @@ impl Driver for UringDriver {
         socket::peer_addr(self.conns[h.index()].raw())
     }
 
+    fn peer_left(&self, h: Handle) -> Option<crate::PeerLeft> {
+        socket::peer_left(self.conns[h.index()].raw())
+    }
+
     fn set_batch_wait(&mut self, window: Duration) -> bool {
         if !self.min_timeout {
             return false;

@@ -72,6 +72,10 @@ pub const ADMIT_DROPPED: Family = family(
     "c1m_admit_dropped_total",
     "Connections accepted and dropped before they were served: the driver could not watch them, TLS could not start, or shutdown had begun (not in accepted).",
 );
+pub const TLS_ABANDONED: Family = family(
+    "c1m_tls_abandoned_total",
+    "TLS connections closed in their handshake without reading their bytes: their device had already left (its reset or FIN had arrived); also in closed{reason=\"peer_gone\"}.",
+);
 pub const IO_CANCELS: Family = family(
     "c1m_io_cancels_total",
     "io_uring cancel requests submitted.",
@@ -93,7 +97,7 @@ pub const TAKEN_OVER: Family = family(
 
 /// The counter families in the order /metrics lists them (then come the
 /// fields with a family of their own, [`Prom::Own`], in the table's order).
-pub const FAMILIES: [Family; 18] = [
+pub const FAMILIES: [Family; 19] = [
     ACCEPTED,
     UPGRADED,
     FRAMES,
@@ -106,6 +110,7 @@ pub const FAMILIES: [Family; 18] = [
     ADMISSION_PAUSES,
     ACCEPT_EXHAUSTED,
     ADMIT_DROPPED,
+    TLS_ABANDONED,
     IO_CQ_OVERFLOWS,
     IO_SQ_FULL,
     IO_CANCELS,
@@ -222,6 +227,9 @@ c1m_proto::counter_table! {
         tls_handshakes: u64 = "tls_handshakes", Stat(Optional, ReasonOf(TLS_HANDSHAKES, "full",
             |c| c.tls_handshakes - c.tls_resumed.min(c.tls_handshakes)));
         tls_resumed: u64 = "tls_resumed", Stat(Optional, Reason(TLS_HANDSHAKES, "resumed"));
+        /// TLS: closed in the handshake without reading the bytes that had
+        /// come, their device gone already (also in `peer_gone`).
+        tls_abandoned: u64 = "tls_abandoned", Stat(Optional, Plain(TLS_ABANDONED));
         /// io_uring: waits that found completions held back by a full CQ.
         io_cq_overflows: u64 = "cq_overflows", Stat(Optional, Plain(IO_CQ_OVERFLOWS));
         /// io_uring: cancel requests submitted (the design submits none).
@@ -493,6 +501,7 @@ mod tests {
             tls_on_plain: 29,
             tls_handshakes: 30,
             tls_resumed: 31,
+            tls_abandoned: 39,
             io_cq_overflows: 15,
             io_cancels: 16,
             io_sq_full: 37,

@@ -537,7 +537,50 @@ fn tls_a_hot_upgrade_spreads_its_closes_over_the_window() {
     );
 }
 
+/// A device that sent its ClientHello and left (its reset or FIN arrived)
+/// before the shard read it costs no handshake: the shard closes it unread
+/// (`tls_abandoned`, and `peer_gone`), as a storm's timed-out attempts.
+/// The server is stopped while they come and go, so that each device has
+/// left before the shard can read its bytes; one that stays is served.
+fn tls_a_device_gone_before_its_hello_is_read_costs_no_handshake() {
+    let certs = Certs::new("abandoned");
+    let flags = certs.flags();
+    let mut args = vec!["--cores", "0"];
+    args.extend(flags.iter().map(String::as_str));
+    let server = Server::start(&args);
+    let config = certs.client(&[&rustls::version::TLS13]);
+    server.signal(libc::SIGSTOP);
+    for reset in [true, true, true, false, false, false] {
+        let mut tcp = TcpStream::connect(server.addr).unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).unwrap();
+        }
+        if reset {
+            socket2::SockRef::from(&tcp)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(tcp);
+    }
+    // Their reset or FIN lands while the server cannot read.
+    std::thread::sleep(Duration::from_millis(100));
+    server.signal(libc::SIGCONT);
+    let l = server.wait_line("the six abandoned", |l| field(l, "tls_abandoned") == 6);
+    assert_eq!(field(&l, "tls_handshakes"), 0, "{l}");
+    assert_eq!(field(&l, "tls_failed"), 0, "{l}");
+    // (and the start's probe of the port)
+    assert!(field(&l, "peer_gone") >= 6, "{l}");
+    let mut ws = wss(server.addr, &config, "stays");
+    ws.send(Message::Ping(b"x".to_vec())).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::Pong(b"x".to_vec()));
+    let l = server.wait_line("the one served", |l| field(l, "tls_handshakes") == 1);
+    assert_eq!(field(&l, "tls_abandoned"), 6, "{l}");
+}
+
 on_both_backends!(
+    tls_a_device_gone_before_its_hello_is_read_costs_no_handshake,
     tls_a_reconnect_resumes_on_any_procs_worker_a_restarted_one_too,
     tls_a_hot_upgrade_spreads_its_closes_over_the_window,
     tls_a_hot_upgrade_closes_wss_devices_with_1001_and_they_reconnect,

@@ -329,6 +329,30 @@ impl State {
 
     /// EOF or a socket error: the device went away without a Close frame
     /// (or, ended already, before its last words were out).
+    /// Whether `key` is a TLS connection in its handshake (not upgraded,
+    /// not ended): its next bytes are worth work only if its device is
+    /// still there.
+    pub(super) fn in_tls_handshake(&self, key: usize) -> bool {
+        let s = &self.slab[key];
+        s.tls.is_some() && !s.upgraded && s.ended.is_none()
+    }
+
+    /// Whether the bytes of `key` (in its TLS handshake) are for a device
+    /// that has left so that nothing it sent is worth reading: a reset at
+    /// any point, a FIN before its hello was read (after it, what it sent
+    /// may be an alert worth counting: our certificate refused).
+    pub(super) fn abandoned(&self, key: usize, left: Option<c1m_io::PeerLeft>) -> bool {
+        let hello_read = self.slab[key]
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.protocol_version().is_some());
+        match left {
+            Some(c1m_io::PeerLeft::Reset) => true,
+            Some(c1m_io::PeerLeft::Fin) => !hello_read,
+            None => false,
+        }
+    }
+
     pub(super) fn peer_gone(&mut self, io: &mut impl Driver, key: usize) {
         let why = self.slab[key].gone();
         self.end(io, key, why, Close::Abortive);

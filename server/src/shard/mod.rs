@@ -300,6 +300,9 @@ struct State {
     /// output, then `out` sealed). Per shard; empty when TLS is off.
     plain: Vec<u8>,
     sealed: Vec<u8>,
+    /// TLS: a handshake's bytes, copied out of the driver's buffer so that
+    /// the driver can be asked whether their device is still there.
+    held: Vec<u8>,
     /// Why the bytes just read ended their connection, for its warning
     /// (a TLS error, a bad PROXY header); written only then.
     detail: String,
@@ -387,6 +390,7 @@ impl<D: Driver> Shard<D> {
                 out: Vec::with_capacity(4096),
                 plain: Vec::new(),
                 sealed: Vec::new(),
+                held: Vec::new(),
                 detail: String::new(),
                 drain: Draining::default(),
                 accept: Accepting {
@@ -486,6 +490,27 @@ impl<D: Driver> Shard<D> {
                     if stamp_reads {
                         st.clock.catch_up(Instant::now());
                     }
+                    // A TLS handshake's flights are most of what a wss
+                    // connection costs the shard: none is spent on a device
+                    // that has left (its reset or FIN queued behind these
+                    // bytes), as a storm's attempts that timed out while they
+                    // waited have. The bytes are copied out (a few hundred)
+                    // so that the driver can be asked; plaintext skips this.
+                    let mut held = Vec::new();
+                    let bytes: &mut [u8] = if st.in_tls_handshake(key) {
+                        held = std::mem::take(&mut st.held);
+                        held.clear();
+                        held.extend_from_slice(bytes);
+                        if st.abandoned(key, io.peer_left(st.slab[key].io)) {
+                            st.held = held;
+                            st.counters.tls_abandoned += 1;
+                            st.peer_gone(io, key);
+                            continue;
+                        }
+                        &mut held
+                    } else {
+                        bytes
+                    };
                     // A bug that one device's bytes trigger costs that device
                     // its connection, not the shard its devices.
                     let fed = contain(|| {
@@ -496,6 +521,9 @@ impl<D: Driver> Shard<D> {
                         }
                         st.on_bytes(key, bytes)
                     });
+                    if held.capacity() > 0 {
+                        st.held = held;
+                    }
                     match fed {
                         Ok((upgraded, end)) => st.answer(io, key, upgraded, end),
                         Err(cause) => st.internal_error(io, key, &cause),
