@@ -138,7 +138,7 @@ pub enum Resume {
 /// reconnects, sharing one [`TicketPool`] as `resume` says. The error is
 /// one sentence.
 pub fn fleet_configs(ca: &Path, resume: Resume) -> Result<FleetConfigs, String> {
-    let base = client_config(ca, None)?;
+    let base = client_config(ca)?;
     let with = |pool: Option<TicketPool>| {
         let mut c = ClientConfig::clone(&base);
         if let Some(p) = pool {
@@ -171,11 +171,9 @@ pub struct FleetConfigs {
 }
 
 /// A client config that trusts the CA certificates in `ca` (PEM), offers
-/// TLS 1.3 and 1.2 and ALPN `http/1.1`, and with `resume: Some(devices)`
-/// keeps session tickets in a [`TicketPool`] of that many, shared by every
-/// connection made with this config (reconnects resume with the oldest).
-/// The error is one sentence.
-pub fn client_config(ca: &Path, resume: Option<usize>) -> Result<Arc<ClientConfig>, String> {
+/// TLS 1.3 and 1.2 and ALPN `http/1.1`, and keeps no session tickets
+/// ([`fleet_configs`] gives it a pool). The error is one sentence.
+fn client_config(ca: &Path) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca, "--tls-ca")? {
         roots
@@ -188,11 +186,8 @@ pub fn client_config(ca: &Path, resume: Option<usize>) -> Result<Arc<ClientConfi
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
-    config.resumption = match resume {
-        Some(devices) => Resumption::store(Arc::new(TicketPool::new(devices).view(Take::Oldest))),
-        None => Resumption::disabled(),
-    };
-    Ok(Arc::new(config))
+    config.resumption = Resumption::disabled();
+    Ok(config)
 }
 
 /// Which ticket a view of a [`TicketPool`] hands to a connection.
@@ -897,12 +892,12 @@ pub(crate) mod tests {
             assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full));
             resumes(&server, &client, version);
         }
-        // The client's own config (resumption on) resumes too; off, never.
+        // The fleet's configs (resumption on) resume too; off, never.
         for (resume, want) in [
-            (Some(16), HandshakeKind::Resumed),
-            (None, HandshakeKind::Full),
+            (Resume::Shared(16), HandshakeKind::Resumed),
+            (Resume::Off, HandshakeKind::Full),
         ] {
-            let client = client_config(&ca, resume).unwrap();
+            let client = fleet_configs(&ca, resume).unwrap().first;
             connect(&server, &client);
             let (c, _, _) = connect(&server, &client);
             assert_eq!(c.handshake_kind(), Some(want));
@@ -1041,7 +1036,7 @@ pub(crate) mod tests {
         let (other_ca, _, _) = certs_badcert_b.paths();
         let server =
             server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap();
-        let client = client_config(&other_ca, Some(16)).unwrap();
+        let client = Arc::new(client_config(&other_ca).unwrap());
         let mut hello = Vec::new();
         let mut c =
             ClientSession::client(&client, server_name("localhost").unwrap(), &mut hello).unwrap();
@@ -1086,8 +1081,8 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(e.contains("does not fit --tls-cert"), "{e}");
-        assert!(client_config(&ca, Some(16)).is_ok());
-        let e = client_config(&key, Some(16)).unwrap_err();
+        assert!(fleet_configs(&ca, Resume::Off).is_ok());
+        let e = fleet_configs(&key, Resume::Off).unwrap_err();
         assert!(
             e.contains("--tls-ca") && e.contains("holds no PEM certificate"),
             "{e}"
@@ -1145,7 +1140,7 @@ pub(crate) mod tests {
         let (ca, cert, key) = certs_hostile.paths();
         (
             server_config(&cert, &key, crate::tls_tickets::Ticketer::random().unwrap()).unwrap(),
-            client_config(&ca, Some(16)).unwrap(),
+            Arc::new(client_config(&ca).unwrap()),
         )
     }
 

@@ -327,8 +327,6 @@ impl State {
         }
     }
 
-    /// EOF or a socket error: the device went away without a Close frame
-    /// (or, ended already, before its last words were out).
     /// Whether `key` is a TLS connection in its handshake (not upgraded,
     /// not ended): its next bytes are worth work only if its device is
     /// still there.
@@ -353,6 +351,8 @@ impl State {
         }
     }
 
+    /// EOF or a socket error: the device went away without a Close frame
+    /// (or, ended already, before its last words were out).
     pub(super) fn peer_gone(&mut self, io: &mut impl Driver, key: usize) {
         let why = self.slab[key].gone();
         self.end(io, key, why, Close::Abortive);
