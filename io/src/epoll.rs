@@ -176,6 +176,42 @@ pub struct EpollDriver {
 }
 
 impl EpollDriver {
+    /// Adds `fd` to the epoll set; `read_now`: read it in this pass
+    /// without waiting for its event (an accepted socket's request is
+    /// usually there already).
+    fn watch(
+        &mut self,
+        fd: OwnedFd,
+        token: Token,
+        connecting: bool,
+        read_now: bool,
+    ) -> io::Result<Handle> {
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let key = self.conns.vacant_key();
+        if key >= (UDP & 0xffff_ffff) as usize {
+            return Err(io::Error::other("more than 2^32 connections in one loop"));
+        }
+        let events = if connecting {
+            IN | OUT | RDHUP | ET
+        } else {
+            IN | RDHUP | ET
+        };
+        self.epoll
+            .add(fd.as_raw_fd(), events, Token::pack(key, gen).0)?;
+        self.conns.insert(Conn {
+            fd,
+            gen,
+            token,
+            pending: NO_PENDING,
+            flags: if connecting { CONNECTING } else { 0 },
+        });
+        if read_now {
+            self.fresh.push(Reading { key, gen, reads: 0 });
+        }
+        Ok(Handle(key as u32))
+    }
+
     pub fn new(cfg: DriverConfig) -> io::Result<EpollDriver> {
         Ok(EpollDriver {
             epoll: Epoll::new()?,
@@ -306,30 +342,7 @@ impl Driver for EpollDriver {
     }
 
     fn register(&mut self, fd: OwnedFd, token: Token, connecting: bool) -> io::Result<Handle> {
-        let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        let key = self.conns.vacant_key();
-        if key >= (UDP & 0xffff_ffff) as usize {
-            return Err(io::Error::other("more than 2^32 connections in one loop"));
-        }
-        let events = if connecting {
-            IN | OUT | RDHUP | ET
-        } else {
-            IN | RDHUP | ET
-        };
-        self.epoll
-            .add(fd.as_raw_fd(), events, Token::pack(key, gen).0)?;
-        self.conns.insert(Conn {
-            fd,
-            gen,
-            token,
-            pending: NO_PENDING,
-            flags: if connecting { CONNECTING } else { 0 },
-        });
-        if !connecting {
-            self.fresh.push(Reading { key, gen, reads: 0 });
-        }
-        Ok(Handle(key as u32))
+        self.watch(fd, token, connecting, !connecting)
     }
 
     fn send(&mut self, h: Handle, bytes: &[u8]) -> Sent {
@@ -409,10 +422,13 @@ impl Driver for EpollDriver {
         Some(l)
     }
 
-    /// A socket from io_uring is blocking: made non-blocking first.
+    /// A socket from io_uring is blocking: made non-blocking first. Not
+    /// read at once as an accepted one is (a device handed over is mostly
+    /// silent): bytes already waiting make the edge-triggered add report
+    /// it ready anyway.
     fn adopt(&mut self, fd: OwnedFd, token: Token) -> io::Result<Handle> {
         socket::set_nonblocking(fd.as_raw_fd());
-        self.register(fd, token, false)
+        self.watch(fd, token, false, false)
     }
 
     /// 0 without a system call when the connect's event said it
@@ -669,6 +685,33 @@ mod tests {
             pass(&mut d, Duration::from_secs(1)),
             [("data", 7, b"later".to_vec())]
         );
+    }
+
+    /// An adopted socket is not read at once (a handed-over device is
+    /// mostly silent, and each read is a system call per connection of an
+    /// upgrade): what waits in it, bytes or the peer's close, comes from
+    /// the edge-triggered add's own report, and an idle one costs no read.
+    #[test]
+    fn an_adopted_socket_reports_what_waits_in_it_without_a_read_at_once() {
+        let mut d = driver(1 << 16);
+        let (a, b) = pair();
+        socket::send(b.as_raw_fd(), b"waiting").unwrap();
+        d.adopt(a, Token(8)).unwrap();
+        assert!(d.fresh.is_empty(), "an adopted socket is not read at once");
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("data", 8, b"waiting".to_vec())]
+        );
+        let (c, e) = pair();
+        drop(e);
+        d.adopt(c, Token(9)).unwrap();
+        assert_eq!(
+            pass(&mut d, Duration::from_secs(1)),
+            [("hangup", 9, Vec::new())]
+        );
+        let (idle, _peer) = pair();
+        d.adopt(idle, Token(10)).unwrap();
+        assert_eq!(pass(&mut d, Duration::from_millis(20)), []);
     }
 
     #[test]

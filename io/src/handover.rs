@@ -88,6 +88,14 @@ impl Channel {
         self.sock.as_raw_fd()
     }
 
+    /// Another handle on the same socket (its timeouts are the socket's,
+    /// shared): one thread receives while another sends.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel {
+            sock: self.sock.try_clone()?,
+        })
+    }
+
     /// Sends one batch: `payload` and `fds` (at most [`MAX_FDS`]) in one
     /// frame. Returns once the kernel holds all of it.
     pub fn send(&mut self, seq: u32, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {

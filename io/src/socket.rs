@@ -82,26 +82,24 @@ pub fn set_linger_zero(fd: RawFd) {
     }
 }
 
-/// Clears O_NONBLOCK (io_uring waits for such sockets itself).
+/// Clears O_NONBLOCK (io_uring waits for such sockets itself). One
+/// ioctl (FIONBIO), not fcntl's get and set: it runs per connection of a
+/// hot upgrade.
 pub fn set_blocking(fd: RawFd) {
-    // SAFETY: fcntl on the caller's descriptor with plain integer flags.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-        }
-    }
+    fionbio(fd, 0);
 }
 
 /// Makes `fd` non-blocking (O_NONBLOCK): what the epoll driver's system
 /// calls need of a socket that came from io_uring, which keeps them blocking.
 pub fn set_nonblocking(fd: RawFd) {
-    // SAFETY: fcntl on the caller's descriptor with plain integer flags.
+    fionbio(fd, 1);
+}
+
+fn fionbio(fd: RawFd, on: libc::c_int) {
+    // SAFETY: ioctl FIONBIO on the caller's descriptor with a pointer to a
+    // local int, read by the kernel during the call.
     unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
+        libc::ioctl(fd, libc::FIONBIO, &on);
     }
 }
 

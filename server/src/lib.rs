@@ -16,6 +16,30 @@
 //! - [`upgrade`]: the hot upgrade: listeners and connections handed to a
 //!   new binary without a disconnect (docs/upgrade.md).
 
+/// `eprintln!`, in one write(2): std writes a line's pieces one system
+/// call each, and during a hot upgrade the old and the new process share
+/// stderr, so their lines would interleave mid-line (a line under 4 KiB
+/// goes to a pipe whole).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
+/// `println!` in one write(2), for the same reason as [`say!`] (stdout is
+/// line-buffered, but a stats line is longer than its buffer).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), line.as_bytes());
+    }};
+}
+
 pub mod admin;
 pub mod admission;
 pub mod config;

@@ -1,6 +1,8 @@
 //! SIGINT and SIGTERM (and SIGUSR2, the hot upgrade's trigger), taken by one thread: blocked before the worker
 //! threads start (they inherit the mask), then waited for with a timeout
-//! between the thread's other chores (stats lines, children).
+//! between the thread's other chores (stats lines, children). SIGCHLD is
+//! blocked and waited for too, only to end the wait early: a child ended,
+//! or one of our threads ([`wake`]) has news for that thread.
 
 use std::time::Duration;
 
@@ -18,8 +20,9 @@ impl Signals {
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err("cannot block SIGINT/SIGTERM/SIGUSR2".into());
+                return Err("cannot block SIGINT/SIGTERM/SIGUSR2/SIGCHLD".into());
             }
             Ok(Signals(set))
         }
@@ -43,6 +46,7 @@ impl Signals {
     }
 
     /// Waits up to `timeout` for SIGINT or SIGTERM; its name if one came.
+    /// Returns None at once on SIGCHLD (a child ended, or a [`wake`]).
     pub fn wait(&self, timeout: Duration) -> Option<&'static str> {
         let ts = libc::timespec {
             tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
@@ -56,5 +60,16 @@ impl Signals {
             libc::SIGUSR1 => Some("SIGUSR1"),
             _ => None,
         }
+    }
+}
+
+/// Ends the signal-waiting thread's [`Signals::wait`] now (its timeout is
+/// a poll: a handover or a shard that ended is seen at once, not at the
+/// next one). SIGCHLD, blocked in every thread of the process, so only
+/// that wait takes it; ignored by default, so harmless anywhere else.
+pub fn wake() {
+    // SAFETY: kill(2) on our own process with a signal every thread blocks.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGCHLD);
     }
 }

@@ -182,7 +182,7 @@ fn read_all(mut sock: UnixStream, mut shards: Peers) {
 /// the others, theirs to it): it ends at once, non-zero, in one sentence,
 /// and the parent starts it again whole.
 fn end_worker(why: &str) -> ! {
-    eprintln!("server: {why}: this worker ends so that the parent restarts it whole");
+    crate::say!("server: {why}: this worker ends so that the parent restarts it whole");
     std::process::exit(1)
 }
 
@@ -243,7 +243,7 @@ fn deliver(shards: &mut Peers, frame: Frame) {
                 reply: Reply::Remote { req },
             },
         ),
-        other => eprintln!(
+        other => crate::say!(
             "server: the --procs parent sent a worker what it should not ({other:?}); ignored"
         ),
     }

@@ -180,7 +180,9 @@ impl Peers {
                 // A shard number past this process with no link: a bug,
                 // not a device's doing; said, and the message dropped.
                 None => {
-                    eprintln!("server: no shard {to} in this process and no link: dropped {mail:?}")
+                    crate::say!(
+                        "server: no shard {to} in this process and no link: dropped {mail:?}"
+                    )
                 }
             },
         }

@@ -183,8 +183,8 @@ impl Switch {
         match ended {
             // The worker exited; the supervisor restarts it.
             Ended::Closed => {}
-            Ended::Failed(e) => eprintln!("server: cannot read from worker {i} ({e}); its registry messages are lost until it restarts"),
-            Ended::Malformed(why) => eprintln!("server: worker {i} sent a malformed frame ({why}): its link is closed; please report this"),
+            Ended::Failed(e) => crate::say!("server: cannot read from worker {i} ({e}); its registry messages are lost until it restarts"),
+            Ended::Malformed(why) => crate::say!("server: worker {i} sent a malformed frame ({why}): its link is closed; please report this"),
         }
     }
 
@@ -201,7 +201,7 @@ impl Switch {
                     let _ = tx.send(answer);
                 }
             }
-            other => eprintln!(
+            other => crate::say!(
                 "server: worker {i} sent the parent what it should not ({other:?}); ignored"
             ),
         }

@@ -223,7 +223,7 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
                     };
                     tokio::select! {
                         _ = run(cfg, opts, rx, bell, stop, stats, notices) => {}
-                        _ = stopped => eprintln!("server: NATS: stopped without the broker's confirmation of the last events (it is away or slow); they may be lost"),
+                        _ = stopped => crate::say!("server: NATS: stopped without the broker's confirmation of the last events (it is away or slow); they may be lost"),
                     }
                 });
             })
@@ -312,10 +312,10 @@ async fn run(
                     async_nats::Event::Connected => {
                         let _ = tx.send(());
                     }
-                    async_nats::Event::Disconnected => eprintln!(
+                    async_nats::Event::Disconnected => crate::say!(
                         "server: NATS {url}: disconnected; reconnecting by itself, events wait in a bounded queue (dropped past it, counted as events_dropped)"
                     ),
-                    async_nats::Event::SlowConsumer(_) => eprintln!(
+                    async_nats::Event::SlowConsumer(_) => crate::say!(
                         "server: NATS {url}: pushes arrive faster than this server handles them; some were dropped by the client"
                     ),
                     _ => {}
@@ -325,7 +325,7 @@ async fn run(
     let client = match opts.connect(cfg.url.as_str()).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
+            crate::say!(
                 "server: --nats {}: {e}; no events will be published (they are counted as events_dropped)",
                 cfg.url
             );
@@ -339,7 +339,7 @@ async fn run(
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(3)).await;
             if client.connection_state() != async_nats::connection::State::Connected {
-                eprintln!(
+                crate::say!(
                     "server: NATS {url}: not reachable; the server serves its devices as usual and keeps trying; events wait in a bounded queue and past it are dropped (events_dropped)"
                 );
             }
@@ -563,7 +563,7 @@ async fn open_bucket(js: &async_nats::jetstream::Context, bucket: &str) -> kv::S
             Ok(s) => return s,
             Err(e) => {
                 if !warned {
-                    eprintln!(
+                    crate::say!(
                         "server: NATS: cannot open the presence bucket {bucket} ({e}); pushes need JetStream (nats-server -js); retrying, events are unaffected"
                     );
                     warned = true;
@@ -623,7 +623,7 @@ async fn route_pushes(
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
+            crate::say!(
                 "server: NATS: cannot subscribe to {}: {e}; this server routes no pushes",
                 subjects.push_wildcard
             );
@@ -675,7 +675,7 @@ async fn supersede_elsewhere(client: Client, subjects: Subjects, cfg: Config, st
     let mut sub = match client.subscribe(subjects.connected.clone()).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
+            crate::say!(
                 "server: NATS: cannot subscribe to {}: {e}; --nats-exclusive cannot close devices that connect elsewhere",
                 subjects.connected
             );
@@ -774,7 +774,7 @@ async fn deliver_pushes(client: Client, subjects: Subjects, cfg: Config, stats: 
     let mut sub = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices");
+            crate::say!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices");
             return;
         }
     };

@@ -442,7 +442,7 @@ impl Supervisor {
                             drop(p.standby);
                             r.done.push((k, p.old_pid, new_pid));
                             if status.success() {
-                                eprintln!(
+                                crate::say!(
                                     "server: upgrade: worker {k} ({} of {n}): pid {} handed over to pid {new_pid} in {} ms",
                                     r.done.len(),
                                     p.old_pid,
@@ -595,7 +595,7 @@ impl Supervisor {
                 }
             }
         }
-        eprintln!(
+        crate::say!(
             "server: started {} worker processes on CPUs {:?} (one SO_REUSEPORT group on {}); pids {}",
             self.procs,
             self.cpus,
@@ -636,9 +636,9 @@ impl Supervisor {
                         .map(|i| format!("worker {i} is not running"))
                 };
                 match refused {
-                    Some(why) => eprintln!("server: upgrade refused: {why}"),
+                    Some(why) => crate::say!("server: upgrade refused: {why}"),
                     None => {
-                        eprintln!(
+                        crate::say!(
                             "server: upgrade: handing each of {} workers over to a new process of {}, up to {} at once",
                             ws.len(),
                             exe.display(),
@@ -654,14 +654,14 @@ impl Supervisor {
                     }
                 }
             } else if signal.is_some() && !self.drain_health_delay.is_zero() {
-                eprintln!(
+                crate::say!(
                     "server: stopping: /healthz says 503 for {:?} while the workers serve, then SIGTERM to {} workers",
                     self.drain_health_delay,
                     ws.len()
                 );
             }
             if reporter.drain_due() {
-                eprintln!(
+                crate::say!(
                     "server: stopping: forwarding SIGTERM to {} workers",
                     ws.len()
                 );
@@ -674,7 +674,7 @@ impl Supervisor {
             }
             if let Some(r) = &mut rollout {
                 if let Some(said) = self.step(r, &mut ws, &common, reporter.stopping()) {
-                    eprintln!("server: {said}");
+                    crate::say!("server: {said}");
                     rollout = None;
                 }
             }
@@ -702,7 +702,7 @@ impl Supervisor {
                 let w = &mut ws[i];
                 let quick = w.started.elapsed() < QUICK_DEATH;
                 let deaths = if quick { w.quick_deaths + 1 } else { 0 };
-                eprintln!(
+                crate::say!(
                     "server: worker {i} (pid {}, CPUs {:?}) exited ({status}) with {} devices; {}",
                     w.child.id(),
                     w.cpus,
@@ -791,7 +791,7 @@ impl Supervisor {
         }
         if line.stderr {
             let text = line.text.strip_prefix("server: ").unwrap_or(&line.text);
-            eprintln!("server: worker {}: {text}", line.worker);
+            crate::say!("server: worker {}: {text}", line.worker);
             return;
         }
         let Some((open, sockets, totals)) = stats::parse(&line.text) else {
@@ -826,7 +826,7 @@ fn look(p: &mut Pending, ws: &mut [Worker]) -> Option<Outcome> {
         (Ok(Some(old)), Ok(Some(new))) => Some(Outcome::BothExited(old, new)),
         _ => {
             if p.began.elapsed() > HANDOVER_TIMEOUT {
-                eprintln!(
+                crate::say!(
                     "server: upgrade: worker {}'s handover has taken over {HANDOVER_TIMEOUT:?}: killing its new process (pid {})",
                     p.worker,
                     p.new.child.id()

@@ -318,7 +318,7 @@ impl State {
     /// A panic while handling one connection: log it, count it, drop that
     /// connection (its state may be half-updated); the shard goes on.
     pub(super) fn internal_error(&mut self, io: &mut impl Driver, key: usize, cause: &str) {
-        eprintln!(
+        crate::say!(
             "shard {}: internal error on one connection ({cause}): closed it, the others are unaffected; please report this",
             self.id
         );

@@ -251,7 +251,7 @@ impl State {
             }
             Order::Listen(sock) => {
                 if let Err(e) = io.listen(sock) {
-                    eprintln!(
+                    crate::say!(
                         "shard {}: cannot listen again after the failed upgrade ({e}): this shard accepts nothing more",
                         self.id
                     );

@@ -730,7 +730,7 @@ impl State {
             .warned_at
             .is_none_or(|t| now >= t + Duration::from_secs(1))
         {
-            eprintln!("shard {}: {msg}", self.id);
+            crate::say!("shard {}: {msg}", self.id);
             self.report.warned_at = Some(now);
         }
     }

@@ -2,11 +2,13 @@
 //! [`super::ENV_FD`], it answers the old process's Hello, takes the
 //! listeners before its shards start (it binds none), then takes the
 //! connections on a thread of its own, each batch into the shards named
-//! by its records, acknowledging a batch once the shards hold it.
+//! by its records as it comes; a second thread acknowledges each batch,
+//! in order, once the shards hold it.
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
@@ -63,11 +65,11 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
         .map_err(|e| format!("upgrade: the handover socket: {e}"))?;
     match test_fail().as_deref() {
         Some("exit") => {
-            eprintln!("server: {ENV_TEST_FAIL}=exit (test only): exiting before the hello");
+            crate::say!("server: {ENV_TEST_FAIL}=exit (test only): exiting before the hello");
             std::process::exit(3);
         }
         Some("hello") => {
-            eprintln!(
+            crate::say!(
                 "server: {ENV_TEST_FAIL}=hello (test only): answering with a hello of format v999"
             );
             // As a build of another version would: the old one's hello
@@ -151,7 +153,7 @@ pub fn begin(shards: usize, io: Backend) -> Result<Option<Given>, String> {
     });
     send(&mut ch, 0, &[ack])
         .map_err(|e| format!("upgrade: cannot acknowledge the listeners: {e}"))?;
-    eprintln!(
+    crate::say!(
         "server: upgrade: took {} listeners{}{} from the old process (pid {old_pid}); accepting",
         listeners.len(),
         if admin.is_some() {
@@ -240,22 +242,46 @@ fn take_all(mut t: Taking, shards: Vec<Peer>, nats: Option<crate::events::publis
 }
 
 /// Every batch until the old process's Done: the connections taken (None
-/// if the handover ended early).
+/// if the handover ended early). Batches are read as they come and handed
+/// to their shards at once; the Acks go from a thread of their own, in
+/// order, as the shards report each batch held. (Waiting here for each
+/// batch's shards cost a round of wake-ups per 253 connections: on a box
+/// busy with a fleet's heartbeats, seconds per worker.)
 fn take_batches(t: &mut Taking, shards: &[Peer]) -> Option<u64> {
     let n = shards.len();
+    let acks = match t.ch.try_clone() {
+        Ok(ch) => Acks::start(ch),
+        Err(e) => {
+            crate::say!("server: upgrade: cannot share the handover socket with the acknowledging thread ({e}); stopping the handover");
+            return None;
+        }
+    };
+    let acks = match acks {
+        Ok(a) => a,
+        Err(e) => {
+            crate::say!("server: upgrade: cannot start the acknowledging thread ({e}); stopping the handover");
+            return None;
+        }
+    };
     let mut batch = Batch::default();
-    let mut total = 0u64;
     loop {
-        if let Err(e) = t.ch.recv(&mut batch) {
-            eprintln!(
+        let got = t.ch.recv(&mut batch);
+        if let Err(e) = got {
+            let total = acks.finish().unwrap_or_else(|t| t);
+            crate::say!(
                 "server: upgrade: the old process (pid {}) ended the handover early ({e}): serving the {total} connections taken",
                 t.old_pid
             );
             return None;
         }
+        if acks.failed() {
+            // Said by the acknowledging thread; the old process gives up.
+            let _ = acks.finish();
+            return None;
+        }
         match test_fail().as_deref() {
             Some("conns") => {
-                eprintln!("server: {ENV_TEST_FAIL}=conns (test only): exiting at the first batch of connections");
+                crate::say!("server: {ENV_TEST_FAIL}=conns (test only): exiting at the first batch of connections");
                 std::process::exit(3);
             }
             // Not a failure: each batch taken late, so that a test's
@@ -267,8 +293,9 @@ fn take_batches(t: &mut Taking, shards: &[Peer]) -> Option<u64> {
         let records = match pair(&batch.payload, fds) {
             Ok(r) => r,
             Err(e) => {
+                let total = acks.finish().unwrap_or_else(|t| t);
                 let why = format!("batch {} does not decode: {e}", batch.seq);
-                eprintln!("server: upgrade: {why}; stopping the handover, serving the {total} connections taken");
+                crate::say!("server: upgrade: {why}; stopping the handover, serving the {total} connections taken");
                 let _ = send(&mut t.ch, 0, &[Record::Abort(&why)]);
                 return None;
             }
@@ -299,41 +326,131 @@ fn take_batches(t: &mut Taking, shards: &[Peer]) -> Option<u64> {
                     asked += 1;
                 }
             }
-            let mut taken = 0;
-            for _ in 0..asked {
-                match rx.recv_timeout(BATCH_TIMEOUT) {
-                    Ok(k) => taken += k,
-                    Err(_) => break,
-                }
-            }
-            total += u64::from(taken);
-            if bad > 0 {
-                eprintln!(
-                    "server: upgrade: {bad} connection records of batch {} were invalid: closed",
-                    batch.seq
-                );
-            }
-            let ack = Record::Ack(Ack {
-                shard: shard_of,
+            acks.owe(Owed {
                 seq: batch.seq,
-                taken,
+                shard: shard_of,
+                asked,
+                bad,
+                held: rx,
             });
-            if let Err(e) = send(&mut t.ch, 0, &[ack]) {
-                eprintln!("server: upgrade: cannot acknowledge batch {} ({e}); serving the {total} connections taken", batch.seq);
-                return None;
-            }
         }
         if done {
+            // Every batch's Ack first: the old process counts them.
+            let total = match acks.finish() {
+                Ok(total) => total,
+                Err(_) => return None, // said by the acknowledging thread
+            };
             // systemd follows the service to this process before the old
             // one, told Done, exits (Type=notify, NotifyAccess=all).
             c1m_io::host::notify::ready_or_warn(Some(std::process::id()));
             let _ = send(&mut t.ch, 0, &[Record::Done { conns: total }]);
-            eprintln!(
+            crate::say!(
                 "server: upgrade: took over {total} connections from the old process (pid {}) in {} ms",
                 t.old_pid,
                 t.began.elapsed().as_millis()
             );
             return Some(total);
         }
+    }
+}
+
+/// A batch handed to its shards: its Ack is owed once they hold it.
+struct Owed {
+    seq: u32,
+    /// The shard its last record named (the Ack names it).
+    shard: u32,
+    /// Shards asked to take a part (each answers how many it took).
+    asked: usize,
+    /// Records that did not decode (their sockets closed here).
+    bad: u32,
+    held: mpsc::Receiver<u32>,
+}
+
+/// The acknowledging thread: Acks in the order batches came.
+struct Acks {
+    owed: mpsc::Sender<Owed>,
+    failed: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, u64>>,
+}
+
+impl Acks {
+    fn start(ch: Channel) -> std::io::Result<Acks> {
+        let (owed, rx) = mpsc::channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("handover-ack".into())
+            .spawn(move || acknowledge(ch, rx, &flag))?;
+        Ok(Acks {
+            owed,
+            failed,
+            thread,
+        })
+    }
+
+    fn owe(&self, o: Owed) {
+        // Its thread ends only once `owed` is dropped (or an Ack failed,
+        // which `failed` says): a lost one only loses an Ack.
+        let _ = self.owed.send(o);
+    }
+
+    /// An Ack could not be sent: the handover is over.
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits for every Ack owed to go; the connections the shards took:
+    /// Ok if every Ack went, Err (with the same count) if one failed.
+    fn finish(self) -> Result<u64, u64> {
+        drop(self.owed);
+        // A panic there (none is expected) counts as a failed Ack.
+        self.thread.join().unwrap_or(Err(0))
+    }
+}
+
+fn acknowledge(
+    mut ch: Channel,
+    owed: mpsc::Receiver<Owed>,
+    failed: &AtomicBool,
+) -> Result<u64, u64> {
+    let mut total = 0u64;
+    let mut ok = true;
+    for o in owed {
+        let mut taken = 0;
+        for _ in 0..o.asked {
+            match o.held.recv_timeout(BATCH_TIMEOUT) {
+                Ok(k) => taken += k,
+                Err(_) => break,
+            }
+        }
+        total += u64::from(taken);
+        if o.bad > 0 {
+            crate::say!(
+                "server: upgrade: {} connection records of batch {} were invalid: closed",
+                o.bad,
+                o.seq
+            );
+        }
+        if !ok {
+            continue; // what the shards took still counts
+        }
+        let ack = Record::Ack(Ack {
+            shard: o.shard,
+            seq: o.seq,
+            taken,
+        });
+        if let Err(e) = send(&mut ch, 0, &[ack]) {
+            crate::say!(
+                "server: upgrade: cannot acknowledge batch {} ({e}); stopping the handover, serving the connections taken",
+                o.seq
+            );
+            ok = false;
+            failed.store(true, Ordering::Relaxed);
+        }
+    }
+    if ok {
+        Ok(total)
+    } else {
+        Err(total)
     }
 }

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     match run(argh::from_env()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("server: {e}");
+            c1m::say!("server: {e}");
             ExitCode::FAILURE
         }
     }

@@ -90,7 +90,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     cfg.validate()?;
 
     if let Some(said) = host.advice((cores.len() as u64).saturating_mul(max_conns as u64)) {
-        eprintln!("server: --max-conns asks for more than fits: {said}");
+        c1m::say!("server: --max-conns asks for more than fits: {said}");
     }
     // By default each shard's share of the server's listen queue (a
     // --procs worker gets its share from the parent as --backlog).
@@ -106,12 +106,12 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         queues.memory_warning(sockets),
     ];
     for w in said.into_iter().flatten() {
-        eprintln!("server: warning: {w}");
+        c1m::say!("server: warning: {w}");
     }
 
     let (backend, fallback) = Backend::usable(args.io);
     if let Some(why) = fallback {
-        eprintln!("server: {why}");
+        c1m::say!("server: {why}");
     }
     // Started by a hot upgrade: the old process's listeners, not ours.
     let given = c1m::upgrade::new::begin(cores.len(), backend)?;
@@ -301,11 +301,14 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             .spawn(move || async move {
                 if let Err(e) = sched.apply() {
                     // Served all the same, at the policy it has.
-                    eprintln!("server: shard {id} keeps its scheduling policy: --sched {sched} failed ({e})");
+                    c1m::say!("server: shard {id} keeps its scheduling policy: --sched {sched} failed ({e})");
                 }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     shard::run(backend, id, cfg, listener, mail, tx)
                 }));
+                // Its report sender is gone: the main thread sees the end
+                // now, not at its next poll.
+                c1m_io::host::signals::wake();
                 let cause = match result {
                     Ok(Ok(totals)) => return Ok(totals),
                     Ok(Err(e)) => format!("its I/O loop failed: {e}"),
@@ -338,7 +341,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         handed: false,
         tls_tickets,
     };
-    eprintln!(
+    c1m::say!(
         "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {}{})",
         args.listen,
         cores.len(),
@@ -397,7 +400,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         if died.is_none() {
             if let Ok(why) = died_rx.try_recv() {
                 // One sentence, at once; the others drain as on SIGTERM.
-                eprintln!("server: {why}; ending the whole process (exit 1) so that it is restarted whole (the --procs parent or systemd does it)");
+                c1m::say!("server: {why}; ending the whole process (exit 1) so that it is restarted whole (the --procs parent or systemd does it)");
                 died = Some((
                     why,
                     Instant::now() + args.drain_timeout + Duration::from_secs(2),
@@ -421,7 +424,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         if let Some(done) = upgrade.finished() {
             match done {
                 Ok(s) => {
-                    eprintln!(
+                    c1m::say!(
                         "server: upgrade: handed {} listeners and {} connections to the new process (pid {}) in {} ms (hello {} ms){}{}; this process exits",
                         s.listeners,
                         s.moved,
@@ -432,7 +435,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                         if s.lost > 0 { format!(", {} lost", s.lost) } else { String::new() },
                     );
                     if let Some(why) = &s.unconfirmed {
-                        eprintln!("server: upgrade: the new process did not confirm the end of the handover ({why}) but runs: it holds everything now");
+                        c1m::say!("server: upgrade: the new process did not confirm the end of the handover ({why}) but runs: it holds everything now");
                     }
                     // The shards end once their TLS devices (if any) are
                     // closed. /healthz is not turned to 503: its port is
@@ -440,16 +443,16 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                     upgrade.handed = true;
                     shutdown_after_upgrade();
                 }
-                Err(why) => eprintln!("server: {why}"),
+                Err(why) => c1m::say!("server: {why}"),
             }
         }
         // Wait for a signal, at most until the next stats line.
         let signal = reporter.wait();
         if signal == Some(c1m::reporter::UPGRADE_SIGNAL) {
             if reporter.stopping() {
-                eprintln!("server: upgrade refused: the server is stopping");
+                c1m::say!("server: upgrade refused: the server is stopping");
             } else if let Err(why) = upgrade.start(&cfg, &outside, backend, cores.len()) {
-                eprintln!("server: {why}");
+                c1m::say!("server: {why}");
             }
         } else if signal.is_some() {
             let pace = match args.drain_rate {
@@ -457,9 +460,9 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                 r => format!("at {r} devices/s"),
             };
             if !args.drain_health_delay.is_zero() {
-                eprintln!("server: stopping: /healthz says 503 for {:?} while serving, then Close 1001 {pace} (then up to {:?} for answers)", args.drain_health_delay, args.drain_timeout);
+                c1m::say!("server: stopping: /healthz says 503 for {:?} while serving, then Close 1001 {pace} (then up to {:?} for answers)", args.drain_health_delay, args.drain_timeout);
             } else {
-                eprintln!("server: stopping: no new connections, sending Close 1001 {pace} (then up to {:?} for answers)", args.drain_timeout);
+                c1m::say!("server: stopping: no new connections, sending Close 1001 {pace} (then up to {:?} for answers)", args.drain_timeout);
             }
         }
         let mut fresh = false;
@@ -488,7 +491,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         if reporter.line_due() {
             let sum = sum(&latest);
             let w = reporter.line(sum);
-            println!(
+            c1m::out!(
                 "{}{}",
                 stats::line(w.elapsed, &latest, &w.prev, &sum, w.secs),
                 publisher.as_ref().map(nats_stats).unwrap_or_default()
@@ -515,7 +518,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         p.stop();
         nats_counts(&stats)
     });
-    println!(
+    c1m::out!(
         "final {}{}",
         stats::totals(&sum),
         nats_line.unwrap_or_default()
@@ -598,9 +601,9 @@ impl Upgrade {
             given,
         };
         if plan.given.is_some() {
-            eprintln!("server: upgrade: handing over to the new worker the supervisor started");
+            c1m::say!("server: upgrade: handing over to the new worker the supervisor started");
         } else {
-            eprintln!(
+            c1m::say!(
                 "server: upgrade: starting {} with the same arguments",
                 self.exe.display()
             );
@@ -676,7 +679,7 @@ fn start_publisher(
         shards_total,
         live,
     })?;
-    eprintln!(
+    c1m::say!(
         "server: NATS {url}: events on {}.events.*, pushes on {}.push.<id>, as server {server} worker {worker}, queue {}",
         args.nats_prefix, args.nats_prefix, args.nats_queue
     );
