@@ -190,8 +190,13 @@ struct Server {
 
 impl Server {
     fn start(nats: &Nats, extra: &[&str]) -> Server {
+        Server::start_with_env(nats, extra, &[])
+    }
+
+    fn start_with_env(nats: &Nats, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_server"));
+        c.envs(env.iter().copied());
         c.args(["--io", io()])
             .arg("--listen")
             .arg(addr.to_string())
@@ -858,7 +863,128 @@ fn nats_a_hot_upgrade_publishes_one_event_and_nothing_for_the_devices_it_moves()
     assert_eq!((connects(&watch.seen), disconnects(&watch.seen)), (2, 1));
 }
 
+/// Pushes through NATS while a hot upgrade moves the devices (the new
+/// process taking each batch 150 ms late, test hook `slow`): the old and
+/// the new process serve the same deliver subject for that while, and each
+/// push must reach its device once, answered "delivered": not twice (the
+/// old process delivering it and the new one, which holds asks for devices
+/// on their way, again on arrival), nor "not connected" (the old process
+/// answering for a device it has handed over).
+fn nats_pushes_during_a_hot_upgrade_reach_each_device_once() {
+    let Some(nats) = Nats::start(true) else {
+        return;
+    };
+    let mut watch = Watch::start(&nats);
+    let server = Server::start_with_env(
+        &nats,
+        &["--server-id", "test-push-up", "--cores", "0"],
+        &[("C1M_TEST_HANDOVER_FAIL", "slow")],
+    );
+    const DEVICES: usize = 600;
+    let mut devices: Vec<_> = (0..DEVICES)
+        .map(|i| server.ws(&format!("up-{i}")))
+        .collect();
+    watch.until("every connect", |s| connects(s) >= DEVICES);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async_nats::connect(nats.url())).unwrap();
+    let request = |id: &str, body: String| -> String {
+        rt.block_on(async {
+            match client.request(format!("c1m.push.{id}"), body.into()).await {
+                Ok(answer) => String::from_utf8_lossy(&answer.payload).into_owned(),
+                // No router subscribed yet (at start), or a timeout.
+                Err(e) => format!("request failed: {e}"),
+            }
+        })
+    };
+    // Presence is written just after the events: the last device's first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let last = format!("up-{}", DEVICES - 1);
+    while request(&last, "warm".into()) != "delivered" {
+        assert!(
+            Instant::now() < deadline,
+            "presence of {last} never written"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        devices[DEVICES - 1].read().unwrap(),
+        Message::Binary(b"warm".to_vec())
+    );
+    server.proc.signal(libc::SIGUSR2);
+    // One push to every fifth device, spread over the handover (3 batches,
+    // each taken 150 ms late).
+    let mut answers = Vec::new();
+    let began = Instant::now();
+    for i in (0..DEVICES).step_by(5) {
+        answers.push((i, request(&format!("up-{i}"), format!("p{i}"))));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pushed_for = began.elapsed();
+    server.proc.wait_line(
+        "the old process's final line",
+        Duration::from_secs(15),
+        |l| l.starts_with("final "),
+    );
+    let listen = server.addr.to_string();
+    let old = server.proc.child.id();
+    let new: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid as u32 != old)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&listen))
+        })
+        .collect();
+    struct Kill(Vec<i32>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                // SAFETY: kill(2) on the server this test started (by its upgrade).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _new = Kill(new);
+    // And after it: presence still names each device's slot in the old
+    // process (nothing was published for them), the new one finds it.
+    for i in [1, DEVICES / 2 + 1, DEVICES - 2] {
+        answers.push((i, request(&format!("up-{i}"), format!("p{i}"))));
+    }
+    let wrong: Vec<_> = answers.iter().filter(|(_, a)| a != "delivered").collect();
+    assert!(
+        wrong.is_empty(),
+        "answers other than delivered (pushed over {pushed_for:?}): {wrong:?}"
+    );
+    // Each device: its push, then (a ping sent only now) the pong: any
+    // second copy of the push would come between them.
+    let mut twice = Vec::new();
+    for (i, _) in &answers {
+        let ws = &mut devices[*i];
+        assert_eq!(
+            ws.read().unwrap(),
+            Message::Binary(format!("p{i}").into_bytes()),
+            "up-{i}"
+        );
+        ws.send(Message::Ping(b"after".to_vec())).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Pong(_) => break,
+                other => twice.push((*i, other)),
+            }
+        }
+    }
+    assert!(
+        twice.is_empty(),
+        "pushes delivered more than once: {twice:?}"
+    );
+}
+
 on_both_backends!(
+    nats_pushes_during_a_hot_upgrade_reach_each_device_once,
     nats_a_hot_upgrade_publishes_one_event_and_nothing_for_the_devices_it_moves,
     nats_lifecycle_events_are_exact_and_in_order_per_device,
     nats_push_reaches_a_device_on_either_server_and_absent_ids_are_not_connected,

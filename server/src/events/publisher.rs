@@ -48,6 +48,13 @@ pub const CLIENT_CAPACITY: usize = 8192;
 const PUSHES_IN_FLIGHT: usize = 1024;
 /// How long a push waits for the holder (and the holder for its shard).
 const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A push whose holder's subject has no responder is asked again this
+/// many times, this far apart, before it is answered "not connected" (so
+/// a push to a device of a server that died takes a second to say so).
+const NO_RESPONDERS_RETRIES: u32 = 10;
+const NO_RESPONDERS_PAUSE: Duration = Duration::from_millis(100);
+/// The queue group of a worker's deliver subject (see [`deliver_pushes`]).
+const DELIVER_GROUP: &str = "c1m-deliver";
 /// How long the publisher works on after the shards have stopped.
 const FINAL_GRACE: Duration = Duration::from_secs(2);
 
@@ -103,6 +110,21 @@ pub struct Stats {
 pub struct Notices {
     upgrades: Arc<Mutex<Vec<Upgrade>>>,
     bell: Arc<Doorbell>,
+    pushes: Arc<PushGate>,
+}
+
+/// Whether this process takes pushes for its devices, and the word that
+/// it has stopped. A hot upgrade's old process stops before it moves any
+/// connection: the deliver subject is a queue group, so from then on the
+/// new process (the other member, which holds an ask for a device on its
+/// way until it arrives) takes each push, and no push is delivered twice
+/// or answered "not connected" by the process that handed its device over.
+struct PushGate {
+    deliver: watch::Sender<bool>,
+    /// Set by [`Notices::quiet_pushes`]; told once no push is in flight here.
+    quiet: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// The deliver subscription is up (else there is nothing to quiet).
+    live: AtomicBool,
 }
 
 impl Notices {
@@ -118,6 +140,26 @@ impl Notices {
 
     fn take(&self) -> Vec<Upgrade> {
         std::mem::take(&mut *self.upgrades.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Stops taking pushes for this process's devices (a hot upgrade's
+    /// old process, before it moves a connection): leaves the deliver
+    /// queue group and waits, at most `timeout`, until the pushes it took
+    /// have been answered. False if that did not happen in time (or the
+    /// subscription was not up: then there is nothing to wait for).
+    pub fn quiet_pushes(&self, timeout: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.pushes.quiet.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.pushes.deliver.send_replace(false);
+        if !self.pushes.live.load(Ordering::Acquire) {
+            return false;
+        }
+        rx.recv_timeout(timeout).is_ok()
+    }
+
+    /// Takes pushes again (the upgrade failed: this process serves on).
+    pub fn resume_pushes(&self) {
+        self.pushes.deliver.send_replace(true);
     }
 }
 
@@ -204,6 +246,11 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
     let notices = Notices {
         upgrades: Arc::new(Mutex::new(Vec::new())),
         bell: bell.clone(),
+        pushes: Arc::new(PushGate {
+            deliver: watch::channel(true).0,
+            quiet: Mutex::new(None),
+            live: AtomicBool::new(false),
+        }),
     };
     let thread = {
         let (stop, stats, bell, stopping, notices) = (
@@ -372,6 +419,7 @@ async fn run(
         subjects.clone(),
         cfg.clone(),
         stats.clone(),
+        notices.pushes.clone(),
     ));
     if cfg.exclusive {
         tokio::spawn(supersede_elsewhere(
@@ -746,14 +794,28 @@ async fn route_one(
     if let Some(ct) = msg.headers.as_ref().and_then(|h| h.get("Content-Type")) {
         headers.insert("Content-Type", ct.as_str());
     }
-    let req = async_nats::Request::new()
-        .headers(headers)
-        .payload(msg.payload.clone())
-        .timeout(Some(PUSH_TIMEOUT));
-    match client
-        .send_request(subjects.deliver(&p.server, p.worker), req)
-        .await
-    {
+    let subject = subjects.deliver(&p.server, p.worker);
+    let mut tries = 0;
+    let answer = loop {
+        let req = async_nats::Request::new()
+            .headers(headers.clone())
+            .payload(msg.payload.clone())
+            .timeout(Some(PUSH_TIMEOUT));
+        match client.send_request(subject.clone(), req).await {
+            // Nobody on the holder's subject: its server is gone, or a hot
+            // upgrade is between its old process leaving the subject and
+            // its new one joining (milliseconds). Asked again for a while.
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && tries < NO_RESPONDERS_RETRIES =>
+            {
+                tries += 1;
+                tokio::time::sleep(NO_RESPONDERS_PAUSE).await;
+            }
+            r => break r,
+        }
+    };
+    match answer {
         Ok(r) if r.payload.as_ref() == DELIVERED => DELIVERED,
         Ok(r) if r.payload.as_ref() == NOT_CONNECTED => NOT_CONNECTED,
         Ok(_) => b"error: the holder could not deliver it",
@@ -768,34 +830,80 @@ async fn route_one(
 
 /// This worker's own subject: pushes for its devices, handed to the shard
 /// holding each by message (`Mail::Ask` with its location), answered from
-/// the shard's reply without ever blocking the runtime.
-async fn deliver_pushes(client: Client, subjects: Subjects, cfg: Config, stats: Arc<Stats>) {
+/// the shard's reply without ever blocking the runtime. A queue group of
+/// one, but for a hot upgrade's old and new process: then each push goes
+/// to one of them, and the old one leaves the group ([`PushGate`]).
+async fn deliver_pushes(
+    client: Client,
+    subjects: Subjects,
+    cfg: Config,
+    stats: Arc<Stats>,
+    gate: Arc<PushGate>,
+) {
     let subject = subjects.deliver(&cfg.origin.server, cfg.origin.worker);
-    let mut sub = match client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            crate::say!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices");
-            return;
-        }
-    };
     let limit = Arc::new(Semaphore::new(PUSHES_IN_FLIGHT));
     let peers = Arc::new(cfg.peers);
-    while let Some(msg) = sub.next().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+    let mut deliver = gate.deliver.subscribe();
+    loop {
+        // Not taking pushes: wait to be asked again.
+        while !*deliver.borrow_and_update() {
+            if deliver.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut sub = match client
+            .queue_subscribe(subject.clone(), DELIVER_GROUP.into())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                crate::say!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices");
+                return;
+            }
         };
-        let (client, peers, stats) = (client.clone(), peers.clone(), stats.clone());
-        let (max_message, shard_base) = (cfg.max_message, cfg.origin.shard_base);
-        tokio::spawn(async move {
-            let answer = deliver_one(&peers, shard_base, max_message, &msg).await;
-            if answer == DELIVERED {
-                stats.pushes_delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some(reply) = msg.reply {
-                let _ = client.publish(reply, Bytes::from_static(answer)).await;
-            }
-            drop(permit);
-        });
+        gate.live.store(true, Ordering::Release);
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = deliver.changed() => {
+                    if *deliver.borrow_and_update() {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (client, peers, stats) = (client.clone(), peers.clone(), stats.clone());
+            let (max_message, shard_base) = (cfg.max_message, cfg.origin.shard_base);
+            tokio::spawn(async move {
+                let answer = deliver_one(&peers, shard_base, max_message, &msg).await;
+                if answer == DELIVERED {
+                    stats.pushes_delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, Bytes::from_static(answer)).await;
+                }
+                drop(permit);
+            });
+        }
+        // Quiet: out of the group (confirmed by the broker, so that no push
+        // comes here after this), then every push taken answered.
+        gate.live.store(false, Ordering::Release);
+        let _ = sub.unsubscribe().await;
+        let _ = client.flush().await;
+        drop(sub);
+        if let Ok(all) = limit.acquire_many(PUSHES_IN_FLIGHT as u32).await {
+            drop(all);
+        }
+        let told = gate.quiet.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = told {
+            let _ = tx.send(());
+        }
     }
 }
 

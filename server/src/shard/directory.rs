@@ -179,6 +179,7 @@ impl State {
         at: Option<Location>,
         reply: Reply,
     ) {
+        let given = at.is_some();
         let at = match at.or_else(|| self.cfg.registry.get(&id)) {
             Some(at) => at,
             None => return self.peers.reply(reply, Answer::NotConnected),
@@ -198,6 +199,15 @@ impl State {
             .slab
             .get(key)
             .is_some_and(|s| s.gen == at.gen && s.upgraded && s.ended.is_none() && s.id == id);
+        if !held && given {
+            // A location from outside (NATS presence) is where the device
+            // connected: a hot upgrade has since moved it into another
+            // slot, which the registry names. Asked there (once: without a
+            // location this does not come back here).
+            if self.cfg.registry.get(&id).is_some_and(|now| now != at) {
+                return self.on_ask(io, id, ask, None, reply);
+            }
+        }
         if !held && self.waiting.as_ref().is_some_and(|w| w.has_room()) {
             // Taking connections over from an old process: the device may
             // be on its way here. It is answered when it arrives, or at

@@ -23,6 +23,11 @@ use super::{recv_hello, send, send_hello, ENV_FD, HELLO_TIMEOUT, STEP_TIMEOUT};
 use crate::directory::mailbox::{Mail, Peer};
 use crate::shard::handover::{Moved, Order, Out};
 
+/// How long the old process waits for the pushes it took to be answered
+/// before it moves connections (`--nats`; each waits at most 2 s for its
+/// shard).
+const PUSHES_QUIET: Duration = Duration::from_secs(3);
+
 /// Payload bytes after which a batch goes out even with room for more
 /// descriptors (connections carrying output or a fragmented message).
 const BATCH_BYTES: usize = 4 << 20;
@@ -54,6 +59,11 @@ pub struct Plan {
     /// wss devices closed here resume their sessions there. A `--procs`
     /// worker's new worker gets them from the supervisor.
     pub tls_tickets: Option<std::sync::Arc<c1m_io::tls_tickets::Ticketer>>,
+    /// `--nats`: this process stops taking pushes before its first
+    /// connection moves (the new process takes them all from then on, and
+    /// holds those for devices on their way), and takes them again if the
+    /// handover fails.
+    pub nats: Option<crate::events::publisher::Notices>,
     /// A `--procs` worker's: the handover socket its supervisor gave it,
     /// the new worker (which the supervisor started) at its other end.
     /// None: this process starts the new one itself.
@@ -159,6 +169,11 @@ fn run(mut plan: Plan) -> Result<Summary, String> {
         Err(why) => {
             h.listen_again(socks);
             return Err(new.refuse(&exe, why));
+        }
+    }
+    if let Some(n) = &plan.nats {
+        if !n.quiet_pushes(PUSHES_QUIET) {
+            crate::say!("server: upgrade: the pushes taken here were not all answered within {PUSHES_QUIET:?} (or NATS is away); handing the connections over anyway");
         }
     }
     for shard in 0..n {
@@ -400,10 +415,13 @@ impl Handover<'_> {
         }
     }
 
-    /// Our listeners back to their shards (the handover failed), and the
-    /// admin port to our admin thread.
+    /// Our listeners back to their shards (the handover failed), the
+    /// admin port to our admin thread, and the pushes (`--nats`) here again.
     fn listen_again(&self, socks: Vec<Option<Socket>>) {
         self.admin_handed(false);
+        if let Some(n) = &self.plan.nats {
+            n.resume_pushes();
+        }
         for (shard, s) in socks.into_iter().enumerate() {
             if let Some(s) = s {
                 self.plan.shards[shard].send_now(Mail::Handover(Order::Listen(s)));

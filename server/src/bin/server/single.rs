@@ -340,6 +340,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         control,
         handed: false,
         tls_tickets,
+        nats: publisher.as_ref().map(|p| p.notices.clone()),
     };
     c1m::say!(
         "server: listening on {} with {} shards on CPUs {:?}, up to {max_conns} connections each (io {backend}, backlog {backlog}, timeout {:?}, tick {:?}, RLIMIT_NOFILE {nofile}, auth {}, {}{})",
@@ -550,6 +551,8 @@ struct Upgrade {
     /// `--tls-cert`: the session-ticket keys the new process is given, so
     /// that the wss devices it gets back resume their sessions.
     tls_tickets: Option<Arc<c1m_io::tls_tickets::Ticketer>>,
+    /// `--nats`: its pushes stop here before any connection moves.
+    nats: Option<c1m::events::publisher::Notices>,
 }
 
 impl Upgrade {
@@ -598,6 +601,7 @@ impl Upgrade {
             admin_handed: self.admin_handed.clone(),
             udp: cfg.udp.clone(),
             tls_tickets: self.tls_tickets.clone(),
+            nats: self.nats.clone(),
             given,
         };
         if plan.given.is_some() {
