@@ -341,6 +341,42 @@ fn push(nats: &Nats, id: &str, text: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// The processes a hot upgrade started, killed when dropped.
+struct Upgraded(Vec<i32>);
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: kill(2) on the server this test started (by its upgrade).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// After `server`'s SIGUSR2: waits for the old process's last line (it
+/// has handed everything over), then finds the new process, the one
+/// other server on its address.
+fn upgraded(server: &Server) -> Upgraded {
+    server.proc.wait_line(
+        "the old process's final line",
+        Duration::from_secs(15),
+        |l| l.starts_with("final "),
+    );
+    let listen = server.addr.to_string();
+    let old = server.proc.child.id();
+    let new: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid as u32 != old)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&listen))
+        })
+        .collect();
+    assert_eq!(new.len(), 1, "one new process: {new:?}");
+    Upgraded(new)
+}
+
 /// Connect, heartbeat, expire, replace, kick, a protocol error, a reset, a
 /// device's own close and shutdown each give exactly the events expected,
 /// in order per device, with every field.
@@ -785,36 +821,9 @@ fn nats_a_hot_upgrade_publishes_one_event_and_nothing_for_the_devices_it_moves()
     let mut stays = server.ws("stays");
     watch.until("2 connects", |s| connects(s) >= 2);
     server.proc.signal(libc::SIGUSR2);
-    // The old process's last line: it has handed everything over.
-    server.proc.wait_line(
-        "the old process's final line",
-        Duration::from_secs(15),
-        |l| l.starts_with("final "),
-    );
-    // The new process: the other server on this address.
-    let listen = server.addr.to_string();
     let old = server.proc.child.id();
-    let new: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid as u32 != old)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&listen))
-        })
-        .collect();
-    struct Kill(Vec<i32>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for &pid in &self.0 {
-                // SAFETY: kill(2) on the server this test started (by its upgrade).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    assert_eq!(new.len(), 1, "one new process: {new:?}");
-    let new_pid = new[0] as u64;
-    let _new = Kill(new);
+    let new = upgraded(&server);
+    let new_pid = new.0[0] as u64;
     for ws in [&mut leaves, &mut stays] {
         ws.send(Message::Ping(b"after".to_vec())).unwrap();
         assert_eq!(ws.read().unwrap(), Message::Pong(b"after".to_vec()));
@@ -923,32 +932,7 @@ fn nats_pushes_during_a_hot_upgrade_reach_each_device_once() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let pushed_for = began.elapsed();
-    server.proc.wait_line(
-        "the old process's final line",
-        Duration::from_secs(15),
-        |l| l.starts_with("final "),
-    );
-    let listen = server.addr.to_string();
-    let old = server.proc.child.id();
-    let new: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid as u32 != old)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&listen))
-        })
-        .collect();
-    struct Kill(Vec<i32>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for &pid in &self.0 {
-                // SAFETY: kill(2) on the server this test started (by its upgrade).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    let _new = Kill(new);
+    let _new = upgraded(&server);
     // And after it: presence still names each device's slot in the old
     // process (nothing was published for them), the new one finds it.
     for i in [1, DEVICES / 2 + 1, DEVICES - 2] {

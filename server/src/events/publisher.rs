@@ -13,7 +13,7 @@
 //! queue fills and the shards drop), pushes in flight ([`PUSHES_IN_FLIGHT`]).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -53,8 +53,10 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// a push to a device of a server that died takes a second to say so).
 const NO_RESPONDERS_RETRIES: u32 = 10;
 const NO_RESPONDERS_PAUSE: Duration = Duration::from_millis(100);
-/// The queue group of a worker's deliver subject (see [`deliver_pushes`]).
+/// The queue group of a worker's deliver subject (see [`deliver_pushes`]),
+/// and that of every server's routing of `<prefix>.push.>`.
 const DELIVER_GROUP: &str = "c1m-deliver";
+const ROUTE_GROUP: &str = "c1m-push";
 /// How long the publisher works on after the shards have stopped.
 const FINAL_GRACE: Duration = Duration::from_secs(2);
 
@@ -111,20 +113,22 @@ pub struct Notices {
     upgrades: Arc<Mutex<Vec<Upgrade>>>,
     bell: Arc<Doorbell>,
     pushes: Arc<PushGate>,
+    routing: Arc<PushGate>,
 }
 
-/// Whether this process takes pushes for its devices, and the word that
-/// it has stopped. A hot upgrade's old process stops before it moves any
+/// Whether this process takes pushes for its devices (or routes pushes),
+/// and the word that it has stopped. A hot upgrade's old process stops before it moves any
 /// connection: the deliver subject is a queue group, so from then on the
 /// new process (the other member, which holds an ask for a device on its
 /// way until it arrives) takes each push, and no push is delivered twice
 /// or answered "not connected" by the process that handed its device over.
 struct PushGate {
-    deliver: watch::Sender<bool>,
-    /// Set by [`Notices::quiet_pushes`]; told once no push is in flight here.
+    take: watch::Sender<bool>,
+    /// Set by [`Notices::quiet_pushes`]; each subscription that leaves
+    /// says so once no push it took is in flight.
     quiet: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    /// The deliver subscription is up (else there is nothing to quiet).
-    live: AtomicBool,
+    /// The subscriptions up (routing and delivery): what to wait for.
+    live: AtomicUsize,
 }
 
 impl Notices {
@@ -148,18 +152,48 @@ impl Notices {
     /// have been answered. False if that did not happen in time (or the
     /// subscription was not up: then there is nothing to wait for).
     pub fn quiet_pushes(&self, timeout: Duration) -> bool {
-        let (tx, rx) = std::sync::mpsc::channel();
-        *self.pushes.quiet.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-        self.pushes.deliver.send_replace(false);
-        if !self.pushes.live.load(Ordering::Acquire) {
-            return false;
-        }
-        rx.recv_timeout(timeout).is_ok()
+        self.pushes.quiet(timeout)
     }
 
-    /// Takes pushes again (the upgrade failed: this process serves on).
+    /// Stops routing pushes (a hot upgrade's old process, once it has
+    /// handed everything over and before it exits): a push it was routing
+    /// would go unanswered. Not before: a route may wait on the new
+    /// process for a device still on its way.
+    pub fn quiet_routing(&self, timeout: Duration) -> bool {
+        self.routing.quiet(timeout)
+    }
+
+    /// Takes and routes pushes again (the upgrade failed).
     pub fn resume_pushes(&self) {
-        self.pushes.deliver.send_replace(true);
+        self.pushes.take.send_replace(true);
+        self.routing.take.send_replace(true);
+    }
+}
+
+impl PushGate {
+    fn new() -> PushGate {
+        PushGate {
+            take: watch::channel(true).0,
+            quiet: Mutex::new(None),
+            live: AtomicUsize::new(0),
+        }
+    }
+
+    fn quiet(&self, timeout: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.quiet.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.take.send_replace(false);
+        // Each one up now says so when it has left (one that left already
+        // has said so, or says so again: more words than waited for).
+        let live = self.live.load(Ordering::Acquire);
+        if live == 0 {
+            return false;
+        }
+        let until = std::time::Instant::now() + timeout;
+        (0..live).all(|_| {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            rx.recv_timeout(left).is_ok()
+        })
     }
 }
 
@@ -246,11 +280,8 @@ pub fn start(cfg: Config) -> Result<(EventTx, Publisher), String> {
     let notices = Notices {
         upgrades: Arc::new(Mutex::new(Vec::new())),
         bell: bell.clone(),
-        pushes: Arc::new(PushGate {
-            deliver: watch::channel(true).0,
-            quiet: Mutex::new(None),
-            live: AtomicBool::new(false),
-        }),
+        pushes: Arc::new(PushGate::new()),
+        routing: Arc::new(PushGate::new()),
     };
     let thread = {
         let (stop, stats, bell, stopping, notices) = (
@@ -413,6 +444,7 @@ async fn run(
         subjects.clone(),
         kv_rx,
         stats.clone(),
+        notices.routing.clone(),
     ));
     tokio::spawn(deliver_pushes(
         client.clone(),
@@ -655,6 +687,7 @@ async fn route_pushes(
     subjects: Subjects,
     mut kv_rx: watch::Receiver<Option<kv::Store>>,
     stats: Arc<Stats>,
+    gate: Arc<PushGate>,
 ) {
     // Only once presence is readable: until then another server routes.
     let store = loop {
@@ -665,38 +698,95 @@ async fn route_pushes(
             return;
         }
     };
-    let mut sub = match client
-        .queue_subscribe(subjects.push_wildcard.clone(), "c1m-push".into())
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            crate::say!(
-                "server: NATS: cannot subscribe to {}: {e}; this server routes no pushes",
-                subjects.push_wildcard
-            );
-            return;
-        }
-    };
-    let limit = Arc::new(Semaphore::new(PUSHES_IN_FLIGHT));
-    while let Some(msg) = sub.next().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
+    let c = client.clone();
+    let subject = subjects.push_wildcard.clone();
+    serve_gated(c, subject, ROUTE_GROUP, gate, move |msg| {
         let (client, subjects, store, stats) = (
             client.clone(),
             subjects.clone(),
             store.clone(),
             stats.clone(),
         );
-        tokio::spawn(async move {
+        async move {
             let answer = route_one(&client, &subjects, &store, &msg).await;
             stats.pushes_routed.fetch_add(1, Ordering::Relaxed);
             if let Some(reply) = msg.reply {
                 let _ = client.publish(reply, Bytes::from_static(answer)).await;
             }
-            drop(permit);
-        });
+        }
+    })
+    .await;
+}
+
+/// Takes `subject` in queue group `group` while the gate is open, each
+/// message handled by a task of its own (at most [`PUSHES_IN_FLIGHT`] at
+/// once). When the gate closes (a hot upgrade's old process): leaves the
+/// group (confirmed by the broker, so nothing more comes here), waits for
+/// every task, says so to the gate, and waits for it to open again (the
+/// upgrade failed).
+async fn serve_gated<H, F>(
+    client: Client,
+    subject: String,
+    group: &'static str,
+    gate: Arc<PushGate>,
+    handle: H,
+) where
+    H: Fn(async_nats::Message) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(PUSHES_IN_FLIGHT));
+    let mut take = gate.take.subscribe();
+    loop {
+        while !*take.borrow_and_update() {
+            if take.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut sub = match client.queue_subscribe(subject.clone(), group.into()).await {
+            Ok(s) => s,
+            Err(e) => {
+                crate::say!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices (or be routed by it)");
+                return;
+            }
+        };
+        gate.live.fetch_add(1, Ordering::AcqRel);
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = take.changed() => {
+                    if *take.borrow_and_update() {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let work = handle(msg);
+            tokio::spawn(async move {
+                work.await;
+                drop(permit);
+            });
+        }
+        let _ = sub.unsubscribe().await;
+        let _ = client.flush().await;
+        drop(sub);
+        if let Ok(all) = limit.acquire_many(PUSHES_IN_FLIGHT as u32).await {
+            drop(all);
+        }
+        gate.live.fetch_sub(1, Ordering::AcqRel);
+        if let Some(tx) = gate
+            .quiet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(());
+        }
     }
 }
 
@@ -841,70 +931,22 @@ async fn deliver_pushes(
     gate: Arc<PushGate>,
 ) {
     let subject = subjects.deliver(&cfg.origin.server, cfg.origin.worker);
-    let limit = Arc::new(Semaphore::new(PUSHES_IN_FLIGHT));
     let peers = Arc::new(cfg.peers);
-    let mut deliver = gate.deliver.subscribe();
-    loop {
-        // Not taking pushes: wait to be asked again.
-        while !*deliver.borrow_and_update() {
-            if deliver.changed().await.is_err() {
-                return;
+    let (max_message, shard_base) = (cfg.max_message, cfg.origin.shard_base);
+    let c = client.clone();
+    serve_gated(c, subject, DELIVER_GROUP, gate, move |msg| {
+        let (client, peers, stats) = (client.clone(), peers.clone(), stats.clone());
+        async move {
+            let answer = deliver_one(&peers, shard_base, max_message, &msg).await;
+            if answer == DELIVERED {
+                stats.pushes_delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(reply) = msg.reply {
+                let _ = client.publish(reply, Bytes::from_static(answer)).await;
             }
         }
-        let mut sub = match client
-            .queue_subscribe(subject.clone(), DELIVER_GROUP.into())
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                crate::say!("server: NATS: cannot subscribe to {subject}: {e}; pushes cannot reach this server's devices");
-                return;
-            }
-        };
-        gate.live.store(true, Ordering::Release);
-        loop {
-            let msg = tokio::select! {
-                m = sub.next() => match m {
-                    Some(m) => m,
-                    None => return,
-                },
-                _ = deliver.changed() => {
-                    if *deliver.borrow_and_update() {
-                        continue;
-                    }
-                    break;
-                }
-            };
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
-            let (client, peers, stats) = (client.clone(), peers.clone(), stats.clone());
-            let (max_message, shard_base) = (cfg.max_message, cfg.origin.shard_base);
-            tokio::spawn(async move {
-                let answer = deliver_one(&peers, shard_base, max_message, &msg).await;
-                if answer == DELIVERED {
-                    stats.pushes_delivered.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(reply) = msg.reply {
-                    let _ = client.publish(reply, Bytes::from_static(answer)).await;
-                }
-                drop(permit);
-            });
-        }
-        // Quiet: out of the group (confirmed by the broker, so that no push
-        // comes here after this), then every push taken answered.
-        gate.live.store(false, Ordering::Release);
-        let _ = sub.unsubscribe().await;
-        let _ = client.flush().await;
-        drop(sub);
-        if let Ok(all) = limit.acquire_many(PUSHES_IN_FLIGHT as u32).await {
-            drop(all);
-        }
-        let told = gate.quiet.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(tx) = told {
-            let _ = tx.send(());
-        }
-    }
+    })
+    .await;
 }
 
 async fn deliver_one(
