@@ -720,6 +720,16 @@ fn shutdown(fd: RawFd, how: i32) {
 
 impl Drop for UringDriver {
     fn drop(&mut self) {
+        // The multishot accept in the ring holds the listener past our
+        // close, and the ring's teardown may finish only after the process
+        // has exited: meanwhile the listener would stay in the port's
+        // SO_REUSEPORT group, taking connections it then resets (a worker
+        // restarted at once after a shard's death showed it). Shut down,
+        // it leaves the group now. (Ours alone: a hot upgrade takes it out
+        // of the driver before it hands a duplicate over.)
+        if let Some(l) = &self.listener {
+            let _ = l.shutdown(std::net::Shutdown::Read);
+        }
         // Hand the kernel what is queued (the Close SQEs of connections
         // already gone from `conns`), then close every socket left, as an
         // owned descriptor would: a loop that fails or panics still lets

@@ -306,17 +306,20 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     shard::run(backend, id, cfg, listener, mail, tx)
                 }));
-                // Its report sender is gone: the main thread sees the end
-                // now, not at its next poll.
-                c1m_io::host::signals::wake();
-                let cause = match result {
-                    Ok(Ok(totals)) => return Ok(totals),
-                    Ok(Err(e)) => format!("its I/O loop failed: {e}"),
-                    Err(panic) => format!("it panicked: {}", panic_message(&*panic)),
+                let ended = match result {
+                    Ok(Ok(totals)) => Ok(totals),
+                    Ok(Err(e)) => Err(format!("its I/O loop failed: {e}")),
+                    Err(panic) => Err(format!("it panicked: {}", panic_message(&*panic))),
                 };
-                let msg = format!("shard {id} on CPU {cpu} stopped: {cause}");
-                let _ = died.send(msg.clone());
-                Err(msg)
+                let ended = ended.map_err(|cause| {
+                    let msg = format!("shard {id} on CPU {cpu} stopped: {cause}");
+                    let _ = died.send(msg.clone());
+                    msg
+                });
+                // Its report sender is gone (and its death said): the main
+                // thread sees the end now, not at its next poll.
+                c1m_io::host::signals::wake();
+                ended
             })
             .map_err(|e| format!("cannot start a shard on CPU {cpu}: {e}; check --cores against the CPUs this process may use"))?;
         handles.push(handle);
