@@ -404,7 +404,7 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
         if died.is_none() {
             if let Ok(why) = died_rx.try_recv() {
                 // One sentence, at once; the others drain as on SIGTERM.
-                c1m::say!("server: {why}; ending the whole process (exit 1) so that it is restarted whole (the --procs parent or systemd does it)");
+                say_shard_died(&why);
                 died = Some((
                     why,
                     Instant::now() + args.drain_timeout + Duration::from_secs(2),
@@ -510,6 +510,14 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
             Err(e) => failed.push(format!("a shard panicked: {e:?}")),
         }
     }
+    if died.is_none() {
+        // The last shard died as the loop saw them all end (its report
+        // sender goes before its word): said here, as in the loop.
+        if let Ok(why) = died_rx.try_recv() {
+            say_shard_died(&why);
+            died = Some((why, Instant::now()));
+        }
+    }
     if died.is_some() {
         // Already said in one sentence; the exit status says the rest.
         failed.clear();
@@ -535,6 +543,11 @@ pub fn run(args: Args, checked: Checked) -> Result<(), String> {
     } else {
         Err(failed.join("; "))
     }
+}
+
+/// A shard died: one sentence, and the process ends whole.
+fn say_shard_died(why: &str) {
+    c1m::say!("server: {why}; ending the whole process (exit 1) so that it is restarted whole (the --procs parent or systemd does it)");
 }
 
 /// The hot upgrade's trigger side: one handover at a time.
