@@ -773,6 +773,21 @@ async fn serve_gated<H, F>(
             });
         }
         let _ = sub.unsubscribe().await;
+        // What the client took in for us before the broker had the
+        // unsubscribe is still ours: handled, not dropped unanswered.
+        let rest = async {
+            while let Some(msg) = sub.next().await {
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let work = handle(msg);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+        };
+        let _ = tokio::time::timeout(PUSH_TIMEOUT, rest).await;
         let _ = client.flush().await;
         drop(sub);
         if let Ok(all) = limit.acquire_many(PUSHES_IN_FLIGHT as u32).await {
