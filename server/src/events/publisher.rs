@@ -763,28 +763,18 @@ async fn serve_gated<H, F>(
                     break;
                 }
             };
-            let Ok(permit) = limit.clone().acquire_owned().await else {
+            if !dispatch(&limit, &handle, msg).await {
                 return;
-            };
-            let work = handle(msg);
-            tokio::spawn(async move {
-                work.await;
-                drop(permit);
-            });
+            }
         }
         let _ = sub.unsubscribe().await;
         // What the client took in for us before the broker had the
         // unsubscribe is still ours: handled, not dropped unanswered.
         let rest = async {
             while let Some(msg) = sub.next().await {
-                let Ok(permit) = limit.clone().acquire_owned().await else {
+                if !dispatch(&limit, &handle, msg).await {
                     return;
-                };
-                let work = handle(msg);
-                tokio::spawn(async move {
-                    work.await;
-                    drop(permit);
-                });
+                }
             }
         };
         let _ = tokio::time::timeout(PUSH_TIMEOUT, rest).await;
@@ -803,6 +793,24 @@ async fn serve_gated<H, F>(
             let _ = tx.send(());
         }
     }
+}
+
+/// Runs `handle(msg)` as a task of its own holding one of `limit`'s
+/// permits (waiting for one); false if the semaphore is closed.
+async fn dispatch<H, F>(limit: &Arc<Semaphore>, handle: &H, msg: async_nats::Message) -> bool
+where
+    H: Fn(async_nats::Message) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Ok(permit) = limit.clone().acquire_owned().await else {
+        return false;
+    };
+    let work = handle(msg);
+    tokio::spawn(async move {
+        work.await;
+        drop(permit);
+    });
+    true
 }
 
 /// How far in the future another server's connect event may claim to be
