@@ -85,7 +85,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-listen_counters() { nstat -asz TcpExtListenOverflows TcpExtListenDrops 2>/dev/null | awk 'NR>1 && NF>=2 {print $1, $2}'; }
+# The listen queue's counters, and what says how SYNs past it were met
+# (cookies, drops) and how long handshakes stalled (retransmits).
+listen_counters() {
+  nstat -asz TcpExtListenOverflows TcpExtListenDrops TcpExtSyncookiesSent TcpExtSyncookiesRecv \
+    TcpExtSyncookiesFailed TcpExtTCPReqQFullDoCookies TcpExtTCPReqQFullDrop TcpRetransSegs \
+    TcpExtTCPTimeouts TcpExtTCPSynRetrans 2>/dev/null | awk 'NR>1 && NF>=2 {print $1, $2}'
+}
 procs=()
 [ "$PROCS" -gt 1 ] && procs=(--procs "$PROCS")
 
