@@ -173,6 +173,8 @@ pub struct EpollDriver {
     udp_ready: bool,
     /// A full batch was read: read again after the next (non-blocking) wait.
     udp_again: bool,
+    /// [`Driver::stop_datagrams`]: out of the epoll set, read no more.
+    udp_stopped: bool,
 }
 
 impl EpollDriver {
@@ -235,6 +237,7 @@ impl EpollDriver {
             udp: None,
             udp_ready: false,
             udp_again: false,
+            udp_stopped: false,
         })
     }
 
@@ -337,6 +340,30 @@ impl Driver for EpollDriver {
         self.epoll.add(sock.as_raw_fd(), IN | ET, UDP)?;
         self.udp = Some(Box::new((sock, RecvBatch::default())));
         // Datagrams may be queued already: the edge came before the watch.
+        self.udp_ready = true;
+        Ok(())
+    }
+
+    fn stop_datagrams(&mut self) {
+        let Some(u) = &self.udp else { return };
+        let _ = self.epoll.delete(u.0.as_raw_fd());
+        self.udp_stopped = true;
+        self.udp_ready = false;
+        self.udp_again = false;
+    }
+
+    fn stopping_datagrams(&self) -> bool {
+        self.udp_stopped && self.udp.as_ref().is_some_and(|u| u.1.pending())
+    }
+
+    fn resume_datagrams(&mut self) -> io::Result<()> {
+        let Some(u) = &self.udp else { return Ok(()) };
+        if !self.udp_stopped {
+            return Ok(());
+        }
+        self.epoll.add(u.0.as_raw_fd(), IN | ET, UDP)?;
+        self.udp_stopped = false;
+        // What came meanwhile: the edge came before the watch.
         self.udp_ready = true;
         Ok(())
     }
@@ -551,7 +578,8 @@ impl Driver for EpollDriver {
             self.cursor += 1;
             match data {
                 LISTENER => self.accept_left = ACCEPT_BATCH,
-                UDP => self.udp_ready = true,
+                // An event of the last wait may come after a stop.
+                UDP => self.udp_ready = !self.udp_stopped,
                 WAKE => {
                     if let Some(fd) = &self.wake {
                         let mut buf = [0u8; 8];
@@ -619,6 +647,13 @@ mod tests {
 
     fn driver(max_pending: usize) -> EpollDriver {
         EpollDriver::new(DriverConfig { max_pending }).unwrap()
+    }
+
+    #[test]
+    fn a_stopped_driver_leaves_datagrams_to_the_other_reader() {
+        crate::udp::tests::a_stopped_driver_leaves_datagrams_to_the_other_reader(&mut driver(
+            1 << 16,
+        ));
     }
 
     /// A connected pair of Unix stream sockets, non-blocking.

@@ -211,6 +211,26 @@ pub trait Driver {
         ))
     }
 
+    /// Stops reading the socket of [`Driver::watch_datagrams`] (a hot
+    /// upgrade's old process, once its connections start to move: a
+    /// datagram it read for one already gone would be lost; the new process
+    /// reads the same socket). Datagrams read before are still reported,
+    /// until [`Driver::stopping_datagrams`] says false.
+    fn stop_datagrams(&mut self) {}
+
+    /// True while a [`Driver::stop_datagrams`] has not taken hold: io_uring's
+    /// multishot read not yet ended by its cancel, or epoll's last batch
+    /// not yet all reported.
+    fn stopping_datagrams(&self) -> bool {
+        false
+    }
+
+    /// Reads the datagram socket again after [`Driver::stop_datagrams`]
+    /// (the upgrade failed: this process serves its devices on).
+    fn resume_datagrams(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Takes a connected socket (or, with `connecting`, one whose connect is
     /// in progress: [`Event::Connected`] comes first) and starts reading it.
     /// A socket whose bytes are already there is read in the same pass.

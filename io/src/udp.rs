@@ -289,10 +289,78 @@ pub fn send_batch(fd: RawFd, datagrams: &[([u8; c1m_proto::ticket::LEN], SocketA
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use crate::{Driver, Event};
+
+    /// The datagrams `d` reports within `window`.
+    fn read_for(d: &mut impl Driver, window: Duration) -> Vec<Vec<u8>> {
+        let end = Instant::now() + window;
+        let mut got = Vec::new();
+        while Instant::now() < end {
+            d.wait(Duration::from_millis(10)).unwrap();
+            while let Some(e) = d.next() {
+                if let Event::Datagram(b) = e {
+                    got.push(b.to_vec());
+                }
+            }
+        }
+        got
+    }
+
+    /// A driver's `stop_datagrams` (a hot upgrade's old process): what it
+    /// read before is reported, nothing after; what comes meanwhile stays
+    /// in the socket for its other reader (the new process); and
+    /// `resume_datagrams` (a failed upgrade) reads again. Run by each
+    /// driver's tests.
+    pub(crate) fn a_stopped_driver_leaves_datagrams_to_the_other_reader(d: &mut impl Driver) {
+        let rx = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        rx.bind(&SockAddr::from(
+            "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+        ))
+        .unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let to = rx.local_addr().unwrap().as_socket().unwrap();
+        d.watch_datagrams(rx.try_clone().unwrap()).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+
+        tx.send_to(b"before", to).unwrap();
+        assert_eq!(
+            read_for(d, Duration::from_millis(100)),
+            vec![b"before".to_vec()]
+        );
+
+        d.stop_datagrams();
+        let end = Instant::now() + Duration::from_secs(2);
+        while d.stopping_datagrams() {
+            assert!(Instant::now() < end, "the stop never took hold");
+            assert!(read_for(d, Duration::from_millis(10)).is_empty());
+        }
+        tx.send_to(b"between", to).unwrap();
+        assert!(read_for(d, Duration::from_millis(100)).is_empty());
+        let mut buf = [0u8; 16];
+        // SAFETY: recv into a valid buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                rx.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        assert_eq!(&buf[..n.max(0) as usize], b"between", "left in the socket");
+
+        d.resume_datagrams().unwrap();
+        tx.send_to(b"after", to).unwrap();
+        assert_eq!(
+            read_for(d, Duration::from_millis(100)),
+            vec![b"after".to_vec()]
+        );
+    }
 
     /// Each datagram reaches the socket its first two bytes name, over
     /// fresh source ports; an index past the group lands somewhere and is

@@ -352,6 +352,10 @@ pub struct UringDriver {
     udp: Option<Box<Udp>>,
     /// The buffer of the last [`Event::Datagram`], given back on the next call.
     lent_udp: Option<u16>,
+    /// The multishot recvmsg is in the kernel; and whether
+    /// [`Driver::stop_datagrams`] asked it to end (not re-armed then).
+    udp_armed: bool,
+    udp_stopped: bool,
     listener: Option<socket2::Socket>,
     accept_armed: bool,
     accept_paused: bool,
@@ -504,6 +508,8 @@ impl UringDriver {
             lent: None,
             udp: None,
             lent_udp: None,
+            udp_armed: false,
+            udp_stopped: false,
             listener: None,
             accept_armed: false,
             accept_paused: false,
@@ -609,6 +615,10 @@ impl UringDriver {
 
     fn arm_udp(&mut self) {
         let Some(u) = &self.udp else { return };
+        if self.udp_stopped {
+            return;
+        }
+        self.udp_armed = true;
         let e = opcode::RecvMsgMulti::new(types::Fd(u.sock.as_raw_fd()), &u.msghdr, UDP_BGID)
             .build()
             .user_data(Op::Udp.data(0));
@@ -829,6 +839,39 @@ impl Driver for UringDriver {
         // Boxed: the kernel reads the msghdr at its address.
         self.udp = Some(Box::new(Udp { sock, bufs, msghdr }));
         self.arm_udp();
+        Ok(())
+    }
+
+    /// Ends the multishot recvmsg with one cancel (counted in `cancels`);
+    /// the datagrams it completed before are still reported.
+    fn stop_datagrams(&mut self) {
+        if self.udp.is_none() || self.udp_stopped {
+            return;
+        }
+        self.udp_stopped = true;
+        if self.udp_armed {
+            self.push(
+                opcode::AsyncCancel::new(Op::Udp.data(0))
+                    .build()
+                    .user_data(0),
+            );
+        }
+    }
+
+    fn stopping_datagrams(&self) -> bool {
+        self.udp_stopped && self.udp_armed
+    }
+
+    fn resume_datagrams(&mut self) -> io::Result<()> {
+        if !self.udp_stopped {
+            return Ok(());
+        }
+        self.udp_stopped = false;
+        // Still armed: its cancel is on its way, and the completion that
+        // ends it re-arms.
+        if !self.udp_armed {
+            self.arm_udp();
+        }
         Ok(())
     }
 
@@ -1200,7 +1243,9 @@ impl Driver for UringDriver {
                     let bid = cqueue::buffer_select(flags);
                     if !more {
                         // ENOBUFS (every buffer was taken by this wait's
-                        // datagrams) or the kernel's choice: re-arm.
+                        // datagrams) or the kernel's choice: re-arm (not
+                        // after a stop: its cancel ended it).
+                        self.udp_armed = false;
                         self.arm_udp();
                     }
                     let Some(b) = bid else { continue };
@@ -1242,6 +1287,12 @@ mod tests {
                 None
             }
         }
+    }
+
+    #[test]
+    fn a_stopped_driver_leaves_datagrams_to_the_other_reader() {
+        let Some(mut d) = driver() else { return };
+        crate::udp::tests::a_stopped_driver_leaves_datagrams_to_the_other_reader(&mut d);
     }
 
     /// --io-batch-wait: a wait that asks for a batch still returns a lone

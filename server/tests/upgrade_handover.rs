@@ -594,6 +594,71 @@ fn udp_tickets_stay_good_across_sigusr2() {
     assert_eq!(field(&l, "udp_bad"), 0, "{l}");
 }
 
+/// `--udp-heartbeat` through a slow handover (each batch of connections
+/// taken 150 ms late, so that datagrams come while devices are in
+/// transit): once connections move, only the new process reads the UDP
+/// sockets, and it holds a datagram for a device still on its way until
+/// the device arrives. Not one datagram is lost: `udp_stale` stays 0 in
+/// both processes (before, the old one read datagrams for devices it had
+/// handed over, and the new one for devices not yet there: each one a
+/// lost heartbeat), and none is refused as forged.
+fn udp_datagrams_for_devices_in_transit_are_not_lost() {
+    let mut server = Server::start_with(
+        &[
+            "--cores",
+            "0",
+            "--timeout",
+            "3s",
+            "--tick",
+            "50ms",
+            "--udp-heartbeat",
+        ],
+        None,
+        &[("C1M_TEST_HANDOVER_FAIL", "slow")],
+    );
+    // Two batches of descriptors (253 each): 300 ms in transit in all.
+    const DEVICES: usize = 300;
+    let mut all: Vec<_> = (0..DEVICES)
+        .map(|i| device_with_ticket(server.addr, &format!("t{i}")))
+        .collect();
+    server.wait_line("every device", |l| field(l, "conns") == DEVICES as u64);
+    let tickets: Vec<_> = all.iter().map(|(_, t)| *t).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = heartbeat_by_datagram(server.addr, tickets, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_error("this process exits");
+    let _new = NewServer(new_pid(&line));
+    assert!(server.child.wait().unwrap().success());
+    // Every line of both processes, until the new one has held all for a
+    // while and counted a second of datagrams after it took them.
+    let mut checked = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = server
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("stats lines until the new process has the datagrams");
+        if !l.contains("udp_stale=") {
+            continue;
+        }
+        assert_eq!(field(&l, "udp_stale"), 0, "a datagram lost: {l}");
+        assert_eq!(field(&l, "udp_bad"), 0, "{l}");
+        checked += 1;
+        if field(&l, "taken_over") == DEVICES as u64
+            && field(&l, "udp_heartbeats") >= 4 * DEVICES as u64
+        {
+            break;
+        }
+    }
+    assert!(checked > 5, "{checked} stats lines");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    beats.join().unwrap();
+    for (i, (s, _)) in all.iter_mut().enumerate() {
+        assert!(still_open(s), "device {i} closed");
+    }
+}
+
 /// The same under --procs: the supervisor's new workers inherit the UDP
 /// group as any worker does and take each old worker's ticket key.
 fn procs_udp_tickets_stay_good_across_sigusr2() {
@@ -648,6 +713,7 @@ fn procs_udp_tickets_stay_good_across_sigusr2() {
 on_both_backends!(
     pushes_in_flight_reach_their_devices_across_the_handover,
     udp_tickets_stay_good_across_sigusr2,
+    udp_datagrams_for_devices_in_transit_are_not_lost,
     procs_udp_tickets_stay_good_across_sigusr2,
     devices_keep_their_connections_across_sigusr2,
     a_new_binary_that_fails_leaves_the_old_serving,

@@ -29,6 +29,7 @@ use c1m_proto::conn::Conn;
 use c1m_proto::device_id::DeviceId;
 use c1m_proto::handover::{self, ConnRecord};
 use c1m_proto::table::Claim;
+use c1m_proto::ticket;
 use c1m_proto::wheel::Entry;
 
 use super::{Slot, State};
@@ -93,14 +94,25 @@ impl std::fmt::Debug for Order {
 /// Without this, a push to a device in transit was answered "not
 /// connected" while the device was connected. At most [`MAX_WAITING`]
 /// per shard; past it, an ask is answered at once, as before.
+///
+/// And `--udp-heartbeat`'s datagrams: once the old process's connections
+/// start to move, only this process reads the UDP sockets, so a datagram
+/// whose ticket names no connection here yet (its device still on its
+/// way) is held, the latest per ticket with the tick it came, and counts
+/// as that device's heartbeat when it arrives; at most
+/// [`MAX_HELD_DATAGRAMS`] (about 48 bytes each, only while a handover
+/// runs), past it and at the end counted `udp_stale`.
 #[derive(Default)]
 pub(super) struct Waiting {
     asks: HashMap<DeviceId, Vec<(Ask, Reply)>>,
     count: usize,
+    datagrams: HashMap<u64, (u64, [u8; ticket::LEN])>,
 }
 
 /// Asks a shard holds for devices in transit, at most.
 pub const MAX_WAITING: usize = 4096;
+/// Datagrams a shard holds for devices in transit, at most.
+pub const MAX_HELD_DATAGRAMS: usize = 1 << 18;
 
 impl Waiting {
     pub(super) fn has_room(&self) -> bool {
@@ -120,6 +132,29 @@ impl Waiting {
         let asks = self.asks.remove(id)?;
         self.count -= asks.len();
         Some(asks)
+    }
+
+    /// Holds the datagram `bytes` (a ticket) that came at `tick` for the
+    /// connection (`key`, `gen`) on its way here; false when full.
+    pub(super) fn hold_datagram(&mut self, key: u32, gen: u32, tick: u64, bytes: &[u8]) -> bool {
+        let Ok(b) = <[u8; ticket::LEN]>::try_from(bytes) else {
+            return false;
+        };
+        let id = u64::from(key) << 32 | u64::from(gen);
+        if self.datagrams.len() >= MAX_HELD_DATAGRAMS && !self.datagrams.contains_key(&id) {
+            return false;
+        }
+        self.datagrams.insert(id, (tick, b));
+        true
+    }
+
+    /// The datagram held for the connection (`key`, `gen`), if any.
+    pub(super) fn take_datagram(&mut self, key: u32, gen: u32) -> Option<(u64, [u8; ticket::LEN])> {
+        if self.datagrams.is_empty() {
+            return None;
+        }
+        self.datagrams
+            .remove(&(u64::from(key) << 32 | u64::from(gen)))
     }
 
     fn into_replies(self) -> impl Iterator<Item = Reply> {
@@ -250,6 +285,7 @@ impl State {
                 });
             }
             Order::Listen(sock) => {
+                self.read_datagrams_again(io);
                 if let Err(e) = io.listen(sock) {
                     crate::say!(
                         "shard {}: cannot listen again after the failed upgrade ({e}): this shard accepts nothing more",
@@ -258,6 +294,15 @@ impl State {
                 }
             }
             Order::MoveConns(tx) => {
+                // --udp-heartbeat: the new process reads the same sockets
+                // from here on (it reads them since the listeners' ack,
+                // and holds what names a device still on its way);
+                // a datagram read here for a device moved would be lost.
+                // A TLS server keeps reading: its TLS devices stay here
+                // for the window, and heartbeat here.
+                if self.cfg.udp.is_some() && self.cfg.tls.is_none() {
+                    io.stop_datagrams();
+                }
                 self.handing = Some(Box::new(Handing {
                     tx,
                     cursor: 0,
@@ -275,6 +320,7 @@ impl State {
                 if let Some(h) = &mut self.handing {
                     h.cursor = usize::MAX;
                 }
+                self.read_datagrams_again(io);
             }
             Order::Take(conns, reply) => {
                 let mut taken = 0;
@@ -297,6 +343,8 @@ impl State {
             }
             Order::Taken => {
                 if let Some(w) = self.waiting.take() {
+                    // Their devices never came (closed on the way).
+                    self.counters.udp_stale += w.datagrams.len() as u64;
                     for reply in w.into_replies() {
                         self.peers.reply(reply, Answer::NotConnected);
                     }
@@ -305,10 +353,28 @@ impl State {
         }
     }
 
+    /// The upgrade failed: this process reads its UDP socket again.
+    fn read_datagrams_again(&mut self, io: &mut impl Driver) {
+        if self.cfg.udp.is_none() {
+            return;
+        }
+        if let Err(e) = io.resume_datagrams() {
+            crate::say!(
+                "shard {}: cannot read UDP heartbeats again after the failed upgrade ({e}): devices heartbeating by datagram only will expire; restart this server",
+                self.id
+            );
+        }
+    }
+
     /// One turn's share of the handover; how soon the loop should come
     /// back (None: done).
     pub(super) fn hand_over_some(&mut self, io: &mut impl Driver) -> Option<Duration> {
         let mut h = self.handing.take()?;
+        if io.stopping_datagrams() {
+            // Nothing moves before the datagrams read here are handled.
+            self.handing = Some(h);
+            return Some(Duration::from_millis(1));
+        }
         let mut out = Vec::new();
         let now = self.clock.now.at;
         // Those whose release was under way, when there may be news.
@@ -548,6 +614,9 @@ impl State {
             self.open += 1;
         }
         self.counters.taken_over += 1;
+        if self.cfg.udp.is_some() {
+            self.heard_on_the_way(key);
+        }
         // What the old driver held goes out before anything else.
         if !s.output.is_empty() {
             self.out.clear();

@@ -145,7 +145,44 @@ impl State {
                 slot.last_seen = now;
                 self.counters.udp_heartbeats += 1;
             }
-            _ => self.counters.udp_stale += 1,
+            _ => {
+                // A hot upgrade's new process: its device may be on its way.
+                let held = self
+                    .waiting
+                    .as_mut()
+                    .is_some_and(|w| w.hold_datagram(t.key, t.gen, now, bytes));
+                if !held {
+                    self.counters.udp_stale += 1;
+                }
+            }
         }
+    }
+
+    /// A connection just handed over into slot `key`: the datagram that
+    /// came for it on its way, if any, counts now, at the tick it came.
+    pub(super) fn heard_on_the_way(&mut self, key: usize) {
+        let (Some(u), Some(w)) = (&self.cfg.udp, &mut self.waiting) else {
+            return;
+        };
+        let slot = &mut self.slab[key];
+        let Some((tick, bytes)) = w.take_datagram(slot.ticket_key, slot.gen) else {
+            return;
+        };
+        if !slot.upgraded {
+            self.counters.udp_stale += 1;
+            return;
+        }
+        if !u.key.verify(&bytes, slot.id.as_str().as_bytes()) {
+            self.counters.udp_bad += 1;
+            return;
+        }
+        if tick > slot.last_seen {
+            let ms = (tick - slot.last_seen) * self.clock.tick_ms;
+            self.counters
+                .heartbeat_interval
+                .record(&HEARTBEAT_INTERVAL_MS, ms);
+            slot.last_seen = tick;
+        }
+        self.counters.udp_heartbeats += 1;
     }
 }
