@@ -20,7 +20,11 @@
 //! the slab key its ticket names (`Slot::ticket_key`); where the new slab
 //! put it elsewhere, [`MovedTickets`] maps the ticket to its slot. A
 //! datagram looks there only when the slot its ticket names is not its
-//! connection, so the common case pays nothing.
+//! connection, so the common case pays nothing. And no datagram is lost
+//! on the way: the old process stops reading the UDP sockets before its
+//! first connection moves, and the new one holds a datagram that names
+//! a connection not yet here until it arrives ([`State::heard_on_the_way`],
+//! the handover's `Waiting`).
 
 use std::collections::HashMap;
 use std::io;
