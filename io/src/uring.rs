@@ -613,6 +613,12 @@ impl UringDriver {
         self.push(e);
     }
 
+    /// Cancels the operation whose user data is `target` (its completions
+    /// say when it has ended; the cancel's own is not looked at).
+    fn cancel(&mut self, target: u64) {
+        self.push(opcode::AsyncCancel::new(target).build().user_data(0));
+    }
+
     fn arm_udp(&mut self) {
         let Some(u) = &self.udp else { return };
         if self.udp_stopped {
@@ -805,11 +811,7 @@ impl Driver for UringDriver {
         }
         self.accept_paused = true;
         if self.accept_armed {
-            self.push(
-                opcode::AsyncCancel::new(Op::Accept.data(0))
-                    .build()
-                    .user_data(0),
-            );
+            self.cancel(Op::Accept.data(0));
         }
     }
 
@@ -850,11 +852,7 @@ impl Driver for UringDriver {
         }
         self.udp_stopped = true;
         if self.udp_armed {
-            self.push(
-                opcode::AsyncCancel::new(Op::Udp.data(0))
-                    .build()
-                    .user_data(0),
-            );
+            self.cancel(Op::Udp.data(0));
         }
     }
 
@@ -967,11 +965,7 @@ impl Driver for UringDriver {
         if c.flags & RELEASING == 0 {
             c.flags |= RELEASING;
             if c.flags & RECV_ARMED != 0 {
-                self.push(
-                    opcode::AsyncCancel::new(Op::Recv.data(index))
-                        .build()
-                        .user_data(0),
-                );
+                self.cancel(Op::Recv.data(index));
             }
         }
         let c = &mut self.conns[index];
@@ -997,11 +991,7 @@ impl Driver for UringDriver {
         let l = self.listener.take()?;
         self.listener_handed = true;
         if self.accept_armed && !self.accept_paused {
-            self.push(
-                opcode::AsyncCancel::new(Op::Accept.data(0))
-                    .build()
-                    .user_data(0),
-            );
+            self.cancel(Op::Accept.data(0));
         }
         self.accept_paused = true;
         Some(l)

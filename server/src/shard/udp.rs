@@ -37,6 +37,7 @@ use c1m_proto::ticket::{self, Key, Ticket};
 
 use super::{Slot, State};
 use crate::hist::HEARTBEAT_INTERVAL_MS;
+use crate::stats::Counters;
 
 /// What the shards of one process share for UDP heartbeats.
 #[derive(Debug, Clone)]
@@ -138,16 +139,14 @@ impl State {
         };
         match at.and_then(|k| self.slab.get_mut(k)) {
             Some(slot) if names(slot) && slot.upgraded && slot.ended.is_none() => {
-                if !u.key.verify(bytes, slot.id.as_str().as_bytes()) {
-                    self.counters.udp_bad += 1;
-                    return;
-                }
-                let ms = (now - slot.last_seen) * self.clock.tick_ms;
-                self.counters
-                    .heartbeat_interval
-                    .record(&HEARTBEAT_INTERVAL_MS, ms);
-                slot.last_seen = now;
-                self.counters.udp_heartbeats += 1;
+                heard(
+                    &mut self.counters,
+                    self.clock.tick_ms,
+                    &u.key,
+                    slot,
+                    now,
+                    bytes,
+                );
             }
             _ => {
                 // A hot upgrade's new process: its device may be on its way.
@@ -176,17 +175,30 @@ impl State {
             self.counters.udp_stale += 1;
             return;
         }
-        if !u.key.verify(&bytes, slot.id.as_str().as_bytes()) {
-            self.counters.udp_bad += 1;
-            return;
-        }
-        if tick > slot.last_seen {
-            let ms = (tick - slot.last_seen) * self.clock.tick_ms;
-            self.counters
-                .heartbeat_interval
-                .record(&HEARTBEAT_INTERVAL_MS, ms);
-            slot.last_seen = tick;
-        }
-        self.counters.udp_heartbeats += 1;
+        heard(
+            &mut self.counters,
+            self.clock.tick_ms,
+            &u.key,
+            slot,
+            tick,
+            &bytes,
+        );
     }
+}
+
+/// A datagram that names `slot`'s connection and came at `tick`: if its
+/// MAC verifies, the device's heartbeat (its last-heard time moves
+/// forward only: a datagram held on the way may be older than a frame).
+#[inline]
+fn heard(c: &mut Counters, tick_ms: u64, key: &Key, slot: &mut Slot, tick: u64, bytes: &[u8]) {
+    if !key.verify(bytes, slot.id.as_str().as_bytes()) {
+        c.udp_bad += 1;
+        return;
+    }
+    if tick >= slot.last_seen {
+        let ms = (tick - slot.last_seen) * tick_ms;
+        c.heartbeat_interval.record(&HEARTBEAT_INTERVAL_MS, ms);
+        slot.last_seen = tick;
+    }
+    c.udp_heartbeats += 1;
 }
