@@ -140,7 +140,7 @@ impl Waiting {
         let Ok(b) = <[u8; ticket::LEN]>::try_from(bytes) else {
             return false;
         };
-        let id = u64::from(key) << 32 | u64::from(gen);
+        let id = super::udp::ticket_id(key, gen);
         if self.datagrams.len() >= MAX_HELD_DATAGRAMS && !self.datagrams.contains_key(&id) {
             return false;
         }
@@ -153,8 +153,7 @@ impl Waiting {
         if self.datagrams.is_empty() {
             return None;
         }
-        self.datagrams
-            .remove(&(u64::from(key) << 32 | u64::from(gen)))
+        self.datagrams.remove(&super::udp::ticket_id(key, gen))
     }
 
     fn into_replies(self) -> impl Iterator<Item = Reply> {

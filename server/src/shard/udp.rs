@@ -71,6 +71,12 @@ pub(super) fn watch(
     io.watch_datagrams(sock.try_clone()?)
 }
 
+/// What a ticket names, as one key: the slab key and generation it was
+/// issued for.
+pub(super) fn ticket_id(key: u32, gen: u32) -> u64 {
+    u64::from(key) << 32 | u64::from(gen)
+}
+
 /// The tickets of connections a hot upgrade moved into this shard whose
 /// slab key differs from the one their ticket names: (ticket key,
 /// generation) to the slot. An entry lives as long as its connection
@@ -80,17 +86,13 @@ pub(super) fn watch(
 pub(super) struct MovedTickets(HashMap<u64, u32>);
 
 impl MovedTickets {
-    fn id(key: u32, gen: u32) -> u64 {
-        u64::from(key) << 32 | u64::from(gen)
-    }
-
     pub(super) fn insert(&mut self, ticket_key: u32, gen: u32, slot: usize) {
-        self.0.insert(Self::id(ticket_key, gen), slot as u32);
+        self.0.insert(ticket_id(ticket_key, gen), slot as u32);
     }
 
     pub(super) fn forget(&mut self, ticket_key: u32, gen: u32) {
         if !self.0.is_empty() {
-            self.0.remove(&Self::id(ticket_key, gen));
+            self.0.remove(&ticket_id(ticket_key, gen));
         }
     }
 
@@ -98,7 +100,7 @@ impl MovedTickets {
         if self.0.is_empty() {
             return None;
         }
-        self.0.get(&Self::id(ticket_key, gen)).map(|&k| k as usize)
+        self.0.get(&ticket_id(ticket_key, gen)).map(|&k| k as usize)
     }
 
     #[cfg(test)]
