@@ -13,7 +13,7 @@
 //! queue fills and the shards drop), pushes in flight ([`PUSHES_IN_FLIGHT`]).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -124,11 +124,11 @@ pub struct Notices {
 /// or answered "not connected" by the process that handed its device over.
 struct PushGate {
     take: watch::Sender<bool>,
-    /// Set by [`Notices::quiet_pushes`]; each subscription that leaves
-    /// says so once no push it took is in flight.
+    /// Set by [`PushGate::quiet`]; the gate's subscription says so once
+    /// it has left and no push it took is in flight.
     quiet: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    /// The subscriptions up (routing and delivery): what to wait for.
-    live: AtomicUsize,
+    /// Its subscription is up (else there is nothing to wait for).
+    live: AtomicBool,
 }
 
 impl Notices {
@@ -175,7 +175,7 @@ impl PushGate {
         PushGate {
             take: watch::channel(true).0,
             quiet: Mutex::new(None),
-            live: AtomicUsize::new(0),
+            live: AtomicBool::new(false),
         }
     }
 
@@ -183,17 +183,10 @@ impl PushGate {
         let (tx, rx) = std::sync::mpsc::channel();
         *self.quiet.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         self.take.send_replace(false);
-        // Each one up now says so when it has left (one that left already
-        // has said so, or says so again: more words than waited for).
-        let live = self.live.load(Ordering::Acquire);
-        if live == 0 {
+        if !self.live.load(Ordering::Acquire) {
             return false;
         }
-        let until = std::time::Instant::now() + timeout;
-        (0..live).all(|_| {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            rx.recv_timeout(left).is_ok()
-        })
+        rx.recv_timeout(timeout).is_ok()
     }
 }
 
@@ -749,7 +742,7 @@ async fn serve_gated<H, F>(
                 return;
             }
         };
-        gate.live.fetch_add(1, Ordering::AcqRel);
+        gate.live.store(true, Ordering::Release);
         loop {
             let msg = tokio::select! {
                 m = sub.next() => match m {
@@ -783,7 +776,7 @@ async fn serve_gated<H, F>(
         if let Ok(all) = limit.acquire_many(PUSHES_IN_FLIGHT as u32).await {
             drop(all);
         }
-        gate.live.fetch_sub(1, Ordering::AcqRel);
+        gate.live.store(false, Ordering::Release);
         if let Some(tx) = gate
             .quiet
             .lock()
